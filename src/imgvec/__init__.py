@@ -1,0 +1,16 @@
+"""imgvec: image embeddings from pretrained Keras backbones, FAISS search and linear heads."""
+
+__version__ = "0.1.0"
+
+from .api import build_index, embed, info, models, predict, query, train  # noqa: E402
+from .backbones import BACKBONES, Backbone, get_backbone  # noqa: E402
+from .classifier import LogisticHead, load_head  # noqa: E402
+from .embedder import Embedder  # noqa: E402
+from .errors import BadInputError, ImageSkipped, ImgvecError, MismatchError, MissingWeightsError  # noqa: E402
+from .store import open_store  # noqa: E402
+
+__all__ = [
+    "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
+    "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
+    "models", "open_store", "predict", "query", "train",
+]

@@ -1,0 +1,317 @@
+"""The public API: what the CLI and notebooks both call.
+
+Each function takes paths and plain options and returns a small result object; none of
+them prints. Progress is reported through an optional ``progress(done, total)`` callback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
+from .classifier import LogisticHead, load_head
+from .embedder import Embedder
+from .errors import BadInputError
+from .images import DEFAULT_MAX_PIXELS, find_images
+from .index import AUTO_FLAT_MAX_ROWS, VectorIndex, index_path_for, load_index
+from .index import build_index as _build_index
+from .provenance import Provenance, check_compatible
+from .store import Store, create_store, open_store
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[int, int], None]
+
+
+def _display(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
+# -- embed ------------------------------------------------------------------------------
+@dataclass
+class EmbedSummary:
+    store: Path
+    provenance: Provenance
+    added: int
+    already: int
+    rows: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed(
+    sources: Sequence[PathLike],
+    output: PathLike,
+    model: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    seed: int = DEFAULT_SEED,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> EmbedSummary:
+    """Embed every image under ``sources`` into the store ``output``.
+
+    A new store is created; an existing one is resumed: images already in it are kept and
+    not recomputed, only new ones are embedded. Options left as ``None`` are taken from the
+    existing store (or default to efficientnetb0 with ImageNet weights for a new one).
+    """
+    output = Path(output)
+    start = time.perf_counter()
+    store: Store | None = open_store(output, writable=True) if output.exists() else None
+    try:
+        if store is not None:
+            embedder = _embedder_for_store(store, model, weights, image_size, batch_size, workers, seed, max_pixels)
+            store.trim()
+        else:
+            embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels)
+        collection = find_images(sources, root=store.root if store is not None else None)
+        embedder.load()  # before creating a store: missing weights must not leave an empty file
+        if store is None:
+            store = create_store(output, embedder.provenance(), collection.root)
+        before = store.rows
+        done = set(store.paths())
+        todo = [f for f in collection.files if f.key not in done]
+        key_of = {f.path: f.key for f in todo}
+        # Earlier skips stay recorded unless this run tries the file again.
+        retried = set(key_of.values())
+        skipped = [s for s in store.skipped() if s[0] not in retried]
+        finished = 0
+        for batch in embedder.embed_files(list(key_of)):
+            rows = [todo[i] for i in batch.indices]
+            store.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows])
+            if batch.skipped:
+                skipped.extend((key_of[s.path], s.reason) for s in batch.skipped)
+                store.set_skipped(skipped)
+            finished += len(batch.indices) + len(batch.skipped)
+            if progress:
+                progress(finished, len(todo))
+        store.set_skipped(skipped)
+        return EmbedSummary(output, store.provenance, store.rows - before, len(collection.files) - len(todo),
+                            store.rows, skipped, time.perf_counter() - start)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _embedder_for_store(store: Store, model: str | None, weights: str | None, image_size: int | None,
+                        batch_size: int, workers: int | None, seed: int, max_pixels: int) -> Embedder:
+    """The store's own embedder; explicit options must agree with how the store was made."""
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    if model is None and weights is None and image_size is None:
+        return Embedder.from_provenance(store.provenance, **kwargs)
+    prov = store.provenance
+    asked = Embedder(model or prov.backbone, weights if weights is not None else _weights_arg(prov),
+                     image_size or prov.input_size, seed=seed, **kwargs)
+    check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
+                     fix="leave out --model/--weights/--image-size to resume with the store's own, or write a new store")
+    return asked
+
+
+def _weights_arg(prov: Provenance) -> str:
+    return prov.weights_path if prov.weights == "file" else ("none" if prov.weights == "random" else "imagenet")
+
+
+def _key_provenance(embedder: Embedder) -> Provenance:
+    """Provenance without importing TensorFlow: enough for a compatibility check."""
+    w = embedder.weights
+    return Provenance(embedder.backbone.name, w.kind, w.seed, w.path, w.sha256, embedder.image_size,
+                      embedder.backbone.preprocessing, embedder.dim)
+
+
+# -- index ------------------------------------------------------------------------------
+@dataclass
+class IndexSummary:
+    path: Path
+    kind: str
+    rows: int
+    seconds: float
+
+
+def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None) -> IndexSummary:
+    """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``)."""
+    start = time.perf_counter()
+    with open_store(store) as s:
+        index = _build_index(s, kind)
+    path = index.save(output or index_path_for(store))
+    return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start)
+
+
+# -- query ------------------------------------------------------------------------------
+@dataclass
+class Neighbour:
+    rank: int
+    path: str
+    score: float
+    label: str = ""
+
+
+@dataclass
+class QueryResult:
+    query: str
+    results: list[Neighbour]
+
+
+@dataclass
+class QueryResults:
+    provenance: Provenance
+    queries: list[QueryResult]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    index_kind: str = ""
+
+
+def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Embed query or prediction images: (display paths, embeddings, skipped)."""
+    files = find_images(sources).files
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for batch in embedder.embed_files([f.path for f in files]):
+        names.extend(_display(files[i].path) for i in batch.indices)
+        blocks.append(batch.embeddings)
+        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
+    return names, emb, skipped
+
+
+def _load_or_make_index(store: Store, index_path: PathLike | None) -> VectorIndex:
+    path = Path(index_path) if index_path else index_path_for(store.path)
+    if path.exists():
+        index = load_index(path)
+        index.check_covers(store, f"index {path}")
+        return index
+    if index_path:
+        raise BadInputError(f"{path}: no such index")
+    if store.rows > AUTO_FLAT_MAX_ROWS:
+        raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
+    return _build_index(store, "flat")  # small store: exact search in memory is quick
+
+
+def query(
+    store: PathLike,
+    queries: Sequence[PathLike],
+    k: int = 10,
+    index: PathLike | None = None,
+    weights: str | None = None,
+    batch_size: int = 32,
+) -> QueryResults:
+    """The ``k`` stored images most similar to each query image (cosine similarity).
+
+    Queries are embedded exactly as the store was (same backbone, weights and size).
+    ``weights`` is only needed to point at a moved weights file.
+    """
+    with open_store(store) as s:
+        vindex = _load_or_make_index(s, index)
+        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size)
+        names, emb, skipped = _embed_inputs(embedder, queries)
+        keys, labels = s.paths(), s.labels()
+        prov = s.provenance
+    scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
+    results = [
+        QueryResult(name, [Neighbour(r + 1, keys[i], float(sc), labels[i])
+                           for r, (i, sc) in enumerate(zip(row_ids, row_scores)) if i >= 0])
+        for name, row_ids, row_scores in zip(names, ids, scores)
+    ]
+    return QueryResults(prov, results, skipped, vindex.kind)
+
+
+# -- classify ---------------------------------------------------------------------------
+@dataclass
+class TrainSummary:
+    head: Path
+    provenance: Provenance
+    classes: list[str]
+    n_train: int
+    n_unlabelled: int
+    C: float
+    cv_accuracy: float
+    cv_accuracy_std: float
+    report: dict[str, Any]
+    confusion: np.ndarray
+    seconds: float
+
+
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] = 10) -> TrainSummary:
+    """Fit a logistic-regression head on the store's labelled embeddings and save it."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    start = time.perf_counter()
+    with open_store(store) as s:
+        labels = np.asarray(s.labels())
+        keep = labels != ""
+        if not keep.any():
+            raise BadInputError(
+                f"{s.path} has no labels; embed one folder whose images sit in one subfolder per class")
+        X = s.embeddings()[keep]
+        prov, store_id = s.provenance, s.store_id
+    y = labels[keep]
+    head = LogisticHead(cv=cv, Cs=Cs).fit(X, y)
+    path = head.save(output, prov, store_id)
+    classes = [str(c) for c in head.classes_]
+    report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
+    confusion = confusion_matrix(y, head.cv_predictions_, labels=classes)
+    return TrainSummary(path, prov, classes, int(keep.sum()), int((~keep).sum()), head.C_, head.cv_accuracy_,
+                        head.cv_accuracy_std_, report, confusion, time.perf_counter() - start)
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class Predictions:
+    provenance: Provenance
+    classes: list[str]
+    predictions: list[Prediction]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
+            batch_size: int = 32) -> Predictions:
+    """Label each image with the head, embedding it with the head's own backbone."""
+    model, prov = load_head(head)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+    names, emb, skipped = _embed_inputs(embedder, images)
+    classes = [str(c) for c in model.classes_]
+    proba = model.predict_proba(emb) if len(emb) else np.zeros((0, len(classes)))
+    preds = [Prediction(n, classes[int(np.argmax(p))], {c: float(v) for c, v in zip(classes, p)})
+             for n, p in zip(names, proba)]
+    return Predictions(prov, classes, preds, skipped)
+
+
+# -- info -------------------------------------------------------------------------------
+def models() -> list[Backbone]:
+    """Every backbone imgvec knows, in table order."""
+    return list(BACKBONES.values())
+
+
+def info(store: PathLike) -> dict[str, Any]:
+    """A store's provenance, counts, labels and index status, as plain data."""
+    with open_store(store) as s:
+        labels = s.labels()
+        counts = {label: labels.count(label) for label in sorted(set(labels)) if label}
+        data: dict[str, Any] = {
+            "store": str(s.path), "root": s.root, "store_id": s.store_id, "rows": s.rows, "dim": s.dim,
+            "skipped": len(s.skipped()), "labels": counts, "unlabelled": labels.count(""),
+            "provenance": s.provenance, "index": None,
+        }
+        ipath = index_path_for(s.path)
+        if ipath.exists():
+            vindex = load_index(ipath)
+            fresh = vindex.store_id == s.store_id and vindex.rows == s.rows
+            data["index"] = {"path": str(ipath), "kind": vindex.kind, "rows": vindex.rows, "up_to_date": fresh}
+    return data

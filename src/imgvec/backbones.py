@@ -1,0 +1,223 @@
+"""The backbone registry: every ImageNet model keras.applications ships, as a table.
+
+Each row names the keras.applications constructor, the module whose ``preprocess_input``
+belongs to it, its default input size, its embedding size (``include_top=False``,
+global average pooling) and its parameter count. Keras is imported only when a model is
+built, so listing backbones stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import BadInputError, MissingWeightsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+DEFAULT_BACKBONE = "efficientnetb0"
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One keras.applications model used as a headless feature extractor."""
+
+    name: str  # lower-case CLI name
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications submodule with the matching preprocess_input
+    input_size: int  # default (and ImageNet training) resolution
+    dim: int  # embedding size after global average pooling
+    params: int  # parameters of the headless model
+    preprocessing: str  # what preprocess_input does, for provenance
+    min_size: int = 32  # smallest input keras.applications accepts
+
+    def preprocess_input(self) -> Callable[[Any], Any]:
+        import keras
+
+        return getattr(keras.applications, self.module).preprocess_input
+
+
+_CAFFE = "caffe: RGB->BGR, ImageNet mean subtracted"
+_TF = "tf: scaled to [-1, 1]"
+_TORCH = "torch: scaled to [0, 1], ImageNet mean/std normalised"
+_IN_MODEL = "in model: raw [0, 255] input, normalisation layers inside the network"
+
+# fmt: off
+_TABLE = [
+    # name               constructor           module                 size   dim   params      preprocessing min
+    ("vgg16",            "VGG16",              "vgg16",               224,   512,  14_714_688, _CAFFE),
+    ("vgg19",            "VGG19",              "vgg19",               224,   512,  20_024_384, _CAFFE),
+    ("xception",         "Xception",           "xception",            299,  2048,  20_861_480, _TF, 71),
+    ("resnet50",         "ResNet50",           "resnet",              224,  2048,  23_587_712, _CAFFE),
+    ("resnet101",        "ResNet101",          "resnet",              224,  2048,  42_658_176, _CAFFE),
+    ("resnet152",        "ResNet152",          "resnet",              224,  2048,  58_370_944, _CAFFE),
+    ("resnet50v2",       "ResNet50V2",         "resnet_v2",           224,  2048,  23_564_800, _TF),
+    ("resnet101v2",      "ResNet101V2",        "resnet_v2",           224,  2048,  42_626_560, _TF),
+    ("resnet152v2",      "ResNet152V2",        "resnet_v2",           224,  2048,  58_331_648, _TF),
+    ("inceptionv3",      "InceptionV3",        "inception_v3",        299,  2048,  21_802_784, _TF, 75),
+    ("inceptionresnetv2", "InceptionResNetV2", "inception_resnet_v2", 299,  1536,  54_336_736, _TF, 75),
+    ("mobilenet",        "MobileNet",          "mobilenet",           224,  1024,   3_228_864, _TF),
+    ("mobilenetv2",      "MobileNetV2",        "mobilenet_v2",        224,  1280,   2_257_984, _TF),
+    ("mobilenetv3small", "MobileNetV3Small",   "mobilenet_v3",        224,   576,     939_120, _IN_MODEL),
+    ("mobilenetv3large", "MobileNetV3Large",   "mobilenet_v3",        224,   960,   2_996_352, _IN_MODEL),
+    ("densenet121",      "DenseNet121",        "densenet",            224,  1024,   7_037_504, _TORCH),
+    ("densenet169",      "DenseNet169",        "densenet",            224,  1664,  12_642_880, _TORCH),
+    ("densenet201",      "DenseNet201",        "densenet",            224,  1920,  18_321_984, _TORCH),
+    ("nasnetmobile",     "NASNetMobile",       "nasnet",              224,  1056,   4_269_716, _TF),
+    ("nasnetlarge",      "NASNetLarge",        "nasnet",              331,  4032,  84_887_922, _TF),
+    ("efficientnetb0",   "EfficientNetB0",     "efficientnet",        224,  1280,   4_049_571, _IN_MODEL),
+    ("efficientnetb1",   "EfficientNetB1",     "efficientnet",        240,  1280,   6_575_239, _IN_MODEL),
+    ("efficientnetb2",   "EfficientNetB2",     "efficientnet",        260,  1408,   7_768_569, _IN_MODEL),
+    ("efficientnetb3",   "EfficientNetB3",     "efficientnet",        300,  1536,  10_783_535, _IN_MODEL),
+    ("efficientnetb4",   "EfficientNetB4",     "efficientnet",        380,  1792,  17_673_823, _IN_MODEL),
+    ("efficientnetb5",   "EfficientNetB5",     "efficientnet",        456,  2048,  28_513_527, _IN_MODEL),
+    ("efficientnetb6",   "EfficientNetB6",     "efficientnet",        528,  2304,  40_960_143, _IN_MODEL),
+    ("efficientnetb7",   "EfficientNetB7",     "efficientnet",        600,  2560,  64_097_687, _IN_MODEL),
+    ("efficientnetv2b0", "EfficientNetV2B0",   "efficientnet_v2",     224,  1280,   5_919_312, _IN_MODEL),
+    ("efficientnetv2b1", "EfficientNetV2B1",   "efficientnet_v2",     240,  1280,   6_931_124, _IN_MODEL),
+    ("efficientnetv2b2", "EfficientNetV2B2",   "efficientnet_v2",     260,  1408,   8_769_374, _IN_MODEL),
+    ("efficientnetv2b3", "EfficientNetV2B3",   "efficientnet_v2",     300,  1536,  12_930_622, _IN_MODEL),
+    ("efficientnetv2s",  "EfficientNetV2S",    "efficientnet_v2",     384,  1280,  20_331_360, _IN_MODEL),
+    ("efficientnetv2m",  "EfficientNetV2M",    "efficientnet_v2",     480,  1280,  53_150_388, _IN_MODEL),
+    ("efficientnetv2l",  "EfficientNetV2L",    "efficientnet_v2",     480,  1280, 117_746_848, _IN_MODEL),
+    ("convnexttiny",     "ConvNeXtTiny",       "convnext",            224,   768,  27_820_128, _IN_MODEL),
+    ("convnextsmall",    "ConvNeXtSmall",      "convnext",            224,   768,  49_454_688, _IN_MODEL),
+    ("convnextbase",     "ConvNeXtBase",       "convnext",            224,  1024,  87_566_464, _IN_MODEL),
+    ("convnextlarge",    "ConvNeXtLarge",      "convnext",            224,  1536, 196_230_336, _IN_MODEL),
+    ("convnextxlarge",   "ConvNeXtXLarge",     "convnext",            224,  2048, 348_147_968, _IN_MODEL),
+]
+# fmt: on
+
+BACKBONES: dict[str, Backbone] = {row[0]: Backbone(*row) for row in _TABLE}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by its CLI name (case-insensitive)."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    try:
+        return BACKBONES[key]
+    except KeyError:
+        raise BadInputError(
+            f"unknown model {name!r}; `imgvec models` lists the {len(BACKBONES)} backbones"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights come from: ImageNet, a seeded random init, or a local file."""
+
+    kind: str  # "imagenet" | "random" | "file"
+    seed: int | None = None
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+    @property
+    def identity(self) -> str:
+        """What must be equal for two embeddings to be comparable (not the file's location)."""
+        if self.kind == "random":
+            return f"random(seed={self.seed})"
+        if self.kind == "file":
+            return f"file(sha256={self.sha256})"
+        return "imagenet"
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return f"RANDOM weights (seed {self.seed}), not pretrained"
+        if self.kind == "file":
+            return f"weights file {self.path} (sha256 {str(self.sha256)[:12]}...)"
+        return "ImageNet weights"
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
+
+
+def parse_weights(spec: str | None, seed: int = DEFAULT_SEED) -> Weights:
+    """Turn ``imagenet``, ``none``/``random`` or a file path into a :class:`Weights`."""
+    text = "imagenet" if spec is None else str(spec).strip()
+    if text.lower() == "imagenet":
+        return Weights("imagenet")
+    if text.lower() in {"none", "random"}:
+        return Weights("random", seed=seed)
+    path = Path(text).expanduser()
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        raise BadInputError(
+            f"--weights {text!r}: expected imagenet, none, or a weights file ending in "
+            f"{', '.join(WEIGHT_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise BadInputError(f"--weights {text!r}: no such file")
+    return Weights("file", path=str(path.resolve()), sha256=sha256_of(path))
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+_URL = re.compile(r"(https?://\S+?\.h5)\b")
+
+
+def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsError:
+    match = _URL.search(str(error))
+    fname = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone.constructor} no-top file"
+    origin = f" (from {match.group(1)})" if match else ""
+    return MissingWeightsError(
+        f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
+        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass --weights PATH to a local "
+        f"weights file, or --weights none for random (not pretrained) weights"
+    )
+
+
+def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
+    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs."""
+    if image_size < backbone.min_size:
+        raise BadInputError(
+            f"--image-size {image_size} is too small for {backbone.name} "
+            f"(at least {backbone.min_size})"
+        )
+    import keras
+
+    constructor = getattr(keras.applications, backbone.constructor)
+    kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
+    # Keras prints download progress on stdout; keep stdout for results (json, csv).
+    with contextlib.redirect_stdout(sys.stderr):
+        if weights.kind == "imagenet":
+            try:
+                return constructor(weights="imagenet", **kwargs)
+            except ValueError:
+                raise
+            except Exception as error:  # urllib, hash mismatch, truncated cache file ...
+                raise _missing_weights(backbone, error) from error
+        if weights.kind == "random":
+            keras.utils.set_random_seed(int(weights.seed or 0))
+        model = constructor(weights=None, **kwargs)
+        if weights.kind == "file":
+            try:
+                model.load_weights(str(weights.path))
+            except Exception as error:
+                raise MissingWeightsError(
+                    f"--weights {weights.path}: cannot load into {backbone.name} at "
+                    f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                ) from error
+    return model

@@ -1,0 +1,153 @@
+"""A multinomial logistic-regression head on frozen embeddings, saved as plain data.
+
+:class:`LogisticHead` follows scikit-learn's conventions: parameters in ``__init__``,
+learned state in attributes ending in ``_``. Fitting standardises the features and lets
+``LogisticRegressionCV`` choose the regularisation strength; prediction is a few numpy
+lines over the saved coefficients, so a head file never needs pickle to load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import BadInputError
+from .provenance import Provenance
+from .h5io import atomic_h5, decode_keys, encode_keys, read_provenance, str_dtype, write_provenance
+
+FORMAT = "imgvec-head"
+
+
+def _quiet_kwargs(cls: type) -> dict[str, Any]:
+    """Options that pin today's behaviour where scikit-learn announces a change (1.8+)."""
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "l1_ratios" in params:
+        kwargs["l1_ratios"] = (0.0,)
+    if "use_legacy_attributes" in params:
+        kwargs["use_legacy_attributes"] = True
+    return kwargs
+
+
+class LogisticHead:
+    """Standardise, then multinomial logistic regression with C chosen by stratified CV."""
+
+    def __init__(self, cv: int = 5, Cs: int | Sequence[float] = 10, max_iter: int = 1000,
+                 random_state: int = 0) -> None:
+        self.cv = cv
+        self.Cs = Cs
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _validate(self, X: np.ndarray, y: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray([str(v) for v in y])
+        if X.ndim != 2 or len(X) != len(y):
+            raise BadInputError(f"need a 2-D embedding matrix and one label per row (got {X.shape}, {len(y)})")
+        classes, counts = np.unique(y, return_counts=True)
+        if len(classes) < 2:
+            raise BadInputError(f"need at least 2 classes to train, found {len(classes)}: {list(classes)}")
+        if self.cv < 2:
+            raise BadInputError(f"--cv must be at least 2, not {self.cv}")
+        small = [f"{c!r} ({n})" for c, n in zip(classes, counts) if n < self.cv]
+        if small:
+            raise BadInputError(
+                f"--cv {self.cv} needs at least {self.cv} images per class; too few in {', '.join(small)}"
+            )
+        return X, y
+
+    def fit(self, X: np.ndarray, y: Sequence[str]) -> "LogisticHead":
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        X, y = self._validate(X, y)
+        scaler = StandardScaler().fit(X)
+        Z = scaler.transform(X)
+        folds = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
+        lr = LogisticRegressionCV(Cs=self.Cs, cv=folds, max_iter=self.max_iter, scoring="accuracy",
+                                  **_quiet_kwargs(LogisticRegressionCV))
+        lr.fit(Z, y)
+        C = float(np.ravel(lr.C_)[0])
+        scores = lr.scores_
+        scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores)
+        fold_scores = scores.reshape(scores.shape[0], len(lr.Cs_), -1)[:, np.argmin(np.abs(lr.Cs_ - C)), 0]
+        self.classes_ = lr.classes_.astype(str)
+        self.C_ = C
+        self.mean_ = scaler.mean_.astype(np.float32)
+        self.scale_ = scaler.scale_.astype(np.float32)
+        coef, intercept = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+        if len(self.classes_) == 2:
+            # Binary LR has one row: softmax over (-z/2, z/2) is exactly sigmoid(z).
+            coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
+        self.coef_, self.intercept_ = coef, intercept
+        self.cv_accuracy_ = float(fold_scores.mean())
+        self.cv_accuracy_std_ = float(fold_scores.std())
+        # Out-of-fold predictions at the chosen C, for the per-class report.
+        self.cv_predictions_ = cross_val_predict(
+            LogisticRegression(C=self.C_, max_iter=self.max_iter), Z, y, cv=folds)
+        self.n_train_ = int(len(y))
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
+        return Z @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        logits = self.decision_function(X)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def score(self, X: np.ndarray, y: Sequence[str]) -> float:
+        return float(np.mean(self.predict(X) == np.asarray(y, dtype=str)))
+
+    # -- plain-data file ------------------------------------------------------------------
+    _ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
+    _SCALARS = ("C_", "cv_accuracy_", "cv_accuracy_std_", "n_train_", "cv", "max_iter", "random_state")
+
+    def save(self, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "") -> Path:
+        """Write coefficients, classes, scaling and provenance to HDF5 (atomic rename)."""
+        with atomic_h5(path) as h5:
+            for name in self._ARRAYS:
+                h5.create_dataset(name.rstrip("_"), data=getattr(self, name))
+            h5.create_dataset("classes", data=encode_keys(self.classes_), dtype=str_dtype())
+            h5.attrs["format"] = FORMAT
+            h5.attrs["store_id"] = store_id
+            for name in self._SCALARS:
+                h5.attrs[name] = getattr(self, name)
+            write_provenance(h5.attrs, provenance)
+        return Path(path)
+
+
+def load_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Provenance]:
+    """Read a head file written by :meth:`LogisticHead.save`; no code is ever executed."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such head file (make one with `imgvec train STORE -o {path}`)")
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != FORMAT:
+                raise BadInputError(f"{path}: not an imgvec head file")
+            head = LogisticHead()
+            for name in LogisticHead._ARRAYS:
+                setattr(head, name, np.asarray(h5[name.rstrip("_")][()], dtype=np.float32))
+            head.classes_ = np.asarray(decode_keys(h5["classes"], h5["classes"].shape[0]))
+            for name in LogisticHead._SCALARS:
+                value = h5.attrs[name]
+                setattr(head, name, value.item() if isinstance(value, np.generic) else value)
+            provenance = read_provenance(h5.attrs)
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read head file ({str(error).splitlines()[0]})") from None
+    return head, provenance

@@ -1,0 +1,237 @@
+"""The ``imgvec`` command: parse arguments, call one API function, print the result.
+
+Errors imgvec raises on purpose become one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from . import api, report
+from .errors import ImgvecError
+from .images import DEFAULT_MAX_PIXELS
+from .provenance import Provenance
+
+app = typer.Typer(
+    name="imgvec",
+    help="Embed folders of images with pretrained Keras backbones, search them with FAISS, "
+    "and classify them with a logistic-regression head.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
+WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``fn`` as a command whose ImgvecErrors end as one line and an exit code."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgvecError as error:
+            _err(f"imgvec: error: {error}")
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            _err("imgvec: interrupted")
+            raise typer.Exit(130) from None
+
+    return app.command()(run)
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
+    if fmt not in allowed:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
+
+
+def _warn_random(prov: Provenance) -> None:
+    if prov.is_random:
+        _err(f"imgvec: note: {prov.backbone} has RANDOM weights (seed {prov.weights_seed}), "
+             "not pretrained: results show the pipeline, not real similarity")
+
+
+def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        _err(f"imgvec: warning: skipped {path}: {reason}")
+
+
+class _Bar:
+    """A rich progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, what: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> "_Bar":
+        self.progress.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total)
+        self.progress.update(self.task, completed=done)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+
+@_command
+def embed(
+    sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
+    output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="backbone (default efficientnetb0; see `imgvec models`)"),
+    weights: Optional[str] = WeightsOpt,
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
+    batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="decoding threads (default: CPU count)"),
+    seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
+) -> None:
+    """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
+    with _Bar("embedding") as bar:
+        s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
+                      workers=workers, seed=seed, max_pixels=max_pixels, progress=bar)
+    _warn_skipped(s.skipped)
+    _warn_random(s.provenance)
+    typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped, "
+               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s, "
+               f"{s.images_per_second:.1f} images/s)")
+
+
+@_command
+def index(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
+) -> None:
+    """Build a FAISS index (cosine similarity) over a store."""
+    s = api.build_index(store, kind=kind, output=output)
+    typer.echo(f"{s.path}: {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
+
+
+@_command
+def query(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    queries: list[Path] = typer.Argument(..., help="query images or folders of them"),
+    k: int = typer.Option(10, "-k", help="neighbours per query"),
+    fmt: str = FormatOpt,
+    index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="where the store's weights file is now, if moved"),
+) -> None:
+    """Find the stored images most like each query image."""
+    _check_format(fmt)
+    r = api.query(store, queries, k=k, index=index_path, weights=weights)
+    _warn_skipped(r.skipped)
+    _warn_random(r.provenance)
+    if fmt == "json":
+        typer.echo(report.to_json([{"query": q.query, "results": [
+            {"rank": n.rank, "path": n.path, "score": n.score} for n in q.results]} for q in r.queries]))
+    elif fmt == "csv":
+        typer.echo(report.to_csv(["query", "rank", "path", "score"],
+                                 [(q.query, n.rank, n.path, n.score) for q in r.queries for n in q.results]), nl=False)
+    else:
+        typer.echo(f"# {r.provenance.describe()}; {r.index_kind} index")
+        for q in r.queries:
+            typer.echo(report.table(f"query: {q.query}", ["rank", "score", "path", "label"],
+                                    [(n.rank, n.score, n.path, n.label) for n in q.results],
+                                    justify=["right", "right", "left", "left"]), nl=False)
+
+
+@_command
+def train(
+    store: Path = typer.Argument(..., help="HDF5 store with labels (one subfolder per class)"),
+    output: Path = typer.Option(..., "--output", "-o", help="head file to write (HDF5)"),
+    cv: int = typer.Option(5, "--cv", help="cross-validation folds"),
+) -> None:
+    """Train a logistic-regression head on a store's labelled embeddings."""
+    s = api.train(store, output, cv=cv)
+    _warn_random(s.provenance)
+    rows = [(c, s.report[c]["precision"], s.report[c]["recall"], s.report[c]["f1-score"], int(s.report[c]["support"]))
+            for c in s.classes]
+    typer.echo(report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
+                            justify=["left", "right", "right", "right", "right"]), nl=False)
+    skipped = f", {s.n_unlabelled} unlabelled rows left out" if s.n_unlabelled else ""
+    typer.echo(f"{s.head}: {len(s.classes)} classes, {s.n_train} images{skipped}; C={s.C:.4g}; "
+               f"{cv}-fold CV accuracy {s.cv_accuracy:.3f} ± {s.cv_accuracy_std:.3f} ({s.seconds:.1f}s)")
+
+
+@_command
+def predict(
+    head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
+    images: list[Path] = typer.Argument(..., help="images or folders of them"),
+    fmt: str = FormatOpt,
+    top: int = typer.Option(3, "--top", help="probabilities shown per image in the table"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
+) -> None:
+    """Classify images with a trained head."""
+    _check_format(fmt)
+    r = api.predict(head, images, weights=weights)
+    _warn_skipped(r.skipped)
+    _warn_random(r.provenance)
+    if fmt == "json":
+        typer.echo(report.to_json([{"path": p.path, "label": p.label, "probabilities": p.probabilities}
+                                   for p in r.predictions]))
+    elif fmt == "csv":
+        typer.echo(report.to_csv(["path", "label", *r.classes],
+                                 [(p.path, p.label, *p.probabilities.values()) for p in r.predictions]), nl=False)
+    else:
+        def best(p: api.Prediction) -> str:
+            ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]
+            return ", ".join(f"{c} {v:.3f}" for c, v in ranked)
+
+        typer.echo(f"# {r.provenance.describe()}")
+        typer.echo(report.table(None, ["path", "label", "probabilities"],
+                                [(p.path, p.label, best(p)) for p in r.predictions]), nl=False)
+
+
+@_command
+def models(fmt: str = FormatOpt) -> None:
+    """List the backbones: name, input size, embedding size, parameters."""
+    _check_format(fmt)
+    rows = [(b.name, b.input_size, b.dim, b.params, b.preprocessing) for b in api.models()]
+    header = ["name", "input_size", "dim", "params", "preprocessing"]
+    typer.echo(report.render(fmt, [dict(zip(header, r)) for r in rows], header,
+                             [(n, s, d, f"{p:,}" if fmt == "table" else p, pp) for n, s, d, p, pp in rows],
+                             justify=["left", "right", "right", "right", "left"]), nl=fmt != "csv")
+
+
+@_command
+def info(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+) -> None:
+    """Show how a store was made, what it holds and whether its index is up to date."""
+    _check_format(fmt, ("table", "json"))
+    data = api.info(store)
+    if fmt == "json":
+        typer.echo(report.to_json(data))
+        return
+    prov: Provenance = data.pop("provenance")
+    if prov.is_random:
+        data["WARNING"] = "RANDOM weights: not pretrained"
+    rows = [(k, v) for k, v in data.items()] + [(f"provenance.{k}", v) for k, v in vars(prov).items()]
+    typer.echo(report.table(None, ["field", "value"], rows), nl=False)
+
+
+def main() -> None:
+    app(prog_name="imgvec")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Small HDF5 helpers shared by the store, index and head files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .provenance import Provenance
+
+
+def str_dtype() -> Any:
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def encode_keys(keys: Iterable[str]) -> list[bytes]:
+    # surrogateescape keeps non-UTF-8 file names round-tripping instead of failing the batch.
+    return [str(k).encode("utf-8", "surrogateescape") for k in keys]
+
+
+def decode_keys(dataset: Any, stop: int) -> list[str]:
+    if stop == 0:
+        return []
+    return list(dataset.asstr(errors="surrogateescape")[:stop])
+
+
+def write_provenance(attrs: Any, provenance: Provenance) -> None:
+    """One attribute per provenance field, so plain h5py users can read them."""
+    for f in fields(Provenance):
+        value = getattr(provenance, f.name)
+        if value is not None:
+            attrs[f.name] = value
+
+
+def read_provenance(attrs: Any) -> Provenance:
+    data: dict[str, Any] = {}
+    for f in fields(Provenance):
+        if f.name in attrs:
+            value = attrs[f.name]
+            data[f.name] = value.item() if isinstance(value, np.generic) else value
+        elif f.name.startswith("weights_"):
+            data[f.name] = None
+    return Provenance.from_mapping(data)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """Write a new HDF5 file under a temporary name; rename it over ``path`` only on success."""
+    import h5py
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            yield h5
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,159 @@
+"""FAISS indexes over a store: choice, build, save, load, search.
+
+Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
+file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) and attributes
+that say which store, and how many of its rows, it covers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError, MismatchError
+from .provenance import Provenance, check_compatible
+from .h5io import atomic_h5, read_provenance, write_provenance
+from .store import Store
+
+FORMAT = "imgvec-index"
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+# auto: exact search up to this many rows, HNSW above (see benchmarks/bench_index.py).
+AUTO_FLAT_MAX_ROWS = 100_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+IVFPQ_MIN_ROWS = 1_000
+IVF_NPROBE = 32
+TRAIN_SAMPLE_ROWS = 200_000
+ADD_CHUNK_ROWS = 65_536
+
+
+def index_path_for(store_path: str | os.PathLike[str]) -> Path:
+    """Where ``imgvec index`` puts a store's index: ``photos.h5`` -> ``photos.index.h5``."""
+    path = Path(store_path)
+    return path.with_name(path.stem + ".index.h5")
+
+
+def choose_kind(kind: str, rows: int) -> str:
+    if kind not in KINDS:
+        raise BadInputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "flat" if rows <= AUTO_FLAT_MAX_ROWS else "hnsw"
+    if kind == "ivfpq" and rows < IVFPQ_MIN_ROWS:
+        raise BadInputError(f"--kind ivfpq needs at least {IVFPQ_MIN_ROWS} rows (store has {rows}); use flat")
+    return kind
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """The largest divisor of ``dim`` up to 64 (one byte per sub-vector)."""
+    return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
+
+
+def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+    nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{_pq_subquantizers(dim)}", ip)
+    index.nprobe = min(IVF_NPROBE, nlist)
+    return index
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as contiguous float32."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+@dataclass
+class VectorIndex:
+    """A FAISS index plus what it covers: the store's id, its row count and provenance."""
+
+    faiss_index: Any
+    kind: str
+    rows: int
+    store_id: str
+    provenance: Provenance
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
+        if k < 1:
+            raise BadInputError(f"-k must be at least 1, not {k}")
+        k = min(k, self.rows)
+        scores, ids = self.faiss_index.search(normalized(queries), k)
+        return scores, ids
+
+    def check_covers(self, store: Store, index_name: str = "the index") -> None:
+        """Raise unless this index was built from exactly ``store`` as it is now."""
+        fix = f"run `imgvec index {store.path}` to rebuild it"
+        if self.store_id != store.store_id:
+            raise MismatchError(f"{index_name} was built from another store than {store.path}; {fix}")
+        check_compatible(store.provenance, self.provenance, f"store {store.path}", index_name, fix)
+        if self.rows != store.rows:
+            raise MismatchError(
+                f"{index_name} covers {self.rows} rows but {store.path} now has {store.rows}; {fix}"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` atomically (temporary file, then rename)."""
+        import faiss
+
+        with atomic_h5(path) as h5:
+            h5.create_dataset("faiss", data=faiss.serialize_index(self.faiss_index))
+            h5.attrs.update({"format": FORMAT, "kind": self.kind, "metric": "cosine", "rows": self.rows,
+                             "store_id": self.store_id, "faiss_version": faiss.__version__})
+            write_provenance(h5.attrs, self.provenance)
+        return Path(path)
+
+
+def build_index(store: Store, kind: str = "auto") -> VectorIndex:
+    """Build an index over every committed row of ``store``, reading it in chunks."""
+    rows = store.rows
+    if rows == 0:
+        raise BadInputError(f"{store.path} holds no embeddings yet")
+    kind = choose_kind(kind, rows)
+    index = _new_faiss_index(kind, store.dim, rows)
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(rows, min(rows, TRAIN_SAMPLE_ROWS), replace=False))
+        index.train(normalized(store.h5["embeddings"][sample]))
+    for _, block in store.iter_embeddings(ADD_CHUNK_ROWS):
+        index.add(normalized(block))
+    return VectorIndex(index, kind, rows, store.store_id, store.provenance)
+
+
+def load_index(path: str | os.PathLike[str]) -> VectorIndex:
+    import faiss
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such index")
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != FORMAT:
+                raise BadInputError(f"{path}: not an imgvec index")
+            index = faiss.deserialize_index(np.asarray(h5["faiss"][()]))
+            attrs = dict(h5.attrs)
+            provenance = read_provenance(h5.attrs)
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read index ({str(error).splitlines()[0]})") from None
+    kind = str(attrs["kind"])
+    if kind == "hnsw":
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    elif kind == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(index).nlist)
+    return VectorIndex(index, kind, int(attrs["rows"]), str(attrs["store_id"]), provenance)

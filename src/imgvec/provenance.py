@@ -1,0 +1,83 @@
+"""How a set of embeddings was made, and the one place that decides whether two match.
+
+Stores write a :class:`Provenance`; indexes and heads copy it; query and predict rebuild
+the exact model from it. ``check_compatible`` is what every consumer calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from . import __version__
+from .backbones import Weights
+from .errors import MismatchError
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    backbone: str
+    weights: str  # "imagenet" | "random" | "file"
+    weights_seed: int | None
+    weights_path: str | None
+    weights_sha256: str | None
+    input_size: int
+    preprocessing: str
+    dim: int
+    resize: str = "bilinear, aspect ratio not kept (as keras.utils.image_dataset_from_directory)"
+    imgvec_version: str = __version__
+    keras_version: str = ""
+    tensorflow_version: str = ""
+    created: str = field(default_factory=_now)
+
+    @property
+    def weights_spec(self) -> Weights:
+        return Weights(self.weights, self.weights_seed, self.weights_path, self.weights_sha256)
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == "random"
+
+    def key(self) -> dict[str, Any]:
+        """The fields that decide whether two sets of embeddings live in the same space."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights_spec.identity,
+            "input_size": self.input_size,
+            "preprocessing": self.preprocessing,
+            "dim": self.dim,
+        }
+
+    def describe(self) -> str:
+        return f"{self.backbone} @ {self.input_size}px, {self.weights_spec.describe()}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Provenance":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "Provenance":
+        return cls.from_json(json.dumps(dict(data)))
+
+
+def check_compatible(expected: Provenance, found: Provenance, expected_what: str, found_what: str,
+                     fix: str = "") -> None:
+    """Raise :class:`MismatchError` naming every field in which two provenances differ."""
+    a, b = expected.key(), found.key()
+    diffs = [f"{name}: {a[name]} vs {b[name]}" for name in a if a[name] != b[name]]
+    if diffs:
+        hint = f"; {fix}" if fix else ""
+        raise MismatchError(
+            f"{found_what} was not made like {expected_what} ({'; '.join(diffs)}){hint}"
+        )
