@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -214,7 +215,10 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
         model = constructor(weights=None, **kwargs)
         if weights.kind == "file":
             try:
-                model.load_weights(str(weights.path))
+                with warnings.catch_warnings():
+                    # Keras only warns when parts of a file match nothing; a half-loaded model is an error.
+                    warnings.filterwarnings("error", message=".*(Skipping|freshly-initialized|mismatch)")
+                    model.load_weights(str(weights.path))
             except Exception as error:
                 raise MissingWeightsError(
                     f"--weights {weights.path}: cannot load into {backbone.name} at "

@@ -50,8 +50,8 @@ def choose_kind(kind: str, rows: int) -> str:
 
 
 def _pq_subquantizers(dim: int) -> int:
-    """The largest divisor of ``dim`` up to 64 (one byte per sub-vector)."""
-    return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
+    """Sub-vectors for PQ: the largest divisor of ``dim`` up to 64 that leaves at least 4 dims each."""
+    return max(m for m in range(1, min(64, dim // 4) + 1) if dim % m == 0) if dim >= 4 else 1
 
 
 def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
@@ -66,7 +66,9 @@ def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
         index.hnsw.efSearch = HNSW_EF_SEARCH
         return index
     nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))
-    index = faiss.index_factory(dim, f"IVF{nlist},PQ{_pq_subquantizers(dim)}", ip)
+    # FAISS wants ~39 training points per centroid: 8-bit codes from ~10k rows, fewer bits below.
+    nbits = int(min(8, max(4, math.floor(math.log2(rows / 39)))))
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{_pq_subquantizers(dim)}x{nbits}", ip)
     index.nprobe = min(IVF_NPROBE, nlist)
     return index
 

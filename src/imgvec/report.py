@@ -1,7 +1,7 @@
 """Rendering results for people and programs: rich tables, JSON and CSV.
 
-Every renderer returns a string; nothing here prints. CSV cells that a spreadsheet would
-run as a formula (leading ``= + - @``) are prefixed with a quote.
+Every renderer returns a string; nothing here prints. CSV text cells that a spreadsheet
+would run as a formula (leading ``= + - @``) are prefixed with a quote; numbers are left as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> str:
-    text = f"{value:.6f}" if isinstance(value, float) else str(value)
+    """Numbers as they are; text that would start a spreadsheet formula gets a leading quote."""
+    if isinstance(value, (int, float)):
+        return f"{value:.6f}" if isinstance(value, float) else str(value)
+    text = str(value)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
@@ -49,12 +52,14 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(title) if title else None, title_justify="left")
+    t = Table()
     for i, name in enumerate(header):
         t.add_column(name, justify=(justify[i] if justify else "left"), overflow="fold")  # type: ignore[arg-type]
     for row in rows:
         t.add_row(*[escape(f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row])
     console = Console(file=io.StringIO(), width=200, color_system=None, force_terminal=False)
+    if title:
+        console.print(escape(title), soft_wrap=True)
     console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
 

@@ -37,7 +37,7 @@ def pattern(kind: str, size: int, rng: np.random.Generator, colour: tuple[int, i
         raise ValueError(f"unknown pattern {kind!r}")
     base = np.array(colour if colour is not None else rng.integers(0, 256, 3), np.float32)
     fg = base + rng.normal(0, 20, 3)
-    bg = base * rng.uniform(0.3, 0.6) + rng.normal(0, 10, 3)
+    bg = base * rng.uniform(0.5, 0.8) + rng.normal(0, 10, 3)
     img = np.where(mask[..., None], fg, bg).astype(np.float32)
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,0 +1,105 @@
+"""The library API end to end, as a notebook would use it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgvec
+from imgvec.errors import BadInputError, MismatchError
+from imgvec.store import open_store
+
+
+def test_store_holds_every_image_with_labels_and_provenance(store_path: Path, image_dir: Path):
+    with open_store(store_path) as s:
+        assert s.rows == 24 and s.dim == 576
+        assert sorted(s.paths()) == sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*.png"))
+        assert all(label == path.split("/")[0] for path, label in zip(s.paths(), s.labels()))
+        prov = s.provenance
+    assert (prov.backbone, prov.weights, prov.weights_seed, prov.input_size) == ("mobilenetv3small", "random", 0, 64)
+    assert prov.keras_version.startswith("3.") and prov.tensorflow_version.startswith("2.")
+
+
+def test_self_query_ranks_first_with_score_one(store_path: Path, image_dir: Path):
+    queries = sorted(image_dir.rglob("*.png"))[::5]
+    r = imgvec.query(store_path, queries, k=3)
+    assert len(r.queries) == len(queries)
+    for q, path in zip(r.queries, queries):
+        top = q.results[0]
+        assert top.path == str(path.relative_to(image_dir)) and top.score == pytest.approx(1.0, abs=1e-4)
+        assert [n.rank for n in q.results] == [1, 2, 3]
+        assert q.results[0].score >= q.results[1].score >= q.results[2].score
+
+
+def test_resume_adds_only_new_images_and_keeps_old_rows(tmp_path: Path, image_dir: Path, small):
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    moved = sorted(folder.rglob("*.png"))[:5]
+    parked = tmp_path / "parked"
+    parked.mkdir()
+    for p in moved:
+        p.rename(parked / f"{p.parent.name}__{p.name}")
+    store = tmp_path / "s.h5"
+    first = imgvec.embed([folder], store, **small)
+    assert (first.added, first.already) == (19, 0)
+    with open_store(store) as s:
+        before = s.embeddings().copy()
+    for p in moved:
+        (parked / f"{p.parent.name}__{p.name}").rename(p)
+    second = imgvec.embed([folder], store)  # backbone and weights come from the store
+    assert (second.added, second.already, second.rows) == (5, 19, 24)
+    with open_store(store) as s:
+        np.testing.assert_array_equal(s.embeddings(0, 19), before)
+        assert len(set(s.paths())) == 24
+    third = imgvec.embed([folder], store)
+    assert (third.added, third.already) == (0, 24)
+
+
+def test_resume_with_another_backbone_is_refused(store_path: Path, image_dir: Path, tmp_path: Path):
+    copy = tmp_path / "copy.h5"
+    shutil.copy(store_path, copy)
+    with pytest.raises(MismatchError, match="backbone: mobilenetv3small vs mobilenetv2"):
+        imgvec.embed([image_dir], copy, model="mobilenetv2", weights="none", image_size=64)
+
+
+def test_missing_weights_leave_no_store(tmp_path: Path, image_dir: Path):
+    with pytest.raises(imgvec.MissingWeightsError):
+        imgvec.embed([image_dir], tmp_path / "s.h5", model="mobilenetv3small", image_size=64)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_train_and_predict_separate_the_classes(store_path: Path, holdout_dir: Path, tmp_path: Path):
+    t = imgvec.train(store_path, tmp_path / "head.h5", cv=3)
+    assert t.classes == ["blues", "greens", "reds", "yellows"] and t.n_train == 24
+    assert t.cv_accuracy >= 0.9
+    assert t.confusion.shape == (4, 4) and t.confusion.sum() == 24
+    p = imgvec.predict(t.head, [holdout_dir])
+    truth = [Path(x.path).parent.name for x in p.predictions]
+    assert np.mean([x.label == y for x, y in zip(p.predictions, truth)]) >= 0.9
+    for x in p.predictions:
+        assert sum(x.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_train_needs_labels(tmp_path: Path, image_dir: Path, small):
+    store = tmp_path / "s.h5"
+    imgvec.embed(sorted(image_dir.rglob("*.png"))[:6], store, **small)
+    with pytest.raises(BadInputError, match="has no labels"):
+        imgvec.train(store, tmp_path / "h.h5")
+
+
+def test_stale_index_is_detected(store_path: Path, image_dir: Path, tmp_path: Path):
+    copy = tmp_path / "photos.h5"
+    shutil.copy(store_path, copy)
+    imgvec.build_index(copy)
+    extra = tmp_path / "extra"
+    shutil.copytree(image_dir / "reds", extra / "reds")
+    (extra / "reds" / "reds_000.png").rename(extra / "reds" / "new.png")
+    imgvec.embed([extra / "reds" / "new.png"], copy)
+    with pytest.raises(MismatchError, match="run `imgvec index"):
+        imgvec.query(copy, [image_dir / "reds"], k=2)
+    assert imgvec.info(copy)["index"]["up_to_date"] is False
+    imgvec.build_index(copy)
+    assert imgvec.info(copy)["index"]["up_to_date"] is True

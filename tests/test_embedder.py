@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgvec.embedder import Embedder
+from imgvec.errors import BadInputError, MismatchError
+from imgvec.images import load_image
+
+
+@pytest.fixture(scope="module")
+def embedder(small) -> Embedder:
+    return Embedder(**small, batch_size=4).load()
+
+
+def test_files_come_back_in_order_with_bad_ones_skipped(embedder: Embedder, image_dir: Path, tmp_path: Path):
+    paths = [str(p) for p in sorted(image_dir.rglob("*.png"))[:9]]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    paths.insert(5, str(bad))
+    batches = list(embedder.embed_files(paths))
+    assert [len(b.indices) + len(b.skipped) for b in batches] == [4, 4, 2]
+    indices = np.concatenate([b.indices for b in batches])
+    assert list(indices) == [i for i in range(10) if i != 5]
+    assert [s.path for b in batches for s in b.skipped] == [str(bad)]
+    emb = np.concatenate([b.embeddings for b in batches])
+    assert emb.shape == (9, embedder.dim) and emb.dtype == np.float32
+    # Same result as decoding by hand and calling the model on one batch: batching changes nothing.
+    pixels = np.stack([load_image(paths[i], 64) for i in indices])
+    np.testing.assert_allclose(emb, embedder.embed_arrays(pixels), rtol=1e-4, atol=1e-5)
+
+
+def test_embed_arrays_checks_shape(embedder: Embedder):
+    with pytest.raises(BadInputError, match=r"expected images of shape \(n, 64, 64, 3\)"):
+        embedder.embed_arrays(np.zeros((2, 32, 32, 3), np.uint8))
+    assert embedder.embed_arrays(np.zeros((0, 64, 64, 3), np.uint8)).shape == (0, embedder.dim)
+
+
+def test_preprocessing_matches_keras_preprocess_input():
+    """Our uint8 -> preprocess_input -> model path equals calling Keras the documented way."""
+    e = Embedder("resnet50", "none", 32, batch_size=2).load()
+    import keras
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    ref = e.model_.predict(keras.applications.resnet.preprocess_input(pixels.astype("float32")), verbose=0)
+    np.testing.assert_allclose(e.embed_arrays(pixels), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_parameters_are_validated_up_front():
+    with pytest.raises(BadInputError, match="batch-size"):
+        Embedder("mobilenetv3small", "none", 64, batch_size=0)
+    with pytest.raises(BadInputError, match="too small"):
+        Embedder("xception", "none", 64)
+
+
+def test_from_provenance_checks_the_weights_file(small, tmp_path: Path):
+    from imgvec.backbones import parse_weights
+
+    f = tmp_path / "w.weights.h5"
+    Embedder(**small).load().model_.save_weights(str(f))
+    e = Embedder("mobilenetv3small", parse_weights(str(f)), 64)
+    prov = e.provenance()
+    assert Embedder.from_provenance(prov).weights.sha256 == prov.weights_sha256
+    f.rename(tmp_path / "moved.weights.h5")
+    with pytest.raises(MismatchError, match="pass --weights PATH"):
+        Embedder.from_provenance(prov)
+    assert Embedder.from_provenance(prov, weights_path=str(tmp_path / "moved.weights.h5")).weights.kind == "file"
+    other = tmp_path / "other.weights.h5"
+    Embedder("mobilenetv3small", "none", 64, seed=1).load().model_.save_weights(str(other))
+    with pytest.raises(MismatchError, match="not the one the embeddings were made with"):
+        Embedder.from_provenance(prov, weights_path=str(other))

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgvec.errors import BadInputError, ImageSkipped
+from imgvec.images import find_images, load_image
+
+
+def _png(path: Path, colour=(255, 0, 0), size=(20, 10), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else 128).save(path)
+    return path
+
+
+def test_labels_come_from_first_level_subfolders(tmp_path: Path):
+    _png(tmp_path / "cats" / "a.png")
+    _png(tmp_path / "cats" / "deep" / "b.jpg")
+    _png(tmp_path / "dogs" / "c.PNG")
+    _png(tmp_path / "loose.png")
+    c = find_images([tmp_path])
+    assert c.root == str(tmp_path)
+    assert [(f.key, f.label) for f in c.files] == [
+        ("loose.png", ""), ("cats/a.png", "cats"), ("cats/deep/b.jpg", "cats"), ("dogs/c.PNG", "dogs")]
+
+
+def test_hidden_and_non_image_files_are_ignored(tmp_path: Path):
+    _png(tmp_path / "a" / "x.png")
+    _png(tmp_path / "a" / ".hidden.png")
+    _png(tmp_path / ".cache" / "y.png")
+    (tmp_path / "a" / "notes.txt").write_text("hi")
+    assert [f.key for f in find_images([tmp_path]).files] == ["a/x.png"]
+
+
+def test_files_and_several_folders_have_no_labels_and_a_common_root(tmp_path: Path):
+    a = _png(tmp_path / "one" / "a.png")
+    _png(tmp_path / "two" / "sub" / "b.png")
+    c = find_images([a, tmp_path / "two"])
+    assert c.root == str(tmp_path)
+    assert [(f.key, f.label) for f in c.files] == [("one/a.png", ""), ("two/sub/b.png", "")]
+
+
+def test_bad_sources_are_clear_errors(tmp_path: Path):
+    with pytest.raises(BadInputError, match="no such file or folder"):
+        find_images([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no images found"):
+        find_images([tmp_path / "empty"])
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF")
+    with pytest.raises(BadInputError, match="not an image file"):
+        find_images([tmp_path / "doc.pdf"])
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_every_mode_becomes_rgb(tmp_path: Path, mode: str):
+    path = tmp_path / f"img.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    im = Image.new(mode, (30, 20))
+    if mode == "I;16":
+        im = Image.fromarray(np.full((20, 30), 65535, np.uint16))  # white, 16 bits
+    im.save(path)
+    arr = load_image(str(path), 32)
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    if mode == "I;16":
+        assert arr.min() == 255  # scaled, not clipped to black-and-white garbage
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    # A 40x20 image, left half red, saved with orientation 6 (rotate 90 CW when shown).
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    out = load_image(str(path), 40)
+    # Upright, the red half is on top.
+    assert out[:15, :, 0].mean() > 200 and out[25:, :, 0].mean() < 50
+
+
+def test_gif_first_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (16, 16), c) for c in [(0, 0, 255), (255, 0, 0)]]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    out = load_image(str(path), 16)
+    assert out[..., 2].mean() > 200 and out[..., 0].mean() < 50
+
+
+def test_bad_files_are_skipped_with_a_reason(tmp_path: Path):
+    good = _png(tmp_path / "good.jpg")
+    data = good.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(Image.new("RGB", (64, 64)).tobytes()[:10])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_bytes(b"<html><body>not an image</body></html>")
+    jpg = tmp_path / "real.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg)
+    (tmp_path / "cut.jpg").write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    for name in ["truncated.jpg", "empty.jpg", "page.jpg", "cut.jpg"]:
+        with pytest.raises(ImageSkipped) as info:
+            load_image(str(tmp_path / name), 32)
+        assert info.value.path == str(tmp_path / name) and info.value.reason
+    assert load_image(str(good), 32).shape == (32, 32, 3) and data
+
+
+def test_pixel_limit(tmp_path: Path):
+    path = _png(tmp_path / "big.png", size=(300, 300))
+    with pytest.raises(ImageSkipped, match="over the limit"):
+        load_image(str(path), 32, max_pixels=300 * 299)
+    assert load_image(str(path), 32, max_pixels=300 * 300).shape == (32, 32, 3)
+
+
+def test_missing_and_unreadable_files_are_skipped(tmp_path: Path):
+    with pytest.raises(ImageSkipped, match="not found"):
+        load_image(str(tmp_path / "gone.png"), 32)
+    path = _png(tmp_path / "locked.png")
+    os.chmod(path, 0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as a user who can read anything")
+        with pytest.raises(ImageSkipped, match="permission"):
+            load_image(str(path), 32)
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_eps_named_jpg_is_not_handed_to_ghostscript(tmp_path: Path):
+    path = tmp_path / "evil.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageSkipped, match="not a recognised image"):
+        load_image(str(path), 32)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgvec.errors import BadInputError, MismatchError
+from imgvec.index import build_index, choose_kind, load_index, normalized
+from imgvec.provenance import Provenance
+from imgvec.store import create_store, open_store
+
+
+def _store(path: Path, x: np.ndarray, backbone: str = "mobilenetv3small"):
+    prov = Provenance(backbone, "random", 0, None, None, 64, "in model", x.shape[1])
+    s = create_store(path, prov, str(path.parent))
+    s.append(x, [f"{i}.png" for i in range(len(x))], [""] * len(x))
+    return s
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d))
+    return (centres[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_flat_is_exact_cosine(tmp_path: Path):
+    x = _clustered(500, 32)
+    q = _clustered(20, 32, seed=1)
+    with _store(tmp_path / "s.h5", x) as s:
+        index = build_index(s, "auto")
+    assert index.kind == "flat"
+    scores, ids = index.search(q, 5)
+    brute = normalized(q) @ normalized(x).T
+    np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1)[:, :5])
+    np.testing.assert_allclose(scores, np.sort(brute, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, min_recall", [("hnsw", 0.95), ("ivfpq", 0.4)])
+def test_approximate_indexes_find_most_true_neighbours(tmp_path: Path, kind: str, min_recall: float):
+    x = _clustered(1500, 32)
+    q = _clustered(50, 32, seed=2)
+    with _store(tmp_path / "s.h5", x) as s:
+        index = build_index(s, kind)
+    _, ids = index.search(q, 10)
+    truth = np.argsort(-(normalized(q) @ normalized(x).T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= min_recall
+
+
+def test_save_load_round_trip_and_coverage_checks(tmp_path: Path):
+    x = _clustered(200, 16)
+    with _store(tmp_path / "s.h5", x) as s:
+        index = build_index(s, "flat")
+        index.save(tmp_path / "s.index.h5")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    loaded = load_index(tmp_path / "s.index.h5")
+    assert loaded.kind == "flat" and loaded.rows == 200
+    np.testing.assert_array_equal(loaded.search(x[:3], 3)[1], index.search(x[:3], 3)[1])
+    with open_store(tmp_path / "s.h5", writable=True) as s:
+        loaded.check_covers(s)
+        s.append(x[:1], ["new.png"], [""])
+        with pytest.raises(MismatchError, match=r"covers 200 rows but .* now has 201; run `imgvec index"):
+            loaded.check_covers(s)
+    with _store(tmp_path / "other.h5", x) as other:
+        with pytest.raises(MismatchError, match="built from another store"):
+            loaded.check_covers(other)
+
+
+def test_kind_choice():
+    assert choose_kind("auto", 10) == "flat"
+    assert choose_kind("auto", 10_000_000) == "hnsw"
+    with pytest.raises(BadInputError, match="expected one of"):
+        choose_kind("annoy", 10)
+    with pytest.raises(BadInputError, match="ivfpq needs at least"):
+        choose_kind("ivfpq", 10)

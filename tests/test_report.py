@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from imgvec.report import render, to_csv
+
+
+def test_csv_defuses_formulas_and_keeps_odd_names_intact():
+    text = to_csv(["path", "score"], [["=cmd|' /C calc'!A0.jpg", 0.5], ["a,b\"c.jpg", -1.0], ["@x.png", 1.0], ["-rf.png", 2]])
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1] == ["'=cmd|' /C calc'!A0.jpg", "0.500000"]
+    assert rows[2] == ['a,b"c.jpg', "-1.000000"]  # numbers stay numbers
+    assert rows[3][0] == "'@x.png" and rows[4] == ["'-rf.png", "2"]
+
+
+def test_render_formats():
+    data = [{"name": "<script>.jpg", "score": 0.25}]
+    assert json.loads(render("json", data, ["name", "score"], [("<script>.jpg", 0.25)])) == data
+    table = render("table", data, ["name", "score"], [("[bold]x[/bold].jpg", 0.25)])
+    assert "[bold]x[/bold].jpg" in table and "0.2500" in table  # rich markup in names is shown, not applied
