@@ -8,14 +8,14 @@ import pytest
 from imgvec.errors import BadInputError, MismatchError
 from imgvec.index import build_index, choose_kind, load_index, normalized
 from imgvec.provenance import Provenance
-from imgvec.store import create_store, open_store
+from imgvec.store import StoreWriter, create_store, open_store
 
 
 def _store(path: Path, x: np.ndarray, backbone: str = "mobilenetv3small"):
     prov = Provenance(backbone, "random", 0, None, None, 64, "in model", x.shape[1])
-    s = create_store(path, prov, str(path.parent))
-    s.append(x, [f"{i}.png" for i in range(len(x))], [""] * len(x))
-    return s
+    with create_store(path, prov, str(path.parent)) as w:
+        w.append(x, [f"{i}.png" for i in range(len(x))], [""] * len(x))
+    return open_store(path)
 
 
 def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -53,13 +53,15 @@ def test_save_load_round_trip_and_coverage_checks(tmp_path: Path):
     with _store(tmp_path / "s.h5", x) as s:
         index = build_index(s, "flat")
         index.save(tmp_path / "s.index.h5")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # no temp file left
     loaded = load_index(tmp_path / "s.index.h5")
     assert loaded.kind == "flat" and loaded.rows == 200
     np.testing.assert_array_equal(loaded.search(x[:3], 3)[1], index.search(x[:3], 3)[1])
-    with open_store(tmp_path / "s.h5", writable=True) as s:
+    with open_store(tmp_path / "s.h5") as s:
         loaded.check_covers(s)
-        s.append(x[:1], ["new.png"], [""])
+    with StoreWriter(tmp_path / "s.h5") as w:
+        w.append(x[:1], ["new.png"], [""])
+    with open_store(tmp_path / "s.h5") as s:
         with pytest.raises(MismatchError, match=r"covers 200 rows but .* now has 201; run `imgvec index"):
             loaded.check_covers(s)
     with _store(tmp_path / "other.h5", x) as other:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -7,21 +10,25 @@ import numpy as np
 import pytest
 
 from imgvec.errors import BadInputError
+from imgvec.journal import journal_path
 from imgvec.provenance import Provenance
-from imgvec.store import create_store, open_store
+from imgvec.store import StoreWriter, create_store, open_store
 
 
 def _prov(dim: int = 4) -> Provenance:
     return Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", dim)
 
 
+def _rows(start: int, n: int, dim: int = 4) -> np.ndarray:
+    return np.arange(start * dim, (start + n) * dim, dtype=np.float32).reshape(n, dim)
+
+
 def test_round_trip_with_plain_h5py(tmp_path: Path):
     path = tmp_path / "s.h5"
-    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
-    with create_store(path, _prov(), str(tmp_path)) as s:
-        s.append(emb[:2], ["a.png", "sub/b.png"], ["x", ""])
-        s.append(emb[2:], ["ünï/çødé.png"], ["y"])
-        s.set_skipped([("bad.jpg", "cannot decode")])
+    emb = _rows(0, 3)
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.append(emb[:2], ["a.png", "sub/b.png"], ["x", ""], skipped=[("bad.jpg", "cannot decode")])
+        w.append(emb[2:], ["ünï/çødé.png"], ["y"])
     with open_store(path) as s:
         assert s.rows == 3 and s.dim == 4
         assert s.paths() == ["a.png", "sub/b.png", "ünï/çødé.png"]
@@ -34,29 +41,92 @@ def test_round_trip_with_plain_h5py(tmp_path: Path):
         assert h5["paths"].asstr()[2] == "ünï/çødé.png"
         assert h5.attrs["backbone"] == "mobilenetv3small" and h5.attrs["weights"] == "random"
         assert h5.attrs["rows"] == 3 and h5.attrs["root"] == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["s.h5"]
 
 
 def test_non_utf8_file_names_round_trip(tmp_path: Path):
     name = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a latin-1 name, as os.listdir gives it
-    with create_store(tmp_path / "s.h5", _prov(), str(tmp_path)) as s:
-        s.append(np.zeros((1, 4), np.float32), [name], [""])
+    with create_store(tmp_path / "s.h5", _prov(), str(tmp_path)) as w:
+        w.append(np.zeros((1, 4), np.float32), [name], [""], skipped=[(name + "x", "bad")])
     with open_store(tmp_path / "s.h5") as s:
-        assert s.paths() == [name]
+        assert s.paths() == [name] and s.skipped() == [(name + "x", "bad")]
 
 
-def test_rows_beyond_the_committed_count_are_invisible_and_trimmed(tmp_path: Path):
+def test_uncommitted_rows_are_invisible_until_commit_and_survive_a_crash(tmp_path: Path):
     path = tmp_path / "s.h5"
-    with create_store(path, _prov(), str(tmp_path)) as s:
-        s.append(np.ones((2, 4), np.float32), ["a", "b"], ["", ""])
-    with h5py.File(path, "r+") as h5:  # what an interrupted append leaves behind
-        h5["embeddings"].resize(5, axis=0)
-        h5["paths"].resize(4, axis=0)
-    with open_store(path, writable=True) as s:
-        assert s.rows == 2 and s.paths() == ["a", "b"] and s.embeddings().shape == (2, 4)
-        s.trim()
-        s.append(np.zeros((1, 4), np.float32), ["c"], [""])
+    w = create_store(path, _prov(), str(tmp_path))
+    w.append(_rows(0, 2), ["a", "b"], ["", ""])
+    with open_store(path) as s:  # a reader during the run sees the last complete store
+        assert s.rows == 0 and s.pending_rows() == 2
+    w._journal.close()
+    w._lock.close()  # the process dies here: no commit
+    with StoreWriter(path) as w2:  # the next run folds the journal in first
+        assert w2.keys == {"a", "b"}
+        w2.append(_rows(2, 1), ["c"], [""])
     with open_store(path) as s:
-        assert s.paths() == ["a", "b", "c"] and s.embeddings().shape == (3, 4)
+        assert s.paths() == ["a", "b", "c"]
+        np.testing.assert_array_equal(s.embeddings(), _rows(0, 3))
+    assert not journal_path(path).exists()
+
+
+def test_a_torn_journal_tail_is_ignored_and_rows_are_never_doubled(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    w = create_store(path, _prov(), str(tmp_path))
+    w.append(_rows(0, 2), ["a", "b"], ["", ""])
+    w.append(_rows(2, 2), ["c", "d"], ["", ""])
+    w._journal.close()
+    w._lock.close()
+    journal = journal_path(path)
+    data = journal.read_bytes()
+    journal.write_bytes(data[:-7])  # the second batch was being written when the kill came
+    with StoreWriter(path) as w2:
+        assert w2.keys == {"a", "b"}
+        w2.append(_rows(2, 2), ["c", "d"], ["", ""])
+        w2.append(_rows(0, 1), ["a"], [""])  # a duplicate key is dropped when folding
+    with open_store(path) as s:
+        assert s.paths() == ["a", "b", "c", "d"]
+        np.testing.assert_array_equal(s.embeddings(), _rows(0, 4))
+
+
+def test_drop_removes_rows_and_bumps_generation(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.append(_rows(0, 4), ["a", "b", "c", "d"], ["x", "y", "x", "y"], skipped=[("b.bad", "no")])
+    with open_store(path) as s:
+        gen, store_id = s.generation, s.store_id
+    with StoreWriter(path) as w:
+        w.commit(drop={"b", "d", "b.bad"})
+    with open_store(path) as s:
+        assert s.paths() == ["a", "c"] and s.labels() == ["x", "x"] and s.skipped() == []
+        np.testing.assert_array_equal(s.embeddings(), _rows(0, 4)[[0, 2]])
+        assert s.generation == gen + 1 and s.store_id == store_id
+
+
+def test_skips_are_replaced_when_retried(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.append(_rows(0, 1), ["a"], [""], skipped=[("b", "truncated"), ("c", "truncated")])
+    with StoreWriter(path) as w:
+        w.append(_rows(1, 1), ["b"], [""])  # b was fixed; c was not retried
+    with open_store(path) as s:
+        assert s.paths() == ["a", "b"] and s.skipped() == [("c", "truncated")]
+
+
+def test_second_writer_is_refused(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with create_store(path, _prov(), str(tmp_path)):
+        code = ("import sys; from imgvec.store import StoreWriter\n"
+                "try:\n    StoreWriter(sys.argv[1])\nexcept Exception as e:\n    print(e)")
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout
+        assert "another imgvec process is writing this store" in out
+
+
+def test_stale_temp_files_are_cleared(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    create_store(path, _prov(), str(tmp_path)).close()
+    (tmp_path / ".s.h5.tmp-99999").write_bytes(b"half a file")
+    StoreWriter(path).close()
+    assert not (tmp_path / ".s.h5.tmp-99999").exists()
 
 
 def test_errors(tmp_path: Path):

@@ -22,7 +22,7 @@ from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import AUTO_FLAT_MAX_ROWS, VectorIndex, index_path_for, load_index
 from .index import build_index as _build_index
 from .provenance import Provenance, check_compatible
-from .store import Store, create_store, open_store
+from .store import Store, StoreWriter, open_store
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
@@ -43,6 +43,7 @@ class EmbedSummary:
     rows: int
     skipped: list[tuple[str, str]]
     seconds: float
+    removed: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -59,53 +60,55 @@ def embed(
     workers: int | None = None,
     seed: int = DEFAULT_SEED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    sync: bool = False,
     progress: Progress | None = None,
 ) -> EmbedSummary:
     """Embed every image under ``sources`` into the store ``output``.
 
     A new store is created; an existing one is resumed: images already in it are kept and
-    not recomputed, only new ones are embedded. Options left as ``None`` are taken from the
+    not recomputed, only new ones are embedded. With ``sync``, rows whose files are no
+    longer under ``sources`` are removed. Options left as ``None`` are taken from the
     existing store (or default to efficientnetb0 with ImageNet weights for a new one).
+    Interrupting (Ctrl-C, kill) loses at most the batch under way: run again to go on.
     """
     output = Path(output)
     start = time.perf_counter()
-    store: Store | None = open_store(output, writable=True) if output.exists() else None
+    writer: StoreWriter | None = None
     try:
-        if store is not None:
-            embedder = _embedder_for_store(store, model, weights, image_size, batch_size, workers, seed, max_pixels)
-            store.trim()
+        if output.exists():
+            writer = StoreWriter(output)
+            embedder = _embedder_for_store(writer, model, weights, image_size, batch_size, workers, seed, max_pixels)
+            collection = find_images(sources, root=writer.root)
+            embedder.load()
         else:
             embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels)
-        collection = find_images(sources, root=store.root if store is not None else None)
-        embedder.load()  # before creating a store: missing weights must not leave an empty file
-        if store is None:
-            store = create_store(output, embedder.provenance(), collection.root)
-        before = store.rows
-        done = set(store.paths())
-        todo = [f for f in collection.files if f.key not in done]
+            collection = find_images(sources)
+            embedder.load()  # before creating a store: missing weights must not leave an empty file
+            writer = StoreWriter(output, embedder.provenance(), collection.root)
+        before = len(writer.keys)
+        todo = [f for f in collection.files if f.key not in writer.keys]
+        removed = writer.keys - {f.key for f in collection.files} if sync else set()
         key_of = {f.path: f.key for f in todo}
-        # Earlier skips stay recorded unless this run tries the file again.
-        retried = set(key_of.values())
-        skipped = [s for s in store.skipped() if s[0] not in retried]
+        skipped: list[tuple[str, str]] = []
         finished = 0
         for batch in embedder.embed_files(list(key_of)):
             rows = [todo[i] for i in batch.indices]
-            store.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows])
-            if batch.skipped:
-                skipped.extend((key_of[s.path], s.reason) for s in batch.skipped)
-                store.set_skipped(skipped)
+            skips = [(key_of[s.path], s.reason) for s in batch.skipped]
+            writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
+            skipped.extend(skips)
             finished += len(batch.indices) + len(batch.skipped)
             if progress:
                 progress(finished, len(todo))
-        store.set_skipped(skipped)
-        return EmbedSummary(output, store.provenance, store.rows - before, len(collection.files) - len(todo),
-                            store.rows, skipped, time.perf_counter() - start)
+        writer.commit(drop=removed)
+        return EmbedSummary(output, writer.provenance, len(writer.keys) - before + len(removed),
+                            len(collection.files) - len(todo), len(writer.keys), skipped,
+                            time.perf_counter() - start, len(removed))
     finally:
-        if store is not None:
-            store.close()
+        if writer is not None:
+            writer.close()  # on an error or Ctrl-C, what was embedded is still committed
 
 
-def _embedder_for_store(store: Store, model: str | None, weights: str | None, image_size: int | None,
+def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | None, image_size: int | None,
                         batch_size: int, workers: int | None, seed: int, max_pixels: int) -> Embedder:
     """The store's own embedder; explicit options must agree with how the store was made."""
     kwargs: dict[str, Any] = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels)

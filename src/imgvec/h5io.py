@@ -49,6 +49,15 @@ def read_provenance(attrs: Any) -> Provenance:
     return Provenance.from_mapping(data)
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename after it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Write a new HDF5 file under a temporary name; rename it over ``path`` only on success."""
@@ -59,6 +68,7 @@ def atomic_h5(path: str | os.PathLike[str]) -> Iterator[Any]:
     try:
         with h5py.File(tmp, "w") as h5:
             yield h5
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

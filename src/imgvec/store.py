@@ -7,23 +7,30 @@ Layout (readable with plain h5py, documented in the README)::
     /labels            UTF-8 strings (N,), "" where unknown
     /skipped/paths     UTF-8 strings, files that could not be decoded
     /skipped/reasons   UTF-8 strings, why
-    attrs              provenance fields, root, store_id, rows
+    attrs              provenance fields, root, store_id, generation, rows
 
-``rows`` is written last after each appended batch: it is the number of rows that are
-complete. Readers never look past it, and a resumed run first trims anything beyond it.
+A store file is never modified in place while a run is under way. :class:`StoreWriter`
+holds a lock, appends each batch to a checksummed journal beside the store
+(``photos.h5.journal``), and on commit writes store + journal to a temporary file that is
+renamed over the store. A kill at any moment leaves the previous store intact and every
+complete batch in the journal; the next writer folds the journal in first. Readers always
+see a complete store, and never look past its ``rows`` attribute.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 
 from .errors import BadInputError
-from .h5io import decode_keys, encode_keys, read_provenance, str_dtype, write_provenance
+from .h5io import decode_keys, encode_keys, fsync_path, read_provenance, str_dtype, write_provenance
+from .journal import JournalWriter, Record, journal_path, read_journal
 from .provenance import Provenance
 
 FORMAT = "imgvec-store"
@@ -56,6 +63,15 @@ class Store:
         return int(self.h5.attrs["rows"])
 
     @property
+    def generation(self) -> int:
+        """Bumped whenever rows are removed, so an index knows its row numbers went stale."""
+        return int(self.h5.attrs.get("generation", 0))
+
+    def pending_rows(self) -> int:
+        """Rows an interrupted run left in the journal; the next ``embed`` folds them in."""
+        return sum(len(r.keys) for r in read_journal(journal_path(self.path)))
+
+    @property
     def dim(self) -> int:
         return int(self.h5["embeddings"].shape[1])
 
@@ -83,18 +99,14 @@ class Store:
     def absolute(self, key: str) -> str:
         return key if os.path.isabs(key) else os.path.join(self.root, key)
 
-    # -- writing ----------------------------------------------------------------------
-    def trim(self) -> None:
-        """Drop rows beyond the committed count (left by an interrupted append)."""
+    # -- writing (only ever on a file no reader can see yet: see StoreWriter) -------------
+    def _trim(self) -> None:
         for name in ("embeddings", "paths", "labels"):
             if self.h5[name].shape[0] != self.rows:
                 self.h5[name].resize(self.rows, axis=0)
 
-    def append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str]) -> None:
-        """Append complete rows; ``rows`` moves only once all three datasets hold them."""
+    def _append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str]) -> None:
         m = len(keys)
-        if not (embeddings.shape[0] == m == len(labels)):
-            raise ValueError("embeddings, keys and labels must have the same length")
         if m == 0:
             return
         n = self.rows
@@ -103,16 +115,13 @@ class Store:
             ds.resize(n + m, axis=0)
             ds[n : n + m] = values
         self.h5.attrs["rows"] = n + m
-        self.h5.flush()
 
-    def set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
-        """Replace the record of skipped files (a file that now decodes leaves it)."""
+    def _set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         group = self.h5["skipped"]
         for i, name in enumerate(("paths", "reasons")):
             group[name].resize(len(skipped), axis=0)
             if skipped:
                 group[name][:] = encode_keys(item[i] for item in skipped)
-        self.h5.flush()
 
     def close(self) -> None:
         self.h5.close()
@@ -135,32 +144,181 @@ def _h5open(path: Path, mode: str) -> Any:
         raise BadInputError(f"{path}: cannot open as HDF5 ({str(error).splitlines()[0]})") from None
 
 
-def open_store(path: str | os.PathLike[str], writable: bool = False) -> Store:
-    """Open an existing store for reading (or appending, with ``writable``)."""
+def open_store(path: str | os.PathLike[str]) -> Store:
+    """Open a store for reading."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such store (make one with `imgvec embed ... -o {path}`)")
-    return Store(_h5open(path, "r+" if writable else "r"), path)
+    return Store(_h5open(path, "r"), path)
 
 
-def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str) -> Store:
-    """Create an empty store (the file must not exist yet)."""
-    path = Path(path)
-    if path.exists():
-        raise BadInputError(f"{path}: already exists")
-    if path.parent and not path.parent.exists():
-        raise BadInputError(f"{path.parent}: output folder does not exist")
-    h5 = _h5open(path, "w-")
+def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     dim = provenance.dim
     h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
                       chunks=(CHUNK_ROWS, dim))
-    for name, where in (("paths", h5), ("labels", h5), ("paths", h5.create_group("skipped")), ("reasons", h5["skipped"])):
+    skipped = h5.create_group("skipped")
+    for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
         where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
-    h5.attrs["format"] = FORMAT
-    h5.attrs["format_version"] = FORMAT_VERSION
-    h5.attrs["root"] = root
-    h5.attrs["store_id"] = uuid.uuid4().hex
-    h5.attrs["rows"] = 0
+    h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "root": root,
+                     "store_id": uuid.uuid4().hex, "generation": 0, "rows": 0})
     write_provenance(h5.attrs, provenance)
-    h5.flush()
-    return Store(h5, path)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Make ``tmp`` durable and rename it over ``path`` (atomic on POSIX)."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+class StoreWriter:
+    """The one way to add rows to a store, safely against kills and concurrent readers.
+
+    Opening takes an exclusive lock (a second writer gets a clear error), clears temporary
+    files a killed run left, and folds in any journal it left. ``append`` writes a batch to
+    the journal; ``commit`` publishes store + journal as the new store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], provenance: Provenance | None = None,
+                 root: str | None = None) -> None:
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.is_dir():
+            raise BadInputError(f"{self.path.parent}: output folder does not exist")
+        self._lock = _lock(self.path)
+        try:
+            for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+                stale.unlink()
+            if not self.path.exists():
+                if provenance is None or root is None:
+                    raise BadInputError(f"{self.path}: no such store")
+                self._create(provenance, root)
+            self._fold()
+            with open_store(self.path) as store:
+                self.provenance, self.root, self.store_id = store.provenance, store.root, store.store_id
+                self.keys: set[str] = set(store.paths())
+                self.skipped = store.skipped()
+            self._journal = JournalWriter(journal_path(self.path))
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _create(self, provenance: Provenance, root: str) -> None:
+        tmp = _tmp_name(self.path)
+        with _h5open(tmp, "w") as h5:
+            _init_layout(h5, provenance, root)
+        _publish(tmp, self.path)
+
+    def append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
+               skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Record one batch durably (in the journal); it reaches the store on :meth:`commit`."""
+        if not (len(embeddings) == len(keys) == len(labels)):
+            raise ValueError("embeddings, keys and labels must have the same length")
+        self._journal.append(Record(np.asarray(embeddings, np.float32), list(keys), list(labels),
+                                    [tuple(s) for s in skipped], self.store_id))
+        self.keys.update(keys)
+
+    def commit(self, drop: Collection[str] = ()) -> None:
+        """Publish the journal's rows (and remove the rows named in ``drop``) as the new store."""
+        self._journal.close()
+        self._fold(set(drop))
+        self._journal = JournalWriter(journal_path(self.path))
+        self.keys.difference_update(drop)
+
+    def _fold(self, drop: Collection[str] = ()) -> None:
+        jpath = journal_path(self.path)
+        records = read_journal(jpath)
+        first = next(records, None)
+        if first is None and not drop:
+            jpath.unlink(missing_ok=True)
+            return
+        with open_store(self.path) as old:
+            store_id, keys = old.store_id, old.paths()
+        dropped = set(drop)
+        doomed = dropped & set(keys)
+        tmp = _tmp_name(self.path)
+        if doomed:
+            _copy_without(self.path, tmp, doomed)
+        else:
+            shutil.copyfile(self.path, tmp)
+        with _h5open(tmp, "r+") as h5:
+            store = Store(h5, tmp)
+            store._trim()
+            seen = set(keys) - doomed
+            retried: set[str] = set()
+            fresh_skips: list[tuple[str, str]] = []
+            for record in _chain(first, records):
+                if record.store_id and record.store_id != store_id:
+                    continue  # a journal left by an earlier store of the same name
+                keep = [i for i, k in enumerate(record.keys) if k not in seen and k not in dropped]
+                store._append(record.embeddings[keep], [record.keys[i] for i in keep],
+                              [record.labels[i] for i in keep])
+                seen.update(record.keys)
+                retried.update(record.keys)
+                retried.update(k for k, _ in record.skipped)
+                fresh_skips.extend(record.skipped)
+            old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
+            fresh = {k: reason for k, reason in fresh_skips if k not in seen}
+            store._set_skipped(old_skips + list(fresh.items()))
+        _publish(tmp, self.path)
+        jpath.unlink(missing_ok=True)
+
+    def close(self, commit: bool = True) -> None:
+        """Commit what was appended (unless told not to) and release the lock."""
+        try:
+            if commit:
+                self.commit()
+            else:
+                self._journal.close()
+        finally:
+            self._lock.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _chain(first: Record | None, rest: Iterator[Record]) -> Iterator[Record]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str) -> StoreWriter:
+    """A writer on a new, empty store (the file must not exist yet)."""
+    if Path(path).exists():
+        raise BadInputError(f"{path}: already exists")
+    return StoreWriter(path, provenance, root)
+
+
+def _lock(path: Path) -> Any:
+    fh = open(path.with_name(f".{path.name}.lock"), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise BadInputError(f"{path}: another imgvec process is writing this store; wait for it to finish") from None
+    return fh
+
+
+def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
+    """Write a copy of store ``src`` to ``dst`` leaving out the rows whose key is in ``doomed``."""
+    with open_store(src) as old, _h5open(dst, "w") as h5:
+        _init_layout(h5, old.provenance, old.root)
+        for key, value in old.h5.attrs.items():
+            h5.attrs[key] = value
+        h5.attrs["rows"] = 0
+        h5.attrs["generation"] = old.generation + 1
+        new = Store(h5, dst)
+        keys, labels = old.paths(), old.labels()
+        for start in range(0, old.rows, chunk):
+            idx = [i for i in range(start, min(start + chunk, old.rows)) if keys[i] not in doomed]
+            if idx:
+                block = old.embeddings(start, start + chunk)[np.asarray(idx) - start]
+                new._append(block, [keys[i] for i in idx], [labels[i] for i in idx])
+        new._set_skipped([s for s in old.skipped() if s[0] not in doomed])
