@@ -103,3 +103,30 @@ def test_stale_index_is_detected(store_path: Path, image_dir: Path, tmp_path: Pa
     assert imgvec.info(copy)["index"]["up_to_date"] is False
     imgvec.build_index(copy)
     assert imgvec.info(copy)["index"]["up_to_date"] is True
+
+
+def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir: Path, small):
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    store = tmp_path / "photos.h5"
+    imgvec.embed([folder], store, **small)
+    first = imgvec.build_index(store)
+    assert (first.updated, first.rows) == (False, 24)
+    # New images only: the index is extended, not rebuilt, and finds them.
+    shutil.copy(folder / "reds" / "reds_000.png", folder / "reds" / "copy.png")
+    imgvec.embed([folder], store)
+    again = imgvec.build_index(store)
+    assert (again.updated, again.added, again.rows) == (True, 1, 25)
+    hits = imgvec.query(store, [folder / "reds" / "copy.png"], k=2)
+    assert {n.path for n in hits.queries[0].results} == {"reds/copy.png", "reds/reds_000.png"}
+    # Removed files: without --sync they stay, with it they go, and the index must be rebuilt.
+    (folder / "blues" / "blues_001.png").unlink()
+    assert imgvec.embed([folder], store).rows == 25
+    synced = imgvec.embed([folder], store, sync=True)
+    assert (synced.removed, synced.rows) == (1, 24)
+    with open_store(store) as s:
+        assert "blues/blues_001.png" not in s.paths()
+    with pytest.raises(MismatchError, match="predates rows removed"):
+        imgvec.query(store, [folder / "reds"], k=1)
+    rebuilt = imgvec.build_index(store)
+    assert (rebuilt.updated, rebuilt.rows) == (False, 24)

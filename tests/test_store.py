@@ -144,3 +144,17 @@ def test_errors(tmp_path: Path):
         create_store(tmp_path / "s.h5", _prov(), str(tmp_path))
     with pytest.raises(BadInputError, match="output folder does not exist"):
         create_store(tmp_path / "nope" / "s.h5", _prov(), str(tmp_path))
+
+
+def test_long_runs_checkpoint_as_the_journal_doubles_the_store(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    visible = []
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.checkpoint_rows = 4
+        for i in range(20):
+            w.append(_rows(i, 1), [f"{i}.png"], [""])
+            with open_store(path) as s:
+                visible.append(s.rows)
+    assert visible == [0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 16, 16]
+    with open_store(path) as s:
+        assert s.rows == 20

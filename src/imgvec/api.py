@@ -19,7 +19,7 @@ from .classifier import LogisticHead, load_head
 from .embedder import Embedder
 from .errors import BadInputError
 from .images import DEFAULT_MAX_PIXELS, find_images
-from .index import AUTO_FLAT_MAX_ROWS, VectorIndex, index_path_for, load_index
+from .index import AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for, load_index
 from .index import build_index as _build_index
 from .provenance import Provenance, check_compatible
 from .store import Store, StoreWriter, open_store
@@ -140,15 +140,29 @@ class IndexSummary:
     kind: str
     rows: int
     seconds: float
+    updated: bool = False  # an existing index was extended rather than rebuilt
+    added: int = 0
 
 
-def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None) -> IndexSummary:
-    """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``)."""
+def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
+                rebuild: bool = False) -> IndexSummary:
+    """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
+
+    An existing index of the same kind whose store only gained rows since is extended with
+    the new rows instead of rebuilt (unless ``rebuild``).
+    """
     start = time.perf_counter()
+    path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:
+        old = load_index(path) if path.exists() and not rebuild else None
+        wanted = choose_kind(kind, s.rows)
+        if old is not None and old.kind == wanted and can_extend(old, s):
+            added = extend_index(old, s)
+            old.save(path)
+            return IndexSummary(path, old.kind, old.rows, time.perf_counter() - start, True, added)
         index = _build_index(s, kind)
-    path = index.save(output or index_path_for(store))
-    return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start)
+    index.save(path)
+    return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
 
 
 # -- query ------------------------------------------------------------------------------
@@ -310,11 +324,185 @@ def info(store: PathLike) -> dict[str, Any]:
         data: dict[str, Any] = {
             "store": str(s.path), "root": s.root, "store_id": s.store_id, "rows": s.rows, "dim": s.dim,
             "skipped": len(s.skipped()), "labels": counts, "unlabelled": labels.count(""),
-            "provenance": s.provenance, "index": None,
+            "provenance": s.provenance, "index": None, "pending_rows": s.pending_rows(),
         }
         ipath = index_path_for(s.path)
         if ipath.exists():
             vindex = load_index(ipath)
-            fresh = vindex.store_id == s.store_id and vindex.rows == s.rows
+            fresh = can_extend(vindex, s) and vindex.rows == s.rows
             data["index"] = {"path": str(ipath), "kind": vindex.kind, "rows": vindex.rows, "up_to_date": fresh}
     return data
+
+
+# -- galleries, evaluation, backbone comparison, duplicates -----------------------------
+# (HTML rendering lives in html.py, the comparison in compare.py, duplicate search in dedup.py.)
+from .compare import Comparison  # noqa: E402
+from .dedup import DuplicateGroup  # noqa: E402
+
+
+def image_paths(store: PathLike, keys: Sequence[str]) -> list[str]:
+    """Where the images a store names (``Neighbour.path``, duplicate members) are on disk."""
+    with open_store(store) as s:
+        return [s.absolute(k) for k in keys]
+
+
+def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path:
+    """Write a self-contained gallery of ``results`` (from :func:`query` on ``store``) to ``output``."""
+    from . import html
+
+    with open_store(store) as s:
+        absolute = s.absolute
+        return html.write(output, html.query_page(results, absolute))
+
+
+def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Path:
+    """Write a self-contained page of each image with its predicted label and ``top`` probabilities."""
+    from . import html
+
+    return html.write(output, html.predict_page(predictions, top=top))
+
+
+@dataclass
+class Evaluation:
+    head: Path
+    data: str
+    provenance: Provenance
+    classes: list[str]  # the head's classes
+    labels: list[str]  # rows/columns of ``confusion``: the head's classes, then any it does not know
+    n_images: int
+    accuracy: float
+    report: dict[str, Any]  # scikit-learn classification_report(output_dict=True)
+    confusion: np.ndarray  # rows: true label, columns: predicted label
+    unknown: dict[str, int]  # labels in the data the head was not trained on (always counted wrong)
+    n_unlabelled: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _labelled_from_store(path: Path, prov: Provenance, head: PathLike) -> tuple[np.ndarray, np.ndarray, int]:
+    with open_store(path) as s:
+        check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
+                         fix=f"evaluate on an image folder instead, or embed it with the head's settings "
+                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights ...)")
+        labels = np.asarray(s.labels(), dtype=object)
+        keep = labels != ""
+        X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)
+    return X, labels[keep].astype(str), int((~keep).sum())
+
+
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int
+                          ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]]]:
+    files = find_images([folder]).files
+    labelled = [f for f in files if f.label]
+    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+    blocks, y, skipped = [], [], []
+    for batch in embedder.embed_files([f.path for f in labelled]):
+        blocks.append(batch.embeddings)
+        y.extend(labelled[i].label for i in batch.indices)
+        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
+    return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped
+
+
+def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32) -> Evaluation:
+    """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
+
+    A folder is embedded exactly as the head's training data was. A store must have been made
+    with the head's backbone, weights and input size, or it is refused (:class:`MismatchError`).
+    """
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    start = time.perf_counter()
+    model, prov = load_head(head)
+    data = Path(data)
+    skipped: list[tuple[str, str]] = []
+    if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
+        X, y, n_unlabelled = _labelled_from_store(data, prov, head)
+    elif data.is_dir():
+        X, y, n_unlabelled, skipped = _labelled_from_folder(data, prov, weights, batch_size)
+    elif data.exists():
+        raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
+    else:
+        raise BadInputError(f"{data}: no such file or folder")
+    if len(y) == 0:
+        raise BadInputError(f"{data}: no labelled images; put them in one subfolder per class")
+    classes = [str(c) for c in model.classes_]
+    unknown_labels = sorted(set(y.tolist()) - set(classes))
+    labels = classes + unknown_labels
+    predicted = model.predict(X)
+    report = classification_report(y, predicted, labels=labels, output_dict=True, zero_division=0)
+    confusion = confusion_matrix(y, predicted, labels=labels)
+    unknown = {c: int((y == c).sum()) for c in unknown_labels}
+    return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
+                      confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start)
+
+
+def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
+    from . import html
+
+    return html.write(output, html.evaluation_page(evaluation))
+
+
+def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int = 5,
+            stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
+            batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
+            progress: Callable[[str, int, int], None] | None = None) -> Comparison:
+    """Compare backbones on a labelled folder: same folds, one row per backbone (see compare.py).
+
+    Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
+    """
+    from .compare import DEFAULT_MODELS
+    from .compare import compare as _compare
+
+    return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
+                    image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
+                    speed_sample=speed_sample, progress=progress)
+
+
+def comparison_html(comparison: Comparison, output: PathLike) -> Path:
+    from . import html
+
+    return html.write(output, html.compare_page(comparison))
+
+
+@dataclass
+class DedupResult:
+    store: Path
+    provenance: Provenance
+    threshold: float
+    rows: int
+    groups: list[DuplicateGroup]
+    candidates: int  # pairs checked with the full vectors
+    missing: list[str]  # files that could not be read for hashing
+    seconds: float
+
+    @property
+    def exact_groups(self) -> int:
+        return sum(g.kind == "exact" for g in self.groups)
+
+    @property
+    def near_groups(self) -> int:
+        return sum(g.kind == "near" for g in self.groups)
+
+
+def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True,
+          progress: Progress | None = None) -> DedupResult:
+    """Groups of identical files (sha256) and of near duplicates (cosine >= ``threshold``).
+
+    The search is exact (see dedup.py) and reads the store in chunks.
+    """
+    from .dedup import find_duplicates
+
+    start = time.perf_counter()
+    with open_store(store) as s:
+        found = find_duplicates(s, threshold, check_files=check_files, progress=progress)
+        return DedupResult(Path(store), s.provenance, threshold, s.rows, found.groups, found.candidates,
+                           found.missing, time.perf_counter() - start)
+
+
+def dedup_html(result: DedupResult, output: PathLike) -> Path:
+    from . import html
+
+    with open_store(result.store) as s:
+        return html.write(output, html.dedup_page(result, s.absolute))
+

@@ -102,14 +102,16 @@ def embed(
     workers: Optional[int] = typer.Option(None, "--workers", help="decoding threads (default: CPU count)"),
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
+    sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     with _Bar("embedding") as bar:
         s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
-                      workers=workers, seed=seed, max_pixels=max_pixels, progress=bar)
+                      workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, progress=bar)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
-    typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped, "
+    removed = f", {s.removed} removed" if sync else ""
+    typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped{removed}, "
                f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s, "
                f"{s.images_per_second:.1f} images/s)")
 
@@ -119,10 +121,12 @@ def index(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
     kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
 ) -> None:
-    """Build a FAISS index (cosine similarity) over a store."""
-    s = api.build_index(store, kind=kind, output=output)
-    typer.echo(f"{s.path}: {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
+    """Build a FAISS index (cosine similarity) over a store, or bring an existing one up to date."""
+    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild)
+    how = f"added {s.added} new rows to the" if s.updated else "built a"
+    typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
 
 
 @_command

@@ -90,6 +90,7 @@ class VectorIndex:
     rows: int
     store_id: str
     provenance: Provenance
+    generation: int = 0
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
@@ -104,6 +105,8 @@ class VectorIndex:
         fix = f"run `imgvec index {store.path}` to rebuild it"
         if self.store_id != store.store_id:
             raise MismatchError(f"{index_name} was built from another store than {store.path}; {fix}")
+        if self.generation != store.generation:
+            raise MismatchError(f"{index_name} predates rows removed from {store.path}; {fix}")
         check_compatible(store.provenance, self.provenance, f"store {store.path}", index_name, fix)
         if self.rows != store.rows:
             raise MismatchError(
@@ -134,7 +137,24 @@ def build_index(store: Store, kind: str = "auto") -> VectorIndex:
         index.train(normalized(store.h5["embeddings"][sample]))
     for _, block in store.iter_embeddings(ADD_CHUNK_ROWS):
         index.add(normalized(block))
-    return VectorIndex(index, kind, rows, store.store_id, store.provenance)
+    return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
+
+
+def can_extend(index: VectorIndex, store: Store) -> bool:
+    """True when ``store`` only gained rows since ``index`` was built, so adding them suffices."""
+    return (index.store_id == store.store_id and index.generation == store.generation
+            and index.rows <= store.rows and index.provenance.key() == store.provenance.key())
+
+
+def extend_index(index: VectorIndex, store: Store) -> int:
+    """Add the store rows the index does not cover yet (FAISS adds without retraining); returns how many."""
+    if not can_extend(index, store):
+        raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
+    added = store.rows - index.rows
+    for start in range(index.rows, store.rows, ADD_CHUNK_ROWS):
+        index.faiss_index.add(normalized(store.embeddings(start, start + ADD_CHUNK_ROWS)))
+    index.rows = store.rows
+    return added
 
 
 def load_index(path: str | os.PathLike[str]) -> VectorIndex:
@@ -158,4 +178,5 @@ def load_index(path: str | os.PathLike[str]) -> VectorIndex:
         index.hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(index).nlist)
-    return VectorIndex(index, kind, int(attrs["rows"]), str(attrs["store_id"]), provenance)
+    return VectorIndex(index, kind, int(attrs["rows"]), str(attrs["store_id"]), provenance,
+                       int(attrs.get("generation", 0)))

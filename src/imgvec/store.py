@@ -180,12 +180,17 @@ class StoreWriter:
 
     Opening takes an exclusive lock (a second writer gets a clear error), clears temporary
     files a killed run left, and folds in any journal it left. ``append`` writes a batch to
-    the journal; ``commit`` publishes store + journal as the new store.
+    the journal; ``commit`` publishes store + journal as the new store. ``append`` also
+    commits by itself once the journal holds as many rows as the store (and at least
+    ``checkpoint_rows``): a long run becomes visible to readers as it goes, while the
+    copying stays proportional to the store's final size (the sizes double).
     """
 
     def __init__(self, path: str | os.PathLike[str], provenance: Provenance | None = None,
-                 root: str | None = None) -> None:
+                 root: str | None = None, checkpoint_rows: int = 2000) -> None:
         self.path = Path(path)
+        self.checkpoint_rows = checkpoint_rows
+        self._pending = 0
         if self.path.parent and not self.path.parent.is_dir():
             raise BadInputError(f"{self.path.parent}: output folder does not exist")
         self._lock = _lock(self.path)
@@ -220,12 +225,15 @@ class StoreWriter:
         self._journal.append(Record(np.asarray(embeddings, np.float32), list(keys), list(labels),
                                     [tuple(s) for s in skipped], self.store_id))
         self.keys.update(keys)
+        self._pending += len(keys)
+        if self._pending >= max(self.checkpoint_rows, len(self.keys) - self._pending):
+            self.commit()
 
     def commit(self, drop: Collection[str] = ()) -> None:
         """Publish the journal's rows (and remove the rows named in ``drop``) as the new store."""
         self._journal.close()
         self._fold(set(drop))
-        self._journal = JournalWriter(journal_path(self.path))
+        self._pending = 0
         self.keys.difference_update(drop)
 
     def _fold(self, drop: Collection[str] = ()) -> None:
