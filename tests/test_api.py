@@ -130,3 +130,24 @@ def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir
         imgvec.query(store, [folder / "reds"], k=1)
     rebuilt = imgvec.build_index(store)
     assert (rebuilt.updated, rebuilt.rows) == (False, 24)
+
+
+def test_messy_folder_embeds_the_good_and_lists_the_bad(tmp_path: Path, image_dir: Path, small):
+    folder = tmp_path / "messy"
+    shutil.copytree(image_dir / "reds", folder / "reds")
+    (folder / "reds" / "page.jpg").write_bytes(b"<html>oops</html>")
+    (folder / "reds" / "empty.png").write_bytes(b"")
+    (folder / "reds" / ".DS_Store").write_bytes(b"junk")
+    (folder / "reds" / "notes.txt").write_text("not an image")
+    (folder / "reds" / "dead.png").symlink_to(folder / "gone.png")
+    (folder / "empty_class").mkdir()
+    s = imgvec.embed([folder], tmp_path / "m.h5", **small)
+    assert s.added == 6
+    assert sorted(k for k, _ in s.skipped) == ["reds/dead.png", "reds/empty.png", "reds/page.jpg"]
+    with open_store(tmp_path / "m.h5") as st:
+        assert sorted(st.skipped()) == sorted(s.skipped) and st.rows == 6
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "readme.txt").write_text("no images here")
+    with pytest.raises(BadInputError, match="no images found"):
+        imgvec.embed([tmp_path / "nothing"], tmp_path / "n.h5", **small)
+    assert not (tmp_path / "n.h5").exists()

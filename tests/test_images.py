@@ -126,8 +126,136 @@ def test_missing_and_unreadable_files_are_skipped(tmp_path: Path):
         os.chmod(path, 0o644)
 
 
+def test_unreadable_file_is_skipped_even_as_root(tmp_path: Path, monkeypatch):
+    """Root reads anything, so make open() fail the way it does for other users."""
+    import builtins
+
+    path = _png(tmp_path / "locked.png")
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    with pytest.raises(ImageSkipped, match="permission denied"):
+        load_image(str(path), 32)
+
+
 def test_eps_named_jpg_is_not_handed_to_ghostscript(tmp_path: Path):
     path = tmp_path / "evil.jpg"
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(ImageSkipped, match="not a recognised image"):
         load_image(str(path), 32)
+
+
+# -- the messy-folder catalogue (README: "What imgvec does with each kind of file") ---------
+def _jpeg(path: Path, mode: str = "RGB", size=(40, 30)) -> Path:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (size[1], size[0], 4 if mode == "CMYK" else 3), dtype=np.uint8)
+    im = Image.fromarray(arr[..., :3]) if mode != "CMYK" else Image.fromarray(arr, "CMYK")
+    (im.convert("L") if mode == "L" else im).save(path, "JPEG")
+    return path
+
+
+def test_catalogue_of_handled_files(tmp_path: Path):
+    """Decoded and embedded, not skipped."""
+    handled = {
+        "cmyk.jpg": _jpeg(tmp_path / "cmyk.jpg", "CMYK"),
+        "grey.jpg": _jpeg(tmp_path / "grey.jpg", "L"),
+        "one_pixel.png": _png(tmp_path / "one_pixel.png", size=(1, 1)),
+        "elongated.png": _png(tmp_path / "elongated.png", size=(10000, 2)),
+    }
+    p16 = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(p16)
+    handled["sixteen.png"] = p16
+    for name, path in handled.items():
+        arr = load_image(str(path), 32)
+        assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8, name
+    assert abs(int(load_image(str(p16), 8).mean()) - 30000 // 257) <= 1  # scaled, not clipped
+
+
+def test_catalogue_of_skipped_files(tmp_path: Path):
+    """Skipped with a reason, never raised as anything else."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "noise.png").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    good = _png(tmp_path / "crc.png", size=(16, 16)).read_bytes()
+    idat = good.index(b"IDAT")
+    bad_crc = bytearray(good)
+    bad_crc[idat + 6] ^= 0xFF  # corrupt the compressed data, leaving the stored CRC stale
+    (tmp_path / "crc.png").write_bytes(bytes(bad_crc))
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "broken_link.png")
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    for name in ["noise.png", "crc.png", "zero.jpg", "broken_link.png", "loop_a.png"]:
+        with pytest.raises(ImageSkipped) as info:
+            load_image(str(tmp_path / name), 32)
+        assert info.value.reason, name
+
+
+def test_symlinked_folder_loops_and_odd_names_do_not_break_the_walk(tmp_path: Path):
+    root = tmp_path / "photos"
+    _png(root / "cats" / "a.png")
+    os.symlink(root, root / "cats" / "loop")  # a folder link back up: not followed
+    long_name = "x" * 240 + ".png"
+    _png(root / "cats" / long_name)
+    latin1 = os.fsdecode(b"caf\xe9.png")
+    _png(root / "cats" / latin1)
+    keys = [f.key for f in find_images([root]).files]
+    assert sorted(keys) == sorted(["cats/a.png", f"cats/{long_name}", f"cats/{latin1}"])
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path: Path):
+    # A PNG whose header claims 30000 x 30000 pixels but holds almost nothing.
+    path = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(path)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ImageSkipped, match="decompression bomb"):
+        load_image(str(path), 32)
+
+
+# -- fuzzing: mutated bytes either decode or are skipped, nothing else ----------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _seeds() -> dict[str, bytes]:
+    import io
+
+    out = {}
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, fmt)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+SEEDS = _seeds()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(sorted(SEEDS)), edits=st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from(["set", "cut", "insert"])),
+    min_size=1, max_size=6))
+def test_fuzzed_images_decode_or_skip(tmp_path: Path, fmt: str, edits):
+    data = bytearray(SEEDS[fmt])
+    for where, value, op in edits:
+        i = int(where * len(data)) if data else 0
+        if op == "set" and data:
+            data[i] = value
+        elif op == "cut":
+            del data[i:]
+        else:
+            data[i:i] = bytes([value]) * 16
+    path = tmp_path / f"fuzz.{fmt.lower()}"
+    path.write_bytes(bytes(data))
+    try:
+        arr = load_image(str(path), 16)
+    except ImageSkipped as skipped:
+        assert skipped.reason
+    else:
+        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8

@@ -151,7 +151,7 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     except Image.UnidentifiedImageError:
         raise ImageSkipped(path, "not a recognised image") from None
     except Image.DecompressionBombError as error:
-        raise ImageSkipped(path, f"decompression bomb: {error}") from None
+        raise ImageSkipped(path, f"decompression bomb refused by Pillow: {error}") from None
     except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageSkipped(path, f"cannot decode: {reason}") from None
