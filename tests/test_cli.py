@@ -86,6 +86,7 @@ def test_models_and_info(cli_store: Path):
     (["query", "/no/such.h5", "q.png"], "no such store"),
     (["predict", "/no/head.h5", "q.png"], "no such head file"),
     (["index", "/no/such.h5"], "no such store"),
+    (["index", "/no/such.h5", "--faiss-gpu", "on"], "the installed faiss has no GPU support"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)

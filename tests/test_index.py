@@ -76,3 +76,28 @@ def test_kind_choice():
         choose_kind("annoy", 10)
     with pytest.raises(BadInputError, match="ivfpq needs at least"):
         choose_kind("ivfpq", 10)
+
+
+def test_auto_picks_compact_ivfpq_when_hnsw_would_not_fit_the_budget():
+    assert choose_kind("auto", 1_000_000, 1280, memory_budget=16 << 30) == "hnsw"
+    assert choose_kind("auto", 1_000_000, 1280, memory_budget=2 << 30) == "ivfpq"
+
+
+def test_training_sample_is_streamed_and_seeded(tmp_path: Path):
+    from imgvec.index import _training_sample
+
+    x = _clustered(300, 8)
+    with _store(tmp_path / "s.h5", x) as s:
+        a, b = _training_sample(s, 50), _training_sample(s, 50)
+    np.testing.assert_array_equal(a, b)
+    assert {tuple(r) for r in a} <= {tuple(r) for r in x}
+
+
+def test_faiss_gpu_modes_without_a_gpu():
+    from imgvec.index import use_faiss_gpu
+
+    assert use_faiss_gpu("auto") is False and use_faiss_gpu("off") is False
+    with pytest.raises(BadInputError, match="--faiss-gpu on: the installed faiss has no GPU support"):
+        use_faiss_gpu("on")
+    with pytest.raises(BadInputError, match="expected one of"):
+        use_faiss_gpu("maybe")

@@ -29,8 +29,18 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 IVFPQ_MIN_ROWS = 1_000
 IVF_NPROBE = 32
-TRAIN_SAMPLE_ROWS = 200_000
+TRAIN_SAMPLE_ROWS = 100_000
 ADD_CHUNK_ROWS = 65_536
+FAISS_GPU_MODES = ("auto", "on", "off")
+HNSW_BYTES_PER_LINK = 8  # FAISS HNSW keeps about 2*M int32 neighbour ids per vector on level 0
+
+
+def default_memory_budget() -> int:
+    """Half of this machine's physical memory, in bytes."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def index_path_for(store_path: str | os.PathLike[str]) -> Path:
@@ -39,11 +49,24 @@ def index_path_for(store_path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.stem + ".index.h5")
 
 
-def choose_kind(kind: str, rows: int) -> str:
+def index_bytes(kind: str, rows: int, dim: int) -> int:
+    """Roughly what an index of ``kind`` holds in memory (flat and HNSW keep every vector)."""
+    if kind == "flat":
+        return rows * dim * 4
+    if kind == "hnsw":
+        return rows * (dim * 4 + HNSW_M * HNSW_BYTES_PER_LINK)
+    return rows * (_pq_subquantizers(dim) + 8)
+
+
+def choose_kind(kind: str, rows: int, dim: int = 0, memory_budget: int | None = None) -> str:
+    """auto: exact search for small stores, HNSW while its vectors fit the memory budget, else IVF-PQ."""
     if kind not in KINDS:
         raise BadInputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "auto":
-        return "flat" if rows <= AUTO_FLAT_MAX_ROWS else "hnsw"
+        if rows <= AUTO_FLAT_MAX_ROWS:
+            return "flat"
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        return "hnsw" if index_bytes("hnsw", rows, dim) <= budget else "ivfpq"
     if kind == "ivfpq" and rows < IVFPQ_MIN_ROWS:
         raise BadInputError(f"--kind ivfpq needs at least {IVFPQ_MIN_ROWS} rows (store has {rows}); use flat")
     return kind
@@ -65,7 +88,7 @@ def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index.hnsw.efSearch = HNSW_EF_SEARCH
         return index
-    nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))
+    nlist = max(1, min(int(4 * math.sqrt(rows)), min(rows, TRAIN_SAMPLE_ROWS) // 39))
     # FAISS wants ~39 training points per centroid: 8-bit codes from ~10k rows, fewer bits below.
     nbits = int(min(8, max(4, math.floor(math.log2(rows / 39)))))
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{_pq_subquantizers(dim)}x{nbits}", ip)
@@ -118,23 +141,80 @@ class VectorIndex:
         import faiss
 
         with atomic_h5(path) as h5:
-            h5.create_dataset("faiss", data=faiss.serialize_index(self.faiss_index))
+            h5.create_dataset("faiss", data=faiss.serialize_index(to_cpu(self.faiss_index)))
             h5.attrs.update({"format": FORMAT, "kind": self.kind, "metric": "cosine", "rows": self.rows,
                              "store_id": self.store_id, "faiss_version": faiss.__version__})
             write_provenance(h5.attrs, self.provenance)
         return Path(path)
 
 
-def build_index(store: Store, kind: str = "auto") -> VectorIndex:
-    """Build an index over every committed row of ``store``, reading it in chunks."""
+def _training_sample(store: Store, n: int) -> np.ndarray:
+    """``n`` rows picked at random (seeded), read in one sequential pass over the store."""
+    picked = np.sort(np.random.default_rng(0).choice(store.rows, n, replace=False))
+    out = np.empty((n, store.dim), np.float32)
+    filled = 0
+    for start, block in store.iter_embeddings(ADD_CHUNK_ROWS):
+        mine = picked[(picked >= start) & (picked < start + len(block))] - start
+        out[filled : filled + len(mine)] = block[mine]
+        filled += len(mine)
+    return out
+
+
+def use_faiss_gpu(mode: str = "auto") -> bool:
+    """Whether to run FAISS on the GPU: ``auto`` when this faiss build has GPU support and sees a GPU."""
+    import faiss
+
+    if mode not in FAISS_GPU_MODES:
+        raise BadInputError(f"--faiss-gpu {mode!r}: expected one of {', '.join(FAISS_GPU_MODES)}")
+    if mode == "off":
+        return False
+    if not hasattr(faiss, "StandardGpuResources"):
+        if mode == "on":
+            raise BadInputError("--faiss-gpu on: the installed faiss has no GPU support (faiss-cpu); "
+                                "install faiss-gpu as the README says, or use --faiss-gpu off")
+        return False
+    if faiss.get_num_gpus() == 0:
+        if mode == "on":
+            raise BadInputError("--faiss-gpu on: faiss has GPU support but sees no GPU; use --faiss-gpu off")
+        return False
+    return True
+
+
+def to_gpu(index: Any, kind: str) -> Any:
+    """The index on every visible GPU; HNSW has no GPU version in FAISS and stays on the CPU."""
+    import faiss
+
+    return index if kind == "hnsw" else faiss.index_cpu_to_all_gpus(index)
+
+
+def to_cpu(index: Any) -> Any:
+    """A CPU copy of a GPU index (what gets saved: index files always load without a GPU)."""
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index
+
+
+def build_index(store: Store, kind: str = "auto", memory_budget: int | None = None,
+                gpu: bool = False) -> VectorIndex:
+    """Build an index over every committed row of ``store``, streaming it in chunks.
+
+    Only the index itself and one chunk (plus, for IVF-PQ, a training sample of at most
+    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store.
+    """
+    import faiss
+
     rows = store.rows
     if rows == 0:
         raise BadInputError(f"{store.path} holds no embeddings yet")
-    kind = choose_kind(kind, rows)
+    kind = choose_kind(kind, rows, store.dim, memory_budget)
     index = _new_faiss_index(kind, store.dim, rows)
+    if gpu:
+        index = to_gpu(index, kind)
     if not index.is_trained:
-        sample = np.sort(np.random.default_rng(0).choice(rows, min(rows, TRAIN_SAMPLE_ROWS), replace=False))
-        index.train(normalized(store.h5["embeddings"][sample]))
+        sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
+        faiss.normalize_L2(sample)
+        index.train(sample)
+        del sample
     for _, block in store.iter_embeddings(ADD_CHUNK_ROWS):
         index.add(normalized(block))
     return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
@@ -157,7 +237,7 @@ def extend_index(index: VectorIndex, store: Store) -> int:
     return added
 
 
-def load_index(path: str | os.PathLike[str]) -> VectorIndex:
+def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
     import faiss
     import h5py
 
@@ -178,5 +258,7 @@ def load_index(path: str | os.PathLike[str]) -> VectorIndex:
         index.hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(index).nlist)
+    if gpu:
+        index = to_gpu(index, kind)
     return VectorIndex(index, kind, int(attrs["rows"]), str(attrs["store_id"]), provenance,
                        int(attrs.get("generation", 0)))
