@@ -158,3 +158,35 @@ def test_long_runs_checkpoint_as_the_journal_doubles_the_store(tmp_path: Path):
     assert visible == [0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 16, 16]
     with open_store(path) as s:
         assert s.rows == 20
+
+
+def test_merge_shards_rebases_paths_and_drops_duplicates(tmp_path: Path):
+    from imgvec.store import merge_stores
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with create_store(tmp_path / "a.h5", _prov(), str(tmp_path / "a")) as w:
+        w.append(_rows(0, 2), ["x.png", "y.png"], ["cat", "dog"], skipped=[("bad.png", "no")])
+    with create_store(tmp_path / "b.h5", _prov(), str(tmp_path / "b")) as w:
+        w.append(_rows(2, 2), ["x.png", "../a/y.png"], ["cat", "dog"])
+    rows, dups = merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "all.h5")
+    assert (rows, dups) == (3, 1)
+    with open_store(tmp_path / "all.h5") as s:
+        assert s.root == str(tmp_path)
+        assert s.paths() == ["a/x.png", "a/y.png", "b/x.png"] and s.labels() == ["cat", "dog", "cat"]
+        np.testing.assert_array_equal(s.embeddings(), _rows(0, 3))
+        assert s.skipped() == [("a/bad.png", "no")]
+    with pytest.raises(BadInputError, match="more than one store"):
+        merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "strict.h5", on_duplicate="error")
+    assert not (tmp_path / "strict.h5").exists() and not journal_path(tmp_path / "strict.h5").exists()
+
+
+def test_merge_refuses_stores_made_differently(tmp_path: Path):
+    from imgvec.errors import MismatchError
+    from imgvec.store import merge_stores
+
+    create_store(tmp_path / "a.h5", _prov(4), str(tmp_path)).close()
+    other = Provenance("mobilenetv2", "random", 0, None, None, 64, "tf", 4)
+    create_store(tmp_path / "b.h5", other, str(tmp_path)).close()
+    with pytest.raises(MismatchError, match="backbone: mobilenetv3small vs mobilenetv2"):
+        merge_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "all.h5")

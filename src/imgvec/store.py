@@ -330,3 +330,57 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
                 block = old.embeddings(start, start + chunk)[np.asarray(idx) - start]
                 new._append(block, [keys[i] for i in idx], [labels[i] for i in idx])
         new._set_skipped([s for s in old.skipped() if s[0] not in doomed])
+
+
+def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
+                 on_duplicate: str = "first", chunk: int = 65536) -> tuple[int, int]:
+    """Write the rows of several stores (shards) into a new store; returns (rows, duplicates).
+
+    Every input must have been made the same way (provenance). Paths are re-based onto the
+    inputs' common root; a path present in several inputs is kept once, from the first input
+    that has it (``on_duplicate="first"``), or refused (``"error"``).
+    """
+    from .images import key_for
+    from .provenance import check_compatible
+
+    if on_duplicate not in ("first", "error"):
+        raise BadInputError(f"--on-duplicate {on_duplicate!r}: expected first or error")
+    if not inputs:
+        raise BadInputError("no stores to merge")
+    if Path(output).exists():
+        raise BadInputError(f"{output}: already exists")
+    stores = [open_store(p) for p in inputs]
+    try:
+        first = stores[0]
+        for other in stores[1:]:
+            check_compatible(first.provenance, other.provenance, f"store {first.path}", f"store {other.path}",
+                             fix="only stores made with the same backbone, weights and input size can be merged")
+        root = os.path.commonpath([s.root for s in stores])
+        seen: set[str] = set()
+        duplicates = 0
+        writer = StoreWriter(output, first.provenance, root)
+        try:
+            for s in stores:
+                keys = [key_for(s.absolute(k), root) for k in s.paths()]
+                labels = s.labels()
+                for start, block in s.iter_embeddings(chunk):
+                    idx = [i for i in range(start, start + len(block)) if keys[i] not in seen]
+                    duplicates += len(block) - len(idx)
+                    if duplicates and on_duplicate == "error":
+                        dup = next(keys[i] for i in range(start, start + len(block)) if keys[i] in seen)
+                        raise BadInputError(f"{dup} is in more than one store (use --on-duplicate first to keep one)")
+                    seen.update(keys[i] for i in idx)
+                    writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
+                                  [labels[i] for i in idx])
+                skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
+                writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
+        except BaseException:
+            writer.close(commit=False)  # a failed merge leaves no half-made store behind
+            for leftover in (Path(output), journal_path(output)):
+                leftover.unlink(missing_ok=True)
+            raise
+        writer.close()
+        return len(seen), duplicates
+    finally:
+        for s in stores:
+            s.close()
