@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .provenance import Provenance
-from .h5io import atomic_h5, decode_keys, encode_keys, read_provenance, str_dtype, write_provenance
+from .h5io import atomic_h5, decode_keys, open_h5, encode_keys, read_provenance, str_dtype, write_provenance
 
 FORMAT = "imgvec-head"
 
@@ -131,23 +131,13 @@ class LogisticHead:
 
 def load_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Provenance]:
     """Read a head file written by :meth:`LogisticHead.save`; no code is ever executed."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such head file (make one with `imgvec train STORE -o {path}`)")
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != FORMAT:
-                raise BadInputError(f"{path}: not an imgvec head file")
-            head = LogisticHead()
-            for name in LogisticHead._ARRAYS:
-                setattr(head, name, np.asarray(h5[name.rstrip("_")][()], dtype=np.float32))
-            head.classes_ = np.asarray(decode_keys(h5["classes"], h5["classes"].shape[0]))
-            for name in LogisticHead._SCALARS:
-                value = h5.attrs[name]
-                setattr(head, name, value.item() if isinstance(value, np.generic) else value)
-            provenance = read_provenance(h5.attrs)
-    except OSError as error:
-        raise BadInputError(f"{path}: cannot read head file ({str(error).splitlines()[0]})") from None
+    with open_h5(path, FORMAT, f"no such head file (make one with `imgvec train STORE -o {path}`)") as h5:
+        head = LogisticHead()
+        for name in LogisticHead._ARRAYS:
+            setattr(head, name, np.asarray(h5[name.rstrip("_")][()], dtype=np.float32))
+        head.classes_ = np.asarray(decode_keys(h5["classes"], h5["classes"].shape[0]))
+        for name in LogisticHead._SCALARS:
+            value = h5.attrs[name]
+            setattr(head, name, value.item() if isinstance(value, np.generic) else value)
+        provenance = read_provenance(h5.attrs)
     return head, provenance

@@ -59,6 +59,26 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
+def open_h5(path: str | os.PathLike[str], fmt: str, missing: str) -> Iterator[Any]:
+    """Open an imgvec HDF5 file read-only, checking that it exists and holds ``fmt``."""
+    import h5py
+
+    from .errors import BadInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: {missing}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot open as HDF5 ({str(error).splitlines()[0]})") from None
+    with h5:
+        if h5.attrs.get("format") != fmt:
+            raise BadInputError(f"{path}: not an {fmt} file")
+        yield h5
+
+
+@contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Write a new HDF5 file under a temporary name; rename it over ``path`` only on success."""
     import h5py

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import BadInputError, MismatchError
 from .provenance import Provenance, check_compatible
-from .h5io import atomic_h5, read_provenance, write_provenance
+from .h5io import atomic_h5, open_h5, read_provenance, write_provenance
 from .store import Store
 
 FORMAT = "imgvec-index"
@@ -239,20 +239,11 @@ def extend_index(index: VectorIndex, store: Store) -> int:
 
 def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
     import faiss
-    import h5py
 
-    path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such index")
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != FORMAT:
-                raise BadInputError(f"{path}: not an imgvec index")
-            index = faiss.deserialize_index(np.asarray(h5["faiss"][()]))
-            attrs = dict(h5.attrs)
-            provenance = read_provenance(h5.attrs)
-    except OSError as error:
-        raise BadInputError(f"{path}: cannot read index ({str(error).splitlines()[0]})") from None
+    with open_h5(path, FORMAT, "no such index (make one with `imgvec index STORE`)") as h5:
+        index = faiss.deserialize_index(np.asarray(h5["faiss"][()]))
+        attrs = dict(h5.attrs)
+        provenance = read_provenance(h5.attrs)
     kind = str(attrs["kind"])
     if kind == "hnsw":
         index.hnsw.efSearch = HNSW_EF_SEARCH
