@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from .api import build_index, embed, info, models, predict, query, train  # noqa: E402
+from .api import (  # noqa: E402
+    compare, comparison_html, dedup, dedup_html, evaluate, evaluation_html, image_paths, predict_html, query_html,
+)
 from .backbones import BACKBONES, Backbone, get_backbone  # noqa: E402
 from .classifier import LogisticHead, load_head  # noqa: E402
 from .embedder import Embedder  # noqa: E402
@@ -13,4 +16,6 @@ __all__ = [
     "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
     "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
     "models", "open_store", "predict", "query", "train",
+    "compare", "comparison_html", "dedup", "dedup_html", "evaluate", "evaluation_html", "image_paths",
+    "predict_html", "query_html",
 ]

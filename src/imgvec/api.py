@@ -383,7 +383,8 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike) -> tuple[
     with open_store(path) as s:
         check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
                          fix=f"evaluate on an image folder instead, or embed it with the head's settings "
-                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights ...)")
+                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights {_weights_arg(prov)}"
+                             + (f" --seed {prov.weights_seed})" if prov.is_random else ")"))
         labels = np.asarray(s.labels(), dtype=object)
         keep = labels != ""
         X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)
@@ -475,6 +476,7 @@ class DedupResult:
     candidates: int  # pairs checked with the full vectors
     missing: list[str]  # files that could not be read for hashing
     seconds: float
+    method: str = "exact"  # how pairs were searched: "exact", or the inverted-list settings
 
     @property
     def exact_groups(self) -> int:
@@ -485,24 +487,32 @@ class DedupResult:
         return sum(g.kind == "near" for g in self.groups)
 
 
-def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True,
+def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
           progress: Progress | None = None) -> DedupResult:
     """Groups of identical files (sha256) and of near duplicates (cosine >= ``threshold``).
 
-    The search is exact (see dedup.py) and reads the store in chunks.
+    The search is exhaustive up to 20,000 images (or with ``exact=True``) and uses inverted
+    lists above (see dedup.py); the store is read in chunks.
     """
     from .dedup import find_duplicates
 
     start = time.perf_counter()
     with open_store(store) as s:
-        found = find_duplicates(s, threshold, check_files=check_files, progress=progress)
+        found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
         return DedupResult(Path(store), s.provenance, threshold, s.rows, found.groups, found.candidates,
-                           found.missing, time.perf_counter() - start)
+                           found.missing, time.perf_counter() - start, found.method)
+
+
+def dedup_page(result: DedupResult) -> str:
+    """The self-contained HTML page of ``result`` (thumbnails of every group), as a string."""
+    from . import html
+
+    with open_store(result.store) as s:
+        return html.dedup_page(result, s.absolute)
 
 
 def dedup_html(result: DedupResult, output: PathLike) -> Path:
     from . import html
 
-    with open_store(result.store) as s:
-        return html.write(output, html.dedup_page(result, s.absolute))
+    return html.write(output, dedup_page(result))
 

@@ -28,6 +28,7 @@ app = typer.Typer(
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
+HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
 
 
 def _err(message: str) -> None:
@@ -137,12 +138,15 @@ def query(
     fmt: str = FormatOpt,
     index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the store's weights file is now, if moved"),
+    html: Optional[Path] = HtmlOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
     r = api.query(store, queries, k=k, index=index_path, weights=weights)
     _warn_skipped(r.skipped)
     _warn_random(r.provenance)
+    if html:
+        _err(f"imgvec: wrote {api.query_html(r, html, store)}")
     if fmt == "json":
         typer.echo(report.to_json([{"query": q.query, "results": [
             {"rank": n.rank, "path": n.path, "score": n.score} for n in q.results]} for q in r.queries]))
@@ -182,12 +186,15 @@ def predict(
     fmt: str = FormatOpt,
     top: int = typer.Option(3, "--top", help="probabilities shown per image in the table"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
+    html: Optional[Path] = HtmlOpt,
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
     r = api.predict(head, images, weights=weights)
     _warn_skipped(r.skipped)
     _warn_random(r.provenance)
+    if html:
+        _err(f"imgvec: wrote {api.predict_html(r, html, top=top)}")
     if fmt == "json":
         typer.echo(report.to_json([{"path": p.path, "label": p.label, "probabilities": p.probabilities}
                                    for p in r.predictions]))
@@ -231,6 +238,147 @@ def info(
         data["WARNING"] = "RANDOM weights: not pretrained"
     rows = [(k, v) for k, v in data.items()] + [(f"provenance.{k}", v) for k, v in vars(prov).items()]
     typer.echo(report.table(None, ["field", "value"], rows), nl=False)
+
+
+# -- compare, dedup, evaluate ------------------------------------------------------------
+class _PerModelBar:
+    """One progress bar per backbone for ``compare`` (drawn only on a terminal)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.bar: _Bar | None = None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name != self.name:
+            self.close()
+            self.name, self.bar = name, _Bar(f"embedding with {name}").__enter__()
+        assert self.bar is not None
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@_command
+def compare(
+    labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
+    models: str = typer.Option("vgg16,inceptionv3,resnet50,efficientnetb0", "--models", "-m",
+                               help="comma-separated backbones (see `imgvec models`)"),
+    cv: int = typer.Option(5, "--cv", help="cross-validation folds (the same folds for every backbone)"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (confusion matrices, "
+                                        "accuracy-vs-speed plot) here"),
+    stores: Path = typer.Option(Path("imgvec-compare"), "--stores", help="folder for the per-backbone stores "
+                                "(<backbone>.h5), reused on the next run"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet or none (random, seed --seed)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input size for every backbone "
+                                             "(default: each backbone's own)"),
+    batch_size: int = typer.Option(32, "--batch-size", help="images per batch"),
+    seed: int = typer.Option(0, "--seed", help="seed for --weights none and for the folds"),
+    fmt: str = FormatOpt,
+) -> None:
+    """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
+    _check_format(fmt)
+    bar = _PerModelBar()
+    try:
+        c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
+                        weights=weights, image_size=image_size, batch_size=batch_size, seed=seed,
+                        random_state=seed, progress=bar)
+    finally:
+        bar.close()
+    for r in c.rows[:1]:
+        _warn_random(r.provenance)
+    if html:
+        _err(f"imgvec: wrote {api.comparison_html(c, html)}")
+    header = ["backbone", "params", "dim", "images_per_second", "accuracy", "accuracy_std", "weakest_class",
+              "weakest_f1"]
+    if fmt == "json":
+        typer.echo(report.to_json([{
+            "backbone": r.backbone, "params": r.params, "dim": r.dim, "images_per_second": r.images_per_second,
+            "accuracy": r.accuracy, "accuracy_std": r.accuracy_std, "fold_accuracies": r.fold_accuracies,
+            "per_class_f1": r.per_class_f1, "store": str(r.store), "weights": r.provenance.weights,
+            "new_images_embedded": r.embedded,
+        } for r in c.rows]))
+    elif fmt == "csv":
+        typer.echo(report.to_csv(header + [f"f1_{k}" for k in c.classes], [
+            (r.backbone, r.params, r.dim, r.images_per_second, r.accuracy, r.accuracy_std, r.weakest_class,
+             r.weakest_f1, *[r.per_class_f1.get(k, 0.0) for k in c.classes]) for r in c.rows]), nl=False)
+    else:
+        rows = [(r.backbone, f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
+                 f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}", f"{r.weakest_class} ({r.weakest_f1:.3f})")
+                for r in c.rows]
+        typer.echo(f"# {c.n_images} images, {len(c.classes)} classes; {c.cv}-fold CV, the same folds for every "
+                   f"backbone; images/s measured on {c.machine}")
+        typer.echo(report.table(None, ["backbone", "parameters", "embedding size", "images/s", "CV accuracy",
+                                       "weakest class (F1)"], rows,
+                                justify=["left", "right", "right", "right", "right", "left"]), nl=False)
+
+
+@_command
+def dedup(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or html (to stdout)"),
+    hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
+    exact: bool = typer.Option(False, "--exact", help="exhaustive pair search even above 20,000 images (slower)"),
+) -> None:
+    """List groups of near-duplicate images (and identical files) in a store."""
+    _check_format(fmt, (*report.FORMATS, "html"))
+    with _Bar("reading") as bar:
+        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=bar)
+    _warn_random(d.provenance)
+    if d.missing:
+        _err(f"imgvec: warning: {len(d.missing)} files could not be read for hashing, e.g. {d.missing[0]}")
+    if fmt == "html":
+        typer.echo(api.dedup_page(d), nl=False)
+    elif fmt == "json":
+        typer.echo(report.to_json([{"group": i, "kind": g.kind, "sha256": g.sha256 or None,
+                                    "images": [{"path": m.path, "score": m.score} for m in g.members]}
+                                   for i, g in enumerate(d.groups, 1)]))
+    elif fmt == "csv":
+        typer.echo(report.to_csv(["group", "kind", "path", "score", "sha256"],
+                                 [(i, g.kind, m.path, m.score, g.sha256) for i, g in enumerate(d.groups, 1)
+                                  for m in g.members]), nl=False)
+    else:
+        typer.echo(f"# {d.provenance.describe()}; {d.rows} images: {d.exact_groups} groups of identical files, "
+                   f"{d.near_groups} groups of near duplicates (cosine >= {threshold:g}); {d.method} search, "
+                   f"{d.seconds:.1f}s")
+        typer.echo(report.table(None, ["group", "kind", "similarity", "path"],
+                                [(i, g.kind, m.score, m.path) for i, g in enumerate(d.groups, 1) for m in g.members],
+                                justify=["right", "left", "right", "left"]), nl=False)
+
+
+@_command
+def evaluate(
+    head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
+    data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
+) -> None:
+    """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
+    _check_format(fmt, ("table", "json"))
+    e = api.evaluate(head, data, weights=weights)
+    _warn_skipped(e.skipped)
+    _warn_random(e.provenance)
+    if html:
+        _err(f"imgvec: wrote {api.evaluation_html(e, html)}")
+    if fmt == "json":
+        typer.echo(report.to_json({"accuracy": e.accuracy, "images": e.n_images, "labels": e.labels,
+                                   "report": e.report, "confusion": e.confusion, "unknown_labels": e.unknown}))
+        return
+    typer.echo(f"# {e.provenance.describe()}")
+    rows = [(c, e.report[c]["precision"], e.report[c]["recall"], e.report[c]["f1-score"], int(e.report[c]["support"]))
+            for c in e.labels]
+    typer.echo(report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
+                            justify=["left", "right", "right", "right", "right"]), nl=False)
+    typer.echo(report.table("confusion matrix (rows: true, columns: predicted)", ["true \\ predicted", *e.labels],
+                            [(c, *map(int, row)) for c, row in zip(e.labels, e.confusion)],
+                            justify=["left"] + ["right"] * len(e.labels)), nl=False)
+    for label, n in e.unknown.items():
+        _err(f"imgvec: note: {n} images labelled {label!r}, a class the head was not trained on, count as wrong")
+    typer.echo(f"accuracy {e.accuracy:.3f} on {e.n_images} images")
 
 
 def main() -> None:

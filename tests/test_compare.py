@@ -1,0 +1,91 @@
+"""Backbone comparison: same folds for every backbone, stores reused, table/JSON/HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import imgvec
+from imgvec.backbones import get_backbone
+from imgvec.cli import app
+from imgvec.compare import cross_validate, folds
+
+MODELS = ["mobilenetv3small", "mobilenetv2"]
+
+
+def test_one_split_is_reused_and_checked():
+    y = np.array(["a"] * 6 + ["b"] * 6 + ["c"] * 4)
+    first, again = folds(y, 3), folds(y, 3)
+    assert len(first) == 3 and all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    assert sorted(np.concatenate([test for _, test in first]).tolist()) == list(range(16))
+    with pytest.raises(imgvec.BadInputError, match="too few in 'c' \\(4\\)"):
+        folds(y, 5)
+    with pytest.raises(imgvec.BadInputError, match="at least 2 classes"):
+        folds(["a"] * 5, 2)
+
+
+def test_cross_validate_separable_data():
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b", "c"], 10)
+    X = rng.normal(0, 0.3, (30, 8)) + np.repeat(np.eye(3, 8) * 3, 10, axis=0)
+    scores, predicted = cross_validate(X, y, folds(y, 5), Cs=3)
+    assert len(scores) == 5 and np.mean(scores) == 1.0 and (predicted == y).all()
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, image_dir: Path) -> tuple[imgvec.api.Comparison, Path]:
+    stores = tmp_path_factory.mktemp("compare") / "stores"
+    c = imgvec.compare(image_dir, MODELS, cv=3, stores=stores, weights="none", image_size=64, speed_sample=8)
+    return c, stores
+
+
+def test_compare_scores_each_backbone_on_the_same_images(compared, image_dir: Path):
+    c, stores = compared
+    assert [r.backbone for r in c.rows] == MODELS and c.n_images == 24 and c.cv == 3
+    assert c.classes == ["blues", "greens", "reds", "yellows"]
+    for r in c.rows:
+        b = get_backbone(r.backbone)
+        assert (r.params, r.dim) == (b.params, b.dim) and r.provenance.is_random
+        assert r.images_per_second > 0 and r.embedded == 24 and r.store == stores / f"{r.backbone}.h5"
+        assert len(r.fold_accuracies) == 3 and r.accuracy == pytest.approx(np.mean(r.fold_accuracies))
+        assert r.confusion.shape == (4, 4) and r.confusion.sum() == 24
+        assert set(r.per_class_f1) == set(c.classes) and r.weakest_f1 == min(r.per_class_f1.values())
+    assert c.rows[0].accuracy >= 0.9  # colour classes stay separable even with random weights
+
+
+def test_second_run_reuses_stores_and_gives_the_same_numbers(compared, image_dir: Path, tmp_path: Path):
+    c, stores = compared
+    out = tmp_path / "report.html"
+    r = CliRunner().invoke(app, ["compare", str(image_dir), "--models", ",".join(MODELS), "--cv", "3",
+                                 "--stores", str(stores), "--weights", "none", "--image-size", "64",
+                                 "-f", "json", "--html", str(out)])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [d["new_images_embedded"] for d in data] == [0, 0]
+    assert [d["accuracy"] for d in data] == pytest.approx([x.accuracy for x in c.rows])
+    assert [d["fold_accuracies"] for d in data] == [x.fold_accuracies for x in c.rows]
+    page = out.read_text()
+    assert page.count('<table class="cm">') == 2 and page.count("<circle") == 2 and "RANDOM WEIGHTS" in page
+    table = CliRunner().invoke(app, ["compare", str(image_dir), "-m", MODELS[0], "--cv", "3",
+                                     "--stores", str(stores), "--weights", "none", "--image-size", "64"])
+    assert table.exit_code == 0
+    for header in ("backbone", "parameters", "embedding size", "images/s", "CV accuracy", "weakest class"):
+        assert header in table.stdout
+    assert "939,120" in table.stdout and "±" in table.stdout
+
+
+def test_compare_refuses_bad_input(compared, holdout_dir: Path, tmp_path: Path):
+    _, stores = compared
+    with pytest.raises(imgvec.BadInputError, match="was made from"):
+        imgvec.compare(holdout_dir, MODELS[:1], cv=3, stores=stores, weights="none", image_size=64)
+    with pytest.raises(imgvec.BadInputError, match="unknown model"):
+        imgvec.compare(holdout_dir, ["resnet9000"], stores=tmp_path)
+    with pytest.raises(imgvec.BadInputError, match="twice"):
+        imgvec.compare(holdout_dir, MODELS[:1] * 2, stores=tmp_path)
+    r = CliRunner().invoke(app, ["compare", str(holdout_dir), "-m", "mobilenetv3small", "--cv", "5",
+                                 "--stores", str(tmp_path / "s"), "--weights", "none", "--image-size", "64"])
+    assert r.exit_code == 2 and "needs at least 5 images per class" in r.stderr

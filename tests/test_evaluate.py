@@ -1,0 +1,73 @@
+"""Evaluating a head on held-out data: a folder or a store, refusing other backbones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import imgvec
+from imgvec.cli import app
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, store_path: Path) -> Path:
+    return imgvec.train(store_path, tmp_path_factory.mktemp("eval") / "head.h5", cv=3).head
+
+
+def test_evaluate_on_a_folder(head: Path, holdout_dir: Path):
+    e = imgvec.evaluate(head, holdout_dir)
+    assert e.n_images == 12 and e.accuracy >= 0.9 and e.labels == e.classes == ["blues", "greens", "reds", "yellows"]
+    assert e.confusion.shape == (4, 4) and e.confusion.sum() == 12 and e.confusion.trace() == round(e.accuracy * 12)
+    assert e.report["reds"]["support"] == 3 and 0 <= e.report["macro avg"]["f1-score"] <= 1
+    assert e.provenance.is_random and e.unknown == {}
+
+
+def test_evaluate_on_a_store_made_the_same_way(head: Path, holdout_dir: Path, tmp_path: Path, small):
+    store = tmp_path / "holdout.h5"
+    imgvec.embed([holdout_dir], store, **small)
+    assert imgvec.evaluate(head, store).accuracy == pytest.approx(imgvec.evaluate(head, holdout_dir).accuracy)
+
+
+def test_store_from_another_backbone_is_refused(head: Path, holdout_dir: Path, tmp_path: Path):
+    other = tmp_path / "other.h5"
+    imgvec.embed([holdout_dir], other, model="mobilenetv2", weights="none", image_size=64)
+    with pytest.raises(imgvec.MismatchError, match="backbone: mobilenetv3small vs mobilenetv2"):
+        imgvec.evaluate(head, other)
+    r = CliRunner().invoke(app, ["evaluate", str(head), str(other)])
+    assert r.exit_code == 3 and "-m mobilenetv3small --image-size 64 --weights none --seed 0" in r.stderr
+
+
+def test_unknown_classes_count_as_wrong(head: Path, holdout_dir: Path, tmp_path: Path):
+    folder = tmp_path / "holdout"
+    shutil.copytree(holdout_dir, folder)
+    shutil.copytree(holdout_dir / "reds", folder / "purples")
+    e = imgvec.evaluate(head, folder)
+    assert e.unknown == {"purples": 3} and e.labels[-1] == "purples" and e.n_images == 15
+    assert e.confusion[-1].sum() == 3 and e.confusion[-1, -1] == 0 and e.accuracy <= 12 / 15
+
+
+def test_evaluate_cli_table_json_html(head: Path, holdout_dir: Path, tmp_path: Path):
+    runner = CliRunner()
+    out = tmp_path / "eval.html"
+    r = runner.invoke(app, ["evaluate", str(head), str(holdout_dir), "--html", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert "precision" in r.stdout and "confusion matrix" in r.stdout and r.stdout.strip().splitlines()[-1].startswith(
+        "accuracy ") and "on 12 images" in r.stdout
+    assert '<table class="cm">' in out.read_text() and "RANDOM WEIGHTS" in out.read_text()
+    data = json.loads(runner.invoke(app, ["evaluate", str(head), str(holdout_dir), "-f", "json"]).stdout)
+    assert data["images"] == 12 and len(data["confusion"]) == 4 and "reds" in data["report"]
+    for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "not an imgvec store")]:
+        r = runner.invoke(app, ["evaluate", str(head), *args])
+        assert r.exit_code == 2 and message in r.stderr
+
+
+def test_empty_label_folder_is_refused(head: Path, holdout_dir: Path, tmp_path: Path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(holdout_dir / "reds" / "reds_000.png", flat / "a.png")
+    with pytest.raises(imgvec.BadInputError, match="no labelled images"):
+        imgvec.evaluate(head, flat)
