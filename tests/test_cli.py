@@ -112,3 +112,17 @@ def test_real_process_entry_point(tmp_path: Path, image_dir: Path):
     code = "import sys, imgvec.cli; imgvec.cli.app(['--help'], standalone_mode=False); print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_device_gpu_without_a_gpu_is_one_line(tmp_path: Path, image_dir: Path):
+    result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(tmp_path / "s.h5"), *SMALL_ARGS,
+                                      "--device", "gpu"])
+    assert result.exit_code == 2 and "--device gpu: TensorFlow sees no GPU" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.h5").exists()
+
+
+def test_merge_cli(cli_store: Path, tmp_path: Path):
+    r = run("merge", cli_store, cli_store, "-o", tmp_path / "all.h5")
+    assert "24 rows from 2 stores (24 duplicate paths dropped" in r.stdout
+    info = json.loads(run("info", tmp_path / "all.h5", "-f", "json").stdout)
+    assert info["rows"] == 24 and info["provenance"]["precision"] == "float32"

@@ -16,13 +16,15 @@ import numpy as np
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
 from .classifier import LogisticHead, load_head
+from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError
 from .images import DEFAULT_MAX_PIXELS, find_images
-from .index import AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for, load_index
+from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
+                    load_index, use_faiss_gpu)
 from .index import build_index as _build_index
 from .provenance import Provenance, check_compatible
-from .store import Store, StoreWriter, open_store
+from .store import Store, StoreWriter, merge_stores, open_store
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
@@ -61,6 +63,11 @@ def embed(
     seed: int = DEFAULT_SEED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     sync: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    device: str = "auto",
+    precision: str | None = None,
     progress: Progress | None = None,
 ) -> EmbedSummary:
     """Embed every image under ``sources`` into the store ``output``.
@@ -70,18 +77,26 @@ def embed(
     longer under ``sources`` are removed. Options left as ``None`` are taken from the
     existing store (or default to efficientnetb0 with ImageNet weights for a new one).
     Interrupting (Ctrl-C, kill) loses at most the batch under way: run again to go on.
+    ``device`` (auto/cpu/gpu) and ``precision`` (float32/mixed; default: the store's, else
+    float32) say how the model runs. ``engine="ray"`` embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local
+    one) with ``ray_workers`` actors; this process still writes the store.
     """
+    if engine not in ENGINES:
+        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     output = Path(output)
     start = time.perf_counter()
     writer: StoreWriter | None = None
     try:
         if output.exists():
             writer = StoreWriter(output)
-            embedder = _embedder_for_store(writer, model, weights, image_size, batch_size, workers, seed, max_pixels)
+            run = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels, device=device,
+                       precision=precision or writer.provenance.precision)
+            embedder = _embedder_for_store(writer, model, weights, image_size, seed, run)
             collection = find_images(sources, root=writer.root)
             embedder.load()
         else:
-            embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels)
+            embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels,
+                                device=device, precision=precision or "float32")
             collection = find_images(sources)
             embedder.load()  # before creating a store: missing weights must not leave an empty file
             writer = StoreWriter(output, embedder.provenance(), collection.root)
@@ -91,7 +106,10 @@ def embed(
         key_of = {f.path: f.key for f in todo}
         skipped: list[tuple[str, str]] = []
         finished = 0
-        for batch in embedder.embed_files(list(key_of)):
+        paths = list(key_of)
+        batches = (embedder.embed_files(paths) if engine == "local"
+                   else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
+        for batch in batches:
             rows = [todo[i] for i in batch.indices]
             skips = [(key_of[s.path], s.reason) for s in batch.skipped]
             writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
@@ -109,9 +127,8 @@ def embed(
 
 
 def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | None, image_size: int | None,
-                        batch_size: int, workers: int | None, seed: int, max_pixels: int) -> Embedder:
+                        seed: int, kwargs: dict[str, Any]) -> Embedder:
     """The store's own embedder; explicit options must agree with how the store was made."""
-    kwargs: dict[str, Any] = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels)
     if model is None and weights is None and image_size is None:
         return Embedder.from_provenance(store.provenance, **kwargs)
     prov = store.provenance
@@ -145,24 +162,43 @@ class IndexSummary:
 
 
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
-                rebuild: bool = False) -> IndexSummary:
+                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
     """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
 
     An existing index of the same kind whose store only gained rows since is extended with
-    the new rows instead of rebuilt (unless ``rebuild``).
+    the new rows instead of rebuilt (unless ``rebuild``). ``memory_budget`` (bytes, default
+    half the RAM) is what ``auto`` lets an index hold before it picks the compact IVF-PQ.
+    With ``faiss_gpu`` (auto/on/off) FAISS builds on the GPU; the saved file is always CPU-readable.
     """
     start = time.perf_counter()
+    gpu = use_faiss_gpu(faiss_gpu)
     path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:
-        old = load_index(path) if path.exists() and not rebuild else None
-        wanted = choose_kind(kind, s.rows)
+        old = load_index(path, gpu) if path.exists() and not rebuild else None
+        wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
         if old is not None and old.kind == wanted and can_extend(old, s):
             added = extend_index(old, s)
             old.save(path)
             return IndexSummary(path, old.kind, old.rows, time.perf_counter() - start, True, added)
-        index = _build_index(s, kind)
+        index = _build_index(s, wanted, gpu=gpu)
     index.save(path)
     return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
+
+
+@dataclass
+class MergeSummary:
+    store: Path
+    inputs: int
+    rows: int
+    duplicates: int
+    seconds: float
+
+
+def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
+    """Merge stores made the same way (e.g. shards from several machines) into a new store."""
+    start = time.perf_counter()
+    rows, duplicates = merge_stores(inputs, output, on_duplicate)
+    return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
 
 # -- query ------------------------------------------------------------------------------
@@ -202,17 +238,17 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]) -> tuple[list
     return names, emb, skipped
 
 
-def _load_or_make_index(store: Store, index_path: PathLike | None) -> VectorIndex:
+def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
     path = Path(index_path) if index_path else index_path_for(store.path)
     if path.exists():
-        index = load_index(path)
+        index = load_index(path, gpu)
         index.check_covers(store, f"index {path}")
         return index
     if index_path:
         raise BadInputError(f"{path}: no such index")
     if store.rows > AUTO_FLAT_MAX_ROWS:
         raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-    return _build_index(store, "flat")  # small store: exact search in memory is quick
+    return _build_index(store, "flat", gpu=gpu)  # small store: exact search in memory is quick
 
 
 def query(
@@ -222,6 +258,7 @@ def query(
     index: PathLike | None = None,
     weights: str | None = None,
     batch_size: int = 32,
+    faiss_gpu: str = "auto",
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
@@ -229,7 +266,7 @@ def query(
     ``weights`` is only needed to point at a moved weights file.
     """
     with open_store(store) as s:
-        vindex = _load_or_make_index(s, index)
+        vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size)
         names, emb, skipped = _embed_inputs(embedder, queries)
         keys, labels = s.paths(), s.labels()

@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
+FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
 
@@ -104,11 +105,18 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
+    device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16 compute; default: the store's, else float32)"),
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     with _Bar("embedding") as bar:
         s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
-                      workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, progress=bar)
+                      workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, engine=engine,
+                      ray_address=ray_address, ray_workers=ray_workers, device=device, precision=precision,
+                      progress=bar)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
@@ -123,11 +131,27 @@ def index(
     kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
+    memory_budget: Optional[float] = typer.Option(
+        None, "--memory-budget", help="GiB an auto index may hold before it picks compact IVF-PQ (default: half the RAM)"),
+    faiss_gpu: str = FaissGpuOpt,
 ) -> None:
     """Build a FAISS index (cosine similarity) over a store, or bring an existing one up to date."""
-    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild)
+    budget = int(memory_budget * (1 << 30)) if memory_budget is not None else None
+    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget, faiss_gpu=faiss_gpu)
     how = f"added {s.added} new rows to the" if s.updated else "built a"
     typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
+
+
+@_command
+def merge(
+    stores: list[Path] = typer.Argument(..., help="stores made with the same backbone, weights and input size"),
+    output: Path = typer.Option(..., "--output", "-o", help="new store to write"),
+    on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
+) -> None:
+    """Merge several stores (shards from several machines or runs) into one."""
+    s = api.merge(stores, output, on_duplicate=on_duplicate)
+    typer.echo(f"{s.store}: {s.rows} rows from {s.inputs} stores ({s.duplicates} duplicate paths dropped; "
+               f"{s.seconds:.1f}s); run `imgvec index {s.store}` to search it")
 
 
 @_command
@@ -139,10 +163,11 @@ def query(
     index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the store's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
+    faiss_gpu: str = FaissGpuOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    r = api.query(store, queries, k=k, index=index_path, weights=weights)
+    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
     _warn_skipped(r.skipped)
     _warn_random(r.provenance)
     if html:

@@ -69,7 +69,7 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
     cpu_each = max(1, int(ray.cluster_resources().get("CPU", 1)) // n) if not gpu_each else 1
     config = dict(model=embedder.backbone.name, weights=embedder.weights, image_size=embedder.image_size,
                   batch_size=embedder.batch_size, max_pixels=embedder.max_pixels,
-                  workers=cpu_each)
+                  workers=cpu_each, precision=embedder.precision, device="gpu" if gpu_each else "cpu")
     Actor = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(_Worker)
     pool = ActorPool([Actor.remote(config) for _ in range(n)])
     block = block_size or embedder.batch_size * 4

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, build_model, get_backbone, parse_weights, sha256_of
+from .device import DEVICES, PRECISIONS, check_choice, precision_policy, select_device
 from .errors import BadInputError, ImageSkipped, MismatchError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance
@@ -65,8 +66,13 @@ class Embedder:
         workers: int | None = None,
         seed: int = DEFAULT_SEED,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device: str = "auto",
+        precision: str = "float32",
     ) -> None:
         self.backbone = get_backbone(model)
+        self.device = check_choice("--device", device, DEVICES)
+        self.precision = check_choice("--precision", precision, PRECISIONS)
+        self.device_: str | None = None  # the TensorFlow device chosen by load()
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
         self.image_size = int(image_size or self.backbone.input_size)
         if self.image_size < self.backbone.min_size:
@@ -100,6 +106,7 @@ class Embedder:
                     f"(sha256 {weights.sha256})"
                 )
             weights = Weights("file", path=os.path.abspath(path), sha256=weights.sha256)
+        kwargs.setdefault("precision", provenance.precision)
         return cls(model=provenance.backbone, weights=weights, image_size=provenance.input_size, **kwargs)
 
     @property
@@ -121,6 +128,8 @@ class Embedder:
             dim=self.dim,
             keras_version=keras.__version__,
             tensorflow_version=tf.__version__,
+            device="gpu" if (self.device_ or select_device(self.device)).startswith("/GPU") else "cpu",
+            precision=self.precision,
         )
 
     def load(self) -> "Embedder":
@@ -128,14 +137,19 @@ class Embedder:
         if self._fn is not None:
             return self
         tf = import_tensorflow()
-        model = build_model(self.backbone, self.weights, self.image_size)
+        device = select_device(self.device)
+        with tf.device(device), precision_policy(self.precision):
+            model = build_model(self.backbone, self.weights, self.image_size)
         preprocess = self.backbone.preprocess_input()
         size = self.image_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def infer(pixels: Any) -> Any:
-            return model(preprocess(tf.cast(pixels, tf.float32)), training=False)
+            with tf.device(device):
+                # Under mixed precision the model computes in float16; embeddings leave as float32.
+                return tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
 
+        self.device_ = device
         self.model_ = model
         self._fn = infer
         return self

@@ -31,6 +31,9 @@ class Provenance:
     preprocessing: str
     dim: int
     resize: str = "bilinear, aspect ratio not kept (as keras.utils.image_dataset_from_directory)"
+    # Recorded, not compared: float32 and mixed-precision embeddings, CPU and GPU ones, are comparable.
+    device: str = "cpu"
+    precision: str = "float32"
     imgvec_version: str = __version__
     keras_version: str = ""
     tensorflow_version: str = ""

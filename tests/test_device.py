@@ -1,0 +1,49 @@
+"""GPU code paths as far as a CPU-only machine can run them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgvec.device import precision_policy, select_device, visible_gpus
+from imgvec.embedder import Embedder
+from imgvec.errors import BadInputError
+
+pytestmark = pytest.mark.skipif(bool(visible_gpus()), reason="these tests describe a machine without a GPU")
+
+
+def test_device_choice_without_a_gpu():
+    assert select_device("auto") == "/CPU:0" and select_device("cpu") == "/CPU:0"
+    with pytest.raises(BadInputError, match="--device gpu: TensorFlow sees no GPU"):
+        select_device("gpu")
+    with pytest.raises(BadInputError, match="expected one of auto, cpu, gpu"):
+        Embedder("mobilenetv3small", "none", 64, device="tpu")
+
+
+def test_precision_policy_is_set_and_restored():
+    import keras
+
+    before = keras.mixed_precision.global_policy().name
+    with precision_policy("mixed"):
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == before
+    with pytest.raises(BadInputError, match="expected one of float32, mixed"):
+        with precision_policy("bfloat8"):
+            pass
+
+
+def test_mixed_precision_gives_float32_embeddings_close_to_float32():
+    import keras
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    # resnet50: its random-init features are large enough for float16 (MobileNets' underflow to 0)
+    full = Embedder("resnet50", "none", 32).embed_arrays(pixels)
+    mixed_embedder = Embedder("resnet50", "none", 32, precision="mixed")
+    mixed = mixed_embedder.embed_arrays(pixels)
+    assert mixed.dtype == np.float32 and mixed.shape == full.shape
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert mixed_embedder.model_.layers[2].compute_dtype == "float16"
+    cos = np.sum(full * mixed, 1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(mixed, axis=1))
+    assert cos.min() >= 0.99
+    prov = mixed_embedder.provenance()
+    assert (prov.device, prov.precision) == ("cpu", "mixed")
