@@ -118,3 +118,12 @@ def test_100k_vectors_in_reasonable_time():
     start = time.perf_counter()
     found = similar_pairs(x, 0.95)  # inverted lists above 20,000 rows
     assert time.perf_counter() - start < 60 and len(found.pairs) >= 3000
+
+
+def test_large_groups_list_the_rest_by_name(dup_store: Path, monkeypatch):
+    from imgvec import html
+
+    monkeypatch.setattr(html, "GROUP_THUMBNAILS", 1)
+    page = imgvec.dedup_page(imgvec.dedup(dup_store, threshold=0.99))
+    assert page.count("data:image/jpeg;base64,") == 2 and page.count("and 1 more:") == 2
+    assert "blues/blues_001_resaved.jpg" in page

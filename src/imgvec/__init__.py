@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .api import build_index, embed, info, models, predict, query, train  # noqa: E402
 from .api import (  # noqa: E402
-    compare, comparison_html, dedup, dedup_html, evaluate, evaluation_html, image_paths, predict_html, query_html,
+    compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, predict_html,
+    query_html,
 )
 from .backbones import BACKBONES, Backbone, get_backbone  # noqa: E402
 from .classifier import LogisticHead, load_head  # noqa: E402
@@ -16,6 +17,6 @@ __all__ = [
     "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
     "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
     "models", "open_store", "predict", "query", "train",
-    "compare", "comparison_html", "dedup", "dedup_html", "evaluate", "evaluation_html", "image_paths",
+    "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "evaluate", "evaluation_html", "image_paths",
     "predict_html", "query_html",
 ]

@@ -10,7 +10,7 @@ with ``cos >= t`` (squared distance ``<= 2 - 2t``) is also within that distance 
 projection. A FAISS range search in the small space therefore returns a superset of the true
 pairs, which are then confirmed with the full vectors: nothing is reported that is not above
 the threshold. Up to 20,000 images the range search is exhaustive, so no pair is missed
-either; above, it runs on inverted lists (IVF-Flat, 4*sqrt(N) lists, 24 probed), which is
+either; above, it runs on inverted lists (IVF-Flat, 2*sqrt(N) lists, 24 probed), which is
 what keeps 100k images fast, at the price of possibly missing a pair that falls into cells
 far apart (``exact=True`` forces the exhaustive search). The saved FAISS index is not used:
 an IVF-PQ index's scores are approximations and cannot be compared to a threshold.
@@ -106,10 +106,10 @@ def _low_index(low: np.ndarray, exact: bool) -> tuple[Any, str]:
         index = faiss.IndexFlatL2(d)
         index.add(low)
         return index, "exact"
-    nlist = max(1, int(4 * np.sqrt(n)))
+    nlist = max(1, int(2 * np.sqrt(n)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
     rng = np.random.default_rng(0)
-    index.train(low[np.sort(rng.choice(n, min(n, 50 * nlist), replace=False))])
+    index.train(low[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])  # k-means: ~40 points a list
     index.add(low)
     index.nprobe = min(nlist, IVF_NPROBE)
     return index, f"inverted lists ({nlist} lists, {index.nprobe} probed)"

@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .provenance import Provenance
 
 THUMB_SIZE = 160
+GROUP_THUMBNAILS = 24  # a duplicate group shows this many thumbnails, then lists the rest by name
+_cache: dict[tuple[str, int, int], str | None] = {}  # (path, mtime_ns, size) -> data URI
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 24px 24px;color:#1d2330;background:#fafbfc}
@@ -75,8 +77,21 @@ def thumbnail(path: str | os.PathLike[str], size: int = THUMB_SIZE) -> str | Non
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _cached_thumbnail(path: str) -> str | None:
+    """:func:`thumbnail`, computed once per file version (an image often recurs as a neighbour)."""
+    try:
+        key = (os.path.abspath(path), os.stat(path).st_mtime_ns, THUMB_SIZE)
+    except OSError:
+        return None
+    if key not in _cache:
+        if len(_cache) > 4096:
+            _cache.clear()
+        _cache[key] = thumbnail(path)
+    return _cache[key]
+
+
 def _figure(path: str, caption: str, cls: str = "", thumb_path: str | None = None) -> str:
-    uri = thumbnail(thumb_path or path)
+    uri = _cached_thumbnail(thumb_path or path)
     img = (f'<img src="{uri}" alt="{esc(path)}" title="{esc(path)}">' if uri
            else f'<div class="missing" title="{esc(path)}">image not readable</div>')
     return f'<figure class="{cls}">{img}<figcaption>{caption}</figcaption></figure>'
@@ -154,7 +169,11 @@ def dedup_page(result: "DedupResult", resolve: Callable[[str], str], title: str 
     parts = []
     for i, g in enumerate(result.groups, 1):
         figs = [_figure(m.path, f'<span class="score">{m.score:.4f}</span><br>{esc(m.path)}',
-                        thumb_path=resolve(m.path)) for m in g.members]
+                        thumb_path=resolve(m.path)) for m in g.members[:GROUP_THUMBNAILS]]
+        rest = g.members[GROUP_THUMBNAILS:]
+        if rest:
+            names = "<br>".join(f"{m.score:.4f} {esc(m.path)}" for m in rest)
+            figs.append(f'<div class="note">and {len(rest)} more:<br>{names}</div>')
         what = ("identical files (sha256 " + esc(g.sha256[:12]) + "...)") if g.kind == "exact" else \
             f"near duplicates, cosine &ge; {result.threshold:g}"
         parts.append(f'<h2>group {i}: {len(g.members)} images, {what}</h2><div class="row">{"".join(figs)}</div>')
