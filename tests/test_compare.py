@@ -70,12 +70,20 @@ def test_second_run_reuses_stores_and_gives_the_same_numbers(compared, image_dir
     assert [d["fold_accuracies"] for d in data] == [x.fold_accuracies for x in c.rows]
     page = out.read_text()
     assert page.count('<table class="cm">') == 2 and page.count("<circle") == 2 and "RANDOM WEIGHTS" in page
-    table = CliRunner().invoke(app, ["compare", str(image_dir), "-m", MODELS[0], "--cv", "3",
-                                     "--stores", str(stores), "--weights", "none", "--image-size", "64"])
-    assert table.exit_code == 0
+
+
+
+def test_table_and_csv(compared, image_dir: Path, monkeypatch):
+    c, _ = compared
+    monkeypatch.setattr(imgvec.api, "compare", lambda *a, **k: c)  # the CLI only renders what the API returns
+    table = CliRunner().invoke(app, ["compare", str(image_dir), "-m", ",".join(MODELS)])
+    assert table.exit_code == 0, table.stderr
     for header in ("backbone", "parameters", "embedding size", "images/s", "CV accuracy", "weakest class"):
         assert header in table.stdout
-    assert "939,120" in table.stdout and "±" in table.stdout
+    assert "939,120" in table.stdout and "±" in table.stdout and "RANDOM weights" in table.stderr
+    rows = CliRunner().invoke(app, ["compare", str(image_dir), "-f", "csv"]).stdout.splitlines()
+    assert rows[0].startswith("backbone,params,dim,images_per_second,accuracy,accuracy_std,weakest_class,weakest_f1,"
+                              "f1_blues") and len(rows) == 3
 
 
 def test_compare_refuses_bad_input(compared, holdout_dir: Path, tmp_path: Path):
