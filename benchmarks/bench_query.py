@@ -58,13 +58,21 @@ def make_store(rows: int) -> Path:
     if path.exists():
         return path
     OUT.mkdir(parents=True, exist_ok=True)
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                pass
+        return ""
 
     from imgvec.backbones import get_backbone
 
     bb = get_backbone("mobilenetv3small")
     prov = Provenance(bb.name, "random", 0, None, None, bb.input_size, bb.preprocessing, bb.dim,
-                      keras_version=version("keras"), tensorflow_version=version("tensorflow"))
+                      keras_version=v("keras"), tensorflow_version=v("tensorflow", "tensorflow-cpu", "tf-nightly"))
     rng = np.random.default_rng(0)
     tmp = path.with_suffix(".tmp.h5")
     tmp.unlink(missing_ok=True)
