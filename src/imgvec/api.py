@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
-from .classifier import LogisticHead, load_head
+from .classifier import DEFAULT_CS, LogisticHead, load_head
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError
@@ -296,7 +296,7 @@ class TrainSummary:
     seconds: float
 
 
-def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] = 10) -> TrainSummary:
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS) -> TrainSummary:
     """Fit a logistic-regression head on the store's labelled embeddings and save it."""
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -372,9 +372,9 @@ def info(store: PathLike) -> dict[str, Any]:
 
 
 # -- galleries, evaluation, backbone comparison, duplicates -----------------------------
-# (HTML rendering lives in html.py, the comparison in compare.py, duplicate search in dedup.py.)
-from .compare import Comparison  # noqa: E402
-from .dedup import DuplicateGroup  # noqa: E402
+# (HTML rendering lives in html.py, the comparison in comparison.py, duplicate search in duplicates.py.)
+from .comparison import Comparison  # noqa: E402
+from .duplicates import DuplicateGroup  # noqa: E402
 
 
 def image_paths(store: PathLike, keys: Sequence[str]) -> list[str]:
@@ -485,12 +485,12 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
             stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
             batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
             progress: Callable[[str, int, int], None] | None = None) -> Comparison:
-    """Compare backbones on a labelled folder: same folds, one row per backbone (see compare.py).
+    """Compare backbones on a labelled folder: same folds, one row per backbone (see comparison.py).
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
     """
-    from .compare import DEFAULT_MODELS
-    from .compare import compare as _compare
+    from .comparison import DEFAULT_MODELS
+    from .comparison import compare as _compare
 
     return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
                     image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
@@ -529,9 +529,9 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     """Groups of identical files (sha256) and of near duplicates (cosine >= ``threshold``).
 
     The search is exhaustive up to 20,000 images (or with ``exact=True``) and uses inverted
-    lists above (see dedup.py); the store is read in chunks.
+    lists above (see duplicates.py); the store is read in chunks.
     """
-    from .dedup import find_duplicates
+    from .duplicates import find_duplicates
 
     start = time.perf_counter()
     with open_store(store) as s:

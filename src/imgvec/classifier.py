@@ -2,13 +2,12 @@
 
 :class:`LogisticHead` follows scikit-learn's conventions: parameters in ``__init__``,
 learned state in attributes ending in ``_``. Fitting standardises the features and lets
-``LogisticRegressionCV`` choose the regularisation strength; prediction is a few numpy
+stratified cross-validation choose the regularisation strength; prediction is a few numpy
 lines over the saved coefficients, so a head file never needs pickle to load.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,27 +19,21 @@ from .provenance import Provenance
 from .h5io import atomic_h5, decode_keys, open_h5, encode_keys, read_provenance, str_dtype, write_provenance
 
 FORMAT = "imgvec-head"
-
-
-def _quiet_kwargs(cls: type) -> dict[str, Any]:
-    """Options that pin today's behaviour where scikit-learn announces a change (1.8+)."""
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    if "l1_ratios" in params:
-        kwargs["l1_ratios"] = (0.0,)
-    if "use_legacy_attributes" in params:
-        kwargs["use_legacy_attributes"] = True
-    return kwargs
+# Features are standardised first, so C above ~10 is effectively unregularised and below 1e-4
+# predicts the prior: six decades cover what a frozen-feature head needs.
+DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 class LogisticHead:
     """Standardise, then multinomial logistic regression with C chosen by stratified CV."""
 
-    def __init__(self, cv: int = 5, Cs: int | Sequence[float] = 10, max_iter: int = 1000,
-                 random_state: int = 0) -> None:
+    def __init__(self, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
+                 tol: float = 1e-4, cv_tol: float = 1e-3, random_state: int = 0) -> None:
         self.cv = cv
         self.Cs = Cs
         self.max_iter = max_iter
+        self.tol = tol  # the final fit: scikit-learn's default
+        self.cv_tol = cv_tol  # looser while choosing C, where only the ranking of the Cs matters
         self.random_state = random_state
 
     def _validate(self, X: np.ndarray, y: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -61,24 +54,28 @@ class LogisticHead:
         return X, y
 
     def fit(self, X: np.ndarray, y: Sequence[str]) -> "LogisticHead":
-        from sklearn.linear_model import LogisticRegressionCV
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
         from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
         from sklearn.preprocessing import StandardScaler
 
         X, y = self._validate(X, y)
         scaler = StandardScaler().fit(X)
-        Z = scaler.transform(X)
-        folds = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
-        lr = LogisticRegressionCV(Cs=self.Cs, cv=folds, max_iter=self.max_iter, scoring="accuracy",
-                                  **_quiet_kwargs(LogisticRegressionCV))
-        lr.fit(Z, y)
-        C = float(np.ravel(lr.C_)[0])
-        scores = lr.scores_
-        scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores)
-        fold_scores = scores.reshape(scores.shape[0], len(lr.Cs_), -1)[:, np.argmin(np.abs(lr.Cs_ - C)), 0]
+        Z = scaler.transform(X).astype(np.float32)
+        Cs = self.C_grid()
+        folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
+        # One pass per fold along the C path (warm-started) gives both the CV scores and the
+        # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
+        held_out = [self._path_predictions(Z[train], y[train], Z[test], Cs) for train, test in folds]
+        scores = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, held_out)])
+        best = int(np.argmax(scores.mean(axis=0)))
+        self.C_ = float(Cs[best])
+        self.cv_accuracy_ = float(scores[:, best].mean())
+        self.cv_accuracy_std_ = float(scores[:, best].std())
+        self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
+        for (_, test), preds in zip(folds, held_out):
+            self.cv_predictions_[test] = preds[best]
+        lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.classes_ = lr.classes_.astype(str)
-        self.C_ = C
         self.mean_ = scaler.mean_.astype(np.float32)
         self.scale_ = scaler.scale_.astype(np.float32)
         coef, intercept = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
@@ -87,13 +84,21 @@ class LogisticHead:
             coef = np.vstack([-coef[0] / 2, coef[0] / 2])
             intercept = np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
         self.coef_, self.intercept_ = coef, intercept
-        self.cv_accuracy_ = float(fold_scores.mean())
-        self.cv_accuracy_std_ = float(fold_scores.std())
-        # Out-of-fold predictions at the chosen C, for the per-class report.
-        self.cv_predictions_ = cross_val_predict(
-            LogisticRegression(C=self.C_, max_iter=self.max_iter), Z, y, cv=folds)
         self.n_train_ = int(len(y))
         return self
+
+    def C_grid(self) -> np.ndarray:
+        """The inverse regularisation strengths tried, ascending (an int means that many, log-spaced)."""
+        if isinstance(self.Cs, (int, np.integer)):
+            return np.logspace(-4, 4, int(self.Cs))
+        return np.sort(np.asarray(self.Cs, dtype=float))
+
+    def _path_predictions(self, Z: np.ndarray, y: np.ndarray, Zt: np.ndarray, Cs: np.ndarray) -> list[np.ndarray]:
+        """Held-out predictions for each C, strongest regularisation first, each fit starting from the last."""
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(max_iter=self.max_iter, tol=self.cv_tol, warm_start=True)
+        return [lr.set_params(C=float(C)).fit(Z, y).predict(Zt) for C in Cs]
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
@@ -113,7 +118,7 @@ class LogisticHead:
 
     # -- plain-data file ------------------------------------------------------------------
     _ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
-    _SCALARS = ("C_", "cv_accuracy_", "cv_accuracy_std_", "n_train_", "cv", "max_iter", "random_state")
+    _SCALARS = ("C_", "cv_accuracy_", "cv_accuracy_std_", "n_train_", "cv", "max_iter", "tol", "cv_tol", "random_state")
 
     def save(self, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "") -> Path:
         """Write coefficients, classes, scaling and provenance to HDF5 (atomic rename)."""
@@ -137,6 +142,8 @@ def load_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Provenance]:
             setattr(head, name, np.asarray(h5[name.rstrip("_")][()], dtype=np.float32))
         head.classes_ = np.asarray(decode_keys(h5["classes"], h5["classes"].shape[0]))
         for name in LogisticHead._SCALARS:
+            if name not in h5.attrs:  # a parameter added after the file was written keeps its default
+                continue
             value = h5.attrs[name]
             setattr(head, name, value.item() if isinstance(value, np.generic) else value)
         provenance = read_provenance(h5.attrs)

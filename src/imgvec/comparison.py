@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backbones import get_backbone
-from .classifier import LogisticHead
+from .classifier import DEFAULT_CS, LogisticHead
 from .errors import BadInputError
 from .provenance import Provenance
 from .store import open_store
@@ -100,7 +100,7 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
     return list(splitter.split(np.zeros(len(y)), y))
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int = 10,
+def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int | Sequence[float] = DEFAULT_CS,
                    random_state: int = 0) -> tuple[list[float], np.ndarray]:
     """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``."""
     predicted = np.empty(len(y), dtype=object)
@@ -149,7 +149,7 @@ def compare(
     seed: int = 0,
     random_state: int = 0,
     speed_sample: int = SPEED_SAMPLE,
-    Cs: int = 10,
+    Cs: int | Sequence[float] = DEFAULT_CS,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Comparison:
     """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, same folds."""
