@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import imgvec
 from imgvec.backbones import get_backbone
 from imgvec.cli import app
-from imgvec.compare import cross_validate, folds
+from imgvec.comparison import cross_validate, folds
 
 MODELS = ["mobilenetv3small", "mobilenetv2"]
 

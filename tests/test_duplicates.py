@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import imgvec
 from imgvec.cli import app
-from imgvec.dedup import components, similar_pairs
+from imgvec.duplicates import components, similar_pairs
 from imgvec.index import normalized
 
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]

@@ -22,8 +22,8 @@ from .images import DEFAULT_MAX_PIXELS, _pil_formats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import Evaluation, Predictions, QueryResults
-    from .compare import Comparison
-    from .dedup import DedupResult
+    from .comparison import Comparison
+    from .duplicates import DedupResult
     from .provenance import Provenance
 
 THUMB_SIZE = 160
