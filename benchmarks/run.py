@@ -1,6 +1,6 @@
 """Run every benchmark, one after another, and rewrite the README's benchmark section.
 
-    python -m benchmarks.run [--quick] [--only embed,index] [--readme-only]
+    python -m benchmarks.run [--quick | --full] [--only embed,index] [--readme-only]
 
 Each benchmark writes benchmarks/results/<name>.json (``<name>-quick.json`` with --quick).
 The README section between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is rebuilt
@@ -19,8 +19,9 @@ from typing import Any
 
 from .common import RESULTS, ROOT
 
-ORDER = ("embed", "index", "classifier", "query")  # never two at once: each wants both cores
-TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head", "query": "Query latency"}
+ORDER = ("embed", "index", "classifier", "query", "scale")  # never two at once: each wants both cores
+TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head", "query": "Query latency", "scale": "Past one CPU: Ray, streamed indexing, mixed precision"}
+HAS_FULL = ("index", "scale")  # benchmarks with a 1M-row variant
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = ROOT.parent / "README.md"
 
@@ -69,6 +70,7 @@ def update_readme(text: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes, not an hour)")
+    ap.add_argument("--full", action="store_true", help="also the 1M-row index runs (a 5 GB store; an hour)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ORDER)}")
     ap.add_argument("--readme-only", action="store_true", help="rebuild the README section from existing results")
     args = ap.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         names = args.only.split(",") if args.only else list(ORDER)
         for name in names:
             print(f"## bench_{name}", file=sys.stderr)
-            importlib.import_module(f"benchmarks.bench_{name}").main(["--quick"] if args.quick else [])
+            flags = ["--quick"] if args.quick else ["--full"] if args.full and name in HAS_FULL else []
+            importlib.import_module(f"benchmarks.bench_{name}").main(flags)
     text = section()
     if update_readme(text):
         print(f"updated the benchmark section of {README}", file=sys.stderr)
