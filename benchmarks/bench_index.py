@@ -100,8 +100,9 @@ def bench_n(n: int, n_queries: int, singles: int, with_sklearn: bool, with_hnswl
             if not index.is_trained:
                 sample = np.sort(np.random.default_rng(0).choice(n, min(n, ix.TRAIN_SAMPLE_ROWS), replace=False))
                 index.train(ix.normalized(base[sample]))
-            for start in range(0, n, ix.ADD_CHUNK_ROWS):
-                index.add(ix.normalized(base[start : start + ix.ADD_CHUNK_ROWS]))
+            step = ix.chunk_rows(base.shape[1])
+            for start in range(0, n, step):
+                index.add(ix.normalized(base[start : start + step]))
             return index
         return build
 

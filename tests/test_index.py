@@ -93,6 +93,31 @@ def test_training_sample_is_streamed_and_seeded(tmp_path: Path):
     assert {tuple(r) for r in a} <= {tuple(r) for r in x}
 
 
+def test_index_is_built_from_bounded_chunks_with_the_same_result(tmp_path: Path, monkeypatch):
+    from imgvec import index as ix
+    from imgvec.store import Store
+
+    x = _clustered(2500, 8)
+    q = _clustered(10, 8, seed=3)
+    reads: list[int] = []
+    original = Store.iter_embeddings
+
+    def spy(self, chunk: int = 65536):
+        for start, block in original(self, chunk):
+            reads.append(len(block))
+            yield start, block
+
+    monkeypatch.setattr(Store, "iter_embeddings", spy)
+    monkeypatch.setattr(ix, "ADD_CHUNK_BYTES", 1)  # the smallest chunk: 1024 rows
+    with _store(tmp_path / "s.h5", x) as s:
+        index = build_index(s, "flat")
+    assert reads == [1024, 1024, 452] and ix.chunk_rows(1280) == 1024
+    brute = normalized(q) @ normalized(x).T
+    np.testing.assert_array_equal(index.search(q, 5)[1], np.argsort(-brute, axis=1)[:, :5])
+    monkeypatch.setattr(ix, "ADD_CHUNK_BYTES", 64 << 20)
+    assert ix.chunk_rows(1280) == 13107  # 64 MiB of 1280-d float32 rows
+
+
 def test_faiss_gpu_modes_without_a_gpu():
     from imgvec.index import use_faiss_gpu
 

@@ -30,7 +30,9 @@ HNSW_EF_SEARCH = 128
 IVFPQ_MIN_ROWS = 1_000
 IVF_NPROBE = 32
 TRAIN_SAMPLE_ROWS = 100_000
-ADD_CHUNK_ROWS = 65_536
+# Rows read and added per step: FAISS's IVF-PQ add needs about five times the chunk's size on
+# top of it (assignments, residuals, codes), so 64 MiB chunks keep its peak near 0.4 GiB.
+ADD_CHUNK_BYTES = 64 << 20
 FAISS_GPU_MODES = ("auto", "on", "off")
 HNSW_BYTES_PER_LINK = 8  # FAISS HNSW keeps about 2*M int32 neighbour ids per vector on level 0
 
@@ -148,12 +150,17 @@ class VectorIndex:
         return Path(path)
 
 
+def chunk_rows(dim: int) -> int:
+    """Rows per streamed chunk for ``dim``-dimensional float32 vectors."""
+    return max(1024, ADD_CHUNK_BYTES // (4 * max(dim, 1)))
+
+
 def _training_sample(store: Store, n: int) -> np.ndarray:
     """``n`` rows picked at random (seeded), read in one sequential pass over the store."""
     picked = np.sort(np.random.default_rng(0).choice(store.rows, n, replace=False))
     out = np.empty((n, store.dim), np.float32)
     filled = 0
-    for start, block in store.iter_embeddings(ADD_CHUNK_ROWS):
+    for start, block in store.iter_embeddings(chunk_rows(store.dim)):
         mine = picked[(picked >= start) & (picked < start + len(block))] - start
         out[filled : filled + len(mine)] = block[mine]
         filled += len(mine)
@@ -215,7 +222,7 @@ def build_index(store: Store, kind: str = "auto", memory_budget: int | None = No
         faiss.normalize_L2(sample)
         index.train(sample)
         del sample
-    for _, block in store.iter_embeddings(ADD_CHUNK_ROWS):
+    for _, block in store.iter_embeddings(chunk_rows(store.dim)):
         index.add(normalized(block))
     return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
 
@@ -231,8 +238,9 @@ def extend_index(index: VectorIndex, store: Store) -> int:
     if not can_extend(index, store):
         raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
     added = store.rows - index.rows
-    for start in range(index.rows, store.rows, ADD_CHUNK_ROWS):
-        index.faiss_index.add(normalized(store.embeddings(start, start + ADD_CHUNK_ROWS)))
+    step = chunk_rows(store.dim)
+    for start in range(index.rows, store.rows, step):
+        index.faiss_index.add(normalized(store.embeddings(start, start + step)))
     index.rows = store.rows
     return added
 
