@@ -47,3 +47,11 @@ def test_mixed_precision_gives_float32_embeddings_close_to_float32():
     assert cos.min() >= 0.99
     prov = mixed_embedder.provenance()
     assert (prov.device, prov.precision) == ("cpu", "mixed")
+
+
+def test_mixed_precision_refuses_activations_float16_cannot_hold():
+    # Random-weight MobileNetV2's activations shrink to ~1e-11, below float16's smallest value.
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    assert np.abs(Embedder("mobilenetv2", "none", 96).embed_arrays(pixels)).max() < 1e-8
+    with pytest.raises(BadInputError, match="all-zero embeddings under --precision mixed"):
+        Embedder("mobilenetv2", "none", 96, precision="mixed").embed_arrays(pixels)

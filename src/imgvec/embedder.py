@@ -169,7 +169,18 @@ class Embedder:
         step = self.model_batch
         for i in range(0, len(pixels), step):
             out[i : i + step] = self._fn(pixels[i : i + step])  # type: ignore[misc]
+        if self.precision == "mixed":
+            self._check_float16_range(out)
         return out
+
+    def _check_float16_range(self, out: np.ndarray) -> None:
+        """Refuse what float16 compute cannot represent instead of storing garbage rows."""
+        fix = "use --precision float32"
+        if not np.isfinite(out).all():
+            raise BadInputError(f"{self.backbone.name} overflowed float16 under --precision mixed; {fix}")
+        if len(out) and not out.any():
+            raise BadInputError(f"{self.backbone.name} gave all-zero embeddings under --precision mixed "
+                                f"(activations below float16's range; seen with random weights); {fix}")
 
     def _decode(self, path: str) -> np.ndarray | ImageSkipped:
         try:
