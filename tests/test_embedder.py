@@ -32,6 +32,17 @@ def test_files_come_back_in_order_with_bad_ones_skipped(embedder: Embedder, imag
     np.testing.assert_allclose(emb, embedder.embed_arrays(pixels), rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_model_calls_are_capped_and_change_nothing(small):
+    from imgvec.embedder import CPU_MODEL_BATCH
+
+    pixels = np.random.default_rng(1).integers(0, 256, (CPU_MODEL_BATCH + 3, 64, 64, 3), dtype=np.uint8)
+    big = Embedder(**small, batch_size=64).load()
+    assert big.device_.startswith("/CPU") and big.model_batch == CPU_MODEL_BATCH
+    assert Embedder(**small, batch_size=2).load().model_batch == 2
+    one_call = np.concatenate([big.embed_arrays(pixels[i : i + 1]) for i in range(len(pixels))])
+    np.testing.assert_allclose(big.embed_arrays(pixels), one_call, rtol=1e-4, atol=1e-5)
+
+
 def test_embed_arrays_checks_shape(embedder: Embedder):
     with pytest.raises(BadInputError, match=r"expected images of shape \(n, 64, 64, 3\)"):
         embedder.embed_arrays(np.zeros((2, 32, 32, 3), np.uint8))

@@ -5,12 +5,11 @@ a few batches ahead of the model, so decoding overlaps inference. The model runs
 traced ``tf.function`` that takes uint8 pixels and does the backbone's own
 ``preprocess_input`` itself.
 
-Each batch goes through the model :data:`MODEL_BATCH` images at a time. On CPU, small
-model calls are markedly faster per image than large ones: a call on 4 images keeps each
-layer's activations in cache, while a call on 32 streams hundreds of MB through memory for
-every layer (measured in ``benchmarks/bench_embed.py``: about 1.5-2x for MobileNetV2 and
-EfficientNetB0). ``batch_size`` still sets how many images are decoded, yielded and stored
-together; results are the same either way.
+On the CPU each batch goes through the model :data:`CPU_MODEL_BATCH` images at a time:
+calls of 8-32 images run at the same speed per image, smaller ones are 10-40% slower, and
+larger ones only hold more activations in memory (measured in ``benchmarks/bench_embed.py``).
+On a GPU the whole batch is one call. ``batch_size`` sets how many images are decoded,
+yielded and stored together; results are the same either way.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ from .errors import BadInputError, ImageSkipped, MismatchError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance
 
-# Images per model call (at most ``batch_size``); see the module docstring.
-MODEL_BATCH = 4
+# Images per model call on the CPU (at most ``batch_size``); see the module docstring.
+CPU_MODEL_BATCH = 16
 
 
 def import_tensorflow() -> Any:
@@ -83,7 +82,7 @@ class Embedder:
         if batch_size < 1:
             raise BadInputError(f"--batch-size must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
-        self.model_batch = max(1, min(self.batch_size, MODEL_BATCH))
+        self.model_batch = self.batch_size  # set for the device by load()
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.model_: Any = None
@@ -150,6 +149,7 @@ class Embedder:
                 return tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
 
         self.device_ = device
+        self.model_batch = self.batch_size if device.startswith("/GPU") else min(self.batch_size, CPU_MODEL_BATCH)
         self.model_ = model
         self._fn = infer
         return self
