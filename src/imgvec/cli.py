@@ -69,6 +69,26 @@ def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
         _err(f"imgvec: warning: skipped {path}: {reason}")
 
 
+def _notes(skipped: list[tuple[str, str]], prov: Provenance, html: Path | None,
+           write_html: Callable[[], Path]) -> None:
+    """What goes to stderr beside results: skipped files, the random-weights note, the HTML page written."""
+    _warn_skipped(skipped)
+    _warn_random(prov)
+    if html:
+        _err(f"imgvec: wrote {write_html()}")
+
+
+def _print_results(fmt: str, records: Callable[[], list[dict[str, Any]]], csv_header: list[str],
+                   csv_rows: Callable[[], list[tuple[Any, ...]]], table: Callable[[], None]) -> None:
+    """Results on stdout as JSON records, CSV rows or a table."""
+    if fmt == "json":
+        typer.echo(report.to_json(records()))
+    elif fmt == "csv":
+        typer.echo(report.to_csv(csv_header, csv_rows()), nl=False)
+    else:
+        table()
+
+
 class _Bar:
     """A rich progress bar on stderr, drawn only when stderr is a terminal."""
 
@@ -168,22 +188,19 @@ def query(
     """Find the stored images most like each query image."""
     _check_format(fmt)
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
-    _warn_skipped(r.skipped)
-    _warn_random(r.provenance)
-    if html:
-        _err(f"imgvec: wrote {api.query_html(r, html, store)}")
-    if fmt == "json":
-        typer.echo(report.to_json([{"query": q.query, "results": [
-            {"rank": n.rank, "path": n.path, "score": n.score} for n in q.results]} for q in r.queries]))
-    elif fmt == "csv":
-        typer.echo(report.to_csv(["query", "rank", "path", "score"],
-                                 [(q.query, n.rank, n.path, n.score) for q in r.queries for n in q.results]), nl=False)
-    else:
+    _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
+
+    def table() -> None:
         typer.echo(f"# {r.provenance.describe()}; {r.index_kind} index")
         for q in r.queries:
             typer.echo(report.table(f"query: {q.query}", ["rank", "score", "path", "label"],
                                     [(n.rank, n.score, n.path, n.label) for n in q.results],
                                     justify=["right", "right", "left", "left"]), nl=False)
+
+    _print_results(fmt, lambda: [{"query": q.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score}
+                                                               for n in q.results]} for q in r.queries],
+                   ["query", "rank", "path", "score"],
+                   lambda: [(q.query, n.rank, n.path, n.score) for q in r.queries for n in q.results], table)
 
 
 @_command
@@ -216,17 +233,9 @@ def predict(
     """Classify images with a trained head."""
     _check_format(fmt)
     r = api.predict(head, images, weights=weights)
-    _warn_skipped(r.skipped)
-    _warn_random(r.provenance)
-    if html:
-        _err(f"imgvec: wrote {api.predict_html(r, html, top=top)}")
-    if fmt == "json":
-        typer.echo(report.to_json([{"path": p.path, "label": p.label, "probabilities": p.probabilities}
-                                   for p in r.predictions]))
-    elif fmt == "csv":
-        typer.echo(report.to_csv(["path", "label", *r.classes],
-                                 [(p.path, p.label, *p.probabilities.values()) for p in r.predictions]), nl=False)
-    else:
+    _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
+
+    def table() -> None:
         def best(p: api.Prediction) -> str:
             ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]
             return ", ".join(f"{c} {v:.3f}" for c, v in ranked)
@@ -234,6 +243,11 @@ def predict(
         typer.echo(f"# {r.provenance.describe()}")
         typer.echo(report.table(None, ["path", "label", "probabilities"],
                                 [(p.path, p.label, best(p)) for p in r.predictions]), nl=False)
+
+    _print_results(fmt, lambda: [{"path": p.path, "label": p.label, "probabilities": p.probabilities}
+                                 for p in r.predictions],
+                   ["path", "label", *r.classes],
+                   lambda: [(p.path, p.label, *p.probabilities.values()) for p in r.predictions], table)
 
 
 @_command
