@@ -172,6 +172,14 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(md_table(["index", "build s", "queries/s (batch)", "ms / single query", "recall@10"],
                             [(r["name"], r["build_s"], r["batch_qps"], r["single_query_ms"], r["recall_at_10"])
                              for r in res["rows"]]))
+        flat = next((r for r in res["rows"] if "exact" in r["name"]), None)
+        auto = next((r for r in res["rows"] if r["name"].startswith("imgvec auto")), None)
+        if flat and auto and res["auto_kind"] != "flat":
+            out.append(f"\nimgvec auto: {auto['batch_qps'] / flat['batch_qps']:.0f}x the exact queries/s at "
+                       f"recall@10 {auto['recall_at_10']:.3f} (targets: 10x, 0.95).\n")
+        if not any(r["name"].startswith("sklearn") for r in res["rows"]):
+            out.append("\nscikit-learn's brute force is left out at this size to keep the run short: it is exact "
+                       "search like IndexFlatIP, scales linearly like it, and trails it at the smaller size.\n")
         if res.get("ef_sweep"):
             out.append("\nimgvec HNSW, efSearch sweep on the same graph:\n\n")
             out.append(md_table(["efSearch", "queries/s (batch)", "ms / single query", "recall@10"],
