@@ -30,6 +30,13 @@ def test_separates_separable_classes_and_reports_cv():
     assert list(head.classes_) == ["a", "b", "c"]
 
 
+def test_ties_in_accuracy_are_broken_by_log_loss_not_by_flattening():
+    X, y = _blobs(20, ["a", "b", "c", "d"])  # every C separates these perfectly
+    head = LogisticHead(cv=3).fit(X, y)
+    assert head.cv_accuracy_ == 1.0 and head.C_ > min(head.C_grid())
+    assert head.predict_proba(X).max(axis=1).min() > 0.9  # confident, not near 1/4
+
+
 def test_agrees_with_sklearn_on_noisy_data():
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

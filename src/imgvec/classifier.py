@@ -56,6 +56,7 @@ class LogisticHead:
 
     def fit(self, X: np.ndarray, y: Sequence[str]) -> "LogisticHead":
         from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
         from sklearn.model_selection import StratifiedKFold
         from sklearn.preprocessing import StandardScaler
 
@@ -66,15 +67,21 @@ class LogisticHead:
         folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
         # One pass per fold along the C path (warm-started) gives both the CV scores and the
         # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
-        held_out = [self._path_predictions(Z[train], y[train], Z[test], Cs) for train, test in folds]
-        scores = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, held_out)])
-        best = int(np.argmax(scores.mean(axis=0)))
+        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs) for train, test in folds]
+        classes = np.unique(y)
+        accuracy = np.array([[np.mean(classes[p.argmax(1)] == y[test]) for p in probs]
+                             for (_, test), probs in zip(folds, paths)])
+        loss = np.array([[log_loss(y[test], p, labels=classes) for p in probs] for (_, test), probs in zip(folds, paths)])
+        # Best mean accuracy; among tied Cs (common on easy data) the best log loss, so the
+        # probabilities are not needlessly flattened by the strongest regularisation.
+        tied = np.flatnonzero(accuracy.mean(axis=0) >= accuracy.mean(axis=0).max() - 1e-12)
+        best = int(tied[np.argmin(loss.mean(axis=0)[tied])])
         self.C_ = float(Cs[best])
-        self.cv_accuracy_ = float(scores[:, best].mean())
-        self.cv_accuracy_std_ = float(scores[:, best].std())
+        self.cv_accuracy_ = float(accuracy[:, best].mean())
+        self.cv_accuracy_std_ = float(accuracy[:, best].std())
         self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
-        for (_, test), preds in zip(folds, held_out):
-            self.cv_predictions_[test] = preds[best]
+        for (_, test), probs in zip(folds, paths):
+            self.cv_predictions_[test] = classes[probs[best].argmax(1)]
         lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.classes_ = lr.classes_.astype(str)
         self.mean_ = scaler.mean_.astype(np.float32)
@@ -94,12 +101,12 @@ class LogisticHead:
             return np.logspace(-4, 4, int(self.Cs))
         return np.sort(np.asarray(self.Cs, dtype=float))
 
-    def _path_predictions(self, Z: np.ndarray, y: np.ndarray, Zt: np.ndarray, Cs: np.ndarray) -> list[np.ndarray]:
-        """Held-out predictions for each C, strongest regularisation first, each fit starting from the last."""
+    def _path_probabilities(self, Z: np.ndarray, y: np.ndarray, Zt: np.ndarray, Cs: np.ndarray) -> list[np.ndarray]:
+        """Held-out class probabilities for each C, strongest regularisation first, each fit starting from the last."""
         from sklearn.linear_model import LogisticRegression
 
         lr = LogisticRegression(max_iter=self.max_iter, tol=self.cv_tol, warm_start=True)
-        return [lr.set_params(C=float(C)).fit(Z, y).predict(Zt) for C in Cs]
+        return [lr.set_params(C=float(C)).fit(Z, y).predict_proba(Zt) for C in Cs]
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
