@@ -114,6 +114,15 @@ def test_real_process_entry_point(tmp_path: Path, image_dir: Path):
     assert out.stdout.strip().endswith("False")
 
 
+def test_real_process_stderr_has_no_tensorflow_start_up_chatter(tmp_path: Path, image_dir: Path):
+    """TensorFlow's native INFO lines (oneDNN, CUDA probing) are not shown; imgvec's own lines are."""
+    out = subprocess.run([sys.executable, "-m", "imgvec", "embed", str(image_dir), "-o", str(tmp_path / "s.h5"),
+                          *SMALL_ARGS], capture_output=True, text=True, check=True)
+    assert "RANDOM weights" in out.stderr
+    for noise in ("absl::InitializeLog", "oneDNN custom operations", "cuda", "I0000"):
+        assert noise not in out.stderr, out.stderr
+
+
 def test_device_gpu_without_a_gpu_is_one_line(tmp_path: Path, image_dir: Path):
     result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(tmp_path / "s.h5"), *SMALL_ARGS,
                                       "--device", "gpu"])

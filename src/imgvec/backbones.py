@@ -41,6 +41,9 @@ class Backbone:
     min_size: int = 32  # smallest input keras.applications accepts
 
     def preprocess_input(self) -> Callable[[Any], Any]:
+        from .device import import_tensorflow
+
+        import_tensorflow()
         import keras
 
         return getattr(keras.applications, self.module).preprocess_input
@@ -197,6 +200,9 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
             f"--image-size {image_size} is too small for {backbone.name} "
             f"(at least {backbone.min_size})"
         )
+    from .device import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     constructor = getattr(keras.applications, backbone.constructor)

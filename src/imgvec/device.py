@@ -8,6 +8,9 @@ policy (float16 compute, float32 variables); embeddings leave the model as float
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import tempfile
 from typing import Any, Iterator
 
 from .errors import BadInputError
@@ -22,9 +25,47 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def visible_gpus() -> list[Any]:
-    from .embedder import import_tensorflow
+@contextlib.contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to a temporary file; replay it on error."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow once, without its native start-up chatter on stderr.
+
+    TensorFlow's C++ code logs (oneDNN, CUDA probing) before absl logging is set up, where
+    TF_CPP_MIN_LOG_LEVEL does not reach it (tensorflow/tensorflow#100442); those lines are
+    kept from the user unless the import itself fails.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_muted():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the CUDA probe logs on machines without a GPU
+    return tf
+
+
+def visible_gpus() -> list[Any]:
     return list(import_tensorflow().config.list_physical_devices("GPU"))
 
 
@@ -37,8 +78,6 @@ def select_device(device: str = "auto") -> str:
                             "e.g. pip install 'tensorflow[and-cuda]'?); use --device cpu")
     if not gpus:
         return "/CPU:0"
-    from .embedder import import_tensorflow
-
     tf = import_tensorflow()
     for gpu in gpus:
         try:
@@ -51,6 +90,7 @@ def select_device(device: str = "auto") -> str:
 @contextlib.contextmanager
 def precision_policy(precision: str = "float32") -> Iterator[None]:
     """Build layers under ``precision``; the previous global Keras policy is restored afterwards."""
+    import_tensorflow()
     import keras
 
     check_choice("--precision", precision, PRECISIONS)

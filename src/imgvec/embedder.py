@@ -23,21 +23,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, build_model, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice, precision_policy, select_device
+from .device import DEVICES, PRECISIONS, check_choice, import_tensorflow, precision_policy, select_device
 from .errors import BadInputError, ImageSkipped, MismatchError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance
 
 # Images per model call on the CPU (at most ``batch_size``); see the module docstring.
 CPU_MODEL_BATCH = 16
-
-
-def import_tensorflow() -> Any:
-    """Import TensorFlow quietly (its C++ start-up chatter is not for our users)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
 
 
 @dataclass
@@ -113,9 +105,9 @@ class Embedder:
         return self.backbone.dim
 
     def provenance(self) -> Provenance:
+        tf = import_tensorflow()
         import keras
 
-        tf = import_tensorflow()
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,
