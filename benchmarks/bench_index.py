@@ -143,7 +143,7 @@ def bench_n(n: int, n_queries: int, singles: int, with_sklearn: bool, with_hnswl
             p.add_items(base, num_threads=-1)
             p.set_ef(ix.HNSW_EF_SEARCH)
             return p
-        row, _ = run_contender(f"hnswlib (same M/efC/ef)", hb, lambda p, q: p.knn_query(q, k=K)[0].astype(np.int64),
+        row, _ = run_contender("hnswlib (same M/efC/ef)", hb, lambda p, q: p.knn_query(q, k=K)[0].astype(np.int64),
                                qn, truth, singles)
         rows.append(row)
         gc.collect()

@@ -9,16 +9,14 @@ All runs use random (seeded) weights: these are speed and memory figures, not ac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from .common import OUT, md_table, photo_folder, quiet_tf, write_result
+from .common import OUT, generated_store, md_table, photo_folder, quiet_tf, write_result
 
 NAME = "scale"
 MODEL = "mobilenetv2"
@@ -56,35 +54,12 @@ def ray_vs_local(n: int) -> dict:
                     "inference, store writes; ray.init is timed separately"}
 
 
-def _make_store(path: Path, rows: int, dim: int, chunk: int = 50_000) -> None:
-    """A store in the documented layout, written directly with h5py (fast), clustered vectors."""
-    import h5py
-
-    from imgvec.provenance import Provenance
-    from imgvec.store import _init_layout
-
-    if path.exists():
-        return
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(1000, dim)).astype(np.float32)
-    tmp = path.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as h5:
-        _init_layout(h5, Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim), str(path.parent))
-        for name in ("embeddings", "paths", "labels"):
-            h5[name].resize(rows, axis=0)
-        for start in range(0, rows, chunk):
-            n = min(chunk, rows - start)
-            h5["embeddings"][start : start + n] = centres[rng.integers(0, 1000, n)] + rng.normal(0, 0.7, (n, dim))
-            h5["paths"][start : start + n] = [f"img_{i:07d}.jpg".encode() for i in range(start, start + n)]
-            h5["labels"][start : start + n] = [b""] * n
-        h5.attrs["rows"] = rows
-    tmp.rename(path)
-
-
 def index_memory(rows: int, dim: int = 1280, kind: str = "ivfpq") -> dict:
     """Peak RSS of `imgvec index --kind KIND` in a child process, against the store's size."""
     store = OUT / f"scale-{rows}x{dim}.h5"
-    _make_store(store, rows, dim)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(1000, dim)).astype(np.float32)
+    generated_store(store, rows, dim, lambda start, n: centres[rng.integers(0, 1000, n)] + rng.normal(0, 0.7, (n, dim)))
     index = store.with_name(store.stem + f".{kind}.index.h5")
     code = ("import resource, sys, time, imgvec; t = time.perf_counter(); "
             f"s = imgvec.build_index({str(store)!r}, kind={kind!r}, output={str(index)!r}, rebuild=True); "

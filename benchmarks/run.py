@@ -14,13 +14,12 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .common import RESULTS, ROOT
 
-ORDER = ("embed", "index", "classifier", "query", "scale")  # never two at once: each wants both cores
-TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head", "query": "Query latency", "scale": "Past one CPU: Ray, streamed indexing, mixed precision"}
+ORDER = ("embed", "index", "classifier", "query", "dedup", "scale")  # never two at once: each wants both cores
+TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head", "query": "Query latency", "dedup": "Near duplicates", "scale": "Past one CPU: Ray, streamed indexing, mixed precision"}
 HAS_FULL = ("index", "scale")  # benchmarks with a 1M-row variant
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = ROOT.parent / "README.md"

@@ -7,7 +7,6 @@ The committed files must carry no outputs, so what is in the repository is never
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

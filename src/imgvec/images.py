@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from .errors import BadInputError, ImageSkipped
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Only these decoders may run: a file named .jpg that is really EPS must not reach Ghostscript.
