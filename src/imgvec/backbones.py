@@ -76,7 +76,7 @@ _TABLE = [
     ("densenet169",      "DenseNet169",        "densenet",            224,  1664,  12_642_880, _TORCH),
     ("densenet201",      "DenseNet201",        "densenet",            224,  1920,  18_321_984, _TORCH),
     ("nasnetmobile",     "NASNetMobile",       "nasnet",              224,  1056,   4_269_716, _TF),
-    ("nasnetlarge",      "NASNetLarge",        "nasnet",              331,  4032,  84_887_922, _TF),
+    ("nasnetlarge",      "NASNetLarge",        "nasnet",              331,  4032,  84_916_818, _TF),
     ("efficientnetb0",   "EfficientNetB0",     "efficientnet",        224,  1280,   4_049_571, _IN_MODEL),
     ("efficientnetb1",   "EfficientNetB1",     "efficientnet",        240,  1280,   6_575_239, _IN_MODEL),
     ("efficientnetb2",   "EfficientNetB2",     "efficientnet",        260,  1408,   7_768_569, _IN_MODEL),
