@@ -58,6 +58,19 @@ def test_resume_adds_only_new_images_and_keeps_old_rows(tmp_path: Path, image_di
     assert (third.added, third.already) == (0, 24)
 
 
+def test_rerun_with_nothing_new_does_not_load_the_model(store_path: Path, image_dir: Path, tmp_path: Path,
+                                                       monkeypatch):
+    def no_model(self):
+        raise AssertionError("the model was loaded with nothing to embed")
+
+    store = tmp_path / "copy.h5"
+    shutil.copy(store_path, store)
+    monkeypatch.setattr(imgvec.Embedder, "load", no_model)
+    for engine in ("local", "ray"):  # nor does it start Ray workers
+        again = imgvec.embed([image_dir], store, engine=engine)
+        assert (again.added, again.already) == (0, again.rows)
+
+
 def test_resume_with_another_backbone_is_refused(store_path: Path, image_dir: Path, tmp_path: Path):
     copy = tmp_path / "copy.h5"
     shutil.copy(store_path, copy)

@@ -10,14 +10,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
 from .classifier import DEFAULT_CS, LogisticHead, load_head
 from .distributed import ENGINES, embed_files_on_ray
-from .embedder import Embedder
+from .embedder import EmbeddedBatch, Embedder
 from .errors import BadInputError
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
@@ -92,8 +92,7 @@ def embed(
             run = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels, device=device,
                        precision=precision or writer.provenance.precision)
             embedder = _embedder_for_store(writer, model, weights, image_size, seed, run)
-            collection = find_images(sources, root=writer.root)
-            embedder.load()
+            collection = find_images(sources, root=writer.root)  # the model loads only if there is work
         else:
             embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels,
                                 device=device, precision=precision or "float32")
@@ -107,8 +106,9 @@ def embed(
         skipped: list[tuple[str, str]] = []
         finished = 0
         paths = list(key_of)
-        batches = (embedder.embed_files(paths) if engine == "local"
-                   else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
+        batches: Iterable[EmbeddedBatch] = (
+            () if not paths else embedder.embed_files(paths) if engine == "local"
+            else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
         for batch in batches:
             rows = [todo[i] for i in batch.indices]
             skips = [(key_of[s.path], s.reason) for s in batch.skipped]

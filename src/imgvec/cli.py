@@ -141,8 +141,8 @@ def embed(
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
     typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped{removed}, "
-               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s, "
-               f"{s.images_per_second:.1f} images/s)")
+               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s"
+               + (f", {s.images_per_second:.1f} images/s)" if s.added else ")"))
 
 
 @_command
