@@ -102,8 +102,8 @@ def test_index_is_built_from_bounded_chunks_with_the_same_result(tmp_path: Path,
     reads: list[int] = []
     original = Store.iter_embeddings
 
-    def spy(self, chunk: int = 65536):
-        for start, block in original(self, chunk):
+    def spy(self, chunk: int = 65536, start: int = 0):
+        for start, block in original(self, chunk, start):
             reads.append(len(block))
             yield start, block
 

@@ -10,14 +10,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
 from .classifier import DEFAULT_CS, LogisticHead, load_head
 from .distributed import ENGINES, embed_files_on_ray
-from .embedder import EmbeddedBatch, Embedder
+from .embedder import Embedder
 from .errors import BadInputError
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
@@ -106,9 +106,8 @@ def embed(
         skipped: list[tuple[str, str]] = []
         finished = 0
         paths = list(key_of)
-        batches: Iterable[EmbeddedBatch] = (
-            () if not paths else embedder.embed_files(paths) if engine == "local"
-            else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
+        batches = (embedder.embed_files(paths) if engine == "local"
+                   else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
         for batch in batches:
             rows = [todo[i] for i in batch.indices]
             skips = [(key_of[s.path], s.reason) for s in batch.skipped]

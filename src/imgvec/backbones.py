@@ -41,12 +41,9 @@ class Backbone:
     min_size: int = 32  # smallest input keras.applications accepts
 
     def preprocess_input(self) -> Callable[[Any], Any]:
-        from .device import import_tensorflow
+        from .device import import_keras
 
-        import_tensorflow()
-        import keras
-
-        return getattr(keras.applications, self.module).preprocess_input
+        return getattr(import_keras().applications, self.module).preprocess_input
 
 
 _CAFFE = "caffe: RGB->BGR, ImageNet mean subtracted"
@@ -200,11 +197,9 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
             f"--image-size {image_size} is too small for {backbone.name} "
             f"(at least {backbone.min_size})"
         )
-    from .device import import_tensorflow
+    from .device import import_keras
 
-    import_tensorflow()
-    import keras
-
+    keras = import_keras()
     constructor = getattr(keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
     # Keras prints download progress on stdout; keep stdout for results (json, csv).

@@ -69,8 +69,8 @@ class LogisticHead:
         # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
         paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs) for train, test in folds]
         classes = np.unique(y)
-        accuracy = np.array([[np.mean(classes[p.argmax(1)] == y[test]) for p in probs]
-                             for (_, test), probs in zip(folds, paths)])
+        predicted = [[classes[p.argmax(1)] for p in probs] for probs in paths]
+        accuracy = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, predicted)])
         loss = np.array([[log_loss(y[test], p, labels=classes) for p in probs] for (_, test), probs in zip(folds, paths)])
         # Best mean accuracy; among tied Cs (common on easy data) the best log loss, so the
         # probabilities are not needlessly flattened by the strongest regularisation.
@@ -80,8 +80,8 @@ class LogisticHead:
         self.cv_accuracy_ = float(accuracy[:, best].mean())
         self.cv_accuracy_std_ = float(accuracy[:, best].std())
         self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
-        for (_, test), probs in zip(folds, paths):
-            self.cv_predictions_[test] = classes[probs[best].argmax(1)]
+        for (_, test), preds in zip(folds, predicted):
+            self.cv_predictions_[test] = preds[best]
         lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.classes_ = lr.classes_.astype(str)
         self.mean_ = scaler.mean_.astype(np.float32)

@@ -65,6 +65,14 @@ def import_tensorflow() -> Any:
     return tf
 
 
+def import_keras() -> Any:
+    """Keras, with TensorFlow (its backend) imported quietly first."""
+    import_tensorflow()
+    import keras
+
+    return keras
+
+
 def visible_gpus() -> list[Any]:
     return list(import_tensorflow().config.list_physical_devices("GPU"))
 
@@ -90,9 +98,7 @@ def select_device(device: str = "auto") -> str:
 @contextlib.contextmanager
 def precision_policy(precision: str = "float32") -> Iterator[None]:
     """Build layers under ``precision``; the previous global Keras policy is restored afterwards."""
-    import_tensorflow()
-    import keras
-
+    keras = import_keras()
     check_choice("--precision", precision, PRECISIONS)
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed" else "float32")

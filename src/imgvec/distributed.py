@@ -61,6 +61,8 @@ def default_workers(ray: Any) -> int:
 def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | None = None,
                        workers: int | None = None, block_size: int | None = None) -> Iterator[EmbeddedBatch]:
     """Like ``embedder.embed_files(paths)``, but run by ``workers`` Ray actors; batches come back in order."""
+    if not paths:  # no cluster, no actors, no models for nothing
+        return
     ray = connect(address)
     from ray.util import ActorPool
 

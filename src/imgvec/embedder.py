@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, build_model, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice, import_tensorflow, precision_policy, select_device
+from .device import DEVICES, PRECISIONS, check_choice, import_keras, import_tensorflow, precision_policy, select_device
 from .errors import BadInputError, ImageSkipped, MismatchError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance
@@ -74,7 +74,6 @@ class Embedder:
         if batch_size < 1:
             raise BadInputError(f"--batch-size must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
-        self.model_batch = self.batch_size  # set for the device by load()
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.model_: Any = None
@@ -104,10 +103,14 @@ class Embedder:
     def dim(self) -> int:
         return self.backbone.dim
 
-    def provenance(self) -> Provenance:
-        tf = import_tensorflow()
-        import keras
+    @property
+    def model_batch(self) -> int:
+        """Images per model call: the whole batch on a GPU, at most CPU_MODEL_BATCH otherwise."""
+        on_gpu = (self.device_ or "").startswith("/GPU")
+        return self.batch_size if on_gpu else min(self.batch_size, CPU_MODEL_BATCH)
 
+    def provenance(self) -> Provenance:
+        tf, keras = import_tensorflow(), import_keras()
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,
@@ -141,7 +144,6 @@ class Embedder:
                 return tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
 
         self.device_ = device
-        self.model_batch = self.batch_size if device.startswith("/GPU") else min(self.batch_size, CPU_MODEL_BATCH)
         self.model_ = model
         self._fn = infer
         return self
@@ -184,8 +186,10 @@ class Embedder:
         """Embed ``paths`` batch by batch; bad files come back in ``skipped``, never raised.
 
         At most ``prefetch + 1`` batches of decoded pixels are held at once, so memory does
-        not grow with the number of files.
+        not grow with the number of files. With no paths the model is not even loaded.
         """
+        if not paths:
+            return
         self.load()
         bs = self.batch_size
         starts = range(0, len(paths), bs)

@@ -238,9 +238,8 @@ def extend_index(index: VectorIndex, store: Store) -> int:
     if not can_extend(index, store):
         raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
     added = store.rows - index.rows
-    step = chunk_rows(store.dim)
-    for start in range(index.rows, store.rows, step):
-        index.faiss_index.add(normalized(store.embeddings(start, start + step)))
+    for _, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
+        index.faiss_index.add(normalized(block))
     index.rows = store.rows
     return added
 

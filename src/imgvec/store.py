@@ -86,9 +86,9 @@ class Store:
         stop = self.rows if stop is None else min(stop, self.rows)
         return np.asarray(self.h5["embeddings"][start:stop], dtype=np.float32)
 
-    def iter_embeddings(self, chunk: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
-        """(start row, block) pairs covering every committed row, ``chunk`` rows at a time."""
-        for start in range(0, self.rows, chunk):
+    def iter_embeddings(self, chunk: int = 65536, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, block) pairs covering the committed rows from ``start`` on, ``chunk`` rows at a time."""
+        for start in range(start, self.rows, chunk):
             yield start, self.embeddings(start, start + chunk)
 
     def skipped(self) -> list[tuple[str, str]]:
