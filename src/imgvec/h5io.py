@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .fileio import atomic_path
 from .provenance import Provenance
 
 
@@ -49,15 +50,6 @@ def read_provenance(attrs: Any) -> Provenance:
     return Provenance.from_mapping(data)
 
 
-def fsync_path(path: str | os.PathLike[str]) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename after it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def open_h5(path: str | os.PathLike[str], fmt: str, missing: str) -> Iterator[Any]:
     """Open an imgvec HDF5 file read-only, checking that it exists and holds ``fmt``."""
@@ -83,13 +75,6 @@ def atomic_h5(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Write a new HDF5 file under a temporary name; rename it over ``path`` only on success."""
     import h5py
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             yield h5
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

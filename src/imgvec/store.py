@@ -29,7 +29,8 @@ from typing import Any, Collection, Iterator, Sequence
 import numpy as np
 
 from .errors import BadInputError
-from .h5io import decode_keys, encode_keys, fsync_path, read_provenance, str_dtype, write_provenance
+from .fileio import publish, temp_path
+from .h5io import decode_keys, encode_keys, read_provenance, str_dtype, write_provenance
 from .journal import JournalWriter, Record, journal_path, read_journal
 from .provenance import Provenance
 
@@ -164,17 +165,6 @@ def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     write_provenance(h5.attrs, provenance)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Make ``tmp`` durable and rename it over ``path`` (atomic on POSIX)."""
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 class StoreWriter:
     """The one way to add rows to a store, safely against kills and concurrent readers.
 
@@ -212,10 +202,10 @@ class StoreWriter:
             raise
 
     def _create(self, provenance: Provenance, root: str) -> None:
-        tmp = _tmp_name(self.path)
+        tmp = temp_path(self.path)
         with _h5open(tmp, "w") as h5:
             _init_layout(h5, provenance, root)
-        _publish(tmp, self.path)
+        publish(tmp, self.path)
 
     def append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
                skipped: Sequence[tuple[str, str]] = ()) -> None:
@@ -247,7 +237,7 @@ class StoreWriter:
             store_id, keys = old.store_id, old.paths()
         dropped = set(drop)
         doomed = dropped & set(keys)
-        tmp = _tmp_name(self.path)
+        tmp = temp_path(self.path)
         if doomed:
             _copy_without(self.path, tmp, doomed)
         else:
@@ -271,7 +261,7 @@ class StoreWriter:
             old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
-        _publish(tmp, self.path)
+        publish(tmp, self.path)
         jpath.unlink(missing_ok=True)
 
     def close(self, commit: bool = True) -> None:
