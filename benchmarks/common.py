@@ -28,6 +28,7 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     ``fill(start, n)``, paths ``img_0000000.jpg``..., random-weight mobilenetv2 provenance."""
     import h5py
 
+    from imgvec.artifact import Header, write_header
     from imgvec.provenance import Provenance
     from imgvec.store import _init_layout
 
@@ -36,7 +37,8 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with h5py.File(tmp, "w") as h5:
-        _init_layout(h5, Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim), str(path.parent))
+        prov = Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim)
+        _init_layout(h5, prov, str(path.parent))
         for name in ("embeddings", "paths", "labels"):
             h5[name].resize(rows, axis=0)
         for start in range(0, rows, chunk):
@@ -44,7 +46,7 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
             h5["embeddings"][start : start + n] = fill(start, n)
             h5["paths"][start : start + n] = [f"img_{i:07d}.jpg".encode() for i in range(start, start + n)]
             h5["labels"][start : start + n] = [b""] * n
-        h5.attrs["rows"] = rows
+        write_header(h5.attrs, Header("store", prov, str(h5.attrs["store_id"]), 0, rows, dim))
     tmp.rename(path)
     return path
 

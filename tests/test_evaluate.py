@@ -38,7 +38,7 @@ def test_store_from_another_backbone_is_refused(head: Path, holdout_dir: Path, t
     with pytest.raises(imgvec.MismatchError, match="backbone: mobilenetv3small vs mobilenetv2"):
         imgvec.evaluate(head, other)
     r = CliRunner().invoke(app, ["evaluate", str(head), str(other)])
-    assert r.exit_code == 3 and "-m mobilenetv3small --image-size 64 --weights none --seed 0" in r.stderr
+    assert r.exit_code == 3 and "(--model mobilenetv3small, --image-size 64, --weights none, --seed 0)" in r.stderr
 
 
 def test_unknown_classes_count_as_wrong(head: Path, holdout_dir: Path, tmp_path: Path):
@@ -60,7 +60,7 @@ def test_evaluate_cli_table_json_html(head: Path, holdout_dir: Path, tmp_path: P
     assert '<table class="cm">' in out.read_text() and "RANDOM WEIGHTS" in out.read_text()
     data = json.loads(runner.invoke(app, ["evaluate", str(head), str(holdout_dir), "-f", "json"]).stdout)
     assert data["images"] == 12 and len(data["confusion"]) == 4 and "reds" in data["report"]
-    for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "not an imgvec store")]:
+    for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "is an imgvec head file, not a store")]:
         r = runner.invoke(app, ["evaluate", str(head), *args])
         assert r.exit_code == 2 and message in r.stderr
 

@@ -19,7 +19,7 @@ from .classifier import DEFAULT_CS, LogisticHead, load_head, read_head, seen_in_
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .artifact import check_partner, peek
-from .errors import BadInputError, MismatchError
+from .errors import BadInputError, MismatchError, param
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
@@ -84,7 +84,7 @@ def embed(
     one) with ``ray_workers`` actors; this process still writes the store.
     """
     if engine not in ENGINES:
-        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        raise BadInputError(f"{param('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
     output = Path(output)
     start = time.perf_counter()
     writer: StoreWriter | None = None
@@ -173,8 +173,9 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     """
     start = time.perf_counter()
     gpu = use_faiss_gpu(faiss_gpu)
-    path = check_writable(Path(output) if output else index_path_for(store))
+    path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:
+        check_writable(path)
         old = None
         if path.exists() and not rebuild:
             try:
@@ -461,8 +462,9 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
     with open_store(path) as s:
         check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
                          fix=f"evaluate on an image folder instead, or embed it with the head's settings "
-                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights {_weights_arg(prov)}"
-                             + (f" --seed {prov.weights_seed})" if prov.is_random else ")"))
+                             f"({param('model')} {prov.backbone}, {param('image_size')} {prov.input_size}, "
+                             f"{param('weights')} {_weights_arg(prov)}"
+                             + (f", {param('seed')} {prov.weights_seed})" if prov.is_random else ")"))
         labels = np.asarray(s.labels(), dtype=object)
         keep = labels != ""
         X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)

@@ -44,7 +44,7 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ImgvecError as error:
-            _err(f"imgvec: error: {error}")
+            _err(f"imgvec: error: {error.cli_message()}")
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             _err("imgvec: interrupted")

@@ -82,6 +82,10 @@ class Embedder:
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":
         """The embedder that reproduces ``provenance`` exactly (same backbone, weights, size)."""
+        backbone = get_backbone(provenance.backbone)
+        if backbone.dim != provenance.dim:
+            raise MismatchError(f"the embeddings are recorded as {provenance.dim}-d from {backbone.name}, which makes "
+                                f"{backbone.dim}-d ones: the file is damaged or forged")
         weights = provenance.weights_spec
         if weights.kind == "file":
             path = weights_path or weights.path
