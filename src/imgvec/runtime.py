@@ -243,6 +243,14 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     return engine
 
 
+def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto") -> None:
+    """Do once, here, what each process loading this engine would otherwise repeat: OpenVINO's
+    conversion (Ray workers then only load the cached model)."""
+    if resolve_runtime(runtime, device) == "openvino":
+        with contextlib.suppress(ConversionFailed):  # the workers fall back to TensorFlow themselves
+            compiled_model(backbone, weights, image_size)
+
+
 def release_engines() -> int:
     """Forget every engine this process keeps loaded (their memory is freed); how many there were."""
     with _LOADED_LOCK:
