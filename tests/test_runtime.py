@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +28,12 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def calibrated_weights(name: str, size: int, path: Path) -> Path:
-    """Random weights whose BatchNorm statistics are those of a few images, saved to ``path``.
+    """Random weights with BatchNorm statistics from a few images (activations of order 1), saved to ``path``."""
+    from imgvec.backbones import build_model, calibrate_batchnorm
 
-    Random-init moving statistics (mean 0, variance 1) shrink activations layer by layer to
-    ~1e-9..1e-12, where any two runtimes "agree". Setting each BN layer's moving mean and
-    variance to the batch statistics it sees (layer by layer, earlier ones first) keeps
-    activations of order 1, so a parity check measures something.
-    """
-    from imgvec.backbones import build_model
-    from imgvec.device import import_keras
-
-    keras = import_keras()
     backbone = get_backbone(name)
     model = build_model(backbone, parse_weights("none"), size)
-    x = backbone.preprocess_input()(pixels(8, size, seed=7).astype("float32"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Keras: "the structure of inputs doesn't match" for sub-models
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                acts = keras.ops.convert_to_numpy(keras.Model(model.inputs, layer.input)(x, training=False))
-                axes = tuple(range(acts.ndim - 1))
-                layer.moving_mean.assign(acts.mean(axes))
-                layer.moving_variance.assign(acts.var(axes))
+    calibrate_batchnorm(model, backbone.preprocess_input()(pixels(8, size, seed=7).astype("float32")))
     model.save_weights(str(path))
     return path
 

@@ -247,3 +247,25 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                     f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 ) from error
     return model
+
+
+def calibrate_batchnorm(model: "keras.Model", images: Any) -> "keras.Model":
+    """Set each BatchNormalization layer's moving mean and variance to those of ``images``
+    (preprocessed), layer by layer, earlier layers first; returns ``model``.
+
+    Random-init statistics (mean 0, variance 1) shrink activations layer by layer to
+    ~1e-9..1e-12, where any two runtimes "agree": parity tests and benchmarks calibrate a
+    random network first so its activations are of order 1.
+    """
+    from .device import import_keras
+
+    keras = import_keras()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns that a sub-model's input structure is a list
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                acts = keras.ops.convert_to_numpy(keras.Model(model.inputs, layer.input)(images, training=False))
+                axes = tuple(range(acts.ndim - 1))
+                layer.moving_mean.assign(acts.mean(axes))
+                layer.moving_variance.assign(acts.var(axes))
+    return model
