@@ -79,7 +79,12 @@ class Embedder:
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":
-        """The embedder that reproduces ``provenance`` exactly (same backbone, weights, size)."""
+        """The embedder that reproduces ``provenance`` (same backbone, weights, size).
+
+        Runtime, device and precision are not taken over: they do not change what the rows
+        mean. Queries run in float32 unless asked (a mixed-precision store made on a GPU is
+        queried on the CPU without a bfloat16 parity check to fail).
+        """
         weights = provenance.weights_spec
         if weights.kind == "file":
             path = weights_path or weights.path
@@ -94,7 +99,6 @@ class Embedder:
                     f"(sha256 {weights.sha256})"
                 )
             weights = Weights("file", path=os.path.abspath(path), sha256=weights.sha256)
-        kwargs.setdefault("precision", provenance.precision)
         return cls(model=provenance.backbone, weights=weights, image_size=provenance.input_size, **kwargs)
 
     @property
