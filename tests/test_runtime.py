@@ -129,6 +129,8 @@ def test_a_backbone_that_does_not_convert_falls_back_to_tensorflow(monkeypatch, 
             engine = load_engine("auto", "mobilenetv3small", "none", 64, device="cpu")
         assert engine.runtime == "tensorflow"
     assert len(calls) == 1  # the failure is remembered in the cache: no second attempt
+    (entry,) = imgvec.cache().entries
+    assert not entry.ok and "no converter for op Foo" in entry.error
     runtime.release_engines()
 
 
@@ -183,8 +185,6 @@ def fake_convert(backbone, weights, image_size, folder):
                 fh.flush()
                 time.sleep(0.01)
     return {"source_weights": None, "tensorflow": "", "convert_s": 0.2}
-
-runtime._convert = fake_convert
 """
 
 
@@ -198,7 +198,8 @@ def fake_cache(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_two_processes_converting_at_once_leave_one_good_entry(fake_cache: Path):
-    code = FAKE_CONVERT + ("from imgvec.backbones import get_backbone, parse_weights\n"
+    code = FAKE_CONVERT + ("runtime._convert = fake_convert\n"
+                           "from imgvec.backbones import get_backbone, parse_weights\n"
                            "print(runtime.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]

@@ -452,6 +452,7 @@ class CacheEntry:
     created: str
     age_s: float
     ok: bool  # complete and undamaged, for this OpenVINO and Keras
+    error: str = ""  # why OpenVINO could not convert it (TensorFlow runs this model instead)
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -461,14 +462,15 @@ def cache_entries() -> list[CacheEntry]:
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
-        manifest = _read_manifest(entry) or _read_manifest(entry, FAILED) or {}
+        failed = _read_manifest(entry, FAILED) or {}
+        manifest = _read_manifest(entry) or failed
         key = manifest.get("key") or {}
         size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-        ok = MANIFEST in os.listdir(entry) and _entry_ok(entry, {**key, "openvino": dist_version("openvino"),
-                                                                  "keras": dist_version("keras")})
+        ok = _entry_ok(entry, {**key, "openvino": dist_version("openvino"), "keras": dist_version("keras")})
         entries.append(CacheEntry(entry, key.get("backbone", "?"), int(key.get("input_size", 0)),
                                   str(manifest.get("weights", key.get("weights", "?"))), size,
-                                  str(manifest.get("created", "")), time.time() - entry.stat().st_mtime, ok))
+                                  str(manifest.get("created", "")), time.time() - entry.stat().st_mtime, ok,
+                                  str(failed.get("error", ""))))
     return sorted(entries, key=lambda e: e.age_s)
 
 
