@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("tensorflow", "keras", "faiss-cpu", "scikit-learn", "pillow", "numpy", "hnswlib", "h5py"):
+    for dist in ("tensorflow", "keras", "openvino", "faiss-cpu", "scikit-learn", "pillow", "numpy", "hnswlib", "h5py"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -75,9 +75,21 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "versions": versions}
 
 
+def commit() -> str:
+    """The code measured: HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **data}
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "commit": commit(), "machine": machine(), **data}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
     return path

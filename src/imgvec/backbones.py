@@ -16,7 +16,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+from unittest import mock
 
 from .errors import BadInputError, MissingWeightsError
 
@@ -190,6 +191,26 @@ def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsErro
     )
 
 
+@contextlib.contextmanager
+def fetched_files() -> Iterator[list[str]]:
+    """Collect the local paths Keras' ``get_file`` returns meanwhile (the ImageNet weights file
+    a constructor loads), so a converted model can record which file, with which hash, it holds."""
+    from .device import import_keras
+
+    import_keras()
+    from keras.src.utils import file_utils
+
+    original, found = file_utils.get_file, []
+
+    def recording(*args: Any, **kwargs: Any) -> str:
+        path = original(*args, **kwargs)
+        found.append(str(path))
+        return path
+
+    with mock.patch.object(file_utils, "get_file", recording):
+        yield found
+
+
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
     """Build ``backbone`` without its classifier, global-average-pooled, for square inputs."""
     if image_size < backbone.min_size:
@@ -225,4 +246,26 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                     f"--weights {weights.path}: cannot load into {backbone.name} at "
                     f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 ) from error
+    return model
+
+
+def calibrate_batchnorm(model: "keras.Model", images: Any) -> "keras.Model":
+    """Set each BatchNormalization layer's moving mean and variance to those of ``images``
+    (preprocessed), layer by layer, earlier layers first; returns ``model``.
+
+    Random-init statistics (mean 0, variance 1) shrink activations layer by layer to
+    ~1e-9..1e-12, where any two runtimes "agree": parity tests and benchmarks calibrate a
+    random network first so its activations are of order 1.
+    """
+    from .device import import_keras
+
+    keras = import_keras()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns that a sub-model's input structure is a list
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                acts = keras.ops.convert_to_numpy(keras.Model(model.inputs, layer.input)(images, training=False))
+                axes = tuple(range(acts.ndim - 1))
+                layer.moving_mean.assign(acts.mean(axes))
+                layer.moving_variance.assign(acts.var(axes))
     return model
