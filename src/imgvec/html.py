@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .fileio import open_regular, write_text
 from .images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
+from .report import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     import jinja2
@@ -157,11 +158,6 @@ def dedup_page(result: "DedupResult", resolve: Callable[[str], str], title: str 
            f"{plural(result.near_groups, 'group')} of near duplicates (cosine >= {result.threshold:g}); "
            "scores are similarity to the group's first image"]
     return _page("dedup.html", title, [result.provenance], sub, groups=groups, missing=len(result.missing))
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 group', '2 groups'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 # -- tables and plots ---------------------------------------------------------------------

@@ -55,6 +55,9 @@ def embed(
     """
     if engine not in ENGINES:
         raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    for option, value in (("--workers", workers), ("--ray-workers", ray_workers)):
+        if value is not None and value < 1:
+            raise BadInputError(f"{option} must be at least 1, not {value}")
     output = Path(output)
     start = time.perf_counter()
     writer: StoreWriter | None = None
@@ -101,6 +104,15 @@ def embed(
                             len(collection.files) - len(todo), len(writer.keys), skipped,
                             time.perf_counter() - start, len(removed), build_seconds,
                             time.perf_counter() - embed_start)
+    except KeyboardInterrupt as interrupt:  # say what is kept: a KeyboardInterrupt still, for notebooks too
+        if writer is None:
+            interrupt.args = ("nothing was stored yet",)
+        else:
+            writer.close()
+            interrupt.args = (f"{len(writer.keys)} rows are safely stored in {output}; "
+                              "running the same command again resumes from there",)
+            writer = None
+        raise
     finally:
         if writer is not None:
             writer.close()  # on an error or Ctrl-C, what was embedded is still committed

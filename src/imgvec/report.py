@@ -25,6 +25,11 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 group', '2 groups'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
