@@ -15,6 +15,12 @@ def test_csv_defuses_formulas_and_keeps_odd_names_intact():
     assert rows[3][0] == "'@x.png" and rows[4] == ["'-rf.png", "2"]
 
 
+def test_csv_header_is_defused_too():
+    """Class names become CSV column names (predict): a class named like a formula must not run."""
+    rows = list(csv.reader(io.StringIO(to_csv(["path", "=cmd|' /C calc'!A0", "+x"], [["a.png", 0.5, 0.5]]))))
+    assert rows[0] == ["path", "'=cmd|' /C calc'!A0", "'+x"]
+
+
 def test_render_formats():
     data = [{"name": "<script>.jpg", "score": 0.25}]
     assert json.loads(render("json", data, ["name", "score"], [("<script>.jpg", 0.25)])) == data

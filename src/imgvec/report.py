@@ -33,7 +33,7 @@ def plural(count: int, noun: str) -> str:
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow([csv_cell(h) for h in header])  # class names become column names: defused as well
     writer.writerows([csv_cell(v) for v in row] for row in rows)
     return out.getvalue()
 
