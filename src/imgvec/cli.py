@@ -185,7 +185,8 @@ def embed(
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
-    speed = (f": model built in {s.build_seconds:.1f}s, then {s.images_per_second:.1f} images/s" if s.added else "")
+    built = f"model built in {s.build_seconds:.1f}s, then " if s.build_seconds else ""
+    speed = f": {built}{s.images_per_second:.1f} images/s" if s.added else ""
     typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped{removed}, "
                f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s{speed})")
 
