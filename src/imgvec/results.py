@@ -103,6 +103,9 @@ class TrainSummary:
     report: dict[str, Any]
     confusion: np.ndarray
     seconds: float
+    n_Cs: int = 0  # regularisation strengths tried
+    search_seconds: float = 0.0  # choosing C by cross-validation
+    fit_seconds: float = 0.0  # the one final fit at that C
 
 
 @dataclass
@@ -155,6 +158,7 @@ class Evaluation:
     n_unlabelled: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    seen_in_training: int = 0  # evaluated images the head was trained on: those are not held out
     chance: dict[str, float] = field(default_factory=dict)  # :func:`chance_accuracies` of the evaluated labels
 
 
