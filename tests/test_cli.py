@@ -90,7 +90,7 @@ def test_models_and_info(cli_store: Path):
     assert {m["name"]: m for m in models}["convnexttiny"]["top1"] is None  # Keras publishes none: null, not invented
     info = json.loads(run("info", cli_store, "-f", "json").stdout)
     assert info["rows"] == 24 and info["skipped"] == 1 and info["labels"]["reds"] == 6
-    assert info["provenance"]["weights"] == "random" and info["index"]["up_to_date"] is True
+    assert info["provenance"]["weights"] == "random" and info["index"]["state"] == "up to date"
     assert "RANDOM weights" in run("info", cli_store).stdout
 
 

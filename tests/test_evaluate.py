@@ -67,7 +67,7 @@ def test_evaluate_cli_table_json_html(head: Path, holdout_dir: Path, tmp_path: P
     data = json.loads(runner.invoke(app, ["evaluate", str(head), str(holdout_dir), "-f", "json"]).stdout)
     assert data["images"] == 12 and len(data["confusion"]) == 4 and "reds" in data["report"]
     assert data["chance"] == {"majority_class": 0.25, "stratified_random": 0.25}
-    for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "not an imgvec store")]:
+    for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "is an imgvec head file, not a store")]:
         r = runner.invoke(app, ["evaluate", str(head), *args])
         assert r.exit_code == 2 and message in r.stderr
 

@@ -63,8 +63,9 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     """
     start = time.perf_counter()
     gpu = use_faiss_gpu(faiss_gpu)
-    path = check_writable(Path(output) if output else index_path_for(store))
-    with open_store(store) as s:
+    path = Path(output) if output else index_path_for(store)
+    with open_store(store) as s:  # a missing store is the first thing to say
+        check_writable(path)
         old = None
         if path.exists() and not rebuild:
             try:
