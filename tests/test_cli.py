@@ -250,3 +250,23 @@ def test_merge_cli(cli_store: Path, tmp_path: Path):
     assert "24 rows from 2 stores (24 duplicate paths dropped" in r.stdout
     info = json.loads(run("info", tmp_path / "all.h5", "-f", "json").stdout)
     assert info["rows"] == 24 and info["provenance"]["precision"] == "float32"
+
+
+@pytest.mark.parametrize("command", [
+    ["query", "{store}", "{photo}"],
+    ["predict", "{head}", "{photo}"],
+    ["evaluate", "{head}", "{folder}"],
+    ["compare", "{folder}", "-m", "mobilenetv3small", "--stores", "{tmp}/stores"],
+])
+def test_html_output_is_checked_before_the_work(command, cli_store: Path, tmp_path: Path):
+    """A missing folder for --html is one line at once, not a traceback after the whole run."""
+    values = dict(store=cli_store, photo=cli_store.parent / "photos" / "reds" / "reds_000.png",
+                  head=tmp_path / "head.h5", folder=cli_store.parent / "photos", tmp=tmp_path)
+    if command[0] in ("predict", "evaluate"):
+        run("train", cli_store, "-o", values["head"], "--cv", "2")
+    args = [a.format(**values) for a in command] + ["--html", str(tmp_path / "missing" / "page.html")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == f"imgvec: error: cannot write {tmp_path}/missing/page.html: the folder " \
+                            f"{tmp_path}/missing does not exist\n"
+    assert result.stdout == "" and not (tmp_path / "stores").exists()  # nothing was computed or written

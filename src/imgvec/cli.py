@@ -16,6 +16,7 @@ import typer.core
 from . import api, report
 from .report import plural
 from .errors import ImgvecError
+from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
 
@@ -88,6 +89,12 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
     if fmt not in allowed:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
+
+
+def _check_html(html: Path | None) -> None:
+    """The page is written after the work: check where it goes before, so a typo costs nothing."""
+    if html is not None:
+        check_writable(html)
 
 
 def _warn_random(prov: Provenance) -> None:
@@ -233,6 +240,7 @@ def query(
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
+    _check_html(html)
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
@@ -280,6 +288,7 @@ def predict(
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
+    _check_html(html)
     r = api.predict(head, images, weights=weights)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
@@ -419,6 +428,7 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
+    _check_html(html)
     bar = _PerModelBar()
     try:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
@@ -518,6 +528,7 @@ def evaluate(
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
+    _check_html(html)
     e = api.evaluate(head, data, weights=weights)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
