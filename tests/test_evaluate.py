@@ -33,6 +33,21 @@ def test_evaluate_on_a_store_made_the_same_way(head: Path, holdout_dir: Path, tm
     assert imgvec.evaluate(head, store).accuracy == pytest.approx(imgvec.evaluate(head, holdout_dir).accuracy)
 
 
+def test_predict_on_a_labelled_store_marks_right_and_wrong(head: Path, holdout_dir: Path, tmp_path: Path, small):
+    """A store of labelled images needs no embedding: its rows are predicted, its labels are the truth."""
+    store = tmp_path / "holdout.h5"
+    imgvec.embed([holdout_dir], store, **small)
+    preds = imgvec.predict(head, [store])
+    assert len(preds.predictions) == 12 and all(p.truth == Path(p.path).parent.name for p in preds.predictions)
+    assert preds.accuracy == pytest.approx(imgvec.evaluate(head, store).accuracy)
+    r = CliRunner().invoke(app, ["predict", str(head), str(store)])
+    assert r.exit_code == 0 and f"accuracy {preds.accuracy:.3f}" in r.stdout
+    other = tmp_path / "other.h5"
+    imgvec.embed([holdout_dir / "reds"], other, model="mobilenetv2", weights="none", image_size=64)
+    r = CliRunner().invoke(app, ["predict", str(head), str(other)])
+    assert r.exit_code == 3 and "predict on its images instead" in r.stderr
+
+
 def test_store_from_another_backbone_is_refused(head: Path, holdout_dir: Path, tmp_path: Path):
     other = tmp_path / "other.h5"
     imgvec.embed([holdout_dir], other, model="mobilenetv2", weights="none", image_size=64)

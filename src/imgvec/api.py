@@ -180,12 +180,28 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
             batch_size: int = 32) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
-    Images in class folders (one folder of class subfolders, or class folders given one by
-    one) carry their folder as ``truth``, so right and wrong can be shown.
+    ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
+    rows are used as they are. Images in class folders (one folder of class subfolders, or class
+    folders given one by one) and labelled store rows carry their label as ``truth``, so right
+    and wrong can be shown.
     """
     model, prov = load_head(head)
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
-    names, emb, skipped, truths = _embed_inputs(embedder, images)
+    stores = [Path(p) for p in images if _is_store(p)]
+    files = [p for p in images if not _is_store(p)]
+    names: list[str] = []
+    emb = np.zeros((0, prov.dim), np.float32)
+    skipped: list[tuple[str, str]] = []
+    truths: list[str] = []
+    if files:
+        embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+        names, emb, skipped, truths = _embed_inputs(embedder, files)
+    for path in stores:
+        with open_store(path) as s:
+            check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
+                             fix=f"predict on its images instead, or embed them with {_head_settings(prov)}")
+            names += [_display(s.absolute(k)) for k in s.paths()]
+            emb = np.concatenate([emb, s.embeddings()])
+            truths += s.labels()
     classes = [str(c) for c in model.classes_]
     if not set(truths) & set(classes):
         truths = [""] * len(names)  # folders that are not the head's classes say nothing about right or wrong
@@ -272,13 +288,21 @@ def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Pa
     return html.write(output, html.predict_page(predictions, top=top))
 
 
+def _is_store(path: PathLike) -> bool:
+    return Path(path).suffix.lower() in (".h5", ".hdf5") and Path(path).is_file()
+
+
+def _head_settings(prov: Provenance) -> str:
+    """The embed options that reproduce a head's embeddings."""
+    return (f"the head's settings (-m {prov.backbone} --image-size {prov.input_size} --weights {weights_arg(prov)}"
+            + (f" --seed {prov.weights_seed})" if prov.is_random else ")"))
+
+
 def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
                          ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     with open_store(path) as s:
         check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
-                         fix=f"evaluate on an image folder instead, or embed it with the head's settings "
-                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights {weights_arg(prov)}"
-                             + (f" --seed {prov.weights_seed})" if prov.is_random else ")"))
+                         fix=f"evaluate on an image folder instead, or embed it with {_head_settings(prov)}")
         labels = np.asarray(s.labels(), dtype=object)
         keep = labels != ""
         X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)

@@ -280,7 +280,7 @@ def train(
 @_command
 def predict(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
-    images: list[Path] = typer.Argument(..., help="images or folders of them"),
+    images: list[Path] = typer.Argument(..., help="images, folders of them, or stores (.h5) made with the head's settings"),
     fmt: str = FormatOpt,
     top: int = typer.Option(3, "--top", help="probabilities shown per image in the table"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
