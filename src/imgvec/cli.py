@@ -14,11 +14,11 @@ import typer
 import typer.core
 
 from . import api, report
-from .report import plural
 from .errors import ImgvecError
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
+from .report import plural
 
 
 # click's base error, wherever this typer keeps click (its own copy since typer 0.23, the click package before)
