@@ -133,6 +133,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A value for a message: plain Python, never a numpy repr."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return repr(value)
+
+
 def get_attr(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], path: Any, kind: str,
          default: Any = ..., minimum: int | None = None) -> Any:
     """Attribute ``name`` as ``typ``; a missing or ill-typed one is a damaged file."""
@@ -144,7 +150,7 @@ def get_attr(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], 
     if typ is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, typ):
-        raise damaged(path, kind, f"attribute {name!r} is {value!r}, not {getattr(typ, '__name__', typ)}")
+        raise damaged(path, kind, f"attribute {name!r} is {_shown(value)}, not {getattr(typ, '__name__', typ)}")
     if minimum is not None and value < minimum:
         raise damaged(path, kind, f"attribute {name!r} is {value}, below {minimum}")
     return value
@@ -176,7 +182,7 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
     for f in fields(Provenance):  # recorded-only fields: a wrong type is still damage
         if f.name in data and data[f.name] is not None and f.type in ("str", "int") and not isinstance(
                 data[f.name], str if f.type == "str" else int):
-            raise damaged(path, kind, f"attribute {f.name!r} is {data[f.name]!r}")
+            raise damaged(path, kind, f"attribute {f.name!r} is {_shown(data[f.name])}")
     return Provenance(**data)
 
 
@@ -204,7 +210,7 @@ def read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
     if version == 1:
         return _migrate_v1(attrs, path, kind, provenance)
     if get_attr(attrs, "kind", str, path, kind) != kind:
-        raise damaged(path, kind, f"kind attribute {_plain(attrs['kind'])!r} disagrees with format {fmt!r}")
+        raise damaged(path, kind, f"kind attribute {_shown(_plain(attrs['kind']))} disagrees with format {fmt!r}")
     header = Header(kind, provenance, get_attr(attrs, "store_id", str, path, kind),
                     get_attr(attrs, "generation", int, path, kind, minimum=0),
                     get_attr(attrs, "rows", int, path, kind, minimum=0), get_attr(attrs, "dim", int, path, kind, minimum=1))

@@ -54,7 +54,7 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
             raise BadInputError(f"need at least 2 classes to train, found {len(classes)}: {list(classes)}")
         if self.cv < 2:
             raise BadInputError(f"{param('cv')} must be at least 2, not {self.cv}")
-        small = [f"{c!r} ({n})" for c, n in zip(classes, counts) if n < self.cv]
+        small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < self.cv]
         if small:
             raise BadInputError(
                 f"{param('cv')} {self.cv} needs at least {self.cv} images per class; too few in {', '.join(small)}"
@@ -185,7 +185,7 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
             default = getattr(head, name, 0) if header.format_version == 1 else ...
             setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
     if n < 2 or len(set(head.classes_.tolist())) != n:
-        raise damaged(path, "head", f"classes {head.classes_.tolist()!r} are not 2 or more distinct names")
+        raise damaged(path, "head", f"classes {[str(c) for c in head.classes_]} are not 2 or more distinct names")
     if not (head.scale_ > 0).all():
         raise damaged(path, "head", "'scale' has zero or negative values")
     return head, header

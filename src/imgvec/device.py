@@ -39,6 +39,8 @@ def _native_stderr_muted() -> Iterator[None]:
         os.dup2(sink.fileno(), 2)
         try:
             yield
+        except KeyboardInterrupt:  # the user stopped it: TensorFlow's start-up lines explain nothing
+            raise
         except BaseException:
             os.dup2(saved, 2)
             sink.seek(0)
