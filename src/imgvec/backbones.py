@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import BadInputError, MissingWeightsError
+from .fileio import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -142,11 +143,9 @@ class Weights:
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a regular file (a FIFO or device raises :class:`~imgvec.fileio.NotRegularFile`, never hangs)."""
+    with open_regular(path) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
