@@ -513,6 +513,15 @@ class DedupResult:
     missing: list[str]  # files that could not be read for hashing
     seconds: float
     method: str = "exact"  # how pairs were searched: "exact", or the inverted-list settings
+    share_above: float = 0.0  # estimated share of all pairs of images above the threshold
+
+    @property
+    def degenerate(self) -> bool:
+        """Most pairs are above the threshold: the features cannot tell images apart (random
+        weights, a wrong backbone) and the groups mean little."""
+        from .duplicates import DEGENERATE_SHARE
+
+        return self.share_above > DEGENERATE_SHARE
 
     @property
     def exact_groups(self) -> int:
@@ -536,7 +545,7 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     with open_store(store) as s:
         found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
         return DedupResult(Path(store), s.provenance, threshold, s.rows, found.groups, found.candidates,
-                           found.missing, time.perf_counter() - start, found.method)
+                           found.missing, time.perf_counter() - start, found.method, found.share_above)
 
 
 def dedup_page(result: DedupResult) -> str:
