@@ -111,14 +111,22 @@ def test_stale_index_is_detected(store_path: Path, image_dir: Path, tmp_path: Pa
     shutil.copytree(image_dir / "reds", extra / "reds")
     (extra / "reds" / "reds_000.png").rename(extra / "reds" / "new.png")
     imgvec.embed([extra / "reds" / "new.png"], copy)
-    with pytest.raises(MismatchError, match="run `imgvec index"):
+    with pytest.raises(MismatchError, match=r"rebuild it \(imgvec index"):
         imgvec.query(copy, [image_dir / "reds"], k=2)
-    assert imgvec.info(copy)["index"]["up_to_date"] is False
+    assert imgvec.info(copy)["index"]["state"].startswith("stale: index covers 24 rows")
     imgvec.build_index(copy)
-    assert imgvec.info(copy)["index"]["up_to_date"] is True
+    assert imgvec.info(copy)["index"]["state"] == "up to date"
+    top = imgvec.query(copy, [extra / "reds" / "new.png"], k=2).queries[0].results  # new.png is a copy of reds_000
+    assert {Path(n.path).name for n in top} == {"new.png", "reds_000.png"} and top[1].score > 0.999
 
 
-def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir: Path, small):
+@pytest.mark.parametrize("fallback_rows", [100_000, 10], ids=["in-memory-fallback", "index-file-required"])
+def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir: Path, small, monkeypatch,
+                                                       fallback_rows: int):
+    import imgvec.api
+
+    # Above the fallback size a store can only be queried through its index file.
+    monkeypatch.setattr(imgvec.api, "AUTO_FLAT_MAX_ROWS", fallback_rows)
     folder = tmp_path / "photos"
     shutil.copytree(image_dir, folder)
     store = tmp_path / "photos.h5"
@@ -143,6 +151,17 @@ def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir
         imgvec.query(store, [folder / "reds"], k=1)
     rebuilt = imgvec.build_index(store)
     assert (rebuilt.updated, rebuilt.rows) == (False, 24)
+    # The user's next step: the rebuilt index answers queries, and never with the removed row.
+    hits = imgvec.query(store, [folder / "blues", folder / "reds" / "copy.png"], k=24)
+    found = {n.path for q in hits.queries for n in q.results}
+    assert "blues/blues_001.png" not in found and len(hits.queries[0].results) == 24
+    assert hits.queries[-1].results[0].path in {"reds/copy.png", "reds/reds_000.png"}
+    assert imgvec.info(store)["index"]["state"] == "up to date"
+    # And the index keeps up with later runs (extended again, then queried).
+    shutil.copy(folder / "greens" / "greens_000.png", folder / "greens" / "copy.png")
+    imgvec.embed([folder], store)
+    assert imgvec.build_index(store).updated
+    assert imgvec.query(store, [folder / "greens" / "copy.png"], k=1).queries[0].results[0].score > 0.999
 
 
 def test_messy_folder_embeds_the_good_and_lists_the_bad(tmp_path: Path, image_dir: Path, small):

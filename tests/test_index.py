@@ -62,7 +62,7 @@ def test_save_load_round_trip_and_coverage_checks(tmp_path: Path):
     with StoreWriter(tmp_path / "s.h5") as w:
         w.append(x[:1], ["new.png"], [""])
     with open_store(tmp_path / "s.h5") as s:
-        with pytest.raises(MismatchError, match=r"covers 200 rows but .* now has 201; run `imgvec index"):
+        with pytest.raises(MismatchError, match=r"covers 200 rows but .* has 201; rebuild it \(imgvec index"):
             loaded.check_covers(s)
     with _store(tmp_path / "other.h5", x) as other:
         with pytest.raises(MismatchError, match="built from another store"):
@@ -74,7 +74,7 @@ def test_kind_choice():
     assert choose_kind("auto", 10_000_000) == "hnsw"
     with pytest.raises(BadInputError, match="expected one of"):
         choose_kind("annoy", 10)
-    with pytest.raises(BadInputError, match="ivfpq needs at least"):
+    with pytest.raises(BadInputError, match="ivfpq index needs at least"):
         choose_kind("ivfpq", 10)
 
 

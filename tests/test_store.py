@@ -132,7 +132,7 @@ def test_errors(tmp_path: Path):
     with pytest.raises(BadInputError, match="no such store"):
         open_store(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_text("not hdf5")
-    with pytest.raises(BadInputError, match="cannot open as HDF5"):
+    with pytest.raises(BadInputError, match="not an HDF5 file"):
         open_store(tmp_path / "junk.h5")
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["x"] = 1

@@ -15,10 +15,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
-from .classifier import DEFAULT_CS, LogisticHead, load_head
+from .classifier import DEFAULT_CS, LogisticHead, load_head, read_head, seen_in_training
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
-from .errors import BadInputError
+from .artifact import check_partner, peek
+from .errors import BadInputError, MismatchError
+from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
@@ -171,9 +173,14 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     """
     start = time.perf_counter()
     gpu = use_faiss_gpu(faiss_gpu)
-    path = Path(output) if output else index_path_for(store)
+    path = check_writable(Path(output) if output else index_path_for(store))
     with open_store(store) as s:
-        old = load_index(path, gpu) if path.exists() and not rebuild else None
+        old = None
+        if path.exists() and not rebuild:
+            try:
+                old = load_index(path, gpu)
+            except BadInputError:  # damaged or from an older imgvec: an index is derived data, build it anew
+                old = None
         wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
         if old is not None and old.kind == wanted and can_extend(old, s):
             added = extend_index(old, s)
@@ -293,6 +300,9 @@ class TrainSummary:
     report: dict[str, Any]
     confusion: np.ndarray
     seconds: float
+    n_Cs: int = 0  # regularisation strengths tried
+    search_seconds: float = 0.0  # choosing C by cross-validation
+    fit_seconds: float = 0.0  # the one final fit at that C
 
 
 def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS) -> TrainSummary:
@@ -300,6 +310,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
+    check_writable(output)
     with open_store(store) as s:
         labels = np.asarray(s.labels())
         keep = labels != ""
@@ -307,15 +318,17 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
             raise BadInputError(
                 f"{s.path} has no labels; embed one folder whose images sit in one subfolder per class")
         X = s.embeddings()[keep]
-        prov, store_id = s.provenance, s.store_id
+        prov, store_id, generation = s.provenance, s.store_id, s.generation
+        trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
     head = LogisticHead(cv=cv, Cs=Cs).fit(X, y)
-    path = head.save(output, prov, store_id)
+    path = head.save(output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
     confusion = confusion_matrix(y, head.cv_predictions_, labels=classes)
     return TrainSummary(path, prov, classes, int(keep.sum()), int((~keep).sum()), head.C_, head.cv_accuracy_,
-                        head.cv_accuracy_std_, report, confusion, time.perf_counter() - start)
+                        head.cv_accuracy_std_, report, confusion, time.perf_counter() - start,
+                        len(head.C_grid()), head.search_seconds_, head.fit_seconds_)
 
 
 @dataclass
@@ -352,22 +365,49 @@ def models() -> list[Backbone]:
     return list(BACKBONES.values())
 
 
-def info(store: PathLike) -> dict[str, Any]:
-    """A store's provenance, counts, labels and index status, as plain data."""
-    with open_store(store) as s:
-        labels = s.labels()
-        counts = {label: labels.count(label) for label in sorted(set(labels)) if label}
-        data: dict[str, Any] = {
-            "store": str(s.path), "root": s.root, "store_id": s.store_id, "rows": s.rows, "dim": s.dim,
-            "skipped": len(s.skipped()), "labels": counts, "unlabelled": labels.count(""),
-            "provenance": s.provenance, "index": None, "pending_rows": s.pending_rows(),
-        }
-        ipath = index_path_for(s.path)
-        if ipath.exists():
-            vindex = load_index(ipath)
-            fresh = can_extend(vindex, s) and vindex.rows == s.rows
-            data["index"] = {"path": str(ipath), "kind": vindex.kind, "rows": vindex.rows, "up_to_date": fresh}
+def info(path: PathLike) -> dict[str, Any]:
+    """What an imgvec file (store, index or head) is and holds, as plain data, from its header.
+
+    Reads attributes and small datasets only: an index is never deserialised, a store's
+    embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
+    """
+    kind, header, extra = peek(path)
+    data: dict[str, Any] = {"file": str(path), "kind": kind, "format_version": header.format_version,
+                            "store_id": header.store_id, "generation": header.generation,
+                            "rows": header.rows, "dim": header.dim}
+    if kind == "store":
+        with open_store(path) as s:
+            labels = s.labels()
+            data.update(root=s.root, skipped=len(s.skipped()), pending_rows=s.pending_rows(),
+                        labels={label: labels.count(label) for label in sorted(set(labels)) if label},
+                        unlabelled=labels.count(""), index=_index_status(s))
+    elif kind == "index":
+        data.update(index_kind=extra.get("index_kind"), metric=extra.get("metric"),
+                    faiss_version=extra.get("faiss_version"), bytes=os.path.getsize(path))
+    else:
+        head, _ = read_head(path)
+        data.update(classes=[str(c) for c in head.classes_], C=float(head.C_), cv=int(head.cv),
+                    cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
+    data["provenance"] = header.provenance
     return data
+
+
+def _index_status(store: Store) -> dict[str, Any] | None:
+    """The store's default index file, from its header alone: kind, rows, whether it covers the store."""
+    ipath = index_path_for(store.path)
+    if not ipath.exists():
+        return None
+    try:
+        kind, header, extra = peek(ipath)
+        if kind != "index":
+            raise BadInputError(f"{ipath}: is an imgvec {kind} file, not an index")
+        check_partner(header, store.current_header(), "index", "store", "")
+        state = "up to date"
+    except MismatchError as error:
+        state = f"stale: {error}"
+    except BadInputError as error:
+        return {"path": str(ipath), "state": f"unusable: {error}"}
+    return {"path": str(ipath), "kind": extra.get("index_kind"), "rows": header.rows, "state": state}
 
 
 # -- galleries, evaluation, backbone comparison, duplicates -----------------------------
@@ -413,9 +453,11 @@ class Evaluation:
     n_unlabelled: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    seen_in_training: int = 0  # evaluated images the head was trained on: those are not held out
 
 
-def _labelled_from_store(path: Path, prov: Provenance, head: PathLike) -> tuple[np.ndarray, np.ndarray, int]:
+def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
+                         ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     with open_store(path) as s:
         check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
                          fix=f"evaluate on an image folder instead, or embed it with the head's settings "
@@ -424,21 +466,23 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike) -> tuple[
         labels = np.asarray(s.labels(), dtype=object)
         keep = labels != ""
         X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)
-    return X, labels[keep].astype(str), int((~keep).sum())
+        paths = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
+    return X, labels[keep].astype(str), int((~keep).sum()), paths
 
 
 def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int
-                          ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]]]:
+                          ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
     embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
-    blocks, y, skipped = [], [], []
+    blocks, y, skipped, paths = [], [], [], []
     for batch in embedder.embed_files([f.path for f in labelled]):
         blocks.append(batch.embeddings)
         y.extend(labelled[i].label for i in batch.indices)
+        paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
-    return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped
+    return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32) -> Evaluation:
@@ -454,9 +498,9 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     data = Path(data)
     skipped: list[tuple[str, str]] = []
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
-        X, y, n_unlabelled = _labelled_from_store(data, prov, head)
+        X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped = _labelled_from_folder(data, prov, weights, batch_size)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:
@@ -471,7 +515,8 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     confusion = confusion_matrix(y, predicted, labels=labels)
     unknown = {c: int((y == c).sum()) for c in unknown_labels}
     return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
-                      confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start)
+                      confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start,
+                      seen_in_training(model, paths))
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:

@@ -9,24 +9,30 @@ lines over the saved coefficients, so a head file never needs pickle to load.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
+from .artifact import Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, opened, path_digests, str_dtype
 from .errors import BadInputError
 from .provenance import Provenance
-from .h5io import atomic_h5, decode_keys, open_h5, encode_keys, read_provenance, str_dtype, write_provenance
 
-FORMAT = "imgvec-head"
 # Features are standardised first, so C above ~10 is practically unregularised; with
 # thousands of correlated CNN features the best C is often 1e-4..1e-2 (measured in
 # benchmarks/bench_classifier.py), so the grid reaches two decades below that.
 DEFAULT_CS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-class LogisticHead:
-    """Standardise, then multinomial logistic regression with C chosen by stratified CV."""
+class LogisticHead(ClassifierMixin, BaseEstimator):
+    """Standardise, then multinomial logistic regression with C chosen by stratified CV.
+
+    A scikit-learn estimator: ``get_params``/``set_params``/``sklearn.base.clone`` work, and
+    ``fit`` records how long the C search took (``search_seconds_``) against the final fit
+    (``fit_seconds_``).
+    """
 
     def __init__(self, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
                  tol: float = 1e-4, cv_tol: float = 1e-3, random_state: int = 0) -> None:
@@ -61,6 +67,7 @@ class LogisticHead:
         from sklearn.preprocessing import StandardScaler
 
         X, y = self._validate(X, y)
+        started = time.perf_counter()
         scaler = StandardScaler().fit(X)
         Z = scaler.transform(X).astype(np.float32)
         Cs = self.C_grid()
@@ -82,7 +89,10 @@ class LogisticHead:
         self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
         for (_, test), preds in zip(folds, predicted):
             self.cv_predictions_[test] = preds[best]
+        self.search_seconds_ = time.perf_counter() - started
+        started = time.perf_counter()
         lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
+        self.fit_seconds_ = time.perf_counter() - started
         self.classes_ = lr.classes_.astype(str)
         self.mean_ = scaler.mean_.astype(np.float32)
         self.scale_ = scaler.scale_.astype(np.float32)
@@ -128,31 +138,60 @@ class LogisticHead:
     _ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
     _SCALARS = ("C_", "cv_accuracy_", "cv_accuracy_std_", "n_train_", "cv", "max_iter", "tol", "cv_tol", "random_state")
 
-    def save(self, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "") -> Path:
-        """Write coefficients, classes, scaling and provenance to HDF5 (atomic rename)."""
-        with atomic_h5(path) as h5:
+    def save(self, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "", generation: int = 0,
+             train_paths: Sequence[str] = ()) -> Path:
+        """Write coefficients, classes, scaling and provenance to HDF5 (atomic rename).
+
+        ``train_paths`` (absolute image paths) are kept as 8-byte digests, so ``evaluate`` can
+        say how many of the images it scores the head has already seen.
+        """
+        header = Header("head", provenance, store_id, generation, int(self.n_train_), provenance.dim)
+        with create(path, header) as h5:
             for name in self._ARRAYS:
                 h5.create_dataset(name.rstrip("_"), data=getattr(self, name))
             h5.create_dataset("classes", data=encode_keys(self.classes_), dtype=str_dtype())
-            h5.attrs["format"] = FORMAT
-            h5.attrs["store_id"] = store_id
+            h5.create_dataset("train_paths", data=path_digests(train_paths))
             for name in self._SCALARS:
                 h5.attrs[name] = getattr(self, name)
-            write_provenance(h5.attrs, provenance)
         return Path(path)
 
 
 def load_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Provenance]:
     """Read a head file written by :meth:`LogisticHead.save`; no code is ever executed."""
-    with open_h5(path, FORMAT, f"no such head file (make one with `imgvec train STORE -o {path}`)") as h5:
+    head, header = read_head(path)
+    return head, header.provenance
+
+
+def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
+    """The head and its header, validated: shapes agree with the classes and dim, values finite, scales > 0."""
+    with opened(path, "head", f"no such head file (make one with imgvec train STORE -o {path})") as (h5, header):
+        classes = dataset(h5, "classes", path, "head", 1, "str")
+        n, dim = classes.shape[0], header.dim
+        shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
         head = LogisticHead()
-        for name in LogisticHead._ARRAYS:
-            setattr(head, name, np.asarray(h5[name.rstrip("_")][()], dtype=np.float32))
-        head.classes_ = np.asarray(decode_keys(h5["classes"], h5["classes"].shape[0]))
+        for name, shape in shapes.items():
+            ds = dataset(h5, name.rstrip("_"), path, "head", len(shape), "float32")
+            if ds.shape != shape:
+                raise damaged(path, "head", f"{name.rstrip('_')!r} has shape {ds.shape}, expected {shape} "
+                                            f"for {n} classes of dim {dim}")
+            setattr(head, name, check_finite(np.asarray(ds[()], np.float32), path, "head", name.rstrip("_")))
+        head.classes_ = np.asarray(decode_keys(classes, n))
+        head.train_digests_ = (np.asarray(h5["train_paths"][()], np.uint64) if "train_paths" in h5
+                               else np.zeros(0, np.uint64))
         for name in LogisticHead._SCALARS:
-            if name not in h5.attrs:  # a parameter added after the file was written keeps its default
-                continue
-            value = h5.attrs[name]
-            setattr(head, name, value.item() if isinstance(value, np.generic) else value)
-        provenance = read_provenance(h5.attrs)
-    return head, provenance
+            if name in h5.attrs:  # a parameter added after the file was written keeps its default
+                value = h5.attrs[name]
+                setattr(head, name, value.item() if isinstance(value, np.generic) else value)
+    if n < 2 or len(set(head.classes_.tolist())) != n:
+        raise damaged(path, "head", f"classes {head.classes_.tolist()!r} are not 2 or more distinct names")
+    if not (head.scale_ > 0).all():
+        raise damaged(path, "head", "'scale' has zero or negative values")
+    return head, header
+
+
+def seen_in_training(head: LogisticHead, paths: Sequence[str]) -> int:
+    """How many of ``paths`` (absolute image paths) the head was trained on."""
+    digests = getattr(head, "train_digests_", None)
+    if digests is None or not len(digests) or not len(paths):
+        return 0
+    return int(np.isin(path_digests(paths), digests).sum())

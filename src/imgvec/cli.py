@@ -218,7 +218,8 @@ def train(
                             justify=["left", "right", "right", "right", "right"]), nl=False)
     skipped = f", {s.n_unlabelled} unlabelled rows left out" if s.n_unlabelled else ""
     typer.echo(f"{s.head}: {len(s.classes)} classes, {s.n_train} images{skipped}; C={s.C:.4g}; "
-               f"{cv}-fold CV accuracy {s.cv_accuracy:.3f} ± {s.cv_accuracy_std:.3f} ({s.seconds:.1f}s)")
+               f"{cv}-fold CV accuracy {s.cv_accuracy:.3f} ± {s.cv_accuracy_std:.3f} ({s.seconds:.1f}s: choosing C "
+               f"among {s.n_Cs} values by {cv}-fold CV {s.search_seconds:.1f}s, the final fit {s.fit_seconds:.1f}s)")
 
 
 @_command
@@ -263,20 +264,33 @@ def models(fmt: str = FormatOpt) -> None:
 
 @_command
 def info(
-    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    path: Path = typer.Argument(..., help="an imgvec file: store, index or head"),
     fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
 ) -> None:
-    """Show how a store was made, what it holds and whether its index is up to date."""
+    """Show what an imgvec file (store, index or head) holds and how it was made."""
     _check_format(fmt, ("table", "json"))
-    data = api.info(store)
+    data = api.info(path)
     if fmt == "json":
         typer.echo(report.to_json(data))
         return
     prov: Provenance = data.pop("provenance")
     if prov.is_random:
         data["WARNING"] = "RANDOM weights: not pretrained"
-    rows = [(k, v) for k, v in data.items()] + [(f"provenance.{k}", v) for k, v in vars(prov).items()]
+    rows = _flat(data) + [(f"provenance.{k}", v) for k, v in vars(prov).items() if v is not None]
     typer.echo(report.table(None, ["field", "value"], rows), nl=False)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as dotted names, lists joined: values a person reads, not Python reprs."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.extend(_flat(value, f"{prefix}{key}.") if value else [(f"{prefix}{key}", "none")])
+        elif isinstance(value, (list, tuple)):
+            rows.append((f"{prefix}{key}", ", ".join(map(str, value))))
+        else:
+            rows.append((f"{prefix}{key}", "none" if value is None else value))
+    return rows
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
@@ -405,6 +419,9 @@ def evaluate(
     e = api.evaluate(head, data, weights=weights)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
+    if e.seen_in_training:
+        _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "
+             "this accuracy is NOT a held-out estimate (evaluate on images the head has not seen)")
     if html:
         _err(f"imgvec: wrote {api.evaluation_html(e, html)}")
     if fmt == "json":

@@ -1,8 +1,10 @@
 """FAISS indexes over a store: choice, build, save, load, search.
 
 Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
-file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) and attributes
-that say which store, and how many of its rows, it covers.
+file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
+artifact header (artifact.py) that says which store, which generation of it and how many of its
+rows it covers. The bytes are streamed to and from the file a few MiB at a time, so neither
+writing nor reading an index ever holds a second copy of it in memory.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from .artifact import Header, check_partner, create, damaged, dataset, opened
 from .errors import BadInputError, MismatchError
-from .provenance import Provenance, check_compatible
-from .h5io import atomic_h5, open_h5, read_provenance, write_provenance
+from .provenance import Provenance
 from .store import Store
 
-FORMAT = "imgvec-index"
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # auto: exact search up to this many rows, HNSW above (see benchmarks/bench_index.py).
 AUTO_FLAT_MAX_ROWS = 100_000
@@ -35,6 +36,8 @@ TRAIN_SAMPLE_ROWS = 100_000
 ADD_CHUNK_BYTES = 64 << 20
 FAISS_GPU_MODES = ("auto", "on", "off")
 HNSW_BYTES_PER_LINK = 8  # FAISS HNSW keeps about 2*M int32 neighbour ids per vector on level 0
+IO_BLOCK_BYTES = 16 << 20  # FAISS bytes move between memory and the file this much at a time
+SPOT_CHECK_ROWS = 8  # store rows compared with the index's own vectors before a search
 
 
 def default_memory_budget() -> int:
@@ -60,17 +63,28 @@ def index_bytes(kind: str, rows: int, dim: int) -> int:
     return rows * (_pq_subquantizers(dim) + 8)
 
 
+def build_peak_bytes(kind: str, rows: int, dim: int) -> int:
+    """What building and saving an index of ``kind`` holds at its peak, beyond the interpreter.
+
+    The index itself, one streamed chunk of the store (read, then normalised: two copies, FAISS's
+    IVF-PQ add needs about five more), the IVF-PQ training sample, and one I/O block while saving.
+    """
+    chunk = chunk_rows(dim) * dim * 4
+    sample = min(rows, TRAIN_SAMPLE_ROWS) * dim * 4 if kind == "ivfpq" else 0
+    return index_bytes(kind, rows, dim) + (7 if kind == "ivfpq" else 2) * chunk + sample + IO_BLOCK_BYTES
+
+
 def choose_kind(kind: str, rows: int, dim: int = 0, memory_budget: int | None = None) -> str:
-    """auto: exact search for small stores, HNSW while its vectors fit the memory budget, else IVF-PQ."""
+    """auto: exact search for small stores, HNSW while its build peak fits the memory budget, else IVF-PQ."""
     if kind not in KINDS:
-        raise BadInputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise BadInputError(f"index kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "auto":
         if rows <= AUTO_FLAT_MAX_ROWS:
             return "flat"
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        return "hnsw" if index_bytes("hnsw", rows, dim) <= budget else "ivfpq"
+        return "hnsw" if build_peak_bytes("hnsw", rows, dim) <= budget else "ivfpq"
     if kind == "ivfpq" and rows < IVFPQ_MIN_ROWS:
-        raise BadInputError(f"--kind ivfpq needs at least {IVFPQ_MIN_ROWS} rows (store has {rows}); use flat")
+        raise BadInputError(f"an ivfpq index needs at least {IVFPQ_MIN_ROWS} rows (store has {rows}); use flat")
     return kind
 
 
@@ -108,7 +122,7 @@ def normalized(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class VectorIndex:
-    """A FAISS index plus what it covers: the store's id, its row count and provenance."""
+    """A FAISS index plus what it covers: the store's id, generation, row count and provenance."""
 
     faiss_index: Any
     kind: str
@@ -117,37 +131,91 @@ class VectorIndex:
     provenance: Provenance
     generation: int = 0
 
+    @property
+    def header(self) -> Header:
+        return Header("index", self.provenance, self.store_id, self.generation, self.rows, self.provenance.dim)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
         if k < 1:
-            raise BadInputError(f"-k must be at least 1, not {k}")
+            raise BadInputError(f"k must be at least 1, not {k}")
         k = min(k, self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index") -> None:
-        """Raise unless this index was built from exactly ``store`` as it is now."""
-        fix = f"run `imgvec index {store.path}` to rebuild it"
-        if self.store_id != store.store_id:
-            raise MismatchError(f"{index_name} was built from another store than {store.path}; {fix}")
-        if self.generation != store.generation:
-            raise MismatchError(f"{index_name} predates rows removed from {store.path}; {fix}")
-        check_compatible(store.provenance, self.provenance, f"store {store.path}", index_name, fix)
-        if self.rows != store.rows:
-            raise MismatchError(
-                f"{index_name} covers {self.rows} rows but {store.path} now has {store.rows}; {fix}"
-            )
+        """Raise unless this index was built from exactly ``store`` as it is now.
+
+        Beyond the headers, a few of the store's rows are compared with the vectors the index
+        holds for them, so an index whose attributes were copied or forged from the right store
+        but whose contents come from elsewhere is caught too.
+        """
+        fix = f"rebuild it (imgvec index {store.path})"
+        check_partner(self.header, store.current_header(), index_name, f"store {store.path}", fix)
+        if not _holds_rows(self, store):
+            raise MismatchError(f"{index_name} does not hold {store.path}'s vectors (its header says it does: "
+                                f"copied or forged from another index?); {fix}")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to ``path`` atomically (temporary file, then rename)."""
+        """Write to ``path`` atomically, streaming FAISS's bytes into the file (no copy in memory)."""
         import faiss
 
-        with atomic_h5(path) as h5:
-            h5.create_dataset("faiss", data=faiss.serialize_index(to_cpu(self.faiss_index)))
-            h5.attrs.update({"format": FORMAT, "kind": self.kind, "metric": "cosine", "rows": self.rows,
-                             "store_id": self.store_id, "faiss_version": faiss.__version__})
-            write_provenance(h5.attrs, self.provenance)
+        with create(path, self.header) as h5:
+            sink = _DatasetSink(h5.create_dataset("faiss", shape=(0,), maxshape=(None,), dtype=np.uint8,
+                                                  chunks=(1 << 20,)))
+            faiss.write_index(to_cpu(self.faiss_index), faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
+            sink.flush()
+            h5.attrs.update({"index_kind": self.kind, "metric": "cosine", "faiss_version": faiss.__version__})
         return Path(path)
+
+
+class _DatasetSink:
+    """Appends the bytes FAISS writes to a resizable uint8 dataset, ``IO_BLOCK_BYTES`` at a time."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        if len(self.buffer) >= IO_BLOCK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            n = self.ds.shape[0]
+            self.ds.resize(n + len(self.buffer), axis=0)
+            self.ds[n:] = np.frombuffer(self.buffer, np.uint8)
+            self.buffer = bytearray()
+
+
+class _DatasetSource:
+    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.ds[self.pos : self.pos + n].tobytes()
+        self.pos += len(data)
+        return data
+
+
+def _holds_rows(index: VectorIndex, store: Store) -> bool:
+    """Whether the index holds the store's vectors at a few rows spread over the store."""
+    if index.rows == 0:
+        return True
+    rows = np.unique(np.linspace(0, index.rows - 1, min(SPOT_CHECK_ROWS, index.rows)).astype(np.int64))
+    expected = normalized(np.concatenate([store.embeddings(int(r), int(r) + 1) for r in rows]))
+    if index.kind in ("flat", "hnsw"):
+        cpu = to_cpu(index.faiss_index)
+        held = np.stack([cpu.reconstruct(int(r)) for r in rows])
+        return bool(np.allclose(held, expected, atol=1e-4))
+    # IVF-PQ keeps compressed codes only: each row must at least find itself among its neighbours.
+    _, ids = index.faiss_index.search(expected, min(10, index.rows))
+    return bool(np.mean([r in found for r, found in zip(rows, ids)]) >= 0.5)
 
 
 def chunk_rows(dim: int) -> int:
@@ -229,8 +297,11 @@ def build_index(store: Store, kind: str = "auto", memory_budget: int | None = No
 
 def can_extend(index: VectorIndex, store: Store) -> bool:
     """True when ``store`` only gained rows since ``index`` was built, so adding them suffices."""
-    return (index.store_id == store.store_id and index.generation == store.generation
-            and index.rows <= store.rows and index.provenance.key() == store.provenance.key())
+    try:
+        check_partner(index.header, store.current_header(), "index", "store", "", same_rows=False)
+    except MismatchError:
+        return False
+    return index.rows <= store.rows and _holds_rows(index, store)
 
 
 def extend_index(index: VectorIndex, store: Store) -> int:
@@ -245,18 +316,31 @@ def extend_index(index: VectorIndex, store: Store) -> int:
 
 
 def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
+    """Read an index file, checking that FAISS's index agrees with the header (rows, dim, metric, kind)."""
     import faiss
 
-    with open_h5(path, FORMAT, "no such index (make one with `imgvec index STORE`)") as h5:
-        index = faiss.deserialize_index(np.asarray(h5["faiss"][()]))
-        attrs = dict(h5.attrs)
-        provenance = read_provenance(h5.attrs)
-    kind = str(attrs["kind"])
+    with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
+        ds = dataset(h5, "faiss", path, "index", 1, "uint8")
+        kind = h5.attrs.get("index_kind")
+        if kind not in KINDS[1:]:
+            raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(ds).read, IO_BLOCK_BYTES))
+        except (RuntimeError, MemoryError, ValueError) as error:
+            raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+    expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
+    found = type(faiss.downcast_index(index)).__name__
+    for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
+                     (f"FAISS holds {index.ntotal} vectors, the header says {header.rows}", index.ntotal == header.rows),
+                     (f"FAISS vectors have {index.d} dimensions, the header says {header.dim}", index.d == header.dim),
+                     ("its metric is not inner product (cosine)", index.metric_type == faiss.METRIC_INNER_PRODUCT)):
+        if not ok:
+            raise damaged(path, "index", what)
     if kind == "hnsw":
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+        faiss.downcast_index(index).hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivfpq":
-        faiss.extract_index_ivf(index).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(index).nlist)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if gpu:
         index = to_gpu(index, kind)
-    return VectorIndex(index, kind, int(attrs["rows"]), str(attrs["store_id"]), provenance,
-                       int(attrs.get("generation", 0)))
+    return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation)

@@ -29,26 +29,46 @@ from typing import Any, Collection, Iterator, Sequence
 import numpy as np
 
 from .errors import BadInputError
-from .fileio import publish, temp_path
-from .h5io import decode_keys, encode_keys, read_provenance, str_dtype, write_provenance
+from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
+                       str_dtype, write_header)
+from .fileio import publish, temp_path, write_error
 from .journal import JournalWriter, Record, journal_path, read_journal
 from .provenance import Provenance
 
-FORMAT = "imgvec-store"
-FORMAT_VERSION = 1
 CHUNK_ROWS = 256
 
 
 class Store:
-    """An open store file. Use :func:`open_store` or :func:`create_store`; close when done."""
+    """An open store file. Use :func:`open_store` or :func:`create_store`; close when done.
+
+    Opening validates the header and the layout (datasets present, typed and as long as the
+    header says); reading embeddings refuses NaN or infinite values.
+    """
 
     def __init__(self, h5: Any, path: Path) -> None:
         self.h5 = h5
         self.path = path
-        if h5.attrs.get("format") != FORMAT:
+        try:
+            self.header = read_header(h5.attrs, path, "store")
+            self.provenance = self.header.provenance
+            self._validate()
+        except BaseException:
             h5.close()
-            raise BadInputError(f"{path}: not an imgvec store (no format={FORMAT!r} attribute)")
-        self.provenance = read_provenance(h5.attrs)
+            raise
+
+    def _validate(self) -> None:
+        import h5py
+
+        rows, dim, path = self.header.rows, self.header.dim, self.path
+        dataset(self.h5, "embeddings", path, "store", 2, "float32", min_length=rows, width=dim)
+        for name in ("paths", "labels"):
+            dataset(self.h5, name, path, "store", 1, "str", min_length=rows)
+        if not isinstance(self.h5.get("skipped"), h5py.Group):
+            raise damaged(path, "store", "no 'skipped' group")
+        n = dataset(self.h5, "skipped/paths", path, "store", 1, "str").shape[0]
+        dataset(self.h5, "skipped/reasons", path, "store", 1, "str", length=n)
+        if not isinstance(self.h5.attrs.get("root"), str):
+            raise damaged(path, "store", "no 'root' attribute")
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -68,13 +88,17 @@ class Store:
         """Bumped whenever rows are removed, so an index knows its row numbers went stale."""
         return int(self.h5.attrs.get("generation", 0))
 
+    def current_header(self) -> Header:
+        """The header as the store is now (rows and generation change while a writer appends)."""
+        return Header("store", self.provenance, self.store_id, self.generation, self.rows, self.dim)
+
     def pending_rows(self) -> int:
         """Rows an interrupted run left in the journal; the next ``embed`` folds them in."""
         return sum(len(r.keys) for r in read_journal(journal_path(self.path)))
 
     @property
     def dim(self) -> int:
-        return int(self.h5["embeddings"].shape[1])
+        return self.provenance.dim
 
     # -- reading ----------------------------------------------------------------------
     def paths(self) -> list[str]:
@@ -85,7 +109,8 @@ class Store:
 
     def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.rows if stop is None else min(stop, self.rows)
-        return np.asarray(self.h5["embeddings"][start:stop], dtype=np.float32)
+        block = np.asarray(self.h5["embeddings"][start:stop], dtype=np.float32)
+        return check_finite(block, self.path, "store", "/embeddings", start)
 
     def iter_embeddings(self, chunk: int = 65536, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(start row, block) pairs covering the committed rows from ``start`` on, ``chunk`` rows at a time."""
@@ -134,22 +159,25 @@ class Store:
         self.close()
 
 
+def _missing(path: Path) -> str:
+    return f"no such store (make one with imgvec embed ... -o {path})"
+
+
 def _h5open(path: Path, mode: str) -> Any:
+    """A store file opened in ``mode`` ("w" for a new one); one-line errors."""
     import h5py
 
+    if mode != "w":
+        return open_file(path, "an imgvec store", _missing(path), mode)
     try:
         return h5py.File(path, mode)
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such store (make one with `imgvec embed ... -o {path}`)") from None
     except OSError as error:
-        raise BadInputError(f"{path}: cannot open as HDF5 ({str(error).splitlines()[0]})") from None
+        raise write_error(path, error) from None
 
 
 def open_store(path: str | os.PathLike[str]) -> Store:
     """Open a store for reading."""
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such store (make one with `imgvec embed ... -o {path}`)")
     return Store(_h5open(path, "r"), path)
 
 
@@ -160,9 +188,8 @@ def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     skipped = h5.create_group("skipped")
     for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
         where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
-    h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "root": root,
-                     "store_id": uuid.uuid4().hex, "generation": 0, "rows": 0})
-    write_provenance(h5.attrs, provenance)
+    h5.attrs["root"] = root
+    write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
 
 class StoreWriter:
@@ -245,6 +272,7 @@ class StoreWriter:
         with _h5open(tmp, "r+") as h5:
             store = Store(h5, tmp)
             store._trim()
+            write_header(h5.attrs, store.current_header())  # a version-1 store becomes version 2 here
             seen = set(keys) - doomed
             retried: set[str] = set()
             fresh_skips: list[tuple[str, str]] = []

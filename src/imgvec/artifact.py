@@ -1,0 +1,299 @@
+"""The one layer under every imgvec file: header, validation, opening and atomic writing.
+
+Stores, indexes and heads are HDF5 files with the same header in their attributes::
+
+    kind            "store" | "index" | "head"   (also as format="imgvec-<kind>")
+    format_version  2
+    store_id        the store the rows come from (a store's own id)
+    generation      the store's generation (bumped when rows are removed)
+    rows            rows covered (store: committed rows; index: vectors; head: training rows)
+    dim             embedding size
+    + provenance    one attribute per Provenance field (backbone, weights, input_size, ...)
+
+Opening a file validates it against itself (every header value present and of the right type,
+provenance naming a known backbone, each kind's datasets present with the dtypes
+and shapes the header implies); :func:`check_partner` validates it against its store. Anything
+wrong is one :class:`~imgvec.errors.BadInputError` (damaged, forged) or
+:class:`~imgvec.errors.MismatchError` (made from something else) line naming the file and the fix.
+
+Version-1 files (imgvec 0.1) are migrated on reading where they hold everything needed (stores,
+heads); a version-1 index never recorded its store's generation, so it is refused with the
+command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .backbones import BACKBONES
+from .errors import BadInputError, MismatchError
+from .fileio import atomic_path, require_regular
+from .provenance import Provenance
+
+KINDS = ("store", "index", "head")
+FORMATS = {kind: f"imgvec-{kind}" for kind in KINDS}
+FORMAT_VERSION = 2
+REBUILD = {
+    "store": "embed the images again into a new store (imgvec embed)",
+    "index": "rebuild the index from its store (imgvec index STORE)",
+    "head": "train the head again (imgvec train STORE -o HEAD)",
+}
+_WEIGHT_KINDS = ("imagenet", "random", "file")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every imgvec file says about itself."""
+
+    kind: str
+    provenance: Provenance
+    store_id: str
+    generation: int
+    rows: int
+    dim: int
+    format_version: int = FORMAT_VERSION
+
+    def attrs(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": FORMATS[self.kind], "format_version": self.format_version,
+                "store_id": self.store_id, "generation": self.generation, "rows": self.rows, "dim": self.dim}
+
+
+# -- strings in HDF5 ----------------------------------------------------------------------
+def str_dtype() -> Any:
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def encode_keys(keys: Iterable[str]) -> list[bytes]:
+    # surrogateescape keeps non-UTF-8 file names round-tripping instead of failing the batch.
+    return [str(k).encode("utf-8", "surrogateescape") for k in keys]
+
+
+def decode_keys(dataset: Any, stop: int) -> list[str]:
+    if stop == 0:
+        return []
+    return list(dataset.asstr(errors="surrogateescape")[:stop])
+
+
+# -- writing --------------------------------------------------------------------------------
+def write_provenance(attrs: Any, provenance: Provenance) -> None:
+    """One attribute per provenance field, so plain h5py users can read them."""
+    for f in fields(Provenance):
+        value = getattr(provenance, f.name)
+        if value is not None:
+            attrs[f.name] = value
+
+
+def write_header(attrs: Any, header: Header) -> None:
+    attrs.update(header.attrs())
+    write_provenance(attrs, header.provenance)
+
+
+@contextlib.contextmanager
+def create(path: str | os.PathLike[str], header: Header) -> Iterator[Any]:
+    """A new HDF5 file at ``path`` with ``header``, written atomically (see :func:`fileio.atomic_path`)."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            write_header(h5.attrs, header)
+            yield h5
+
+
+# -- reading and validating -----------------------------------------------------------------
+def damaged(path: str | os.PathLike[str], kind: str, what: str) -> BadInputError:
+    return BadInputError(f"{path}: damaged imgvec {kind} file ({what}); {REBUILD[kind]}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _get(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], path: Any, kind: str,
+         default: Any = ..., minimum: int | None = None) -> Any:
+    """Attribute ``name`` as ``typ``; a missing or ill-typed one is a damaged file."""
+    if name not in attrs:
+        if default is not ...:
+            return default
+        raise damaged(path, kind, f"no {name!r} attribute")
+    value = _plain(attrs[name])
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, typ):
+        raise damaged(path, kind, f"attribute {name!r} is {value!r}, not {getattr(typ, '__name__', typ)}")
+    if minimum is not None and value < minimum:
+        raise damaged(path, kind, f"attribute {name!r} is {value}, below {minimum}")
+    return value
+
+
+def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store") -> Provenance:
+    """The provenance attributes, checked against the backbone registry."""
+    data: dict[str, Any] = {}
+    for f in fields(Provenance):
+        if f.name in attrs:
+            data[f.name] = _plain(attrs[f.name])
+    for name in ("backbone", "weights", "preprocessing"):
+        _get(data, name, str, path, kind)
+    size = _get(data, "input_size", int, path, kind, minimum=1)
+    _get(data, "dim", int, path, kind, minimum=1)
+    backbone = BACKBONES.get(data["backbone"])
+    if backbone is None:
+        raise damaged(path, kind, f"unknown backbone {data['backbone']!r}")
+    if size < backbone.min_size:
+        raise damaged(path, kind, f"input_size {size} is below {backbone.name}'s minimum {backbone.min_size}")
+    if data["weights"] not in _WEIGHT_KINDS:
+        raise damaged(path, kind, f"weights {data['weights']!r} is not one of {', '.join(_WEIGHT_KINDS)}")
+    if data["weights"] == "random":
+        _get(data, "weights_seed", int, path, kind)
+    if data["weights"] == "file":
+        _get(data, "weights_sha256", str, path, kind)
+    for name in ("weights_seed", "weights_path", "weights_sha256"):
+        data.setdefault(name, None)
+    for f in fields(Provenance):  # recorded-only fields: a wrong type is still damage
+        if f.name in data and data[f.name] is not None and f.type in ("str", "int") and not isinstance(
+                data[f.name], str if f.type == "str" else int):
+            raise damaged(path, kind, f"attribute {f.name!r} is {data[f.name]!r}")
+    return Provenance(**data)
+
+
+def read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
+    """Validate and return the header of a file that should be of ``kind``."""
+    fmt = _plain(attrs.get("format"))
+    if fmt != FORMATS[kind]:
+        other = next((k for k, f in FORMATS.items() if f == fmt), None)
+        if other:
+            raise BadInputError(f"{path}: is an imgvec {other} file, not a {kind}")
+        raise BadInputError(f"{path}: not an imgvec {kind} file (no format={FORMATS[kind]!r} attribute)")
+    version = _get(attrs, "format_version", int, path, kind, default=1)
+    if version > FORMAT_VERSION:
+        raise BadInputError(f"{path}: written by a newer imgvec (format {version}, this one reads up to "
+                            f"{FORMAT_VERSION}); upgrade imgvec")
+    if version < 1:
+        raise damaged(path, kind, f"format_version {version}")
+    provenance = read_provenance(attrs, path, kind)
+    if version == 1:
+        return _migrate_v1(attrs, path, kind, provenance)
+    if _get(attrs, "kind", str, path, kind) != kind:
+        raise damaged(path, kind, f"kind attribute {_plain(attrs['kind'])!r} disagrees with format {fmt!r}")
+    header = Header(kind, provenance, _get(attrs, "store_id", str, path, kind),
+                    _get(attrs, "generation", int, path, kind, minimum=0),
+                    _get(attrs, "rows", int, path, kind, minimum=0), _get(attrs, "dim", int, path, kind, minimum=1))
+    if header.dim != provenance.dim:
+        raise damaged(path, kind, f"dim {header.dim} disagrees with the provenance's {provenance.dim}")
+    if not header.store_id and kind != "head":  # a head fitted on arrays in a notebook has no store
+        raise damaged(path, kind, "empty store_id")
+    return header
+
+
+def _migrate_v1(attrs: Mapping[str, Any], path: Any, kind: str, provenance: Provenance) -> Header:
+    """Read an imgvec 0.1 file as a version-2 header, or refuse it with how to rebuild it."""
+    if kind == "index":
+        raise BadInputError(f"{path}: an index from imgvec 0.1 (format 1) does not record which version of its "
+                            f"store it covers; {REBUILD['index']}")
+    rows = _get(attrs, "rows", int, path, kind, minimum=0) if kind == "store" else _get(
+        attrs, "n_train_", int, path, kind, default=0, minimum=0)
+    return Header(kind, provenance, _get(attrs, "store_id", str, path, kind, default=""),
+                  _get(attrs, "generation", int, path, kind, default=0, minimum=0), rows, provenance.dim, 1)
+
+
+def dataset(h5: Any, name: str, path: Any, kind: str, ndim: int, dtype: str,
+            length: int | None = None, min_length: int | None = None, width: int | None = None) -> Any:
+    """The dataset ``name``, checked: present, ``ndim``-D, of ``dtype`` ('float32', 'uint8', 'str'), sized."""
+    import h5py
+
+    try:
+        ds = h5[name]
+    except KeyError:
+        raise damaged(path, kind, f"no {name!r} dataset") from None
+    if not isinstance(ds, h5py.Dataset):
+        raise damaged(path, kind, f"{name!r} is not a dataset")
+    if ds.ndim != ndim:
+        raise damaged(path, kind, f"{name!r} has shape {ds.shape}, expected {ndim}-D")
+    ok = (h5py.check_string_dtype(ds.dtype) is not None) if dtype == "str" else ds.dtype == np.dtype(dtype)
+    if not ok:
+        raise damaged(path, kind, f"{name!r} holds {ds.dtype}, expected {dtype}")
+    if length is not None and ds.shape[0] != length:
+        raise damaged(path, kind, f"{name!r} has {ds.shape[0]} rows, the header says {length}")
+    if min_length is not None and ds.shape[0] < min_length:
+        raise damaged(path, kind, f"{name!r} has {ds.shape[0]} rows, fewer than the header's {min_length}")
+    if width is not None and ds.shape[1] != width:
+        raise damaged(path, kind, f"{name!r} has {ds.shape[1]} columns, the header says dim {width}")
+    return ds
+
+
+def check_finite(values: np.ndarray, path: Any, kind: str, what: str, first_row: int = 0) -> np.ndarray:
+    """``values`` unchanged if every number is finite, else a damaged-file error naming the first bad row."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.argwhere(~finite)[0][0]) + first_row
+        raise damaged(path, kind, f"{what} has NaN or infinite values (row {bad})")
+    return values
+
+
+def open_file(path: str | os.PathLike[str], what: str, missing: str, mode: str = "r") -> Any:
+    """Open an imgvec file (a regular file only: never a FIFO or a device); ``what`` names it in errors."""
+    import h5py
+
+    path = require_regular(path, what, missing)
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:
+        raise BadInputError(f"{path}: not an HDF5 file, so not {what} ({str(error).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike[str], kind: str, missing: str) -> Iterator[tuple[Any, Header]]:
+    """``(h5, header)`` of a validated imgvec file of ``kind``, closed afterwards."""
+    with open_file(path, f"an imgvec {kind} file", missing) as h5:
+        yield h5, read_header(h5.attrs, path, kind)
+
+
+def peek(path: str | os.PathLike[str]) -> tuple[str, Header, dict[str, Any]]:
+    """The kind, header and other attributes of any imgvec file, reading attributes only."""
+    with open_file(path, "an imgvec file", "no such file") as h5:
+        fmt = _plain(h5.attrs.get("format"))
+        kind = next((k for k, f in FORMATS.items() if f == fmt), None)
+        if kind is None:
+            raise BadInputError(f"{path}: not an imgvec file (store, index or head)")
+        header = read_header(h5.attrs, path, kind)
+        names = set(Header.__dataclass_fields__) | set(header.attrs()) | {f.name for f in fields(Provenance)}
+        extra = {k: _plain(v) for k, v in h5.attrs.items() if k not in names}
+    return kind, header, extra
+
+
+# -- partners ---------------------------------------------------------------------------------
+def check_partner(header: Header, store: Header, what: str, store_what: str, fix: str,
+                  same_rows: bool = True) -> None:
+    """Raise :class:`MismatchError` unless ``header`` (an index's) describes exactly ``store``'s rows."""
+    from .provenance import check_compatible
+
+    if header.store_id != store.store_id:
+        raise MismatchError(f"{what} was built from another store than {store_what}; {fix}")
+    if header.generation != store.generation:
+        raise MismatchError(f"{what} predates rows removed from {store_what} (generation {header.generation}, "
+                            f"the store is at {store.generation}); {fix}")
+    check_compatible(store.provenance, header.provenance, store_what, what, fix)
+    if same_rows and header.rows != store.rows:
+        raise MismatchError(f"{what} covers {header.rows} rows but {store_what} has {store.rows}; {fix}")
+
+
+def with_rows(header: Header, rows: int) -> Header:
+    return replace(header, rows=rows)
+
+
+def path_digests(paths: Iterable[str]) -> np.ndarray:
+    """8-byte BLAKE2b digests of absolute image paths: what a head remembers of its training images."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little")
+                     for p in paths], dtype=np.uint64)
