@@ -20,7 +20,7 @@ from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .artifact import check_partner, peek
 from .errors import BadInputError, MismatchError
-from .fileio import check_writable
+from .fileio import check_writable, make_folder
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
@@ -85,7 +85,7 @@ def embed(
     """
     if engine not in ENGINES:
         raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    output = Path(output)
+    output = check_writable(output)  # before finding images or loading a model
     start = time.perf_counter()
     writer: StoreWriter | None = None
     try:
@@ -203,6 +203,7 @@ class MergeSummary:
 def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
+    check_writable(output)
     rows, duplicates = merge_stores(inputs, output, on_duplicate)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
@@ -240,8 +241,18 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]) -> tuple[list
         names.extend(_display(files[i].path) for i in batch.indices)
         blocks.append(batch.embeddings)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped
+
+
+def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
+    """No input image could be used: an error (scripts must see it), not an empty result."""
+    if decoded == 0 and skipped:
+        path, reason = skipped[0]
+        n = len(skipped)
+        raise BadInputError(f"no input image could be read: {'the' if n == 1 else f'all {n}'} skipped, "
+                            f"first {path}: {reason}")
 
 
 def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
@@ -481,6 +492,7 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
         y.extend(labelled[i].label for i in batch.indices)
         paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
@@ -533,9 +545,13 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
     """
+    from .backbones import get_backbone
     from .comparison import DEFAULT_MODELS
     from .comparison import compare as _compare
 
+    folder = make_folder(stores)  # every store writable before the first backbone runs
+    for name in models or DEFAULT_MODELS:
+        check_writable(folder / f"{get_backbone(name).name}.h5")
     return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
                     image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
                     speed_sample=speed_sample, progress=progress)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import BadInputError, MissingWeightsError
 from .fileio import open_regular
@@ -189,8 +190,33 @@ def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsErro
     )
 
 
+@contextlib.contextmanager
+def _python_random(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` for one build, then give the caller back its state.
+
+    Keras 3 initializers draw their seeds from Python's ``random`` (and nothing else), so this
+    makes the weights a function of ``seed`` alone, where ``keras.utils.set_random_seed`` would
+    also reseed the caller's ``random``, NumPy and TensorFlow global generators for good.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInputError:
+    reason = str(error).splitlines()[0] if str(error) else "refused by Keras"
+    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
+
+
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
-    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs."""
+    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs.
+
+    Random weights depend on ``weights.seed`` only, and building leaves every global random
+    generator as it was.
+    """
     if image_size < backbone.min_size:
         raise BadInputError(
             f"--image-size {image_size} is too small for {backbone.name} "
@@ -202,17 +228,20 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     constructor = getattr(keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
     # Keras prints download progress on stdout; keep stdout for results (json, csv).
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _python_random(int(weights.seed or 0)):
         if weights.kind == "imagenet":
             try:
                 return constructor(weights="imagenet", **kwargs)
-            except ValueError:
-                raise
-            except Exception as error:  # urllib, hash mismatch, truncated cache file ...
+            except ValueError as error:
+                if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
+                    raise _missing_weights(backbone, error) from error
+                raise _refused(backbone, image_size, error) from None
+            except Exception as error:  # urllib, truncated cache file ...
                 raise _missing_weights(backbone, error) from error
-        if weights.kind == "random":
-            keras.utils.set_random_seed(int(weights.seed or 0))
-        model = constructor(weights=None, **kwargs)
+        try:
+            model = constructor(weights=None, **kwargs)
+        except ValueError as error:
+            raise _refused(backbone, image_size, error) from None
         if weights.kind == "file":
             try:
                 with warnings.catch_warnings():

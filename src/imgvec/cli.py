@@ -14,6 +14,7 @@ import typer
 
 from . import api, report
 from .errors import ImgvecError
+from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
 
@@ -51,6 +52,12 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return app.command()(run)
+
+
+def _check_html(html: Path | None) -> None:
+    """A page that cannot be written is refused before the work, not after it."""
+    if html is not None:
+        check_writable(html)
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
@@ -187,6 +194,7 @@ def query(
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
+    _check_html(html)
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
@@ -233,6 +241,7 @@ def predict(
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
+    _check_html(html)
     r = api.predict(head, images, weights=weights)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
@@ -333,6 +342,7 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
+    _check_html(html)
     bar = _PerModelBar()
     try:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
@@ -416,6 +426,7 @@ def evaluate(
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
+    _check_html(html)
     e = api.evaluate(head, data, weights=weights)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
