@@ -173,8 +173,9 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     """
     start = time.perf_counter()
     gpu = use_faiss_gpu(faiss_gpu)
-    path = check_writable(Path(output) if output else index_path_for(store))
-    with open_store(store) as s:
+    path = Path(output) if output else index_path_for(store)
+    with open_store(store) as s:  # a missing store is the first thing to say
+        check_writable(path)
         old = None
         if path.exists() and not rebuild:
             try:
@@ -250,9 +251,7 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
     """No input image could be used: an error (scripts must see it), not an empty result."""
     if decoded == 0 and skipped:
         path, reason = skipped[0]
-        n = len(skipped)
-        raise BadInputError(f"no input image could be read: {'the' if n == 1 else f'all {n}'} skipped, "
-                            f"first {path}: {reason}")
+        raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
 def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
