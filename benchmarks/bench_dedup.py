@@ -7,7 +7,7 @@ original. Both searches run through ``imgvec.dedup`` (files are not hashed: ther
 Planted recall counts the copies that land in their original's group; "same groups" compares
 the approximate search's groups with the exhaustive one's. The degenerate case is what random
 weights give: 2,000 vectors within cosine 0.99 of each other, so all 1,999,000 pairs pass.
-Each search runs in a fresh process, whose peak RSS (``ru_maxrss``) is reported.
+Each search runs in a fresh process, whose peak RSS (VmHWM) is reported.
 
     python -m benchmarks.bench_dedup [--quick] [--rows N]
 """
@@ -31,15 +31,21 @@ DIM = 576
 ORIGINALS = 1000
 NEAR_ROWS = 2000
 
-# Run in a fresh process: one dedup, then its peak RSS and groups as JSON.
+# Run in a fresh process: one dedup, then its peak RSS and groups as JSON. The peak is VmHWM,
+# which starts afresh at exec (ru_maxrss would carry over the parent's peak).
 _CHILD = """
-import json, resource, sys, time
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+import json, sys, time
 import imgvec
 start = time.perf_counter()
 r = imgvec.dedup(sys.argv[1], threshold=0.95, check_files=False, exact=json.loads(sys.argv[2]))
 seconds = time.perf_counter() - start
 json.dump({"seconds": seconds, "method": r.method, "degenerate": r.degenerate, "share_above": r.share_above,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": peak_rss_mb(),
            "groups": [[m.path for m in g.members] for g in r.groups]}, open(sys.argv[3], "w"))
 """
 

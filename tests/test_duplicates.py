@@ -110,7 +110,7 @@ def near_identical_store(tmp_path_factory) -> Path:
 
 def test_degenerate_store_is_one_group_without_holding_its_pairs(near_identical_store: Path, monkeypatch):
     """Memory is bounded by blocks, not by the 1,999,000 pairs: counted through the pair hooks."""
-    monkeypatch.setattr(duplicates, "RESULT_BUDGET", 50_000)
+    monkeypatch.setattr(duplicates, "TILE", 200)  # tiles of at most 40,000 pairs
     blocks, confirmed = [], []
     real_blocks, real_cosines = duplicates.candidate_blocks, duplicates.cosines
 
@@ -128,8 +128,8 @@ def test_degenerate_store_is_one_group_without_holding_its_pairs(near_identical_
     assert [len(g.members) for g in d.groups] == [2000] and d.groups[0].members[0].path == "img_0000.jpg"
     assert all(0.95 <= m.score <= 1.0 for m in d.groups[0].members)
     assert d.degenerate and d.share_above == 1.0
-    assert sum(blocks) == 1_999_000 and max(blocks) <= 50_000 and len(blocks) > 40  # every pair seen, block by block
-    assert sum(confirmed) - duplicates.DEGENERATE_SAMPLE < 100_000  # pairs already grouped are not even confirmed
+    assert sum(blocks) == 1_999_000 and max(blocks) <= 200 * 200 and len(blocks) == 55  # every pair seen, tile by tile
+    assert sum(confirmed) - duplicates.DEGENERATE_SAMPLE < 1_999_000 / 10  # pairs already grouped: not confirmed
     r = CliRunner().invoke(app, ["dedup", str(near_identical_store), "--no-hash", "-f", "json"])
     assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["images"]) == 2000
     assert "100% of all pairs of images are above --threshold 0.95" in r.stderr

@@ -8,20 +8,22 @@ grouped transitively (connected components, by union-find).
 Vectors are L2-normalised and projected onto their top principal directions (at most 64).
 A projection onto orthonormal directions never lengthens a difference vector, so every pair
 with ``cos >= t`` (squared distance ``<= 2 - 2t``) is also within that distance after
-projection. A FAISS range search in the small space therefore returns a superset of the true
-pairs, which are then confirmed with the full vectors: nothing is reported that is not above
-the threshold. Up to 20,000 images the range search is exhaustive, so no pair is missed
-either; above, it runs on inverted lists (IVF-Flat, 2*sqrt(N) lists, 24 probed), which is
-what keeps 100k images fast, at the price of possibly missing a pair that falls into cells
-far apart (``exact=True`` forces the exhaustive search). The saved FAISS index is not used:
-an IVF-PQ index's scores are approximations and cannot be compared to a threshold.
+projection. A search in the small space therefore returns a superset of the true pairs, which
+are then confirmed with the full vectors: nothing is reported that is not above the
+threshold. Up to 20,000 images the search is exhaustive (square tiles of pairs, one matrix
+product each), so no pair is missed either; above, it is a FAISS range search on inverted
+lists (IVF-Flat, 2*sqrt(N) lists, 24 probed), which is what keeps 100k images fast, at the
+price of possibly missing a pair that falls into cells far apart (``exact=True`` forces the
+exhaustive search). The saved FAISS index is not used: an IVF-PQ index's scores are
+approximations and cannot be compared to a threshold.
 
-Memory stays within a fixed budget however many pairs pass the threshold: the range search
-runs on as few query rows at a time as keep its hits under :data:`RESULT_BUDGET`, candidate
-pairs are confirmed :data:`CONFIRM_BYTES` of vectors at a time, and each block only feeds a
-union-find; pairs are never all kept, and a pair whose rows are already in one group is not
-even confirmed. When most pairs pass the threshold (one group of nearly everything) the
-features are degenerate, a sign of random weights or a wrong backbone: the result says so.
+Memory stays within a fixed budget however many pairs pass the threshold: a tile holds at
+most :data:`TILE` squared pairs, a range search runs on as few query rows at a time as keep
+its possible hits under :data:`RESULT_BUDGET`, candidate pairs are confirmed
+:data:`CONFIRM_BYTES` of vectors at a time, and each block only feeds a union-find; pairs are
+never all kept, and a pair whose rows are already in one group is not even confirmed. When
+most pairs pass the threshold (one group of nearly everything) the features are degenerate,
+a sign of random weights or a wrong backbone: the result says so.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from .store import Store
 PROJECTED_DIM = 64
 PCA_SAMPLE_ROWS = 20_000
 QUERY_BLOCK = 2048  # query rows per range search at most
+TILE = 2048  # exhaustive search: rows by rows of pairs compared at once (so at most TILE**2 hits)
 EXACT_MAX_ROWS = 20_000  # exhaustive search in the projected space up to here (a few seconds)
 IVF_NPROBE = 24
-RESULT_BUDGET = 4_000_000  # range-search hits held at once (12 bytes each, plus a few temporaries)
+RESULT_BUDGET = 4_000_000  # inverted lists: range-search hits held at once (12 bytes each, plus temporaries)
 CONFIRM_BYTES = 64 << 20  # full vectors gathered at once to confirm candidate pairs
 DEGENERATE_SHARE = 0.5  # more than this share of all pairs above the threshold: degenerate features
 DEGENERATE_MIN_ROWS = 50  # below this a store is too small to judge
@@ -142,19 +145,12 @@ def _projection(vectors: np.ndarray, dim: int) -> np.ndarray:
     return np.ascontiguousarray(eigvecs[:, ::-1][:, :dim], dtype=np.float32)
 
 
-def _low_index(low: np.ndarray, exact: bool) -> tuple[Any, str, int]:
-    """Exhaustive L2 index over the projected vectors, or inverted lists over them for large sets.
-
-    Also returns the most hits one query can have (every row, or the rows of the largest
-    lists it may probe), which sizes the query blocks.
-    """
+def _ivf_index(low: np.ndarray) -> tuple[Any, str, int]:
+    """Inverted lists over the projected vectors, the method's name, and the most hits one query
+    can have (the rows of the largest lists it may probe), which sizes the query blocks."""
     import faiss
 
     n, d = low.shape
-    if exact:
-        index = faiss.IndexFlatL2(d)
-        index.add(low)
-        return index, "exact", n
     nlist = max(1, int(2 * np.sqrt(n)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
     rng = np.random.default_rng(0)
@@ -163,6 +159,19 @@ def _low_index(low: np.ndarray, exact: bool) -> tuple[Any, str, int]:
     index.nprobe = min(nlist, IVF_NPROBE)
     sizes = np.sort([index.invlists.list_size(i) for i in range(nlist)])
     return index, f"inverted lists ({nlist} lists, {index.nprobe} probed)", int(sizes[-index.nprobe:].sum())
+
+
+def _tiles(low: np.ndarray, radius: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every pair ``i < j`` within squared distance ``radius``, one TILE x TILE square of pairs at a time."""
+    norms = np.einsum("ij,ij->i", low, low)
+    n = len(low)
+    for a in range(0, n, TILE):
+        for b in range(a, n, TILE):
+            d2 = norms[a : a + TILE, None] + norms[None, b : b + TILE] - 2 * (low[a : a + TILE] @ low[b : b + TILE].T)
+            i, j = np.nonzero(d2 <= radius)
+            i, j = i + a, j + b
+            keep = j > i  # each pair once, no self pairs
+            yield i[keep], j[keep]
 
 
 def candidate_blocks(vectors: np.ndarray, threshold: float, projected_dim: int = PROJECTED_DIM,
@@ -176,10 +185,12 @@ def candidate_blocks(vectors: np.ndarray, threshold: float, projected_dim: int =
         return "exact", iter(())
     P = _projection(vectors, projected_dim)
     low = np.ascontiguousarray(vectors @ P, dtype=np.float32)
-    index, method, max_hits = _low_index(low, exact)
-    block = int(np.clip(RESULT_BUDGET // max(max_hits, 1), 1, QUERY_BLOCK))
     # Squared distance between unit vectors is 2 - 2 cos; widen slightly for float rounding.
     radius = float((2.0 - 2.0 * threshold) * (1 + 1e-4) + 1e-5)
+    if exact:
+        return "exact", _tiles(low, radius)
+    index, method, max_hits = _ivf_index(low)
+    block = int(np.clip(RESULT_BUDGET // max(max_hits, 1), 1, QUERY_BLOCK))
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, n, block):
