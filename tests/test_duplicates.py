@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import imgvec
 from imgvec.cli import app
-from imgvec.duplicates import components, similar_pairs
+from imgvec import duplicates
+from imgvec.duplicates import UnionFind, candidate_blocks, cosines, link_similar
 from imgvec.index import normalized
 
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
@@ -37,34 +38,101 @@ def _brute(x: np.ndarray, t: float) -> set[tuple[int, int]]:
     return set(zip(i.tolist(), j.tolist()))
 
 
+def _components(n: int, pairs) -> list[list[int]]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    return sorted(g for g in (np.flatnonzero(label == c).tolist() for c in np.unique(label)) if len(g) > 1)
+
+
+def _groups(x: np.ndarray, t: float, exact: bool | None = None) -> tuple[list[list[int]], duplicates.NearSearch]:
+    sets = UnionFind(len(x))
+    found = link_similar(x, t, sets, exact=exact)
+    return sorted(g.tolist() for g in sets.groups()), found
+
+
+def _confirmed(x: np.ndarray, t: float, exact: bool | None = None) -> set[tuple[int, int]]:
+    _, blocks = candidate_blocks(x, t, exact=exact)
+    got = set()
+    for i, j in blocks:
+        ok = cosines(x, i, j) >= t
+        got.update(zip(i[ok].tolist(), j[ok].tolist()))
+    return got
+
+
 @pytest.mark.parametrize("dim, t", [(256, 0.9), (256, 0.97), (40, 0.95)])
-def test_pairs_are_exactly_the_brute_force_pairs(dim: int, t: float):
+def test_groups_are_exactly_the_brute_force_groups(dim: int, t: float):
     x = _clustered(3000, dim)
-    found = similar_pairs(x, t)
-    got = set(map(tuple, found.pairs.tolist()))
     want = _brute(x, t)
-    assert len(want) > 20 and got == want
-    assert np.all(found.scores >= t) and found.candidates >= len(want)
+    assert len(want) > 20 and _confirmed(x, t) == want  # the projected search misses no pair
+    groups, found = _groups(x, t)
+    assert groups == _components(len(x), want)
+    assert found.method == "exact" and len(want) <= found.candidates and found.checked <= found.candidates
 
 
 def test_inverted_lists_find_near_duplicates_and_nothing_false():
     x = _clustered(5000, 256, seed=4)
-    found = similar_pairs(x, 0.95, exact=False)
-    got, want = set(map(tuple, found.pairs.tolist())), _brute(x, 0.95)
-    assert found.method.startswith("inverted lists") and similar_pairs(x[:100], 0.95).method == "exact"
+    got, want = _confirmed(x, 0.95, exact=False), _brute(x, 0.95)
     assert got <= want and len(got) >= 0.99 * len(want) > 50
+    assert _groups(x, 0.95, exact=False)[1].method.startswith("inverted lists")
+    assert _groups(x[:100], 0.95)[1].method == "exact"
 
 
-def test_components_are_transitive_groups():
-    pairs = np.array([[0, 1], [1, 2], [5, 6], [8, 9], [9, 5]])
-    groups = sorted(g.tolist() for g in components(12, pairs))
-    assert groups == [[0, 1, 2], [5, 6, 8, 9]]
-    assert components(5, np.zeros((0, 2), np.int64)) == []
+def test_union_find_makes_transitive_groups():
+    sets = UnionFind(12)
+    sets.union(np.array([0, 5]), np.array([1, 6]))
+    sets.union(np.array([1, 8, 9]), np.array([2, 9, 5]))
+    assert sorted(g.tolist() for g in sets.groups()) == [[0, 1, 2], [5, 6, 8, 9]]
+    assert UnionFind(5).groups() == []
 
 
 def test_threshold_out_of_range_is_refused():
     with pytest.raises(imgvec.BadInputError, match="between -1 and 1"):
-        similar_pairs(np.eye(3, dtype=np.float32), 1.5)
+        link_similar(np.eye(3, dtype=np.float32), 1.5, UnionFind(3))
+
+
+@pytest.fixture(scope="module")
+def near_identical_store(tmp_path_factory) -> Path:
+    """2,000 vectors all within cosine 0.99 of each other: every one of the 1,999,000 pairs is a near duplicate."""
+    from imgvec.provenance import Provenance
+    from imgvec.store import StoreWriter
+
+    path = tmp_path_factory.mktemp("near") / "near.h5"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(576).astype(np.float32) + 0.01 * rng.standard_normal((2000, 576)).astype(np.float32)
+    with StoreWriter(path, Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", 576), str(path.parent)) as w:
+        w.append(x, [f"img_{i:04d}.jpg" for i in range(2000)], [""] * 2000)
+    return path
+
+
+def test_degenerate_store_is_one_group_without_holding_its_pairs(near_identical_store: Path, monkeypatch):
+    """Memory is bounded by blocks, not by the 1,999,000 pairs: counted through the pair hooks."""
+    monkeypatch.setattr(duplicates, "TILE", 200)  # tiles of at most 40,000 pairs
+    blocks, confirmed = [], []
+    real_blocks, real_cosines = duplicates.candidate_blocks, duplicates.cosines
+
+    def counted_blocks(*args, **kwargs):
+        method, it = real_blocks(*args, **kwargs)
+        return method, ((blocks.append(len(i)), (i, j))[1] for i, j in it)
+
+    def counted_cosines(vectors, i, j):
+        confirmed.append(len(i))
+        return real_cosines(vectors, i, j)
+
+    monkeypatch.setattr(duplicates, "candidate_blocks", counted_blocks)
+    monkeypatch.setattr(duplicates, "cosines", counted_cosines)
+    d = imgvec.dedup(near_identical_store, threshold=0.95, check_files=False)
+    assert [len(g.members) for g in d.groups] == [2000] and d.groups[0].members[0].path == "img_0000.jpg"
+    assert all(0.95 <= m.score <= 1.0 for m in d.groups[0].members)
+    assert d.degenerate and d.share_above == 1.0
+    assert sum(blocks) == 1_999_000 and max(blocks) <= 200 * 200 and len(blocks) == 55  # every pair seen, tile by tile
+    assert sum(confirmed) - duplicates.DEGENERATE_SAMPLE < 1_999_000 / 10  # pairs already grouped: not confirmed
+    r = CliRunner().invoke(app, ["dedup", str(near_identical_store), "--no-hash", "-f", "json"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["images"]) == 2000
+    assert "100% of all pairs of images are above --threshold 0.95" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +180,10 @@ def test_dedup_cli_formats(dup_store: Path):
 
 
 @pytest.mark.slow
-def test_100k_vectors_in_reasonable_time():
-    import time
-
+def test_100k_vectors_on_inverted_lists():
     x = _clustered(100_000, 576, seed=1)
-    start = time.perf_counter()
-    found = similar_pairs(x, 0.95)  # inverted lists above 20,000 rows
-    assert time.perf_counter() - start < 60 and len(found.pairs) >= 3000
+    groups, found = _groups(x, 0.95)  # inverted lists above 20,000 rows
+    assert found.method.startswith("inverted lists") and sum(len(g) - 1 for g in groups) >= 3000
 
 
 def test_large_groups_list_the_rest_by_name(dup_store: Path, monkeypatch):

@@ -127,20 +127,48 @@ def test_missing_and_unreadable_files_are_skipped(tmp_path: Path):
 
 
 def test_unreadable_file_is_skipped_even_as_root(tmp_path: Path, monkeypatch):
-    """Root reads anything, so make open() fail the way it does for other users."""
-    import builtins
-
+    """Root reads anything, so make opening fail the way it does for other users."""
     path = _png(tmp_path / "locked.png")
-    real_open = builtins.open
+    real_open = os.open
 
     def guarded(file, *args, **kwargs):
         if str(file) == str(path):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(os, "open", guarded)
     with pytest.raises(ImageSkipped, match="permission denied"):
         load_image(str(path), 32)
+
+
+def _not_regular(folder: Path) -> dict[str, str]:
+    """A FIFO, a unix socket and a link to /dev/zero, each named like an image; name -> expected reason."""
+    import socket
+
+    os.mkfifo(folder / "pipe.jpg")
+    os.symlink("/dev/zero", folder / "zero.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.png"))
+    sock.close()  # the socket file stays
+    return {"pipe.jpg": "a FIFO (named pipe), not a regular file", "zero.png": "a character device, not a regular file",
+            "sock.png": "a socket, not a regular file"}
+
+
+def test_fifo_device_and_socket_are_skipped_never_read(tmp_path: Path):
+    """Opening a FIFO for reading blocks until a writer comes; /dev/zero never ends. Neither may be read."""
+    for name, reason in _not_regular(tmp_path).items():
+        with pytest.raises(ImageSkipped) as info:
+            load_image(str(tmp_path / name), 32)
+        assert info.value.reason == reason
+
+
+def test_find_images_lists_non_regular_files_for_decoding_to_skip(tmp_path: Path):
+    _png(tmp_path / "cats" / "a.png")
+    expected = _not_regular(tmp_path / "cats")
+    found = find_images([tmp_path])
+    assert sorted(f.key for f in found.files) == sorted(["cats/a.png", *(f"cats/{n}" for n in expected)])
+    given = find_images([tmp_path / "cats" / "pipe.jpg", tmp_path / "cats" / "zero.png"])  # named directly
+    assert [os.path.basename(f.path) for f in given.files] == ["pipe.jpg", "zero.png"]
 
 
 def test_eps_named_jpg_is_not_handed_to_ghostscript(tmp_path: Path):

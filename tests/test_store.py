@@ -141,7 +141,7 @@ def test_errors(tmp_path: Path):
     create_store(tmp_path / "s.h5", _prov(), str(tmp_path)).close()
     with pytest.raises(BadInputError, match="already exists"):
         create_store(tmp_path / "s.h5", _prov(), str(tmp_path))
-    with pytest.raises(BadInputError, match="output folder does not exist"):
+    with pytest.raises(BadInputError, match="cannot write .*the folder .* does not exist"):
         create_store(tmp_path / "nope" / "s.h5", _prov(), str(tmp_path))
 
 

@@ -21,7 +21,7 @@ from .comparison import compare as _compare
 from .duplicates import DuplicateGroup
 from .embedder import Embedder
 from .errors import BadInputError, MismatchError, param
-from .fileio import check_writable
+from .fileio import check_writable, make_folder
 from .images import find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
@@ -86,6 +86,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
 def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
+    check_writable(output)
     rows, duplicates = merge_stores(inputs, output, on_duplicate)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
@@ -104,8 +105,16 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
         labels.extend(files[i].label for i in batch.indices)
         blocks.append(batch.embeddings)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
+
+
+def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
+    """No input image could be used: an error (scripts must see it), not an empty result."""
+    if decoded == 0 and skipped:
+        path, reason = skipped[0]
+        raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
 def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
@@ -358,6 +367,7 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
         y.extend(labelled[i].label for i in batch.indices)
         paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
@@ -413,6 +423,11 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
     """
+    from .backbones import get_backbone
+
+    folder = make_folder(stores)  # every store writable before the first backbone runs
+    for name in models or DEFAULT_MODELS:
+        check_writable(folder / f"{get_backbone(name).name}.h5")
     return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
                     image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
                     speed_sample=speed_sample, progress=progress)
@@ -437,7 +452,7 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     with open_store(store) as s:
         found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
         return DedupResult(Path(store), s.provenance, threshold, s.rows, fold_copies(found.groups), found.candidates,
-                           found.missing, time.perf_counter() - start, found.method)
+                           found.missing, time.perf_counter() - start, found.method, found.share_above)
 
 
 def dedup_page(result: DedupResult) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import sys
 import warnings
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from unittest import mock
 
 from .errors import BadInputError, MissingWeightsError
+from .fileio import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -198,11 +200,9 @@ class Weights:
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a regular file (a FIFO or device raises :class:`~imgvec.fileio.NotRegularFile`, never hangs)."""
+    with open_regular(path) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
@@ -266,8 +266,33 @@ def fetched_files() -> Iterator[list[str]]:
         yield found
 
 
+@contextlib.contextmanager
+def _python_random(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` for one build, then give the caller back its state.
+
+    Keras 3 initializers draw their seeds from Python's ``random`` (and nothing else), so this
+    makes the weights a function of ``seed`` alone, where ``keras.utils.set_random_seed`` would
+    also reseed the caller's ``random``, NumPy and TensorFlow global generators for good.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInputError:
+    reason = str(error).splitlines()[0] if str(error) else "refused by Keras"
+    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
+
+
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
-    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs."""
+    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs.
+
+    Random weights depend on ``weights.seed`` only, and building leaves every global random
+    generator as it was.
+    """
     if image_size < backbone.min_size:
         raise BadInputError(
             f"--image-size {image_size} is too small for {backbone.name} "
@@ -279,17 +304,20 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     constructor = getattr(keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
     # Keras prints download progress on stdout; keep stdout for results (json, csv).
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _python_random(int(weights.seed or 0)):
         if weights.kind == "imagenet":
             try:
                 return constructor(weights="imagenet", **kwargs)
-            except ValueError:
-                raise
-            except Exception as error:  # urllib, hash mismatch, truncated cache file ...
+            except ValueError as error:
+                if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
+                    raise _missing_weights(backbone, error) from error
+                raise _refused(backbone, image_size, error) from None
+            except Exception as error:  # urllib, truncated cache file ...
                 raise _missing_weights(backbone, error) from error
-        if weights.kind == "random":
-            keras.utils.set_random_seed(int(weights.seed or 0))
-        model = constructor(weights=None, **kwargs)
+        try:
+            model = constructor(weights=None, **kwargs)
+        except ValueError as error:
+            raise _refused(backbone, image_size, error) from None
         if weights.kind == "file":
             try:
                 with warnings.catch_warnings():

@@ -530,6 +530,10 @@ def dedup(
     _warn_random(d.provenance)
     if d.missing:
         _err(f"imgvec: warning: {len(d.missing)} files could not be read for hashing, e.g. {d.missing[0]}")
+    if d.degenerate:
+        _err(f"imgvec: warning: about {d.share_above:.0%} of all pairs of images are above --threshold {threshold:g}: "
+             "the embeddings do not tell these images apart (random weights or an unsuitable backbone?), "
+             "so the groups mean little")
     exact_of = d.exact_group_of
 
     def copy_of(g: Any, path: str) -> int | None:

@@ -78,7 +78,8 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
                   runtime=embedder.runtime)
     prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config["device"])
     Actor = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(_Worker)
-    pool = ActorPool([Actor.remote(config) for _ in range(n)])
+    actors = [Actor.remote(config) for _ in range(n)]
+    pool = ActorPool(actors)
     block = block_size or embedder.batch_size * 4
     starts = list(range(0, len(paths), block))
     try:
@@ -87,5 +88,5 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
             for indices, emb, skipped in batches:
                 yield EmbeddedBatch(indices + start, emb, [ImageSkipped(p, r) for p, r in skipped])
     finally:
-        for actor in pool._idle_actors:  # let the models go; the cluster itself stays up
+        for actor in actors:  # busy ones too (a failed batch, Ctrl-C): the models go, the cluster stays up
             ray.kill(actor)

@@ -53,7 +53,16 @@ def open_regular(path: PathLike) -> BinaryIO:
     The open itself never blocks (O_NONBLOCK: a FIFO with no writer would otherwise hang);
     anything but a regular file raises :class:`NotRegularFile` before a byte is read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:  # a socket cannot be opened at all (ENXIO): say what it is
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise error from None
+        if stat.S_ISREG(mode):
+            raise
+        raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path)) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -125,12 +134,30 @@ def check_writable(path: PathLike) -> Path:
         if mode and not stat.S_ISREG(mode):
             raise BadInputError(f"cannot write {path}: it is {kind_of(mode)}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        try:
-            read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
-        except OSError:
-            read_only = 0
-        raise BadInputError(f"cannot write {path}: "
-                            + ("the file system is read-only" if read_only else f"permission denied in {parent}"))
+        raise BadInputError(f"cannot write {path}: {_unwritable(parent)}")
+    return path
+
+
+def _unwritable(folder: Path) -> str:
+    """Why files cannot be made in ``folder``: a read-only file system, or permissions."""
+    try:
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        read_only = 0
+    return "the file system is read-only" if read_only else f"permission denied in {folder}"
+
+
+def make_folder(path: PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) if needed; one line if it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BadInputError(f"cannot write {path}: it is not a folder") from None
+    except OSError as error:
+        raise write_error(path, error) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write in {path}: {_unwritable(path)}")
     return path
 
 

@@ -4,6 +4,8 @@ Labels follow the Keras ``flow_from_directory`` convention: when folders are giv
 folder of class subfolders, or the class folders one by one), an image's label is its
 first-level folder under their common root.
 Decoding never raises anything but :class:`ImageSkipped`, so one bad file never stops a run.
+Only regular files are ever opened: a FIFO, socket or device named ``x.jpg`` (or a link to
+one) is skipped with what it is, never read (a FIFO would block forever, ``/dev/zero`` never ends).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from .errors import BadInputError, ImageSkipped
+from .fileio import NotRegularFile, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -75,7 +78,7 @@ def find_images(sources: Sequence[str | os.PathLike[str]], root: str | None = No
         if os.path.isdir(src):
             folders.append(src)
             paths.extend(_walk(src))
-        elif os.path.isfile(src):
+        elif os.path.exists(src):  # a file, or a FIFO/device/socket that decoding will skip with its reason
             if os.path.splitext(src)[1].lower() not in IMAGE_SUFFIXES:
                 raise BadInputError(
                     f"{source}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -136,7 +139,7 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path, formats=_pil_formats()) as im:
+        with open_regular(path) as fh, Image.open(fh, formats=_pil_formats()) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageSkipped(
@@ -152,6 +155,8 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
             return np.asarray(im, dtype=np.uint8)
     except ImageSkipped:
         raise
+    except NotRegularFile as error:
+        raise ImageSkipped(path, error.strerror) from None
     except FileNotFoundError:
         raise ImageSkipped(path, "file not found") from None
     except PermissionError:
@@ -160,6 +165,13 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
         raise ImageSkipped(path, "not a recognised image") from None
     except Image.DecompressionBombError as error:
         raise ImageSkipped(path, f"decompression bomb refused by Pillow: {error}") from None
+    except OSError as error:
+        if error.filename is not None:  # opening failed (a link loop, a name too long, ...)
+            raise ImageSkipped(path, f"cannot read: {error.strerror or error}") from None
+        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
     except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageSkipped(path, f"cannot decode: {reason}") from None
+        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

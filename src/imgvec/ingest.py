@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError, param
+from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS, find_images
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
@@ -61,7 +61,7 @@ def embed(
     for option, value in (("workers", workers), ("ray_workers", ray_workers)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")
-    output = Path(output)
+    output = check_writable(output)  # before finding images or loading a model
     start = time.perf_counter()
     writer: StoreWriter | None = None
     build_seconds = 0.0

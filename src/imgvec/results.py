@@ -243,6 +243,15 @@ class DedupResult:
     missing: list[str]  # files that could not be read for hashing
     seconds: float
     method: str = "exact"  # how pairs were searched: "exact", or the inverted-list settings
+    share_above: float = 0.0  # estimated share of all pairs of images above the threshold
+
+    @property
+    def degenerate(self) -> bool:
+        """Most pairs are above the threshold: the features cannot tell images apart (random
+        weights, a wrong backbone) and the groups mean little."""
+        from .duplicates import DEGENERATE_SHARE
+
+        return self.share_above > DEGENERATE_SHARE
 
     @property
     def exact_groups(self) -> int:

@@ -31,11 +31,12 @@ import numpy as np
 from .errors import BadInputError, param
 from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
                        str_dtype, write_header)
-from .fileio import publish, temp_path, write_error
+from .fileio import check_space, check_writable, publish, temp_path, write_error
 from .journal import JournalWriter, Record, journal_path, read_journal
 from .provenance import Provenance
 
 CHUNK_ROWS = 256
+_FOLD_MARGIN = 1 << 20  # HDF5 metadata and string chunks beyond the rows themselves
 
 
 class Store:
@@ -210,8 +211,7 @@ class StoreWriter:
         self.path = Path(path)
         self.checkpoint_rows = checkpoint_rows
         self._pending = 0
-        if self.path.parent and not self.path.parent.is_dir():
-            raise BadInputError(f"{self.path.parent}: output folder does not exist")
+        check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
         self._lock = _lock(self.path)
         try:
             for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
@@ -232,17 +232,26 @@ class StoreWriter:
 
     def _create(self, provenance: Provenance, root: str) -> None:
         tmp = temp_path(self.path)
-        with _h5open(tmp, "w") as h5:
-            _init_layout(h5, provenance, root)
-        publish(tmp, self.path)
+        check_space(self.path, _FOLD_MARGIN + CHUNK_ROWS * provenance.dim * 4)
+        try:
+            with _h5open(tmp, "w") as h5:
+                _init_layout(h5, provenance, root)
+            publish(tmp, self.path)
+        except OSError as error:
+            raise write_error(self.path, error) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
                skipped: Sequence[tuple[str, str]] = ()) -> None:
         """Record one batch durably (in the journal); it reaches the store on :meth:`commit`."""
         if not (len(embeddings) == len(keys) == len(labels)):
             raise ValueError("embeddings, keys and labels must have the same length")
-        self._journal.append(Record(np.asarray(embeddings, np.float32), list(keys), list(labels),
-                                    [tuple(s) for s in skipped], self.store_id))
+        try:
+            self._journal.append(Record(np.asarray(embeddings, np.float32), list(keys), list(labels),
+                                        [tuple(s) for s in skipped], self.store_id))
+        except OSError as error:  # a full disk: the batches already in the journal stay
+            raise write_error(self._journal.path, error) from None
         self.keys.update(keys)
         self._pending += len(keys)
         if self._pending >= max(self.checkpoint_rows, len(self.keys) - self._pending):
@@ -263,10 +272,24 @@ class StoreWriter:
             jpath.unlink(missing_ok=True)
             return
         with open_store(self.path) as old:
-            store_id, keys = old.store_id, old.paths()
-        dropped = set(drop)
-        doomed = dropped & set(keys)
+            store_id, keys, dim = old.store_id, old.paths(), old.dim
         tmp = temp_path(self.path)
+        # The new store is at most the old one plus the journal, and one more chunk of rows.
+        journal = jpath.stat().st_size if jpath.exists() else 0
+        check_space(self.path, self.path.stat().st_size + journal + CHUNK_ROWS * dim * 4 + _FOLD_MARGIN)
+        try:
+            self._fold_into(tmp, first, records, store_id, keys, set(drop))
+            publish(tmp, self.path)
+        except OSError as error:  # the disk filled up anyway: the old store and the journal stay as they were
+            raise write_error(self.path, error) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        jpath.unlink(missing_ok=True)
+
+    def _fold_into(self, tmp: Path, first: Record | None, records: Iterator[Record], store_id: str,
+                   keys: list[str], dropped: set[str]) -> None:
+        """Write the store, less ``dropped``, plus the journal's records, to ``tmp``."""
+        doomed = dropped & set(keys)
         if doomed:
             _copy_without(self.path, tmp, doomed)
         else:
@@ -291,8 +314,6 @@ class StoreWriter:
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
             write_header(h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
-        publish(tmp, self.path)
-        jpath.unlink(missing_ok=True)
 
     def close(self, commit: bool = True) -> None:
         """Commit what was appended (unless told not to) and release the lock."""
