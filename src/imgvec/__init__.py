@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import build_index, embed, info, models, predict, query, train  # noqa: E402
+from .api import build_index, cache, embed, info, models, predict, query, release_models, train  # noqa: E402
 from .api import (  # noqa: E402
     compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, predict_html,
     query_html,
@@ -16,7 +16,7 @@ from .store import open_store  # noqa: E402
 __all__ = [
     "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
     "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
-    "models", "open_store", "predict", "query", "train",
+    "models", "open_store", "predict", "query", "release_models", "cache", "train",
     "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "evaluate", "evaluation_html", "image_paths",
     "predict_html", "query_html",
 ]

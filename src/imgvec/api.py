@@ -24,6 +24,7 @@ from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, ex
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
 from .provenance import Provenance, check_compatible
+from .runtime import CacheEntry
 from .store import Store, StoreWriter, merge_stores, open_store
 
 PathLike = str | os.PathLike[str]
@@ -68,6 +69,7 @@ def embed(
     ray_workers: int | None = None,
     device: str = "auto",
     precision: str | None = None,
+    runtime: str = "auto",
     progress: Progress | None = None,
 ) -> EmbedSummary:
     """Embed every image under ``sources`` into the store ``output``.
@@ -78,7 +80,8 @@ def embed(
     existing store (or default to efficientnetb0 with ImageNet weights for a new one).
     Interrupting (Ctrl-C, kill) loses at most the batch under way: run again to go on.
     ``device`` (auto/cpu/gpu) and ``precision`` (float32/mixed; default: the store's, else
-    float32) say how the model runs. ``engine="ray"`` embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local
+    float32) and ``runtime`` (auto/openvino/tensorflow/jax/torch; see :mod:`imgvec.runtime`) say how
+    the model runs; a store made with one runtime can be extended with another. ``engine="ray"`` embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local
     one) with ``ray_workers`` actors; this process still writes the store.
     """
     if engine not in ENGINES:
@@ -90,12 +93,12 @@ def embed(
         if output.exists():
             writer = StoreWriter(output)
             run = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels, device=device,
-                       precision=precision or writer.provenance.precision)
+                       precision=precision or writer.provenance.precision, runtime=runtime)
             embedder = _embedder_for_store(writer, model, weights, image_size, seed, run)
             collection = find_images(sources, root=writer.root)  # the model loads only if there is work
         else:
             embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels,
-                                device=device, precision=precision or "float32")
+                                device=device, precision=precision or "float32", runtime=runtime)
             collection = find_images(sources)
             embedder.load()  # before creating a store: missing weights must not leave an empty file
             writer = StoreWriter(output, embedder.provenance(), collection.root)
@@ -258,15 +261,18 @@ def query(
     weights: str | None = None,
     batch_size: int = 32,
     faiss_gpu: str = "auto",
+    runtime: str = "auto",
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
-    ``weights`` is only needed to point at a moved weights file.
+    ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
+    one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
     """
     with open_store(store) as s:
         vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
-        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size)
+        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
+                                            runtime=runtime)
         names, emb, skipped = _embed_inputs(embedder, queries)
         keys, labels = s.paths(), s.labels()
         prov = s.provenance
@@ -334,16 +340,40 @@ class Predictions:
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32) -> Predictions:
-    """Label each image with the head, embedding it with the head's own backbone."""
+            batch_size: int = 32, runtime: str = "auto") -> Predictions:
+    """Label each image with the head, embedding it with the head's own backbone (on ``runtime``)."""
     model, prov = load_head(head)
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     names, emb, skipped = _embed_inputs(embedder, images)
     classes = [str(c) for c in model.classes_]
     proba = model.predict_proba(emb) if len(emb) else np.zeros((0, len(classes)))
     preds = [Prediction(n, classes[int(np.argmax(p))], {c: float(v) for c, v in zip(classes, p)})
              for n, p in zip(names, proba)]
     return Predictions(prov, classes, preds, skipped)
+
+
+# -- models kept loaded, the compiled-model cache --------------------------------------------
+def release_models() -> int:
+    """Free the models query/predict/evaluate/embed keep loaded between calls; how many there were."""
+    from .runtime import release_engines
+
+    return release_engines()
+
+
+@dataclass
+class CacheSummary:
+    folder: Path
+    entries: list[CacheEntry]
+    cleared: int = 0  # entries removed by ``clear``
+    freed: int = 0  # bytes
+
+
+def cache(clear: bool = False) -> CacheSummary:
+    """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.cache_dir`); ``clear`` removes them."""
+    from .runtime import cache_dir, cache_entries, clear_cache
+
+    cleared, freed = clear_cache() if clear else (0, 0)
+    return CacheSummary(cache_dir(), cache_entries(), cleared, freed)
 
 
 # -- info -------------------------------------------------------------------------------
@@ -427,11 +457,11 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike) -> tuple[
     return X, labels[keep].astype(str), int((~keep).sum())
 
 
-def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     blocks, y, skipped = [], [], []
     for batch in embedder.embed_files([f.path for f in labelled]):
         blocks.append(batch.embeddings)
@@ -441,7 +471,8 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped
 
 
-def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32) -> Evaluation:
+def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
+             runtime: str = "auto") -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -456,7 +487,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped = _labelled_from_folder(data, prov, weights, batch_size)
+        X, y, n_unlabelled, skipped = _labelled_from_folder(data, prov, weights, batch_size, runtime)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

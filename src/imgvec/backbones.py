@@ -16,7 +16,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+from unittest import mock
 
 from .errors import BadInputError, MissingWeightsError
 
@@ -188,6 +189,26 @@ def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsErro
         f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass --weights PATH to a local "
         f"weights file, or --weights none for random (not pretrained) weights"
     )
+
+
+@contextlib.contextmanager
+def fetched_files() -> Iterator[list[str]]:
+    """Collect the local paths Keras' ``get_file`` returns meanwhile (the ImageNet weights file
+    a constructor loads), so a converted model can record which file, with which hash, it holds."""
+    from .device import import_keras
+
+    import_keras()
+    from keras.src.utils import file_utils
+
+    original, found = file_utils.get_file, []
+
+    def recording(*args: Any, **kwargs: Any) -> str:
+        path = original(*args, **kwargs)
+        found.append(str(path))
+        return path
+
+    with mock.patch.object(file_utils, "get_file", recording):
+        yield found
 
 
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":

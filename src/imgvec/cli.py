@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,6 +17,7 @@ from . import api, report
 from .errors import ImgvecError
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
+from .runtime import RuntimeNote
 
 app = typer.Typer(
     name="imgvec",
@@ -30,6 +32,8 @@ FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
+RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, "
+                          "tensorflow, jax or torch; every runtime gives the same embeddings")
 
 
 def _err(message: str) -> None:
@@ -42,7 +46,9 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_notes(warnings.showwarning)
+                return fn(*args, **kwargs)
         except ImgvecError as error:
             _err(f"imgvec: error: {error}")
             raise typer.Exit(error.exit_code) from None
@@ -51,6 +57,18 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return app.command()(run)
+
+
+def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
+    """Show imgvec's own notes (:class:`RuntimeNote`) as one ``imgvec: note:`` line; others as before."""
+
+    def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, RuntimeNote):
+            _err(f"imgvec: note: {message}")
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
@@ -129,14 +147,15 @@ def embed(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16 compute; default: the store's, else float32)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     with _Bar("embedding") as bar:
         s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
                       workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, engine=engine,
                       ray_address=ray_address, ray_workers=ray_workers, device=device, precision=precision,
-                      progress=bar)
+                      runtime=runtime, progress=bar)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
@@ -184,10 +203,11 @@ def query(
     weights: Optional[str] = typer.Option(None, "--weights", help="where the store's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
     faiss_gpu: str = FaissGpuOpt,
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
+    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> None:
@@ -229,10 +249,11 @@ def predict(
     top: int = typer.Option(3, "--top", help="probabilities shown per image in the table"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
-    r = api.predict(head, images, weights=weights)
+    r = api.predict(head, images, weights=weights, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
     def table() -> None:
@@ -277,6 +298,24 @@ def info(
         data["WARNING"] = "RANDOM weights: not pretrained"
     rows = [(k, v) for k, v in data.items()] + [(f"provenance.{k}", v) for k, v in vars(prov).items()]
     typer.echo(report.table(None, ["field", "value"], rows), nl=False)
+
+
+@_command
+def cache(
+    clear: bool = typer.Option(False, "--clear", help="remove every cached model"),
+    fmt: str = FormatOpt,
+) -> None:
+    """List the compiled OpenVINO models imgvec keeps (IMGVEC_CACHE_DIR, else ~/.cache/imgvec), or clear them."""
+    _check_format(fmt)
+    c = api.cache(clear=clear)
+    if clear:
+        _err(f"imgvec: removed {c.cleared} cached models ({c.freed / 1e6:.1f} MB) from {c.folder}")
+    header = ["backbone", "input_size", "weights", "mb", "age_days", "ok", "path"]
+    rows = [(e.backbone, e.input_size, e.weights, round(e.bytes / 1e6, 1), round(e.age_s / 86400, 1),
+             "yes" if e.ok else "no (rebuilt on next use)", str(e.path)) for e in c.entries]
+    if fmt == "table":
+        typer.echo(f"# {c.folder}: {len(rows)} compiled models, {sum(e.bytes for e in c.entries) / 1e6:.1f} MB")
+    typer.echo(report.render(fmt, [dict(zip(header, r)) for r in rows], header, rows), nl=fmt != "csv")
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
@@ -395,10 +434,11 @@ def evaluate(
     fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
-    e = api.evaluate(head, data, weights=weights)
+    e = api.evaluate(head, data, weights=weights, runtime=runtime)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
     if html:
