@@ -4,10 +4,12 @@ Random weights with BatchNorm's initial statistics (mean 0, variance 1) shrink a
 layer by layer to ~1e-9..1e-12 in deep backbones, where a cosine between two runtimes means
 nothing. Calibrating each BatchNorm layer's moving mean and variance to the statistics of the
 batch it sees (one training-mode pass with momentum 0 and dropout off) brings activations to
-order 1, as in a trained network. The result is saved as a ``.weights.h5`` file, which every
-Keras backend loads to the same numbers (seeded random initialisers differ per backend).
+order 1, as in a trained network. Kernels are drawn with numpy, not Keras' initialisers (whose
+seeded numbers differ per backend), so any backend makes nearly the same file (the calibration
+pass differs only by rounding); the ``.weights.h5`` file itself loads to the same numbers everywhere.
 
-Also runnable: ``python tests/parity_util.py MODEL SIZE OUT.weights.h5`` (on TensorFlow).
+Keras has one backend per process, so the other runtimes embed in a subprocess
+(:func:`embed_in_subprocess`) and the test compares the rows.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ def calibration_images(size: int, n: int = 16, seed: int = 0) -> np.ndarray:
 
 
 def calibrated_weights(model: str, size: int, path: str | Path, seed: int = 0) -> Path:
-    """Save random ``model`` weights (``seed``) with BatchNorm calibrated on generated images to ``path``."""
+    """Save random ``model`` weights (``seed``) with BatchNorm calibrated on generated images to ``path``.
+
+    Runs on whatever backend Keras has in this process."""
     from imgvec.backbones import Weights, build_model, get_backbone
     from imgvec.device import import_keras
 
     keras = import_keras()
     backbone = get_backbone(model)
     net = build_model(backbone, Weights("random", seed=seed), size)
+    rng = np.random.default_rng(seed)
+    for variable in net.trainable_weights:  # kernels from numpy: the same numbers on every backend
+        if len(variable.shape) >= 2:
+            fan_in = int(np.prod(variable.shape[:-1]))
+            variable.assign(rng.uniform(-1, 1, variable.shape).astype(np.float32) * np.sqrt(3 / fan_in))
     norms = [layer for layer in _layers(net) if isinstance(layer, keras.layers.BatchNormalization)]
     drops = [layer for layer in _layers(net) if isinstance(layer, keras.layers.Dropout)]
     for layer in norms:
@@ -60,5 +69,35 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-if __name__ == "__main__":
-    print(calibrated_weights(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+def embed(runtime: str, jobs: list[tuple[str, int, str]], pixels_by_size: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Embed with imgvec's ``runtime`` engine on the CPU: ``{model: rows}`` for each (model, size, weights file)."""
+    from imgvec.backbones import get_backbone, parse_weights
+    from imgvec.runtime import load_engine
+
+    return {model: load_engine(runtime, get_backbone(model), parse_weights(path), size, "float32", "cpu")(
+        pixels_by_size[size]) for model, size, path in jobs}
+
+
+def embed_in_subprocess(runtime: str, jobs: list[tuple[str, int, str]], pixels_by_size: dict[int, np.ndarray],
+                        workdir: Path) -> dict[str, np.ndarray]:
+    """:func:`embed` in a fresh process (a process has one Keras backend)."""
+    import json
+    import subprocess
+
+    inputs = workdir / f"pixels-{runtime}.npz"
+    np.savez(inputs, **{str(size): px for size, px in pixels_by_size.items()})
+    out = workdir / f"rows-{runtime}.npz"
+    done = subprocess.run([sys.executable, __file__, runtime, json.dumps(jobs), str(inputs), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out) as rows:
+        return {name: rows[name] for name in rows.files}
+
+
+if __name__ == "__main__":  # python parity_util.py RUNTIME JOBS_JSON PIXELS.npz OUT.npz
+    import json
+
+    runtime, jobs, inputs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    with np.load(inputs) as saved:
+        pixels = {int(size): saved[size] for size in saved.files}
+    np.savez(out, **embed(runtime, [tuple(job) for job in jobs], pixels))

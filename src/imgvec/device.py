@@ -109,8 +109,13 @@ def import_keras(backend: str | None = None) -> Any:
         except ImportError as error:
             raise missing_package(backend, backend, error) from None
     os.environ["KERAS_BACKEND"] = backend
-    import keras
-
+    try:
+        import keras
+    finally:  # Keras reads it once, at import; subprocesses must not inherit imgvec's choice as the user's
+        if wanted is None:
+            del os.environ["KERAS_BACKEND"]
+        else:
+            os.environ["KERAS_BACKEND"] = wanted
     return keras
 
 
