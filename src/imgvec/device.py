@@ -104,6 +104,8 @@ def import_keras(backend: str | None = None) -> Any:
     if backend == "tensorflow":
         import_tensorflow()
     else:
+        if backend == "jax":  # like TensorFlow's memory growth: GPU memory as needed, not 75% of it up front
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         try:
             importlib.import_module(backend)
         except ImportError as error:

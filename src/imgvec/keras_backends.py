@@ -21,7 +21,6 @@ on every backend (tests/test_backends.py checks cosine >= 0.99999 per row).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,9 +90,6 @@ def load_engine(backend: str, backbone: Backbone, weights: Weights, image_size: 
     check_choice("--runtime", backend, BACKENDS)
     check_choice("--device", device, DEVICES)
     check_choice("--precision", precision, PRECISIONS)
-    if backend == "jax":
-        # Like TensorFlow's memory growth: take GPU memory as needed, not 75% of it up front.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     keras = import_keras(backend)
     if backend == "jax":
         _persistent_compilation_cache()
