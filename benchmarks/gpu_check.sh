@@ -21,7 +21,7 @@ if [ "$MODE" = --prepare ]; then
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     $PY -m pip download --quiet --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --dest "$WHEELS" \
-        keras==3.15.1 faiss-cpu absl-py namex optree rich markdown-it-py mdurl pygments
+        keras==3.15.1 faiss-cpu absl-py namex optree rich markdown-it-py mdurl pygments packaging typing-extensions
     git rev-parse HEAD > "$WHEELS/COMMIT"
     $PY benchmarks/gpu_check.py reference "$WHEELS/reference.npz"
     du -sh "$WHEELS"

@@ -167,7 +167,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "gpu_check_dry.json").read_text())
     assert results["dry"] and results["machine"]["cpu_count"] and results["images"]["count"] == 32
     assert results["decode"]["pool_images_per_s"] > 0 and results["decode"]["workers"] == os.cpu_count()
-    assert [b["backend"] for b in results["backends"]] == ["jax", "torch"]
+    assert [b["backend"] for b in results["backends"]] == ["torch", "jax"]
     for entry in results["backends"]:
         if entry["backend"] == "torch" and not HAS_TORCH:
             assert "needs the torch package" in entry["error"]

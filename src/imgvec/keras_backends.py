@@ -6,17 +6,18 @@ Keras picks its backend at its first import (``KERAS_BACKEND``), so a process ru
 backend; :func:`imgvec.device.import_keras` enforces that.
 
 Batches go to the device as uint8, channels-last, exactly as decoded (a quarter of float32's
-transfer), and become float32 there. JAX keeps its compiled programs in imgvec's cache folder
-(``$IMGVEC_CACHE_DIR/jax``), so only a first run pays for compiling. JAX runs one ``jax.jit``-compiled stateless call; since
-XLA compiles once per batch shape, a short batch (a run's last) is padded to the smallest size
-already compiled, so a run compiles its batch size once instead of once more for its tail.
-PyTorch runs the model eagerly under ``torch.no_grad()``. Lower precision is Keras'
-``mixed_float16`` policy, checked against float32 by :class:`imgvec.runtime.CheckedPrecision`.
+transfer), and become float32 there. JAX runs one ``jax.jit``-compiled stateless call; since XLA
+compiles once per batch shape, a short batch (a run's last) is padded to the smallest size
+already compiled, and compiled programs are kept in imgvec's cache folder
+(``$IMGVEC_CACHE_DIR/jax``), so only a first run pays for compiling. PyTorch runs the model
+eagerly under ``torch.no_grad()``. Lower precision is Keras' ``mixed_float16`` policy, checked
+against float32 by :class:`imgvec.runtime.CheckedPrecision`.
 
 Seeded random weights are NOT the same numbers on every backend: Keras' initialisers draw from
 each backend's own generator (measured: MobileNetV2 seed 0, largest weight difference 0.70
-TensorFlow vs JAX, 0.67 vs PyTorch). ImageNet weights and weights files give the same vectors
-on every backend (tests/test_backends.py checks cosine >= 0.99999 per row).
+TensorFlow vs JAX, 0.67 vs PyTorch). A weights file gives the same vectors on every backend
+(tests/test_backends.py: cosine >= 0.99999 per row); ImageNet weights are such a file, loaded the
+same way, though not tested here (no download offline).
 """
 
 from __future__ import annotations
