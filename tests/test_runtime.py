@@ -281,7 +281,7 @@ def test_openvino_store_indexes_queries_and_predicts(tmp_path: Path, image_dir: 
     assert top[0]["results"][0]["path"] == str(image.relative_to(image_dir))
     _run("train", store, "-o", tmp_path / "head.h5", "--cv", "2")
     preds = json.loads(_run("predict", tmp_path / "head.h5", image, "-f", "json", "--runtime", "openvino").stdout)
-    assert preds[0]["label"] == image.parent.name
+    assert preds[0]["predicted"] == image.parent.name
 
 
 def test_a_tensorflow_store_is_extended_and_queried_with_openvino(tmp_path: Path, image_dir: Path):

@@ -9,6 +9,7 @@ policy (float16 compute, float32 variables); embeddings leave the model as float
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import tempfile
@@ -61,18 +62,64 @@ def import_tensorflow() -> Any:
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _native_stderr_muted():
-        import tensorflow as tf
+    try:
+        with _native_stderr_muted():
+            import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")  # the CUDA probe logs on machines without a GPU
+            tf.config.list_physical_devices("GPU")  # the CUDA probe logs on machines without a GPU
+    except ImportError as error:
+        raise missing_package("tensorflow", "tensorflow", error) from None
     return tf
 
 
-def import_keras() -> Any:
-    """Keras, with TensorFlow (its backend) imported quietly first."""
-    import_tensorflow()
-    import keras
+# The pip extra that installs each Keras backend's package.
+BACKEND_EXTRAS = {"jax": "jax", "torch": "torch"}
 
+
+def missing_package(package: str, backend: str, error: ImportError) -> BadInputError:
+    """The one-line error for a Keras backend whose package is not installed."""
+    install = f"pip install 'imgvec[{BACKEND_EXTRAS[backend]}]'" if backend in BACKEND_EXTRAS else f"pip install {package}"
+    return BadInputError(f"the {backend} runtime needs the {package} package, which is not installed "
+                         f"({error}); {install}")
+
+
+def import_keras(backend: str | None = None) -> Any:
+    """Keras running on ``backend`` (tensorflow, jax or torch).
+
+    Keras fixes its backend when it is first imported, so a process has one: the first call
+    sets ``KERAS_BACKEND`` (a value the user set is respected, and a different one refused),
+    later calls must ask for the same one. ``None`` means the backend Keras already runs on,
+    or TensorFlow if Keras is not imported yet. TensorFlow is imported quietly first.
+    """
+    if "keras" in sys.modules:
+        keras = sys.modules["keras"]
+        running = keras.backend.backend()
+        if backend not in (None, running):
+            raise BadInputError(f"Keras already runs on {running} in this process and a process has one Keras "
+                                f"backend; run the {backend} runtime in a new process")
+        return keras
+    wanted = os.environ.get("KERAS_BACKEND")
+    backend = backend or wanted or "tensorflow"
+    if wanted and wanted != backend:
+        raise BadInputError(f"KERAS_BACKEND={wanted} is set, but the {backend} runtime needs Keras on {backend}; "
+                            f"unset KERAS_BACKEND or choose --runtime {wanted}")
+    if backend == "tensorflow":
+        import_tensorflow()
+    else:
+        if backend == "jax":  # like TensorFlow's memory growth: GPU memory as needed, not 75% of it up front
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        try:
+            importlib.import_module(backend)
+        except ImportError as error:
+            raise missing_package(backend, backend, error) from None
+    os.environ["KERAS_BACKEND"] = backend
+    try:
+        import keras
+    finally:  # Keras reads it once, at import; subprocesses must not inherit imgvec's choice as the user's
+        if wanted is None:
+            del os.environ["KERAS_BACKEND"]
+        else:
+            os.environ["KERAS_BACKEND"] = wanted
     return keras
 
 

@@ -22,9 +22,9 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights, sha256_of
 from .device import DEVICES, PRECISIONS, check_choice
-from .errors import BadInputError, ImageSkipped, MismatchError
+from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .provenance import Provenance
+from .provenance import Provenance, random_init_family
 from .runtime import RUNTIMES, Engine, dist_version, load_engine
 
 
@@ -103,7 +103,15 @@ class Embedder:
                     f"(sha256 {weights.sha256})"
                 )
             weights = Weights("file", path=os.path.abspath(path), sha256=weights.sha256)
-        return cls(model=provenance.backbone, weights=weights, image_size=provenance.input_size, **kwargs)
+        embedder = cls(model=provenance.backbone, weights=weights, image_size=provenance.input_size, **kwargs)
+        if provenance.is_random:
+            made, asked = random_init_family(provenance.runtime), random_init_family(embedder.runtime)
+            if made != asked:
+                raise MismatchError(
+                    f"the embeddings were made with random weights drawn by {made}, and seeded random weights "
+                    f"differ between Keras backends; use {param('runtime')} {made}"
+                    + (" (or openvino)" if made == "tensorflow" else ""))
+        return embedder
 
     @property
     def dim(self) -> int:

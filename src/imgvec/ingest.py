@@ -144,4 +144,4 @@ def _key_provenance(embedder: Embedder) -> Provenance:
     """Provenance without importing TensorFlow: enough for a compatibility check."""
     w = embedder.weights
     return Provenance(embedder.backbone.name, w.kind, w.seed, w.path, w.sha256, embedder.image_size,
-                      embedder.backbone.preprocessing, embedder.dim)
+                      embedder.backbone.preprocessing, embedder.dim, runtime=embedder.runtime)

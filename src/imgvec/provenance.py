@@ -52,9 +52,11 @@ class Provenance:
 
     def key(self) -> dict[str, Any]:
         """The fields that decide whether two sets of embeddings live in the same space."""
+        family = random_init_family(self.runtime)
+        drawn = f" drawn by {family}" if self.is_random and family != "tensorflow" else ""
         return {
             "backbone": self.backbone,
-            "weights": self.weights_spec.identity,
+            "weights": self.weights_spec.identity + drawn,
             "input_size": self.input_size,
             "preprocessing": self.preprocessing,
             "dim": self.dim,
@@ -75,6 +77,12 @@ class Provenance:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "Provenance":
         return cls.from_json(json.dumps(dict(data)))
+
+
+def random_init_family(runtime: str) -> str:
+    """Whose random numbers seeded weights are: Keras' initialisers draw different ones on each
+    backend (JAX, PyTorch, TensorFlow); OpenVINO converts TensorFlow's model, so shares its."""
+    return runtime if runtime in ("jax", "torch") else "tensorflow"
 
 
 def check_compatible(expected: Provenance, found: Provenance, expected_what: str, found_what: str,
