@@ -28,6 +28,7 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     ``fill(start, n)``, paths ``img_0000000.jpg``..., random-weight mobilenetv2 provenance."""
     import h5py
 
+    from imgvec.artifact import Header, write_header
     from imgvec.provenance import Provenance
     from imgvec.store import _init_layout
 
@@ -36,7 +37,8 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with h5py.File(tmp, "w") as h5:
-        _init_layout(h5, Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim), str(path.parent))
+        prov = Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim)
+        _init_layout(h5, prov, str(path.parent))
         for name in ("embeddings", "paths", "labels"):
             h5[name].resize(rows, axis=0)
         for start in range(0, rows, chunk):
@@ -44,7 +46,7 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
             h5["embeddings"][start : start + n] = fill(start, n)
             h5["paths"][start : start + n] = [f"img_{i:07d}.jpg".encode() for i in range(start, start + n)]
             h5["labels"][start : start + n] = [b""] * n
-        h5.attrs["rows"] = rows
+        write_header(h5.attrs, Header("store", prov, str(h5.attrs["store_id"]), 0, rows, dim))
     tmp.rename(path)
     return path
 
@@ -57,7 +59,7 @@ def machine() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("tensorflow", "keras", "faiss-cpu", "scikit-learn", "pillow", "numpy", "hnswlib", "h5py"):
+    for dist in ("tensorflow", "keras", "openvino", "faiss-cpu", "scikit-learn", "pillow", "numpy", "hnswlib", "h5py"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -73,9 +75,21 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "versions": versions}
 
 
+def commit() -> str:
+    """The code measured: HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **data}
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "commit": commit(), "machine": machine(), **data}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
     return path

@@ -2,7 +2,8 @@
 
 Tests use mobilenetv3small with random weights (seed 0) at 64 px: fast on two cores, and
 colour classes stay separable even without ImageNet weights. Nothing is downloaded:
-KERAS_HOME points at an empty folder and HTTP(S) goes to a closed local port.
+KERAS_HOME points at an empty folder and HTTP(S) goes to a closed local port. The
+compiled-model cache (IMGVEC_CACHE_DIR) is a fresh temporary folder per session.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 
 _KERAS_HOME = tempfile.mkdtemp(prefix="imgvec-keras-home-")
 os.environ["KERAS_HOME"] = _KERAS_HOME
+# Compiled OpenVINO models: one fresh cache per test session, shared by its subprocesses.
+os.environ["IMGVEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="imgvec-cache-")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
     os.environ[var] = "http://127.0.0.1:9"  # discard port: any download attempt fails at once

@@ -20,7 +20,8 @@ def test_store_holds_every_image_with_labels_and_provenance(store_path: Path, im
         assert all(label == path.split("/")[0] for path, label in zip(s.paths(), s.labels()))
         prov = s.provenance
     assert (prov.backbone, prov.weights, prov.weights_seed, prov.input_size) == ("mobilenetv3small", "random", 0, 64)
-    assert prov.keras_version.startswith("3.") and prov.tensorflow_version.startswith("2.")
+    assert prov.keras_version.startswith("3.") and (prov.runtime, prov.tensorflow_version) == ("openvino", "")
+    assert prov.runtime_version.startswith("20")  # OpenVINO's year.release
 
 
 def test_self_query_ranks_first_with_score_one(store_path: Path, image_dir: Path):

@@ -46,7 +46,7 @@ def test_query_json_self_match_first(cli_store: Path):
     results = data[0]["results"]
     assert [x["rank"] for x in results] == [1, 2, 3, 4]
     assert results[0]["path"] == "blues/blues_002.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert set(results[0]) == {"rank", "path", "score"}
+    assert set(results[0]) == {"rank", "path", "score", "label"} and results[0]["label"] == "blues"
 
 
 def test_query_table_and_csv_say_what_made_them(cli_store: Path):
@@ -54,7 +54,8 @@ def test_query_table_and_csv_say_what_made_them(cli_store: Path):
     r = run("query", cli_store, folder, "-k", "2")
     assert "RANDOM weights" in r.stdout.splitlines()[0] and r.stdout.count("query:") == 6
     rows = list(csv.DictReader(io.StringIO(run("query", cli_store, folder, "-k", "2", "-f", "csv").stdout)))
-    assert len(rows) == 12 and set(rows[0]) == {"query", "rank", "path", "score"}
+    assert len(rows) == 12 and set(rows[0]) == {"query", "rank", "path", "score", "label"}
+    assert all(row["label"] == row["path"].split("/")[0] for row in rows)  # the label the table shows
 
 
 def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: Path):
@@ -64,19 +65,32 @@ def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: P
     for name in ("blues", "greens", "reds", "yellows"):
         assert name in r.stdout
     data = json.loads(run("predict", head, holdout_dir, "-f", "json").stdout)
-    assert len(data) == 12 and set(data[0]) == {"path", "label", "probabilities"}
-    correct = sum(Path(d["path"]).parent.name == d["label"] for d in data)
+    assert len(data) == 12 and set(data[0]) == {"path", "predicted", "true", "correct", "probabilities"}
+    assert all(d["true"] == Path(d["path"]).parent.name and d["correct"] == (d["predicted"] == d["true"]) for d in data)
+    correct = sum(d["correct"] for d in data)
     assert correct >= 10
     assert sorted(data[0]["probabilities"]) == ["blues", "greens", "reds", "yellows"]
+    table = run("predict", head, holdout_dir).stdout
+    assert "predicted" in table.splitlines()[2] and "true" in table.splitlines()[2]
+    assert f"accuracy {correct / 12:.3f}: {correct} of 12 images in class folders predicted right" in table
+    assert "cross-validated accuracy" in table.splitlines()[0] and "C=" in table.splitlines()[0]
+    rows = list(csv.DictReader(io.StringIO(run("predict", head, holdout_dir / "reds", holdout_dir / "blues",
+                                               "-f", "csv").stdout)))
+    assert len(rows) == 6 and {r["true"] for r in rows} == {"reds", "blues"}  # class folders given one by one
+    loose = json.loads(run("predict", head, holdout_dir / "reds" / "reds_000.png", "-f", "json").stdout)
+    assert set(loose[0]) == {"path", "predicted", "probabilities"}  # no class folder, no truth claimed
 
 
 def test_models_and_info(cli_store: Path):
     models = json.loads(run("models", "-f", "json").stdout)
-    assert len(models) == 40 and {"name", "input_size", "dim", "params"} <= set(models[0])
-    assert {m["name"]: m["dim"] for m in models}["efficientnetb0"] == 1280
+    assert len(models) == 40 and {"name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth",
+                                  "images_per_second"} <= set(models[0])
+    b0 = {m["name"]: m for m in models}["efficientnetb0"]
+    assert (b0["dim"], b0["top1"], b0["top5"], b0["size_mb"], b0["depth"]) == (1280, 0.771, 0.933, 29, 132)
+    assert {m["name"]: m for m in models}["convnexttiny"]["top1"] is None  # Keras publishes none: null, not invented
     info = json.loads(run("info", cli_store, "-f", "json").stdout)
     assert info["rows"] == 24 and info["skipped"] == 1 and info["labels"]["reds"] == 6
-    assert info["provenance"]["weights"] == "random" and info["index"]["up_to_date"] is True
+    assert info["provenance"]["weights"] == "random" and info["index"]["state"] == "up to date" and info["kind"] == "store"
     assert "RANDOM weights" in run("info", cli_store).stdout
 
 
@@ -96,6 +110,106 @@ def test_bad_input_is_one_line_and_non_zero(args, message, tmp_path: Path, monke
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_models_sort_by_any_column_and_cite_the_benchmark():
+    by_top1 = json.loads(run("models", "-f", "json", "--sort", "top1").stdout)
+    published = [m["top1"] for m in by_top1 if m["top1"] is not None]
+    assert published == sorted(published, reverse=True) and by_top1[0]["name"] == "efficientnetv2l"
+    assert all(m["top1"] is None for m in by_top1[len(published):])  # unpublished last
+    assert [m["name"] for m in json.loads(run("models", "-f", "json", "--sort", "name").stdout)][:2] == [
+        "convnextbase", "convnextlarge"]
+    table = run("models", "--sort", "images_per_second").stdout
+    assert "keras.io/api/applications" in table and "benchmarks/results/embed.json" in table
+    measured = json.loads((Path(__file__).parents[1] / "benchmarks/results/embed.json").read_text())
+    speeds = {m["name"]: m["images_per_second"] for m in json.loads(run("models", "-f", "json").stdout)}
+    for m in measured["models"]:  # the registry quotes the committed benchmark, rounded
+        assert speeds[m["model"]] == round(m["images_per_s"]["imgvec"], 1)
+    r = run("models", "--sort", "speed", code=2)
+    assert r.stderr.startswith("imgvec: error: Invalid value for --sort: 'speed'")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", "s.h5", "q.png", "--format", "xml"], "Invalid value for --format: 'xml' is not one of table, json, csv"),
+    (["query"], "Missing argument"),
+    (["models", "--colour"], "No such option: --colour"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["embed", ".", "-o", "x.h5", "--workers", "0"], "--workers must be at least 1, not 0"),
+    (["embed", ".", "-o", "x.h5", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+])
+def test_usage_errors_look_like_every_other_error(args, message, tmp_path: Path, monkeypatch):
+    """typer's own usage errors: one `imgvec: error:` line and exit 2, like any other bad input."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("imgvec: error: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "╭" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_shows_the_ray_extra_literally():
+    text = " ".join(run("embed", "--help").stdout.split())
+    assert "pip install 'imgvec[ray]'" in text
+
+
+def test_class_folders_given_one_by_one_are_labelled(tmp_path: Path, image_dir: Path):
+    store = tmp_path / "a.h5"
+    r = run("embed", image_dir / "reds", image_dir / "blues", "-o", store, *SMALL_ARGS)
+    assert "12 images embedded" in r.stdout and "model built in" in r.stdout and "images/s" in r.stdout
+    info = json.loads(run("info", store, "-f", "json").stdout)
+    assert info["labels"] == {"blues": 6, "reds": 6} and info["unlabelled"] == 0
+    assert info["root"] == str(image_dir)
+    r = run("embed", image_dir / "greens", "-o", store)  # resumed: labelled under the store's root
+    assert json.loads(run("info", store, "-f", "json").stdout)["labels"]["greens"] == 6
+    assert "images/s" in r.stdout and "1 already" not in r.stdout
+
+
+def test_interrupt_says_what_is_stored_and_how_to_resume(tmp_path: Path, image_dir: Path, monkeypatch):
+    import imgvec.cli
+
+    calls = []
+
+    def interrupt_on_second_batch(self, done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(imgvec.cli._Bar, "__call__", interrupt_on_second_batch)
+    store = tmp_path / "s.h5"
+    result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(store), *SMALL_ARGS, "--batch-size", "4"])
+    assert result.exit_code == 130
+    line = result.stderr.strip().splitlines()[-1]
+    rows = json.loads(run("info", store, "-f", "json").stdout)["rows"]
+    assert rows == 8 and line == (f"imgvec: interrupted; {rows} rows are safely stored in {store}; "
+                                  "running the same command again resumes from there")
+    monkeypatch.undo()
+    again = run("embed", image_dir, "-o", store, *SMALL_ARGS, "--batch-size", "4")
+    assert f"{24 - rows} images embedded, {rows} already there" in again.stdout
+
+
+def test_dedup_says_what_found_each_group_and_lists_copies_once(tmp_path: Path, image_dir: Path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    shutil.copy(folder / "reds" / "reds_000.png", folder / "reds" / "copy.png")  # byte-identical
+    Image.open(folder / "reds" / "reds_000.png").save(folder / "reds" / "resaved.jpg", quality=92)  # near
+    store = tmp_path / "s.h5"
+    run("embed", folder, "-o", store, *SMALL_ARGS)
+    table = run("dedup", store, "-t", "0.99").stdout
+    assert "1 group of identical files (sha256), 1 group of near duplicates: cosine >= 0.99" in table
+    assert "mobilenetv3small @ 64px, RANDOM weights" in table.splitlines()[0]
+    data = json.loads(run("dedup", store, "-t", "0.99", "-f", "json").stdout)
+    exact, near = data
+    assert exact["found_by"] == "identical files (sha256)" and {i["path"] for i in exact["images"]} == {
+        "reds/copy.png", "reds/reds_000.png"}
+    assert near["found_by"].startswith("cosine >= 0.99 on mobilenetv3small @ 64px features, RANDOM weights")
+    paths = [i["path"] for i in near["images"]]
+    assert len(paths) == 2 and "reds/resaved.jpg" in paths  # one of the identical pair stands for both
+    stands_for = [i for i in near["images"] if i["path"] != "reds/resaved.jpg"][0]
+    assert stands_for["identical_files_group"] == 1
+    assert "(identical files: group 1)" in table
+    page = run("dedup", store, "-t", "0.99", "-f", "html").stdout
+    assert "cosine &gt;= 0.99 on mobilenetv3small @ 64px features" in page and "identical files: group 1" in page
+
+
 def test_appending_with_another_backbone_is_refused(tmp_path: Path, image_dir: Path):
     """One store, one embedding space: a second backbone cannot be mixed into it."""
     other = tmp_path / "other.h5"
@@ -109,9 +223,11 @@ def test_real_process_entry_point(tmp_path: Path, image_dir: Path):
     out = subprocess.run([sys.executable, "-m", "imgvec", "models", "-f", "json"], capture_output=True, text=True,
                          check=True)
     assert len(json.loads(out.stdout)) == 40
-    code = "import sys, imgvec.cli; imgvec.cli.app(['--help'], standalone_mode=False); print('tensorflow' in sys.modules)"
+    heavy = ("tensorflow", "keras", "sklearn", "scipy", "openvino", "faiss")  # --help starts in a fraction of a second
+    code = ("import sys, imgvec.cli; imgvec.cli.app(['--help'], standalone_mode=False); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("False")
+    assert out.stdout.strip().endswith("[]")
 
 
 def test_real_process_stderr_has_no_tensorflow_start_up_chatter(tmp_path: Path, image_dir: Path):
@@ -119,6 +235,7 @@ def test_real_process_stderr_has_no_tensorflow_start_up_chatter(tmp_path: Path, 
     out = subprocess.run([sys.executable, "-m", "imgvec", "embed", str(image_dir), "-o", str(tmp_path / "s.h5"),
                           *SMALL_ARGS], capture_output=True, text=True, check=True)
     assert "RANDOM weights" in out.stderr
+    assert out.stderr.startswith("imgvec: "), "no blank line (or anything else) before imgvec's own lines"
     for noise in ("absl::InitializeLog", "oneDNN custom operations", "cuda", "I0000"):
         assert noise not in out.stderr, out.stderr
 
@@ -135,3 +252,23 @@ def test_merge_cli(cli_store: Path, tmp_path: Path):
     assert "24 rows from 2 stores (24 duplicate paths dropped" in r.stdout
     info = json.loads(run("info", tmp_path / "all.h5", "-f", "json").stdout)
     assert info["rows"] == 24 and info["provenance"]["precision"] == "float32"
+
+
+@pytest.mark.parametrize("command", [
+    ["query", "{store}", "{photo}"],
+    ["predict", "{head}", "{photo}"],
+    ["evaluate", "{head}", "{folder}"],
+    ["compare", "{folder}", "-m", "mobilenetv3small", "--stores", "{tmp}/stores"],
+])
+def test_html_output_is_checked_before_the_work(command, cli_store: Path, tmp_path: Path):
+    """A missing folder for --html is one line at once, not a traceback after the whole run."""
+    values = dict(store=cli_store, photo=cli_store.parent / "photos" / "reds" / "reds_000.png",
+                  head=tmp_path / "head.h5", folder=cli_store.parent / "photos", tmp=tmp_path)
+    if command[0] in ("predict", "evaluate"):
+        run("train", cli_store, "-o", values["head"], "--cv", "2")
+    args = [a.format(**values) for a in command] + ["--html", str(tmp_path / "missing" / "page.html")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == f"imgvec: error: cannot write {tmp_path}/missing/page.html: the folder " \
+                            f"{tmp_path}/missing does not exist\n"
+    assert result.stdout == "" and not (tmp_path / "stores").exists()  # nothing was computed or written

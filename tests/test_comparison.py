@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import imgvec
 from imgvec.backbones import get_backbone
 from imgvec.cli import app
-from imgvec.comparison import cross_validate, folds
+from imgvec.comparison import chance_baselines, cross_validate, folds
 
 MODELS = ["mobilenetv3small", "mobilenetv2"]
 
@@ -36,6 +36,14 @@ def test_cross_validate_separable_data():
     assert len(scores) == 5 and np.mean(scores) == 1.0 and (predicted == y).all()
 
 
+def test_chance_baselines_use_the_same_folds():
+    y = np.array(["a"] * 12 + ["b"] * 6 + ["c"] * 6)
+    majority, stratified = chance_baselines(y, folds(y, 3))
+    assert majority.name == "majority_class" and majority.accuracy == pytest.approx(0.5)
+    assert len(majority.fold_accuracies) == 3 and majority.description == "chance: always the most common class"
+    assert stratified.name == "stratified_random" and 0.0 <= stratified.accuracy <= 1.0
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, image_dir: Path) -> tuple[imgvec.api.Comparison, Path]:
     stores = tmp_path_factory.mktemp("compare") / "stores"
@@ -55,6 +63,9 @@ def test_compare_scores_each_backbone_on_the_same_images(compared, image_dir: Pa
         assert r.confusion.shape == (4, 4) and r.confusion.sum() == 24
         assert set(r.per_class_f1) == set(c.classes) and r.weakest_f1 == min(r.per_class_f1.values())
     assert c.rows[0].accuracy >= 0.9  # colour classes stay separable even with random weights
+    assert [b.name for b in c.baselines] == ["majority_class", "stratified_random"]
+    assert c.baselines[0].accuracy == pytest.approx(0.25) and c.speed_images == 8
+    assert "8 images" in c.speed_note and "build and warm-up not counted" in c.speed_note
 
 
 def test_second_run_reuses_stores_and_gives_the_same_numbers(compared, image_dir: Path, tmp_path: Path):
@@ -65,11 +76,16 @@ def test_second_run_reuses_stores_and_gives_the_same_numbers(compared, image_dir
                                  "-f", "json", "--html", str(out)])
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
-    assert [d["new_images_embedded"] for d in data] == [0, 0]
-    assert [d["accuracy"] for d in data] == pytest.approx([x.accuracy for x in c.rows])
-    assert [d["fold_accuracies"] for d in data] == [x.fold_accuracies for x in c.rows]
+    backbones = data["backbones"]
+    assert [d["new_images_embedded"] for d in backbones] == [0, 0]
+    assert [d["accuracy"] for d in backbones] == pytest.approx([x.accuracy for x in c.rows])
+    assert [d["fold_accuracies"] for d in backbones] == [x.fold_accuracies for x in c.rows]
+    assert all(d["weights"].startswith("RANDOM weights") for d in backbones)
+    assert [b["baseline"] for b in data["chance"]] == ["majority_class", "stratified_random"]
+    assert data["chance"][0]["accuracy"] == pytest.approx(0.25) and "warm model" in data["images_per_second_measures"]
     page = out.read_text()
     assert page.count('<table class="cm">') == 2 and page.count("<circle") == 2 and "RANDOM WEIGHTS" in page
+    assert "chance: always the most common class" in page and "chance (most common class) 0.250" in page
 
 
 
@@ -78,12 +94,19 @@ def test_table_and_csv(compared, image_dir: Path, monkeypatch):
     monkeypatch.setattr(imgvec.api, "compare", lambda *a, **k: c)  # the CLI only renders what the API returns
     table = CliRunner().invoke(app, ["compare", str(image_dir), "-m", ",".join(MODELS)])
     assert table.exit_code == 0, table.stderr
-    for header in ("backbone", "parameters", "embedding size", "images/s", "CV accuracy", "weakest class"):
+    for header in ("backbone", "weights", "parameters", "embedding size", "images/s", "CV accuracy", "weakest class"):
         assert header in table.stdout
-    assert "939,120" in table.stdout and "±" in table.stdout and "RANDOM weights" in table.stderr
+    assert "939,120" in table.stdout and "±" in table.stdout
+    for name in MODELS:  # every backbone says, in the table and on stderr, that its weights are random
+        assert [line for line in table.stdout.splitlines() if f" {name} " in line][0].count("RANDOM (seed 0)") == 1
+        assert f"{name} has RANDOM weights" in table.stderr
+    assert "chance: always the most common class" in table.stdout and "chance: random by class shares" in table.stdout
+    assert "0.250 ± 0.000" in table.stdout  # four balanced classes: the most common class is right a quarter of the time
+    assert "images/s: decoding + inference on a warm model (build and warm-up not counted), 8 images" in table.stdout
     rows = CliRunner().invoke(app, ["compare", str(image_dir), "-f", "csv"]).stdout.splitlines()
-    assert rows[0].startswith("backbone,params,dim,images_per_second,accuracy,accuracy_std,weakest_class,weakest_f1,"
-                              "f1_blues") and len(rows) == 3
+    assert rows[0].startswith("backbone,weights,params,dim,images_per_second,accuracy,accuracy_std,weakest_class,"
+                              "weakest_f1,f1_blues") and len(rows) == 5
+    assert rows[3].startswith("chance: always the most common class,,,,,0.250000")
 
 
 def test_compare_refuses_bad_input(compared, holdout_dir: Path, tmp_path: Path):

@@ -168,9 +168,10 @@ def test_dedup_cli_formats(dup_store: Path):
     data = json.loads(r.stdout)
     assert [g["kind"] for g in data] == ["exact", "near"] and data[0]["images"][0]["path"] == f"reds/{TRICKY}"
     r = runner.invoke(app, ["dedup", str(dup_store), "-t", "0.99", "-f", "csv"])
-    assert r.stdout.splitlines()[0] == "group,kind,path,score,sha256" and len(r.stdout.splitlines()) == 5
+    assert r.stdout.splitlines()[0] == "group,kind,path,score,sha256,identical_files_group,found_by"
+    assert len(r.stdout.splitlines()) == 5
     r = runner.invoke(app, ["dedup", str(dup_store), "-t", "0.99"])
-    assert "1 groups of identical files, 1 groups of near duplicates" in r.stdout and "RANDOM" in r.stderr
+    assert "1 group of identical files (sha256), 1 group of near duplicates" in r.stdout and "RANDOM" in r.stderr
     r = runner.invoke(app, ["dedup", str(dup_store), "-t", "0.99", "-f", "html"])
     assert r.stdout.startswith("<!DOCTYPE html>") and "&lt;img src=x onerror=alert(1)&gt;" in r.stdout
     assert "<img src=x" not in r.stdout and r.stdout.count("data:image/jpeg;base64,") == 4

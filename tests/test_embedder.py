@@ -32,13 +32,15 @@ def test_files_come_back_in_order_with_bad_ones_skipped(embedder: Embedder, imag
     np.testing.assert_allclose(emb, embedder.embed_arrays(pixels), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_model_calls_are_capped_and_change_nothing(small):
-    from imgvec.embedder import CPU_MODEL_BATCH
+@pytest.mark.parametrize("runtime", ["openvino", "tensorflow"])
+def test_cpu_model_calls_are_capped_and_change_nothing(small, runtime: str):
+    from imgvec.runtime import CPU_MODEL_BATCH
 
-    pixels = np.random.default_rng(1).integers(0, 256, (CPU_MODEL_BATCH + 3, 64, 64, 3), dtype=np.uint8)
-    big = Embedder(**small, batch_size=64).load()
-    assert big.device_.startswith("/CPU") and big.model_batch == CPU_MODEL_BATCH
-    assert Embedder(**small, batch_size=2).load().model_batch == 2
+    big = Embedder(**small, batch_size=64, runtime=runtime).load()
+    assert big.engine_.device == "cpu" and big.model_batch == big.engine_.model_batch
+    assert big.model_batch in (CPU_MODEL_BATCH, 2 * CPU_MODEL_BATCH)  # OpenVINO splits its calls over two streams
+    pixels = np.random.default_rng(1).integers(0, 256, (big.model_batch + 3, 64, 64, 3), dtype=np.uint8)
+    assert Embedder(**small, batch_size=2, runtime=runtime).load().model_batch == 2
     one_call = np.concatenate([big.embed_arrays(pixels[i : i + 1]) for i in range(len(pixels))])
     np.testing.assert_allclose(big.embed_arrays(pixels), one_call, rtol=1e-4, atol=1e-5)
 
@@ -49,13 +51,18 @@ def test_embed_arrays_checks_shape(embedder: Embedder):
     assert embedder.embed_arrays(np.zeros((0, 64, 64, 3), np.uint8)).shape == (0, embedder.dim)
 
 
-def test_preprocessing_matches_keras_preprocess_input():
-    """Our uint8 -> preprocess_input -> model path equals calling Keras the documented way."""
-    e = Embedder("resnet50", "none", 32, batch_size=2).load()
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_preprocessing_matches_keras_preprocess_input(runtime: str):
+    """Our uint8 -> preprocess_input -> model path, on either runtime, equals calling Keras the documented way."""
+    from imgvec.backbones import build_model, get_backbone, parse_weights
+
+    e = Embedder("resnet50", "none", 32, batch_size=2, runtime=runtime).load()
+    assert e.engine_.runtime == runtime
     import keras
 
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    ref = e.model_.predict(keras.applications.resnet.preprocess_input(pixels.astype("float32")), verbose=0)
+    model = build_model(get_backbone("resnet50"), parse_weights("none"), 32)
+    ref = model.predict(keras.applications.resnet.preprocess_input(pixels.astype("float32")), verbose=0)
     np.testing.assert_allclose(e.embed_arrays(pixels), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -64,13 +71,15 @@ def test_parameters_are_validated_up_front():
         Embedder("mobilenetv3small", "none", 64, batch_size=0)
     with pytest.raises(BadInputError, match="too small"):
         Embedder("xception", "none", 64)
+    with pytest.raises(BadInputError, match="--runtime 'onnx': expected one of auto, openvino, tensorflow"):
+        Embedder("mobilenetv3small", "none", 64, runtime="onnx")
 
 
 def test_from_provenance_checks_the_weights_file(small, tmp_path: Path):
-    from imgvec.backbones import parse_weights
+    from imgvec.backbones import build_model, get_backbone, parse_weights
 
     f = tmp_path / "w.weights.h5"
-    Embedder(**small).load().model_.save_weights(str(f))
+    build_model(get_backbone("mobilenetv3small"), parse_weights("none"), 64).save_weights(str(f))
     e = Embedder("mobilenetv3small", parse_weights(str(f)), 64)
     prov = e.provenance()
     assert Embedder.from_provenance(prov).weights.sha256 == prov.weights_sha256
@@ -79,6 +88,6 @@ def test_from_provenance_checks_the_weights_file(small, tmp_path: Path):
         Embedder.from_provenance(prov)
     assert Embedder.from_provenance(prov, weights_path=str(tmp_path / "moved.weights.h5")).weights.kind == "file"
     other = tmp_path / "other.weights.h5"
-    Embedder("mobilenetv3small", "none", 64, seed=1).load().model_.save_weights(str(other))
+    build_model(get_backbone("mobilenetv3small"), parse_weights("none", seed=1), 64).save_weights(str(other))
     with pytest.raises(MismatchError, match="not the one the embeddings were made with"):
         Embedder.from_provenance(prov, weights_path=str(other))

@@ -113,7 +113,7 @@ def test_fifo_device_and_socket_never_hang_any_command(tmp_path: Path, image_dir
     ])
     embed, train, query, query_bad, predict, predict_bad, evaluate, _, dedup, again, query_after = r
     assert embed["code"] == 0 and "24 images embedded, 0 already there, 3 skipped" in embed["stdout"]
-    assert f"skipped reds/pipe.jpg: a FIFO (named pipe), not a regular file" in embed["stderr"]
+    assert "skipped reds/pipe.jpg: a FIFO (named pipe), not a regular file" in embed["stderr"]
     assert "skipped reds/zero.png: a character device, not a regular file" in embed["stderr"]
     assert "skipped reds/sock.png: a socket, not a regular file" in embed["stderr"]
     assert train["code"] == 0

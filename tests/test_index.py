@@ -122,7 +122,7 @@ def test_faiss_gpu_modes_without_a_gpu():
     from imgvec.index import use_faiss_gpu
 
     assert use_faiss_gpu("auto") is False and use_faiss_gpu("off") is False
-    with pytest.raises(BadInputError, match="--faiss-gpu on: the installed faiss has no GPU support"):
+    with pytest.raises(BadInputError, match="faiss_gpu on: the installed faiss has no GPU support"):
         use_faiss_gpu("on")
     with pytest.raises(BadInputError, match="expected one of"):
         use_faiss_gpu("maybe")

@@ -15,8 +15,40 @@ def test_csv_defuses_formulas_and_keeps_odd_names_intact():
     assert rows[3][0] == "'@x.png" and rows[4] == ["'-rf.png", "2"]
 
 
+def test_csv_header_is_defused_too():
+    """Class names become CSV column names (predict): a class named like a formula must not run."""
+    rows = list(csv.reader(io.StringIO(to_csv(["path", "=cmd|' /C calc'!A0", "+x"], [["a.png", 0.5, 0.5]]))))
+    assert rows[0] == ["path", "'=cmd|' /C calc'!A0", "'+x"]
+
+
 def test_render_formats():
     data = [{"name": "<script>.jpg", "score": 0.25}]
     assert json.loads(render("json", data, ["name", "score"], [("<script>.jpg", 0.25)])) == data
     table = render("table", data, ["name", "score"], [("[bold]x[/bold].jpg", 0.25)])
     assert "[bold]x[/bold].jpg" in table and "0.2500" in table  # rich markup in names is shown, not applied
+
+
+def test_plural():
+    from imgvec.report import plural
+
+    assert (plural(0, "group"), plural(1, "group"), plural(2, "group")) == ("0 groups", "1 group", "2 groups")
+
+
+def test_pages_and_analyses_never_import_the_api():
+    """One way down: cli -> api -> (comparison, duplicates, html, report, ...); nothing below imports the api."""
+    import ast
+    from pathlib import Path
+
+    import imgvec
+
+    src = Path(imgvec.__file__).parent
+    for name in ("html.py", "report.py", "results.py", "comparison.py", "duplicates.py", "ingest.py"):
+        tree = ast.parse((src / name).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+                imported.update(f"{node.module or ''}.{a.name}".lstrip(".") for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert not {m for m in imported if m.split(".")[-1] in ("api", "cli") or m.startswith("imgvec.api")}, name

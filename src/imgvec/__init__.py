@@ -2,21 +2,31 @@
 
 __version__ = "0.1.0"
 
-from .api import build_index, embed, info, models, predict, query, train  # noqa: E402
+from .api import build_index, cache, embed, info, models, predict, query, release_models, train  # noqa: E402
 from .api import (  # noqa: E402
     compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, predict_html,
     query_html,
 )
 from .backbones import BACKBONES, Backbone, get_backbone  # noqa: E402
-from .classifier import LogisticHead, load_head  # noqa: E402
 from .embedder import Embedder  # noqa: E402
 from .errors import BadInputError, ImageSkipped, ImgvecError, MismatchError, MissingWeightsError  # noqa: E402
 from .store import open_store  # noqa: E402
 
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """The head's names load scikit-learn, so they are imported on first use (``imgvec --help`` stays fast)."""
+    if name in ("LogisticHead", "load_head"):
+        from . import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'imgvec' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
     "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
-    "models", "open_store", "predict", "query", "train",
+    "models", "open_store", "predict", "query", "release_models", "cache", "train",
     "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "evaluate", "evaluation_html", "image_paths",
     "predict_html", "query_html",
 ]

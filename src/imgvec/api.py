@@ -8,25 +8,39 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_SEED, Backbone
-from .classifier import DEFAULT_CS, LogisticHead, load_head, read_head, seen_in_training
-from .distributed import ENGINES, embed_files_on_ray
-from .embedder import Embedder
 from .artifact import check_partner, peek
-from .errors import BadInputError, MismatchError
+from .backbones import BACKBONES, DEFAULT_SEED, Backbone, get_backbone
+from .comparison import DEFAULT_MODELS
+from .comparison import compare as _compare
+from .duplicates import DuplicateGroup
+from .embedder import Embedder
+from .errors import BadInputError, MismatchError, param
 from .fileio import check_writable, make_folder
-from .images import DEFAULT_MAX_PIXELS, find_images
+from .images import find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
+from .ingest import embed, weights_arg
 from .provenance import Provenance, check_compatible
-from .store import Store, StoreWriter, merge_stores, open_store
+from .runtime import CacheEntry
+from .results import (Baseline, BackboneScore, Comparison, DedupResult, EmbedSummary, Evaluation, IndexSummary,
+                      MergeSummary, Neighbour, Prediction, Predictions, QueryResult, QueryResults, TrainSummary,
+                      chance_accuracies, fold_copies)
+from .store import Store, merge_stores, open_store
+
+__all__ = [
+    "Baseline", "BackboneScore", "CacheSummary", "Comparison", "DedupResult", "DuplicateGroup", "EmbedSummary", "Evaluation", "IndexSummary",
+    "MergeSummary", "Neighbour", "Prediction", "Predictions", "QueryResult", "QueryResults", "TrainSummary",
+    "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
+    "evaluation_html", "image_paths", "info", "merge", "models", "predict", "predict_html", "query", "query_html",
+    "release_models", "train",
+]
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
@@ -37,131 +51,8 @@ def _display(path: str) -> str:
     return path if rel.startswith(os.pardir) else rel
 
 
-# -- embed ------------------------------------------------------------------------------
-@dataclass
-class EmbedSummary:
-    store: Path
-    provenance: Provenance
-    added: int
-    already: int
-    rows: int
-    skipped: list[tuple[str, str]]
-    seconds: float
-    removed: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.added / self.seconds if self.seconds > 0 else 0.0
-
-
-def embed(
-    sources: Sequence[PathLike],
-    output: PathLike,
-    model: str | None = None,
-    weights: str | None = None,
-    image_size: int | None = None,
-    batch_size: int = 32,
-    workers: int | None = None,
-    seed: int = DEFAULT_SEED,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    sync: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_workers: int | None = None,
-    device: str = "auto",
-    precision: str | None = None,
-    progress: Progress | None = None,
-) -> EmbedSummary:
-    """Embed every image under ``sources`` into the store ``output``.
-
-    A new store is created; an existing one is resumed: images already in it are kept and
-    not recomputed, only new ones are embedded. With ``sync``, rows whose files are no
-    longer under ``sources`` are removed. Options left as ``None`` are taken from the
-    existing store (or default to efficientnetb0 with ImageNet weights for a new one).
-    Interrupting (Ctrl-C, kill) loses at most the batch under way: run again to go on.
-    ``device`` (auto/cpu/gpu) and ``precision`` (float32/mixed; default: the store's, else
-    float32) say how the model runs. ``engine="ray"`` embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local
-    one) with ``ray_workers`` actors; this process still writes the store.
-    """
-    if engine not in ENGINES:
-        raise BadInputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    output = check_writable(output)  # before finding images or loading a model
-    start = time.perf_counter()
-    writer: StoreWriter | None = None
-    try:
-        if output.exists():
-            writer = StoreWriter(output)
-            run = dict(batch_size=batch_size, workers=workers, max_pixels=max_pixels, device=device,
-                       precision=precision or writer.provenance.precision)
-            embedder = _embedder_for_store(writer, model, weights, image_size, seed, run)
-            collection = find_images(sources, root=writer.root)  # the model loads only if there is work
-        else:
-            embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels,
-                                device=device, precision=precision or "float32")
-            collection = find_images(sources)
-            embedder.load()  # before creating a store: missing weights must not leave an empty file
-            writer = StoreWriter(output, embedder.provenance(), collection.root)
-        before = len(writer.keys)
-        todo = [f for f in collection.files if f.key not in writer.keys]
-        removed = writer.keys - {f.key for f in collection.files} if sync else set()
-        key_of = {f.path: f.key for f in todo}
-        skipped: list[tuple[str, str]] = []
-        finished = 0
-        paths = list(key_of)
-        batches = (embedder.embed_files(paths) if engine == "local"
-                   else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
-        for batch in batches:
-            rows = [todo[i] for i in batch.indices]
-            skips = [(key_of[s.path], s.reason) for s in batch.skipped]
-            writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
-            skipped.extend(skips)
-            finished += len(batch.indices) + len(batch.skipped)
-            if progress:
-                progress(finished, len(todo))
-        writer.commit(drop=removed)
-        return EmbedSummary(output, writer.provenance, len(writer.keys) - before + len(removed),
-                            len(collection.files) - len(todo), len(writer.keys), skipped,
-                            time.perf_counter() - start, len(removed))
-    finally:
-        if writer is not None:
-            writer.close()  # on an error or Ctrl-C, what was embedded is still committed
-
-
-def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | None, image_size: int | None,
-                        seed: int, kwargs: dict[str, Any]) -> Embedder:
-    """The store's own embedder; explicit options must agree with how the store was made."""
-    if model is None and weights is None and image_size is None:
-        return Embedder.from_provenance(store.provenance, **kwargs)
-    prov = store.provenance
-    asked = Embedder(model or prov.backbone, weights if weights is not None else _weights_arg(prov),
-                     image_size or prov.input_size, seed=seed, **kwargs)
-    check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
-                     fix="leave out --model/--weights/--image-size to resume with the store's own, or write a new store")
-    return asked
-
-
-def _weights_arg(prov: Provenance) -> str:
-    return prov.weights_path if prov.weights == "file" else ("none" if prov.weights == "random" else "imagenet")
-
-
-def _key_provenance(embedder: Embedder) -> Provenance:
-    """Provenance without importing TensorFlow: enough for a compatibility check."""
-    w = embedder.weights
-    return Provenance(embedder.backbone.name, w.kind, w.seed, w.path, w.sha256, embedder.image_size,
-                      embedder.backbone.preprocessing, embedder.dim)
-
-
+# -- embed: ingest.embed, re-exported above ---------------------------------------------
 # -- index ------------------------------------------------------------------------------
-@dataclass
-class IndexSummary:
-    path: Path
-    kind: str
-    rows: int
-    seconds: float
-    updated: bool = False  # an existing index was extended rather than rebuilt
-    added: int = 0
-
-
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
                 rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
     """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
@@ -192,15 +83,6 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
 
 
-@dataclass
-class MergeSummary:
-    store: Path
-    inputs: int
-    rows: int
-    duplicates: int
-    seconds: float
-
-
 def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
@@ -210,41 +92,22 @@ def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "fir
 
 
 # -- query ------------------------------------------------------------------------------
-@dataclass
-class Neighbour:
-    rank: int
-    path: str
-    score: float
-    label: str = ""
-
-
-@dataclass
-class QueryResult:
-    query: str
-    results: list[Neighbour]
-
-
-@dataclass
-class QueryResults:
-    provenance: Provenance
-    queries: list[QueryResult]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    index_kind: str = ""
-
-
-def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """Embed query or prediction images: (display paths, embeddings, skipped)."""
+def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
+                  ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
+    """Embed query or prediction images: (display paths, embeddings, skipped, class-folder labels)."""
     files = find_images(sources).files
     names: list[str] = []
+    labels: list[str] = []
     blocks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     for batch in embedder.embed_files([f.path for f in files]):
         names.extend(_display(files[i].path) for i in batch.indices)
+        labels.extend(files[i].label for i in batch.indices)
         blocks.append(batch.embeddings)
         skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
-    return names, emb, skipped
+    return names, emb, skipped, labels
 
 
 def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
@@ -275,16 +138,19 @@ def query(
     weights: str | None = None,
     batch_size: int = 32,
     faiss_gpu: str = "auto",
+    runtime: str = "auto",
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
-    ``weights`` is only needed to point at a moved weights file.
+    ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
+    one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
     """
     with open_store(store) as s:
         vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
-        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size)
-        names, emb, skipped = _embed_inputs(embedder, queries)
+        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
+                                            runtime=runtime)
+        names, emb, skipped, _ = _embed_inputs(embedder, queries)
         keys, labels = s.paths(), s.labels()
         prov = s.provenance
     scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
@@ -297,26 +163,12 @@ def query(
 
 
 # -- classify ---------------------------------------------------------------------------
-@dataclass
-class TrainSummary:
-    head: Path
-    provenance: Provenance
-    classes: list[str]
-    n_train: int
-    n_unlabelled: int
-    C: float
-    cv_accuracy: float
-    cv_accuracy_std: float
-    report: dict[str, Any]
-    confusion: np.ndarray
-    seconds: float
-    n_Cs: int = 0  # regularisation strengths tried
-    search_seconds: float = 0.0  # choosing C by cross-validation
-    fit_seconds: float = 0.0  # the one final fit at that C
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None) -> TrainSummary:
+    """Fit a logistic-regression head on the store's labelled embeddings and save it.
 
-
-def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS) -> TrainSummary:
-    """Fit a logistic-regression head on the store's labelled embeddings and save it."""
+    ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
+    """
+    from .classifier import DEFAULT_CS, LogisticHead
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
@@ -331,7 +183,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         prov, store_id, generation = s.provenance, s.store_id, s.generation
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
-    head = LogisticHead(cv=cv, Cs=Cs).fit(X, y)
+    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
     path = head.save(output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
@@ -341,32 +193,66 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
                         len(head.C_grid()), head.search_seconds_, head.fit_seconds_)
 
 
-@dataclass
-class Prediction:
-    path: str
-    label: str
-    probabilities: dict[str, float]
-
-
-@dataclass
-class Predictions:
-    provenance: Provenance
-    classes: list[str]
-    predictions: list[Prediction]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32) -> Predictions:
-    """Label each image with the head, embedding it with the head's own backbone."""
+            batch_size: int = 32, runtime: str = "auto") -> Predictions:
+    """Label each image with the head, embedding it with the head's own backbone.
+
+    ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
+    rows are used as they are. Images in class folders (one folder of class subfolders, or class
+    folders given one by one) and labelled store rows carry their label as ``truth``, so right
+    and wrong can be shown.
+    """
+    from .classifier import load_head
+
     model, prov = load_head(head)
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
-    names, emb, skipped = _embed_inputs(embedder, images)
+    stores = [Path(p) for p in images if _is_store(p)]
+    files = [p for p in images if not _is_store(p)]
+    names: list[str] = []
+    emb = np.zeros((0, prov.dim), np.float32)
+    skipped: list[tuple[str, str]] = []
+    truths: list[str] = []
+    if files:
+        embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
+        names, emb, skipped, truths = _embed_inputs(embedder, files)
+    for path in stores:
+        with open_store(path) as s:
+            check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
+                             fix=f"predict on its images instead, or embed them with {_head_settings(prov)}")
+            names += [_display(s.absolute(k)) for k in s.paths()]
+            emb = np.concatenate([emb, s.embeddings()])
+            truths += s.labels()
     classes = [str(c) for c in model.classes_]
+    if not set(truths) & set(classes):
+        truths = [""] * len(names)  # folders that are not the head's classes say nothing about right or wrong
     proba = model.predict_proba(emb) if len(emb) else np.zeros((0, len(classes)))
-    preds = [Prediction(n, classes[int(np.argmax(p))], {c: float(v) for c, v in zip(classes, p)})
-             for n, p in zip(names, proba)]
-    return Predictions(prov, classes, preds, skipped)
+    preds = [Prediction(n, classes[int(np.argmax(p))], {c: float(v) for c, v in zip(classes, p)}, t)
+             for n, p, t in zip(names, proba, truths)]
+    return Predictions(prov, classes, preds, skipped, Path(head), float(model.C_), float(model.cv_accuracy_),
+                       float(model.cv_accuracy_std_))
+
+
+# -- models kept loaded, the compiled-model cache --------------------------------------------
+def release_models() -> int:
+    """Free the models query/predict/evaluate/embed keep loaded between calls; how many there were."""
+    from .runtime import release_engines
+
+    return release_engines()
+
+
+@dataclass
+class CacheSummary:
+    folder: Path
+    entries: list[CacheEntry]
+    cleared: int = 0  # entries removed by ``clear``
+    freed: int = 0  # bytes
+
+
+def cache(clear: bool = False) -> CacheSummary:
+    """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.cache_dir`); ``clear`` removes them."""
+    from .runtime import cache_dir, cache_entries, clear_cache
+
+    cleared, freed = clear_cache() if clear else (0, 0)
+    return CacheSummary(cache_dir(), cache_entries(), cleared, freed)
 
 
 # -- info -------------------------------------------------------------------------------
@@ -381,6 +267,8 @@ def info(path: PathLike) -> dict[str, Any]:
     Reads attributes and small datasets only: an index is never deserialised, a store's
     embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
     """
+    from .classifier import read_head
+
     kind, header, extra = peek(path)
     data: dict[str, Any] = {"file": str(path), "kind": kind, "format_version": header.format_version,
                             "store_id": header.store_id, "generation": header.generation,
@@ -422,8 +310,6 @@ def _index_status(store: Store) -> dict[str, Any] | None:
 
 # -- galleries, evaluation, backbone comparison, duplicates -----------------------------
 # (HTML rendering lives in html.py, the comparison in comparison.py, duplicate search in duplicates.py.)
-from .comparison import Comparison  # noqa: E402
-from .duplicates import DuplicateGroup  # noqa: E402
 
 
 def image_paths(store: PathLike, keys: Sequence[str]) -> list[str]:
@@ -437,8 +323,7 @@ def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path
     from . import html
 
     with open_store(store) as s:
-        absolute = s.absolute
-        return html.write(output, html.query_page(results, absolute))
+        return html.write(output, html.query_page(results, s.absolute, s.root))
 
 
 def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Path:
@@ -448,31 +333,22 @@ def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Pa
     return html.write(output, html.predict_page(predictions, top=top))
 
 
-@dataclass
-class Evaluation:
-    head: Path
-    data: str
-    provenance: Provenance
-    classes: list[str]  # the head's classes
-    labels: list[str]  # rows/columns of ``confusion``: the head's classes, then any it does not know
-    n_images: int
-    accuracy: float
-    report: dict[str, Any]  # scikit-learn classification_report(output_dict=True)
-    confusion: np.ndarray  # rows: true label, columns: predicted label
-    unknown: dict[str, int]  # labels in the data the head was not trained on (always counted wrong)
-    n_unlabelled: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    seen_in_training: int = 0  # evaluated images the head was trained on: those are not held out
+def _is_store(path: PathLike) -> bool:
+    return Path(path).suffix.lower() in (".h5", ".hdf5") and Path(path).is_file()
+
+
+def _head_settings(prov: Provenance) -> str:
+    """The embed options that reproduce a head's embeddings."""
+    return (f"the head's settings ({param('model')} {prov.backbone}, {param('image_size')} {prov.input_size}, "
+            f"{param('weights')} {weights_arg(prov)}"
+            + (f", {param('seed')} {prov.weights_seed})" if prov.is_random else ")"))
 
 
 def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
                          ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
     with open_store(path) as s:
         check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
-                         fix=f"evaluate on an image folder instead, or embed it with the head's settings "
-                             f"(-m {prov.backbone} --image-size {prov.input_size} --weights {_weights_arg(prov)}"
-                             + (f" --seed {prov.weights_seed})" if prov.is_random else ")"))
+                         fix=f"evaluate on an image folder instead, or embed it with {_head_settings(prov)}")
         labels = np.asarray(s.labels(), dtype=object)
         keep = labels != ""
         X = s.embeddings()[keep] if keep.any() else np.zeros((0, s.dim), np.float32)
@@ -480,11 +356,11 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
     return X, labels[keep].astype(str), int((~keep).sum()), paths
 
 
-def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
     for batch in embedder.embed_files([f.path for f in labelled]):
         blocks.append(batch.embeddings)
@@ -496,12 +372,15 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
 
-def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32) -> Evaluation:
+def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
+             runtime: str = "auto") -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
     with the head's backbone, weights and input size, or it is refused (:class:`MismatchError`).
     """
+    from .classifier import load_head, seen_in_training
+
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
@@ -511,7 +390,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:
@@ -527,7 +406,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     unknown = {c: int((y == c).sum()) for c in unknown_labels}
     return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
                       confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start,
-                      seen_in_training(model, paths))
+                      seen_in_training(model, paths), chance_accuracies(y))
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
@@ -544,10 +423,6 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
     """
-    from .backbones import get_backbone
-    from .comparison import DEFAULT_MODELS
-    from .comparison import compare as _compare
-
     folder = make_folder(stores)  # every store writable before the first backbone runs
     for name in models or DEFAULT_MODELS:
         check_writable(folder / f"{get_backbone(name).name}.h5")
@@ -562,36 +437,6 @@ def comparison_html(comparison: Comparison, output: PathLike) -> Path:
     return html.write(output, html.compare_page(comparison))
 
 
-@dataclass
-class DedupResult:
-    store: Path
-    provenance: Provenance
-    threshold: float
-    rows: int
-    groups: list[DuplicateGroup]
-    candidates: int  # pairs checked with the full vectors
-    missing: list[str]  # files that could not be read for hashing
-    seconds: float
-    method: str = "exact"  # how pairs were searched: "exact", or the inverted-list settings
-    share_above: float = 0.0  # estimated share of all pairs of images above the threshold
-
-    @property
-    def degenerate(self) -> bool:
-        """Most pairs are above the threshold: the features cannot tell images apart (random
-        weights, a wrong backbone) and the groups mean little."""
-        from .duplicates import DEGENERATE_SHARE
-
-        return self.share_above > DEGENERATE_SHARE
-
-    @property
-    def exact_groups(self) -> int:
-        return sum(g.kind == "exact" for g in self.groups)
-
-    @property
-    def near_groups(self) -> int:
-        return sum(g.kind == "near" for g in self.groups)
-
-
 def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
           progress: Progress | None = None) -> DedupResult:
     """Groups of identical files (sha256) and of near duplicates (cosine >= ``threshold``).
@@ -604,7 +449,7 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     start = time.perf_counter()
     with open_store(store) as s:
         found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
-        return DedupResult(Path(store), s.provenance, threshold, s.rows, found.groups, found.candidates,
+        return DedupResult(Path(store), s.provenance, threshold, s.rows, fold_copies(found.groups), found.candidates,
                            found.missing, time.perf_counter() - start, found.method, found.share_above)
 
 

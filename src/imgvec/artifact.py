@@ -9,6 +9,7 @@ Stores, indexes and heads are HDF5 files with the same header in their attribute
     rows            rows covered (store: committed rows; index: vectors; head: training rows)
     dim             embedding size
     + provenance    one attribute per Provenance field (backbone, weights, input_size, ...)
+    header_sha256   checksum of all of the above
 
 Opening a file validates it against itself (every header value present and of the right type,
 provenance naming a known backbone, each kind's datasets present with the dtypes
@@ -91,8 +92,21 @@ def write_provenance(attrs: Any, provenance: Provenance) -> None:
 
 
 def write_header(attrs: Any, header: Header) -> None:
+    """Write ``header`` and its checksum (so an attribute edited by hand is noticed)."""
     attrs.update(header.attrs())
     write_provenance(attrs, header.provenance)
+    attrs["header_sha256"] = header_digest(attrs)
+
+
+def header_digest(attrs: Mapping[str, Any]) -> str:
+    """sha256 over the header and provenance attributes present in ``attrs``."""
+    import hashlib
+    import json
+
+    names = sorted(set(Header("store", None, "", 0, 0, 0).attrs()) | {f.name for f in fields(Provenance)})  # type: ignore[arg-type]
+    present = {name: _plain(attrs[name]) for name in names if name in attrs}
+    text = json.dumps(present, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -119,7 +133,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _get(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], path: Any, kind: str,
+def _shown(value: Any) -> str:
+    """A value for a message: plain Python, never a numpy repr."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return repr(value)
+
+
+def get_attr(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], path: Any, kind: str,
          default: Any = ..., minimum: int | None = None) -> Any:
     """Attribute ``name`` as ``typ``; a missing or ill-typed one is a damaged file."""
     if name not in attrs:
@@ -130,7 +150,7 @@ def _get(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], path
     if typ is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, typ):
-        raise damaged(path, kind, f"attribute {name!r} is {value!r}, not {getattr(typ, '__name__', typ)}")
+        raise damaged(path, kind, f"attribute {name!r} is {_shown(value)}, not {getattr(typ, '__name__', typ)}")
     if minimum is not None and value < minimum:
         raise damaged(path, kind, f"attribute {name!r} is {value}, below {minimum}")
     return value
@@ -143,9 +163,9 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
         if f.name in attrs:
             data[f.name] = _plain(attrs[f.name])
     for name in ("backbone", "weights", "preprocessing"):
-        _get(data, name, str, path, kind)
-    size = _get(data, "input_size", int, path, kind, minimum=1)
-    _get(data, "dim", int, path, kind, minimum=1)
+        get_attr(data, name, str, path, kind)
+    size = get_attr(data, "input_size", int, path, kind, minimum=1)
+    get_attr(data, "dim", int, path, kind, minimum=1)
     backbone = BACKBONES.get(data["backbone"])
     if backbone is None:
         raise damaged(path, kind, f"unknown backbone {data['backbone']!r}")
@@ -154,27 +174,33 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
     if data["weights"] not in _WEIGHT_KINDS:
         raise damaged(path, kind, f"weights {data['weights']!r} is not one of {', '.join(_WEIGHT_KINDS)}")
     if data["weights"] == "random":
-        _get(data, "weights_seed", int, path, kind)
+        get_attr(data, "weights_seed", int, path, kind)
     if data["weights"] == "file":
-        _get(data, "weights_sha256", str, path, kind)
+        get_attr(data, "weights_sha256", str, path, kind)
     for name in ("weights_seed", "weights_path", "weights_sha256"):
         data.setdefault(name, None)
     for f in fields(Provenance):  # recorded-only fields: a wrong type is still damage
         if f.name in data and data[f.name] is not None and f.type in ("str", "int") and not isinstance(
                 data[f.name], str if f.type == "str" else int):
-            raise damaged(path, kind, f"attribute {f.name!r} is {data[f.name]!r}")
+            raise damaged(path, kind, f"attribute {f.name!r} is {_shown(data[f.name])}")
     return Provenance(**data)
+
+
+def text_attr(attrs: Mapping[str, Any], name: str) -> str | None:
+    """Attribute ``name`` if it is a string, else None (missing, or retyped to something else)."""
+    value = _plain(attrs.get(name))
+    return value if isinstance(value, str) else None
 
 
 def read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
     """Validate and return the header of a file that should be of ``kind``."""
-    fmt = _plain(attrs.get("format"))
+    fmt = text_attr(attrs, "format")
     if fmt != FORMATS[kind]:
         other = next((k for k, f in FORMATS.items() if f == fmt), None)
         if other:
             raise BadInputError(f"{path}: is an imgvec {other} file, not a {kind}")
         raise BadInputError(f"{path}: not an imgvec {kind} file (no format={FORMATS[kind]!r} attribute)")
-    version = _get(attrs, "format_version", int, path, kind, default=1)
+    version = get_attr(attrs, "format_version", int, path, kind, default=1)
     if version > FORMAT_VERSION:
         raise BadInputError(f"{path}: written by a newer imgvec (format {version}, this one reads up to "
                             f"{FORMAT_VERSION}); upgrade imgvec")
@@ -183,15 +209,17 @@ def read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
     provenance = read_provenance(attrs, path, kind)
     if version == 1:
         return _migrate_v1(attrs, path, kind, provenance)
-    if _get(attrs, "kind", str, path, kind) != kind:
-        raise damaged(path, kind, f"kind attribute {_plain(attrs['kind'])!r} disagrees with format {fmt!r}")
-    header = Header(kind, provenance, _get(attrs, "store_id", str, path, kind),
-                    _get(attrs, "generation", int, path, kind, minimum=0),
-                    _get(attrs, "rows", int, path, kind, minimum=0), _get(attrs, "dim", int, path, kind, minimum=1))
+    if get_attr(attrs, "kind", str, path, kind) != kind:
+        raise damaged(path, kind, f"kind attribute {_shown(_plain(attrs['kind']))} disagrees with format {fmt!r}")
+    header = Header(kind, provenance, get_attr(attrs, "store_id", str, path, kind),
+                    get_attr(attrs, "generation", int, path, kind, minimum=0),
+                    get_attr(attrs, "rows", int, path, kind, minimum=0), get_attr(attrs, "dim", int, path, kind, minimum=1))
     if header.dim != provenance.dim:
         raise damaged(path, kind, f"dim {header.dim} disagrees with the provenance's {provenance.dim}")
     if not header.store_id and kind != "head":  # a head fitted on arrays in a notebook has no store
         raise damaged(path, kind, "empty store_id")
+    if text_attr(attrs, "header_sha256") != header_digest(attrs):
+        raise damaged(path, kind, "its header does not match its checksum: edited by hand, or forged")
     return header
 
 
@@ -200,10 +228,10 @@ def _migrate_v1(attrs: Mapping[str, Any], path: Any, kind: str, provenance: Prov
     if kind == "index":
         raise BadInputError(f"{path}: an index from imgvec 0.1 (format 1) does not record which version of its "
                             f"store it covers; {REBUILD['index']}")
-    rows = _get(attrs, "rows", int, path, kind, minimum=0) if kind == "store" else _get(
+    rows = get_attr(attrs, "rows", int, path, kind, minimum=0) if kind == "store" else get_attr(
         attrs, "n_train_", int, path, kind, default=0, minimum=0)
-    return Header(kind, provenance, _get(attrs, "store_id", str, path, kind, default=""),
-                  _get(attrs, "generation", int, path, kind, default=0, minimum=0), rows, provenance.dim, 1)
+    return Header(kind, provenance, get_attr(attrs, "store_id", str, path, kind, default=""),
+                  get_attr(attrs, "generation", int, path, kind, default=0, minimum=0), rows, provenance.dim, 1)
 
 
 def dataset(h5: Any, name: str, path: Any, kind: str, ndim: int, dtype: str,
@@ -261,7 +289,7 @@ def opened(path: str | os.PathLike[str], kind: str, missing: str) -> Iterator[tu
 def peek(path: str | os.PathLike[str]) -> tuple[str, Header, dict[str, Any]]:
     """The kind, header and other attributes of any imgvec file, reading attributes only."""
     with open_file(path, "an imgvec file", "no such file") as h5:
-        fmt = _plain(h5.attrs.get("format"))
+        fmt = text_attr(h5.attrs, "format")
         kind = next((k for k, f in FORMATS.items() if f == fmt), None)
         if kind is None:
             raise BadInputError(f"{path}: not an imgvec file (store, index or head)")

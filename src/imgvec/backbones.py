@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+from unittest import mock
 
 from .errors import BadInputError, MissingWeightsError
 from .fileio import open_regular
@@ -41,6 +42,12 @@ class Backbone:
     params: int  # parameters of the headless model
     preprocessing: str  # what preprocess_input does, for provenance
     min_size: int = 32  # smallest input keras.applications accepts
+    # Published by Keras for the whole ImageNet classifier (see _KERAS_PUBLISHED); None where it publishes nothing.
+    size_mb: int | None = None
+    top1: float | None = None  # ImageNet validation top-1 accuracy
+    top5: float | None = None
+    depth: int | None = None
+    images_per_second: float | None = None  # imgvec embed on the benchmark machine (see _MEASURED)
 
     def preprocess_input(self) -> Callable[[Any], Any]:
         from .device import import_keras
@@ -97,9 +104,58 @@ _TABLE = [
     ("convnextlarge",    "ConvNeXtLarge",      "convnext",            224,  1536, 196_230_336, _IN_MODEL),
     ("convnextxlarge",   "ConvNeXtXLarge",     "convnext",            224,  2048, 348_147_968, _IN_MODEL),
 ]
+
+# Keras' own "Available models" table (keras.io/api/applications, keras-team/keras-io
+# templates/api/applications/index.md): size of the weights file (MB), ImageNet top-1 and top-5
+# accuracy, depth (layers with parameters). It lists no MobileNetV3 or ConvNeXt row.
+_KERAS_PUBLISHED = {
+    # name               size  top-1  top-5  depth
+    "xception":          (88,  0.790, 0.945,  81),
+    "vgg16":             (528, 0.713, 0.901,  16),
+    "vgg19":             (549, 0.713, 0.900,  19),
+    "resnet50":          (98,  0.749, 0.921, 107),
+    "resnet50v2":        (98,  0.760, 0.930, 103),
+    "resnet101":         (171, 0.764, 0.928, 209),
+    "resnet101v2":       (171, 0.772, 0.938, 205),
+    "resnet152":         (232, 0.766, 0.931, 311),
+    "resnet152v2":       (232, 0.780, 0.942, 307),
+    "inceptionv3":       (92,  0.779, 0.937, 189),
+    "inceptionresnetv2": (215, 0.803, 0.953, 449),
+    "mobilenet":         (16,  0.704, 0.895,  55),
+    "mobilenetv2":       (14,  0.713, 0.901, 105),
+    "densenet121":       (33,  0.750, 0.923, 242),
+    "densenet169":       (57,  0.762, 0.932, 338),
+    "densenet201":       (80,  0.773, 0.936, 402),
+    "nasnetmobile":      (23,  0.744, 0.919, 389),
+    "nasnetlarge":       (343, 0.825, 0.960, 533),
+    "efficientnetb0":    (29,  0.771, 0.933, 132),
+    "efficientnetb1":    (31,  0.791, 0.944, 186),
+    "efficientnetb2":    (36,  0.801, 0.949, 186),
+    "efficientnetb3":    (48,  0.816, 0.957, 210),
+    "efficientnetb4":    (75,  0.829, 0.964, 258),
+    "efficientnetb5":    (118, 0.836, 0.967, 312),
+    "efficientnetb6":    (166, 0.840, 0.968, 360),
+    "efficientnetb7":    (256, 0.843, 0.970, 438),
+    "efficientnetv2b0":  (29,  0.787, 0.943, None),
+    "efficientnetv2b1":  (34,  0.798, 0.950, None),
+    "efficientnetv2b2":  (42,  0.805, 0.951, None),
+    "efficientnetv2b3":  (59,  0.820, 0.958, None),
+    "efficientnetv2s":   (88,  0.839, 0.967, None),
+    "efficientnetv2m":   (220, 0.853, 0.974, None),
+    "efficientnetv2l":   (479, 0.857, 0.975, None),
+}
+# images/s of `imgvec embed` (decode + inference, 224 px, batch 32, CPU) from benchmarks/results/embed.json
+# (2026-11-25, 2-core AMD EPYC); tests/test_backbones.py keeps these equal to that file.
+_MEASURED = {"mobilenetv2": 104.7, "efficientnetb0": 81.1, "resnet50": 22.7}
 # fmt: on
 
-BACKBONES: dict[str, Backbone] = {row[0]: Backbone(*row) for row in _TABLE}
+
+def _extra_columns(name: str) -> dict[str, Any]:
+    size_mb, top1, top5, depth = _KERAS_PUBLISHED.get(name, (None, None, None, None))
+    return dict(size_mb=size_mb, top1=top1, top5=top5, depth=depth, images_per_second=_MEASURED.get(name))
+
+
+BACKBONES: dict[str, Backbone] = {row[0]: Backbone(*row, **_extra_columns(row[0])) for row in _TABLE}
 
 
 def get_backbone(name: str) -> Backbone:
@@ -211,6 +267,26 @@ def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInput
     return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
 
 
+@contextlib.contextmanager
+def fetched_files() -> Iterator[list[str]]:
+    """Collect the local paths Keras' ``get_file`` returns meanwhile (the ImageNet weights file
+    a constructor loads), so a converted model can record which file, with which hash, it holds."""
+    from .device import import_keras
+
+    import_keras()
+    from keras.src.utils import file_utils
+
+    original, found = file_utils.get_file, []
+
+    def recording(*args: Any, **kwargs: Any) -> str:
+        path = original(*args, **kwargs)
+        found.append(str(path))
+        return path
+
+    with mock.patch.object(file_utils, "get_file", recording):
+        yield found
+
+
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
     """Build ``backbone`` without its classifier, global-average-pooled, for square inputs.
 
@@ -253,4 +329,26 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                     f"--weights {weights.path}: cannot load into {backbone.name} at "
                     f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 ) from error
+    return model
+
+
+def calibrate_batchnorm(model: "keras.Model", images: Any) -> "keras.Model":
+    """Set each BatchNormalization layer's moving mean and variance to those of ``images``
+    (preprocessed), layer by layer, earlier layers first; returns ``model``.
+
+    Random-init statistics (mean 0, variance 1) shrink activations layer by layer to
+    ~1e-9..1e-12, where any two runtimes "agree": parity tests and benchmarks calibrate a
+    random network first so its activations are of order 1.
+    """
+    from .device import import_keras
+
+    keras = import_keras()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns that a sub-model's input structure is a list
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                acts = keras.ops.convert_to_numpy(keras.Model(model.inputs, layer.input)(images, training=False))
+                axes = tuple(range(acts.ndim - 1))
+                layer.moving_mean.assign(acts.mean(axes))
+                layer.moving_variance.assign(acts.var(axes))
     return model

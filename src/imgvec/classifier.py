@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .artifact import Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, opened, path_digests, str_dtype
-from .errors import BadInputError
+from .artifact import (Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, get_attr, opened,
+                       path_digests, str_dtype)
+from .errors import BadInputError, param
 from .provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -52,11 +53,11 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise BadInputError(f"need at least 2 classes to train, found {len(classes)}: {list(classes)}")
         if self.cv < 2:
-            raise BadInputError(f"--cv must be at least 2, not {self.cv}")
-        small = [f"{c!r} ({n})" for c, n in zip(classes, counts) if n < self.cv]
+            raise BadInputError(f"{param('cv')} must be at least 2, not {self.cv}")
+        small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < self.cv]
         if small:
             raise BadInputError(
-                f"--cv {self.cv} needs at least {self.cv} images per class; too few in {', '.join(small)}"
+                f"{param('cv')} {self.cv} needs at least {self.cv} images per class; too few in {', '.join(small)}"
             )
         return X, y
 
@@ -136,7 +137,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
 
     # -- plain-data file ------------------------------------------------------------------
     _ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
-    _SCALARS = ("C_", "cv_accuracy_", "cv_accuracy_std_", "n_train_", "cv", "max_iter", "tol", "cv_tol", "random_state")
+    _SCALARS = {"C_": (int, float), "cv_accuracy_": (int, float), "cv_accuracy_std_": (int, float), "n_train_": int,
+                "cv": int, "max_iter": int, "tol": (int, float), "cv_tol": (int, float), "random_state": int}
 
     def save(self, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "", generation: int = 0,
              train_paths: Sequence[str] = ()) -> Path:
@@ -178,12 +180,12 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
         head.classes_ = np.asarray(decode_keys(classes, n))
         head.train_digests_ = (np.asarray(h5["train_paths"][()], np.uint64) if "train_paths" in h5
                                else np.zeros(0, np.uint64))
-        for name in LogisticHead._SCALARS:
-            if name in h5.attrs:  # a parameter added after the file was written keeps its default
-                value = h5.attrs[name]
-                setattr(head, name, value.item() if isinstance(value, np.generic) else value)
+        for name, typ in LogisticHead._SCALARS.items():
+            # Version 1 files may lack a parameter added since: it keeps its default.
+            default = getattr(head, name, 0) if header.format_version == 1 else ...
+            setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
     if n < 2 or len(set(head.classes_.tolist())) != n:
-        raise damaged(path, "head", f"classes {head.classes_.tolist()!r} are not 2 or more distinct names")
+        raise damaged(path, "head", f"classes {[str(c) for c in head.classes_]} are not 2 or more distinct names")
     if not (head.scale_ > 0).all():
         raise damaged(path, "head", "'scale' has zero or negative values")
     return head, header

@@ -7,18 +7,52 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
+import typer.core
 
 from . import api, report
 from .errors import ImgvecError
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
+from .runtime import RuntimeNote
+from .report import plural
+
+
+# click's base error, wherever this typer keeps click (its own copy since typer 0.23, the click package before)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(typer.core.TyperGroup):
+    """typer's command group, with click's usage errors in imgvec's one-line style (exit 2)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except _ClickException as error:  # --format xml, a missing argument, an unknown option
+            if type(error).__name__ == "NoArgsIsHelpError":  # bare `imgvec`: the help on stdout, stderr clean
+                typer.echo(error.ctx.get_help(), nl=False)
+            else:
+                ctx = getattr(error, "ctx", None)
+                where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                _err(f"imgvec: error: {' '.join(error.format_message().split()).rstrip('.')}{where}")
+            code = error.exit_code
+        except typer.Abort:
+            _err("imgvec: interrupted")
+            code = 130
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
+    cls=_Group,
     name="imgvec",
     help="Embed folders of images with pretrained Keras backbones, search them with FAISS, "
     "and classify them with a logistic-regression head.",
@@ -31,6 +65,8 @@ FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
+RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, "
+                          "tensorflow, jax or torch; every runtime gives the same embeddings")
 
 
 def _err(message: str) -> None:
@@ -43,21 +79,29 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_notes(warnings.showwarning)
+                return fn(*args, **kwargs)
         except ImgvecError as error:
-            _err(f"imgvec: error: {error}")
+            _err(f"imgvec: error: {error.cli_message()}")
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            _err("imgvec: interrupted")
+        except KeyboardInterrupt as interrupt:  # the library says what was kept, where it knows
+            _err("imgvec: interrupted" + (f"; {interrupt}" if str(interrupt) else ""))
             raise typer.Exit(130) from None
 
     return app.command()(run)
 
 
-def _check_html(html: Path | None) -> None:
-    """A page that cannot be written is refused before the work, not after it."""
-    if html is not None:
-        check_writable(html)
+def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
+    """Show imgvec's own notes (:class:`RuntimeNote`) as one ``imgvec: note:`` line; others as before."""
+
+    def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, RuntimeNote):
+            _err(f"imgvec: note: {message}")
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
@@ -65,10 +109,24 @@ def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
 
 
+def _check_html(html: Path | None) -> None:
+    """The page is written after the work: check where it goes before, so a typo costs nothing."""
+    if html is not None:
+        check_writable(html)
+
+
 def _warn_random(prov: Provenance) -> None:
     if prov.is_random:
         _err(f"imgvec: note: {prov.backbone} has RANDOM weights (seed {prov.weights_seed}), "
              "not pretrained: results show the pipeline, not real similarity")
+
+
+def _weights_cell(prov: Provenance) -> str:
+    return f"RANDOM (seed {prov.weights_seed})" if prov.is_random else prov.weights_spec.describe()
+
+
+def _mark(correct: bool | None) -> str:
+    return "" if correct is None else ("right" if correct else "WRONG")
 
 
 def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -97,27 +155,32 @@ def _print_results(fmt: str, records: Callable[[], list[dict[str, Any]]], csv_he
 
 
 class _Bar:
-    """A rich progress bar on stderr, drawn only when stderr is a terminal."""
+    """A rich progress bar on stderr, drawn only when stderr is a terminal (else it writes nothing at all)."""
 
     def __init__(self, what: str) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=True)
+        console = Console(stderr=True)
+        self.progress = (Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  console=console, transient=True) if console.is_terminal else None)
         self.task: Any = None
 
     def __enter__(self) -> "_Bar":
-        self.progress.start()
+        if self.progress:
+            self.progress.start()
         return self
 
     def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            return
         if self.task is None:
             self.task = self.progress.add_task("", total=total)
         self.progress.update(self.task, completed=done)
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        if self.progress:
+            self.progress.stop()
 
 
 @_command
@@ -132,24 +195,26 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec\\[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16 compute; default: the store's, else float32)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     with _Bar("embedding") as bar:
         s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
                       workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, engine=engine,
                       ray_address=ray_address, ray_workers=ray_workers, device=device, precision=precision,
-                      progress=bar)
+                      runtime=runtime, progress=bar)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
+    built = f"model built in {s.build_seconds:.1f}s, then " if s.build_seconds else ""
+    speed = f": {built}{s.images_per_second:.1f} images/s" if s.added else ""
     typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped{removed}, "
-               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s"
-               + (f", {s.images_per_second:.1f} images/s)" if s.added else ")"))
+               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s{speed})")
 
 
 @_command
@@ -191,11 +256,12 @@ def query(
     weights: Optional[str] = typer.Option(None, "--weights", help="where the store's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
     faiss_gpu: str = FaissGpuOpt,
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
     _check_html(html)
-    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu)
+    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> None:
@@ -205,10 +271,11 @@ def query(
                                     [(n.rank, n.score, n.path, n.label) for n in q.results],
                                     justify=["right", "right", "left", "left"]), nl=False)
 
-    _print_results(fmt, lambda: [{"query": q.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score}
-                                                               for n in q.results]} for q in r.queries],
-                   ["query", "rank", "path", "score"],
-                   lambda: [(q.query, n.rank, n.path, n.score) for q in r.queries for n in q.results], table)
+    _print_results(fmt, lambda: [{"query": q.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score,
+                                                                "label": n.label} for n in q.results]}
+                                 for q in r.queries],
+                   ["query", "rank", "path", "score", "label"],
+                   lambda: [(q.query, n.rank, n.path, n.score, n.label) for q in r.queries for n in q.results], table)
 
 
 @_command
@@ -233,42 +300,82 @@ def train(
 @_command
 def predict(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
-    images: list[Path] = typer.Argument(..., help="images or folders of them"),
+    images: list[Path] = typer.Argument(..., help="images, folders of them, or stores (.h5) made with the head's settings"),
     fmt: str = FormatOpt,
     top: int = typer.Option(3, "--top", help="probabilities shown per image in the table"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
     _check_html(html)
-    r = api.predict(head, images, weights=weights)
+    r = api.predict(head, images, weights=weights, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
+
+    labelled = bool(r.labelled)  # images in class folders: the true label beside the predicted one
 
     def table() -> None:
         def best(p: api.Prediction) -> str:
             ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]
             return ", ".join(f"{c} {v:.3f}" for c, v in ranked)
 
-        typer.echo(f"# {r.provenance.describe()}")
-        typer.echo(report.table(None, ["path", "label", "probabilities"],
-                                [(p.path, p.label, best(p)) for p in r.predictions]), nl=False)
+        typer.echo(f"# {r.provenance.describe()}; head: {len(r.classes)} classes, C={r.C:.4g}, "
+                   f"cross-validated accuracy {r.cv_accuracy:.3f} ± {r.cv_accuracy_std:.3f}")
+        if labelled:
+            typer.echo(report.table(None, ["path", "predicted", "true", "", "probabilities"],
+                                    [(p.path, p.label, p.truth, _mark(p.correct), best(p)) for p in r.predictions]),
+                       nl=False)
+            right = sum(bool(p.correct) for p in r.labelled)
+            typer.echo(f"accuracy {r.accuracy:.3f}: {right} of {len(r.labelled)} images in class folders "
+                       "predicted right")
+        else:
+            typer.echo(report.table(None, ["path", "predicted", "probabilities"],
+                                    [(p.path, p.label, best(p)) for p in r.predictions]), nl=False)
 
-    _print_results(fmt, lambda: [{"path": p.path, "label": p.label, "probabilities": p.probabilities}
-                                 for p in r.predictions],
-                   ["path", "label", *r.classes],
-                   lambda: [(p.path, p.label, *p.probabilities.values()) for p in r.predictions], table)
+    def record(p: api.Prediction) -> dict[str, Any]:
+        return {"path": p.path, "predicted": p.label, **({"true": p.truth, "correct": p.correct} if labelled else {}),
+                "probabilities": p.probabilities}
+
+    _print_results(fmt, lambda: [record(p) for p in r.predictions],
+                   ["path", "predicted", *(["true", "correct"] if labelled else []), *r.classes],
+                   lambda: [(p.path, p.label, *((p.truth, p.correct) if labelled else ()), *p.probabilities.values())
+                            for p in r.predictions], table)
+
+
+_MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
+                  "preprocessing"]
 
 
 @_command
-def models(fmt: str = FormatOpt) -> None:
-    """List the backbones: name, input size, embedding size, parameters."""
+def models(
+    fmt: str = FormatOpt,
+    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(_MODEL_COLUMNS)} "
+                                                "(numbers largest first; blanks last)"),
+) -> None:
+    """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
     _check_format(fmt)
-    rows = [(b.name, b.input_size, b.dim, b.params, b.preprocessing) for b in api.models()]
-    header = ["name", "input_size", "dim", "params", "preprocessing"]
-    typer.echo(report.render(fmt, [dict(zip(header, r)) for r in rows], header,
-                             [(n, s, d, f"{p:,}" if fmt == "table" else p, pp) for n, s, d, p, pp in rows],
-                             justify=["left", "right", "right", "right", "left"]), nl=fmt != "csv")
+    if sort and sort not in _MODEL_COLUMNS:
+        raise typer.BadParameter(f"{sort!r} is not one of {', '.join(_MODEL_COLUMNS)}", param_hint="--sort")
+    rows = [{c: getattr(b, c) for c in _MODEL_COLUMNS} for b in api.models()]
+    if sort:
+        numeric = sort not in ("name", "preprocessing")
+        filled = [r for r in rows if r[sort] is not None]
+        rows = sorted(filled, key=lambda r: r[sort], reverse=numeric) + [r for r in rows if r[sort] is None]
+    if fmt == "table":
+        typer.echo("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
+                   "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
+                   "(benchmarks/results/embed.json); blank: not published or not measured")
+
+    def cell(column: str, value: Any) -> Any:
+        if fmt != "table":
+            return "" if value is None else value
+        if value is None:
+            return ""
+        return f"{value:,}" if column == "params" else (f"{value:.3f}" if column in ("top1", "top5") else value)
+
+    typer.echo(report.render(fmt, rows, _MODEL_COLUMNS, [[cell(c, r[c]) for c in _MODEL_COLUMNS] for r in rows],
+                             justify=["left"] + ["right"] * 8 + ["left"]), nl=fmt != "csv")
 
 
 @_command
@@ -300,6 +407,25 @@ def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((f"{prefix}{key}", "none" if value is None else value))
     return rows
+
+
+@_command
+def cache(
+    clear: bool = typer.Option(False, "--clear", help="remove every cached model"),
+    fmt: str = FormatOpt,
+) -> None:
+    """List the compiled OpenVINO models imgvec keeps (IMGVEC_CACHE_DIR, else ~/.cache/imgvec), or clear them."""
+    _check_format(fmt)
+    c = api.cache(clear=clear)
+    if clear:
+        _err(f"imgvec: removed {c.cleared} cached models ({c.freed / 1e6:.1f} MB) from {c.folder}")
+    header = ["backbone", "input_size", "weights", "mb", "age_days", "ok", "path"]
+    rows = [(e.backbone, e.input_size, e.weights, round(e.bytes / 1e6, 1), round(e.age_s / 86400, 1),
+             "yes" if e.ok else f"no: does not convert ({e.error})" if e.error else "no (rebuilt on next use)",
+             str(e.path)) for e in c.entries]
+    if fmt == "table":
+        typer.echo(f"# {c.folder}: {len(rows)} compiled models, {sum(e.bytes for e in c.entries) / 1e6:.1f} MB")
+    typer.echo(report.render(fmt, [dict(zip(header, r)) for r in rows], header, rows), nl=fmt != "csv")
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
@@ -350,32 +476,43 @@ def compare(
                         random_state=seed, progress=bar)
     finally:
         bar.close()
-    for r in c.rows[:1]:
+    for r in c.rows:
         _warn_random(r.provenance)
     if html:
         _err(f"imgvec: wrote {api.comparison_html(c, html)}")
-    header = ["backbone", "params", "dim", "images_per_second", "accuracy", "accuracy_std", "weakest_class",
-              "weakest_f1"]
+    header = ["backbone", "weights", "params", "dim", "images_per_second", "accuracy", "accuracy_std",
+              "weakest_class", "weakest_f1"]
     if fmt == "json":
-        typer.echo(report.to_json([{
-            "backbone": r.backbone, "params": r.params, "dim": r.dim, "images_per_second": r.images_per_second,
-            "accuracy": r.accuracy, "accuracy_std": r.accuracy_std, "fold_accuracies": r.fold_accuracies,
-            "per_class_f1": r.per_class_f1, "store": str(r.store), "weights": r.provenance.weights,
-            "new_images_embedded": r.embedded,
-        } for r in c.rows]))
+        typer.echo(report.to_json({
+            "images": c.n_images, "classes": c.classes, "cv": c.cv, "images_per_second_measures": c.speed_note,
+            "backbones": [{
+                "backbone": r.backbone, "weights": r.provenance.weights_spec.describe(), "params": r.params,
+                "dim": r.dim, "images_per_second": r.images_per_second, "accuracy": r.accuracy,
+                "accuracy_std": r.accuracy_std, "fold_accuracies": r.fold_accuracies, "per_class_f1": r.per_class_f1,
+                "store": str(r.store), "new_images_embedded": r.embedded,
+            } for r in c.rows],
+            "chance": [{"baseline": b.name, "accuracy": b.accuracy, "accuracy_std": b.accuracy_std,
+                        "fold_accuracies": b.fold_accuracies} for b in c.baselines],
+        }))
     elif fmt == "csv":
         typer.echo(report.to_csv(header + [f"f1_{k}" for k in c.classes], [
-            (r.backbone, r.params, r.dim, r.images_per_second, r.accuracy, r.accuracy_std, r.weakest_class,
-             r.weakest_f1, *[r.per_class_f1.get(k, 0.0) for k in c.classes]) for r in c.rows]), nl=False)
+            *[(r.backbone, r.provenance.weights_spec.describe(), r.params, r.dim, r.images_per_second, r.accuracy,
+               r.accuracy_std, r.weakest_class, r.weakest_f1, *[r.per_class_f1.get(k, 0.0) for k in c.classes])
+              for r in c.rows],
+            *[(b.description, "", "", "", "", b.accuracy, b.accuracy_std, "", "", *[""] * len(c.classes))
+              for b in c.baselines]]), nl=False)
     else:
-        rows = [(r.backbone, f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
+        rows = [(r.backbone, _weights_cell(r.provenance), f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
                  f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}", f"{r.weakest_class} ({r.weakest_f1:.3f})")
                 for r in c.rows]
+        rows += [(b.description, "", "", "", "", f"{b.accuracy:.3f} ± {b.accuracy_std:.3f}", "")
+                 for b in c.baselines]
         typer.echo(f"# {c.n_images} images, {len(c.classes)} classes; {c.cv}-fold CV, the same folds for every "
-                   f"backbone; images/s measured on {c.machine}")
-        typer.echo(report.table(None, ["backbone", "parameters", "embedding size", "images/s", "CV accuracy",
-                                       "weakest class (F1)"], rows,
-                                justify=["left", "right", "right", "right", "right", "left"]), nl=False)
+                   "backbone and for the chance rows")
+        typer.echo(f"# {c.speed_note}")
+        typer.echo(report.table(None, ["backbone", "weights", "parameters", "embedding size", "images/s",
+                                       "CV accuracy", "weakest class (F1)"], rows,
+                                justify=["left", "left", "right", "right", "right", "right", "left"]), nl=False)
 
 
 @_command
@@ -397,22 +534,31 @@ def dedup(
         _err(f"imgvec: warning: about {d.share_above:.0%} of all pairs of images are above --threshold {threshold:g}: "
              "the embeddings do not tell these images apart (random weights or an unsuitable backbone?), "
              "so the groups mean little")
+    exact_of = d.exact_group_of
+
+    def copy_of(g: Any, path: str) -> int | None:
+        """In a near group, the group of identical files this image stands for (its copies are not repeated)."""
+        return exact_of.get(path) if g.kind == "near" else None
+
     if fmt == "html":
         typer.echo(api.dedup_page(d), nl=False)
     elif fmt == "json":
-        typer.echo(report.to_json([{"group": i, "kind": g.kind, "sha256": g.sha256 or None,
-                                    "images": [{"path": m.path, "score": m.score} for m in g.members]}
+        typer.echo(report.to_json([{"group": i, "kind": g.kind, "found_by": d.found_by(g), "sha256": g.sha256 or None,
+                                    "images": [{"path": m.path, "score": m.score, "identical_files_group":
+                                                copy_of(g, m.path)} for m in g.members]}
                                    for i, g in enumerate(d.groups, 1)]))
     elif fmt == "csv":
-        typer.echo(report.to_csv(["group", "kind", "path", "score", "sha256"],
-                                 [(i, g.kind, m.path, m.score, g.sha256) for i, g in enumerate(d.groups, 1)
-                                  for m in g.members]), nl=False)
+        typer.echo(report.to_csv(["group", "kind", "path", "score", "sha256", "identical_files_group", "found_by"],
+                                 [(i, g.kind, m.path, m.score, g.sha256, copy_of(g, m.path) or "", d.found_by(g))
+                                  for i, g in enumerate(d.groups, 1) for m in g.members]), nl=False)
     else:
-        typer.echo(f"# {d.provenance.describe()}; {d.rows} images: {d.exact_groups} groups of identical files, "
-                   f"{d.near_groups} groups of near duplicates (cosine >= {threshold:g}); {d.method} search, "
-                   f"{d.seconds:.1f}s")
+        typer.echo(f"# {d.rows} images: {plural(d.exact_groups, 'group')} of identical files (sha256), "
+                   f"{plural(d.near_groups, 'group')} of near duplicates: cosine >= {threshold:g} on the store's "
+                   f"features ({d.provenance.describe()}); {d.method} search, {d.seconds:.1f}s")
         typer.echo(report.table(None, ["group", "kind", "similarity", "path"],
-                                [(i, g.kind, m.score, m.path) for i, g in enumerate(d.groups, 1) for m in g.members],
+                                [(i, g.kind, m.score, m.path + (f"  (identical files: group {copy_of(g, m.path)})"
+                                                                if copy_of(g, m.path) else ""))
+                                 for i, g in enumerate(d.groups, 1) for m in g.members],
                                 justify=["right", "left", "right", "left"]), nl=False)
 
 
@@ -423,11 +569,12 @@ def evaluate(
     fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
     _check_html(html)
-    e = api.evaluate(head, data, weights=weights)
+    e = api.evaluate(head, data, weights=weights, runtime=runtime)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
     if e.seen_in_training:
@@ -436,8 +583,9 @@ def evaluate(
     if html:
         _err(f"imgvec: wrote {api.evaluation_html(e, html)}")
     if fmt == "json":
-        typer.echo(report.to_json({"accuracy": e.accuracy, "images": e.n_images, "labels": e.labels,
-                                   "report": e.report, "confusion": e.confusion, "unknown_labels": e.unknown}))
+        typer.echo(report.to_json({"accuracy": e.accuracy, "chance": e.chance, "images": e.n_images,
+                                   "labels": e.labels, "report": e.report, "confusion": e.confusion,
+                                   "unknown_labels": e.unknown}))
         return
     typer.echo(f"# {e.provenance.describe()}")
     rows = [(c, e.report[c]["precision"], e.report[c]["recall"], e.report[c]["f1-score"], int(e.report[c]["support"]))
@@ -449,7 +597,8 @@ def evaluate(
                             justify=["left"] + ["right"] * len(e.labels)), nl=False)
     for label, n in e.unknown.items():
         _err(f"imgvec: note: {n} images labelled {label!r}, a class the head was not trained on, count as wrong")
-    typer.echo(f"accuracy {e.accuracy:.3f} on {e.n_images} images")
+    typer.echo(f"accuracy {e.accuracy:.3f} on {e.n_images} images (chance: {e.chance['majority_class']:.3f} always "
+               f"guessing the most common class, {e.chance['stratified_random']:.3f} guessing by the class shares)")
 
 
 def main() -> None:

@@ -16,67 +16,24 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .backbones import get_backbone
-from .classifier import DEFAULT_CS, LogisticHead
 from .errors import BadInputError
+from .ingest import embed
 from .provenance import Provenance
+from .results import Baseline, BackboneScore, Comparison
 from .store import open_store
+
+__all__ = ["DEFAULT_MODELS", "Baseline", "BackboneScore", "Comparison", "chance_baselines", "compare",
+           "cross_validate", "folds", "images_per_second"]
 
 DEFAULT_MODELS = ("vgg16", "inceptionv3", "resnet50", "efficientnetb0")
 SPEED_SAMPLE = 64
 INNER_CV = 3
-
-
-@dataclass
-class BackboneScore:
-    backbone: str
-    params: int
-    dim: int
-    images_per_second: float
-    accuracy: float
-    accuracy_std: float
-    fold_accuracies: list[float]
-    report: dict[str, Any]  # scikit-learn classification_report(output_dict=True), out-of-fold
-    confusion: np.ndarray  # rows: true class, columns: predicted, in ``Comparison.classes`` order
-    store: Path
-    provenance: Provenance
-    embedded: int  # images embedded by this run (0 when the store already had them all)
-
-    @property
-    def per_class_f1(self) -> dict[str, float]:
-        return {c: float(v["f1-score"]) for c, v in self.report.items() if isinstance(v, dict) and "support" in v
-                and c not in ("macro avg", "weighted avg")}
-
-    @property
-    def weakest_class(self) -> str:
-        f1 = self.per_class_f1
-        return min(f1, key=lambda c: (f1[c], c)) if f1 else ""
-
-    @property
-    def weakest_f1(self) -> float:
-        return self.per_class_f1.get(self.weakest_class, float("nan"))
-
-
-@dataclass
-class Comparison:
-    source: str
-    classes: list[str]
-    n_images: int
-    cv: int
-    random_state: int
-    rows: list[BackboneScore]
-    machine: str
-    seconds: float
-
-    @property
-    def best(self) -> BackboneScore:
-        return max(self.rows, key=lambda r: (r.accuracy, r.images_per_second))
 
 
 def machine_description() -> str:
@@ -100,9 +57,12 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
     return list(splitter.split(np.zeros(len(y)), y))
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int | Sequence[float] = DEFAULT_CS,
+def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int | Sequence[float] | None = None,
                    random_state: int = 0) -> tuple[list[float], np.ndarray]:
     """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``."""
+    from .classifier import DEFAULT_CS, LogisticHead  # scikit-learn: imported only when a head is fitted
+
+    Cs = DEFAULT_CS if Cs is None else Cs
     predicted = np.empty(len(y), dtype=object)
     scores = []
     for train, test in split:
@@ -111,6 +71,21 @@ def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, n
         predicted[test] = head.predict(X[test])
         scores.append(float(np.mean(predicted[test] == y[test])))
     return scores, predicted.astype(str)
+
+
+def chance_baselines(y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], random_state: int = 0
+                     ) -> list[Baseline]:
+    """Accuracy of guesses that never look at an image, on ``split``: what a backbone's accuracy must beat."""
+    from sklearn.dummy import DummyClassifier
+
+    out = []
+    for name, strategy in (("majority_class", "most_frequent"), ("stratified_random", "stratified")):
+        scores = []
+        for train, test in split:
+            dummy = DummyClassifier(strategy=strategy, random_state=random_state).fit(np.zeros((len(train), 1)), y[train])
+            scores.append(float(dummy.score(np.zeros((len(test), 1)), y[test])))
+        out.append(Baseline(name, float(np.mean(scores)), float(np.std(scores)), scores))
+    return out
 
 
 def images_per_second(provenance: Provenance, files: Sequence[str], batch_size: int = 32) -> float:
@@ -149,13 +124,12 @@ def compare(
     seed: int = 0,
     random_state: int = 0,
     speed_sample: int = SPEED_SAMPLE,
-    Cs: int | Sequence[float] = DEFAULT_CS,
+    Cs: int | Sequence[float] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Comparison:
     """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, same folds."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from . import api
     from .images import find_images
 
     start = time.perf_counter()
@@ -183,7 +157,7 @@ def compare(
             if progress:
                 progress(name, done, total)
 
-        summary = api.embed([labelled_dir], path, model=name, weights=weights, image_size=image_size,
+        summary = embed([labelled_dir], path, model=name, weights=weights, image_size=image_size,
                             batch_size=batch_size, seed=seed, progress=step)
         rows, labels, X, prov = load_labelled(path)
         loaded.append((name, path, summary.added, rows, labels, X, prov))
@@ -209,4 +183,4 @@ def compare(
                                      scores, report, confusion_matrix(y, predicted, labels=classes), path, prov,
                                      added))
     return Comparison(str(labelled_dir), classes, len(keys), cv, random_state, results, machine_description(),
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, chance_baselines(y, split, random_state), len(sample_files))

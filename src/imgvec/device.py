@@ -1,6 +1,7 @@
 """Where and in what precision TensorFlow runs the backbone.
 
-``--device auto`` uses a GPU when TensorFlow sees one; GPU memory is grown on demand rather
+``--device auto`` uses a GPU when TensorFlow sees one (asked only when the kernel has an NVIDIA
+GPU, so CPU-only machines never import TensorFlow to decide); GPU memory is grown on demand rather
 than grabbed whole. ``--precision mixed`` builds the model under Keras' ``mixed_float16``
 policy (float16 compute, float32 variables); embeddings leave the model as float32 either way.
 """
@@ -38,6 +39,8 @@ def _native_stderr_muted() -> Iterator[None]:
         os.dup2(sink.fileno(), 2)
         try:
             yield
+        except KeyboardInterrupt:  # the user stopped it: TensorFlow's start-up lines explain nothing
+            raise
         except BaseException:
             os.dup2(saved, 2)
             sink.seek(0)
@@ -75,6 +78,24 @@ def import_keras() -> Any:
 
 def visible_gpus() -> list[Any]:
     return list(import_tensorflow().config.list_physical_devices("GPU"))
+
+
+def nvidia_driver_loaded() -> bool:
+    """Whether this machine has an NVIDIA driver with a GPU, asked of the kernel, not of TensorFlow."""
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def gpu_in_use(device: str = "auto") -> bool:
+    """Whether ``--device`` means a GPU: ``gpu``, or ``auto`` where TensorFlow sees one.
+
+    TensorFlow is only asked (and imported) when the kernel has an NVIDIA GPU, so ``auto`` on a
+    CPU-only machine decides without importing it.
+    """
+    check_choice("--device", device, DEVICES)
+    return device == "gpu" or (device == "auto" and nvidia_driver_loaded() and bool(visible_gpus()))
 
 
 def select_device(device: str = "auto") -> str:

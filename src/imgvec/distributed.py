@@ -4,7 +4,9 @@ The file list is cut into blocks; a pool of actors, each holding one model loade
 embeds the blocks; the driver receives the results in order and remains the only writer of
 the store, so resume and exactly-once work as in a local run. Workers open images by path:
 the files must be at the same paths on every node (a shared filesystem, or copies). A path a
-worker cannot read is reported as skipped, like any unreadable file.
+worker cannot read is reported as skipped, like any unreadable file. An OpenVINO model is
+converted once by the driver, before the actors start; each actor loads it from the cache
+(on other nodes, the cache folder IMGVEC_CACHE_DIR should be shared, or each node converts once).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from .embedder import EmbeddedBatch, Embedder
 from .errors import BadInputError, ImageSkipped
+from .runtime import prepare
 
 ENGINES = ("local", "ray")
 
@@ -52,7 +55,7 @@ class _Worker:
 
 
 def default_workers(ray: Any) -> int:
-    """One actor per GPU on a GPU cluster, else one per two CPUs (each runs TensorFlow's own threads)."""
+    """One actor per GPU on a GPU cluster, else one per two CPUs (each runs its engine's own threads)."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     return gpus if gpus else max(1, int(resources.get("CPU", 1)) // 2)
@@ -71,7 +74,9 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
     cpu_each = max(1, int(ray.cluster_resources().get("CPU", 1)) // n) if not gpu_each else 1
     config = dict(model=embedder.backbone.name, weights=embedder.weights, image_size=embedder.image_size,
                   batch_size=embedder.batch_size, max_pixels=embedder.max_pixels,
-                  workers=cpu_each, precision=embedder.precision, device="gpu" if gpu_each else "cpu")
+                  workers=cpu_each, precision=embedder.precision, device="gpu" if gpu_each else "cpu",
+                  runtime=embedder.runtime)
+    prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config["device"])
     Actor = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(_Worker)
     actors = [Actor.remote(config) for _ in range(n)]
     pool = ActorPool(actors)

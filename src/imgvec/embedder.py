@@ -1,14 +1,12 @@
 """Turning image files into embeddings with one backbone.
 
 Files are decoded by a thread pool (Pillow releases the GIL while it decodes and resizes)
-a few batches ahead of the model, so decoding overlaps inference. The model runs inside one
-traced ``tf.function`` that takes uint8 pixels and does the backbone's own
-``preprocess_input`` itself.
+a few batches ahead of the model, so decoding overlaps inference. The model is an engine from
+:mod:`imgvec.runtime` (OpenVINO on the CPU, TensorFlow on a GPU, by default) that takes uint8
+pixels and does the backbone's own ``preprocess_input`` itself.
 
-On the CPU each batch goes through the model :data:`CPU_MODEL_BATCH` images at a time:
-calls of 8-32 images run at the same speed per image, smaller ones are 10-40% slower, and
-larger ones only hold more activations in memory (measured in ``benchmarks/bench_embed.py``).
-On a GPU the whole batch is one call. ``batch_size`` sets how many images are decoded,
+Each batch goes through the engine ``model_batch`` images at a time (16 on the CPU, the whole
+batch on a GPU; see :mod:`imgvec.runtime`). ``batch_size`` sets how many images are decoded,
 yielded and stored together; results are the same either way.
 """
 
@@ -18,18 +16,16 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, build_model, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice, import_keras, import_tensorflow, precision_policy, select_device
+from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights, sha256_of
+from .device import DEVICES, PRECISIONS, check_choice
 from .errors import BadInputError, ImageSkipped, MismatchError
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance
-
-# Images per model call on the CPU (at most ``batch_size``); see the module docstring.
-CPU_MODEL_BATCH = 16
+from .runtime import RUNTIMES, Engine, dist_version, load_engine
 
 
 @dataclass
@@ -44,8 +40,10 @@ class EmbeddedBatch:
 class Embedder:
     """Embeds images with a headless keras.applications backbone.
 
-    Parameters are checked when the embedder is made; the model itself is built on first
-    use (or by :meth:`load`), since that imports TensorFlow and may fetch weights.
+    Parameters are checked when the embedder is made; the model itself is loaded on first
+    use (or by :meth:`load`), since that may convert it, import TensorFlow or fetch weights.
+    ``runtime`` is one of :data:`imgvec.runtime.RUNTIMES` (``auto``: OpenVINO on the CPU,
+    TensorFlow on a GPU); the embeddings agree whichever runs.
     """
 
     def __init__(
@@ -59,11 +57,12 @@ class Embedder:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device: str = "auto",
         precision: str = "float32",
+        runtime: str = "auto",
     ) -> None:
         self.backbone = get_backbone(model)
         self.device = check_choice("--device", device, DEVICES)
         self.precision = check_choice("--precision", precision, PRECISIONS)
-        self.device_: str | None = None  # the TensorFlow device chosen by load()
+        self.runtime = check_choice("--runtime", runtime, RUNTIMES)
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
         self.image_size = int(image_size or self.backbone.input_size)
         if self.image_size < self.backbone.min_size:
@@ -76,12 +75,20 @@ class Embedder:
         self.batch_size = int(batch_size)
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
-        self.model_: Any = None
-        self._fn: Callable[[np.ndarray], Any] | None = None
+        self.engine_: Engine | None = None  # set by load()
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":
-        """The embedder that reproduces ``provenance`` exactly (same backbone, weights, size)."""
+        """The embedder that reproduces ``provenance`` (same backbone, weights, size).
+
+        Runtime, device and precision are not taken over: they do not change what the rows
+        mean. Queries run in float32 unless asked (a mixed-precision store made on a GPU is
+        queried on the CPU without a bfloat16 parity check to fail).
+        """
+        backbone = get_backbone(provenance.backbone)
+        if backbone.dim != provenance.dim:
+            raise MismatchError(f"the embeddings are recorded as {provenance.dim}-d from {backbone.name}, which makes "
+                                f"{backbone.dim}-d ones: the file is damaged or forged")
         weights = provenance.weights_spec
         if weights.kind == "file":
             path = weights_path or weights.path
@@ -96,7 +103,6 @@ class Embedder:
                     f"(sha256 {weights.sha256})"
                 )
             weights = Weights("file", path=os.path.abspath(path), sha256=weights.sha256)
-        kwargs.setdefault("precision", provenance.precision)
         return cls(model=provenance.backbone, weights=weights, image_size=provenance.input_size, **kwargs)
 
     @property
@@ -105,12 +111,13 @@ class Embedder:
 
     @property
     def model_batch(self) -> int:
-        """Images per model call: the whole batch on a GPU, at most CPU_MODEL_BATCH otherwise."""
-        on_gpu = (self.device_ or "").startswith("/GPU")
-        return self.batch_size if on_gpu else min(self.batch_size, CPU_MODEL_BATCH)
+        """Images per model call: what the engine prefers, at most the batch."""
+        return min(self.batch_size, self.load().engine_.model_batch)  # type: ignore[union-attr]
 
     def provenance(self) -> Provenance:
-        tf, keras = import_tensorflow(), import_keras()
+        """How this embedder's rows are made; versions of what actually ran (no import just to ask)."""
+        engine = self.load().engine_
+        assert engine is not None
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,
@@ -120,32 +127,19 @@ class Embedder:
             input_size=self.image_size,
             preprocessing=self.backbone.preprocessing,
             dim=self.dim,
-            keras_version=keras.__version__,
-            tensorflow_version=tf.__version__,
-            device="gpu" if (self.device_ or select_device(self.device)).startswith("/GPU") else "cpu",
+            keras_version=dist_version("keras"),
+            tensorflow_version=engine.version if engine.runtime == "tensorflow" else "",
+            device=engine.device,
             precision=self.precision,
+            runtime=engine.runtime,
+            runtime_version=engine.version,
         )
 
     def load(self) -> "Embedder":
-        """Build the model and trace the inference function (idempotent)."""
-        if self._fn is not None:
-            return self
-        tf = import_tensorflow()
-        device = select_device(self.device)
-        with tf.device(device), precision_policy(self.precision):
-            model = build_model(self.backbone, self.weights, self.image_size)
-        preprocess = self.backbone.preprocess_input()
-        size = self.image_size
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-        def infer(pixels: Any) -> Any:
-            with tf.device(device):
-                # Under mixed precision the model computes in float16; embeddings leave as float32.
-                return tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
-
-        self.device_ = device
-        self.model_ = model
-        self._fn = infer
+        """Load the engine (idempotent; engines are shared for the life of the process)."""
+        if self.engine_ is None:
+            self.engine_ = load_engine(self.runtime, self.backbone, self.weights, self.image_size,
+                                       self.precision, self.device)
         return self
 
     def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
@@ -162,19 +156,8 @@ class Embedder:
         out = np.empty((len(pixels), self.dim), np.float32)
         step = self.model_batch
         for i in range(0, len(pixels), step):
-            out[i : i + step] = self._fn(pixels[i : i + step])  # type: ignore[misc]
-        if self.precision == "mixed":
-            self._check_float16_range(out)
+            out[i : i + step] = self.engine_(pixels[i : i + step])  # type: ignore[misc]
         return out
-
-    def _check_float16_range(self, out: np.ndarray) -> None:
-        """Refuse what float16 compute cannot represent instead of storing garbage rows."""
-        fix = "use --precision float32"
-        if not np.isfinite(out).all():
-            raise BadInputError(f"{self.backbone.name} overflowed float16 under --precision mixed; {fix}")
-        if len(out) and not out.any():
-            raise BadInputError(f"{self.backbone.name} gave all-zero embeddings under --precision mixed "
-                                f"(activations below float16's range; seen with random weights); {fix}")
 
     def _decode(self, path: str) -> np.ndarray | ImageSkipped:
         try:

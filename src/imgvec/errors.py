@@ -6,11 +6,31 @@ The CLI prints ``str(error)`` as one line and exits non-zero; library users catc
 
 from __future__ import annotations
 
+import re
+
+_PARAM = re.compile(r"\{param:([a-z_]+)\}")
+
+
+def param(name: str) -> str:
+    """A parameter's name inside a message: ``name`` for Python callers, ``--name`` on the command line.
+
+    The library names what went wrong by the API's parameter names and never by CLI flags; the
+    CLI prints :meth:`ImgvecError.cli_message`, which turns each into its option.
+    """
+    return "{param:%s}" % name
+
 
 class ImgvecError(Exception):
     """Base class for every error imgvec raises on purpose."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return _PARAM.sub(lambda m: m.group(1), super().__str__())
+
+    def cli_message(self) -> str:
+        """The message with parameters named as the command line's options."""
+        return _PARAM.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().__str__())
 
 
 class BadInputError(ImgvecError):

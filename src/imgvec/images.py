@@ -1,7 +1,8 @@
 """Finding images under folders and decoding one file to a square RGB array.
 
-Labels follow the Keras ``flow_from_directory`` convention: when one folder is given and
-its images sit in subfolders, an image's label is its first-level subfolder name.
+Labels follow the Keras ``flow_from_directory`` convention: when folders are given (one
+folder of class subfolders, or the class folders one by one), an image's label is its
+first-level folder under their common root.
 Decoding never raises anything but :class:`ImageSkipped`, so one bad file never stops a run.
 Only regular files are ever opened: a FIFO, socket or device named ``x.jpg`` (or a link to
 one) is skipped with what it is, never read (a FIFO would block forever, ``/dev/zero`` never ends).
@@ -87,9 +88,14 @@ def find_images(sources: Sequence[str | os.PathLike[str]], root: str | None = No
             raise BadInputError(f"{source}: no such file or folder")
     if not paths:
         raise BadInputError(f"no images found under {', '.join(map(str, sources))}")
-    single_folder = len(sources) == 1 and len(folders) == 1
+    only_folders = len(folders) == len(sources)
     if root is None:
-        root = folders[0] if single_folder else os.path.commonpath([os.path.dirname(p) for p in paths])
+        if len(folders) == 1 and only_folders:
+            root = folders[0]
+        elif only_folders:  # class folders given one by one: their common parent, as if it had been given
+            root = os.path.commonpath(folders)
+        else:
+            root = os.path.commonpath([os.path.dirname(p) for p in paths])
     files = []
     seen: set[str] = set()
     for path in paths:
@@ -98,7 +104,7 @@ def find_images(sources: Sequence[str | os.PathLike[str]], root: str | None = No
             continue
         seen.add(key)
         parts = key.split("/")
-        label = parts[0] if single_folder and len(parts) > 1 and not os.path.isabs(key) else ""
+        label = parts[0] if only_folders and len(parts) > 1 and not os.path.isabs(key) else ""
         files.append(ImageFile(path, key, label))
     return Collection(root=root, files=files)
 

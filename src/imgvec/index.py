@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import Header, check_partner, create, damaged, dataset, opened
-from .errors import BadInputError, MismatchError
+from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
+from .errors import BadInputError, MismatchError, param
 from .provenance import Provenance
 from .store import Store
 
@@ -77,7 +77,7 @@ def build_peak_bytes(kind: str, rows: int, dim: int) -> int:
 def choose_kind(kind: str, rows: int, dim: int = 0, memory_budget: int | None = None) -> str:
     """auto: exact search for small stores, HNSW while its build peak fits the memory budget, else IVF-PQ."""
     if kind not in KINDS:
-        raise BadInputError(f"index kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise BadInputError(f"{param('kind')} {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "auto":
         if rows <= AUTO_FLAT_MAX_ROWS:
             return "flat"
@@ -138,7 +138,7 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
         if k < 1:
-            raise BadInputError(f"k must be at least 1, not {k}")
+            raise BadInputError(f"{param('k')} must be at least 1, not {k}")
         k = min(k, self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
         return scores, ids
@@ -240,17 +240,18 @@ def use_faiss_gpu(mode: str = "auto") -> bool:
     import faiss
 
     if mode not in FAISS_GPU_MODES:
-        raise BadInputError(f"--faiss-gpu {mode!r}: expected one of {', '.join(FAISS_GPU_MODES)}")
+        raise BadInputError(f"{param('faiss_gpu')} {mode!r}: expected one of {', '.join(FAISS_GPU_MODES)}")
     if mode == "off":
         return False
     if not hasattr(faiss, "StandardGpuResources"):
         if mode == "on":
-            raise BadInputError("--faiss-gpu on: the installed faiss has no GPU support (faiss-cpu); "
-                                "install faiss-gpu as the README says, or use --faiss-gpu off")
+            raise BadInputError(f"{param('faiss_gpu')} on: the installed faiss has no GPU support (faiss-cpu); "
+                                f"install faiss-gpu as the README says, or use {param('faiss_gpu')} off")
         return False
     if faiss.get_num_gpus() == 0:
         if mode == "on":
-            raise BadInputError("--faiss-gpu on: faiss has GPU support but sees no GPU; use --faiss-gpu off")
+            raise BadInputError(f"{param('faiss_gpu')} on: faiss has GPU support but sees no GPU; "
+                                f"use {param('faiss_gpu')} off")
         return False
     return True
 
@@ -321,7 +322,7 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
 
     with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
         ds = dataset(h5, "faiss", path, "index", 1, "uint8")
-        kind = h5.attrs.get("index_kind")
+        kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
         try:

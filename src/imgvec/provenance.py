@@ -31,12 +31,15 @@ class Provenance:
     preprocessing: str
     dim: int
     resize: str = "bilinear, aspect ratio not kept (as keras.utils.image_dataset_from_directory)"
-    # Recorded, not compared: float32 and mixed-precision embeddings, CPU and GPU ones, are comparable.
+    # Recorded, not compared: float32 and mixed-precision embeddings, CPU and GPU ones, and those of
+    # every runtime (OpenVINO, TensorFlow, ...) are comparable.
     device: str = "cpu"
     precision: str = "float32"
     imgvec_version: str = __version__
     keras_version: str = ""
-    tensorflow_version: str = ""
+    tensorflow_version: str = ""  # empty when TensorFlow did not run the model
+    runtime: str = ""  # "openvino" | "tensorflow" | "jax" | "torch"; empty in files made before runtimes
+    runtime_version: str = ""
     created: str = field(default_factory=_now)
 
     @property

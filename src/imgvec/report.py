@@ -25,10 +25,15 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 group', '2 groups'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow([csv_cell(h) for h in header])  # class names become column names: defused as well
     writer.writerows([csv_cell(v) for v in row] for row in rows)
     return out.getvalue()
 

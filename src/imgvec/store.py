@@ -28,7 +28,7 @@ from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, param
 from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
                        str_dtype, write_header)
 from .fileio import check_space, check_writable, publish, temp_path, write_error
@@ -61,9 +61,11 @@ class Store:
         import h5py
 
         rows, dim, path = self.header.rows, self.header.dim, self.path
-        dataset(self.h5, "embeddings", path, "store", 2, "float32", min_length=rows, width=dim)
+        # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
+        sized = {"length": rows} if self.header.format_version > 1 else {"min_length": rows}
+        dataset(self.h5, "embeddings", path, "store", 2, "float32", width=dim, **sized)
         for name in ("paths", "labels"):
-            dataset(self.h5, name, path, "store", 1, "str", min_length=rows)
+            dataset(self.h5, name, path, "store", 1, "str", **sized)
         if not isinstance(self.h5.get("skipped"), h5py.Group):
             raise damaged(path, "store", "no 'skipped' group")
         n = dataset(self.h5, "skipped/paths", path, "store", 1, "str").shape[0]
@@ -295,7 +297,6 @@ class StoreWriter:
         with _h5open(tmp, "r+") as h5:
             store = Store(h5, tmp)
             store._trim()
-            write_header(h5.attrs, store.current_header())  # a version-1 store becomes version 2 here
             seen = set(keys) - doomed
             retried: set[str] = set()
             fresh_skips: list[tuple[str, str]] = []
@@ -312,6 +313,7 @@ class StoreWriter:
             old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
+            write_header(h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
 
     def close(self, commit: bool = True) -> None:
         """Commit what was appended (unless told not to) and release the lock."""
@@ -359,8 +361,7 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
         _init_layout(h5, old.provenance, old.root)
         for key, value in old.h5.attrs.items():
             h5.attrs[key] = value
-        h5.attrs["rows"] = 0
-        h5.attrs["generation"] = old.generation + 1
+        write_header(h5.attrs, Header("store", old.provenance, old.store_id, old.generation + 1, 0, old.dim))
         new = Store(h5, dst)
         keys, labels = old.paths(), old.labels()
         for start in range(0, old.rows, chunk):
@@ -369,6 +370,7 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
                 block = old.embeddings(start, start + chunk)[np.asarray(idx) - start]
                 new._append(block, [keys[i] for i in idx], [labels[i] for i in idx])
         new._set_skipped([s for s in old.skipped() if s[0] not in doomed])
+        write_header(h5.attrs, new.current_header())
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
@@ -383,7 +385,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
     from .provenance import check_compatible
 
     if on_duplicate not in ("first", "error"):
-        raise BadInputError(f"--on-duplicate {on_duplicate!r}: expected first or error")
+        raise BadInputError(f"{param('on_duplicate')} {on_duplicate!r}: expected first or error")
     if not inputs:
         raise BadInputError("no stores to merge")
     if Path(output).exists():
@@ -407,7 +409,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                     duplicates += len(block) - len(idx)
                     if duplicates and on_duplicate == "error":
                         dup = next(keys[i] for i in range(start, start + len(block)) if keys[i] in seen)
-                        raise BadInputError(f"{dup} is in more than one store (use --on-duplicate first to keep one)")
+                        raise BadInputError(f"{dup} is in more than one store (use {param('on_duplicate')} first to keep one)")
                     seen.update(keys[i] for i in idx)
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
                                   [labels[i] for i in idx])
