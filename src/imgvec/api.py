@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .artifact import check_partner, peek
-from .backbones import BACKBONES, DEFAULT_SEED, Backbone
+from .backbones import BACKBONES, DEFAULT_SEED, Backbone, get_backbone
 from .comparison import DEFAULT_MODELS
 from .comparison import compare as _compare
 from .duplicates import DuplicateGroup
@@ -423,8 +423,6 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
     """
-    from .backbones import get_backbone
-
     folder = make_folder(stores)  # every store writable before the first backbone runs
     for name in models or DEFAULT_MODELS:
         check_writable(folder / f"{get_backbone(name).name}.h5")

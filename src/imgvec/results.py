@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .duplicates import DuplicateGroup
+from .duplicates import DEGENERATE_SHARE, DuplicateGroup
 from .provenance import Provenance
 
 
@@ -249,8 +249,6 @@ class DedupResult:
     def degenerate(self) -> bool:
         """Most pairs are above the threshold: the features cannot tell images apart (random
         weights, a wrong backbone) and the groups mean little."""
-        from .duplicates import DEGENERATE_SHARE
-
         return self.share_above > DEGENERATE_SHARE
 
     @property
