@@ -64,7 +64,8 @@ def test_missing_imagenet_weights_names_the_file_and_where_to_put_it():
         build_model(get_backbone("mobilenetv3small"), Weights("imagenet"), 96)
     message = str(info.value)
     assert "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5" in message
-    assert str(keras_cache_dir()) in message and "--weights" in message
+    assert str(keras_cache_dir()) in message and "weights none" in message  # the library names parameters
+    assert "--weights none" in info.value.cli_message()  # the CLI, options
     assert "\n" not in message
 
 

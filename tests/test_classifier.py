@@ -78,3 +78,16 @@ def test_validation_messages():
         LogisticHead(cv=5).fit(X, y)
     with pytest.raises(BadInputError, match="at least 2 classes"):
         LogisticHead(cv=2).fit(X, ["a"] * len(X))
+
+
+def test_is_a_scikit_learn_estimator_clone_and_params_work():
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    head = LogisticHead(cv=3, Cs=(0.1, 1.0), random_state=7)
+    assert head.get_params()["Cs"] == (0.1, 1.0) and head.set_params(cv=2).cv == 2
+    copy = clone(head)
+    assert copy is not head and copy.get_params() == head.get_params() and not hasattr(copy, "coef_")
+    X, y = _blobs(12, ["a", "b"])
+    scores = cross_val_score(head, X, y, cv=3)  # scikit-learn clones and fits it per fold
+    assert scores.mean() >= 0.9

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from unittest import mock
 
-from .errors import BadInputError, MissingWeightsError
+from .errors import BadInputError, MissingWeightsError, param
 from .fileio import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -218,11 +218,11 @@ def parse_weights(spec: str | None, seed: int = DEFAULT_SEED) -> Weights:
     path = Path(text).expanduser()
     if not path.name.endswith(WEIGHT_SUFFIXES):
         raise BadInputError(
-            f"--weights {text!r}: expected imagenet, none, or a weights file ending in "
+            f"{param('weights')} {text!r}: expected imagenet, none, or a weights file ending in "
             f"{', '.join(WEIGHT_SUFFIXES)}"
         )
     if not path.is_file():
-        raise BadInputError(f"--weights {text!r}: no such file")
+        raise BadInputError(f"{param('weights')} {text!r}: no such file")
     return Weights("file", path=str(path.resolve()), sha256=sha256_of(path))
 
 
@@ -241,8 +241,8 @@ def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsErro
     origin = f" (from {match.group(1)})" if match else ""
     return MissingWeightsError(
         f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
-        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass --weights PATH to a local "
-        f"weights file, or --weights none for random (not pretrained) weights"
+        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass {param('weights')} PATH to a local "
+        f"weights file, or {param('weights')} none for random (not pretrained) weights"
     )
 
 
@@ -295,7 +295,7 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     """
     if image_size < backbone.min_size:
         raise BadInputError(
-            f"--image-size {image_size} is too small for {backbone.name} "
+            f"{param('image_size')} {image_size} is too small for {backbone.name} "
             f"(at least {backbone.min_size})"
         )
     from .device import import_keras
@@ -326,7 +326,7 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                     model.load_weights(str(weights.path))
             except Exception as error:
                 raise MissingWeightsError(
-                    f"--weights {weights.path}: cannot load into {backbone.name} at "
+                    f"{param('weights')} {weights.path}: cannot load into {backbone.name} at "
                     f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 ) from error
     return model

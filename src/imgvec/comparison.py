@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backbones import get_backbone
-from .errors import BadInputError
+from .errors import BadInputError, param
 from .ingest import embed
 from .provenance import Provenance
 from .results import Baseline, BackboneScore, Comparison
@@ -49,10 +49,10 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
     if len(classes) < 2:
         raise BadInputError(f"need at least 2 classes (subfolders) to compare, found {len(classes)}")
     if cv < 2:
-        raise BadInputError(f"--cv must be at least 2, not {cv}")
+        raise BadInputError(f"{param('cv')} must be at least 2, not {cv}")
     small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < cv]
     if small:
-        raise BadInputError(f"--cv {cv} needs at least {cv} images per class; too few in {', '.join(small)}")
+        raise BadInputError(f"{param('cv')} {cv} needs at least {cv} images per class; too few in {', '.join(small)}")
     splitter = StratifiedKFold(cv, shuffle=True, random_state=random_state)
     return list(splitter.split(np.zeros(len(y)), y))
 
@@ -135,9 +135,9 @@ def compare(
     start = time.perf_counter()
     models = [get_backbone(m).name for m in models]  # unknown names fail before any work
     if not models:
-        raise BadInputError("--models: give at least one backbone")
+        raise BadInputError(f"{param('models')}: give at least one backbone")
     if len(set(models)) != len(models):
-        raise BadInputError(f"--models lists a backbone twice: {', '.join(models)}")
+        raise BadInputError(f"{param('models')} lists a backbone twice: {', '.join(models)}")
     collection = find_images([labelled_dir])
     if not collection.labelled:
         raise BadInputError(f"{labelled_dir}: no labels; put the images in one subfolder per class")
@@ -151,7 +151,7 @@ def compare(
             with open_store(path) as s:
                 if os.path.abspath(s.root) != os.path.abspath(collection.root):
                     raise BadInputError(f"{path} was made from {s.root}, not {labelled_dir}; "
-                                        "pass another --stores folder for this data set")
+                                        f"pass another {param('stores')} folder for this data set")
 
         def step(done: int, total: int, name: str = name) -> None:
             if progress:

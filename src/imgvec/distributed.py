@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .embedder import EmbeddedBatch, Embedder
-from .errors import BadInputError, ImageSkipped
+from .errors import BadInputError, ImageSkipped, param
 from .runtime import prepare
 
 ENGINES = ("local", "ray")
@@ -27,7 +27,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise BadInputError("--engine ray needs Ray: pip install 'imgvec[ray]'") from None
+        raise BadInputError(f"{param('engine')} ray needs Ray: pip install 'imgvec[ray]'") from None
     return ray
 
 

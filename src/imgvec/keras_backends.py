@@ -29,7 +29,7 @@ import numpy as np
 
 from .backbones import Backbone, Weights, build_model
 from .device import DEVICES, PRECISIONS, check_choice, import_keras, precision_policy
-from .errors import BadInputError
+from .errors import BadInputError, param
 from .runtime import CPU_MODEL_BATCH, GPU_MODEL_BATCH
 
 BACKENDS = ("jax", "torch")
@@ -88,16 +88,16 @@ def _persistent_compilation_cache() -> None:
 def load_engine(backend: str, backbone: Backbone, weights: Weights, image_size: int,
                 precision: str = "float32", device: str = "auto") -> KerasEngine:
     """Build ``backbone`` on Keras' ``backend`` (jax or torch), on the GPU where that backend sees one."""
-    check_choice("--runtime", backend, BACKENDS)
-    check_choice("--device", device, DEVICES)
-    check_choice("--precision", precision, PRECISIONS)
+    check_choice(param("runtime"), backend, BACKENDS)
+    check_choice(param("device"), device, DEVICES)
+    check_choice(param("precision"), precision, PRECISIONS)
     keras = import_keras(backend)
     if backend == "jax":
         _persistent_compilation_cache()
     on_gpu = device != "cpu" and _gpu_available(backend)
     if device == "gpu" and not on_gpu:
-        raise BadInputError(f"--device gpu: {backend} sees no GPU (is a CUDA build of {backend} installed?); "
-                            f"use --device cpu")
+        raise BadInputError(f"{param('device')} gpu: {backend} sees no GPU (is a CUDA build of {backend} installed?); "
+                            f"use {param('device')} cpu")
     # Keras' device names; PyTorch's plain "cpu" (with "cpu:0" Keras copies each weight off its Parameter,
     # and an integer weight then fails as a Parameter that requires gradients).
     scope = "gpu:0" if on_gpu else ("cpu:0" if backend == "jax" else "cpu")
