@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ import pytest
 import imgvec
 from imgvec.errors import BadInputError
 
-from test_fileio import _mount_tmpfs, fill, remount_ro
+from test_fileio import fill, mounted_tmpfs, remount_ro
 
 SMALL = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
 
@@ -188,11 +189,9 @@ def test_missing_folder_and_folder_named_as_output_fail_first(store_and_head, im
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):
-    folder = tmp_path / "fs"
-    _mount_tmpfs(folder, "3m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "fs", "3m") as folder:
+        yield folder
 
 
 def test_read_only_location(store_and_head, image_dir: Path, holdout_dir: Path, tmp_path: Path, small_fs: Path):

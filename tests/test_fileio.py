@@ -6,11 +6,13 @@ not stop); where mounting is not permitted they are skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,22 +20,28 @@ from imgvec import fileio
 from imgvec.errors import BadInputError
 
 
-def _mount_tmpfs(folder: Path, size: str) -> None:
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``folder``, unmounted afterwards; skips the test where mounting is not permitted.
+
+    ``remount_ro(folder)`` and ``fill(folder)`` then make it read-only or full.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): "
                     "read-only and full disks are not tested")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 1 MB tmpfs, unmounted afterwards; ``remount_ro(path)`` and ``fill(path)`` make it read-only or full."""
-    folder = tmp_path / "fs"
-    _mount_tmpfs(folder, "1m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "fs", "1m") as folder:
+        yield folder
 
 
 def remount_ro(folder: Path) -> None:
