@@ -81,9 +81,9 @@ def mixed_precision_cosine(n: int = 64) -> dict:
     pixels = np.stack([np.asarray(photo_like(rng, 224, 224)) for _ in range(n)])
     out = {}
     for name in ("mobilenetv2", "efficientnetb0", "resnet50"):
-        a = Embedder(name, "none", 224).embed_arrays(pixels)
+        a = Embedder(name, "none", 224, runtime="tensorflow").embed_arrays(pixels)
         try:
-            b = Embedder(name, "none", 224, precision="mixed").embed_arrays(pixels)
+            b = Embedder(name, "none", 224, precision="mixed", runtime="tensorflow").embed_arrays(pixels)
         except BadInputError as error:  # random weights can leave float16's range: imgvec refuses
             out[name] = {"mean_cosine": None, "min_cosine": None, "refused": str(error),
                          "float32_max_abs": float(np.abs(a).max())}
@@ -109,7 +109,7 @@ def markdown(data: dict) -> str:
            md_table(["index", "rows x dim", "build s", "peak RSS GB", "store in RAM would be GB", "index file GB"],
                     [(m["kind"], f"{m['rows']:,} x {m['dim']}", m["seconds"], m["peak_rss_gb"],
                       m["whole_store_gb"], m["index_file_gb"]) for m in data["index_memory"]]),
-           "\nMixed precision (`--precision mixed`, float16 compute) against float32 on the same 64 images, "
+           "\nMixed precision (`--precision mixed`, float16 compute on the TensorFlow runtime) against float32 on the same 64 images, "
            "computed on the CPU (random weights):\n\n",
            md_table(["backbone", "mean cosine", "min cosine"],
                     [(k, f"{v['mean_cosine']:.6f}", f"{v['min_cosine']:.6f}") if v["mean_cosine"] is not None else

@@ -47,7 +47,8 @@ def test_chance_baselines_use_the_same_folds():
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, image_dir: Path) -> tuple[imgvec.api.Comparison, Path]:
     stores = tmp_path_factory.mktemp("compare") / "stores"
-    c = imgvec.compare(image_dir, MODELS, cv=3, stores=stores, weights="none", image_size=64, speed_sample=8)
+    c = imgvec.compare(image_dir, MODELS, cv=3, stores=stores, weights="none", image_size=64, speed_sample=8,
+                       runtime="tensorflow")
     return c, stores
 
 
@@ -58,6 +59,7 @@ def test_compare_scores_each_backbone_on_the_same_images(compared, image_dir: Pa
     for r in c.rows:
         b = get_backbone(r.backbone)
         assert (r.params, r.dim) == (b.params, b.dim) and r.provenance.is_random
+        assert r.provenance.runtime == "tensorflow"  # the runtime asked for embeds every backbone
         assert r.images_per_second > 0 and r.embedded == 24 and r.store == stores / f"{r.backbone}.h5"
         assert len(r.fold_accuracies) == 3 and r.accuracy == pytest.approx(np.mean(r.fold_accuracies))
         assert r.confusion.shape == (4, 4) and r.confusion.sum() == 24

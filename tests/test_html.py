@@ -123,7 +123,8 @@ def _forged() -> dict:
                                 Predictions, QueryResult, QueryResults)
 
     prov = Provenance(EVIL, "random", 0, EVIL, EVIL, EVIL, EVIL, EVIL, resize=EVIL, device=EVIL, precision=EVIL,
-                      imgvec_version=EVIL, keras_version=EVIL, tensorflow_version=EVIL, created=EVIL)
+                      imgvec_version=EVIL, keras_version=EVIL, tensorflow_version=EVIL, runtime=EVIL, runtime_version=EVIL,
+                      created=EVIL)
     labels = [EVIL, "b"]
     report = {EVIL: {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 2},
               "b": {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 1}}

@@ -66,9 +66,9 @@ def test_auto_is_openvino_on_the_cpu_and_tensorflow_on_a_gpu():
     assert runtime.resolve_runtime("auto", "cpu") == "openvino"
     assert runtime.resolve_runtime("auto", "gpu") == "tensorflow"
     assert runtime.resolve_runtime("tensorflow", "cpu") == "tensorflow"
-    with pytest.raises(BadInputError, match="--runtime 'onnx': expected one of auto, openvino, tensorflow, jax, torch"):
+    with pytest.raises(BadInputError, match="^runtime 'onnx': expected one of auto, openvino, tensorflow, jax, torch"):
         runtime.resolve_runtime("onnx", "cpu")
-    with pytest.raises(BadInputError, match="--runtime openvino runs on the CPU"):
+    with pytest.raises(BadInputError, match="^runtime openvino runs on the CPU"):
         load_engine("openvino", "mobilenetv3small", "none", 64, device="gpu")
 
 
@@ -83,7 +83,7 @@ def test_keras_backends_are_table_rows_that_load_lazily(monkeypatch):
         return real(name, package)
 
     monkeypatch.setattr(importlib, "import_module", missing)
-    with pytest.raises(BadInputError, match="^--runtime jax is not available in this version of imgvec$"):
+    with pytest.raises(BadInputError, match="^runtime jax is not available in this version of imgvec$"):
         load_engine("jax", "mobilenetv3small", "none", 64)
     assert set(runtime.LOADERS) == set(runtime.RUNTIMES) - {"auto"}
 
@@ -104,7 +104,7 @@ def test_mixed_precision_must_match_float32_on_the_first_batch(tmp_path: Path):
     try:
         out = mixed(x)
     except BadInputError as refusal:  # random weights lose precision in bfloat16 (MobileNetV2: cosine 0.985)
-        assert "--precision mixed (openvino); use --precision float32" in str(refusal)
+        assert "precision mixed (openvino); use precision float32" in str(refusal)
         assert "differ from float32 on the first batch" in str(refusal) and "\n" not in str(refusal)
         with pytest.raises(BadInputError, match="differ from float32"):
             mixed(x)  # the refusal sticks

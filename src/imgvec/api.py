@@ -418,7 +418,7 @@ def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
 def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int = 5,
             stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
             batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
-            progress: Callable[[str, int, int], None] | None = None) -> Comparison:
+            runtime: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> Comparison:
     """Compare backbones on a labelled folder: same folds, one row per backbone (see comparison.py).
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
@@ -428,7 +428,7 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
         check_writable(folder / f"{get_backbone(name).name}.h5")
     return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
                     image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
-                    speed_sample=speed_sample, progress=progress)
+                    speed_sample=speed_sample, runtime=runtime, progress=progress)
 
 
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:

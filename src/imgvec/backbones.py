@@ -144,9 +144,9 @@ _KERAS_PUBLISHED = {
     "efficientnetv2m":   (220, 0.853, 0.974, None),
     "efficientnetv2l":   (479, 0.857, 0.975, None),
 }
-# images/s of `imgvec embed` (decode + inference, 224 px, batch 32, CPU) from benchmarks/results/embed.json
-# (2026-11-25, 2-core AMD EPYC); tests/test_backbones.py keeps these equal to that file.
-_MEASURED = {"mobilenetv2": 104.7, "efficientnetb0": 81.1, "resnet50": 22.7}
+# images/s of `imgvec embed` on its default CPU runtime (OpenVINO; decode + inference, 224 px, batch 32) from
+# benchmarks/results/embed.json (2026-11-26, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
+_MEASURED = {"mobilenetv2": 26.2, "efficientnetb0": 9.2, "resnet50": 13.8}
 # fmt: on
 
 

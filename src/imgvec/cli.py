@@ -464,6 +464,7 @@ def compare(
                                              "(default: each backbone's own)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per batch"),
     seed: int = typer.Option(0, "--seed", help="seed for --weights none and for the folds"),
+    runtime: str = RuntimeOpt,
     fmt: str = FormatOpt,
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
@@ -473,7 +474,7 @@ def compare(
     try:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
                         weights=weights, image_size=image_size, batch_size=batch_size, seed=seed,
-                        random_state=seed, progress=bar)
+                        random_state=seed, runtime=runtime, progress=bar)
     finally:
         bar.close()
     for r in c.rows:

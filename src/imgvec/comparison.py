@@ -88,11 +88,12 @@ def chance_baselines(y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], 
     return out
 
 
-def images_per_second(provenance: Provenance, files: Sequence[str], batch_size: int = 32) -> float:
+def images_per_second(provenance: Provenance, files: Sequence[str], batch_size: int = 32,
+                      runtime: str = "auto") -> float:
     """Decode + embed throughput on ``files`` after one warm-up batch (model build not counted)."""
     from .embedder import Embedder
 
-    embedder = Embedder.from_provenance(provenance, batch_size=batch_size).load()
+    embedder = Embedder.from_provenance(provenance, batch_size=batch_size, runtime=runtime).load()
     warm = list(files[: min(len(files), 4)])
     for _ in embedder.embed_files(warm):
         pass
@@ -125,6 +126,7 @@ def compare(
     random_state: int = 0,
     speed_sample: int = SPEED_SAMPLE,
     Cs: int | Sequence[float] | None = None,
+    runtime: str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Comparison:
     """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, same folds."""
@@ -158,7 +160,7 @@ def compare(
                 progress(name, done, total)
 
         summary = embed([labelled_dir], path, model=name, weights=weights, image_size=image_size,
-                            batch_size=batch_size, seed=seed, progress=step)
+                            batch_size=batch_size, seed=seed, runtime=runtime, progress=step)
         rows, labels, X, prov = load_labelled(path)
         loaded.append((name, path, summary.added, rows, labels, X, prov))
         wanted &= set(rows)
@@ -178,7 +180,7 @@ def compare(
         scores, predicted = cross_validate(Xa, y, split, Cs=Cs, random_state=random_state)
         report = classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
         b = get_backbone(name)
-        ips = images_per_second(prov, sample_files, batch_size)
+        ips = images_per_second(prov, sample_files, batch_size, runtime)
         results.append(BackboneScore(name, b.params, prov.dim, ips, float(np.mean(scores)), float(np.std(scores)),
                                      scores, report, confusion_matrix(y, predicted, labels=classes), path, prov,
                                      added))

@@ -32,7 +32,7 @@ def choose_weights(backbone: str = BACKBONE) -> str:
         Embedder(backbone, "imagenet").load()
         return "imagenet"
     except MissingWeightsError as error:
-        _say(f"NOTE: {error}")
+        _say(f"NOTE: {error.cli_message()}")  # the demo speaks command-line options
         _say("NOTE: falling back to RANDOM weights (seed 0): the numbers below show the pipeline, "
              "not what pretrained features achieve.\n")
         return "none"

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
-from .errors import BadInputError
+from .errors import BadInputError, param
 
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed")
@@ -102,7 +102,7 @@ def import_keras(backend: str | None = None) -> Any:
     backend = backend or wanted or "tensorflow"
     if wanted and wanted != backend:
         raise BadInputError(f"KERAS_BACKEND={wanted} is set, but the {backend} runtime needs Keras on {backend}; "
-                            f"unset KERAS_BACKEND or choose --runtime {wanted}")
+                            f"unset KERAS_BACKEND or choose {param('runtime')} {wanted}")
     if backend == "tensorflow":
         import_tensorflow()
     else:
@@ -141,17 +141,17 @@ def gpu_in_use(device: str = "auto") -> bool:
     TensorFlow is only asked (and imported) when the kernel has an NVIDIA GPU, so ``auto`` on a
     CPU-only machine decides without importing it.
     """
-    check_choice("--device", device, DEVICES)
+    check_choice(param("device"), device, DEVICES)
     return device == "gpu" or (device == "auto" and nvidia_driver_loaded() and bool(visible_gpus()))
 
 
 def select_device(device: str = "auto") -> str:
     """The TensorFlow device name to build and run the model on (``/GPU:0`` or ``/CPU:0``)."""
-    check_choice("--device", device, DEVICES)
+    check_choice(param("device"), device, DEVICES)
     gpus = visible_gpus() if device != "cpu" else []
     if device == "gpu" and not gpus:
-        raise BadInputError("--device gpu: TensorFlow sees no GPU (is a CUDA build of TensorFlow installed, "
-                            "e.g. pip install 'tensorflow[and-cuda]'?); use --device cpu")
+        raise BadInputError(f"{param('device')} gpu: TensorFlow sees no GPU (is a CUDA build of TensorFlow installed, "
+                            f"e.g. pip install 'tensorflow[and-cuda]'?); use {param('device')} cpu")
     if not gpus:
         return "/CPU:0"
     tf = import_tensorflow()
@@ -167,7 +167,7 @@ def select_device(device: str = "auto") -> str:
 def precision_policy(precision: str = "float32") -> Iterator[None]:
     """Build layers under ``precision``; the previous global Keras policy is restored afterwards."""
     keras = import_keras()
-    check_choice("--precision", precision, PRECISIONS)
+    check_choice(param("precision"), precision, PRECISIONS)
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed" else "float32")
     try:

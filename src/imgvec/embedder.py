@@ -60,18 +60,18 @@ class Embedder:
         runtime: str = "auto",
     ) -> None:
         self.backbone = get_backbone(model)
-        self.device = check_choice("--device", device, DEVICES)
-        self.precision = check_choice("--precision", precision, PRECISIONS)
-        self.runtime = check_choice("--runtime", runtime, RUNTIMES)
+        self.device = check_choice(param("device"), device, DEVICES)
+        self.precision = check_choice(param("precision"), precision, PRECISIONS)
+        self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
         self.image_size = int(image_size or self.backbone.input_size)
         if self.image_size < self.backbone.min_size:
             raise BadInputError(
-                f"--image-size {self.image_size} is too small for {self.backbone.name} "
+                f"{param('image_size')} {self.image_size} is too small for {self.backbone.name} "
                 f"(at least {self.backbone.min_size})"
             )
         if batch_size < 1:
-            raise BadInputError(f"--batch-size must be at least 1, not {batch_size}")
+            raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
@@ -95,7 +95,7 @@ class Embedder:
             if not path or not os.path.isfile(path):
                 raise MismatchError(
                     f"the embeddings were made with weights file {weights.path}, which is not "
-                    f"there; pass --weights PATH to the same file (sha256 {weights.sha256})"
+                    f"there; pass {param('weights')} PATH to the same file (sha256 {weights.sha256})"
                 )
             if sha256_of(path) != weights.sha256:
                 raise MismatchError(

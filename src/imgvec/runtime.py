@@ -41,8 +41,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .backbones import Backbone, Weights, build_model, fetched_files, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice, gpu_in_use, import_tensorflow, precision_policy, select_device
-from .errors import BadInputError
+from .device import (DEVICES, PRECISIONS, check_choice, gpu_in_use, import_keras, import_tensorflow, precision_policy,
+                     select_device)
+from .errors import BadInputError, param
+from .fileio import fsync_path
 
 RUNTIMES = ("auto", "openvino", "tensorflow", "jax", "torch")
 # Bump when the converted graph changes (what is folded in, inputs, outputs): old cache entries stop matching.
@@ -69,8 +71,8 @@ class Engine(Protocol):
 
 def resolve_runtime(runtime: str, device: str = "auto") -> str:
     """The runtime ``auto`` stands for: OpenVINO on the CPU, TensorFlow where a GPU is used."""
-    check_choice("--runtime", runtime, RUNTIMES)
-    check_choice("--device", device, DEVICES)
+    check_choice(param("runtime"), runtime, RUNTIMES)
+    check_choice(param("device"), device, DEVICES)
     if runtime != "auto":
         return runtime
     return "tensorflow" if gpu_in_use(device) else "openvino"
@@ -98,6 +100,7 @@ class TensorFlowEngine:
     runtime = "tensorflow"
 
     def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str) -> None:
+        import_keras("tensorflow")  # refuses a process whose Keras already runs on JAX or PyTorch
         tf = import_tensorflow()
         place = select_device(device)
         with tf.device(place), precision_policy(precision):
@@ -126,8 +129,8 @@ class OpenVINOEngine:
 
     def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str) -> None:
         if device == "gpu":
-            raise BadInputError("--runtime openvino runs on the CPU; use --runtime tensorflow (or auto) with "
-                                "--device gpu")
+            raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
+                                f"{param('device')} gpu")
         import openvino as ov
 
         xml = compiled_model(backbone, weights, image_size)
@@ -176,7 +179,7 @@ def _keras_backend(name: str) -> Callable[..., Engine]:
         except ModuleNotFoundError as error:
             if error.name != f"{__package__}.keras_backends":
                 raise
-            raise BadInputError(f"--runtime {name} is not available in this version of imgvec") from None
+            raise BadInputError(f"{param('runtime')} {name} is not available in this version of imgvec") from None
         return module.load_engine(name, backbone, weights, image_size, precision, device)
 
     return load
@@ -211,7 +214,7 @@ class CheckedPrecision:
         self._refusal: str | None = None
 
     def _refuse(self, why: str) -> None:
-        self._refusal = f"{self.backbone} {why} under --precision mixed ({self.runtime}); use --precision float32"
+        self._refusal = f"{self.backbone} {why} under {param('precision')} mixed ({self.runtime}); use {param('precision')} float32"
         raise BadInputError(self._refusal)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -246,7 +249,7 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     """
     backbone = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     weights = weights if isinstance(weights, Weights) else parse_weights(weights)
-    check_choice("--precision", precision, PRECISIONS)
+    check_choice(param("precision"), precision, PRECISIONS)
     name = resolve_runtime(runtime, device)
     key = (name, backbone.name, weights.identity, int(image_size), precision, device)
     with _LOADED_LOCK:
@@ -353,14 +356,6 @@ def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
     return _source_unchanged(manifest.get("source_weights"))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _convert(backbone: Backbone, weights: Weights, image_size: int, folder: Path) -> dict[str, Any]:
     """Convert the Keras model, preprocessing included, into ``folder``; what went in, for the manifest."""
     tf = import_tensorflow()
@@ -433,10 +428,10 @@ def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Pat
                     "files": {name: sha256_of(tmp / name) for name in FILES}, **info}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in (*FILES, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         _publish(tmp, entry, key)
-        _fsync(entry.parent)
+        fsync_path(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry / FILES[0]
