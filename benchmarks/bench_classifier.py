@@ -115,13 +115,13 @@ def markdown(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="5k rows, one round")
+    ap.add_argument("--quick", action="store_true", help="3k rows")
     ap.add_argument("--full", action="store_true", help="50k rows")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args(argv)
-    n = args.rows or (5_000 if args.quick else 50_000 if args.full else 10_000)
-    rounds = args.rounds or (1 if args.quick or args.full else 2)
+    n = args.rows or (3_000 if args.quick else 50_000 if args.full else 10_000)
+    rounds = args.rounds or 1
     data = {"quick": args.quick, "rows_generated": n, "sets": [bench_set(name, n, rounds) for name in SEPARATION]}
     write_result(NAME + ("-quick" if args.quick else ""), data)
     print(markdown(data))
