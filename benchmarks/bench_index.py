@@ -283,13 +283,14 @@ def _memory_markdown(res: dict[str, Any]) -> str:
          for m in res["memory"]]))
     for m in res["memory"]:
         build, load = _above(m, "build"), _above(m, "load")
-        covered = "covers it" if build <= m["auto_budget_mb"] else "**does not cover it**"
+        covered = "covers the peak" if build <= m["auto_budget_mb"] else "**does not cover the peak**"
         # A second copy would add the index again; HDF5's cache and a 16 MiB I/O block are fixed costs.
         second = load >= 1.5 * m["index_file_mb"] + LOAD_FIXED_MB
         copies = "**a second copy of the index**" if second else "no second copy"
         out.append(f"\n- {m['kind']}: build+save peaks {build:,.0f} MB above the interpreter for a "
-                   f"{m['index_file_mb']:,.0f} MB index ({build / m['index_file_mb']:.2f}x; FAISS doubles its storage "
-                   f"while adding), and `auto`'s budget of {m['auto_budget_mb']:,.0f} MB {covered}; loading peaks "
+                   f"{m['index_file_mb']:,.0f} MB index ({build / m['index_file_mb']:.2f}x); `auto` budgets "
+                   f"{m['auto_budget_mb']:,.0f} MB for it (twice the index, as FAISS grows storage by doubling, plus "
+                   f"the streamed chunks) and {covered}; loading peaks "
                    f"{load:,.0f} MB above the interpreter, the index + {load - m['index_file_mb']:,.0f} MB "
                    f"({copies}), in {m['load_s']:.2f} s.")
     return "".join(out) + "\n"
