@@ -6,9 +6,13 @@ map, plus small isotropic noise. Real CNN embeddings are clustered with low intr
 dimension; uniform high-dimensional noise would make every approximate index look bad
 (all neighbours nearly equidistant). Queries are fresh draws from the same distribution.
 
-Recall@10 is measured against exact inner-product search (faiss IndexFlatIP). imgvec's
-indexes are made with ``imgvec.index._new_faiss_index`` and ``normalized`` (the same code
-``build_index`` runs, minus the HDF5 store it reads from).
+Recall@10 is measured against exact inner-product search (faiss IndexFlatIP). Every row labelled
+imgvec is imgvec's own path end to end: the vectors are written to a store file, a fresh process
+builds the index from it (``imgvec.index.build_index(open_store(...))``, streamed in chunks) and
+saves it (``VectorIndex.save``), three more fresh processes load it (``load_index``), and the
+queries go through ``VectorIndex.search``. Build and load peaks are each child's own VmHWM from
+/proc/self/status (ru_maxrss can carry a parent's peak across exec), shown beside the index file's
+size and beside the interpreter's RSS after its imports.
 
     python -m benchmarks.bench_index [--quick] [--full] [--ivfpq]   # --full adds N=1M (5 GB, slow)
 """
@@ -17,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .common import md_table, timed, write_result
+from .common import OUT, fmt, generated_store, md_table, median, timed, write_result
 
 NAME = "index"
 DIM = 1280
 K = 10
+LOAD_FIXED_MB = 64  # what loading may hold beyond the index without it being a second copy
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 500, latent: int = 64,
@@ -75,88 +83,157 @@ def run_contender(name: str, build: Callable[[], Any], search: Callable[[Any, np
     return row, ids
 
 
+# Run in fresh interpreters: VmHWM (the process's own peak RSS, reset by exec) is read at the end;
+# ru_maxrss could carry the parent's peak across exec. "base" is VmRSS after the imports.
+_STATUS = """
+def vm(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+"""
+BUILD = _STATUS + """
+import json, sys, time
+import faiss, h5py, numpy
+from imgvec.index import build_index
+from imgvec.store import open_store
+base = vm("VmRSS")
+t = time.perf_counter()
+with open_store(sys.argv[1]) as store:
+    index = build_index(store, sys.argv[2])
+built = time.perf_counter()
+index.save(sys.argv[3])
+saved = time.perf_counter()
+print(json.dumps({"kind": index.kind, "build_s": built - t, "save_s": saved - built, "peak_mb": vm("VmHWM"),
+                  "base_mb": base}))
+"""
+LOAD = _STATUS + """
+import json, sys, time
+import faiss, h5py, numpy
+from imgvec.index import load_index
+base = vm("VmRSS")
+t = time.perf_counter()
+index = load_index(sys.argv[1])
+print(json.dumps({"load_s": time.perf_counter() - t, "peak_mb": vm("VmHWM"), "base_mb": base}))
+"""
+
+
+def _child(script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def imgvec_build(store: Path, kind: str, n: int, loads: int = 3) -> tuple[dict[str, Any], Path]:
+    """Build+save ``kind`` from the store file in a fresh process, then load it in ``loads`` fresh ones."""
+    from imgvec import index as ix
+
+    path = store.with_name(f"{store.stem}.{kind}.index.h5")
+    b = _child(BUILD, str(store), kind, str(path))
+    ls = [_child(LOAD, str(path)) for _ in range(loads)]
+    file_mb = path.stat().st_size / 1e6
+    mem = {"kind": b["kind"], "index_file_mb": file_mb, "index_estimate_mb": ix.index_bytes(b["kind"], n, DIM) / 1e6,
+           "auto_budget_mb": ix.build_peak_bytes(b["kind"], n, DIM) / 1e6,
+           "build_s": b["build_s"], "save_s": b["save_s"], "build_peak_mb": b["peak_mb"], "build_base_mb": b["base_mb"],
+           "load_s": median([x["load_s"] for x in ls]), "load_s_all": [x["load_s"] for x in ls],
+           "load_peak_mb": median([x["peak_mb"] for x in ls]), "load_peak_mb_all": [x["peak_mb"] for x in ls],
+           "load_base_mb": median([x["base_mb"] for x in ls])}
+    print(f"  imgvec {kind} from the store: build {b['build_s']:.1f}s + save {b['save_s']:.1f}s, peak "
+          f"{b['peak_mb']:.0f} MB; file {file_mb:.0f} MB; load {mem['load_s']:.2f}s, peak {mem['load_peak_mb']:.0f} MB",
+          file=sys.stderr)
+    return mem, path
+
+
 def bench_n(n: int, n_queries: int, singles: int, with_sklearn: bool, with_hnswlib: bool,
             ef_sweep: tuple[int, ...], with_ivfpq: bool = False) -> dict[str, Any]:
-    import faiss
-
     from imgvec import index as ix
 
     print(f"# N={n:,}", file=sys.stderr)
     gen_s, (base, queries) = timed(lambda: make_data(n, n_queries))
     base = ix.normalized(base)
     qn = ix.normalized(queries)
-
-    def faiss_search(index: Any, q: np.ndarray) -> np.ndarray:
-        return index.search(ix.normalized(q), K)[1]
-
-    rows: list[dict[str, Any]] = []
-    flat_row, truth = run_contender("faiss IndexFlatIP (exact)", lambda: _faiss_add(faiss.IndexFlatIP(DIM), base),
-                                    faiss_search, qn, None, singles)
-    rows.append(flat_row)
-
-    def imgvec_build(kind: str) -> Callable[[], Any]:
-        def build() -> Any:
-            index = ix._new_faiss_index(kind, DIM, n)
-            if not index.is_trained:
-                sample = np.sort(np.random.default_rng(0).choice(n, min(n, ix.TRAIN_SAMPLE_ROWS), replace=False))
-                index.train(ix.normalized(base[sample]))
-            step = ix.chunk_rows(base.shape[1])
-            for start in range(0, n, step):
-                index.add(ix.normalized(base[start : start + step]))
-            return index
-        return build
-
-    auto = ix.choose_kind("auto", n, DIM)
-    hnsw_index = None
-    for kind in ("hnsw", "ivfpq") if with_ivfpq else ("hnsw",):
-        label = f"imgvec {kind} (M={ix.HNSW_M}, efC={ix.HNSW_EF_CONSTRUCTION}, ef={ix.HNSW_EF_SEARCH})" \
-            if kind == "hnsw" else f"imgvec {kind} (nprobe={ix.IVF_NPROBE})"
-        build_s, index = timed(imgvec_build(kind))
-        row, _ = run_contender(label, lambda: index, faiss_search, qn, truth, singles)
-        row["build_s"] = build_s
-        rows.append(row)
-        if kind == "hnsw":
-            hnsw_index = index
-            # efSearch sweep on the same graph
-            sweep = []
-            for ef in ef_sweep:
-                index.hnsw.efSearch = ef
-                r, _ = run_contender(f"imgvec hnsw ef={ef}", lambda: index, faiss_search, qn, truth, singles)
-                sweep.append({"ef_search": ef, **{k: r[k] for k in ("batch_qps", "single_query_ms", "recall_at_10")}})
-            index.hnsw.efSearch = ix.HNSW_EF_SEARCH
-        else:
-            del index
-            gc.collect()
-    auto_row = dict(next(r for r in rows if r["name"].startswith(f"imgvec {auto}") or
-                         (auto == "flat" and r["name"].startswith("faiss IndexFlatIP"))))
-    auto_row["name"] = f"imgvec auto (-> {auto})"
-    rows.insert(1, auto_row)
-    del hnsw_index
+    store = generated_store(OUT / f"index-bench-{n}-v1.h5", n, DIM, lambda start, m, x=base: x[start : start + m])
+    flat_row, truth, others = _baselines(base, qn, singles, with_hnswlib, with_sklearn)
+    del base  # from here on imgvec reads the store file, and its builds run in fresh processes
     gc.collect()
+    auto = ix.choose_kind("auto", n, DIM)
+    kinds = [auto] + [k for k in ("hnsw", "ivfpq" if with_ivfpq else "") if k and k != auto]
+    imgvec_rows, memory, sweep = [], [], []
+    for kind in kinds:
+        row, mem, ef_rows = _imgvec_contender(store, kind, kind == auto, n, qn, truth, singles, ef_sweep)
+        imgvec_rows.append(row)
+        memory.append(mem)
+        sweep += ef_rows
+    return {"n": n, "dim": DIM, "queries": n_queries, "auto_kind": auto, "generate_s": gen_s,
+            "rows": [flat_row, *imgvec_rows, *others], "memory": memory, "ef_sweep": sweep}
 
+
+def _baselines(base: np.ndarray, qn: np.ndarray, singles: int, with_hnswlib: bool, with_sklearn: bool
+               ) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
+    """Exact faiss IndexFlatIP (the ground truth), hnswlib and scikit-learn, built from ``base`` in memory."""
+    import faiss
+
+    from imgvec import index as ix
+
+    flat_row, truth = run_contender("faiss IndexFlatIP (exact)", lambda: _faiss_add(faiss.IndexFlatIP(DIM), base),
+                                    lambda index, q: index.search(ix.normalized(q), K)[1], qn, None, singles)
+    gc.collect()
+    others: list[dict[str, Any]] = []
     if with_hnswlib:
         import hnswlib
 
         def hb() -> Any:
             p = hnswlib.Index(space="ip", dim=DIM)
-            p.init_index(max_elements=n, M=ix.HNSW_M, ef_construction=ix.HNSW_EF_CONSTRUCTION, random_seed=0)
+            p.init_index(max_elements=len(base), M=ix.HNSW_M, ef_construction=ix.HNSW_EF_CONSTRUCTION, random_seed=0)
             p.add_items(base, num_threads=-1)
             p.set_ef(ix.HNSW_EF_SEARCH)
             return p
         row, _ = run_contender("hnswlib (same M/efC/ef)", hb, lambda p, q: p.knn_query(q, k=K)[0].astype(np.int64),
                                qn, truth, singles)
-        rows.append(row)
+        others.append(row)
         gc.collect()
-
     if with_sklearn:
         from sklearn.neighbors import NearestNeighbors
 
         row, _ = run_contender("sklearn NearestNeighbors brute (cosine)",
                                lambda: NearestNeighbors(n_neighbors=K, algorithm="brute", metric="cosine").fit(base),
                                lambda nn, q: nn.kneighbors(q, return_distance=False), qn, truth, singles)
-        rows.append(row)
-    return {"n": n, "dim": DIM, "queries": n_queries, "auto_kind": auto, "generate_s": gen_s, "rows": rows,
-            "ef_sweep": sweep}
+        others.append(row)
+        gc.collect()
+    return flat_row, truth, others
+
+
+def _imgvec_contender(store: Path, kind: str, is_auto: bool, n: int, qn: np.ndarray, truth: np.ndarray,
+                      singles: int, ef_sweep: tuple[int, ...]
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """imgvec's ``kind`` end to end: built from the store file and saved in a fresh process (build+save
+    peak), loaded in fresh processes (load time and peak), then loaded here and searched through
+    ``VectorIndex.search``; for HNSW also an efSearch sweep on the same graph."""
+    import faiss
+
+    from imgvec import index as ix
+
+    mem, path = imgvec_build(store, kind, n)
+    vi = ix.load_index(path)
+    path.unlink()
+    params = {"hnsw": f"M={ix.HNSW_M}, efC={ix.HNSW_EF_CONSTRUCTION}, ef={ix.HNSW_EF_SEARCH}",
+              "ivfpq": f"nprobe={ix.IVF_NPROBE}", "flat": "exact"}[kind]
+    label = f"imgvec auto (-> {kind}; {params})" if is_auto else f"imgvec {kind} ({params})"
+
+    def search(v: Any, q: np.ndarray) -> np.ndarray:
+        return v.search(q, K)[1]
+
+    row, _ = run_contender(label, lambda: vi, search, qn, truth, singles)
+    row["build_s"] = mem["build_s"]
+    row["built_from"] = "store file, fresh process"
+    sweep = []
+    if kind == "hnsw":
+        graph = faiss.downcast_index(vi.faiss_index).hnsw
+        for ef in ef_sweep:
+            graph.efSearch = ef
+            r, _ = run_contender(f"imgvec hnsw ef={ef}", lambda: vi, search, qn, truth, singles)
+            sweep.append({"ef_search": ef, **{k: r[k] for k in ("batch_qps", "single_query_ms", "recall_at_10")}})
+    return row, {"name": f"imgvec {kind}" + (" (auto)" if is_auto else ""), **mem}, sweep
 
 
 def _faiss_add(index: Any, x: np.ndarray) -> Any:
@@ -180,12 +257,47 @@ def markdown(data: dict[str, Any]) -> str:
         if not any(r["name"].startswith("sklearn") for r in res["rows"]):
             out.append("\nscikit-learn's brute force is left out at this size to keep the run short: it is exact "
                        "search like IndexFlatIP, scales linearly like it, and trails it at the smaller size.\n")
+        if res.get("memory"):
+            out.append(_memory_markdown(res))
         if res.get("ef_sweep"):
             out.append("\nimgvec HNSW, efSearch sweep on the same graph:\n\n")
             out.append(md_table(["efSearch", "queries/s (batch)", "ms / single query", "recall@10"],
                                 [(s["ef_search"], s["batch_qps"], s["single_query_ms"], s["recall_at_10"])
                                  for s in res["ef_sweep"]]))
     return "".join(out)
+
+
+def _memory_markdown(res: dict[str, Any]) -> str:
+    """Build and load peaks of imgvec's indexes beside the index file's size."""
+    out = [f"\nimgvec's indexes at N = {res['n']:,}: built from the store file and saved in a fresh process, loaded "
+           "in 3 fresh processes (load time and peak: the median). Peaks are each process's VmHWM; the interpreter "
+           "with numpy, h5py and faiss imported holds the RSS in brackets before any work; x index = (peak - "
+           "interpreter) / index file:\n\n"]
+    out.append(md_table(
+        ["index", "file MB", "build + save s", "build+save peak MB", "x index", "auto budgets MB", "load s",
+         "load peak MB", "x index"],
+        [(m["name"], m["index_file_mb"],
+          f"{fmt(m['build_s'])} + {fmt(m['save_s'])}", f"{fmt(m['build_peak_mb'])} ({fmt(m['build_base_mb'])})",
+          f"{_above(m, 'build') / m['index_file_mb']:.2f}", m["auto_budget_mb"], m["load_s"],
+          f"{fmt(m['load_peak_mb'])} ({fmt(m['load_base_mb'])})", f"{_above(m, 'load') / m['index_file_mb']:.2f}")
+         for m in res["memory"]]))
+    for m in res["memory"]:
+        build, load = _above(m, "build"), _above(m, "load")
+        covered = "covers the peak" if build <= m["auto_budget_mb"] else "**does not cover the peak**"
+        # A second copy would add the index again; HDF5's cache and a 16 MiB I/O block are fixed costs.
+        second = load >= 1.5 * m["index_file_mb"] + LOAD_FIXED_MB
+        copies = "**a second copy of the index**" if second else "no second copy"
+        out.append(f"\n- {m['kind']}: build+save peaks {build:,.0f} MB above the interpreter for a "
+                   f"{m['index_file_mb']:,.0f} MB index ({build / m['index_file_mb']:.2f}x); `auto` budgets "
+                   f"{m['auto_budget_mb']:,.0f} MB for it (twice the index, as FAISS grows storage by doubling, plus "
+                   f"the streamed chunks) and {covered}; loading peaks "
+                   f"{load:,.0f} MB above the interpreter, the index + {load - m['index_file_mb']:,.0f} MB "
+                   f"({copies}), in {m['load_s']:.2f} s.")
+    return "".join(out) + "\n"
+
+
+def _above(m: dict[str, Any], what: str) -> float:
+    return m[f"{what}_peak_mb"] - m[f"{what}_base_mb"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
