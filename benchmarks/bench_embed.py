@@ -334,7 +334,9 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(md_table(["model", *sizes],
                             [(m["model"], *(m["forward_by_call_size"][s] for s in sizes)) for m in data["models"]]))
     if data.get("rss"):
-        out.append("\nPeak RSS of `imgvec embed` (mobilenetv3small, small JPEGs):\n\n")
+        out.append("\nPeak RSS of `imgvec embed` (mobilenetv3small, small JPEGs, the default runtime). The first row "
+                   "includes the one-time OpenVINO conversion (TensorFlow is imported for it); later runs load the "
+                   "cached model:\n\n")
         out.append(md_table(["images", "image size", "peak RSS MB", "wall s", "img/s"],
                             [(r["images"], r["image_size"], r["peak_rss_mb"], r["wall_s"], r["images_per_s"])
                              for r in data["rss"]]))

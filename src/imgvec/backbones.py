@@ -146,7 +146,7 @@ _KERAS_PUBLISHED = {
 }
 # images/s of `imgvec embed` on its default CPU runtime (OpenVINO; decode + inference, 224 px, batch 32) from
 # benchmarks/results/embed.json (2026-11-26, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
-_MEASURED = {"mobilenetv2": 26.2, "efficientnetb0": 9.2, "resnet50": 13.8}
+_MEASURED = {"mobilenetv2": 162.7, "efficientnetb0": 112.3, "resnet50": 29.2}
 # fmt: on
 
 
