@@ -35,7 +35,16 @@ if ! $PY -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('keras')
     $PY -m pip install --quiet --no-index --no-deps --target "$WHEELS/site" "$WHEELS"/*.whl
     export PYTHONPATH="$PWD/$WHEELS/site:$PYTHONPATH"
 fi
-$PY -c "from importlib.metadata import version as v; print(*(f'{d} {v(d)}' for d in ('keras', 'faiss-cpu', 'jax', 'torch')))"
+$PY - <<'PY'
+from importlib import metadata
+found = []
+for dist in ("keras", "faiss-cpu", "jax", "torch"):  # a backend that is absent is reported by the run itself
+    try:
+        found.append(f"{dist} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+        found.append(f"{dist} absent")
+print(*found)
+PY
 echo "gpu_check: ready after $(( $(date +%s) - start )) s"
 
 out_dir=${OUT:-benchmarks/out}
