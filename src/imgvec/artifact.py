@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -45,6 +45,7 @@ REBUILD = {
     "head": "train the head again (imgvec train STORE -o HEAD)",
 }
 _WEIGHT_KINDS = ("imagenet", "random", "file")
+_HEADER_ATTRS = ("kind", "format", "format_version", "store_id", "generation", "rows", "dim")
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ class Header:
     format_version: int = FORMAT_VERSION
 
     def attrs(self) -> dict[str, Any]:
-        return {"kind": self.kind, "format": FORMATS[self.kind], "format_version": self.format_version,
-                "store_id": self.store_id, "generation": self.generation, "rows": self.rows, "dim": self.dim}
+        values = (self.kind, FORMATS[self.kind], self.format_version, self.store_id, self.generation, self.rows,
+                  self.dim)
+        return dict(zip(_HEADER_ATTRS, values))
 
 
 # -- strings in HDF5 ----------------------------------------------------------------------
@@ -98,12 +100,17 @@ def write_header(attrs: Any, header: Header) -> None:
     attrs["header_sha256"] = header_digest(attrs)
 
 
+def _header_names() -> set[str]:
+    """Every attribute the header writes: its own fields and one per provenance field."""
+    return set(_HEADER_ATTRS) | {f.name for f in fields(Provenance)}
+
+
 def header_digest(attrs: Mapping[str, Any]) -> str:
     """sha256 over the header and provenance attributes present in ``attrs``."""
     import hashlib
     import json
 
-    names = sorted(set(Header("store", None, "", 0, 0, 0).attrs()) | {f.name for f in fields(Provenance)})  # type: ignore[arg-type]
+    names = sorted(_header_names())
     present = {name: _plain(attrs[name]) for name in names if name in attrs}
     text = json.dumps(present, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -294,7 +301,7 @@ def peek(path: str | os.PathLike[str]) -> tuple[str, Header, dict[str, Any]]:
         if kind is None:
             raise BadInputError(f"{path}: not an imgvec file (store, index or head)")
         header = read_header(h5.attrs, path, kind)
-        names = set(Header.__dataclass_fields__) | set(header.attrs()) | {f.name for f in fields(Provenance)}
+        names = _header_names() | {"header_sha256"}
         extra = {k: _plain(v) for k, v in h5.attrs.items() if k not in names}
     return kind, header, extra
 
@@ -313,10 +320,6 @@ def check_partner(header: Header, store: Header, what: str, store_what: str, fix
     check_compatible(store.provenance, header.provenance, store_what, what, fix)
     if same_rows and header.rows != store.rows:
         raise MismatchError(f"{what} covers {header.rows} rows but {store_what} has {store.rows}; {fix}")
-
-
-def with_rows(header: Header, rows: int) -> Header:
-    return replace(header, rows=rows)
 
 
 def path_digests(paths: Iterable[str]) -> np.ndarray:

@@ -74,14 +74,6 @@ def open_regular(path: PathLike) -> BinaryIO:
         raise
 
 
-def is_regular(path: PathLike) -> bool:
-    """True for a regular file (links followed); never opens it."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def require_regular(path: PathLike, what: str, missing: str = "no such file") -> Path:
     """``path`` as a Path if it is a regular file; else one BadInputError line saying what it is."""
     path = Path(path)
