@@ -19,22 +19,13 @@ from imgvec.errors import BadInputError
 from imgvec.runtime import cache_key, compiled_model, entry_path, load_engine, row_cosines
 from imgvec.store import open_store
 
+from parity_util import calibrated_weights  # one BatchNorm calibration for every parity test
+
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
 
 
 def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-def calibrated_weights(name: str, size: int, path: Path) -> Path:
-    """Random weights with BatchNorm statistics from a few images (activations of order 1), saved to ``path``."""
-    from imgvec.backbones import build_model, calibrate_batchnorm
-
-    backbone = get_backbone(name)
-    model = build_model(backbone, parse_weights("none"), size)
-    calibrate_batchnorm(model, backbone.preprocess_input()(pixels(8, size, seed=7).astype("float32")))
-    model.save_weights(str(path))
-    return path
 
 
 def assert_parity(name: str, size: int, folder: Path) -> None:
