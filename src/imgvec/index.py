@@ -4,12 +4,14 @@ Similarity is cosine: vectors are L2-normalised and searched by inner product. A
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
 artifact header (artifact.py) that says which store, which generation of it and how many of its
 rows it covers. The bytes are streamed to and from the file a few MiB at a time, so neither
-writing nor reading an index ever holds a second copy of it in memory.
+writing nor reading an index ever holds a second copy of it in memory. On reading, the bytes are
+checked by :mod:`imgvec.faissblob` before FAISS sees any of them (FAISS trusts what it reads).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import faissblob
 from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
 from .errors import BadInputError, MismatchError, param
 from .provenance import Provenance
@@ -139,11 +142,18 @@ class VectorIndex:
         return Header("index", self.provenance, self.store_id, self.generation, self.rows, self.provenance.dim)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
+        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row.
+
+        Ids are rows in ``[0, rows)``, or -1 where an approximate index found fewer than ``k``;
+        :func:`load_index` checked every id the index stores, so no other value can come back.
+        """
         if k < 1:
             raise BadInputError(f"{param('k')} must be at least 1, not {k}")
         k = min(k, self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
+        if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
+            bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
+            raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index") -> None:
@@ -193,16 +203,34 @@ class _DatasetSink:
             self.buffer = bytearray()
 
 
-class _DatasetSource:
-    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call."""
+def _read_blob(ds: Any, path: str | os.PathLike[str]) -> Any:
+    """The ``/faiss`` dataset's bytes, read once into an anonymous mapping (checked, then given to FAISS)."""
+    n = ds.shape[0]
+    if n > os.path.getsize(path):  # imgvec never compresses it: more bytes than the file holds is a forgery
+        raise damaged(path, "index", f"'faiss' claims {n} bytes in a file of {os.path.getsize(path)}")
+    if n == 0:
+        return b""
+    blob = mmap.mmap(-1, n)
+    ds.read_direct(np.frombuffer(blob, np.uint8))
+    return blob
 
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
+
+class _DatasetSource:
+    """Hands FAISS's reader the dataset's checked blob, at most ``IO_BLOCK_BYTES`` per call, so the bytes FAISS
+    reads are the bytes :mod:`faissblob` checked; pages FAISS has read are returned to the system, so
+    loading never holds the blob twice."""
+
+    def __init__(self, blob: Any) -> None:
+        self.blob = blob
         self.pos = 0
 
     def read(self, n: int) -> bytes:
-        data = self.ds[self.pos : self.pos + n].tobytes()
-        self.pos += len(data)
+        start, self.pos = self.pos, min(self.pos + n, len(self.blob))
+        data = bytes(self.blob[start : self.pos])
+        if isinstance(self.blob, mmap.mmap):
+            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, self.pos // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                self.blob.madvise(mmap.MADV_DONTNEED, first, last - first)
         return data
 
 
@@ -328,10 +356,15 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
-        try:
-            index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(ds).read, IO_BLOCK_BYTES))
-        except (RuntimeError, MemoryError, ValueError) as error:
-            raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+        blob = _read_blob(ds, path)
+    try:
+        faissblob.check(blob, kind, header.dim, header.rows)
+    except faissblob.MalformedBlob as error:  # never hand FAISS a blob it could misread
+        raise damaged(path, "index", str(error)) from None
+    try:
+        index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(blob).read, IO_BLOCK_BYTES))
+    except (RuntimeError, MemoryError, ValueError) as error:
+        raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
     found = type(faiss.downcast_index(index)).__name__
     for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
