@@ -172,7 +172,8 @@ def _cli(*args: object, limit: int | None = None) -> tuple[int, str, str, int]:
             if limit:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         out = subprocess.run(args, capture_output=True, text=True, preexec_fn=cap)
-        print(json.dumps([out.returncode, out.stdout, out.stderr, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        print(json.dumps([out.returncode, out.stdout, out.stderr, peak]))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     cmd = [*PYTHON, *map(str, args)]
@@ -393,7 +394,8 @@ def test_walker_refuses_each_field(valid: dict[str, Path], dim: int):
     lay = _hnsw_layout(hnsw)
     levels = _hnsw_array(hnsw, lay, "levels", "<i4")
     links = _hnsw_array(hnsw, lay, "links", "<i4")
-    _refused(_put(hnsw, lay["links"] + 8 + 4 * 5, "i", rows), "hnsw", dim, rows, rf"neighbour ids outside \[-1, {rows}\)")
+    _refused(_put(hnsw, lay["links"] + 8 + 4 * 5, "i", rows), "hnsw", dim, rows,
+             rf"neighbour ids outside \[-1, {rows}\)")
     _refused(_put(hnsw, lay["links"] + 8, "i", -2), "hnsw", dim, rows, r"neighbour ids outside")
     _refused(_put(hnsw, lay["levels"] + 8, "i", 0), "hnsw", dim, rows, r"levels outside \[1, ")
     _refused(_put(hnsw, lay["levels"] + 8, "i", 99), "hnsw", dim, rows, r"levels outside")
@@ -444,8 +446,41 @@ def test_walker_takes_any_buffer_and_never_copies_it(valid: dict[str, Path], dim
     mapped = np.memmap(tmp_path / "blob", np.uint8, "r")
     for buffer in (blob, memoryview(blob), bytearray(blob), np.frombuffer(blob, np.uint8), mapped):
         faissblob.check(buffer, "hnsw", dim, ROWS)
-    with pytest.raises(TypeError, match="contiguous byte buffer"):
+    with pytest.raises(TypeError, match="must be contiguous"):
         faissblob.check(np.frombuffer(blob, np.uint8)[::2], "hnsw", dim, ROWS)
+
+
+class _Counting:
+    """A dataset-like blob (len and slices, like h5py's) that counts the bytes read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.read = np.frombuffer(data, np.uint8).copy(), 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        out = self.data[where].copy()
+        self.read += len(out)
+        return out
+
+
+def test_walker_reads_only_what_it_checks_and_faiss_reads_only_that(valid: dict[str, Path], dim: int):
+    """From a dataset, the walker reads headers, counts and ids/links, never the vectors; FAISS's reader
+    then refuses a byte checked that changed since (the file rewritten between check and read)."""
+    import faiss
+
+    for kind in ("flat", "hnsw"):
+        blob = _blob(valid[kind])
+        ds = _Counting(blob)
+        checked = faissblob.check(ds, kind, dim, ROWS)
+        vectors = ROWS * dim * 4
+        assert ds.read < len(blob) - vectors + 4096, (kind, ds.read, len(blob))
+        assert faiss.read_index(faissblob.Verified(ds, checked, 4096).reader()).ntotal == ROWS
+        at = checked[-1][0]  # the last field checked: for both kinds, inside the vectors' header
+        ds.data[at] ^= 1
+        with pytest.raises(faissblob.MalformedBlob, match=f"byte {at}: changed since it was checked"):
+            faiss.read_index(faissblob.Verified(ds, checked, 4096).reader())
 
 
 # -- valid indexes of every kind still load and answer the same --------------------------------

@@ -4,7 +4,8 @@ FAISS's reader trusts its input: a blob can name a file for it to open read-writ
 inverted lists), claim vectors of any size (allocated before they are read), or hold ids and
 graph links that point outside the index (read and written out of bounds later). So an index
 file's blob is walked here first, following FAISS's own serialisation (``faiss/impl/
-index_read.cpp``, ``index_write.cpp``, FAISS 1.8-1.15), for exactly the kinds imgvec writes:
+index_read.cpp``, ``index_write.cpp``; unchanged for these kinds from FAISS 1.8 to 1.15), for
+exactly the kinds imgvec writes:
 
 =======  ========================================================================
 flat     ``IxFI``: IndexFlatIP
@@ -34,6 +35,7 @@ KINDS = ("flat", "hnsw", "ivfpq")
 METRIC_INNER_PRODUCT = 0  # faiss::METRIC_INNER_PRODUCT
 MAX_HNSW_LEVELS = 64  # FAISS's default level probabilities give ~6 levels for M=32; 64 is far beyond any
 MAX_EF = 1 << 16  # efConstruction/efSearch: FAISS's heaps are sized by them (imgvec writes 80 and 128)
+MAX_LINKS = 1 << 16  # links per node over all its levels (imgvec's M=32: 64 on level 0, 32 above)
 MAX_PQ_NBITS = 8  # imgvec's PQ codes are 4-8 bits; wider ones size per-query tables by 2**nbits
 MAX_DIM = 1 << 20  # FAISS's own bound on d
 
@@ -52,18 +54,42 @@ def _shown_fourcc(value: int) -> str:
 
 
 class _Cursor:
-    """Reads little-endian fields of a blob in order; every read checks the bytes that remain."""
+    """Reads little-endian fields of a blob in order; every read checks the bytes that remain.
+
+    A buffer is read through numpy views of it; anything else with ``len()`` and slices (an h5py
+    dataset) is read a field at a time. Either way, every byte read is kept in ``checked``.
+    """
 
     def __init__(self, blob: Any) -> None:
-        try:
-            self.buf = memoryview(blob).cast("B")
-        except TypeError:
-            raise TypeError(f"a FAISS blob must be a contiguous byte buffer, not {type(blob).__name__}") from None
         self.pos = 0
+        self.checked: list[tuple[int, np.ndarray]] = []
+        if isinstance(blob, np.ndarray) and not blob.flags.c_contiguous:
+            raise TypeError("a FAISS blob array must be contiguous")
+        try:
+            self.mapped: np.ndarray | None = np.frombuffer(memoryview(blob).cast("B"), np.uint8)
+        except TypeError:
+            if not (hasattr(blob, "__len__") and hasattr(blob, "__getitem__")):
+                raise TypeError(f"a FAISS blob must be a byte buffer or a uint8 dataset, "
+                                f"not {type(blob).__name__}") from None
+            self.mapped = None
+        self.blob = blob
+        self.size = len(self.mapped if self.mapped is not None else blob)
 
     @property
     def left(self) -> int:
-        return len(self.buf) - self.pos
+        return self.size - self.pos
+
+    def take(self, n: int, what: str) -> np.ndarray:
+        """The next ``n`` bytes, as a uint8 array (a view of a buffer; read from a dataset)."""
+        self.need(n, what)
+        if self.mapped is not None:
+            data = self.mapped[self.pos : self.pos + n]
+        else:
+            data = np.asarray(self.blob[self.pos : self.pos + n], np.uint8)
+        if n:
+            self.checked.append((self.pos, data))
+        self.pos += n
+        return data
 
     def fail(self, what: str, at: int | None = None) -> MalformedBlob:
         return MalformedBlob(f"FAISS blob, byte {self.pos if at is None else at}: {what}")
@@ -73,11 +99,7 @@ class _Cursor:
             raise self.fail(f"{what} needs {n} bytes, {self.left} remain")
 
     def scalar(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize("<" + fmt)
-        self.need(size, what)
-        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += size
-        return value
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))[0]
 
     def fourcc(self, allowed: dict[str, str], what: str) -> str:
         at = self.pos
@@ -99,9 +121,12 @@ class _Cursor:
         itemsize = np.dtype(dtype).itemsize
         if count > self.left // itemsize:
             raise self.fail(f"{what}: {count} items of {itemsize} bytes claimed, {self.left} bytes remain")
-        view = np.frombuffer(self.buf, np.dtype(dtype), count, self.pos)
-        self.pos += count * itemsize
-        return view
+        return self.take(count * itemsize, what).view(dtype)
+
+    def skip(self, n: int, what: str) -> None:
+        """Pass over ``n`` bytes whose values do not matter (vectors, codes): never read."""
+        self.need(n, what)
+        self.pos += n
 
     def vector(self, dtype: str, what: str, count: int | None = None) -> np.ndarray:
         """A FAISS vector: a 64-bit item count, then the items; ``count`` if the count is known."""
@@ -111,15 +136,28 @@ class _Cursor:
             raise self.fail(f"{what} holds {n} items, expected {count}", at)
         return self.array(dtype, n, what)
 
+    def values(self, dtype: str, what: str, count: int) -> None:
+        """A FAISS vector of ``count`` items whose values do not matter: its count checked, the rest skipped."""
+        at = self.pos
+        n = self.scalar("Q", f"{what} length")
+        if n != count:
+            raise self.fail(f"{what} holds {n} items, expected {count}", at)
+        itemsize = np.dtype(dtype).itemsize
+        if count > self.left // itemsize:
+            raise self.fail(f"{what}: {count} items of {itemsize} bytes claimed, {self.left} bytes remain")
+        self.skip(count * itemsize, what)
+
     def equal(self, value: Any, expected: Any, what: str, at: int) -> None:
         if value != expected:
             raise self.fail(f"{what} is {value}, expected {expected}", at)
 
 
-def check(blob: Any, kind: str, dim: int, rows: int) -> None:
+def check(blob: Any, kind: str, dim: int, rows: int) -> list[tuple[int, np.ndarray]]:
     """Raise :class:`MalformedBlob` unless ``blob`` is a ``kind`` index of ``rows`` vectors of ``dim``.
 
-    ``blob``: bytes, memoryview, or a contiguous numpy uint8 array or memory map; it is never copied.
+    ``blob``: bytes, memoryview, a contiguous numpy uint8 array or memory map (never copied), or a
+    uint8 h5py dataset (only the bytes checked are read). Returns the bytes checked, as
+    ``(offset, uint8 array)`` in order, for :class:`Verified` to hold FAISS's reading to them.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -132,6 +170,37 @@ def check(blob: Any, kind: str, dim: int, rows: int) -> None:
         _ivfpq(cur, dim, rows)
     if cur.left:
         raise cur.fail(f"{cur.left} bytes follow the end of the index")
+    return cur.checked
+
+
+class Verified:
+    """FAISS's reader over ``blob``, ``block`` bytes at a time, refusing any byte that differs from
+    what :func:`check` checked (so a file changed between the check and the read cannot slip through)."""
+
+    def __init__(self, blob: Any, checked: list[tuple[int, np.ndarray]], block: int) -> None:
+        cur = _Cursor(blob)
+        self.blob = cur.mapped if cur.mapped is not None else blob
+        self.checked, self.block = checked, block
+        self.pos = self.next = 0
+
+    def read(self, n: int) -> bytes:
+        start = self.pos
+        data = np.asarray(self.blob[start : start + min(n, self.block)], np.uint8)
+        end = self.pos = start + len(data)
+        while self.next < len(self.checked) and self.checked[self.next][0] < end:
+            at, want = self.checked[self.next]
+            lo, hi = max(at, start), min(at + len(want), end)
+            if not np.array_equal(data[lo - start : hi - start], want[lo - at : hi - at]):
+                raise MalformedBlob(f"FAISS blob, byte {lo}: changed since it was checked")
+            if at + len(want) > end:  # goes on in the next block
+                break
+            self.next += 1
+        return data.tobytes()
+
+    def reader(self) -> Any:
+        import faiss
+
+        return faiss.PyCallbackIOReader(self.read, self.block)
 
 
 def _index_header(cur: _Cursor, dim: int, ntotal: int, what: str) -> None:
@@ -153,7 +222,7 @@ def _flat(cur: _Cursor, dim: int, ntotal: int, what: str) -> None:
     """``IxFI``: header, then ntotal * d float32 (stored as a count of 4-byte groups)."""
     cur.fourcc({"IxFI": "IndexFlatIP"}, f"{what}'s type")
     _index_header(cur, dim, ntotal, what)
-    cur.vector("<f4", f"{what}'s vectors", ntotal * dim)
+    cur.values("<f4", f"{what}'s vectors", ntotal * dim)
 
 
 def _hnsw(cur: _Cursor, dim: int, rows: int) -> None:
@@ -170,7 +239,7 @@ def _hnsw(cur: _Cursor, dim: int, rows: int) -> None:
         raise cur.fail("HNSW assign_probas are not probabilities", at)
     at = cur.pos
     cum = cur.vector("<i4", "HNSW cum_nneighbor_per_level", len(probas) + 1).astype(np.int64)
-    if cum[0] != 0 or (np.diff(cum) < 1).any() or cum[-1] > MAX_EF:
+    if cum[0] != 0 or (np.diff(cum) < 1).any() or cum[-1] > MAX_LINKS:
         raise cur.fail(f"HNSW neighbours per level {cum.tolist()} are not increasing from 0", at)
     at = cur.pos
     levels = cur.vector("<i4", "HNSW levels", rows)
@@ -246,7 +315,7 @@ def _ivfpq(cur: _Cursor, dim: int, rows: int) -> None:
     if not 1 <= nbits <= MAX_PQ_NBITS:
         raise cur.fail(f"PQ nbits is {nbits}, expected 1 to {MAX_PQ_NBITS}", at_bits)
     cur.equal(code_size, (m * nbits + 7) // 8, "IVF code_size", at)
-    cur.vector("<f4", "PQ centroids", dim << nbits)
+    cur.values("<f4", "PQ centroids", dim << nbits)
     _array_lists(cur, nlist, code_size, rows)
 
 
@@ -271,20 +340,20 @@ def _array_lists(cur: _Cursor, nlist: int, code_size: int, rows: int) -> None:
     if int(sizes.sum()) != rows or sizes.sum(dtype=np.float64) > 2 * rows + 1:
         raise cur.fail(f"the list sizes do not add up to the {rows} rows", at)
     start = cur.pos
-    cur.array("u1", rows * (code_size + 8), "inverted lists' codes and ids")
-    _check_ids(cur, start, sizes.astype(np.int64), code_size, rows)
+    payload = cur.array("u1", rows * (code_size + 8), "inverted lists' codes and ids")
+    _check_ids(cur, start, payload, sizes.astype(np.int64), code_size, rows)
 
 
-def _check_ids(cur: _Cursor, start: int, sizes: np.ndarray, code_size: int, rows: int) -> None:
+def _check_ids(cur: _Cursor, start: int, payload: np.ndarray, sizes: np.ndarray, code_size: int,
+               rows: int) -> None:
     """Each list holds its codes then its int64 ids: gather every id (one vectorised read) and require
     each row exactly once."""
     if rows == 0:
         return
     before = np.cumsum(sizes) - sizes  # rows in the lists before each list
-    first_id = start + before * (code_size + 8) + sizes * code_size  # byte where each list's ids begin
+    first_id = before * (code_size + 8) + sizes * code_size  # where each list's ids begin in the payload
     where = np.repeat(first_id - 8 * before, sizes) + 8 * np.arange(rows, dtype=np.int64)
-    whole = np.frombuffer(cur.buf, np.uint8)
-    windows = np.lib.stride_tricks.as_strided(whole, (len(whole) - 7, 8), (1, 1), writeable=False)
+    windows = np.lib.stride_tricks.as_strided(payload, (len(payload) - 7, 8), (1, 1), writeable=False)
     ids = np.ascontiguousarray(windows[where]).view("<i8").ravel()
     if ids.min() < 0 or ids.max() >= rows:
         raise cur.fail(f"stored IVF ids outside [0, {rows})", start)

@@ -5,13 +5,13 @@ file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/
 artifact header (artifact.py) that says which store, which generation of it and how many of its
 rows it covers. The bytes are streamed to and from the file a few MiB at a time, so neither
 writing nor reading an index ever holds a second copy of it in memory. On reading, the bytes are
-checked by :mod:`imgvec.faissblob` before FAISS sees any of them (FAISS trusts what it reads).
+checked by :mod:`imgvec.faissblob` before FAISS sees any of them, and FAISS then reads exactly the
+bytes checked.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,35 +203,9 @@ class _DatasetSink:
             self.buffer = bytearray()
 
 
-def _read_blob(ds: Any, path: str | os.PathLike[str]) -> Any:
-    """The ``/faiss`` dataset's bytes, read once into an anonymous mapping (checked, then given to FAISS)."""
-    n = ds.shape[0]
-    if n > os.path.getsize(path):  # imgvec never compresses it: more bytes than the file holds is a forgery
-        raise damaged(path, "index", f"'faiss' claims {n} bytes in a file of {os.path.getsize(path)}")
-    if n == 0:
-        return b""
-    blob = mmap.mmap(-1, n)
-    ds.read_direct(np.frombuffer(blob, np.uint8))
-    return blob
-
-
-class _DatasetSource:
-    """Hands FAISS's reader the dataset's checked blob, at most ``IO_BLOCK_BYTES`` per call, so the bytes FAISS
-    reads are the bytes :mod:`faissblob` checked; pages FAISS has read are returned to the system, so
-    loading never holds the blob twice."""
-
-    def __init__(self, blob: Any) -> None:
-        self.blob = blob
-        self.pos = 0
-
-    def read(self, n: int) -> bytes:
-        start, self.pos = self.pos, min(self.pos + n, len(self.blob))
-        data = bytes(self.blob[start : self.pos])
-        if isinstance(self.blob, mmap.mmap):
-            first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, self.pos // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                self.blob.madvise(mmap.MADV_DONTNEED, first, last - first)
-        return data
+class _DatasetSource(faissblob.Verified):
+    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call, each
+    one compared with the bytes :func:`faissblob.check` checked."""
 
 
 def _holds_rows(index: VectorIndex, store: Store) -> bool:
@@ -356,15 +330,16 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
-        blob = _read_blob(ds, path)
-    try:
-        faissblob.check(blob, kind, header.dim, header.rows)
-    except faissblob.MalformedBlob as error:  # never hand FAISS a blob it could misread
-        raise damaged(path, "index", str(error)) from None
-    try:
-        index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(blob).read, IO_BLOCK_BYTES))
-    except (RuntimeError, MemoryError, ValueError) as error:
-        raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+        size = os.path.getsize(path)
+        if ds.shape[0] > size:  # imgvec never compresses it: more than the file holds is a claim, not bytes
+            raise damaged(path, "index", f"'faiss' claims {ds.shape[0]} bytes in a file of {size}")
+        try:  # FAISS trusts what it reads: check it all first, then hold FAISS to the bytes checked
+            source = _DatasetSource(ds, faissblob.check(ds, kind, header.dim, header.rows), IO_BLOCK_BYTES)
+            index = faiss.read_index(source.reader())
+        except faissblob.MalformedBlob as error:
+            raise damaged(path, "index", str(error)) from None
+        except (RuntimeError, MemoryError, ValueError) as error:
+            raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
     found = type(faiss.downcast_index(index)).__name__
     for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
