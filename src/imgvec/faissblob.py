@@ -117,7 +117,7 @@ class _Cursor:
         return bool(value)
 
     def array(self, dtype: str, count: int, what: str) -> np.ndarray:
-        """``count`` items of ``dtype`` as a read-only view (nothing copied, nothing allocated)."""
+        """``count`` items of ``dtype``: a view of a buffer, or read from a dataset once they are known to be there."""
         itemsize = np.dtype(dtype).itemsize
         if count > self.left // itemsize:
             raise self.fail(f"{what}: {count} items of {itemsize} bytes claimed, {self.left} bytes remain")
@@ -162,6 +162,8 @@ def check(blob: Any, kind: str, dim: int, rows: int) -> list[tuple[int, np.ndarr
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
     cur = _Cursor(blob)
+    if not 1 <= dim <= MAX_DIM:
+        raise cur.fail(f"the header's dim {dim} is outside FAISS's [1, {MAX_DIM}]")
     if kind == "flat":
         _flat(cur, dim, rows, "the index")
     elif kind == "hnsw":
