@@ -16,8 +16,8 @@ import typer.core
 
 from . import api, report
 from .errors import ImgvecError
-from .fileio import check_writable
-from .images import DEFAULT_MAX_PIXELS
+from .fileio import check_output
+from .images import DEFAULT_MAX_PIXELS, is_image_name
 from .provenance import Provenance
 from .runtime import RuntimeNote
 from .report import plural
@@ -70,7 +70,8 @@ RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, 
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    """One line on stderr; names in it are shown safely (a newline or escape in a file name cannot forge a line)."""
+    typer.echo(report.shown(message), err=True)
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,10 +110,10 @@ def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
 
 
-def _check_html(html: Path | None) -> None:
-    """The page is written after the work: check where it goes before, so a typo costs nothing."""
+def _check_html(html: Path | None, inputs: Sequence[Path | None]) -> None:
+    """The page is written after the work: check where it goes before, so a typo (or an input's name) costs nothing."""
     if html is not None:
-        check_writable(html)
+        check_output(html, inputs, read_under=is_image_name)
 
 
 def _warn_random(prov: Provenance) -> None:
@@ -260,7 +261,7 @@ def query(
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [store, index_path or api.index_path_for(store), *queries])
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
@@ -309,7 +310,7 @@ def predict(
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [head, *images])
     r = api.predict(head, images, weights=weights, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
@@ -469,7 +470,7 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [labelled_dir, stores])
     bar = _PerModelBar()
     try:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
@@ -574,7 +575,7 @@ def evaluate(
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
-    _check_html(html)
+    _check_html(html, [head, data])
     e = api.evaluate(head, data, weights=weights, runtime=runtime)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)

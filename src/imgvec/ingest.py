@@ -14,8 +14,8 @@ from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError, param
-from .fileio import check_writable
-from .images import DEFAULT_MAX_PIXELS, find_images
+from .fileio import check_output
+from .images import DEFAULT_MAX_PIXELS, find_images, is_image_name
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
 from .store import StoreWriter
@@ -61,7 +61,7 @@ def embed(
     for option, value in (("workers", workers), ("ray_workers", ray_workers)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")
-    output = check_writable(output)  # before finding images or loading a model
+    output = check_output(output, sources, read_under=is_image_name)  # before finding images or loading a model
     start = time.perf_counter()
     writer: StoreWriter | None = None
     build_seconds = 0.0
