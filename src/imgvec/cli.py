@@ -6,7 +6,9 @@ Errors imgvec raises on purpose become one line on stderr and a non-zero exit st
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -79,18 +81,45 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        previous = (signal.signal(signal.SIGTERM, _on_sigterm)
+                    if threading.current_thread() is threading.main_thread() else None)
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_notes(warnings.showwarning)
                 return fn(*args, **kwargs)
         except ImgvecError as error:
-            _err(f"imgvec: error: {error.cli_message()}")
+            _err(f"imgvec: error: {error.cli_message(_options())}")
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:  # the library says what was kept, where it knows
-            _err("imgvec: interrupted" + (f"; {interrupt}" if str(interrupt) else ""))
-            raise typer.Exit(130) from None
+            terminated = isinstance(interrupt, _Terminated)
+            _err("imgvec: interrupted" + (" (SIGTERM)" if terminated else "")
+                 + (f"; {interrupt}" if str(interrupt) else ""))
+            raise typer.Exit(143 if terminated else 130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return app.command()(run)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``docker stop``), raised where Ctrl-C would be: the same clean stop."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends the process at once
+    raise _Terminated()
+
+
+def _options() -> dict[str, str]:
+    """The running command's parameters as the options that set them: ``k`` -> ``-k``, ``index_path`` -> ``--index``."""
+    import importlib
+
+    click_core = next(c for c in typer.Context.__mro__ if c.__module__.endswith("click.core")).__module__
+    ctx = importlib.import_module(click_core.rsplit(".", 1)[0] + ".globals").get_current_context(silent=True)
+    params = ctx.command.params if ctx is not None else []
+    return {p.name: max(p.opts, key=lambda o: (o.startswith("--"), len(o)))
+            for p in params if p.name and p.opts and p.opts[0].startswith("-")}
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
