@@ -188,8 +188,9 @@ def check_output(output: PathLike, inputs: Iterable[PathLike | None],
 
 def _partners(path: Path) -> list[tuple[str, Path]]:
     """A file and the files that belong to it: a store's journal and lock (see store.py, journal.py)."""
+    path = Path(os.path.abspath(path))  # "." has no name to add to
     return [("", path), ("the journal of ", path.with_name(path.name + ".journal")),
-            ("the lock file of ", path.with_name(f".{path.name}.lock"))]
+            ("the lock file of ", path.with_name(f".{path.name}.lock"))] if path.name else [("", path)]
 
 
 def _unwritable(folder: Path) -> str:

@@ -19,7 +19,7 @@ from .images import DEFAULT_MAX_PIXELS, find_images, is_image_name
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
 from .journal import journal_path
-from .store import StoreWriter
+from .store import StoreWriter, open_store
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
@@ -121,7 +121,9 @@ def embed(
             interrupt.args = ("nothing was stored yet",)
         else:
             writer.close()
-            interrupt.args = (f"{len(writer.keys)} rows are safely stored in {output}; "
+            with open_store(output) as stored:  # the journal may hold a batch the writer had not counted when stopped
+                rows = stored.rows
+            interrupt.args = (f"{rows} rows are safely stored in {output}; "
                               "running the same command again resumes from there",)
             writer = None
         raise
