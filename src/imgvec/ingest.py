@@ -116,30 +116,25 @@ def embed(
                             time.perf_counter() - start, len(removed), build_seconds,
                             time.perf_counter() - embed_start)
     except KeyboardInterrupt as interrupt:  # say what is kept: a KeyboardInterrupt still, for notebooks too
-        if writer is None or _discard_if_empty(writer, created):
-            writer = None
-            interrupt.args = ("nothing was stored yet",)
-        else:
-            writer.close()
-            with open_store(output) as stored:  # the journal may hold a batch the writer had not counted when stopped
-                rows = stored.rows
-            interrupt.args = (f"{rows} rows are safely stored in {output}; "
-                              "running the same command again resumes from there",)
-            writer = None
+        stored = _close(writer, created) if writer is not None else 0
+        writer = None
+        interrupt.args = (f"{stored} rows are safely stored in {output}; running the same command again resumes "
+                          "from there" if stored else "nothing was stored yet",)
         raise
     finally:
-        if writer is not None and not _discard_if_empty(writer, created):
-            writer.close()  # on an error or Ctrl-C, what was embedded is still committed
+        if writer is not None:
+            _close(writer, created)  # on an error or Ctrl-C, what was embedded is still committed
 
 
-def _discard_if_empty(writer: StoreWriter, created: bool) -> bool:
-    """Remove a store this run created when it was stopped before a row was stored: no empty store is left."""
-    if not created or writer.keys:
-        return False
-    writer.close(commit=False)
-    for leftover in (writer.path, journal_path(writer.path)):
-        leftover.unlink(missing_ok=True)
-    return True
+def _close(writer: StoreWriter, created: bool) -> int:
+    """Commit and close ``writer``; the rows stored. A store this run created that holds no row is removed."""
+    writer.close()
+    with open_store(writer.path) as stored:  # the journal may have held a batch the writer had not counted yet
+        rows = stored.rows
+    if created and not rows:
+        for leftover in (writer.path, journal_path(writer.path)):
+            leftover.unlink(missing_ok=True)
+    return rows
 
 
 def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | None, image_size: int | None,
