@@ -358,6 +358,21 @@ def test_an_output_that_names_an_input_is_refused_before_any_work(store_and_head
     _still_queries(store, photos)
 
 
+def test_the_partners_an_output_may_not_name_are_the_files_a_store_writer_makes(store_path: Path, tmp_path: Path):
+    """fileio names a store's journal and lock itself (it sits below store.py): the names must stay the same."""
+    from imgvec.fileio import _partners
+    from imgvec.journal import journal_path
+    from imgvec.store import StoreWriter
+
+    store = tmp_path / "photos.h5"
+    shutil.copy(store_path, store)
+    with StoreWriter(store) as writer:
+        writer.append(np.ones((1, writer.provenance.dim), np.float32), ["new.png"], [""])
+        made = {p for p in tmp_path.iterdir() if p != store and ".tmp-" not in p.name}
+    assert made == {journal_path(store), tmp_path / ".photos.h5.lock"}
+    assert made <= {path for _, path in _partners(store)}
+
+
 def test_proc_sys_and_folders_at_temp_names_are_one_line(store_and_head, image_dir: Path, tmp_path: Path):
     """Root passes os.access on /proc and /sys, which refuse files: that was a traceback from the lock file."""
     store, head = store_and_head
