@@ -222,3 +222,31 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 def write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def open_regular_append(path: PathLike) -> BinaryIO:
+    """Open (or create) ``path`` for appending only if it is a regular file; never blocks on a FIFO.
+
+    For the files a writer keeps beside its output (journal, lock): a FIFO there would otherwise
+    hang the open, and a device would take the bytes. Raises :class:`NotRegularFile` for those.
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:  # a FIFO without a reader (ENXIO), a socket: say what it is
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise error from None
+        if stat.S_ISREG(mode):
+            raise
+        raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a+b")
+    except BaseException:
+        os.close(fd)
+        raise
