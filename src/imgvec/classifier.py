@@ -187,10 +187,10 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
             head.classes_ = np.asarray(decode_keys(h5["classes"], n, path, "head"))
             head.train_digests_ = (np.asarray(digests[()], np.uint64) if digests is not None
                                    else np.zeros(0, np.uint64))
-        for name, typ in LogisticHead._SCALARS.items():
-            # Version 1 files may lack a parameter added since: it keeps its default.
-            default = getattr(head, name, 0) if header.format_version == 1 else ...
-            setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
+            for name, typ in LogisticHead._SCALARS.items():
+                # Version 1 files may lack a parameter added since: it keeps its default.
+                default = getattr(head, name, 0) if header.format_version == 1 else ...
+                setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
     if n < 2 or len(set(head.classes_.tolist())) != n:
         raise damaged(path, "head", f"classes {capped([str(c) for c in head.classes_])} are not 2 or more "
                                     "distinct names")

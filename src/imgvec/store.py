@@ -68,26 +68,30 @@ class Store:
             "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")})
         skipped = self.h5["skipped/paths"].shape[0]
         check_structure(self.h5, path, "store", {"skipped/reasons": Expect(1, "str", (skipped,))})
-        if not isinstance(self.h5.attrs.get("root"), str):
+        if not isinstance(self._attr("root", None), str):
             raise damaged(path, "store", "no 'root' attribute")
+
+    def _attr(self, name: str, default: Any = ...) -> Any:
+        with reading(self.path, "store"):
+            return self.h5.attrs[name] if default is ... else self.h5.attrs.get(name, default)
 
     # -- identity ---------------------------------------------------------------------
     @property
     def root(self) -> str:
-        return str(self.h5.attrs["root"])
+        return str(self._attr("root"))
 
     @property
     def store_id(self) -> str:
-        return str(self.h5.attrs["store_id"])
+        return str(self._attr("store_id"))
 
     @property
     def rows(self) -> int:
-        return int(self.h5.attrs["rows"])
+        return int(self._attr("rows"))
 
     @property
     def generation(self) -> int:
         """Bumped whenever rows are removed, so an index knows its row numbers went stale."""
-        return int(self.h5.attrs.get("generation", 0))
+        return int(self._attr("generation", 0))
 
     def current_header(self) -> Header:
         """The header as the store is now (rows and generation change while a writer appends)."""
