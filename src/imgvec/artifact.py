@@ -291,12 +291,21 @@ def check_structure(h5: Any, path: Any, kind: str, expected: Mapping[str, Expect
     dataset is stored in this file as imgvec stores it (contiguous or chunked, no external
     storage, no virtual dataset, no filters, chunks of at most :data:`MAX_CHUNK_BYTES`), has
     the rank, type and sizes the header implies, and the bytes it claims are present in the
-    file. Anything else is one :func:`damaged` line. Absent optional datasets are left out.
+    file (all of them together fit in it). Anything else is one :func:`damaged` line. Absent
+    optional datasets are left out.
     """
     with reading(path, kind):
-        size = file_size(h5)
-        return {name: ds for name, spec in expected.items()
-                if (ds := _checked(h5, name, path, kind, spec, size)) is not None}
+        size, addr = file_size(h5), h5.id.get_create_plist().get_sizes()[0]
+        found, claimed = {}, 0
+        for name, spec in expected.items():
+            checked = _checked(h5, name, path, kind, spec, size, addr)
+            if checked is not None:
+                found[name] = checked[0]
+                claimed += checked[1]
+        if claimed > size:
+            raise damaged(path, kind, f"{', '.join(found)} together claim {claimed:,} bytes, more than the "
+                                      f"file's {size:,}")
+        return found
 
 
 def dataset(h5: Any, name: str, path: Any, kind: str, ndim: int, dtype: str,
@@ -328,7 +337,8 @@ def _link(group: Any, name: str, path: Any, kind: str, shown: str) -> bool:
     return True
 
 
-def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int) -> Any:
+def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int, addr: int) -> tuple[Any, int] | None:
+    """``(dataset, bytes it claims)`` once checked; None for a missing optional one."""
     import h5py
 
     group = h5
@@ -345,7 +355,7 @@ def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int) 
     ds = group
     if not isinstance(ds, h5py.Dataset):
         raise damaged(path, kind, f"{name!r} is not a dataset")
-    _check_storage(ds, name, path, kind, size)
+    claimed = _check_storage(ds, name, path, kind, size, addr)
     if ds.ndim != spec.ndim:
         raise damaged(path, kind, f"{name!r} has shape {capped(ds.shape)}, expected {spec.ndim}-D")
     ok = ((h5py.check_string_dtype(ds.dtype) is not None) if spec.dtype == "str"
@@ -358,11 +368,12 @@ def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int) 
             raise damaged(path, kind, f"{name!r} has {ds.shape[axis]} {what}, the header says {want}")
     if spec.min_rows is not None and ds.shape[0] < spec.min_rows:
         raise damaged(path, kind, f"{name!r} has {ds.shape[0]} rows, fewer than the header's {spec.min_rows}")
-    return ds
+    return ds, claimed
 
 
-def _check_storage(ds: Any, name: str, path: Any, kind: str, size: int) -> None:
-    """Refuse a dataset stored anywhere but in this file, filtered, or claiming bytes the file lacks."""
+def _check_storage(ds: Any, name: str, path: Any, kind: str, size: int, addr: int) -> int:
+    """Refuse a dataset stored anywhere but in this file, filtered, or claiming bytes the file lacks;
+    return the bytes it claims."""
     import h5py
 
     dcpl = ds.id.get_create_plist()
@@ -376,31 +387,37 @@ def _check_storage(ds: Any, name: str, path: Any, kind: str, size: int) -> None:
     if dcpl.get_nfilters():
         raise damaged(path, kind, f"{name!r} is compressed or filtered ({capped(dcpl.get_filter(0)[3])}), "
                                   "which imgvec never writes")
-    item = _disk_itemsize(ds)
+    item = _disk_itemsize(ds, addr)
     if layout == h5py.h5d.CHUNKED:
         chunk = ds.chunks or ()
         if math.prod(chunk) * item > MAX_CHUNK_BYTES:
             raise damaged(path, kind, f"{name!r} has chunks of {math.prod(chunk) * item / 1e6:.0f} MB "
                                       f"(at most {MAX_CHUNK_BYTES >> 20} MiB)")
+    # Unfiltered data takes its own size in the file. A contiguous dataset says where its bytes are
+    # (O(1)); a chunked one would need its chunk index walked, so it is held to the file's size, which
+    # bounds what reading it can allocate just as well (chunks it lacks read as zeros).
     claimed = math.prod(ds.shape) * item
-    stored = ds.id.get_storage_size()
-    if stored > size or claimed > stored:
-        raise damaged(path, kind, f"{name!r} claims {claimed:,} bytes but the file holds {min(stored, size):,} "
-                                  f"of them ({size:,} bytes in all)")
+    stored = ds.id.get_storage_size() if layout == h5py.h5d.CONTIGUOUS else claimed
+    if claimed > size or stored > size or claimed > stored:
+        raise damaged(path, kind, f"{name!r} claims {claimed:,} bytes but the file holds "
+                                  f"{min(stored, size):,} ({size:,} in all)")
+    return claimed
 
 
-def _disk_itemsize(ds: Any) -> int:
+def _disk_itemsize(ds: Any, addr: int) -> int:
     """Bytes one element takes in the file: a variable-length string is a 4-byte length and a heap id."""
     import h5py
 
     tid = ds.id.get_type()
     if tid.get_class() == h5py.h5t.STRING and tid.is_variable_str():
-        return 8 + _sizeof_addr(ds)
+        return 8 + addr  # addr: the file's size of offsets (8 unless made otherwise)
     return tid.get_size()
 
 
 def _sizeof_addr(ds: Any) -> int:
-    return ds.file.id.get_create_plist().get_sizes()[0]
+    import h5py
+
+    return h5py.h5i.get_file_id(ds.id).get_create_plist().get_sizes()[0]  # not ds.file: that builds a File
 
 
 def capped(value: Any, limit: int = 80) -> str:
