@@ -415,7 +415,7 @@ def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Pat
     subprocess.run([sys.executable, "-c", OVERFLOW, str(weights)], check=True, capture_output=True, timeout=600)
     store = tmp_path / "s.h5"
     done = subprocess.run([sys.executable, "-m", "imgvec", "embed", str(image_dir), "-o", str(store), "--model",
-                           "mobilenetv3small", "--weights", str(weights), "--image-size", "64"],
+                           "mobilenetv3small", "--weights", str(weights), "--image-size", "64", "--runtime", "tensorflow"],
                           capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if line.startswith("imgvec: error:")]
     assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
