@@ -37,6 +37,37 @@ class EmbeddedBatch:
     skipped: list[ImageSkipped] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How images become rows and how the model runs: one value, made once (by the CLI or a notebook)
+    and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
+
+    ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
+    a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    """
+
+    model: str | None = None
+    weights: str | Weights | None = None  # imagenet, none (random, ``seed``), a weights file
+    image_size: int | None = None
+    seed: int = DEFAULT_SEED
+    batch_size: int = 32
+    workers: int | None = None  # decoding threads (default: the CPU count)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    precision: str | None = None
+    runtime: str = "auto"
+
+    @property
+    def chooses_embedding(self) -> bool:
+        """Whether it says what the rows mean (backbone, weights, size), not only how to run."""
+        return (self.model, self.weights, self.image_size) != (None, None, None)
+
+    def running(self) -> dict[str, Any]:
+        """How to run, whatever the rows mean: what :meth:`Embedder.from_provenance` takes besides the provenance."""
+        return dict(batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels, device=self.device,
+                    precision=self.precision or "float32", runtime=self.runtime)
+
+
 class Embedder:
     """Embeds images with a headless keras.applications backbone.
 
@@ -76,6 +107,18 @@ class Embedder:
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.engine_: Engine | None = None  # set by load()
+
+    @classmethod
+    def from_config(cls, config: EmbedConfig) -> "Embedder":
+        """The embedder ``config`` asks for (defaults for what it leaves open)."""
+        return cls(config.model or DEFAULT_BACKBONE, "imagenet" if config.weights is None else config.weights,
+                   config.image_size, seed=config.seed, **config.running())
+
+    @property
+    def config(self) -> EmbedConfig:
+        """This embedder as an :class:`EmbedConfig` (weights resolved): what a Ray worker rebuilds it from."""
+        return EmbedConfig(self.backbone.name, self.weights, self.image_size, DEFAULT_SEED if self.weights.seed is None else self.weights.seed,
+                           self.batch_size, self.workers, self.max_pixels, self.device, self.precision, self.runtime)
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":
