@@ -148,9 +148,9 @@ print(json.dumps(results))
         assert run["code"] == 0, (args[0], run)
     assert modules and all(m.split(".")[0] == "jax" for m in modules), modules
 
-    results = json.loads(runs[2]["out"])[0]["results"]
+    results = json.loads(runs[2]["out"])["queries"][0]["results"]
     assert results[0]["path"].endswith(some_image.name) and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    predictions = json.loads(runs[4]["out"])
+    predictions = json.loads(runs[4]["out"])["predictions"]
     assert len(predictions) == 12 and sum(Path(p["path"]).parent.name == p["predicted"] for p in predictions) >= 9
     provenance = json.loads(runs[5]["out"])["provenance"]
     assert provenance["runtime"] == "jax" and provenance["runtime_version"] and provenance["tensorflow_version"] == ""

@@ -228,9 +228,9 @@ def test_imgvec_cache_lists_and_clears(fake_cache: Path):
     (row,) = json.loads(listed.stdout)
     assert (row["backbone"], row["input_size"], row["ok"]) == ("mobilenetv3small", 32, "yes")
     assert row["weights"].startswith("RANDOM weights (seed 0)") and row["mb"] > 0.1
-    assert f"# {fake_cache}: 1 compiled models" in runner.invoke(app, ["cache"]).stdout
+    assert f"# {fake_cache}: 1 compiled model," in runner.invoke(app, ["cache"]).stdout
     cleared = runner.invoke(app, ["cache", "--clear"])
-    assert cleared.exit_code == 0 and "removed 1 cached models" in cleared.stderr
+    assert cleared.exit_code == 0 and "removed 1 cached model (" in cleared.stderr
     assert ": 0 compiled models" in cleared.stdout and not any((fake_cache / "openvino").iterdir())
 
 
@@ -269,10 +269,10 @@ def test_openvino_store_indexes_queries_and_predicts(tmp_path: Path, image_dir: 
     _run("index", store)
     image = sorted(image_dir.rglob("*.png"))[3]
     top = json.loads(_run("query", store, image, "-k", "1", "-f", "json", "--runtime", "openvino").stdout)
-    assert top[0]["results"][0]["path"] == str(image.relative_to(image_dir))
+    assert top["queries"][0]["results"][0]["path"] == str(image)
     _run("train", store, "-o", tmp_path / "head.h5", "--cv", "2")
     preds = json.loads(_run("predict", tmp_path / "head.h5", image, "-f", "json", "--runtime", "openvino").stdout)
-    assert preds[0]["predicted"] == image.parent.name
+    assert preds["predictions"][0]["predicted"] == image.parent.name
 
 
 def test_a_tensorflow_store_is_extended_and_queried_with_openvino(tmp_path: Path, image_dir: Path):
