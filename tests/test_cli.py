@@ -74,7 +74,8 @@ def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: P
     assert sorted(data[0]["probabilities"]) == ["blues", "greens", "reds", "yellows"]
     table = run("predict", head, holdout_dir).stdout
     assert "predicted" in table.splitlines()[2] and "true" in table.splitlines()[2]
-    assert f"accuracy {correct / 12:.3f}: {correct} of 12 images in class folders predicted right" in table
+    assert (f"accuracy {correct / 12:.3f}: {correct} of 12 images in class folders predicted right (chance: 0.250 "
+            "always guessing the most common class, 0.250 ± 0.125 guessing by the class shares)") in table
     assert "cross-validated accuracy" in table.splitlines()[0] and "C=" in table.splitlines()[0]
     rows = list(csv.DictReader(io.StringIO(run("predict", head, holdout_dir / "reds", holdout_dir / "blues",
                                                "-f", "csv").stdout)))

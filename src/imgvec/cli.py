@@ -336,7 +336,7 @@ def predict(
                                          [(_shown(p.path), p.label, p.truth, _mark(p.correct), best(p))
                                           for p in r.predictions])
                 + f"accuracy {r.accuracy:.3f}: {right} of {plural(len(r.labelled), 'image')} in class folders "
-                  "predicted right\n")
+                  f"predicted right ({chance_sentence(r.chance)})\n")
 
     _print(fmt, r, table)
 

@@ -288,6 +288,12 @@ class Predictions(Records):
         known = self.labelled
         return sum(bool(p.correct) for p in known) / len(known) if known else None
 
+    @property
+    def chance(self) -> list[Chance]:
+        """:func:`chance_levels` of the labelled images' true classes (empty when none is labelled)."""
+        known = self.labelled
+        return chance_levels([p.truth for p in known]) if known else []
+
     def _record(self, p: Prediction, truth: bool) -> dict[str, Any]:
         return {"path": p.path, "predicted": p.label, **({"true": p.truth, "correct": p.correct} if truth else {}),
                 "probabilities": p.probabilities}
@@ -295,7 +301,7 @@ class Predictions(Records):
     def to_records(self) -> dict[str, Any]:
         truth = bool(self.labelled)  # images in class folders: the true label beside the predicted one
         return {"head": os.path.abspath(self.head) if self.head else None, "classes": self.classes,
-                "accuracy": self.accuracy,
+                "accuracy": self.accuracy, "chance": [c.to_record() for c in self.chance],
                 "predictions": [self._record(p, truth) for p in self.predictions],
                 "skipped": skipped_records(self.skipped)}
 
