@@ -65,7 +65,8 @@ def main(out: str = "demo-out") -> int:
 
     trained = api.train(store, root / "head.h5", cv=3)
     _say(f"5. trained a logistic-regression head: {len(trained.classes)} classes, "
-         f"3-fold CV accuracy {trained.cv_accuracy:.3f} ± {trained.cv_accuracy_std:.3f}, saved to {trained.head}")
+         f"3-fold CV accuracy {trained.cv_accuracy:.3f} ± {trained.cv_accuracy_std:.3f} "
+         f"({chance_sentence(trained.chance)}), saved to {trained.head}")
 
     preds = api.predict(trained.head, [holdout_dir])
     shown = preds.predictions[::2]  # every other held-out image, so each class shows
