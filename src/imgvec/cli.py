@@ -421,7 +421,7 @@ def cache(
         _err(f"imgvec: removed {c.cleared} cached models ({c.freed / 1e6:.1f} MB) from {c.folder}")
     header = ["backbone", "input_size", "weights", "mb", "age_days", "ok", "path"]
     rows = [(e.backbone, e.input_size, e.weights, round(e.bytes / 1e6, 1), round(e.age_s / 86400, 1),
-             "yes" if e.ok else f"no: does not convert ({e.error})" if e.error else "no (rebuilt on next use)",
+             e.state,
              str(e.path)) for e in c.entries]
     if fmt == "table":
         typer.echo(f"# {c.folder}: {len(rows)} compiled models, {sum(e.bytes for e in c.entries) / 1e6:.1f} MB")

@@ -28,7 +28,6 @@ a sign of random weights or a wrong backbone: the result says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
-from .fileio import open_regular
+from .checks import check_threshold, sha256_file
 from .index import normalized
 from .store import Store
 
@@ -70,12 +68,6 @@ class DuplicateGroup:
     @property
     def paths(self) -> list[str]:
         return [m.path for m in self.members]
-
-
-def sha256_file(path: str) -> str:
-    """sha256 of a regular file; anything else raises :class:`~imgvec.fileio.NotRegularFile` (an OSError)."""
-    with open_regular(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_files(paths: Sequence[str], workers: int | None = None) -> list[str | None]:
@@ -221,8 +213,7 @@ def link_similar(vectors: np.ndarray, threshold: float, sets: UnionFind, rows: n
     ``rows`` maps the rows of ``vectors`` to rows of ``sets`` (default: the same). Memory is
     bounded whatever the number of pairs: see the module docstring.
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     rows = np.arange(len(vectors)) if rows is None else rows
     method, blocks = candidate_blocks(vectors, threshold, projected_dim, exact)
     step = max(1, CONFIRM_BYTES // (8 * vectors.shape[1]))
@@ -268,8 +259,7 @@ class Groups:
 def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
                     progress: Callable[[int, int], None] | None = None) -> Groups:
     """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``."""
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     keys = store.paths()
     n = len(keys)
     vectors = np.empty((n, store.dim), np.float32)

@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED
+from .checks import check_choice
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError, param
@@ -56,8 +57,7 @@ def embed(
     embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local one) with
     ``ray_workers`` actors; this process still writes the store.
     """
-    if engine not in ENGINES:
-        raise BadInputError(f"{param('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
+    check_choice(param("engine"), engine, ENGINES)
     for option, value in (("workers", workers), ("ray_workers", ray_workers)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")
