@@ -13,6 +13,7 @@ import imgvec
 from imgvec.backbones import get_backbone
 from imgvec.cli import app
 from imgvec.comparison import cross_validate, folds
+from imgvec.results import chance_levels
 
 MODELS = ["mobilenetv3small", "mobilenetv2"]
 
@@ -34,6 +35,17 @@ def test_cross_validate_separable_data():
     X = rng.normal(0, 0.3, (30, 8)) + np.repeat(np.eye(3, 8) * 3, 10, axis=0)
     scores, predicted = cross_validate(X, y, folds(y, 5), Cs=3)
     assert len(scores) == 5 and np.mean(scores) == 1.0 and (predicted == y).all()
+
+
+def test_chance_rows_come_from_the_class_counts():
+    """Shares 1/2, 1/4, 1/4: the majority guess is right 1/2 of the time, a guess by the shares sum(p^2) = 3/8,
+    with spread sqrt(sum n_c p_c (1 - p_c)) / N over the 24 images (not from repeated folds)."""
+    y = np.array(["a"] * 12 + ["b"] * 6 + ["c"] * 6)
+    majority, stratified = chance_levels(y)
+    assert (majority.name, majority.accuracy, majority.accuracy_std) == ("majority_class", 0.5, 0.0)
+    assert majority.description == "chance: always the most common class"
+    assert stratified.accuracy == pytest.approx(0.375)
+    assert stratified.accuracy_std == pytest.approx(np.sqrt(12 * 0.5 * 0.5 + 2 * 6 * 0.25 * 0.75) / 24)
 
 
 @pytest.fixture(scope="module")

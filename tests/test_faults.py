@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,12 @@ def test_fifo_device_and_socket_never_hang_any_command(tmp_path: Path, image_dir
     assert dedup["code"] == 0 and "3 files could not be read for hashing" in dedup["stderr"]
     assert again["code"] == 0 and "0 images embedded, 24 already there" in again["stdout"]
     assert query_after["code"] == 0 and len(json.loads(query_after["stdout"])["queries"][0]["results"]) == 2
-    assert bad_names  # nothing of the above read them: a FIFO read would have hung until the timeout
+    # The three special files of the folder that holds nothing else were each looked at and skipped, never
+    # read (a FIFO read would have hung until the timeout), and are still what they were.
+    assert sorted(bad_names) == ["pipe.jpg", "sock.png", "zero.png"]
+    assert f"(3 skipped; first {only_bad / 'pipe.jpg'}: a FIFO (named pipe)" in query_bad["stderr"]
+    assert stat.S_ISFIFO(os.lstat(only_bad / "pipe.jpg").st_mode) and os.readlink(only_bad / "zero.png") == "/dev/zero"
+    assert stat.S_ISSOCK(os.lstat(only_bad / "sock.png").st_mode)
 
 
 @pytest.fixture(scope="module")

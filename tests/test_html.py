@@ -158,13 +158,23 @@ def test_every_value_reaches_every_page_escaped(page):
 
 
 def test_templates_ship_with_the_package():
+    """Every template the pages render exists, compiles, and is matched by the package-data globs."""
+    import fnmatch
+    import re
+    import tomllib
     from importlib.resources import files
 
-    names = {p.name for p in files("imgvec").joinpath("templates").iterdir()}
-    assert {"base.html", "query.html", "predict.html", "dedup.html", "compare.html", "evaluate.html",
-            "scatter.svg"} <= names
-    text = Path(__file__).parents[1].joinpath("pyproject.toml").read_text()
-    assert '"templates/*"' in text and '"jinja2' in text
+    folder = files("imgvec").joinpath("templates")
+    shipped = {p.name for p in folder.iterdir()}
+    env = html.environment()
+    for name in shipped:
+        env.get_template(name)  # parses: a syntax error in any template fails here
+    source = Path(html.__file__).read_text()
+    rendered = set(re.findall(r"(?:_page|render)\(\"([\w.]+)\"", source))
+    assert len(rendered) >= 6 and rendered <= shipped, rendered - shipped
+    config = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["imgvec"]
+    assert all(any(fnmatch.fnmatch(f"templates/{name}", g) for g in globs) for name in shipped)
 
 
 def test_cli_query_and_predict_write_html(gallery, holdout_dir: Path, tmp_path: Path):

@@ -162,7 +162,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
     ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
     """
-    from .classifier import DEFAULT_CS, LogisticHead
+    from .classifier import DEFAULT_CS, LogisticHead, save_head
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
@@ -178,13 +178,13 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
     head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
-    path = head.save(output, prov, store_id, generation, trained_on)
+    path = save_head(head, output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
     confusion = confusion_matrix(y, head.cv_predictions_, labels=classes)
     return TrainSummary(path, prov, classes, int(keep.sum()), int((~keep).sum()), head.C_, head.cv_accuracy_,
                         head.cv_accuracy_std_, report, confusion, time.perf_counter() - start,
-                        len(head.C_grid()), head.search_seconds_, head.fit_seconds_, cv, chance_levels(y))
+                        len(head.Cs_), head.search_seconds_, head.fit_seconds_, cv, chance_levels(y))
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
@@ -407,7 +407,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     unknown = {c: int((y == c).sum()) for c in unknown_labels}
     return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
                       confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start,
-                      seen_in_training(model, paths), chance_levels(y))
+                      seen_in_training(head, paths), chance_levels(y))
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backbones import get_backbone
+from .checks import check_per_class
 from .embedder import EmbedConfig
 from .errors import BadInputError, param
 from .fileio import check_writable, make_folder
@@ -51,11 +52,7 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
         raise BadInputError(f"need at least 2 classes (subfolders) to compare, found {len(classes)}")
-    if cv < 2:
-        raise BadInputError(f"{param('cv')} must be at least 2, not {cv}")
-    small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < cv]
-    if small:
-        raise BadInputError(f"{param('cv')} {cv} needs at least {cv} images per class; too few in {', '.join(small)}")
+    check_per_class(classes, counts, cv)
     splitter = StratifiedKFold(cv, shuffle=True, random_state=random_state)
     return list(splitter.split(np.zeros(len(y)), y))
 

@@ -28,7 +28,6 @@ a sign of random weights or a wrong backbone: the result says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import defaultdict
@@ -39,8 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
-from .fileio import open_regular
+from .checks import check_threshold, sha256_file
 from .index import normalized
 from .results import DedupResult, DuplicateGroup, Member
 from .store import Store
@@ -57,10 +55,6 @@ DEGENERATE_MIN_ROWS = 50  # below this a store is too small to judge
 DEGENERATE_SAMPLE = 10_000  # random pairs that estimate the share
 
 
-def sha256_file(path: str) -> str:
-    """sha256 of a regular file; anything else raises :class:`~imgvec.fileio.NotRegularFile` (an OSError)."""
-    with open_regular(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_files(paths: Sequence[str], workers: int | None = None) -> list[str | None]:
@@ -206,8 +200,7 @@ def link_similar(vectors: np.ndarray, threshold: float, sets: UnionFind, rows: n
     ``rows`` maps the rows of ``vectors`` to rows of ``sets`` (default: the same). Memory is
     bounded whatever the number of pairs: see the module docstring.
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     rows = np.arange(len(vectors)) if rows is None else rows
     method, blocks = candidate_blocks(vectors, threshold, projected_dim, exact)
     step = max(1, CONFIRM_BYTES // (8 * vectors.shape[1]))
@@ -242,8 +235,7 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
 
     Near groups list one copy of identical files (the others are in their exact group).
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     start = time.perf_counter()
     keys = store.paths()
     n = len(keys)

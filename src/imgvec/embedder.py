@@ -20,8 +20,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice
+from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
+from .checks import check_choice, check_image_size, sha256_file
+from .device import DEVICES, PRECISIONS
 from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance, random_init_family
@@ -95,12 +96,7 @@ class Embedder:
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
         self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
-        self.image_size = int(image_size or self.backbone.input_size)
-        if self.image_size < self.backbone.min_size:
-            raise BadInputError(
-                f"{param('image_size')} {self.image_size} is too small for {self.backbone.name} "
-                f"(at least {self.backbone.min_size})"
-            )
+        self.image_size = check_image_size(int(image_size or self.backbone.input_size), self.backbone)
         if batch_size < 1:
             raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
@@ -140,7 +136,7 @@ class Embedder:
                     f"the embeddings were made with weights file {weights.path}, which is not "
                     f"there; pass {param('weights')} PATH to the same file (sha256 {weights.sha256})"
                 )
-            if sha256_of(path) != weights.sha256:
+            if sha256_file(path) != weights.sha256:
                 raise MismatchError(
                     f"weights file {path} is not the one the embeddings were made with "
                     f"(sha256 {weights.sha256})"

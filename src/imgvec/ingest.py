@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
+from .checks import check_choice
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import EmbeddedBatch, EmbedConfig, Embedder
 from .errors import BadInputError, param
@@ -89,8 +90,7 @@ def embed(
 
 
 def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> None:
-    if engine not in ENGINES:
-        raise BadInputError(f"{param('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
+    check_choice(param("engine"), engine, ENGINES)
     for option, value in (("workers", config.workers), ("ray_workers", ray_workers)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")

@@ -22,7 +22,6 @@ import numpy as np
 if TYPE_CHECKING:  # results only read provenance values; they never need the module at run time
     from .backbones import Backbone
     from .provenance import Provenance
-    from .runtime import CacheEntry
 
 DEGENERATE_SHARE = 0.5  # dedup: more than this share of all pairs above the threshold means degenerate features
 
@@ -533,7 +532,7 @@ class ModelTable(Records):
 @dataclass
 class CacheSummary(Records):
     folder: Path
-    entries: list[CacheEntry]
+    entries: list[Any]  # model_cache.CacheEntry: read, never imported (results stay plain data)
     cleared: int = 0  # entries removed by ``clear``
     freed: int = 0  # bytes
 
@@ -544,7 +543,7 @@ class CacheSummary(Records):
     def to_records(self) -> list[dict[str, Any]]:
         return [{"backbone": e.backbone, "input_size": e.input_size, "weights": e.weights,
                  "mb": round(e.bytes / 1e6, 1), "age_days": round(e.age_s / 86400, 1),
-                 "ok": "yes" if e.ok else f"no: does not convert ({e.error})" if e.error else "no (rebuilt on next use)",
+                 "ok": e.state,
                  "path": str(e.path)} for e in self.entries]
 
     def csv_columns(self) -> list[str]:
