@@ -221,10 +221,6 @@ class Comparison:
     speed_images: int = 0  # images in the speed sample
 
     @property
-    def best(self) -> BackboneScore:
-        return max(self.rows, key=lambda r: (r.accuracy, r.images_per_second))
-
-    @property
     def speed_note(self) -> str:
         """What images/s measures here (not the same figure as `imgvec embed`'s)."""
         return (f"images/s: decoding + inference on a warm model (build and warm-up not counted), "
