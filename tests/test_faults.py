@@ -252,7 +252,8 @@ def test_train_checks_its_output_before_fitting(store_and_head, tmp_path: Path, 
 
 
 def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
-    from imgvec.backbones import Weights, build_model, get_backbone
+    from imgvec.backbones import Weights, get_backbone
+    from imgvec.builder import build_model
     from imgvec.device import import_keras
 
     def refuse(*args, **kwargs):
@@ -267,7 +268,8 @@ def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
 
 
 def test_random_weights_leave_the_global_generators_alone():
-    from imgvec.backbones import Weights, build_model, get_backbone
+    from imgvec.backbones import Weights, get_backbone
+    from imgvec.builder import build_model
     from imgvec.device import import_tensorflow
 
     tf = import_tensorflow()
