@@ -19,4 +19,6 @@ def test_the_demo_runs_every_step_and_says_its_weights_are_random(tmp_path: Path
     assert "embedded 48 images" in text and "built a flat FAISS index over 48 rows" in text
     accuracy = float(re.search(r"held-out accuracy: ([\d.]+) on 16 images", text).group(1))
     assert accuracy >= 0.75  # colour classes stay separable even with random weights
+    assert "8 of the 16 held-out images (every other one):" in text  # a shortened table says so
+    assert "chance: 0.250 always guessing the most common class" in text
     assert (tmp_path / "demo-out" / "head.h5").is_file() and (tmp_path / "demo-out" / "demo.h5").is_file()

@@ -62,7 +62,7 @@ def test_query_uses_the_index_named_by_index(store_path: Path, image_dir: Path, 
     _run("index", store_path, "--kind", "flat", "-o", custom)
     image = sorted(image_dir.rglob("*.png"))[5]
     top = json.loads(_run("query", store_path, image, "-k", "1", "-f", "json", "--index", custom).stdout)
-    assert top[0]["results"][0]["path"] == str(image.relative_to(image_dir))
+    assert top["queries"][0]["results"][0]["path"] == str(image)
     missing = _run("query", store_path, image, "--index", tmp_path / "nothing.index.h5", code=2)
     assert "nothing.index.h5" in missing.stderr and "Traceback" not in missing.stderr
     other = tmp_path / "other.h5"  # an index of another store is refused, naming the option's file
@@ -114,11 +114,11 @@ def test_dedup_exact_searches_every_pair_where_the_default_would_not(store_path:
     from imgvec import duplicates
 
     monkeypatch.setattr(duplicates, "EXACT_MAX_ROWS", 10)  # 24 rows: above it, the default uses inverted lists
-    default = json.loads(_run("dedup", store_path, "-f", "json", "--threshold", "0.9").stdout)
+    default = json.loads(_run("dedup", store_path, "-f", "json", "--threshold", "0.9").stdout)["groups"]
     exact = _run("dedup", store_path, "--threshold", "0.9", "--exact")
     assert "exact search" in exact.stdout
     assert "exact search" not in _run("dedup", store_path, "--threshold", "0.9").stdout
-    as_json = json.loads(_run("dedup", store_path, "-f", "json", "--threshold", "0.9", "--exact").stdout)
+    as_json = json.loads(_run("dedup", store_path, "-f", "json", "--threshold", "0.9", "--exact").stdout)["groups"]
     assert {tuple(sorted(m["path"] for m in g["images"])) for g in as_json} >= {
         tuple(sorted(m["path"] for m in g["images"])) for g in default}  # exact finds at least what lists find
 
