@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from imgvec.artifact import header_digest
-from imgvec.classifier import LogisticHead
+from imgvec.classifier import LogisticHead, save_head
 from imgvec.journal import MAGIC, Record, _encode
 from imgvec.provenance import Provenance
 from imgvec.store import create_store, open_store
@@ -126,7 +126,7 @@ def _make_head(store: Path, path: Path, shift: int = 0) -> Path:
     with open_store(store) as s:
         labels = np.roll(np.asarray(s.labels()), shift)
         head = LogisticHead(cv=2, Cs=(0.1, 1.0)).fit(s.embeddings(), labels)
-        head.save(path, s.provenance, s.store_id, s.generation, [s.absolute(k) for k in s.paths()])
+        save_head(head, path, s.provenance, s.store_id, s.generation, [s.absolute(k) for k in s.paths()])
     return path
 
 
@@ -403,7 +403,8 @@ def test_a_fifo_where_the_journal_or_lock_goes_never_hangs(case, where):
 # -- vectors that are not numbers ----------------------------------------------------------------------
 OVERFLOW = """
 import sys
-from imgvec.backbones import BACKBONES, Weights, build_model
+from imgvec.backbones import BACKBONES, Weights
+from imgvec.builder import build_model
 model = build_model(BACKBONES["mobilenetv3small"], Weights("random", 0), 64)
 model.set_weights([w * 1e30 if w.ndim > 1 else w for w in model.get_weights()])  # every activation overflows
 model.save_weights(sys.argv[1])
