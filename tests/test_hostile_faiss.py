@@ -325,7 +325,7 @@ def test_blob_naming_a_file_never_opens_it(offset: int | None, valid: dict[str, 
         return
     rc, out, err, _ = _cli("query", big_store, query_image, "--index", forged, "-f", "json")
     assert rc == 0, err
-    assert len(json.loads(out)[0]["results"]) == 10
+    assert len(json.loads(out)["queries"][0]["results"]) == 10
 
 
 # -- size claims, under an address-space limit -----------------------------------------------
@@ -356,6 +356,7 @@ def test_a_huge_hnsw_claim_allocates_nothing(valid: dict[str, Path], big_store: 
 
 
 def test_a_dataset_larger_than_its_file_is_refused_before_reading(valid: dict[str, Path], tmp_path: Path):
+    """The walker reads a dataset by its length: one claiming more than the file holds never gets to it."""
     import h5py
 
     forged = tmp_path / "sparse.index.h5"
@@ -363,7 +364,7 @@ def test_a_dataset_larger_than_its_file_is_refused_before_reading(valid: dict[st
     with h5py.File(forged, "r+") as h5:
         del h5["faiss"]
         h5.create_dataset("faiss", shape=(1 << 40,), dtype=np.uint8, chunks=(1 << 20,))  # never written
-    with pytest.raises(BadInputError, match=r"'faiss' claims 1099511627776 bytes in a file of"):
+    with pytest.raises(BadInputError, match=r"damaged imgvec index file \('faiss' claims 1,?099,?511,?627,?776 bytes"):
         load_index(forged)
 
 
