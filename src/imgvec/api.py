@@ -1,7 +1,8 @@
 """The public API: what the CLI and notebooks both call.
 
 Each function takes paths and plain options and returns a small result object; none of
-them prints. Progress is reported through an optional ``progress(done, total)`` callback.
+them prints. Long work reports progress through an optional ``progress(done, total)`` callback,
+which is also told the phase when it takes a ``phase`` keyword (:mod:`imgvec.progress`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, ex
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
+from .progress import Progress
 from .provenance import Provenance, check_compatible
 from .runtime import CacheEntry
 from .results import (Baseline, BackboneScore, Comparison, DedupResult, EmbedSummary, Evaluation, IndexSummary,
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]
 
 
 def _display(path: str) -> str:
@@ -54,7 +55,8 @@ def _display(path: str) -> str:
 # -- embed: ingest.embed, re-exported above ---------------------------------------------
 # -- index ------------------------------------------------------------------------------
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
-                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
+                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto",
+                progress: Progress | None = None) -> IndexSummary:
     """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
 
     An existing index of the same kind whose store only gained rows since is extended with
@@ -75,19 +77,20 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
                 old = None
         wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
         if old is not None and old.kind == wanted and can_extend(old, s):
-            added = extend_index(old, s)
+            added = extend_index(old, s, progress)
             old.save(path)
             return IndexSummary(path, old.kind, old.rows, time.perf_counter() - start, True, added)
-        index = _build_index(s, wanted, gpu=gpu)
+        index = _build_index(s, wanted, gpu=gpu, progress=progress)
     index.save(path)
     return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
 
 
-def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
+def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first",
+          progress: Progress | None = None) -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
     check_writable(output)
-    rows, duplicates = merge_stores(inputs, output, on_duplicate)
+    rows, duplicates = merge_stores(inputs, output, on_duplicate, progress=progress)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
 
@@ -163,10 +166,12 @@ def query(
 
 
 # -- classify ---------------------------------------------------------------------------
-def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None) -> TrainSummary:
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None,
+          progress: Progress | None = None) -> TrainSummary:
     """Fit a logistic-regression head on the store's labelled embeddings and save it.
 
     ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
+    ``progress`` hears ``choosing C`` (one step per fold) and ``final fit``.
     """
     from .classifier import DEFAULT_CS, LogisticHead
     from sklearn.metrics import classification_report, confusion_matrix
@@ -183,7 +188,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         prov, store_id, generation = s.provenance, s.store_id, s.generation
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
-    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
+    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y, progress=progress)
     path = head.save(output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
@@ -418,7 +423,7 @@ def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
 def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int = 5,
             stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
             batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
-            runtime: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> Comparison:
+            runtime: str = "auto", progress: Progress | None = None) -> Comparison:
     """Compare backbones on a labelled folder: same folds, one row per backbone (see comparison.py).
 
     Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.

@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from .artifact import (Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, get_attr, opened,
                        path_digests, str_dtype)
 from .errors import BadInputError, param
+from .progress import Phase, Progress
 from .provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -61,7 +62,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
             )
         return X, y
 
-    def fit(self, X: np.ndarray, y: Sequence[str]) -> "LogisticHead":
+    def fit(self, X: np.ndarray, y: Sequence[str], progress: Progress | None = None) -> "LogisticHead":
+        """Choose C by CV, then fit on all rows; ``progress`` hears ``choosing C`` (by fold) and ``final fit``."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import log_loss
         from sklearn.model_selection import StratifiedKFold
@@ -75,7 +77,11 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
         # One pass per fold along the C path (warm-started) gives both the CV scores and the
         # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
-        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs) for train, test in folds]
+        paths = []
+        with Phase(progress, "choosing C", len(folds)) as step:
+            for train, test in folds:
+                paths.append(self._path_probabilities(Z[train], y[train], Z[test], Cs))
+                step.advance()
         classes = np.unique(y)
         predicted = [[classes[p.argmax(1)] for p in probs] for probs in paths]
         accuracy = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, predicted)])
@@ -92,7 +98,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
             self.cv_predictions_[test] = preds[best]
         self.search_seconds_ = time.perf_counter() - started
         started = time.perf_counter()
-        lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
+        with Phase(progress, "final fit", 1):
+            lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.fit_seconds_ = time.perf_counter() - started
         self.classes_ = lr.classes_.astype(str)
         self.mean_ = scaler.mean_.astype(np.float32)

@@ -19,6 +19,7 @@ from .errors import ImgvecError
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
+from .reporter import Reporter
 from .runtime import RuntimeNote
 from .report import plural
 
@@ -154,35 +155,6 @@ def _print_results(fmt: str, records: Callable[[], list[dict[str, Any]]], csv_he
         table()
 
 
-class _Bar:
-    """A rich progress bar on stderr, drawn only when stderr is a terminal (else it writes nothing at all)."""
-
-    def __init__(self, what: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.progress = (Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                  console=console, transient=True) if console.is_terminal else None)
-        self.task: Any = None
-
-    def __enter__(self) -> "_Bar":
-        if self.progress:
-            self.progress.start()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("", total=total)
-        self.progress.update(self.task, completed=done)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress:
-            self.progress.stop()
-
-
 @_command
 def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
@@ -203,11 +175,11 @@ def embed(
     runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
-    with _Bar("embedding") as bar:
+    with Reporter() as progress:
         s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
                       workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, engine=engine,
                       ray_address=ray_address, ray_workers=ray_workers, device=device, precision=precision,
-                      runtime=runtime, progress=bar)
+                      runtime=runtime, progress=progress)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
@@ -229,7 +201,9 @@ def index(
 ) -> None:
     """Build a FAISS index (cosine similarity) over a store, or bring an existing one up to date."""
     budget = int(memory_budget * (1 << 30)) if memory_budget is not None else None
-    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget, faiss_gpu=faiss_gpu)
+    with Reporter() as progress:
+        s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget,
+                            faiss_gpu=faiss_gpu, progress=progress)
     how = f"added {s.added} new rows to the" if s.updated else "built a"
     typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
 
@@ -241,7 +215,8 @@ def merge(
     on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
-    s = api.merge(stores, output, on_duplicate=on_duplicate)
+    with Reporter() as progress:
+        s = api.merge(stores, output, on_duplicate=on_duplicate, progress=progress)
     typer.echo(f"{s.store}: {s.rows} rows from {s.inputs} stores ({s.duplicates} duplicate paths dropped; "
                f"{s.seconds:.1f}s); run `imgvec index {s.store}` to search it")
 
@@ -285,7 +260,8 @@ def train(
     cv: int = typer.Option(5, "--cv", help="cross-validation folds"),
 ) -> None:
     """Train a logistic-regression head on a store's labelled embeddings."""
-    s = api.train(store, output, cv=cv)
+    with Reporter() as progress:
+        s = api.train(store, output, cv=cv, progress=progress)
     _warn_random(s.provenance)
     rows = [(c, s.report[c]["precision"], s.report[c]["recall"], s.report[c]["f1-score"], int(s.report[c]["support"]))
             for c in s.classes]
@@ -429,26 +405,6 @@ def cache(
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
-class _PerModelBar:
-    """One progress bar per backbone for ``compare`` (drawn only on a terminal)."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.bar: _Bar | None = None
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if name != self.name:
-            self.close()
-            self.name, self.bar = name, _Bar(f"embedding with {name}").__enter__()
-        assert self.bar is not None
-        self.bar(done, total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 @_command
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
@@ -470,13 +426,10 @@ def compare(
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
     _check_html(html)
-    bar = _PerModelBar()
-    try:
+    with Reporter() as progress:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
                         weights=weights, image_size=image_size, batch_size=batch_size, seed=seed,
-                        random_state=seed, runtime=runtime, progress=bar)
-    finally:
-        bar.close()
+                        random_state=seed, runtime=runtime, progress=progress)
     for r in c.rows:
         _warn_random(r.provenance)
     if html:
@@ -526,8 +479,8 @@ def dedup(
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
     _check_format(fmt, (*report.FORMATS, "html"))
-    with _Bar("reading") as bar:
-        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=bar)
+    with Reporter() as progress:
+        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
     _warn_random(d.provenance)
     if d.missing:
         _err(f"imgvec: warning: {len(d.missing)} files could not be read for hashing, e.g. {d.missing[0]}")

@@ -17,13 +17,14 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .backbones import get_backbone
 from .errors import BadInputError, param
 from .ingest import embed
+from .progress import Phase, Progress
 from .provenance import Provenance
 from .results import Baseline, BackboneScore, Comparison
 from .store import open_store
@@ -58,18 +59,23 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int | Sequence[float] | None = None,
-                   random_state: int = 0) -> tuple[list[float], np.ndarray]:
-    """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``."""
+                   random_state: int = 0, progress: Progress | None = None, name: str = "") -> tuple[list[float], np.ndarray]:
+    """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``.
+
+    ``progress`` hears the phase ``cross-validating <name>``, one step per fold.
+    """
     from .classifier import DEFAULT_CS, LogisticHead  # scikit-learn: imported only when a head is fitted
 
     Cs = DEFAULT_CS if Cs is None else Cs
     predicted = np.empty(len(y), dtype=object)
     scores = []
-    for train, test in split:
-        inner = max(2, min(INNER_CV, int(np.unique(y[train], return_counts=True)[1].min())))
-        head = LogisticHead(cv=inner, Cs=Cs, random_state=random_state).fit(X[train], y[train])
-        predicted[test] = head.predict(X[test])
-        scores.append(float(np.mean(predicted[test] == y[test])))
+    with Phase(progress, f"cross-validating {name}".strip(), len(split)) as step:
+        for train, test in split:
+            inner = max(2, min(INNER_CV, int(np.unique(y[train], return_counts=True)[1].min())))
+            head = LogisticHead(cv=inner, Cs=Cs, random_state=random_state).fit(X[train], y[train])
+            predicted[test] = head.predict(X[test])
+            scores.append(float(np.mean(predicted[test] == y[test])))
+            step.advance()
     return scores, predicted.astype(str)
 
 
@@ -127,9 +133,12 @@ def compare(
     speed_sample: int = SPEED_SAMPLE,
     Cs: int | Sequence[float] | None = None,
     runtime: str = "auto",
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Comparison:
-    """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, same folds."""
+    """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, same folds.
+
+    ``progress`` hears each backbone's phases: ``embedding with``, ``cross-validating`` (by fold), ``timing``.
+    """
     from sklearn.metrics import classification_report, confusion_matrix
 
     from .images import find_images
@@ -154,13 +163,8 @@ def compare(
                 if os.path.abspath(s.root) != os.path.abspath(collection.root):
                     raise BadInputError(f"{path} was made from {s.root}, not {labelled_dir}; "
                                         f"pass another {param('stores')} folder for this data set")
-
-        def step(done: int, total: int, name: str = name) -> None:
-            if progress:
-                progress(name, done, total)
-
         summary = embed([labelled_dir], path, model=name, weights=weights, image_size=image_size,
-                            batch_size=batch_size, seed=seed, runtime=runtime, progress=step)
+                            batch_size=batch_size, seed=seed, runtime=runtime, progress=progress)
         rows, labels, X, prov = load_labelled(path)
         loaded.append((name, path, summary.added, rows, labels, X, prov))
         wanted &= set(rows)
@@ -177,10 +181,11 @@ def compare(
     results = []
     for name, path, added, rows, labels, X, prov in loaded:
         Xa = X[[rows[k] for k in keys]]
-        scores, predicted = cross_validate(Xa, y, split, Cs=Cs, random_state=random_state)
+        scores, predicted = cross_validate(Xa, y, split, Cs=Cs, random_state=random_state, progress=progress, name=name)
         report = classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
         b = get_backbone(name)
-        ips = images_per_second(prov, sample_files, batch_size, runtime)
+        with Phase(progress, f"timing {name}", 1):
+            ips = images_per_second(prov, sample_files, batch_size, runtime)
         results.append(BackboneScore(name, b.params, prov.dim, ips, float(np.mean(scores)), float(np.std(scores)),
                                      scores, report, confusion_matrix(y, predicted, labels=classes), path, prov,
                                      added))

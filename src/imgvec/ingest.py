@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED
 from .distributed import ENGINES, embed_files_on_ray
@@ -16,12 +16,12 @@ from .embedder import Embedder
 from .errors import BadInputError, param
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS, find_images
+from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
 from .store import StoreWriter
 
 PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]
 
 
 def embed(
@@ -54,7 +54,8 @@ def embed(
     float32) and ``runtime`` (auto/openvino/tensorflow/jax/torch; see :mod:`imgvec.runtime`) say how
     the model runs; a store made with one runtime can be extended with another. ``engine="ray"``
     embeds on a Ray cluster (``ray_address``, else RAY_ADDRESS, else a local one) with
-    ``ray_workers`` actors; this process still writes the store.
+    ``ray_workers`` actors; this process still writes the store. ``progress`` is told the
+    phases ``loading <backbone>`` and ``embedding with <backbone>`` (:mod:`imgvec.progress`).
     """
     if engine not in ENGINES:
         raise BadInputError(f"{param('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -77,14 +78,16 @@ def embed(
                                 device=device, precision=precision or "float32", runtime=runtime)
             collection = find_images(sources)
             built_from = time.perf_counter()
-            embedder.load()  # before creating a store: missing weights must not leave an empty file
+            with Phase(progress, f"loading {embedder.backbone.name}", 1):
+                embedder.load()  # before creating a store: missing weights must not leave an empty file
             build_seconds = time.perf_counter() - built_from
             writer = StoreWriter(output, embedder.provenance(), collection.root)
         before = len(writer.keys)
         todo = [f for f in collection.files if f.key not in writer.keys]
         if todo and engine == "local" and embedder.engine_ is None:  # timed apart from the throughput
             built_from = time.perf_counter()
-            embedder.load()
+            with Phase(progress, f"loading {embedder.backbone.name}", 1):
+                embedder.load()
             build_seconds = time.perf_counter() - built_from
         removed = writer.keys - {f.key for f in collection.files} if sync else set()
         key_of = {f.path: f.key for f in todo}
@@ -94,14 +97,14 @@ def embed(
         embed_start = time.perf_counter()
         batches = (embedder.embed_files(paths) if engine == "local"
                    else embed_files_on_ray(embedder, paths, ray_address, ray_workers))
-        for batch in batches:
-            rows = [todo[i] for i in batch.indices]
-            skips = [(key_of[s.path], s.reason) for s in batch.skipped]
-            writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
-            skipped.extend(skips)
-            finished += len(batch.indices) + len(batch.skipped)
-            if progress:
-                progress(finished, len(todo))
+        with Phase(progress, f"embedding with {embedder.backbone.name}", len(todo)) as step:
+            for batch in batches:
+                rows = [todo[i] for i in batch.indices]
+                skips = [(key_of[s.path], s.reason) for s in batch.skipped]
+                writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
+                skipped.extend(skips)
+                finished += len(batch.indices) + len(batch.skipped)
+                step.update(finished)
         writer.commit(drop=removed)
         return EmbedSummary(output, writer.provenance, len(writer.keys) - before + len(removed),
                             len(collection.files) - len(todo), len(writer.keys), skipped,

@@ -33,6 +33,7 @@ from .artifact import (Header, check_finite, damaged, dataset, decode_keys, enco
                        str_dtype, write_header)
 from .fileio import check_space, check_writable, publish, temp_path, write_error
 from .journal import JournalWriter, Record, journal_path, read_journal
+from .progress import Phase, Progress
 from .provenance import Provenance
 
 CHUNK_ROWS = 256
@@ -374,8 +375,10 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
-                 on_duplicate: str = "first", chunk: int = 65536) -> tuple[int, int]:
+                 on_duplicate: str = "first", chunk: int = 65536, progress: Progress | None = None) -> tuple[int, int]:
     """Write the rows of several stores (shards) into a new store; returns (rows, duplicates).
+
+    ``progress`` (see :mod:`imgvec.progress`) hears the phase ``merging`` (rows read).
 
     Every input must have been made the same way (provenance). Paths are re-based onto the
     inputs' common root; a path present in several inputs is kept once, from the first input
@@ -400,6 +403,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
         seen: set[str] = set()
         duplicates = 0
         writer = StoreWriter(output, first.provenance, root)
+        step = Phase(progress, "merging", sum(s.rows for s in stores)).__enter__()
         try:
             for s in stores:
                 keys = [key_for(s.absolute(k), root) for k in s.paths()]
@@ -413,6 +417,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                     seen.update(keys[i] for i in idx)
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
                                   [labels[i] for i in idx])
+                    step.advance(len(block))
                 skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
                 writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
         except BaseException:
