@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -105,22 +106,39 @@ def test_compare_reports_each_backbone_and_each_fold(image_dir: Path, tmp_path: 
     assert heard.of("cross-validating mobilenetv3small") == [(0, 2), (1, 2), (2, 2)]
 
 
-def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir: Path, tmp_path: Path):
+def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir: Path, tmp_path: Path, monkeypatch):
     """stderr is not a terminal under CliRunner: one line at the start, one at the end with the time."""
+    monkeypatch.setattr("imgvec.reporter.QUIET_SECONDS", 0)  # these small phases take less than the usual 2 s
     folder = tmp_path / "photos"
     shutil.copytree(image_dir, folder)
     runner = CliRunner()
     r = runner.invoke(app, ["embed", str(folder), "-o", str(tmp_path / "s.h5"), *SMALL_ARGS])
     assert r.exit_code == 0, r.stderr
-    assert "imgvec: embedding with mobilenetv3small: 0/24\n" in r.stderr
+    assert "imgvec: embedding with mobilenetv3small: started (24)\n" in r.stderr
     assert re.search(r"^imgvec: embedding with mobilenetv3small: 24/24 in \d+\.\ds$", r.stderr, re.M)
     r = runner.invoke(app, ["train", str(tmp_path / "s.h5"), "-o", str(tmp_path / "h.h5"), "--cv", "3"])
     assert r.exit_code == 0, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("imgvec: choosing C")]
-    assert lines[0] == "imgvec: choosing C: 0/3" and re.fullmatch(r"imgvec: choosing C: 3/3 in \d+\.\ds", lines[1])
+    assert lines[0] == "imgvec: choosing C: started (3)" and re.fullmatch(r"imgvec: choosing C: 3/3 in \d+\.\ds", lines[1])
     assert "imgvec: choosing C" not in r.stdout  # results on stdout stay clean
     r = runner.invoke(app, ["index", str(tmp_path / "s.h5")])
     assert re.search(r"^imgvec: building the flat index: 24/24 in \d+\.\ds$", r.stderr, re.M)
+
+
+def test_without_a_terminal_a_short_phase_is_quiet_and_a_long_one_is_announced_while_it_runs(monkeypatch):
+    monkeypatch.setattr("imgvec.reporter.QUIET_SECONDS", 0.3)
+    out = io.StringIO()
+    with Reporter(out, terminal=False) as progress:
+        with Phase(progress, "quick", 2):
+            pass
+        assert out.getvalue() == ""
+        with Phase(progress, "slow", 2) as step:
+            step.update(1)
+            deadline = time.monotonic() + 10
+            while not out.getvalue() and time.monotonic() < deadline:  # announced by its timer, mid-phase
+                time.sleep(0.05)
+            assert out.getvalue() == "imgvec: slow: started (2)\n"
+    assert re.fullmatch(r"imgvec: slow: started \(2\)\nimgvec: slow: 2/2 in \d+\.\ds\n", out.getvalue())
 
 
 def test_on_a_terminal_each_phase_is_a_bar_that_stays_with_its_time():

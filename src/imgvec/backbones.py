@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from unittest import mock
 
-from .errors import BadInputError, MissingWeightsError, param
+from .errors import BadInputError, MissingWeightsError, did_you_mean, param
 from .fileio import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,7 +165,7 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[key]
     except KeyError:
         raise BadInputError(
-            f"unknown model {name!r}; `imgvec models` lists the {len(BACKBONES)} backbones"
+            f"unknown model {name!r}{did_you_mean(key, BACKBONES)}; `imgvec models` lists the {len(BACKBONES)} backbones"
         ) from None
 
 

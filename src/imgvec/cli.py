@@ -14,13 +14,14 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 import typer.core
 
-from . import api, report
-from .errors import ImgvecError
+from . import __version__, api, report
+from .backbones import BACKBONES
+from .errors import ImgvecError, did_you_mean
 from .fileio import check_writable
 from .images import DEFAULT_MAX_PIXELS
 from .provenance import Provenance
 from .reporter import Reporter
-from .runtime import RuntimeNote
+from .runtime import RUNTIMES, RuntimeNote
 from .report import plural
 
 
@@ -38,7 +39,8 @@ class _Group(typer.core.TyperGroup):
             code = result if isinstance(result, int) else 0
         except _ClickException as error:  # --format xml, a missing argument, an unknown option
             if type(error).__name__ == "NoArgsIsHelpError":  # bare `imgvec`: the help on stdout, stderr clean
-                typer.echo(error.ctx.get_help(), nl=False)
+                text = error.ctx.get_help()
+                typer.echo(text, nl=not text.endswith("\n"))
             else:
                 ctx = getattr(error, "ctx", None)
                 where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -58,16 +60,41 @@ app = typer.Typer(
     help="Embed folders of images with pretrained Keras backbones, search them with FAISS, "
     "and classify them with a logistic-regression head.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    rich_markup_mode=None,  # plain click help: flags without a '<bool>' type, the same text in docs/cli.md
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"imgvec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="print imgvec's version and exit")) -> None:
+    """Embed folders of images with pretrained Keras backbones, search them with FAISS,
+    and classify them with a logistic-regression head."""
+
+
+def _complete_models(incomplete: str) -> list[str]:
+    return [name for name in BACKBONES if name.startswith(incomplete.lower())]
+
+
+def _complete_runtimes(incomplete: str) -> list[str]:
+    return [name for name in RUNTIMES if name.startswith(incomplete)]
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
-RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, "
-                          "tensorflow, jax or torch; every runtime gives the same embeddings")
+RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
+                          help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, tensorflow, jax or torch; "
+                          "with pretrained weights or a weights file all give the same embeddings; seeded random "
+                          "weights (--weights none) are drawn differently by jax and torch, so such a store is "
+                          "used only with its own family (openvino and tensorflow share one)")
 
 
 def _err(message: str) -> None:
@@ -107,7 +134,8 @@ def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
     if fmt not in allowed:
-        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}{did_you_mean(fmt, allowed)}",
+                                 param_hint="--format")
 
 
 def _check_html(html: Path | None) -> None:
@@ -159,7 +187,8 @@ def _print_results(fmt: str, records: Callable[[], list[dict[str, Any]]], csv_he
 def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="backbone (default efficientnetb0; see `imgvec models`)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
+                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
@@ -167,7 +196,7 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec\\[ray]')"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
-from .errors import BadInputError, param
+from .errors import BadInputError, did_you_mean, param
 
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed")
@@ -23,7 +23,7 @@ PRECISIONS = ("float32", "mixed")
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
 
 

@@ -1,15 +1,19 @@
 """How the CLI shows the library's progress (:mod:`imgvec.progress`) on stderr.
 
 On a terminal: a rich bar per phase, left in place when it ends with the time it took. Anywhere
-else (a log file, a pipe, a CI job): one line when a phase starts and one when it ends, with its
-time, so a long ``compare`` or ``train`` is never silent and a log stays readable.
+else (a log file, a pipe, a CI job): a line when a phase has run for :data:`QUIET_SECONDS` and
+one when it ends, with its time, so a long ``compare`` or ``train`` is never silent, while a
+quick command (or an error in the first second) stays one line.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
+
+QUIET_SECONDS = 2.0  # without a terminal, phases shorter than this print nothing
 
 
 class Reporter:
@@ -25,6 +29,9 @@ class Reporter:
         self._bar: Any = None  # rich.progress.Progress, started on the first phase
         self._tasks: dict[str, Any] = {}
         self._started: dict[str, float] = {}
+        self._announced: set[str] = set()
+        self._timers: dict[str, threading.Timer] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "Reporter":
         return self
@@ -33,6 +40,9 @@ class Reporter:
         self.close()
 
     def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -43,10 +53,27 @@ class Reporter:
             return
         if phase not in self._started:
             self._started[phase] = time.perf_counter()
-            self._line(f"imgvec: {phase}: 0/{total:,}")
+            if QUIET_SECONDS <= 0:
+                self._announce(phase, total)
+            else:
+                timer = self._timers[phase] = threading.Timer(QUIET_SECONDS, self._announce, (phase, total))
+                timer.daemon = True
+                timer.start()
         if done >= total and phase in self._started:
             seconds = time.perf_counter() - self._started.pop(phase)
-            self._line(f"imgvec: {phase}: {done:,}/{total:,} in {seconds:.1f}s")
+            timer = self._timers.pop(phase, None)
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                if phase in self._announced:
+                    self._announced.discard(phase)
+                    self._line(f"imgvec: {phase}: {done:,}/{total:,} in {seconds:.1f}s")
+
+    def _announce(self, phase: str, total: int) -> None:
+        with self._lock:
+            if phase in self._started and phase not in self._announced:
+                self._announced.add(phase)
+                self._line(f"imgvec: {phase}: started ({total:,})")
 
     def _use_bar(self) -> bool:
         if self.terminal is None:
