@@ -5,7 +5,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 chromium=${CHROMIUM:-chromium}
-work=$(mktemp -d)
+work=${TMPDIR:-/tmp}/imgvec-demo   # the pages name their folder: a plain name, not a random one
+rm -rf "$work" && mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 python -c "
@@ -24,4 +25,9 @@ for page in query predict compare dedup; do
   "$chromium" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1100,800 \
     --screenshot="$here/$page.png" "file://$work/$page.html" 2> /dev/null
 done
+python -c "
+import sys
+from PIL import Image
+for path in sys.argv[1:]:  # 256 colours: a quarter of the bytes, the same picture
+    Image.open(path).convert('RGB').quantize(256).save(path, optimize=True)" "$here"/*.png
 ls -l "$here"/*.png
