@@ -135,29 +135,28 @@ def render(text: str) -> str:
     return MARKER.sub(fill, text)
 
 
+def _changed() -> list[tuple[Path, str, str]]:
+    """(file, its text, the text with fresh sections) for every file a source has moved away from."""
+    texts = [(path, path.read_text()) for path in doc_files()]
+    return [(path, text, fresh) for path, text in texts if (fresh := render(text)) != text]
+
+
 def stale() -> list[str]:
     """``file: section`` for every generated section that differs from what its source gives now."""
     found = []
-    for path in doc_files():
-        text = path.read_text()
-        fresh = render(text)
-        if fresh != text:
-            old = {m.group(2): m.group(3) for m in MARKER.finditer(text)}
-            new = {m.group(2): m.group(3) for m in MARKER.finditer(fresh)}
-            found += [f"{path.relative_to(REPO)}: {name}" for name in old if old[name] != new.get(name)]
+    for path, text, fresh in _changed():
+        old = {m.group(2): m.group(3) for m in MARKER.finditer(text)}
+        new = {m.group(2): m.group(3) for m in MARKER.finditer(fresh)}
+        found += [f"{path.relative_to(REPO)}: {name}" for name in old if old[name] != new.get(name)]
     return found
 
 
 def write() -> list[Path]:
     """Rewrite every stale file; returns those changed."""
-    changed = []
-    for path in doc_files():
-        text = path.read_text()
-        fresh = render(text)
-        if fresh != text:
-            path.write_text(fresh)
-            changed.append(path)
-    return changed
+    changed = _changed()
+    for path, _, fresh in changed:
+        path.write_text(fresh)
+    return [path for path, _, _ in changed]
 
 
 def main(argv: list[str] | None = None) -> None:
