@@ -97,6 +97,17 @@ def test_embed_index_merge_dedup_report_their_phases(image_dir: Path, small: dic
     assert heard.of("hashing files") == [(0, 12), (12, 12)]
 
 
+def test_query_predict_evaluate_report_embedding_their_inputs(store_path: Path, holdout_dir: Path, tmp_path: Path):
+    head = imgvec.train(store_path, tmp_path / "head.h5", cv=3).head
+    for call in (lambda p: imgvec.query(store_path, [holdout_dir], k=2, progress=p),
+                 lambda p: imgvec.predict(head, [holdout_dir], progress=p),
+                 lambda p: imgvec.evaluate(head, holdout_dir, progress=p)):
+        heard = Recorder()
+        call(heard)
+        assert heard.of("embedding with mobilenetv3small")[0] == (0, 12)
+        assert heard.of("embedding with mobilenetv3small")[-1] == (12, 12)
+
+
 def test_compare_reports_each_backbone_and_each_fold(image_dir: Path, tmp_path: Path):
     heard = Recorder()
     imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "cmp", weights="none", image_size=64,
@@ -114,15 +125,16 @@ def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir
     runner = CliRunner()
     r = runner.invoke(app, ["embed", str(folder), "-o", str(tmp_path / "s.h5"), *SMALL_ARGS])
     assert r.exit_code == 0, r.stderr
-    assert "imgvec: embedding with mobilenetv3small: started (24)\n" in r.stderr
-    assert re.search(r"^imgvec: embedding with mobilenetv3small: 24/24 in \d+\.\ds$", r.stderr, re.M)
+    assert "imgvec: progress: embedding with mobilenetv3small: started (24)\n" in r.stderr
+    assert re.search(r"^imgvec: progress: embedding with mobilenetv3small: 24/24 in \d+\.\ds$", r.stderr, re.M)
     r = runner.invoke(app, ["train", str(tmp_path / "s.h5"), "-o", str(tmp_path / "h.h5"), "--cv", "3"])
     assert r.exit_code == 0, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.startswith("imgvec: choosing C")]
-    assert lines[0] == "imgvec: choosing C: started (3)" and re.fullmatch(r"imgvec: choosing C: 3/3 in \d+\.\ds", lines[1])
-    assert "imgvec: choosing C" not in r.stdout  # results on stdout stay clean
+    lines = [line for line in r.stderr.splitlines() if line.startswith("imgvec: progress: choosing C")]
+    assert lines[0] == "imgvec: progress: choosing C: started (3)"
+    assert re.fullmatch(r"imgvec: progress: choosing C: 3/3 in \d+\.\ds", lines[1])
+    assert "imgvec: progress:" not in r.stdout  # results on stdout stay clean
     r = runner.invoke(app, ["index", str(tmp_path / "s.h5")])
-    assert re.search(r"^imgvec: building the flat index: 24/24 in \d+\.\ds$", r.stderr, re.M)
+    assert re.search(r"^imgvec: progress: building the flat index: 24/24 in \d+\.\ds$", r.stderr, re.M)
 
 
 def test_without_a_terminal_a_short_phase_is_quiet_and_a_long_one_is_announced_while_it_runs(monkeypatch):
@@ -137,8 +149,9 @@ def test_without_a_terminal_a_short_phase_is_quiet_and_a_long_one_is_announced_w
             deadline = time.monotonic() + 10
             while not out.getvalue() and time.monotonic() < deadline:  # announced by its timer, mid-phase
                 time.sleep(0.05)
-            assert out.getvalue() == "imgvec: slow: started (2)\n"
-    assert re.fullmatch(r"imgvec: slow: started \(2\)\nimgvec: slow: 2/2 in \d+\.\ds\n", out.getvalue())
+            assert out.getvalue() == "imgvec: progress: slow: started (2)\n"
+    assert re.fullmatch(r"imgvec: progress: slow: started \(2\)\nimgvec: progress: slow: 2/2 in \d+\.\ds\n",
+                        out.getvalue())
 
 
 def test_on_a_terminal_each_phase_is_a_bar_that_stays_with_its_time():
@@ -148,4 +161,4 @@ def test_on_a_terminal_each_phase_is_a_bar_that_stays_with_its_time():
             step.update(3)
     text = out.getvalue()
     assert "choosing C" in text and "5/5" in text and "━" in text  # rich's bar, finished
-    assert "imgvec: choosing C" not in text  # no log lines on a terminal
+    assert "imgvec: progress:" not in text  # no log lines on a terminal

@@ -28,7 +28,7 @@ from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, ex
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
-from .progress import Progress
+from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
 from .runtime import CacheEntry
 from .results import (Baseline, BackboneScore, Comparison, DedupResult, EmbedSummary, Evaluation, IndexSummary,
@@ -95,7 +95,7 @@ def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "fir
 
 
 # -- query ------------------------------------------------------------------------------
-def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
+def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Progress | None = None
                   ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
     """Embed query or prediction images: (display paths, embeddings, skipped, class-folder labels)."""
     files = find_images(sources).files
@@ -103,11 +103,13 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    for batch in embedder.embed_files([f.path for f in files]):
-        names.extend(_display(files[i].path) for i in batch.indices)
-        labels.extend(files[i].label for i in batch.indices)
-        blocks.append(batch.embeddings)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(files)) as step:
+        for batch in embedder.embed_files([f.path for f in files]):
+            names.extend(_display(files[i].path) for i in batch.indices)
+            labels.extend(files[i].label for i in batch.indices)
+            blocks.append(batch.embeddings)
+            skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
@@ -142,18 +144,20 @@ def query(
     batch_size: int = 32,
     faiss_gpu: str = "auto",
     runtime: str = "auto",
+    progress: Progress | None = None,
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
     ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
     one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
+    ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
         vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
-        names, emb, skipped, _ = _embed_inputs(embedder, queries)
+        names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
         keys, labels = s.paths(), s.labels()
         prov = s.provenance
     scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
@@ -199,7 +203,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32, runtime: str = "auto") -> Predictions:
+            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
     ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
@@ -218,7 +222,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     truths: list[str] = []
     if files:
         embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
-        names, emb, skipped, truths = _embed_inputs(embedder, files)
+        names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
         with open_store(path) as s:
             check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
@@ -361,24 +365,27 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
     return X, labels[keep].astype(str), int((~keep).sum()), paths
 
 
-def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str,
+                          progress: Progress | None = None
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
     embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
-    for batch in embedder.embed_files([f.path for f in labelled]):
-        blocks.append(batch.embeddings)
-        y.extend(labelled[i].label for i in batch.indices)
-        paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(labelled)) as step:
+        for batch in embedder.embed_files([f.path for f in labelled]):
+            blocks.append(batch.embeddings)
+            y.extend(labelled[i].label for i in batch.indices)
+            paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
+            skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
-             runtime: str = "auto") -> Evaluation:
+             runtime: str = "auto", progress: Progress | None = None) -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -395,7 +402,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

@@ -265,7 +265,9 @@ def query(
     """Find the stored images most like each query image."""
     _check_format(fmt)
     _check_html(html)
-    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
+    with Reporter() as progress:
+        r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
+                      progress=progress)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> None:
@@ -315,7 +317,8 @@ def predict(
     """Classify images with a trained head."""
     _check_format(fmt)
     _check_html(html)
-    r = api.predict(head, images, weights=weights, runtime=runtime)
+    with Reporter() as progress:
+        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
     labelled = bool(r.labelled)  # images in class folders: the true label beside the predicted one
@@ -557,7 +560,8 @@ def evaluate(
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
     _check_html(html)
-    e = api.evaluate(head, data, weights=weights, runtime=runtime)
+    with Reporter() as progress:
+        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
     _warn_skipped(e.skipped)
     _warn_random(e.provenance)
     if e.seen_in_training:

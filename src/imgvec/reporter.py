@@ -67,13 +67,13 @@ class Reporter:
             with self._lock:
                 if phase in self._announced:
                     self._announced.discard(phase)
-                    self._line(f"imgvec: {phase}: {done:,}/{total:,} in {seconds:.1f}s")
+                    self._line(f"imgvec: progress: {phase}: {done:,}/{total:,} in {seconds:.1f}s")
 
     def _announce(self, phase: str, total: int) -> None:
         with self._lock:
             if phase in self._started and phase not in self._announced:
                 self._announced.add(phase)
-                self._line(f"imgvec: {phase}: started ({total:,})")
+                self._line(f"imgvec: progress: {phase}: started ({total:,})")
 
     def _use_bar(self) -> bool:
         if self.terminal is None:
