@@ -31,17 +31,20 @@ def test_version_is_the_package_version():
     assert 'version = {attr = "imgvec.__version__"}' in (ROOT / "pyproject.toml").read_text()
 
 
-def _complete(words: str, cword: int) -> list[str]:
-    env = dict(os.environ, _IMGVEC_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword),
-               PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "imgvec"], env=env, capture_output=True, text=True, timeout=60)
+def _imgvec(*args: str, **env: str) -> str:
+    """``imgvec ARGS`` in a fresh process (completion reads its environment), its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
+    r = subprocess.run([sys.executable, "-m", "imgvec", *args], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    return r.stdout.split()
+    return r.stdout
+
+
+def _complete(words: str, cword: int) -> list[str]:
+    return _imgvec(_IMGVEC_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword)).split()
 
 
 def test_shell_completion_offers_commands_models_and_runtimes():
-    r = invoke("--show-completion", "bash")
-    assert r.exit_code == 0 and "_IMGVEC_COMPLETE" in r.stdout
+    assert "_IMGVEC_COMPLETE=complete_bash" in _imgvec("--show-completion", "bash")
     assert _complete("imgvec ev", 1) == ["evaluate"]
     assert _complete("imgvec embed -m mobilenetv3s", 3) == ["mobilenetv3small"]
     assert _complete("imgvec query s.h5 q.jpg --runtime o", 5) == ["openvino"]
