@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import imgvec
 import imgvec.api
 from imgvec.cli import app
-from imgvec.progress import Phase, takes_phase
+from imgvec.progress import Phase, steps, takes_phase
 from imgvec.reporter import Reporter
 
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
@@ -53,6 +53,19 @@ def test_each_phase_starts_at_zero_and_ends_at_its_total():
     assert heard.of("skipped early") == [(0, 4), (4, 4)]
     assert heard.of("failing") == [(0, 5), (1, 5)]  # an error is not reported as the end
     assert heard.of("nothing to do") == []
+
+
+def test_steps_counts_a_step_when_its_loop_body_is_done():
+    heard = Recorder()
+    seen = []
+    for item in steps(heard, "folds", "abc"):
+        seen.append((item, heard.calls[-1][1]))  # inside the body: the steps before it are done
+    assert seen == [("a", 0), ("b", 1), ("c", 2)] and heard.of("folds")[-1] == (3, 3)
+    heard = Recorder()
+    with pytest.raises(ValueError):
+        for item in steps(heard, "folds", "ab"):
+            raise ValueError(item)
+    assert heard.of("folds") == [(0, 2)]
 
 
 def test_old_two_argument_callbacks_still_get_the_counts():

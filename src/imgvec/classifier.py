@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from .artifact import (Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, get_attr, opened,
                        path_digests, str_dtype)
 from .errors import BadInputError, param
-from .progress import Phase, Progress
+from .progress import Phase, Progress, steps
 from .provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -77,11 +77,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
         # One pass per fold along the C path (warm-started) gives both the CV scores and the
         # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
-        paths = []
-        with Phase(progress, "choosing C", len(folds)) as step:
-            for train, test in folds:
-                paths.append(self._path_probabilities(Z[train], y[train], Z[test], Cs))
-                step.advance()
+        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs)
+                 for train, test in steps(progress, "choosing C", folds)]
         classes = np.unique(y)
         predicted = [[classes[p.argmax(1)] for p in probs] for probs in paths]
         accuracy = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, predicted)])

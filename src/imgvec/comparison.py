@@ -24,7 +24,7 @@ import numpy as np
 from .backbones import get_backbone
 from .errors import BadInputError, param
 from .ingest import embed
-from .progress import Phase, Progress
+from .progress import Phase, Progress, steps
 from .provenance import Provenance
 from .results import Baseline, BackboneScore, Comparison
 from .store import open_store
@@ -69,13 +69,11 @@ def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, n
     Cs = DEFAULT_CS if Cs is None else Cs
     predicted = np.empty(len(y), dtype=object)
     scores = []
-    with Phase(progress, f"cross-validating {name}".strip(), len(split)) as step:
-        for train, test in split:
-            inner = max(2, min(INNER_CV, int(np.unique(y[train], return_counts=True)[1].min())))
-            head = LogisticHead(cv=inner, Cs=Cs, random_state=random_state).fit(X[train], y[train])
-            predicted[test] = head.predict(X[test])
-            scores.append(float(np.mean(predicted[test] == y[test])))
-            step.advance()
+    for train, test in steps(progress, f"cross-validating {name}".strip(), split):
+        inner = max(2, min(INNER_CV, int(np.unique(y[train], return_counts=True)[1].min())))
+        head = LogisticHead(cv=inner, Cs=Cs, random_state=random_state).fit(X[train], y[train])
+        predicted[test] = head.predict(X[test])
+        scores.append(float(np.mean(predicted[test] == y[test])))
     return scores, predicted.astype(str)
 
 

@@ -11,7 +11,9 @@ pass any function.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 Progress = Callable[..., None]  # progress(done, total[, phase=...])
 
@@ -56,3 +58,12 @@ class Phase:
     def __exit__(self, kind: Any, *rest: Any) -> None:
         if kind is None and self.done != self.total:
             self.update(self.total)
+
+
+def steps(progress: Progress | None, name: str, items: Iterable[T]) -> Iterator[T]:
+    """``items`` one by one, as the steps of phase ``name``: a step is done when the loop body for it is."""
+    items = list(items)
+    with Phase(progress, name, len(items)) as phase:
+        for item in items:
+            yield item
+            phase.advance()
