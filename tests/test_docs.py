@@ -61,6 +61,9 @@ def test_the_readme_is_a_front_page():
         assert (ROOT / link).exists(), link
     for page in ("backbones", "files", "runtimes", "reliability", "gpu", "performance", "cli"):
         assert f"docs/{page}.md" in README
+    for path in docs.doc_files():  # every link between the pages leads somewhere
+        for link in re.findall(r"\]\(([^)#:]+\.(?:md|png))", path.read_text()):
+            assert (path.parent / link).exists(), (path.name, link)
     assert "## Files from elsewhere" in (ROOT / "docs/reliability.md").read_text()
     history = re.compile(r"earlier claim|was wrong|before this,|used to be|withdrawn", re.I)
     for path in docs.doc_files():
