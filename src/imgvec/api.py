@@ -22,8 +22,8 @@ from .comparison import compare as _compare
 from .duplicates import DuplicateGroup
 from .embedder import Embedder
 from .errors import BadInputError, MismatchError, param
-from .fileio import check_writable, make_folder
-from .images import find_images
+from .fileio import check_output, check_writable, make_folder
+from .images import find_images, is_image_name
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
@@ -68,7 +68,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     gpu = use_faiss_gpu(faiss_gpu)
     path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:  # a missing store is the first thing to say
-        check_writable(path)
+        check_output(path, [store])
         old = None
         if path.exists() and not rebuild:
             try:
@@ -89,7 +89,7 @@ def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "fir
           progress: Progress | None = None) -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
-    check_writable(output)
+    check_output(output, inputs)
     rows, duplicates = merge_stores(inputs, output, on_duplicate, progress=progress)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
@@ -181,7 +181,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
-    check_writable(output)
+    check_output(output, [store])
     with open_store(store) as s:
         labels = np.asarray(s.labels())
         keep = labels != ""
@@ -332,6 +332,8 @@ def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path
     from . import html
 
     with open_store(store) as s:
+        check_output(output, [store, index_path_for(store), s.root, *(q.query for q in results.queries)],
+                     read_under=is_image_name)
         return html.write(output, html.query_page(results, s.absolute, s.root))
 
 
@@ -339,6 +341,7 @@ def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Pa
     """Write a self-contained page of each image with its predicted label and ``top`` probabilities."""
     from . import html
 
+    check_output(output, [predictions.head, *(p.path for p in predictions.predictions)], read_under=is_image_name)
     return html.write(output, html.predict_page(predictions, top=top))
 
 
@@ -424,6 +427,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [evaluation.head, evaluation.data], read_under=is_image_name)
     return html.write(output, html.evaluation_page(evaluation))
 
 
@@ -446,6 +450,7 @@ def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [comparison.source, *(r.store for r in comparison.rows)], read_under=is_image_name)
     return html.write(output, html.compare_page(comparison))
 
 
@@ -476,5 +481,7 @@ def dedup_page(result: DedupResult) -> str:
 def dedup_html(result: DedupResult, output: PathLike) -> Path:
     from . import html
 
+    with open_store(result.store) as s:
+        check_output(output, [result.store, s.root], read_under=is_image_name)
     return html.write(output, dedup_page(result))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable
+from typing import Iterable, Mapping
 
 _PARAM = re.compile(r"\{param:([a-z_]+)\}")
 
@@ -39,9 +39,14 @@ class ImgvecError(Exception):
     def __str__(self) -> str:
         return _PARAM.sub(lambda m: m.group(1), super().__str__())
 
-    def cli_message(self) -> str:
-        """The message with parameters named as the command line's options."""
-        return _PARAM.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().__str__())
+    def cli_message(self, options: Mapping[str, str] | None = None) -> str:
+        """The message with parameters named as the command line's options.
+
+        ``options`` maps a parameter to its option where that is not ``--name`` (``k`` -> ``-k``).
+        """
+        options = options or {}
+        return _PARAM.sub(lambda m: options.get(m.group(1)) or "--" + m.group(1).replace("_", "-"),
+                          super().__str__())
 
 
 class BadInputError(ImgvecError):

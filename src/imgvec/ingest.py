@@ -14,12 +14,13 @@ from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import Embedder
 from .errors import BadInputError, param
-from .fileio import check_writable
-from .images import DEFAULT_MAX_PIXELS, find_images
+from .fileio import check_output
+from .images import DEFAULT_MAX_PIXELS, find_images, is_image_name
 from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
-from .store import StoreWriter
+from .journal import journal_path
+from .store import StoreWriter, open_store
 
 PathLike = str | os.PathLike[str]
 
@@ -59,12 +60,13 @@ def embed(
     """
     if engine not in ENGINES:
         raise BadInputError(f"{param('engine')} {engine!r}: expected one of {', '.join(ENGINES)}")
-    for option, value in (("workers", workers), ("ray_workers", ray_workers)):
+    for option, value in (("workers", workers), ("ray_workers", ray_workers), ("max_pixels", max_pixels)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")
-    output = check_writable(output)  # before finding images or loading a model
+    output = check_output(output, sources, read_under=is_image_name)  # before finding images or loading a model
     start = time.perf_counter()
     writer: StoreWriter | None = None
+    created = False  # a store this run made stays only once it holds a row
     build_seconds = 0.0
     try:
         if output.exists():
@@ -73,15 +75,20 @@ def embed(
                        precision=precision or writer.provenance.precision, runtime=runtime)
             embedder = _embedder_for_store(writer, model, weights, image_size, seed, run)
             collection = find_images(sources, root=writer.root)  # the model loads only if there is work
+            if engine == "local":
+                embedder.check_memory()
         else:
             embedder = Embedder(model or DEFAULT_BACKBONE, weights, image_size, batch_size, workers, seed, max_pixels,
                                 device=device, precision=precision or "float32", runtime=runtime)
             collection = find_images(sources)
+            if engine == "local":
+                embedder.check_memory()  # --image-size 4096: one line now, not the kernel's OOM killer later
             built_from = time.perf_counter()
             with Phase(progress, f"loading {embedder.backbone.name}", 1):
                 embedder.load()  # before creating a store: missing weights must not leave an empty file
             build_seconds = time.perf_counter() - built_from
             writer = StoreWriter(output, embedder.provenance(), collection.root)
+            created = True
         before = len(writer.keys)
         todo = [f for f in collection.files if f.key not in writer.keys]
         if todo and engine == "local" and embedder.engine_ is None:  # timed apart from the throughput
@@ -106,22 +113,31 @@ def embed(
                 finished += len(batch.indices) + len(batch.skipped)
                 step.update(finished)
         writer.commit(drop=removed)
+        created = False
         return EmbedSummary(output, writer.provenance, len(writer.keys) - before + len(removed),
                             len(collection.files) - len(todo), len(writer.keys), skipped,
                             time.perf_counter() - start, len(removed), build_seconds,
                             time.perf_counter() - embed_start)
     except KeyboardInterrupt as interrupt:  # say what is kept: a KeyboardInterrupt still, for notebooks too
-        if writer is None:
-            interrupt.args = ("nothing was stored yet",)
-        else:
-            writer.close()
-            interrupt.args = (f"{len(writer.keys)} rows are safely stored in {output}; "
-                              "running the same command again resumes from there",)
-            writer = None
+        stored = _close(writer, created) if writer is not None else 0
+        writer = None
+        interrupt.args = (f"{stored} rows are safely stored in {output}; running the same command again resumes "
+                          "from there" if stored else "nothing was stored yet",)
         raise
     finally:
         if writer is not None:
-            writer.close()  # on an error or Ctrl-C, what was embedded is still committed
+            _close(writer, created)  # on an error or Ctrl-C, what was embedded is still committed
+
+
+def _close(writer: StoreWriter, created: bool) -> int:
+    """Commit and close ``writer``; the rows stored. A store this run created that holds no row is removed."""
+    writer.close()
+    with open_store(writer.path) as stored:  # the journal may have held a batch the writer had not counted yet
+        rows = stored.rows
+    if created and not rows:
+        for leftover in (writer.path, journal_path(writer.path)):
+            leftover.unlink(missing_ok=True)
+    return rows
 
 
 def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | None, image_size: int | None,
@@ -131,7 +147,7 @@ def _embedder_for_store(store: StoreWriter, model: str | None, weights: str | No
         return Embedder.from_provenance(store.provenance, **kwargs)
     prov = store.provenance
     asked = Embedder(model or prov.backbone, weights if weights is not None else weights_arg(prov),
-                     image_size or prov.input_size, seed=seed, **kwargs)
+                     image_size if image_size is not None else prov.input_size, seed=seed, **kwargs)
     check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
                      fix=f"leave out {param('model')}/{param('weights')}/{param('image_size')} to resume with the store's "
                          "own, or write a new store")
