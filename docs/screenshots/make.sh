@@ -20,7 +20,7 @@ imgvec query photos.h5 images/holdout/reds images/holdout/blues -k 6 --html quer
 imgvec train photos.h5 -o head.h5 --cv 3 > /dev/null
 imgvec predict head.h5 images/holdout --html predict.html > /dev/null
 imgvec compare images/train -m mobilenetv3small,efficientnetb0 --weights none --cv 3 --html compare.html > /dev/null
-imgvec dedup photos.h5 --threshold 0.99 --format html > dedup.html
+imgvec dedup photos.h5 --threshold 0.99 --html dedup.html > /dev/null
 for page in query predict compare dedup; do
   "$chromium" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1100,800 \
     --screenshot="$here/$page.png" "file://$work/$page.html" 2> /dev/null
