@@ -20,8 +20,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .artifact import (Header, check_finite, create, damaged, dataset, decode_keys, encode_keys, get_attr, opened,
-                       path_digests, str_dtype)
+from .artifact import (Expect, Header, capped, check_finite, check_structure, create, damaged, decode_keys,
+                       encode_keys, get_attr, opened, path_digests, reading, str_dtype)
 from .checks import check_per_class
 from .errors import BadInputError
 from .progress import Phase, Progress, steps
@@ -158,6 +158,8 @@ def save_head(head: LogisticHead, path: str | os.PathLike[str], provenance: Prov
     say how many of the images it scores the head has already seen.
     """
     check_is_fitted(head)
+    if len(train_paths) not in (0, head.n_train_):  # the reader refuses any other count
+        raise ValueError(f"train_paths: {len(train_paths)} paths for {head.n_train_} training rows")
     header = Header("head", provenance, store_id, generation, int(head.n_train_), provenance.dim)
     with create(path, header) as h5:
         for name in _ARRAYS:
@@ -184,26 +186,32 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
 def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarray]:
     """The head, its header and the digests of the paths it was trained on."""
     with opened(path, "head", f"no such head file (make one with imgvec train STORE -o {path})") as (h5, header):
-        classes = dataset(h5, "classes", path, "head", 1, "str")
-        n, dim = classes.shape[0], header.dim
+        n = check_structure(h5, path, "head", {"classes": Expect(1, "str")})["classes"].shape[0]
+        dim = header.dim
         shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
+        found = check_structure(h5, path, "head", {
+            **{name.rstrip("_"): Expect(len(shape), "float32", shape) for name, shape in shapes.items()},
+            "train_paths": Expect(1, "uint64", optional=True)})
+        digests = found.get("train_paths")
+        if digests is not None and digests.shape[0] not in (0, header.rows):
+            raise damaged(path, "head", f"'train_paths' holds {digests.shape[0]:,} digests for "
+                                        f"{header.rows:,} training rows")
         head = LogisticHead()
-        for name, shape in shapes.items():
-            ds = dataset(h5, name.rstrip("_"), path, "head", len(shape), "float32")
-            if ds.shape != shape:
-                raise damaged(path, "head", f"{name.rstrip('_')!r} has shape {ds.shape}, expected {shape} "
-                                            f"for {n} classes of dim {dim}")
-            setattr(head, name, check_finite(np.asarray(ds[()], np.float32), path, "head", name.rstrip("_")))
-        head.classes_ = np.asarray(decode_keys(classes, n))
-        head.n_features_in_ = dim
-        train_digests = (np.asarray(h5["train_paths"][()], np.uint64) if "train_paths" in h5
-                         else np.zeros(0, np.uint64))
-        for name, typ in _SCALARS.items():
-            # Version 1 files may lack a parameter added since: it keeps its default.
-            default = getattr(head, name, 0) if header.format_version == 1 else ...
-            setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
+        with reading(path, "head"):
+            for name in shapes:
+                values = np.asarray(found[name.rstrip("_")][()], np.float32)
+                setattr(head, name, check_finite(values, path, "head", name.rstrip("_")))
+            head.classes_ = np.asarray(decode_keys(h5["classes"], n, path, "head"))
+            head.n_features_in_ = dim
+            train_digests = (np.asarray(digests[()], np.uint64) if digests is not None
+                             else np.zeros(0, np.uint64))
+            for name, typ in _SCALARS.items():
+                # Version 1 files may lack a parameter added since: it keeps its default.
+                default = getattr(head, name, 0) if header.format_version == 1 else ...
+                setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
     if n < 2 or len(set(head.classes_.tolist())) != n:
-        raise damaged(path, "head", f"classes {[str(c) for c in head.classes_]} are not 2 or more distinct names")
+        raise damaged(path, "head", f"classes {capped([str(c) for c in head.classes_])} are not 2 or more "
+                                    "distinct names")
     if not (head.scale_ > 0).all():
         raise damaged(path, "head", "'scale' has zero or negative values")
     return head, header, train_digests

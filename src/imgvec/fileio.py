@@ -56,25 +56,7 @@ def open_regular(path: PathLike) -> BinaryIO:
     The open itself never blocks (O_NONBLOCK: a FIFO with no writer would otherwise hang);
     anything but a regular file raises :class:`NotRegularFile` before a byte is read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:  # a socket cannot be opened at all (ENXIO): say what it is
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            raise error from None
-        if stat.S_ISREG(mode):
-            raise
-        raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path)) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return _open_if_regular(path, os.O_RDONLY, "rb")
 
 
 def require_regular(path: PathLike, what: str, missing: str = "no such file") -> Path:
@@ -332,3 +314,35 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 def write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def open_regular_append(path: PathLike) -> BinaryIO:
+    """Open (or create) ``path`` for appending only if it is a regular file; never blocks on a FIFO.
+
+    For the files a writer keeps beside its output (journal, lock): a FIFO there would otherwise
+    hang the open, and a device would take the bytes. Raises :class:`NotRegularFile` for those.
+    """
+    return _open_if_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, "a+b")
+
+
+def _open_if_regular(path: PathLike, flags: int, mode: str) -> BinaryIO:
+    """``os.open`` without blocking (O_NONBLOCK), then :class:`NotRegularFile` unless fstat says regular."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as error:  # a socket cannot be opened at all, a FIFO not for writing (ENXIO): say what it is
+        try:
+            st_mode = os.stat(path).st_mode
+        except OSError:
+            raise error from None
+        if stat.S_ISREG(st_mode):
+            raise
+        raise NotRegularFile(errno.EINVAL, f"{kind_of(st_mode)}, not a regular file", os.fspath(path)) from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise NotRegularFile(errno.EINVAL, f"{kind_of(st_mode)}, not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
