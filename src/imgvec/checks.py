@@ -15,6 +15,7 @@ from .errors import BadInputError, did_you_mean, param
 from .fileio import open_regular
 
 T = TypeVar("T")
+MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): beyond it, memory and no gain
 
 
 def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
@@ -26,11 +27,15 @@ def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
 
 
 def check_image_size(image_size: int, backbone: Any) -> int:
-    """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.Backbone`) can be built for it."""
+    """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.Backbone`) can be built for it,
+    and is at most :data:`MAX_IMAGE_SIZE`."""
     if image_size < backbone.min_size:
         raise BadInputError(
             f"{param('image_size')} {image_size} is too small for {backbone.name} (at least {backbone.min_size})"
         )
+    if image_size > MAX_IMAGE_SIZE:
+        raise BadInputError(f"{param('image_size')} {image_size} is too large (at most {MAX_IMAGE_SIZE}; "
+                            f"{backbone.name} was trained at {backbone.input_size})")
     return image_size
 
 

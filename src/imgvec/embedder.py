@@ -22,14 +22,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
-from .checks import check_choice, check_image_size, sha256_file
+from .checks import MAX_IMAGE_SIZE, check_choice, check_image_size, sha256_file  # noqa: F401 (MAX_IMAGE_SIZE: re-exported)
 from .device import DEVICES, PRECISIONS
 from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance, random_init_family
 from .runtime import RUNTIMES, Engine, dist_version, load_engine
 
-MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): beyond it, memory and no gain
 # Peak memory of one model call per input pixel of each image, rounded up from what was measured:
 # 53-445 bytes (OpenVINO on the CPU: mobilenetv3small, efficientnetb0, resnet50, convnexttiny at 224-448 px).
 ACTIVATION_BYTES_PER_PIXEL = 512
@@ -126,9 +125,6 @@ class Embedder:
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
         self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
                                            self.backbone)
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise BadInputError(f"{param('image_size')} {self.image_size} is too large (at most {MAX_IMAGE_SIZE}; "
-                                f"{self.backbone.name} was trained at {self.backbone.input_size})")
         if batch_size < 1:
             raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
