@@ -217,9 +217,9 @@ def test_compare_takes_its_own_options(tmp_path: Path, image_dir: Path, small, m
     seen = []
     real = imgvec.comparison.cross_validate
 
-    def spy(X, y, split, Cs=None, random_state=0):
+    def spy(X, y, split, Cs=None, random_state=0, **rest):  # rest: progress and the backbone's name
         seen.append(Cs)
-        return real(X, y, split, Cs=Cs, random_state=random_state)
+        return real(X, y, split, Cs=Cs, random_state=random_state, **rest)
 
     monkeypatch.setattr(imgvec.comparison, "cross_validate", spy)
     c = imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "stores", weights="none",

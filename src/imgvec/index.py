@@ -23,6 +23,7 @@ from . import faissblob
 from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
 from .checks import check_choice
 from .errors import BadInputError, MismatchError, param
+from .progress import Phase, Progress
 from .provenance import Provenance
 from .store import Store
 
@@ -275,11 +276,12 @@ def to_cpu(index: Any) -> Any:
 
 
 def build_index(store: Store, kind: str = "auto", memory_budget: int | None = None,
-                gpu: bool = False) -> VectorIndex:
+                gpu: bool = False, progress: Progress | None = None) -> VectorIndex:
     """Build an index over every committed row of ``store``, streaming it in chunks.
 
     Only the index itself and one chunk (plus, for IVF-PQ, a training sample of at most
-    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store.
+    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store. ``progress``
+    hears ``training the <kind> index`` and ``building the <kind> index`` (rows added).
     """
     import faiss
 
@@ -291,12 +293,15 @@ def build_index(store: Store, kind: str = "auto", memory_budget: int | None = No
     if gpu:
         index = to_gpu(index, kind)
     if not index.is_trained:
-        sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
-        faiss.normalize_L2(sample)
-        index.train(sample)
-        del sample
-    for _, block in store.iter_embeddings(chunk_rows(store.dim)):
-        index.add(normalized(block))
+        with Phase(progress, f"training the {kind} index", 1):
+            sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
+            faiss.normalize_L2(sample)
+            index.train(sample)
+            del sample
+    with Phase(progress, f"building the {kind} index", rows) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim)):
+            index.add(normalized(block))
+            step.update(start + len(block))
     return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
 
 
@@ -309,13 +314,15 @@ def can_extend(index: VectorIndex, store: Store) -> bool:
     return index.rows <= store.rows and _holds_rows(index, store)
 
 
-def extend_index(index: VectorIndex, store: Store) -> int:
+def extend_index(index: VectorIndex, store: Store, progress: Progress | None = None) -> int:
     """Add the store rows the index does not cover yet (FAISS adds without retraining); returns how many."""
     if not can_extend(index, store):
         raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
     added = store.rows - index.rows
-    for _, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
-        index.faiss_index.add(normalized(block))
+    with Phase(progress, f"adding to the {index.kind} index", added) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
+            index.faiss_index.add(normalized(block))
+            step.update(start + len(block) - index.rows)
     index.rows = store.rows
     return added
 

@@ -35,6 +35,7 @@ from .artifact import (Expect, Header, check_finite, check_structure, damaged, d
 from .fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
 from .journal import JournalWriter, Record, journal_path, read_journal
+from .progress import Phase, Progress
 from .provenance import Provenance
 
 CHUNK_ROWS = 256
@@ -397,8 +398,10 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
-                 on_duplicate: str = "first", chunk: int = 65536) -> tuple[int, int]:
+                 on_duplicate: str = "first", chunk: int = 65536, progress: Progress | None = None) -> tuple[int, int]:
     """Write the rows of several stores (shards) into a new store; returns (rows, duplicates).
+
+    ``progress`` (see :mod:`imgvec.progress`) hears the phase ``merging`` (rows read).
 
     Every input must have been made the same way (provenance). Paths are re-based onto the
     inputs' common root; a path present in several inputs is kept once, from the first input
@@ -422,6 +425,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
         seen: set[str] = set()
         duplicates = 0
         writer = StoreWriter(output, first.provenance, root)
+        step = Phase(progress, "merging", sum(s.rows for s in stores)).__enter__()
         try:
             for s in stores:
                 keys = [key_for(s.absolute(k), root) for k in s.paths()]
@@ -435,6 +439,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                     seen.update(keys[i] for i in idx)
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
                                   [labels[i] for i in idx])
+                    step.advance(len(block))
                 skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
                 writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
         except BaseException:
