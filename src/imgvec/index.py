@@ -4,7 +4,9 @@ Similarity is cosine: vectors are L2-normalised and searched by inner product. A
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
 artifact header (artifact.py) that says which store, which generation of it and how many of its
 rows it covers. The bytes are streamed to and from the file a few MiB at a time, so neither
-writing nor reading an index ever holds a second copy of it in memory.
+writing nor reading an index ever holds a second copy of it in memory. On reading, the bytes are
+checked by :mod:`imgvec.faissblob` before FAISS sees any of them, and FAISS then reads exactly the
+bytes checked.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import faissblob
 from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
 from .checks import check_choice
 from .errors import BadInputError, MismatchError, param
@@ -140,11 +143,18 @@ class VectorIndex:
         return Header("index", self.provenance, self.store_id, self.generation, self.rows, self.provenance.dim)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
+        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row.
+
+        Ids are rows in ``[0, rows)``, or -1 where an approximate index found fewer than ``k``;
+        :func:`load_index` checked every id the index stores, so no other value can come back.
+        """
         if k < 1:
             raise BadInputError(f"{param('k')} must be at least 1, not {k}")
         k = min(k, self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
+        if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
+            bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
+            raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index") -> None:
@@ -194,17 +204,9 @@ class _DatasetSink:
             self.buffer = bytearray()
 
 
-class _DatasetSource:
-    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call."""
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-        self.pos = 0
-
-    def read(self, n: int) -> bytes:
-        data = self.ds[self.pos : self.pos + n].tobytes()
-        self.pos += len(data)
-        return data
+class _DatasetSource(faissblob.Verified):
+    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call, each
+    one compared with the bytes :func:`faissblob.check` checked."""
 
 
 def _holds_rows(index: VectorIndex, store: Store) -> bool:
@@ -334,8 +336,11 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
-        try:
-            index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(ds).read, IO_BLOCK_BYTES))
+        try:  # FAISS trusts what it reads: check it all first, then hold FAISS to the bytes checked
+            source = _DatasetSource(ds, faissblob.check(ds, kind, header.dim, header.rows), IO_BLOCK_BYTES)
+            index = faiss.read_index(source.reader())
+        except faissblob.MalformedBlob as error:
+            raise damaged(path, "index", str(error)) from None
         except (RuntimeError, MemoryError, ValueError) as error:
             raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
