@@ -122,6 +122,17 @@ def test_errors_are_one_json_line_with_a_4xx(served, request_, status, message):
     assert "\n" not in r.json()["error"]
 
 
+def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
+    client = TestClient(serve.create_app(served["service"]), raise_server_exceptions=False)
+
+    def broken(*args):
+        raise RuntimeError("faiss fell over\nwith a second line")
+
+    monkeypatch.setattr(served["service"].snapshot.index, "search", broken)
+    r = client.get("/api/query", params={"path": "reds/reds_000.png"})
+    assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: faiss fell over"}
+
+
 def test_uploads_that_are_not_images_are_refused(served, tmp_path):
     client = served["client"]
     for body, why in ((b"", "the request has no image"), (b"hello, not an image" * 100, "upload: not a recognised image"),

@@ -49,6 +49,10 @@ THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages'
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
+class NotServed(BadInputError):
+    """A path that is not an image of the store the service shows (HTTP 404)."""
+
+
 def query_record(result: QueryResult) -> dict[str, Any]:
     """The JSON record of one query: what ``imgvec query --format json`` prints for one image."""
     return {"query": result.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score, "label": n.label}
@@ -191,7 +195,7 @@ class Service:
         if row is None and path.startswith(snap.root.rstrip("/") + "/"):
             row = snap.rows_of.get(path[len(snap.root.rstrip("/")) + 1:])
         if row is None:
-            raise LookupError(f"{path}: not an image of the store {self.path}")
+            raise NotServed(f"{path}: not an image of the store {self.path}")
         return row
 
     def _neighbours(self, snap: Snapshot, name: str, vector: np.ndarray, k: int) -> QueryResult:
@@ -233,17 +237,17 @@ class Service:
         key = snap.keys[self.row_of(snap, path)]
         root = os.path.realpath(snap.root)
         if os.path.isabs(key):
-            raise LookupError(f"{path}: outside the store's root {snap.root}; not served")
+            raise NotServed(f"{path}: outside the store's root {snap.root}; not served")
         try:
             with open_regular(os.path.join(snap.root, key)) as fh:
                 real = _opened_path(fh) or os.path.realpath(os.path.join(snap.root, key))
                 if os.path.commonpath([root, real]) != root:
-                    raise LookupError(f"{path}: links outside the store's root {snap.root}; not served")
+                    raise NotServed(f"{path}: links outside the store's root {snap.root}; not served")
                 jpeg = thumbnail_jpeg(fh, THUMB_PIXELS, self.max_pixels)
-        except LookupError:
+        except NotServed:
             raise
         except OSError as error:
-            raise LookupError(f"{path}: cannot be read ({error.strerror or error})") from None
+            raise NotServed(f"{path}: cannot be read ({error.strerror or error})") from None
         except Exception as error:  # noqa: BLE001 - any decoder failure: the file changed since it was embedded
             raise BadInputError(f"{path}: cannot decode: {str(error).splitlines()[0] if str(error) else error}"
                                 ) from None
@@ -307,12 +311,12 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
         return JSONResponse({"error": message}, status, headers=headers())
 
     def answer(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
-        """imgvec's errors as one JSON line: bad input 400, an unknown row 404, a mismatch 409."""
+        """imgvec's errors as one JSON line: bad input 400, a path not served 404, a mismatch 409."""
         def endpoint(request: Request) -> Response:
             try:
                 return fn(request)
-            except LookupError as missing:
-                return error(404, str(missing.args[0]))
+            except NotServed as missing:
+                return error(404, str(missing))
             except MismatchError as mismatch:
                 return error(409, str(mismatch))
             except ImgvecError as bad:
@@ -381,11 +385,15 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
         assert isinstance(exc, HTTPException)
         return error(exc.status_code, str(exc.detail))
 
+    async def server_error(request: Request, exc: Exception) -> Response:  # a bug: still one JSON line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return error(500, f"internal error: {type(exc).__name__}: {first}")
+
     routes = [Route("/", page, methods=["GET"]), Route("/serve.js", script, methods=["GET"]),
               Route("/image", image, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
               Route("/api/query", query_get, methods=["GET"]), Route("/api/query", query_post, methods=["POST"])]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 def allowed_hosts_for(host: str) -> list[str] | None:
