@@ -281,14 +281,15 @@ def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is
 def test_the_model_runs_one_batch_at_a_time_while_searches_go_on(served, image_dir: Path):
     service = served["service"]
     engine = service.embedder.engine_
-    inside, most, gate = [0], [0], threading.Event()
+    inside, most, calls, gate = [0], [0], [], threading.Event()
     lock = threading.Lock()
 
     def slow_engine(pixels):
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
-        gate.wait(10)  # held until the searches below have been answered
+            calls.append(len(pixels))
+        gate.wait(20)  # held until the searches below have been answered
         try:
             return engine(pixels)
         finally:
@@ -298,28 +299,40 @@ def test_the_model_runs_one_batch_at_a_time_while_searches_go_on(served, image_d
     slow_engine.model_batch = engine.model_batch  # type: ignore[attr-defined]
     service.embedder.engine_ = slow_engine
     client = served["client"]
-    body = (image_dir / "blues" / "blues_001.png").read_bytes()
-    posts: list = []
+    bodies = [(image_dir / cls / f"{cls}_002.png").read_bytes() for cls in ("blues", "reds", "greens", "yellows")]
+    posts: dict = {}
+
+    def post(i: int) -> None:
+        posts[i] = client.post("/api/query", params={"k": 2}, content=bodies[i])
+
     try:
-        threads = [threading.Thread(target=lambda: posts.append(client.post("/api/query", params={"k": 2},
-                                                                            content=body))) for _ in range(4)]
-        for t in threads:
+        first = threading.Thread(target=post, args=(0,))
+        first.start()
+        _wait_for(lambda: inside[0] == 1)
+        rest = [threading.Thread(target=post, args=(i,)) for i in (1, 2, 3)]
+        for t in rest:
             t.start()
-        deadline = time.time() + 10
-        while inside[0] == 0 and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_for(lambda: service.model.queue.qsize() == 3)  # decoded, waiting for the model
         gets = [client.get("/api/query", params={"path": "reds/reds_000.png", "k": 3}) for _ in range(5)]
         assert inside[0] == 1 and not posts, "the searches were answered while the model was busy"
         gate.set()
-        for t in threads:
-            t.join(30)
+        for t in [first, *rest]:
+            t.join(60)
     finally:
         gate.set()
         service.embedder.engine_ = engine
     assert all(g.status_code == 200 for g in gets)
-    assert len(posts) == 4 and all(p.status_code == 200 for p in posts)
-    assert {p.json()["results"][0]["path"] for p in posts} == {"blues/blues_001.png"}
+    assert [posts[i].json()["results"][0]["path"] for i in range(4)] == [
+        "blues/blues_002.png", "reds/reds_002.png", "greens/greens_002.png", "yellows/yellows_002.png"]
     assert most[0] == 1, "two batches ran through the model at once"
+    assert calls == [1, 3], "the three uploads that waited went through the model as one batch"
+
+
+def _wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 # -- the command ---------------------------------------------------------------------------------

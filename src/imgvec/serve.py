@@ -12,10 +12,11 @@ parse a request, call the :class:`Service`, and render its records as JSON or th
 Safe by default: it binds 127.0.0.1 and answers only requests addressed to that host (a web page
 cannot reach it through DNS rebinding), never writes the store, bounds request bodies, pixels and
 ``k``. Requests are served concurrently (sync routes run in Starlette's thread pool); the model
-runs one batch at a time behind a lock, searches run side by side. Each request compares the
-store file's identity (inode, size, mtime) with the one loaded: when ``embed`` has published a
-new store, the service loads it and answers from it, or, when it cannot (an index it cannot
-bring up to date), keeps answering from the one it has and says so in every answer.
+runs in one thread of its own, one batch at a time (uploads waiting for it go through together),
+while decoding and searches run side by side. Each request compares the store file's identity
+(inode, size, mtime) with the one loaded: when ``embed`` has published a new store, the service
+loads it and answers from it, or, when it cannot (an index it cannot bring up to date), keeps
+answering from the one it has and says so in every answer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -45,6 +48,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 32 << 20  # an uploaded image; the pixel limit then bounds what decoding it costs
 MAX_K = 1000
+MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -90,6 +94,48 @@ class Snapshot:
         return len(self.keys)
 
 
+class ModelWorker:
+    """One thread owns the model: uploads wait in a queue, and whatever is waiting when the model
+    is free goes through it as one batch (one batch at a time; a batch spreads over the cores)."""
+
+    def __init__(self, embedder: "Embedder", max_batch: int = MODEL_BATCH) -> None:
+        self.embedder, self.max_batch = embedder, max_batch
+        self.queue: queue.Queue[tuple[np.ndarray, Future[np.ndarray]] | None] = queue.Queue()
+        self.batches: list[int] = []  # how many images each model call took (the last 1000)
+        threading.Thread(target=self._loop, name="imgvec-model", daemon=True).start()
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """The embedding of one ``(size, size, 3)`` uint8 image, when its batch has run."""
+        done: Future[np.ndarray] = Future()
+        self.queue.put((pixels, done))
+        return done.result()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            try:
+                rows = self.embedder.embed_arrays(np.stack([pixels for pixels, _ in batch]))
+            except BaseException as error:  # noqa: BLE001 - every waiting request hears of it
+                for _, done in batch:
+                    done.set_exception(error)
+                continue
+            self.batches = [*self.batches[-999:], len(batch)]
+            for (_, done), row in zip(batch, rows):
+                done.set_result(row)
+
+
 class Service:
     """The store at ``store``, its index and its model, loaded once and kept up to date.
 
@@ -108,11 +154,11 @@ class Service:
         self.max_pixels, self.max_body = int(max_pixels), int(max_body)
         self.default_k = self.check_k(k)
         self.embedder: Embedder | None = None
+        self.model: ModelWorker | None = None
         self._model_provenance: Provenance | None = None
         self.stale: str | None = None  # why the store on disk is newer than what is served
         self._failed: tuple[Any, ...] | None = None
         self._reload = threading.Lock()
-        self._model = threading.Lock()
         self.snapshot: Snapshot = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
@@ -174,9 +220,11 @@ class Service:
         if self._model_provenance is not None and self._model_provenance.key() == prov.key():
             return
         embedder = Embedder.from_provenance(prov, weights_path=self.weights, runtime=self.runtime,
-                                            max_pixels=self.max_pixels, batch_size=1)
+                                            max_pixels=self.max_pixels, batch_size=MODEL_BATCH)
         embedder.load()
-        self.embedder, self._model_provenance = embedder, prov
+        if self.model is not None:
+            self.model.stop()
+        self.embedder, self.model, self._model_provenance = embedder, ModelWorker(embedder), prov
 
     # -- answers ---------------------------------------------------------------------------
     def check_k(self, k: Any) -> int:
@@ -217,15 +265,13 @@ class Service:
         if not data:
             raise BadInputError("the request has no image: send the image file as the body")
         snap = self.current()
-        embedder = self.embedder
-        assert embedder is not None
-        try:
+        embedder, model = self.embedder, self.model
+        assert embedder is not None and model is not None
+        try:  # decoding runs in the request's thread, side by side with other requests
             pixels = load_image(name, embedder.image_size, self.max_pixels, data=io.BytesIO(data))
         except ImageSkipped as skipped:
             raise BadInputError(str(skipped)) from None
-        with self._model:  # one batch at a time through the model; decoding and searching run side by side
-            vector = embedder.embed_arrays(pixels[None])[0]
-        return snap, self._neighbours(snap, name, vector, k)
+        return snap, self._neighbours(snap, name, model.embed(pixels), k)
 
     def image_file(self, path: str) -> bytes:
         """A JPEG thumbnail of the stored image ``path``: only rows of the store, only regular files,
