@@ -354,6 +354,29 @@ def test_serve_command_errors_are_one_line(tmp_path, served):
     assert out.returncode == 2 and "-k must be between 1 and 1000, not 0" in out.stderr, out.stderr
 
 
+def test_connections_are_not_held_back_by_nagle():
+    """asyncio sets TCP_NODELAY only on connections of an IPPROTO_TCP socket: without it every answer
+    waited ~40 ms for the client's delayed ACK (measured: 44 ms vs 0.7 ms for a 404)."""
+    import asyncio
+
+    async def main() -> int:
+        nodelay = asyncio.get_running_loop().create_future()
+
+        async def accepted(reader, writer):
+            nodelay.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=serve.listen("127.0.0.1", 0))
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(nodelay, 10)
+            writer.close()
+            return value
+
+    assert asyncio.run(main()) != 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -38,6 +38,8 @@ from .images import DEFAULT_MAX_PIXELS, load_image
 from .results import Neighbour, QueryResult
 
 if TYPE_CHECKING:  # pragma: no cover
+    import socket
+
     from starlette.applications import Starlette
 
     from .embedder import Embedder
@@ -452,6 +454,23 @@ def allowed_hosts_for(host: str) -> list[str] | None:
     return [*_LOOPBACK_NAMES, host] if loopback else None
 
 
+def listen(host: str, port: int) -> "socket.socket":
+    """A TCP socket listening on ``host``:``port``; one :class:`BadInputError` line when it cannot."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and without
+        # it each response (headers, then body) waits ~40 ms for the client's delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
+    except OSError as error:
+        raise BadInputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
 def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runtime: str = "auto",
         k: int = 10, weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
         max_body: int = MAX_BODY_BYTES, say: Callable[[str], None] = print) -> None:
@@ -460,22 +479,14 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
     Everything that can fail (the store, the model, the port) fails before serving starts, as one
     :class:`ImgvecError`. ``say`` gets one line when the service is ready.
     """
-    import socket
-
     import uvicorn
 
     service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body)
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
-    except OSError as error:
-        raise BadInputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock = listen(host, port)
     snap = service.snapshot
     shown = f"[{host}]" if ":" in host else host
-    open_to = "" if allowed_hosts_for(host) else "; listening beyond this machine: anyone who can reach it can search the store and see its images"
+    open_to = ("" if allowed_hosts_for(host) else
+               "; listening beyond this machine: anyone who can reach it can search the store and see its images")
     say(f"imgvec serve: http://{shown}:{sock.getsockname()[1]}/ ({service.path}: {snap.rows} rows, {snap.index.kind} "
         f"index, {snap.provenance.describe()}){open_to}; Ctrl-C stops")
     config = uvicorn.Config(create_app(service, allowed_hosts_for(host)), log_level="warning", access_log=False,
