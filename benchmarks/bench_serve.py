@@ -147,6 +147,38 @@ def load(url: str, request: Callable[[Any, int], Any], clients: int, max_request
             "throughput_rps": len(latencies) / wall if wall > 0 else float("nan")}
 
 
+def stages(store: Path, body: bytes, repeats: int = 50) -> dict[str, float]:
+    """Where a request's time goes, in this process without HTTP: median ms of each stage of the service."""
+    os.environ.update(_env())
+    from imgvec.images import load_image
+    from imgvec.serve import Service
+
+    service = Service(store, runtime="openvino")
+    snap = service.current()
+    rows = snap.rows
+
+    def ms(fn: Callable[[int], Any]) -> float:
+        times = []
+        for i in range(repeats):
+            t = time.perf_counter()
+            fn((i * 2654435761) % rows)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+
+    pixels = load_image("upload", 224, data=io.BytesIO(body))
+    batch = np.stack([pixels] * 8)
+    out = {"check_store_changed": ms(lambda i: service.current()),
+           "read_stored_vector": ms(lambda i: snap.store.embeddings(i, i + 1)),
+           "search_k10": ms(lambda i: snap.index.search(snap.store.embeddings(i, i + 1), 10)),
+           "get_without_http": ms(lambda i: service.query_path(f"img_{i:07d}.jpg", 10)),
+           "decode_jpeg": ms(lambda i: load_image("upload", 224, data=io.BytesIO(body))),
+           "model_1_image": ms(lambda i: service.embedder.embed_arrays(pixels[None])),
+           "model_8_images_per_image": ms(lambda i: service.embedder.embed_arrays(batch), ) / 8,
+           "post_without_http": ms(lambda i: service.query_image(body, 10))}
+    service.model.stop()
+    return out
+
+
 def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_requests: int, seconds: float
             ) -> dict[str, Any]:
     store = make_store(rows)
@@ -173,7 +205,9 @@ def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_request
         rss = server.peak_rss_mb()
     finally:
         server.stop()
-    return {"rows": rows, "dim": DIM, "index_kind": info["index"]["kind"], "runtime": info["runtime"],
+    profile = stages(store, body)
+    return {"rows": rows, "dim": DIM, "stages_ms": profile, "index_kind": info["index"]["kind"],
+            "runtime": info["runtime"],
             "backbone": f"{info['provenance']['backbone']} @ {info['provenance']['input_size']}px, random weights",
             "jpeg_bytes": len(body), "server_start_s": server.start_s, "server_peak_rss_mb": rss, "runs": runs}
 
@@ -188,6 +222,15 @@ def markdown(data: dict[str, Any]) -> str:
         out.append(md_table(["request", "clients", "answered", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
                             [(r["endpoint"], r["clients"], r["requests"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
                               r["throughput_rps"]) for r in m["runs"]]))
+        if "stages_ms" in m:
+            st = m["stages_ms"]
+            out.append(f"\nWhere the time goes (one request at a time, in-process, no HTTP; median ms): "
+                       f"GET {st['get_without_http']:.1f} (search {st['search_k10']:.1f}, stored vector "
+                       f"{st['read_stored_vector']:.2f}, store-changed check {st['check_store_changed']:.3f}); "
+                       f"POST {st['post_without_http']:.1f} (JPEG decode {st['decode_jpeg']:.1f}, model "
+                       f"{st['model_1_image']:.1f} for one image, {st['model_8_images_per_image']:.1f} per image "
+                       f"in a batch of 8). With 8 clients a request mostly waits for the CPU: p50 is about "
+                       f"8 / throughput.\n")
         eight = {r["endpoint"].split()[0]: r for r in m["runs"] if r["clients"] == 8}
         if m["rows"] >= 1_000_000 and eight:
             g, p = eight["GET"], eight["POST"]
