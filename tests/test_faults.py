@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -120,17 +121,22 @@ def test_fifo_device_and_socket_never_hang_any_command(tmp_path: Path, image_dir
     assert "skipped reds/zero.png: a character device, not a regular file" in embed["stderr"]
     assert "skipped reds/sock.png: a socket, not a regular file" in embed["stderr"]
     assert train["code"] == 0
-    results = json.loads(query["stdout"])
+    results = json.loads(query["stdout"])["queries"]
     assert query["code"] == 0 and [q["query"].endswith("blues.png") for q in results] == [True]
     assert len(results[0]["results"]) == 3 and query["stderr"].count("imgvec: warning: skipped") == 3
     _one_error_line(query_bad, "no input image could be read (3 skipped; first", "not a regular file")
-    assert predict["code"] == 0 and len(json.loads(predict["stdout"])) == 1
+    assert predict["code"] == 0 and len(json.loads(predict["stdout"])["predictions"]) == 1
     _one_error_line(predict_bad, "(1 skipped; first", "pipe.jpg: a FIFO (named pipe), not a regular file")
     _one_error_line(evaluate, "no input image could be read (3 skipped")
     assert dedup["code"] == 0 and "3 files could not be read for hashing" in dedup["stderr"]
     assert again["code"] == 0 and "0 images embedded, 24 already there" in again["stdout"]
-    assert query_after["code"] == 0 and len(json.loads(query_after["stdout"])[0]["results"]) == 2
-    assert bad_names  # nothing of the above read them: a FIFO read would have hung until the timeout
+    assert query_after["code"] == 0 and len(json.loads(query_after["stdout"])["queries"][0]["results"]) == 2
+    # The three special files of the folder that holds nothing else were each looked at and skipped, never
+    # read (a FIFO read would have hung until the timeout), and are still what they were.
+    assert sorted(bad_names) == ["pipe.jpg", "sock.png", "zero.png"]
+    assert f"(3 skipped; first {only_bad / 'pipe.jpg'}: a FIFO (named pipe)" in query_bad["stderr"]
+    assert stat.S_ISFIFO(os.lstat(only_bad / "pipe.jpg").st_mode) and os.readlink(only_bad / "zero.png") == "/dev/zero"
+    assert stat.S_ISSOCK(os.lstat(only_bad / "sock.png").st_mode)
 
 
 @pytest.fixture(scope="module")

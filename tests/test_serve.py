@@ -36,13 +36,24 @@ def _cli_record(store: Path, image: Path, k: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "imgvec", "query", str(store), str(image), "-k", str(k),
                           "--format", "json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    (record,) = json.loads(out.stdout)
-    return record
+    return json.loads(out.stdout)
 
 
-def _same_results(got: list[dict], want: list[dict]) -> None:
-    assert [(r["rank"], r["path"], r["label"]) for r in got] == [(r["rank"], r["path"], r["label"]) for r in want]
-    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-4)
+def _same_record(got: dict, want: dict) -> None:
+    """The same record: every field equal, scores to float32 rounding (stored vs re-embedded vectors)."""
+    assert set(got) == set(want) and len(got["queries"]) == len(want["queries"]) == 1
+    assert {k: v for k, v in got.items() if k != "queries"} == {k: v for k, v in want.items() if k != "queries"}
+    g, w = got["queries"][0], want["queries"][0]
+    assert set(g) == set(w) == {"query", "results"}
+    assert [(r["rank"], r["path"], r["label"]) for r in g["results"]] == [
+        (r["rank"], r["path"], r["label"]) for r in w["results"]]
+    np.testing.assert_allclose([r["score"] for r in g["results"]], [r["score"] for r in w["results"]], atol=1e-4)
+
+
+def _hits(response) -> list[dict]:
+    """The neighbours in an answer, their paths relative to the store's root (as the store names them)."""
+    record = response.json()
+    return [{**n, "path": os.path.relpath(n["path"], record["root"])} for n in record["queries"][0]["results"]]
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +89,8 @@ def test_query_by_stored_path_is_the_cli_record(served):
     for path in ("blues/blues_002.png", f"{served['folder']}/blues/blues_002.png"):  # as stored, or under the root
         r = served["client"].get("/api/query", params={"path": path, "k": 5})
         assert r.status_code == 200, r.text
-        got = r.json()
-        assert set(got) == {"query", "results"} and got["query"] == "blues/blues_002.png"
-        _same_results(got["results"], want["results"])
-        assert got["results"][0]["path"] == "blues/blues_002.png" and got["results"][0]["score"] > 0.999
+        _same_record(r.json(), want)  # the query too: the image's path, absolute
+        assert _hits(r)[0]["path"] == "blues/blues_002.png" and _hits(r)[0]["score"] > 0.999
         assert r.headers["X-Imgvec-Generation"] == "0" and r.headers["X-Imgvec-Rows"] == "26"
 
 
@@ -89,16 +98,17 @@ def test_query_by_uploaded_image_is_the_cli_record(served, holdout_dir: Path):
     image = holdout_dir / "yellows" / "yellows_001.png"
     r = served["client"].post("/api/query", params={"k": 4, "name": "mine.png"}, content=image.read_bytes())
     assert r.status_code == 200, r.text
-    got = r.json()
-    assert got["query"] == "mine.png"
-    _same_results(got["results"], _cli_record(served["store"], image, 4)["results"])
-    assert got["results"][0]["label"] == "yellows"
+    want = _cli_record(served["store"], image, 4)
+    assert r.json()["queries"][0]["query"] == "mine.png"
+    want["queries"][0]["query"] = "mine.png"  # an upload has only the name it was sent with
+    _same_record(r.json(), want)
+    assert _hits(r)[0]["label"] == "yellows"
 
 
 def test_default_k_and_k_above_the_rows(served):
     client = served["client"]
-    assert len(client.get("/api/query", params={"path": "reds/reds_000.png"}).json()["results"]) == 10
-    assert len(client.get("/api/query", params={"path": "reds/reds_000.png", "k": 500}).json()["results"]) == 26
+    assert len(_hits(client.get("/api/query", params={"path": "reds/reds_000.png"}))) == 10
+    assert len(_hits(client.get("/api/query", params={"path": "reds/reds_000.png", "k": 500}))) == 26
 
 
 @pytest.mark.parametrize("request_, status, message", [
@@ -155,7 +165,7 @@ def test_body_and_pixel_limits(served, image_dir: Path):
     r = client.post("/api/query", content=big.getvalue())  # under the byte limit, over the pixel limit
     assert r.status_code == 400 and "80x80 pixels is over the limit of 4096" in r.json()["error"]
     ok = client.post("/api/query", content=(image_dir / "reds" / "reds_002.png").read_bytes())  # 64x64: allowed
-    assert ok.status_code == 200 and ok.json()["results"][0]["path"] == "reds/reds_002.png"
+    assert ok.status_code == 200 and _hits(ok)[0]["path"] == "reds/reds_002.png"
 
 
 # -- images: rows of the store, and nothing else -------------------------------------------------
@@ -196,7 +206,7 @@ def test_image_refuses_raw_traversal_in_the_url(served):
 def test_a_link_out_is_still_a_row_to_search_from(served):
     r = served["client"].get("/api/query", params={"path": "reds/link_out.png", "k": 2})
     assert r.status_code == 200  # the same picture as reds_001.png: both at the top
-    assert {n["path"] for n in r.json()["results"]} == {"reds/link_out.png", "reds/reds_001.png"}
+    assert {n["path"] for n in _hits(r)} == {"reds/link_out.png", "reds/reds_001.png"}
 
 
 # -- the page ----------------------------------------------------------------------------------
@@ -234,10 +244,10 @@ def test_new_rows_are_served_once_embed_publishes_them(tmp_path, image_dir: Path
     shutil.copy(new, folder / "greens" / "new.png")
     imgvec.embed([folder], store, **small)  # while the service is loaded
     r = client.get("/api/query", params={"path": "greens/new.png", "k": 3})
-    assert r.status_code == 200 and r.json()["results"][0]["path"] == "greens/new.png"
+    assert r.status_code == 200 and _hits(r)[0]["path"] == "greens/new.png"
     assert r.headers["X-Imgvec-Rows"] == "25"
     r = client.post("/api/query", params={"k": 1}, content=new.read_bytes())
-    assert r.json()["results"] == [{"rank": 1, "path": "greens/new.png", "score": pytest.approx(1, abs=1e-4),
+    assert _hits(r) == [{"rank": 1, "path": "greens/new.png", "score": pytest.approx(1, abs=1e-4),
                                     "label": "greens"}]
     assert client.get("/api/info").json()["rows"] == 25
 
@@ -255,7 +265,7 @@ def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is
     shutil.copy(holdout_dir / "blues" / "blues_000.png", folder / "blues" / "added.png")
     imgvec.embed([folder], store, **small)
     r = client.get("/api/query", params={"path": "blues/added.png", "k": 1})
-    assert r.status_code == 200 and r.json()["results"][0]["path"] == "blues/added.png"
+    assert r.status_code == 200 and _hits(r)[0]["path"] == "blues/added.png"
     info = client.get("/api/info").json()
     assert info["index"] == {"kind": "flat", "file": str(index_file), "rows": 25, "added_in_memory": 1}
     assert index_file.read_bytes() == before, "the service never writes the index file"
@@ -265,7 +275,7 @@ def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is
     r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 30})
     assert r.status_code == 200
     assert "answers come from it as it was when loaded: generation 0, 25 rows" in r.headers["X-Imgvec-Stale"]
-    assert "reds/reds_000.png" in [n["path"] for n in r.json()["results"]]  # the older store, plainly said
+    assert "reds/reds_000.png" in [n["path"] for n in _hits(r)]  # the older store, plainly said
     info = client.get("/api/info").json()
     assert info["stale"].startswith(f"{store} changed on disk but cannot be served") and info["rows"] == 25
     assert "STALE" in client.get("/").text
@@ -273,7 +283,7 @@ def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is
     imgvec.build_index(store, kind="flat", rebuild=True)  # the index catches up: the new generation is served
     r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 30})
     assert "X-Imgvec-Stale" not in r.headers and r.headers["X-Imgvec-Generation"] == "1"
-    assert "reds/reds_000.png" not in [n["path"] for n in r.json()["results"]]
+    assert "reds/reds_000.png" not in [n["path"] for n in _hits(r)]
     assert client.get("/api/info").json()["stale"] is None
 
 
@@ -322,7 +332,7 @@ def test_the_model_runs_one_batch_at_a_time_while_searches_go_on(served, image_d
         gate.set()
         service.embedder.engine_ = engine
     assert all(g.status_code == 200 for g in gets)
-    assert [posts[i].json()["results"][0]["path"] for i in range(4)] == [
+    assert [_hits(posts[i])[0]["path"] for i in range(4)] == [
         "blues/blues_002.png", "reds/reds_002.png", "greens/greens_002.png", "yellows/yellows_002.png"]
     assert most[0] == 1, "two batches ran through the model at once"
     assert calls == [1, 3], "the three uploads that waited went through the model as one batch"
@@ -430,12 +440,14 @@ def test_page_in_headless_chromium(running, served, holdout_dir: Path, tmp_path:
             shown = page.evaluate("[...document.querySelectorAll('#results figure')].map(f => [f.dataset.path || '', "
                                   "!!f.querySelector('img') && f.querySelector('img').naturalWidth > 0])")
             assert len(shown) == 6 and shown[0] == ["", True], "the uploaded query is shown"
-            refused = {"greens/becomes_fifo.png", "reds/link_out.png"}  # a FIFO, a link out of the root
+            refused = {f"{served['folder']}/{p}" for p in ("greens/becomes_fifo.png",  # a FIFO
+                                                           "reds/link_out.png")}  # a link out of the root
             assert all(ok == (path not in refused) for path, ok in shown), shown
             assert page.locator("#results .missing").count() == sum(path in refused for path, _ in shown)
             target = hits.nth(2).get_attribute("data-path")
             hits.nth(2).click()
-            page.wait_for_function("t => document.querySelector('#results h2').textContent === t", arg=target)
+            caption = os.path.relpath(target, served["folder"])  # paths are shown relative to the store's root
+            page.wait_for_function("t => document.querySelector('#results h2').textContent === t", arg=caption)
             assert page.locator("figure.hit").count() == 5
             assert page.locator("figure.hit").first.get_attribute("data-path") == target  # itself, rank 1
             assert "?path=" in page.url

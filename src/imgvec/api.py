@@ -8,50 +8,42 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .artifact import check_partner, peek
-from .backbones import BACKBONES, DEFAULT_SEED, Backbone, get_backbone
-from .comparison import DEFAULT_MODELS
-from .comparison import compare as _compare
-from .duplicates import DuplicateGroup
-from .embedder import Embedder
+from .backbones import BACKBONES
+from .comparison import compare
+from .embedder import EmbedConfig, Embedder
 from .errors import BadInputError, MismatchError, param
-from .fileio import check_writable, make_folder
+from .fileio import check_writable
 from .images import find_images
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
 from .provenance import Provenance, check_compatible
-from .runtime import CacheEntry
-from .results import (Baseline, BackboneScore, Comparison, DedupResult, EmbedSummary, Evaluation, IndexSummary,
-                      MergeSummary, Neighbour, Prediction, Predictions, QueryResult, QueryResults, TrainSummary,
-                      chance_accuracies, fold_copies)
+from .results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
+                      EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
+                      Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from .store import Store, merge_stores, open_store
 
 __all__ = [
-    "Baseline", "BackboneScore", "CacheSummary", "Comparison", "DedupResult", "DuplicateGroup", "EmbedSummary", "Evaluation", "IndexSummary",
-    "MergeSummary", "Neighbour", "Prediction", "Predictions", "QueryResult", "QueryResults", "TrainSummary",
+    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
+    "EmbedSummary", "Evaluation", "IndexSummary", "Member", "MergeSummary", "ModelTable", "Neighbour", "Prediction",
+    "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
     "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
     "evaluation_html", "image_paths", "info", "merge", "models", "predict", "predict_html", "query", "query_html",
-    "release_models", "train",
+    "release_models", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
 
 
-def _display(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith(os.pardir) else rel
-
-
-# -- embed: ingest.embed, re-exported above ---------------------------------------------
+# -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
 # -- index ------------------------------------------------------------------------------
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
                 rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
@@ -94,17 +86,17 @@ def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "fir
 # -- query ------------------------------------------------------------------------------
 def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
                   ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
-    """Embed query or prediction images: (display paths, embeddings, skipped, class-folder labels)."""
+    """Embed query or prediction images: (absolute paths, embeddings, skipped, class-folder labels)."""
     files = find_images(sources).files
     names: list[str] = []
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     for batch in embedder.embed_files([f.path for f in files]):
-        names.extend(_display(files[i].path) for i in batch.indices)
+        names.extend(os.path.abspath(files[i].path) for i in batch.indices)
         labels.extend(files[i].label for i in batch.indices)
         blocks.append(batch.embeddings)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+        skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
@@ -152,14 +144,16 @@ def query(
                                             runtime=runtime)
         names, emb, skipped, _ = _embed_inputs(embedder, queries)
         keys, labels = s.paths(), s.labels()
-        prov = s.provenance
+        prov, root = s.provenance, s.root
+    index_file = Path(index) if index else index_path_for(store)
     scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
     results = [
         QueryResult(name, [Neighbour(r + 1, keys[i], float(sc), labels[i])
                            for r, (i, sc) in enumerate(zip(row_ids, row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
-    return QueryResults(prov, results, skipped, vindex.kind)
+    return QueryResults(prov, results, skipped, vindex.kind, Path(store), root,
+                        str(index_file) if index_file.exists() else "")
 
 
 # -- classify ---------------------------------------------------------------------------
@@ -168,7 +162,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
     ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
     """
-    from .classifier import DEFAULT_CS, LogisticHead
+    from .classifier import DEFAULT_CS, LogisticHead, save_head
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
@@ -184,13 +178,13 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
     head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
-    path = head.save(output, prov, store_id, generation, trained_on)
+    path = save_head(head, output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
     confusion = confusion_matrix(y, head.cv_predictions_, labels=classes)
     return TrainSummary(path, prov, classes, int(keep.sum()), int((~keep).sum()), head.C_, head.cv_accuracy_,
                         head.cv_accuracy_std_, report, confusion, time.perf_counter() - start,
-                        len(head.C_grid()), head.search_seconds_, head.fit_seconds_)
+                        len(head.Cs_), head.search_seconds_, head.fit_seconds_, cv, chance_levels(y))
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
@@ -218,7 +212,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
         with open_store(path) as s:
             check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
                              fix=f"predict on its images instead, or embed them with {_head_settings(prov)}")
-            names += [_display(s.absolute(k)) for k in s.paths()]
+            names += [os.path.abspath(s.absolute(k)) for k in s.paths()]
             emb = np.concatenate([emb, s.embeddings()])
             truths += s.labels()
     classes = [str(c) for c in model.classes_]
@@ -239,14 +233,6 @@ def release_models() -> int:
     return release_engines()
 
 
-@dataclass
-class CacheSummary:
-    folder: Path
-    entries: list[CacheEntry]
-    cleared: int = 0  # entries removed by ``clear``
-    freed: int = 0  # bytes
-
-
 def cache(clear: bool = False) -> CacheSummary:
     """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.cache_dir`); ``clear`` removes them."""
     from .runtime import cache_dir, cache_entries, clear_cache
@@ -256,9 +242,18 @@ def cache(clear: bool = False) -> CacheSummary:
 
 
 # -- info -------------------------------------------------------------------------------
-def models() -> list[Backbone]:
-    """Every backbone imgvec knows, in table order."""
-    return list(BACKBONES.values())
+def models(sort: str | None = None) -> ModelTable:
+    """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
+    (numbers largest first, names A to Z; backbones without a value for it last)."""
+    backbones = list(BACKBONES.values())
+    if sort:
+        if sort not in MODEL_COLUMNS:
+            raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
+        numeric = sort not in ("name", "preprocessing")
+        filled = [b for b in backbones if getattr(b, sort) is not None]
+        backbones = (sorted(filled, key=lambda b: getattr(b, sort), reverse=numeric)
+                     + [b for b in backbones if getattr(b, sort) is None])
+    return ModelTable(backbones)
 
 
 def info(path: PathLike) -> dict[str, Any]:
@@ -288,6 +283,12 @@ def info(path: PathLike) -> dict[str, Any]:
                     cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
     data["provenance"] = header.provenance
     return data
+
+
+def skipped_files(store: PathLike) -> SkippedFiles:
+    """The files embed runs skipped for ``store``, with the reason for each (decoding errors, sizes, ...)."""
+    with open_store(store) as s:
+        return SkippedFiles(Path(store), s.root, s.skipped())
 
 
 def _index_status(store: Store) -> dict[str, Any] | None:
@@ -366,7 +367,7 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
         blocks.append(batch.embeddings)
         y.extend(labelled[i].label for i in batch.indices)
         paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+        skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
     _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
@@ -406,29 +407,13 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     unknown = {c: int((y == c).sum()) for c in unknown_labels}
     return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
                       confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start,
-                      seen_in_training(model, paths), chance_accuracies(y))
+                      seen_in_training(head, paths), chance_levels(y))
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
     from . import html
 
     return html.write(output, html.evaluation_page(evaluation))
-
-
-def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int = 5,
-            stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
-            batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
-            runtime: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> Comparison:
-    """Compare backbones on a labelled folder: same folds, one row per backbone (see comparison.py).
-
-    Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
-    """
-    folder = make_folder(stores)  # every store writable before the first backbone runs
-    for name in models or DEFAULT_MODELS:
-        check_writable(folder / f"{get_backbone(name).name}.h5")
-    return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
-                    image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
-                    speed_sample=speed_sample, runtime=runtime, progress=progress)
 
 
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:
@@ -446,11 +431,8 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     """
     from .duplicates import find_duplicates
 
-    start = time.perf_counter()
     with open_store(store) as s:
-        found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
-        return DedupResult(Path(store), s.provenance, threshold, s.rows, fold_copies(found.groups), found.candidates,
-                           found.missing, time.perf_counter() - start, found.method, found.share_above)
+        return find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
 
 
 def dedup_page(result: DedupResult) -> str:

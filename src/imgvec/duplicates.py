@@ -28,18 +28,19 @@ a sign of random weights or a wrong backbone: the result says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
-from .fileio import open_regular
+from .checks import check_threshold, sha256_file
 from .index import normalized
+from .results import DedupResult, DuplicateGroup, Member
 from .store import Store
 
 PROJECTED_DIM = 64
@@ -50,32 +51,10 @@ EXACT_MAX_ROWS = 20_000  # exhaustive search in the projected space up to here (
 IVF_NPROBE = 24
 RESULT_BUDGET = 4_000_000  # inverted lists: range-search hits held at once (12 bytes each, plus temporaries)
 CONFIRM_BYTES = 64 << 20  # full vectors gathered at once to confirm candidate pairs
-DEGENERATE_SHARE = 0.5  # more than this share of all pairs above the threshold: degenerate features
 DEGENERATE_MIN_ROWS = 50  # below this a store is too small to judge
 DEGENERATE_SAMPLE = 10_000  # random pairs that estimate the share
 
 
-@dataclass
-class Member:
-    path: str  # the store's key for the image
-    score: float  # cosine similarity to the group's first member
-
-
-@dataclass
-class DuplicateGroup:
-    kind: str  # "exact": identical files; "near": embeddings within the threshold
-    members: list[Member]
-    sha256: str = ""  # for exact groups
-
-    @property
-    def paths(self) -> list[str]:
-        return [m.path for m in self.members]
-
-
-def sha256_file(path: str) -> str:
-    """sha256 of a regular file; anything else raises :class:`~imgvec.fileio.NotRegularFile` (an OSError)."""
-    with open_regular(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_files(paths: Sequence[str], workers: int | None = None) -> list[str | None]:
@@ -221,8 +200,7 @@ def link_similar(vectors: np.ndarray, threshold: float, sets: UnionFind, rows: n
     ``rows`` maps the rows of ``vectors`` to rows of ``sets`` (default: the same). Memory is
     bounded whatever the number of pairs: see the module docstring.
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     rows = np.arange(len(vectors)) if rows is None else rows
     method, blocks = candidate_blocks(vectors, threshold, projected_dim, exact)
     step = max(1, CONFIRM_BYTES // (8 * vectors.shape[1]))
@@ -251,25 +229,14 @@ def share_above(vectors: np.ndarray, threshold: float, sample: int = DEGENERATE_
     return float(np.mean(cosines(vectors, i, j) >= threshold))
 
 
-@dataclass
-class Groups:
-    groups: list[DuplicateGroup]
-    candidates: int
-    method: str
-    missing: list[str] = field(default_factory=list)
-    share_above: float = 0.0  # estimated share of all pairs above the threshold
-
-    @property
-    def degenerate(self) -> bool:
-        """Most pairs are above the threshold: the features do not tell images apart."""
-        return self.share_above > DEGENERATE_SHARE
-
-
 def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Groups:
-    """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``."""
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+                    progress: Callable[[int, int], None] | None = None) -> DedupResult:
+    """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``.
+
+    Near groups list one copy of identical files (the others are in their exact group).
+    """
+    check_threshold(threshold)
+    start = time.perf_counter()
     keys = store.paths()
     n = len(keys)
     vectors = np.empty((n, store.dim), np.float32)
@@ -302,7 +269,33 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
         groups.append(_group("near", list(rows), vectors, keys))
     groups.sort(key=lambda g: (g.kind != "exact", -len(g.members), g.members[0].path))
     share = share_above(vectors, threshold) if n >= DEGENERATE_MIN_ROWS else 0.0
-    return Groups(groups, found.checked, found.method, missing, share)
+    return DedupResult(Path(store.path), store.provenance, threshold, n, fold_copies(groups), found.candidates,
+                       missing, time.perf_counter() - start, found.method, share, found.checked, store.root)
+
+
+def fold_copies(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
+    """Near groups without the second and later copies of identical files (listed in their exact group).
+
+    A near group left with fewer than two images (it was only copies) is dropped.
+    """
+    exact_of = {m.path: i for i, g in enumerate(groups) if g.kind == "exact" for m in g.members}
+    out = []
+    for g in groups:
+        if g.kind != "near":
+            out.append(g)
+            continue
+        seen: set[int] = set()
+        members = []
+        for m in g.members:
+            group = exact_of.get(m.path)
+            if group is not None and group in seen:
+                continue
+            if group is not None:
+                seen.add(group)
+            members.append(m)
+        if len(members) > 1:
+            out.append(DuplicateGroup(g.kind, members, g.sha256))
+    return out
 
 
 def _group(kind: str, rows: list[int], vectors: np.ndarray, keys: list[str], sha: str = "") -> DuplicateGroup:

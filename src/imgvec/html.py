@@ -133,7 +133,7 @@ def query_page(results: "QueryResults", resolve: Callable[[str], str], root: str
         cards += [card(n.path, resolve(n.path), head=f"#{n.rank} · {n.score:.4f}", label=n.label) for n in q.results]
         queries.append(dict(name=name, cards=cards, columns=min(len(cards), QUERY_COLUMNS)))
     k = max((len(q.results) for q in results.queries), default=0)
-    sub = [f"{len(results.queries)} queries, {k} neighbours each, cosine similarity; {results.index_kind} index"
+    sub = [f"{plural(len(results.queries), 'query', 'queries')}, {k} neighbours each, cosine similarity; {results.search}"
            + (f"; paths relative to {root}" if root else "")]
     return _page("query.html", title, [results.provenance], sub, queries=queries, skipped=results.skipped)
 
@@ -146,7 +146,7 @@ def predict_page(preds: "Predictions", top: int = 3, title: str = "imgvec predic
         cls = "" if p.correct is None else ("right" if p.correct else "wrong")
         cards.append(card(p.path, cls=cls, predicted=p.label, truth=p.truth, correct=p.correct, top=ranked))
     head = f"head {preds.head}: " if preds.head else "head: "
-    sub = [f"{len(preds.predictions)} images; " + head + f"{len(preds.classes)} classes ({', '.join(preds.classes)}), "
+    sub = [f"{plural(len(preds.predictions), 'image')}; " + head + f"{len(preds.classes)} classes ({', '.join(preds.classes)}), "
            f"C={preds.C:.4g}, cross-validated accuracy {preds.cv_accuracy:.3f} ± {preds.cv_accuracy_std:.3f} "
            "on its training store"]
     labelled = preds.labelled
@@ -156,15 +156,13 @@ def predict_page(preds: "Predictions", top: int = 3, title: str = "imgvec predic
 
 def dedup_page(result: "DedupResult", resolve: Callable[[str], str], title: str = "imgvec dedup") -> str:
     """Each group of duplicates as a row of thumbnails with its similarity to the group's first."""
-    exact_of = result.exact_group_of
     groups = []
     for g in result.groups:
-        copies = (lambda path: exact_of.get(path, 0)) if g.kind == "near" else (lambda path: 0)
         groups.append(dict(size=len(g.members), found_by=result.found_by(g), sha256=g.sha256,
-                           cards=[card(m.path, resolve(m.path), score=m.score, copies=copies(m.path))
+                           cards=[card(m.path, resolve(m.path), score=m.score, copies=result.copies_of(g, m) or 0)
                                   for m in g.members[:GROUP_THUMBNAILS]],
                            rest=g.members[GROUP_THUMBNAILS:]))
-    sub = [f"{result.rows} images; {plural(result.exact_groups, 'group')} of identical files, "
+    sub = [f"{plural(result.rows, 'image')}; {plural(result.exact_groups, 'group')} of identical files, "
            f"{plural(result.near_groups, 'group')} of near duplicates (cosine >= {result.threshold:g}); "
            "scores are similarity to the group's first image"]
     return _page("dedup.html", title, [result.provenance], sub, groups=groups, missing=len(result.missing))
@@ -245,7 +243,7 @@ def compare_page(cmp: "Comparison", title: str = "imgvec compare") -> str:
     """The comparison table with chance rows, an accuracy-vs-speed plot and a confusion matrix per backbone."""
     from markupsafe import Markup
 
-    majority = [b for b in cmp.baselines if b.name == "majority_class"]
+    majority = [b for b in cmp.chance if b.name == "majority_class"]
     plot = scatter_svg([(r.backbone, r.images_per_second, r.accuracy, r.accuracy_std) for r in cmp.rows],
                        "images per second (log scale)", "cross-validated accuracy",
                        lines=[("chance (most common class)", b.accuracy) for b in majority])

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
+from .checks import check_choice
 from .errors import BadInputError, MismatchError, param
 from .provenance import Provenance
 from .store import Store
@@ -79,8 +80,7 @@ def build_peak_bytes(kind: str, rows: int, dim: int) -> int:
 
 def choose_kind(kind: str, rows: int, dim: int = 0, memory_budget: int | None = None) -> str:
     """auto: exact search for small stores, HNSW while its build peak fits the memory budget, else IVF-PQ."""
-    if kind not in KINDS:
-        raise BadInputError(f"{param('kind')} {kind!r}: expected one of {', '.join(KINDS)}")
+    check_choice(param("kind"), kind, KINDS)
     if kind == "auto":
         if rows <= AUTO_FLAT_MAX_ROWS:
             return "flat"
@@ -242,8 +242,7 @@ def use_faiss_gpu(mode: str = "auto") -> bool:
     """Whether to run FAISS on the GPU: ``auto`` when this faiss build has GPU support and sees a GPU."""
     import faiss
 
-    if mode not in FAISS_GPU_MODES:
-        raise BadInputError(f"{param('faiss_gpu')} {mode!r}: expected one of {', '.join(FAISS_GPU_MODES)}")
+    check_choice(param("faiss_gpu"), mode, FAISS_GPU_MODES)
     if mode == "off":
         return False
     if not hasattr(faiss, "StandardGpuResources"):

@@ -6,6 +6,7 @@ parse a request, call the :class:`Service`, and render its records as JSON or th
 - ``GET /api/info``: the store (rows, generation, provenance), its index and the limits.
 - ``GET /api/query?path=P&k=K``: "more like this" for a stored image, from its stored vector.
 - ``POST /api/query?k=K`` with an image file as the body: decoded and embedded like ``imgvec query``.
+  Both answer with the record ``imgvec query --format json`` prints for one image (``QueryResults.to_records``).
 - ``GET /``: a page to pick or drop an image and browse its neighbours; ``GET /image?path=P``:
   a JPEG thumbnail of one row of the store, and of nothing else.
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from .errors import BadInputError, ImageSkipped, ImgvecError, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .results import Neighbour, QueryResult
+from .results import Neighbour, QueryResult, QueryResults, file_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import socket
@@ -57,12 +58,6 @@ _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 class NotServed(BadInputError):
     """A path that is not an image of the store the service shows (HTTP 404)."""
-
-
-def query_record(result: QueryResult) -> dict[str, Any]:
-    """The JSON record of one query: what ``imgvec query --format json`` prints for one image."""
-    return {"query": result.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score, "label": n.label}
-                                               for n in result.results]}
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -239,8 +234,8 @@ class Service:
         return k
 
     def row_of(self, snap: Snapshot, path: str) -> int:
-        """The row of ``path``: a stored path exactly as stored (as query results show it), or that path
-        joined to the store's root. Nothing is normalised: ``a/../b.jpg`` is not ``b.jpg``."""
+        """The row of ``path``: a stored path exactly as stored, or joined to the store's root (as query
+        records show it). Nothing is normalised: ``a/../b.jpg`` is not ``b.jpg``."""
         row = snap.rows_of.get(path)
         if row is None and path.startswith(snap.root.rstrip("/") + "/"):
             row = snap.rows_of.get(path[len(snap.root.rstrip("/")) + 1:])
@@ -248,20 +243,24 @@ class Service:
             raise NotServed(f"{path}: not an image of the store {self.path}")
         return row
 
-    def _neighbours(self, snap: Snapshot, name: str, vector: np.ndarray, k: int) -> QueryResult:
+    def _answer(self, snap: Snapshot, query: str, vector: np.ndarray, k: int) -> QueryResults:
+        """The ``k`` neighbours of ``vector`` as the result ``imgvec query`` gives for one image."""
         scores, ids = snap.index.search(vector.reshape(1, -1), k)
-        return QueryResult(name, [Neighbour(r + 1, snap.keys[i], float(s), snap.labels[i])
-                                  for r, (i, s) in enumerate(zip(ids[0], scores[0])) if i >= 0])
+        found = [Neighbour(r + 1, snap.keys[i], float(s), snap.labels[i])
+                 for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0])) if i >= 0]
+        return QueryResults(snap.provenance, [QueryResult(query, found)], [], snap.index.kind, self.path, snap.root,
+                            snap.index_file or "")
 
-    def query_path(self, path: str, k: int | str | None = None) -> tuple[Snapshot, QueryResult]:
+    def query_path(self, path: str, k: int | str | None = None) -> tuple[Snapshot, QueryResults]:
         """The neighbours of a stored image, from its stored vector (no decoding, no model)."""
         k = self.check_k(self.default_k if k is None else k)
         snap = self.current()
         row = self.row_of(snap, path)
-        return snap, self._neighbours(snap, snap.keys[row], snap.store.embeddings(row, row + 1)[0], k)
+        vector = snap.store.embeddings(row, row + 1)[0]
+        return snap, self._answer(snap, file_path(snap.root, snap.keys[row]), vector, k)
 
     def query_image(self, data: bytes, k: int | str | None = None, name: str = "upload"
-                    ) -> tuple[Snapshot, QueryResult]:
+                    ) -> tuple[Snapshot, QueryResults]:
         """The neighbours of an image given as its file's bytes, embedded as the store's rows were."""
         k = self.check_k(self.default_k if k is None else k)
         if not data:
@@ -273,7 +272,7 @@ class Service:
             pixels = load_image(name, embedder.image_size, self.max_pixels, data=io.BytesIO(data))
         except ImageSkipped as skipped:
             raise BadInputError(str(skipped)) from None
-        return snap, self._neighbours(snap, name, model.embed(pixels), k)
+        return snap, self._answer(snap, name, model.embed(pixels), k)
 
     def image_file(self, path: str) -> bytes:
         """A JPEG thumbnail of the stored image ``path``: only rows of the store, only regular files,
@@ -385,7 +384,7 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
     @answer
     def query_get(request: Request) -> Response:
         snap, result = service.query_path(required(request, "path"), request.query_params.get("k"))
-        return JSONResponse(query_record(result), headers=headers(snap))
+        return JSONResponse(result.to_records(), headers=headers(snap))
 
     async def query_post(request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
@@ -404,7 +403,7 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
         def run(req: Request) -> Response:
             snap, result = service.query_image(body, req.query_params.get("k"),
                                                req.query_params.get("name") or "upload")
-            return JSONResponse(query_record(result), headers=headers(snap))
+            return JSONResponse(result.to_records(), headers=headers(snap))
 
         return await run_in_threadpool(answer(run), request)
 

@@ -28,6 +28,7 @@ from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 
+from .checks import check_choice
 from .errors import BadInputError, param
 from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
                        str_dtype, write_header)
@@ -384,8 +385,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
     from .images import key_for
     from .provenance import check_compatible
 
-    if on_duplicate not in ("first", "error"):
-        raise BadInputError(f"{param('on_duplicate')} {on_duplicate!r}: expected first or error")
+    check_choice(param("on_duplicate"), on_duplicate, ("first", "error"))
     if not inputs:
         raise BadInputError("no stores to merge")
     if Path(output).exists():

@@ -36,21 +36,25 @@
       status.textContent = data.error || `HTTP ${response.status}`;
       return;
     }
+    // the record `imgvec query --format json` prints for one image: paths absolute, the store's root beside them
+    const root = data.root ? data.root.replace(/\/$/, "") + "/" : "";
+    const shown = (path) => root && path.startsWith(root) ? path.slice(root.length) : path;
+    const query = data.queries[0];
     const grid = el("div", "grid");
-    grid.style.gridTemplateColumns = `repeat(${Math.min(data.results.length + 1, COLUMNS)},minmax(0,176px))`;
-    grid.append(card(querySrc, "query", data.query, "", "query"));
-    for (const n of data.results) {
-      const fig = card(imageUrl(n.path), `#${n.rank} · ${n.score.toFixed(4)}`, n.path, n.label, "hit");
+    grid.style.gridTemplateColumns = `repeat(${Math.min(query.results.length + 1, COLUMNS)},minmax(0,176px))`;
+    grid.append(card(querySrc, "query", shown(query.query), "", "query"));
+    for (const n of query.results) {
+      const fig = card(imageUrl(n.path), `#${n.rank} · ${n.score.toFixed(4)}`, shown(n.path), n.label, "hit");
       fig.tabIndex = 0;
       fig.dataset.path = n.path;
       fig.addEventListener("click", () => byPath(n.path));
       fig.addEventListener("keydown", (ev) => { if (ev.key === "Enter") byPath(n.path); });
       grid.append(fig);
     }
-    results.replaceChildren(el("h2", "", data.query), grid);
+    results.replaceChildren(el("h2", "", shown(query.query)), grid);
     const stale = response.headers.get("X-Imgvec-Stale");
     status.className = stale ? "error" : "";
-    status.textContent = `${data.results.length} neighbours in ${Math.round(performance.now() - started)} ms; ` +
+    status.textContent = `${query.results.length} neighbours in ${Math.round(performance.now() - started)} ms; ` +
       `store generation ${response.headers.get("X-Imgvec-Generation")}, ${response.headers.get("X-Imgvec-Rows")} rows` +
       (stale ? `; STALE: ${stale}` : "");
   }
