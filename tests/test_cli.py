@@ -365,6 +365,9 @@ def test_dedup_writes_html_like_the_other_commands(cli_store: Path, tmp_path: Pa
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and "imgvec dedup" in text
     assert "(sha256) (sha256" not in text
+    import imgvec
+
+    assert 0 < imgvec.dedup(cli_store, threshold=0.9).seconds < 60  # the search's own time, not the clock's
     r = CliRunner().invoke(app, ["dedup", str(cli_store), "--html", str(tmp_path / "no" / "x.html")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
 

@@ -18,8 +18,8 @@ from .backbones import BACKBONES
 from .comparison import compare
 from .embedder import EmbedConfig, Embedder
 from .errors import BadInputError, MismatchError, param
-from .fileio import check_writable
-from .images import find_images
+from .fileio import check_output
+from .images import find_images, is_image_name
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, use_faiss_gpu)
 from .index import build_index as _build_index
@@ -58,7 +58,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     gpu = use_faiss_gpu(faiss_gpu)
     path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:  # a missing store is the first thing to say
-        check_writable(path)
+        check_output(path, [store])
         old = None
         if path.exists() and not rebuild:
             try:
@@ -78,7 +78,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
 def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
-    check_writable(output)
+    check_output(output, inputs)
     rows, duplicates = merge_stores(inputs, output, on_duplicate)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
@@ -166,7 +166,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
-    check_writable(output)
+    check_output(output, [store])
     with open_store(store) as s:
         labels = np.asarray(s.labels())
         keep = labels != ""
@@ -324,6 +324,8 @@ def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path
     from . import html
 
     with open_store(store) as s:
+        check_output(output, [store, index_path_for(store), s.root, *(q.query for q in results.queries)],
+                     read_under=is_image_name)
         return html.write(output, html.query_page(results, s.absolute, s.root))
 
 
@@ -331,6 +333,7 @@ def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Pa
     """Write a self-contained page of each image with its predicted label and ``top`` probabilities."""
     from . import html
 
+    check_output(output, [predictions.head, *(p.path for p in predictions.predictions)], read_under=is_image_name)
     return html.write(output, html.predict_page(predictions, top=top))
 
 
@@ -413,12 +416,14 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [evaluation.head, evaluation.data], read_under=is_image_name)
     return html.write(output, html.evaluation_page(evaluation))
 
 
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [comparison.source, *(r.store for r in comparison.rows)], read_under=is_image_name)
     return html.write(output, html.compare_page(comparison))
 
 
@@ -446,5 +451,7 @@ def dedup_page(result: DedupResult) -> str:
 def dedup_html(result: DedupResult, output: PathLike) -> Path:
     from . import html
 
+    with open_store(result.store) as s:
+        check_output(output, [result.store, s.root], read_under=is_image_name)
     return html.write(output, dedup_page(result))
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -18,8 +20,8 @@ import typer.core
 from . import api, report
 from .embedder import EmbedConfig
 from .errors import ImgvecError
-from .fileio import check_writable
-from .images import DEFAULT_MAX_PIXELS
+from .fileio import check_output
+from .images import DEFAULT_MAX_PIXELS, is_image_name
 from .provenance import Provenance
 from .results import MODEL_COLUMNS, Chance, Records, chance_sentence
 from .runtime import RuntimeNote
@@ -73,7 +75,8 @@ RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, 
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    """One line on stderr; names in it are shown safely (a newline or escape in a file name cannot forge a line)."""
+    typer.echo(report.shown(message), err=True)
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,18 +84,45 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        previous = (signal.signal(signal.SIGTERM, _on_sigterm)
+                    if threading.current_thread() is threading.main_thread() else None)
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_notes(warnings.showwarning)
                 return fn(*args, **kwargs)
         except ImgvecError as error:
-            _err(f"imgvec: error: {error.cli_message()}")
+            _err(f"imgvec: error: {error.cli_message(_options())}")
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:  # the library says what was kept, where it knows
-            _err("imgvec: interrupted" + (f"; {interrupt}" if str(interrupt) else ""))
-            raise typer.Exit(130) from None
+            terminated = isinstance(interrupt, _Terminated)
+            _err("imgvec: interrupted" + (" (SIGTERM)" if terminated else "")
+                 + (f"; {interrupt}" if str(interrupt) else ""))
+            raise typer.Exit(143 if terminated else 130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return app.command()(run)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``docker stop``), raised where Ctrl-C would be: the same clean stop."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends the process at once
+    raise _Terminated()
+
+
+def _options() -> dict[str, str]:
+    """The running command's parameters as the options that set them: ``k`` -> ``-k``, ``index_path`` -> ``--index``."""
+    import importlib
+
+    click_core = next(c for c in typer.Context.__mro__ if c.__module__.endswith("click.core")).__module__
+    ctx = importlib.import_module(click_core.rsplit(".", 1)[0] + ".globals").get_current_context(silent=True)
+    params = ctx.command.params if ctx is not None else []
+    return {p.name: max(p.opts, key=lambda o: (o.startswith("--"), len(o)))
+            for p in params if p.name and p.opts and p.opts[0].startswith("-")}
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
@@ -112,10 +142,10 @@ def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
 
 
-def _check_html(html: Path | None) -> None:
-    """The page is written after the work: check where it goes before, so a typo costs nothing."""
+def _check_html(html: Path | None, inputs: Sequence[Path | None]) -> None:
+    """The page is written after the work: check where it goes before, so a typo (or an input's name) costs nothing."""
     if html is not None:
-        check_writable(html)
+        check_output(html, inputs, read_under=is_image_name)
 
 
 def _warn_random(prov: Provenance) -> None:
@@ -276,7 +306,7 @@ def query(
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [store, index_path or api.index_path_for(store), *queries])
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
@@ -318,7 +348,7 @@ def predict(
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [head, *images])
     r = api.predict(head, images, weights=weights, runtime=runtime)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
@@ -466,7 +496,7 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
-    _check_html(html)
+    _check_html(html, [labelled_dir, stores])
     config = EmbedConfig(weights=weights, image_size=image_size, seed=seed, batch_size=batch_size, runtime=runtime)
     bar = _PerModelBar()
     try:
@@ -505,7 +535,7 @@ def dedup(
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
     _check_format(fmt, (*report.FORMATS, "html"))
-    _check_html(html)
+    _check_html(html, [store])
     with _Bar("reading") as bar:
         d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=bar)
     _notes([], d.provenance, html, lambda: api.dedup_html(d, html))
@@ -546,7 +576,7 @@ def evaluate(
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
-    _check_html(html)
+    _check_html(html, [head, data])
     e = api.evaluate(head, data, weights=weights, runtime=runtime)
     if e.seen_in_training:
         _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "

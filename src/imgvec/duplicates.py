@@ -236,7 +236,7 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
     Near groups list one copy of identical files (the others are in their exact group).
     """
     check_threshold(threshold)
-    start = time.perf_counter()
+    began = time.perf_counter()
     keys = store.paths()
     n = len(keys)
     vectors = np.empty((n, store.dim), np.float32)
@@ -270,7 +270,7 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
     groups.sort(key=lambda g: (g.kind != "exact", -len(g.members), g.members[0].path))
     share = share_above(vectors, threshold) if n >= DEGENERATE_MIN_ROWS else 0.0
     return DedupResult(Path(store.path), store.provenance, threshold, n, fold_copies(groups), found.candidates,
-                       missing, time.perf_counter() - start, found.method, share, found.checked, store.root)
+                       missing, time.perf_counter() - began, found.method, share, found.checked, store.root)
 
 
 def fold_copies(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:

@@ -12,6 +12,7 @@ yielded and stored together; results are the same either way.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,33 @@ from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance, random_init_family
 from .runtime import RUNTIMES, Engine, dist_version, load_engine
+
+MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): beyond it, memory and no gain
+# Peak memory of one model call per input pixel of each image, rounded up from what was measured:
+# 53-445 bytes (OpenVINO on the CPU: mobilenetv3small, efficientnetb0, resnet50, convnexttiny at 224-448 px).
+ACTIVATION_BYTES_PER_PIXEL = 512
+MODEL_CALL_IMAGES = 32  # at most this many images go through the model at once on the CPU (runtime.py)
+
+
+def batch_bytes(batch_size: int, image_size: int) -> int:
+    """Rough peak memory of embedding one batch: the images as float32 plus the backbone's activations
+    (:data:`ACTIVATION_BYTES_PER_PIXEL` per pixel for the images that go through the model at once)."""
+    pixels = image_size * image_size
+    return batch_size * pixels * 3 * 4 + min(batch_size, MODEL_CALL_IMAGES) * pixels * ACTIVATION_BYTES_PER_PIXEL
+
+
+def machine_memory() -> int:
+    """The memory this process may use: the physical RAM, or a smaller cgroup (container) limit."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
 
 
 @dataclass
@@ -96,13 +124,39 @@ class Embedder:
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
         self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
-        self.image_size = check_image_size(int(image_size or self.backbone.input_size), self.backbone)
+        self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
+                                           self.backbone)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise BadInputError(f"{param('image_size')} {self.image_size} is too large (at most {MAX_IMAGE_SIZE}; "
+                                f"{self.backbone.name} was trained at {self.backbone.input_size})")
         if batch_size < 1:
             raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.engine_: Engine | None = None  # set by load()
+
+    def check_memory(self, available: int | None = None) -> None:
+        """Refuse, before the model loads, a batch that cannot fit in this machine's memory; one line saying what fits.
+
+        The estimate is rough on purpose (see :func:`batch_bytes`): it stops ``--image-size 4096``
+        from being killed by the kernel after minutes, not a run that fits.
+        """
+        available = machine_memory() if available is None else available
+        needed = batch_bytes(self.batch_size, self.image_size)
+        if needed <= available:
+            return
+        batch = bisect.bisect_right(range(self.batch_size + 1), available, key=lambda n: batch_bytes(n, self.image_size)) - 1
+        size = 32 * (bisect.bisect_right(range(self.image_size // 32 + 1), available,
+                                         key=lambda s: batch_bytes(self.batch_size, 32 * s)) - 1)
+        fits = [f"{param('batch_size')} {batch} at {self.image_size} px" if batch else "",
+                f"{param('image_size')} {size} at {param('batch_size')} {self.batch_size}"
+                if size >= self.backbone.min_size else ""]
+        raise BadInputError(
+            f"{param('image_size')} {self.image_size} with {param('batch_size')} {self.batch_size} needs about "
+            f"{needed / 2**30:.1f} GiB (the batch as float32 and about {ACTIVATION_BYTES_PER_PIXEL} bytes a pixel of "
+            f"the backbone's activations), more than this machine's {available / 2**30:.1f} GiB"
+            + (f"; {' or '.join(f for f in fits if f)} fits" if any(fits) else ""))
 
     @classmethod
     def from_config(cls, config: EmbedConfig) -> "Embedder":

@@ -7,6 +7,7 @@ The CLI prints ``str(error)`` as one line and exits non-zero; library users catc
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 _PARAM = re.compile(r"\{param:([a-z_]+)\}")
 
@@ -28,9 +29,14 @@ class ImgvecError(Exception):
     def __str__(self) -> str:
         return _PARAM.sub(lambda m: m.group(1), super().__str__())
 
-    def cli_message(self) -> str:
-        """The message with parameters named as the command line's options."""
-        return _PARAM.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().__str__())
+    def cli_message(self, options: Mapping[str, str] | None = None) -> str:
+        """The message with parameters named as the command line's options.
+
+        ``options`` maps a parameter to its option where that is not ``--name`` (``k`` -> ``-k``).
+        """
+        options = options or {}
+        return _PARAM.sub(lambda m: options.get(m.group(1)) or "--" + m.group(1).replace("_", "-"),
+                          super().__str__())
 
 
 class BadInputError(ImgvecError):

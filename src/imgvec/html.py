@@ -3,7 +3,9 @@
 Every page is one file that can be mailed: thumbnails are embedded as base64 JPEG data URIs
 (made with Pillow, aspect ratio kept), styles are inline, plots are SVG, and there is no script.
 Pages are rendered from the Jinja2 templates in ``imgvec/templates`` with autoescaping on, so
-every file name, label and provenance value is escaped by the engine, not by each caller.
+every file name, label and provenance value is escaped by the engine, not by each caller; before
+that, every value passes :func:`imgvec.report.shown` (control characters and bytes that are not
+UTF-8 made visible, never dropped, never a failed write).
 Pages made from random-weight embeddings carry a visible banner.
 
 Functions here take result objects (:mod:`imgvec.results`) and return a string; :func:`write` saves one.
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 from .fileio import open_regular, write_text
 from .images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
-from .report import plural
+from .report import plural, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     import jinja2
@@ -41,16 +43,24 @@ def environment() -> "jinja2.Environment":
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("imgvec", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
+                             undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False,
+                             finalize=_shown)
     env.filters["wbr"] = _break_after_slashes
     return env
+
+
+def _shown(value: Any) -> Any:
+    """Every value a template prints, made safe to show (markup the templates made themselves is left alone)."""
+    from markupsafe import Markup
+
+    return value if isinstance(value, Markup) or not isinstance(value, (str, os.PathLike)) else shown(value)
 
 
 def _break_after_slashes(path: Any) -> Any:
     """``path`` escaped, with a line-break opportunity after each '/' (long paths wrap at folders)."""
     from markupsafe import Markup, escape
 
-    return Markup("/<wbr>").join(escape(part) for part in str(path).split("/"))
+    return Markup("/<wbr>").join(escape(part) for part in shown(path).split("/"))
 
 
 def render(template: str, **context: Any) -> str:

@@ -17,11 +17,12 @@ from .checks import check_choice
 from .distributed import ENGINES, embed_files_on_ray
 from .embedder import EmbeddedBatch, EmbedConfig, Embedder
 from .errors import BadInputError, param
-from .fileio import check_writable
-from .images import ImageFile, find_images
+from .fileio import check_output
+from .images import ImageFile, find_images, is_image_name
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
-from .store import StoreWriter
+from .journal import journal_path
+from .store import StoreWriter, open_store
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
@@ -37,6 +38,7 @@ class _Plan:
     already: int  # images found that the store already has
     removed: set[str]  # keys dropped by ``sync``
     build_seconds: float = 0.0
+    created: bool = False  # a store this run made stays only once it holds a row
 
 
 def embed(
@@ -66,58 +68,80 @@ def embed(
     """
     config = replace(config or EmbedConfig(), **settings)
     _check_run(config, engine, ray_workers)
-    output = check_writable(output)  # before finding images or loading a model
+    output = check_output(output, sources, read_under=is_image_name)  # before finding images or loading a model
     start = time.perf_counter()
+    local = engine == "local"
     plan: _Plan | None = None
     try:
-        plan = _plan(sources, output, config, sync, load_now=engine == "local")
+        plan = _plan(sources, output, config, sync, check_memory=local)
+        if plan.todo and local and plan.embedder.engine_ is None:  # timed apart from the throughput
+            plan.build_seconds = _timed_load(plan.embedder)
         embed_start = time.perf_counter()
         skipped = _run(plan, engine, ray_address, ray_workers, progress)
         plan.writer.commit(drop=plan.removed)
+        plan.created = False
         return _summary(plan, output, skipped, time.perf_counter() - start, time.perf_counter() - embed_start)
     except KeyboardInterrupt as interrupt:  # say what is kept: a KeyboardInterrupt still, for notebooks too
-        if plan is None:
-            interrupt.args = ("nothing was stored yet",)
-        else:
-            plan.writer.close()
-            interrupt.args = (f"{len(plan.writer.keys)} rows are safely stored in {output}; "
-                              "running the same command again resumes from there",)
-            plan = None
+        stored = _close(plan.writer, plan.created) if plan is not None else 0
+        plan = None
+        interrupt.args = (f"{stored} rows are safely stored in {output}; running the same command again resumes "
+                          "from there" if stored else "nothing was stored yet",)
         raise
     finally:
         if plan is not None:
-            plan.writer.close()  # on an error or Ctrl-C, what was embedded is still committed
+            _close(plan.writer, plan.created)  # on an error or Ctrl-C, what was embedded is still committed
+
+
+def _close(writer: StoreWriter, created: bool) -> int:
+    """Commit and close ``writer``; the rows stored. A store this run created that holds no row is removed."""
+    writer.close()
+    with open_store(writer.path) as stored:  # the journal may have held a batch the writer had not counted yet
+        rows = stored.rows
+    if created and not rows:
+        for leftover in (writer.path, journal_path(writer.path)):
+            leftover.unlink(missing_ok=True)
+    return rows
 
 
 def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> None:
     check_choice(param("engine"), engine, ENGINES)
-    for option, value in (("workers", config.workers), ("ray_workers", ray_workers)):
+    for option, value in (("workers", config.workers), ("ray_workers", ray_workers), ("max_pixels", config.max_pixels)):
         if value is not None and value < 1:
             raise BadInputError(f"{param(option)} must be at least 1, not {value}")
 
 
 def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,
-          load_now: bool) -> _Plan:
+          check_memory: bool) -> _Plan:
     """Open (or create) the store and list the images it does not have yet.
 
     A new store is created only after the model loaded: missing weights must not leave an empty
-    file. A resumed store loads the model only if there is work (and only here when it runs here).
+    file. A resumed store's model loads later, and only if there is work. ``check_memory``: refuse
+    a batch that cannot fit in memory before any model loads (``--image-size 4096``: one line, not
+    the kernel's OOM killer later).
     """
     build_seconds = 0.0
     if os.path.exists(output):
         writer = StoreWriter(output)
-        embedder = _embedder_for_store(writer, config)
-        collection = find_images(sources, root=writer.root)
+        try:
+            embedder = _embedder_for_store(writer, config)
+            collection = find_images(sources, root=writer.root)
+            if check_memory:
+                embedder.check_memory()
+        except BaseException:
+            writer.close()
+            raise
+        created = False
     else:
         embedder = Embedder.from_config(config)
         collection = find_images(sources)
+        if check_memory:
+            embedder.check_memory()
         build_seconds = _timed_load(embedder)
         writer = StoreWriter(output, embedder.provenance(), collection.root)
+        created = True
     todo = [f for f in collection.files if f.key not in writer.keys]
-    if todo and load_now and embedder.engine_ is None:  # timed apart from the throughput
-        build_seconds = _timed_load(embedder)
     removed = writer.keys - {f.key for f in collection.files} if sync else set()
-    return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds)
+    return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds, created)
 
 
 def _timed_load(embedder: Embedder) -> float:
@@ -161,7 +185,8 @@ def _embedder_for_store(store: StoreWriter, config: EmbedConfig) -> Embedder:
     if not config.chooses_embedding:
         return Embedder.from_provenance(prov, **config.running())
     asked = Embedder.from_config(replace(
-        config, model=config.model or prov.backbone, image_size=config.image_size or prov.input_size,
+        config, model=config.model or prov.backbone,
+        image_size=prov.input_size if config.image_size is None else config.image_size,
         weights=weights_arg(prov) if config.weights is None else config.weights))
     check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
                      fix=f"leave out {param('model')}/{param('weights')}/{param('image_size')} to resume with the store's "

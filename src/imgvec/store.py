@@ -32,7 +32,7 @@ from .checks import check_choice
 from .errors import BadInputError, param
 from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
                        str_dtype, write_header)
-from .fileio import check_space, check_writable, publish, temp_path, write_error
+from .fileio import check_space, check_writable, publish, remove_stale_temps, temp_path, write_error
 from .journal import JournalWriter, Record, journal_path, read_journal
 from .provenance import Provenance
 
@@ -215,8 +215,7 @@ class StoreWriter:
         check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
         self._lock = _lock(self.path)
         try:
-            for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-                stale.unlink()
+            remove_stale_temps(self.path)
             if not self.path.exists():
                 if provenance is None or root is None:
                     raise BadInputError(f"{self.path}: no such store")
