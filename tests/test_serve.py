@@ -145,7 +145,8 @@ def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
 
 def test_uploads_that_are_not_images_are_refused(served, tmp_path):
     client = served["client"]
-    for body, why in ((b"", "the request has no image"), (b"hello, not an image" * 100, "upload: not a recognised image"),
+    for body, why in ((b"", "the request has no image"),
+                      (b"hello, not an image" * 100, "upload: not a recognised image"),
                       ((served["folder"] / "reds" / "reds_000.png").read_bytes()[:300], "upload: cannot decode")):
         r = client.post("/api/query", content=body)
         assert r.status_code == 400 and r.json()["error"].startswith(why), r.text

@@ -440,7 +440,8 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
               Route("/image", image, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
               Route("/api/query", query_get, methods=["GET"]), Route("/api/query", query_post, methods=["POST"])]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error, Exception: server_error})
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 def allowed_hosts_for(host: str) -> list[str] | None:
