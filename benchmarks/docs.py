@@ -25,10 +25,11 @@ REPO = ROOT.parent
 FILES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
 
-BENCH_ORDER = ("embed", "index", "classifier", "query", "dedup", "scale")
+BENCH_ORDER = ("embed", "index", "classifier", "query", "dedup", "scale", "serve")
 BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
                 "query": "Query latency", "dedup": "Near duplicates",
-                "scale": "Past one CPU: Ray, streamed indexing, mixed precision"}
+                "scale": "Past one CPU: Ray, streamed indexing, mixed precision",
+                "serve": "imgvec serve under load"}
 
 
 def _cell(value: Any) -> str:

@@ -582,6 +582,21 @@ def evaluate(
     _print(fmt, e, table)
 
 
+@_command
+def serve(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed` (and its index, if built)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on"),
+    runtime: str = RuntimeOpt,
+    k: int = typer.Option(10, "-k", help="neighbours per query unless a request asks for another number"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
+) -> None:
+    """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
+    from . import serve as service
+
+    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err)
+
+
 def main() -> None:
     app(prog_name="imgvec")
 
