@@ -262,6 +262,8 @@ def query(
     _check_format(fmt)
     _check_html(html)
     r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
+    for note in r.notes:
+        _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> None:

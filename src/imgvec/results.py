@@ -87,6 +87,8 @@ class QueryResults:
     queries: list[QueryResult]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     index_kind: str = ""
+    unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
+    notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
 
 
 # -- classify -------------------------------------------------------------------------------
