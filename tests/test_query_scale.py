@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from imgvec.cli import app
 from imgvec.errors import BadInputError
 from imgvec.index import build_index, load_index, normalized
-from imgvec.provenance import Provenance
-from imgvec.store import create_store, open_store
+from imgvec.store import open_store
+from test_index import _clustered, _store
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
@@ -29,19 +29,6 @@ def run(*args: object, code: int = 0):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
     return result
-
-
-def _store(path: Path, x: np.ndarray):
-    prov = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", x.shape[1])
-    with create_store(path, prov, str(path.parent)) as w:
-        w.append(x, [f"{i}.png" for i in range(len(x))], [""] * len(x))
-    return open_store(path)
-
-
-def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(20, d))
-    return (centres[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
 
 
 def _faiss_arrays(index) -> list[np.ndarray]:

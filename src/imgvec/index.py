@@ -235,8 +235,8 @@ class _DatasetSink:
 def _mapped_blob(h5: Any, ds: Any, path: str | os.PathLike[str]) -> np.ndarray:
     """The ``/faiss`` bytes as a read-only map of the file h5py has open (nothing read yet).
 
-    Only a plain contiguous dataset wholly inside the file is mapped; an index saved in chunks
-    (imgvec before 0.3) cannot be, and is refused with the command that rebuilds it. The map
+    Only a plain contiguous dataset wholly inside the file is mapped; an index an earlier imgvec
+    saved in chunks cannot be, and is refused with the command that rebuilds it. The map
     is of the very file the header was validated in (h5py's own descriptor), and imgvec only
     ever replaces index files by renaming (fileio.atomic_path), never rewrites them in place,
     so the mapped bytes stay the ones checked while the index is in use.
