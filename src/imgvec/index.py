@@ -243,15 +243,17 @@ def _mapped_blob(h5: Any, ds: Any, path: str | os.PathLike[str]) -> np.ndarray:
     """
     import h5py
 
+    fd = h5.id.get_vfd_handle()
+    size, n = os.fstat(fd).st_size, ds.shape[0]
+    if n > size:  # imgvec never compresses it: more bytes than the file holds is a forgery
+        raise damaged(path, "index", f"'faiss' claims {n} bytes in a file of {size}")
     plist = ds.id.get_create_plist()
     if plist.get_layout() == h5py.h5d.CHUNKED:
         raise BadInputError(f"{path}: an index in the chunked layout of an older imgvec, which cannot be mapped; "
                             f"{REBUILD['index']}")
-    offset, n = ds.id.get_offset(), ds.shape[0]
+    offset = ds.id.get_offset()
     if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_external_count() or offset is None:
         raise damaged(path, "index", "'faiss' is not one contiguous dataset inside the file")
-    fd = h5.id.get_vfd_handle()
-    size = os.fstat(fd).st_size
     if n == 0 or offset + n > size:
         raise damaged(path, "index", f"'faiss' claims bytes {offset}-{offset + n} of a file of {size}")
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
