@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .common import OUT, md_table, photo_folder, write_result
 
@@ -129,7 +129,9 @@ def _profile(store: Path, index: Path, photo: Path) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: bool) -> list[dict[str, Any]]:
+def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: bool,
+            done: Callable[[dict[str, Any]], None]) -> None:
+    """Measure each index kind over a generated store of ``rows``; ``done(row)`` after each."""
     from .make_store import write_store
 
     store = OUT / f"query-scale-{rows}x{DIM}.h5"
@@ -137,7 +139,6 @@ def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: 
         t = time.perf_counter()
         write_store(store, rows, DIM)
         print(f"  wrote {store.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
-    out = []
     try:
         for kind in kinds:
             index = store.with_name(f"{store.stem}.{kind}.index.h5")
@@ -152,24 +153,24 @@ def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: 
                        load_average_after=load_average())
             print(f"  {rows} {kind}: {row['median_s']:.2f}s, {row['peak_rss_mb']:.0f} MB peak "
                   f"(load {row['load_average_after'][0]})", file=sys.stderr)
-            out.append(row)
+            done(row)
             if not keep:
                 index.unlink()
     finally:
         if not keep:
             store.unlink(missing_ok=True)
-    return out
 
 
 def markdown(data: dict[str, Any]) -> str:
-    rows = [(f"{r['rows']:,}", r["kind"], r["median_s"], r["peak_rss_mb"], r["rss_file_mb"], r["index_mb"],
-             r["build_s"], r["load_average_after"][0]) for r in data["runs"]]
+    rows = [(f"{r['rows']:,}", r["kind"], r["median_s"], r["peak_rss_mb"], r["rss_anon_mb"], r["rss_file_mb"],
+             r["index_mb"], r["build_s"], r["load_average_after"][0]) for r in data["runs"]]
     text = ("The whole `imgvec query` process (one 500x375 photo, k=10, OpenVINO with its cached compiled model, "
             "random-weight mobilenetv2, dim 1280) against a generated store "
-            f"(`python -m benchmarks.make_store`), median of {data['repeats']}. Peak RSS is the process's VmHWM: "
-            "it counts the index file's pages the search mapped in (RssFile, shared page cache).\n\n")
-    text += md_table(["rows", "index", "query s", "peak RSS MB", "of it file pages MB", "index MB", "build s",
-                      "load avg"], rows)
+            f"(`python -m benchmarks.make_store`), median of {data['repeats']}. Peak RSS is the process's VmHWM; "
+            "at exit it splits into private memory (RssAnon) and the index file's pages mapped in (RssFile: "
+            "shared page cache, which the kernel maps in whole large folios, not only the bytes read).\n\n")
+    text += md_table(["rows", "index", "query s", "peak RSS MB", "private MB at exit", "file pages MB at exit",
+                      "index MB", "build s", "load avg"], rows)
     stages = [(f"{r['rows']:,}", r["kind"], *(r["profile"].get(k, float("nan")) for k in PROFILE_STAGES))
               for r in data["runs"]]
     text += "\nWhere one query process spends its time (seconds):\n\n"
@@ -194,16 +195,21 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(args.kinds.split(","))
     photo = sorted(photo_folder(1).glob("*.jpg"))[0]
     name = NAME + ("-quick" if args.quick else "")
-    previous = _previous(name)
-    runs: list[dict[str, Any]] = previous.get("runs", []) if args.rows else []
-    for rows in sizes:
-        print(f"## {rows} rows (load {load_average()}, {free_gb():.1f} GB available)", file=sys.stderr)
-        fresh = measure(rows, kinds, args.repeats, photo, args.keep)
-        runs = [r for r in runs if (r["rows"], r["kind"]) not in {(f["rows"], f["kind"]) for f in fresh}] + fresh
+    runs: list[dict[str, Any]] = _previous(name).get("runs", []) if args.rows else []
+    path = None
+
+    def done(row: dict[str, Any]) -> None:  # results are written after every measurement: a 1M run is long
+        nonlocal runs, path
+        runs = [r for r in runs if (r["rows"], r["kind"]) != (row["rows"], row["kind"])] + [row]
         runs.sort(key=lambda r: (r["rows"], KINDS.index(r["kind"])))
         path = write_result(name, {"quick": args.quick, "dim": DIM, "repeats": args.repeats, "photo": "500x375 JPEG",
                                    "runs": runs, "targets_at_1m": {"median_s": TARGET_S, "peak_rss_mb": TARGET_RSS_MB}})
-    print(markdown(json.loads(path.read_text())))
+
+    for rows in sizes:
+        print(f"## {rows} rows (load {load_average()}, {free_gb():.1f} GB available)", file=sys.stderr)
+        measure(rows, kinds, args.repeats, photo, args.keep, done)
+    if path:
+        print(markdown(json.loads(path.read_text())))
 
 
 def _previous(name: str) -> dict[str, Any]:
