@@ -36,19 +36,28 @@ TARGET_S = {"flat": 2.0, "hnsw": 1.0, "ivfpq": 1.0}  # at 1M rows (issue 20)
 TARGET_RSS_MB = {"hnsw": 1024, "ivfpq": 1024}
 CACHE = OUT / "model-cache"
 
-# One `imgvec query` process, as `python -m imgvec` runs it, reporting its memory when it ends.
+# One `imgvec query` process, as `python -m imgvec` runs it, reporting its memory right after the search
+# (while the index is still mapped: private RssAnon and mapped-file RssFile) and its peak (VmHWM) at the end.
 WRAPPER = r"""
 import json, os, runpy, sys
-def report():
-    status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
-    mb = {k: int(status[k].split()[0]) / 1024 for k in ('VmHWM', 'RssAnon', 'RssFile')}
-    with open(os.environ['QUERY_SCALE_REPORT'], 'w') as fh:
-        json.dump(mb, fh)
+import imgvec.api
+def status():
+    fields = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
+    return {k: int(fields[k].split()[0]) / 1024 for k in ('VmHWM', 'RssAnon', 'RssFile')}
+seen = {}
+search = imgvec.api.search_store
+def searched(*args, **kwargs):
+    out = search(*args, **kwargs)
+    now = status()
+    seen.update(anon_after_search_mb=now['RssAnon'], file_after_search_mb=now['RssFile'])
+    return out
+imgvec.api.search_store = searched
 sys.argv = ['imgvec'] + sys.argv[1:]
 try:
     runpy.run_module('imgvec', run_name='__main__', alter_sys=True)
 finally:
-    report()
+    with open(os.environ['QUERY_SCALE_REPORT'], 'w') as fh:
+        json.dump({**seen, 'VmHWM': status()['VmHWM']}, fh)
 """
 
 PROFILE = r"""
@@ -148,8 +157,10 @@ def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: 
             _query(store, index, photo)  # fills the compiled-model cache, warms the page cache
             runs = [_query(store, index, photo) for _ in range(repeats)]
             row.update(median_s=statistics.median(r["wall_s"] for r in runs), runs_s=[r["wall_s"] for r in runs],
-                       peak_rss_mb=max(r["VmHWM"] for r in runs), rss_anon_mb=max(r["RssAnon"] for r in runs),
-                       rss_file_mb=max(r["RssFile"] for r in runs), profile=_profile(store, index, photo),
+                       peak_rss_mb=max(r["VmHWM"] for r in runs),
+                       anon_after_search_mb=max(r["anon_after_search_mb"] for r in runs),
+                       file_after_search_mb=max(r["file_after_search_mb"] for r in runs),
+                       profile=_profile(store, index, photo),
                        load_average_after=load_average())
             print(f"  {rows} {kind}: {row['median_s']:.2f}s, {row['peak_rss_mb']:.0f} MB peak "
                   f"(load {row['load_average_after'][0]})", file=sys.stderr)
@@ -162,14 +173,16 @@ def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: 
 
 
 def markdown(data: dict[str, Any]) -> str:
-    rows = [(f"{r['rows']:,}", r["kind"], r["median_s"], r["peak_rss_mb"], r["rss_anon_mb"], r["rss_file_mb"],
+    rows = [(f"{r['rows']:,}", r["kind"], r["median_s"], r["peak_rss_mb"], r.get("anon_after_search_mb", float("nan")),
+             r.get("file_after_search_mb", float("nan")),
              r["index_mb"], r["build_s"], r["load_average_after"][0]) for r in data["runs"]]
     text = ("The whole `imgvec query` process (one 500x375 photo, k=10, OpenVINO with its cached compiled model, "
             "random-weight mobilenetv2, dim 1280) against a generated store "
-            f"(`python -m benchmarks.make_store`), median of {data['repeats']}. Peak RSS is the process's VmHWM; "
-            "at exit it splits into private memory (RssAnon) and the index file's pages mapped in (RssFile: "
-            "shared page cache, which the kernel maps in whole large folios, not only the bytes read).\n\n")
-    text += md_table(["rows", "index", "query s", "peak RSS MB", "private MB at exit", "file pages MB at exit",
+            f"(`python -m benchmarks.make_store`), median of {data['repeats']}. Peak RSS is the process's VmHWM. "
+            "Right after the search it splits into private memory (RssAnon) and mapped file pages (RssFile: "
+            "the libraries and the index file's pages the search brought in, shared page cache; this kernel "
+            "maps whole large folios of a cached file, not only the pages read).\n\n")
+    text += md_table(["rows", "index", "query s", "peak RSS MB", "private MB", "mapped file MB",
                       "index MB", "build s", "load avg"], rows)
     stages = [(f"{r['rows']:,}", r["kind"], *(r["profile"].get(k, float("nan")) for k in PROFILE_STAGES))
               for r in data["runs"]]
