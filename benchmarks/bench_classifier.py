@@ -45,7 +45,7 @@ def make_data(n: int, separation: float, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def sklearn_pipeline(head: Any) -> Any:
-    """StandardScaler + LogisticRegressionCV over ``head``'s C grid, folds, max_iter and CV metric."""
+    """StandardScaler + LogisticRegressionCV over ``head``'s C grid, folds, max_iter and CV metric (an int ``Cs`` is the same log-spaced grid in both)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -53,7 +53,7 @@ def sklearn_pipeline(head: Any) -> Any:
 
     folds = StratifiedKFold(head.cv, shuffle=True, random_state=head.random_state)
     return make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=list(head.C_grid()), cv=folds, scoring="accuracy", max_iter=head.max_iter, l1_ratios=(0.0,),
+        Cs=head.Cs if isinstance(head.Cs, int) else list(head.Cs), cv=folds, scoring="accuracy", max_iter=head.max_iter, l1_ratios=(0.0,),
         use_legacy_attributes=False))
 
 

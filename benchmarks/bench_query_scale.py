@@ -126,7 +126,7 @@ def _query(store: Path, index: Path, photo: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"imgvec query exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    hits = json.loads(proc.stdout)[0]["results"]
+    hits = json.loads(proc.stdout)["queries"][0]["results"]
     if len(hits) != 10:
         raise RuntimeError(f"imgvec query gave {len(hits)} results, not 10")
     return {"wall_s": wall, **json.loads(report.read_text())}

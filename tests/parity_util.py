@@ -1,12 +1,9 @@
 """Weights for parity tests: a random network whose BatchNorm statistics are calibrated.
 
-Random weights with BatchNorm's initial statistics (mean 0, variance 1) shrink activations
-layer by layer to ~1e-9..1e-12 in deep backbones, where a cosine between two runtimes means
-nothing. Calibrating each BatchNorm layer's moving mean and variance to the statistics of the
-batch it sees (one training-mode pass with momentum 0 and dropout off) brings activations to
-order 1, as in a trained network. Kernels are drawn with numpy, not Keras' initialisers (whose
-seeded numbers differ per backend), so any backend makes nearly the same file (the calibration
-pass differs only by rounding); the ``.weights.h5`` file itself loads to the same numbers everywhere.
+Random weights with BatchNorm's initial statistics shrink activations to ~1e-9 in deep backbones,
+where a cosine between two runtimes means nothing; :func:`imgvec.builder.calibrate` (shared with the
+benchmarks and the GPU check) fixes that on generated images. Any backend makes nearly the same file
+(the calibration pass differs only by rounding); the ``.weights.h5`` file loads to the same numbers everywhere.
 
 Keras has one backend per process, so the other runtimes embed in a subprocess
 (:func:`embed_in_subprocess`) and the test compares the rows.
@@ -29,38 +26,12 @@ def calibration_images(size: int, n: int = 16, seed: int = 0) -> np.ndarray:
 
 
 def calibrated_weights(model: str, size: int, path: str | Path, seed: int = 0) -> Path:
-    """Save random ``model`` weights (``seed``) with BatchNorm calibrated on generated images to ``path``.
+    """Save random ``model`` weights (``seed``) with BatchNorm calibrated on generated images to ``path``
+    (:func:`imgvec.builder.calibrated_weights`). Runs on whatever backend Keras has in this process."""
+    from imgvec.backbones import get_backbone
+    from imgvec.builder import calibrated_weights as calibrated
 
-    Runs on whatever backend Keras has in this process."""
-    from imgvec.backbones import Weights, build_model, get_backbone
-    from imgvec.device import import_keras
-
-    keras = import_keras()
-    backbone = get_backbone(model)
-    net = build_model(backbone, Weights("random", seed=seed), size)
-    rng = np.random.default_rng(seed)
-    for variable in net.trainable_weights:  # kernels from numpy: the same numbers on every backend
-        if len(variable.shape) >= 2:
-            fan_in = int(np.prod(variable.shape[:-1]))
-            variable.assign(rng.uniform(-1, 1, variable.shape).astype(np.float32) * np.sqrt(3 / fan_in))
-    norms = [layer for layer in _layers(net) if isinstance(layer, keras.layers.BatchNormalization)]
-    drops = [layer for layer in _layers(net) if isinstance(layer, keras.layers.Dropout)]
-    for layer in norms:
-        layer.momentum = 0.0  # moving statistics := this batch's statistics
-    for layer in drops:
-        layer.rate = 0.0
-    pixels = calibration_images(size, seed=seed).astype(np.float32)
-    net(backbone.preprocess_input()(pixels), training=True)
-    path = Path(path)
-    net.save_weights(str(path))
-    return path
-
-
-def _layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _layers(layer)
+    return calibrated(get_backbone(model), size, calibration_images(size, seed=seed), path, seed)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -187,3 +187,44 @@ def test_messy_folder_embeds_the_good_and_lists_the_bad(tmp_path: Path, image_di
     with pytest.raises(BadInputError, match="no images found"):
         imgvec.embed([tmp_path / "nothing"], tmp_path / "n.h5", **small)
     assert not (tmp_path / "n.h5").exists()
+
+
+def test_one_embed_config_reaches_the_embedder(tmp_path: Path, image_dir: Path, small, monkeypatch):
+    """One frozen EmbedConfig: fields by name override it, the Embedder is made from it, and gives it back."""
+    import dataclasses
+
+    from imgvec.embedder import EmbedConfig, Embedder
+
+    config = EmbedConfig(**small, batch_size=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 6  # type: ignore[misc]
+    made = []
+    real = Embedder.from_config.__func__
+
+    def spy(cls, cfg):
+        made.append(cfg)
+        return real(cls, cfg)
+
+    monkeypatch.setattr(Embedder, "from_config", classmethod(spy))
+    s = imgvec.embed([image_dir / "reds"], tmp_path / "s.h5", config, batch_size=3)
+    assert made == [dataclasses.replace(config, batch_size=3)] and s.added == 6
+    embedder = real(Embedder, made[0])
+    assert (embedder.batch_size, embedder.image_size, embedder.weights.kind) == (3, 64, "random")
+    assert real(Embedder, embedder.config).config == embedder.config  # what a Ray worker rebuilds
+
+
+def test_compare_takes_its_own_options(tmp_path: Path, image_dir: Path, small, monkeypatch):
+    """imgvec.compare is the comparison itself: Cs and the speed sample reach it, nothing is restated."""
+    import imgvec.comparison
+
+    seen = []
+    real = imgvec.comparison.cross_validate
+
+    def spy(X, y, split, Cs=None, random_state=0, **rest):  # rest: progress and the backbone's name
+        seen.append(Cs)
+        return real(X, y, split, Cs=Cs, random_state=random_state, **rest)
+
+    monkeypatch.setattr(imgvec.comparison, "cross_validate", spy)
+    c = imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "stores", weights="none",
+                       image_size=64, Cs=[0.5, 2.0], speed_sample=5)
+    assert seen == [[0.5, 2.0]] and c.speed_images == 5 and c.rows[0].embedded == 24

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imgvec.artifact import FORMAT_VERSION
-from imgvec.classifier import LogisticHead, read_head
+from imgvec.classifier import LogisticHead, read_head, save_head
 from imgvec.cli import app
 from imgvec.embedder import Embedder
 from imgvec.errors import BadInputError, MismatchError
@@ -53,7 +53,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with open_store(store) as s:
         build_index(s, "flat").save(root / "s.index.h5")
         head = LogisticHead(cv=2, Cs=(0.1, 1.0)).fit(s.embeddings(), s.labels())
-        head.save(root / "head.h5", s.provenance, s.store_id, s.generation, [s.absolute(k) for k in s.paths()])
+        save_head(head, root / "head.h5", s.provenance, s.store_id, s.generation, [s.absolute(k) for k in s.paths()])
     return {"store": store, "index": root / "s.index.h5", "head": root / "head.h5"}
 
 

@@ -42,10 +42,11 @@ def test_query_json_self_match_first(cli_store: Path):
     photo = cli_store.parent / "photos" / "blues" / "blues_002.png"
     r = run("query", cli_store, photo, "-k", "4", "--format", "json")
     data = json.loads(r.stdout)
-    assert len(data) == 1 and data[0]["query"].endswith("blues/blues_002.png")
-    results = data[0]["results"]
+    assert data["root"] == str(cli_store.parent / "photos") and data["store"] == str(cli_store)
+    assert len(data["queries"]) == 1 and data["queries"][0]["query"] == str(photo) and data["skipped"] == []
+    results = data["queries"][0]["results"]
     assert [x["rank"] for x in results] == [1, 2, 3, 4]
-    assert results[0]["path"] == "blues/blues_002.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["path"] == str(photo) and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert set(results[0]) == {"rank", "path", "score", "label"} and results[0]["label"] == "blues"
 
 
@@ -53,9 +54,10 @@ def test_query_table_and_csv_say_what_made_them(cli_store: Path):
     folder = cli_store.parent / "photos" / "greens"
     r = run("query", cli_store, folder, "-k", "2")
     assert "RANDOM weights" in r.stdout.splitlines()[0] and r.stdout.count("query:") == 6
+    assert f"paths relative to {cli_store.parent / 'photos'}" in r.stdout.splitlines()[0]
     rows = list(csv.DictReader(io.StringIO(run("query", cli_store, folder, "-k", "2", "-f", "csv").stdout)))
     assert len(rows) == 12 and set(rows[0]) == {"query", "rank", "path", "score", "label"}
-    assert all(row["label"] == row["path"].split("/")[0] for row in rows)  # the label the table shows
+    assert all(row["label"] == Path(row["path"]).parent.name for row in rows)  # the label the table shows
 
 
 def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: Path):
@@ -64,7 +66,7 @@ def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: P
     assert "4 classes, 24 images" in r.stdout and "CV accuracy" in r.stdout
     for name in ("blues", "greens", "reds", "yellows"):
         assert name in r.stdout
-    data = json.loads(run("predict", head, holdout_dir, "-f", "json").stdout)
+    data = json.loads(run("predict", head, holdout_dir, "-f", "json").stdout)["predictions"]
     assert len(data) == 12 and set(data[0]) == {"path", "predicted", "true", "correct", "probabilities"}
     assert all(d["true"] == Path(d["path"]).parent.name and d["correct"] == (d["predicted"] == d["true"]) for d in data)
     correct = sum(d["correct"] for d in data)
@@ -72,12 +74,13 @@ def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: P
     assert sorted(data[0]["probabilities"]) == ["blues", "greens", "reds", "yellows"]
     table = run("predict", head, holdout_dir).stdout
     assert "predicted" in table.splitlines()[2] and "true" in table.splitlines()[2]
-    assert f"accuracy {correct / 12:.3f}: {correct} of 12 images in class folders predicted right" in table
+    assert (f"accuracy {correct / 12:.3f}: {correct} of 12 images in class folders predicted right (chance: 0.250 "
+            "always guessing the most common class, 0.250 ± 0.125 guessing by the class shares)") in table
     assert "cross-validated accuracy" in table.splitlines()[0] and "C=" in table.splitlines()[0]
     rows = list(csv.DictReader(io.StringIO(run("predict", head, holdout_dir / "reds", holdout_dir / "blues",
                                                "-f", "csv").stdout)))
     assert len(rows) == 6 and {r["true"] for r in rows} == {"reds", "blues"}  # class folders given one by one
-    loose = json.loads(run("predict", head, holdout_dir / "reds" / "reds_000.png", "-f", "json").stdout)
+    loose = json.loads(run("predict", head, holdout_dir / "reds" / "reds_000.png", "-f", "json").stdout)["predictions"]
     assert set(loose[0]) == {"path", "predicted", "probabilities"}  # no class folder, no truth claimed
 
 
@@ -124,7 +127,7 @@ def test_models_sort_by_any_column_and_cite_the_benchmark():
     for m in measured["models"]:  # the registry quotes the committed benchmark, rounded
         assert speeds[m["model"]] == round(m["images_per_s"]["imgvec_openvino"], 1)
     r = run("models", "--sort", "speed", code=2)
-    assert r.stderr.startswith("imgvec: error: Invalid value for --sort: 'speed'")
+    assert r.stderr.startswith("imgvec: error: --sort 'speed' is not one of name, input_size")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -162,16 +165,17 @@ def test_class_folders_given_one_by_one_are_labelled(tmp_path: Path, image_dir: 
 
 
 def test_interrupt_says_what_is_stored_and_how_to_resume(tmp_path: Path, image_dir: Path, monkeypatch):
-    import imgvec.cli
+    import imgvec.reporter
 
     calls = []
 
-    def interrupt_on_second_batch(self, done: int, total: int) -> None:
-        calls.append(done)
+    def interrupt_on_second_batch(self, done: int, total: int, phase: str = "") -> None:
+        if phase.startswith("embedding") and done:
+            calls.append(done)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(imgvec.cli._Bar, "__call__", interrupt_on_second_batch)
+    monkeypatch.setattr(imgvec.reporter.Reporter, "__call__", interrupt_on_second_batch)
     store = tmp_path / "s.h5"
     result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(store), *SMALL_ARGS, "--batch-size", "4"])
     assert result.exit_code == 130
@@ -197,13 +201,15 @@ def test_dedup_says_what_found_each_group_and_lists_copies_once(tmp_path: Path, 
     assert "1 group of identical files (sha256), 1 group of near duplicates: cosine >= 0.99" in table
     assert "mobilenetv3small @ 64px, RANDOM weights" in table.splitlines()[0]
     data = json.loads(run("dedup", store, "-t", "0.99", "-f", "json").stdout)
-    exact, near = data
+    assert data["root"] == str(folder) and data["threshold"] == 0.99
+    exact, near = data["groups"]
     assert exact["found_by"] == "identical files (sha256)" and {i["path"] for i in exact["images"]} == {
-        "reds/copy.png", "reds/reds_000.png"}
+        str(folder / "reds" / "copy.png"), str(folder / "reds" / "reds_000.png")}
     assert near["found_by"].startswith("cosine >= 0.99 on mobilenetv3small @ 64px features, RANDOM weights")
     paths = [i["path"] for i in near["images"]]
-    assert len(paths) == 2 and "reds/resaved.jpg" in paths  # one of the identical pair stands for both
-    stands_for = [i for i in near["images"] if i["path"] != "reds/resaved.jpg"][0]
+    resaved = str(folder / "reds" / "resaved.jpg")
+    assert len(paths) == 2 and resaved in paths  # one of the identical pair stands for both
+    stands_for = [i for i in near["images"] if i["path"] != resaved][0]
     assert stands_for["identical_files_group"] == 1
     assert "(identical files: group 1)" in table
     page = run("dedup", store, "-t", "0.99", "-f", "html").stdout
@@ -272,3 +278,145 @@ def test_html_output_is_checked_before_the_work(command, cli_store: Path, tmp_pa
     assert result.stderr == f"imgvec: error: cannot write {tmp_path}/missing/page.html: the folder " \
                             f"{tmp_path}/missing does not exist\n"
     assert result.stdout == "" and not (tmp_path / "stores").exists()  # nothing was computed or written
+
+
+# -- records: the CLI prints what the api's results say, and every path opens -------------------
+@pytest.fixture(scope="module")
+def cli_head(cli_store: Path, tmp_path_factory) -> Path:
+    head = tmp_path_factory.mktemp("head") / "head.h5"
+    run("train", cli_store, "-o", head, "--cv", "3")
+    return head
+
+
+@pytest.fixture()
+def messy_inputs(tmp_path: Path, holdout_dir: Path) -> Path:
+    """Held-out class folders with one file that cannot be decoded."""
+    folder = tmp_path / "inputs"
+    shutil.copytree(holdout_dir, folder)
+    (folder / "reds" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def _json(*args) -> dict:
+    return json.loads(run(*args).stdout)
+
+
+def test_cli_json_is_the_api_records(cli_store: Path, cli_head: Path, messy_inputs: Path):
+    """The same records, whoever asks: a notebook (result.to_records()), the CLI's JSON, a service."""
+    import imgvec
+
+    assert _json("query", cli_store, messy_inputs, "-k", "3", "-f", "json") == imgvec.query(
+        cli_store, [messy_inputs], k=3).to_records()
+    assert _json("predict", cli_head, messy_inputs, "-f", "json") == imgvec.predict(
+        cli_head, [messy_inputs]).to_records()
+    assert _json("dedup", cli_store, "-t", "0.9", "-f", "json") == imgvec.dedup(cli_store, threshold=0.9).to_records()
+    assert _json("evaluate", cli_head, messy_inputs, "-f", "json") == imgvec.evaluate(
+        cli_head, messy_inputs).to_records()
+    assert _json("info", cli_store, "--skipped", "-f", "json") == imgvec.api.skipped_files(cli_store).to_records()
+
+
+def test_skipped_inputs_are_in_query_and_predict_json(cli_store: Path, cli_head: Path, messy_inputs: Path):
+    broken = str(messy_inputs / "reds" / "broken.jpg")
+    for data in (_json("query", cli_store, messy_inputs, "-k", "1", "-f", "json"),
+                 _json("predict", cli_head, messy_inputs, "-f", "json")):
+        assert [s["path"] for s in data["skipped"]] == [broken] and data["skipped"][0]["reason"]
+    assert len(_json("predict", cli_head, messy_inputs, "-f", "json")["predictions"]) == 12
+
+
+def _paths(data) -> list[str]:
+    """Every value under a "path", "query", "store", "root", "head" or "data" key of a JSON document."""
+    if isinstance(data, list):
+        return [p for item in data for p in _paths(item)]
+    if not isinstance(data, dict):
+        return []
+    own = [v for k, v in data.items() if k in ("path", "query", "store", "root", "head", "data") and v]
+    return own + [p for v in data.values() for p in _paths(v)]
+
+
+def test_json_and_csv_paths_open_from_another_folder(cli_store: Path, cli_head: Path, messy_inputs: Path,
+                                                     tmp_path: Path, monkeypatch):
+    """Inputs given relative to one folder; every path the answers name opens from another."""
+    monkeypatch.chdir(messy_inputs.parent)
+    rel = messy_inputs.name
+    store_copy = Path("photos.h5")
+    shutil.copy(cli_store, store_copy)
+    answers = [_json("query", store_copy, rel, "-k", "3", "-f", "json"),
+               _json("predict", cli_head, rel, "-f", "json"),
+               _json("dedup", store_copy, "-t", "0.9", "-f", "json"),
+               _json("evaluate", cli_head, rel, "-f", "json"),
+               _json("info", store_copy, "--skipped", "-f", "json")]
+    csv_paths = [row["path"] for args in (["query", store_copy, rel, "-k", "2"], ["predict", cli_head, rel],
+                                         ["dedup", store_copy, "-t", "0.9"], ["info", store_copy, "--skipped"])
+                 for row in csv.DictReader(io.StringIO(run(*args, "-f", "csv").stdout))]
+    assert answers[0]["root"] == answers[2]["root"] == str(cli_store.parent / "photos")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    paths = [p for data in answers for p in _paths(data)] + csv_paths
+    assert len(paths) > 100 and len(csv_paths) > 40
+    missing = [p for p in paths if not Path(p).exists()]
+    assert missing == []
+    assert all(Path(p).is_absolute() for p in paths)  # one rule: never relative to a store root or an old cwd
+
+
+def test_dedup_writes_html_like_the_other_commands(cli_store: Path, tmp_path: Path):
+    page = tmp_path / "dups.html"
+    r = run("dedup", cli_store, "-t", "0.9", "-f", "json", "--html", page)
+    assert f"imgvec: wrote {page}" in r.stderr and "groups" in json.loads(r.stdout)  # stdout stays the JSON
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "imgvec dedup" in text
+    assert "(sha256) (sha256" not in text
+    import imgvec
+
+    assert 0 < imgvec.dedup(cli_store, threshold=0.9).seconds < 60  # the search's own time, not the clock's
+    r = CliRunner().invoke(app, ["dedup", str(cli_store), "--html", str(tmp_path / "no" / "x.html")])
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_info_lists_skipped_files_with_reasons(cli_store: Path):
+    table = run("info", cli_store, "--skipped").stdout
+    assert "1 file skipped" in table and "reds/broken.jpg" in table
+    data = _json("info", cli_store, "--skipped", "-f", "json")
+    assert data["skipped"] == [{"path": str(cli_store.parent / "photos" / "reds" / "broken.jpg"),
+                                "reason": data["skipped"][0]["reason"]}] and data["skipped"][0]["reason"]
+    rows = list(csv.DictReader(io.StringIO(run("info", cli_store, "--skipped", "-f", "csv").stdout)))
+    assert [r["path"] for r in rows] == [data["skipped"][0]["path"]] and rows[0]["reason"]
+
+
+def test_train_and_evaluate_print_chance_from_the_class_counts(tmp_path: Path, image_dir: Path):
+    """4 reds and 6 blues: the majority guess scores 0.6, the random one 0.52 ± sqrt(10 * 0.24) / 10."""
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir / "blues", folder / "blues")
+    (folder / "reds").mkdir()
+    for p in sorted((image_dir / "reds").glob("*.png"))[:4]:
+        shutil.copy(p, folder / "reds" / p.name)
+    store = tmp_path / "s.h5"
+    run("embed", folder, "-o", store, *SMALL_ARGS)
+    r = run("train", store, "-o", tmp_path / "h.h5", "--cv", "2")
+    assert ("chance: 0.600 always guessing the most common class, 0.520 ± 0.155 guessing by the class shares "
+            "(on the 10 training images)") in r.stdout
+    r = run("evaluate", tmp_path / "h.h5", folder)
+    assert r.stdout.strip().splitlines()[-1].endswith("on 10 images (chance: 0.600 always guessing the most "
+                                                      "common class, 0.520 ± 0.155 guessing by the class shares)")
+
+
+def test_cosmetics_plurals_numbers_index_and_provenance(tmp_path: Path, image_dir: Path, monkeypatch):
+    store = tmp_path / "one.h5"
+    r = run("embed", image_dir / "reds" / "reds_000.png", "-o", store, *SMALL_ARGS)
+    assert "1 image embedded" in r.stdout and "1 row in all" in r.stdout
+    r = run("query", store, image_dir / "reds" / "reds_001.png", "-k", "1")
+    assert "exact search in memory (no index file)" in r.stdout.splitlines()[0] and "flat index" not in r.stdout
+    run("index", store)
+    assert "flat index " + str(store.parent / "one.index.h5") in run("query", store, image_dir / "reds").stdout
+    info = run("info", store).stdout
+    assert "tensorflow_version" not in info  # OpenVINO ran the model: nothing to show, no blank row
+    assert "created (when the embeddings were made)" in info
+    import imgvec.api
+    from imgvec.results import CacheSummary
+    from imgvec.runtime import CacheEntry
+
+    entry = CacheEntry(tmp_path / "m", "mobilenetv2", 224, "imagenet", 29_200_000, "", 60.0, True)
+    monkeypatch.setattr(imgvec.api, "cache", lambda clear=False: CacheSummary(tmp_path, [entry]))
+    table = run("cache").stdout
+    assert "1 compiled model, 29.2 MB" in table and "29.2000" not in table and "0.0000" not in table
+    assert " 0.0 " in table and " 29.2 " in table

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 import imgvec
 from imgvec.backbones import get_backbone
 from imgvec.cli import app
-from imgvec.comparison import chance_baselines, cross_validate, folds
+from imgvec.comparison import cross_validate, folds
+from imgvec.results import chance_levels
 
 MODELS = ["mobilenetv3small", "mobilenetv2"]
 
@@ -36,12 +37,15 @@ def test_cross_validate_separable_data():
     assert len(scores) == 5 and np.mean(scores) == 1.0 and (predicted == y).all()
 
 
-def test_chance_baselines_use_the_same_folds():
+def test_chance_rows_come_from_the_class_counts():
+    """Shares 1/2, 1/4, 1/4: the majority guess is right 1/2 of the time, a guess by the shares sum(p^2) = 3/8,
+    with spread sqrt(sum n_c p_c (1 - p_c)) / N over the 24 images (not from repeated folds)."""
     y = np.array(["a"] * 12 + ["b"] * 6 + ["c"] * 6)
-    majority, stratified = chance_baselines(y, folds(y, 3))
-    assert majority.name == "majority_class" and majority.accuracy == pytest.approx(0.5)
-    assert len(majority.fold_accuracies) == 3 and majority.description == "chance: always the most common class"
-    assert stratified.name == "stratified_random" and 0.0 <= stratified.accuracy <= 1.0
+    majority, stratified = chance_levels(y)
+    assert (majority.name, majority.accuracy, majority.accuracy_std) == ("majority_class", 0.5, 0.0)
+    assert majority.description == "chance: always the most common class"
+    assert stratified.accuracy == pytest.approx(0.375)
+    assert stratified.accuracy_std == pytest.approx(np.sqrt(12 * 0.5 * 0.5 + 2 * 6 * 0.25 * 0.75) / 24)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +69,9 @@ def test_compare_scores_each_backbone_on_the_same_images(compared, image_dir: Pa
         assert r.confusion.shape == (4, 4) and r.confusion.sum() == 24
         assert set(r.per_class_f1) == set(c.classes) and r.weakest_f1 == min(r.per_class_f1.values())
     assert c.rows[0].accuracy >= 0.9  # colour classes stay separable even with random weights
-    assert [b.name for b in c.baselines] == ["majority_class", "stratified_random"]
-    assert c.baselines[0].accuracy == pytest.approx(0.25) and c.speed_images == 8
+    assert [b.name for b in c.chance] == ["majority_class", "stratified_random"]
+    assert c.chance[0].accuracy == pytest.approx(0.25) and c.speed_images == 8
+    assert c.chance[1].accuracy_std == pytest.approx(np.sqrt(24 * 0.25 * 0.75) / 24)  # from the counts, not folds
     assert "8 images" in c.speed_note and "build and warm-up not counted" in c.speed_note
 
 

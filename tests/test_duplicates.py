@@ -131,7 +131,7 @@ def test_degenerate_store_is_one_group_without_holding_its_pairs(near_identical_
     assert sum(blocks) == 1_999_000 and max(blocks) <= 200 * 200 and len(blocks) == 55  # every pair seen, tile by tile
     assert sum(confirmed) - duplicates.DEGENERATE_SAMPLE < 1_999_000 / 10  # pairs already grouped: not confirmed
     r = CliRunner().invoke(app, ["dedup", str(near_identical_store), "--no-hash", "-f", "json"])
-    assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["images"]) == 2000
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["groups"][0]["images"]) == 2000
     assert "100% of all pairs of images are above --threshold 0.95" in r.stderr
 
 
@@ -165,8 +165,9 @@ def test_dedup_cli_formats(dup_store: Path):
     runner = CliRunner()
     r = runner.invoke(app, ["dedup", str(dup_store), "--threshold", "0.99", "-f", "json"])
     assert r.exit_code == 0, r.stderr
-    data = json.loads(r.stdout)
-    assert [g["kind"] for g in data] == ["exact", "near"] and data[0]["images"][0]["path"] == f"reds/{TRICKY}"
+    data = json.loads(r.stdout)["groups"]
+    assert [g["kind"] for g in data] == ["exact", "near"]
+    assert data[0]["images"][0]["path"] == str(dup_store.parent / "photos" / "reds" / TRICKY)
     r = runner.invoke(app, ["dedup", str(dup_store), "-t", "0.99", "-f", "csv"])
     assert r.stdout.splitlines()[0] == "group,kind,path,score,sha256,identical_files_group,found_by"
     assert len(r.stdout.splitlines()) == 5

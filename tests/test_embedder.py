@@ -54,7 +54,8 @@ def test_embed_arrays_checks_shape(embedder: Embedder):
 @pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
 def test_preprocessing_matches_keras_preprocess_input(runtime: str):
     """Our uint8 -> preprocess_input -> model path, on either runtime, equals calling Keras the documented way."""
-    from imgvec.backbones import build_model, get_backbone, parse_weights
+    from imgvec.backbones import get_backbone, parse_weights
+    from imgvec.builder import build_model
 
     e = Embedder("resnet50", "none", 32, batch_size=2, runtime=runtime).load()
     assert e.engine_.runtime == runtime
@@ -76,7 +77,8 @@ def test_parameters_are_validated_up_front():
 
 
 def test_from_provenance_checks_the_weights_file(small, tmp_path: Path):
-    from imgvec.backbones import build_model, get_backbone, parse_weights
+    from imgvec.backbones import get_backbone, parse_weights
+    from imgvec.builder import build_model
 
     f = tmp_path / "w.weights.h5"
     build_model(get_backbone("mobilenetv3small"), parse_weights("none"), 64).save_weights(str(f))

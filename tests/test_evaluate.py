@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -22,9 +23,14 @@ def test_evaluate_on_a_folder(head: Path, holdout_dir: Path):
     e = imgvec.evaluate(head, holdout_dir)
     assert e.n_images == 12 and e.accuracy >= 0.9 and e.labels == e.classes == ["blues", "greens", "reds", "yellows"]
     assert e.confusion.shape == (4, 4) and e.confusion.sum() == 12 and e.confusion.trace() == round(e.accuracy * 12)
-    assert e.report["reds"]["support"] == 3 and 0 <= e.report["macro avg"]["f1-score"] <= 1
+    tp = np.diag(e.confusion)
+    f1 = 2 * tp / (e.confusion.sum(axis=0) + e.confusion.sum(axis=1))  # per class, from the confusion matrix
+    assert e.report["reds"]["support"] == 3 and e.report["macro avg"]["f1-score"] == pytest.approx(f1.mean())
     assert e.provenance.is_random and e.unknown == {}
-    assert e.chance == {"majority_class": 0.25, "stratified_random": 0.25}  # 4 classes, 3 images each
+    # 4 classes, 3 images each: the majority guess is right 1/4 of the time; a random guess by the class shares
+    # expects 4 * (1/4)**2 = 1/4, spread sqrt(12 * 1/4 * 3/4) / 12 = 0.125
+    assert [(c.name, c.accuracy, c.accuracy_std) for c in e.chance] == [
+        ("majority_class", 0.25, 0.0), ("stratified_random", 0.25, pytest.approx(0.125))]
 
 
 def test_evaluate_on_a_store_made_the_same_way(head: Path, holdout_dir: Path, tmp_path: Path, small):
@@ -64,7 +70,7 @@ def test_unknown_classes_count_as_wrong(head: Path, holdout_dir: Path, tmp_path:
     e = imgvec.evaluate(head, folder)
     assert e.unknown == {"purples": 3} and e.labels[-1] == "purples" and e.n_images == 15
     assert e.confusion[-1].sum() == 3 and e.confusion[-1, -1] == 0 and e.accuracy <= 12 / 15
-    assert e.chance["majority_class"] == pytest.approx(3 / 15)
+    assert e.chance[0].accuracy == pytest.approx(3 / 15)
 
 
 def test_evaluate_cli_table_json_html(head: Path, holdout_dir: Path, tmp_path: Path):
@@ -75,13 +81,15 @@ def test_evaluate_cli_table_json_html(head: Path, holdout_dir: Path, tmp_path: P
     assert "precision" in r.stdout and "confusion matrix" in r.stdout and r.stdout.strip().splitlines()[-1].startswith(
         "accuracy ") and "on 12 images" in r.stdout
     assert r.stdout.strip().splitlines()[-1].endswith("on 12 images (chance: 0.250 always guessing the most common "
-                                                      "class, 0.250 guessing by the class shares)")
+                                                      "class, 0.250 ± 0.125 guessing by the class shares)")
     page = out.read_text()
     assert '<table class="cm">' in page and "RANDOM WEIGHTS" in page
-    assert "Chance on the same images: 0.250 always guessing the most common class" in page
+    assert "Chance on the same images: 0.250 always guessing the most common class, 0.250 &#177; 0.125" in page
     data = json.loads(runner.invoke(app, ["evaluate", str(head), str(holdout_dir), "-f", "json"]).stdout)
     assert data["images"] == 12 and len(data["confusion"]) == 4 and "reds" in data["report"]
-    assert data["chance"] == {"majority_class": 0.25, "stratified_random": 0.25}
+    assert [(c["baseline"], c["accuracy"], c["accuracy_std"]) for c in data["chance"]] == [
+        ("majority_class", 0.25, 0.0), ("stratified_random", 0.25, 0.125)]
+    assert data["head"] == str(head) and data["data"] == str(holdout_dir) and data["skipped"] == []
     for args, message in [([str(tmp_path / "nope")], "no such file or folder"), ([str(head)], "is an imgvec head file, not a store")]:
         r = runner.invoke(app, ["evaluate", str(head), *args])
         assert r.exit_code == 2 and message in r.stderr

@@ -14,9 +14,12 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +28,7 @@ import pytest
 
 import imgvec
 from imgvec.errors import BadInputError
+from imgvec.store import open_store
 
 from test_fileio import fill, mounted_tmpfs, remount_ro
 
@@ -79,7 +83,7 @@ def _one_error_line(r: dict, *needles: str) -> None:
     """Exit 2 and one error line (notes, such as the random-weights one, may come before it)."""
     lines = r["stderr"].strip().splitlines()
     assert r["code"] == 2 and lines[-1].startswith("imgvec: error: "), r
-    assert all(line.startswith(("imgvec: note: ", "imgvec: warning: ")) for line in lines[:-1]), r
+    assert all(line.startswith(("imgvec: note: ", "imgvec: warning: ", "imgvec: progress: ")) for line in lines[:-1]), r
     for needle in needles:
         assert needle in lines[-1], (needle, lines[-1])
 
@@ -120,17 +124,22 @@ def test_fifo_device_and_socket_never_hang_any_command(tmp_path: Path, image_dir
     assert "skipped reds/zero.png: a character device, not a regular file" in embed["stderr"]
     assert "skipped reds/sock.png: a socket, not a regular file" in embed["stderr"]
     assert train["code"] == 0
-    results = json.loads(query["stdout"])
+    results = json.loads(query["stdout"])["queries"]
     assert query["code"] == 0 and [q["query"].endswith("blues.png") for q in results] == [True]
     assert len(results[0]["results"]) == 3 and query["stderr"].count("imgvec: warning: skipped") == 3
     _one_error_line(query_bad, "no input image could be read (3 skipped; first", "not a regular file")
-    assert predict["code"] == 0 and len(json.loads(predict["stdout"])) == 1
+    assert predict["code"] == 0 and len(json.loads(predict["stdout"])["predictions"]) == 1
     _one_error_line(predict_bad, "(1 skipped; first", "pipe.jpg: a FIFO (named pipe), not a regular file")
     _one_error_line(evaluate, "no input image could be read (3 skipped")
     assert dedup["code"] == 0 and "3 files could not be read for hashing" in dedup["stderr"]
     assert again["code"] == 0 and "0 images embedded, 24 already there" in again["stdout"]
-    assert query_after["code"] == 0 and len(json.loads(query_after["stdout"])[0]["results"]) == 2
-    assert bad_names  # nothing of the above read them: a FIFO read would have hung until the timeout
+    assert query_after["code"] == 0 and len(json.loads(query_after["stdout"])["queries"][0]["results"]) == 2
+    # The three special files of the folder that holds nothing else were each looked at and skipped, never
+    # read (a FIFO read would have hung until the timeout), and are still what they were.
+    assert sorted(bad_names) == ["pipe.jpg", "sock.png", "zero.png"]
+    assert f"(3 skipped; first {only_bad / 'pipe.jpg'}: a FIFO (named pipe)" in query_bad["stderr"]
+    assert stat.S_ISFIFO(os.lstat(only_bad / "pipe.jpg").st_mode) and os.readlink(only_bad / "zero.png") == "/dev/zero"
+    assert stat.S_ISSOCK(os.lstat(only_bad / "sock.png").st_mode)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +252,8 @@ def test_train_checks_its_output_before_fitting(store_and_head, tmp_path: Path, 
 
 
 def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
-    from imgvec.backbones import Weights, build_model, get_backbone
+    from imgvec.backbones import Weights, get_backbone
+    from imgvec.builder import build_model
     from imgvec.device import import_keras
 
     def refuse(*args, **kwargs):
@@ -258,7 +268,8 @@ def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
 
 
 def test_random_weights_leave_the_global_generators_alone():
-    from imgvec.backbones import Weights, build_model, get_backbone
+    from imgvec.backbones import Weights, get_backbone
+    from imgvec.builder import build_model
     from imgvec.device import import_tensorflow
 
     tf = import_tensorflow()
@@ -315,3 +326,207 @@ def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path):
         assert len(killed) == 2 and len(set(killed)) == 2
     finally:
         ray.shutdown()
+
+
+# -- outputs that name an input, pseudo file systems, temporary files ---------------------------------
+def test_an_output_that_names_an_input_is_refused_before_any_work(store_and_head, image_dir: Path, holdout_dir: Path,
+                                                                   tmp_path: Path):
+    """``train S -o S`` made the store a head, ``index S -o S`` and ``query S Q --html S`` overwrote it (rc 0)."""
+    store, head = tmp_path / "photos.h5", tmp_path / "head.h5"
+    shutil.copy(store_and_head[0], store)
+    shutil.copy(store_and_head[1], head)
+    photos = tmp_path / "photos"
+    shutil.copytree(image_dir, photos)
+    linked = tmp_path / "same-inode.h5"
+    os.link(store, linked)
+    query_image = photos / "reds" / "reds_001.png"
+    protected = [store, head, query_image]
+    before = {p: p.read_bytes() for p in protected}
+    commands = {
+        "train S -o S": ["train", str(store), "-o", str(store), "--cv", "2"],
+        "train S -o a hard link to S": ["train", str(store), "-o", str(linked), "--cv", "2"],
+        "index S -o S": ["index", str(store), "-o", str(store)],
+        "index S -o S's journal": ["index", str(store), "-o", f"{store}.journal"],
+        "index S -o S's lock": ["index", str(store), "-o", str(tmp_path / ".photos.h5.lock")],
+        "merge S -o S": ["merge", str(store), "-o", str(store)],
+        "query --html S": ["query", str(store), str(query_image), "--html", str(store)],
+        "query --html Q": ["query", str(store), str(query_image), "--html", str(query_image)],
+        "query --html INDEX": ["query", str(store), str(query_image), "--index", str(head), "--html", str(head)],
+        "predict --html HEAD": ["predict", str(head), str(query_image), "--html", str(head)],
+        "predict --html an image of a folder it reads": ["predict", str(head), str(photos), "--html",
+                                                         str(photos / "blues" / "blues_000.png")],
+        "evaluate --html HEAD": ["evaluate", str(head), str(holdout_dir), "--html", str(head)],
+        "embed -o an image it embeds": ["embed", str(photos), "-o", str(photos / "reds" / "reds_002.png"), *SMALL],
+    }
+    for name, r in zip(commands, run_steps(list(commands.values()))):
+        _one_error_line(r, "cannot write", "this command")
+        assert r["stdout"] == "", name  # refused before any result
+    assert {p: p.read_bytes() for p in protected} == before
+    assert (photos / "blues" / "blues_000.png").read_bytes() == (image_dir / "blues" / "blues_000.png").read_bytes()
+    _still_queries(store, photos)
+
+
+def test_the_partners_an_output_may_not_name_are_the_files_a_store_writer_makes(store_path: Path, tmp_path: Path):
+    """fileio names a store's journal and lock itself (it sits below store.py): the names must stay the same."""
+    from imgvec.fileio import _partners
+    from imgvec.journal import journal_path
+    from imgvec.store import StoreWriter
+
+    store = tmp_path / "photos.h5"
+    shutil.copy(store_path, store)
+    with StoreWriter(store) as writer:
+        writer.append(np.ones((1, writer.provenance.dim), np.float32), ["new.png"], [""])
+        made = {p for p in tmp_path.iterdir() if p != store and ".tmp-" not in p.name}
+    assert made == {journal_path(store), tmp_path / ".photos.h5.lock"}
+    assert made <= {path for _, path in _partners(store)}
+
+
+def test_proc_sys_and_folders_at_temp_names_are_one_line(store_and_head, image_dir: Path, tmp_path: Path):
+    """Root passes os.access on /proc and /sys, which refuse files: that was a traceback from the lock file."""
+    store, head = store_and_head
+    query_image = str(image_dir / "reds" / "reds_001.png")
+    commands = [["embed", str(image_dir), "-o", "/proc/x.h5", *SMALL], ["embed", str(image_dir), "-o", "/sys/x.h5"],
+                ["index", str(store), "-o", "/proc/x.h5"], ["train", str(store), "-o", "/sys/x.h5"],
+                ["merge", str(store), "-o", "/proc/x.h5"], ["query", str(store), query_image, "--html", "/sys/x.html"]]
+    for r in run_steps(commands):
+        _one_error_line(r, "cannot write /")
+    # folders where temporary names go (an old writer's name, and one of today's form, its pid dead) stay, and
+    # the writes still happen
+    resumed = tmp_path / "photos.h5"
+    shutil.copy(store, resumed)
+    dead = _dead_pid()
+    folders = [tmp_path / ".photos.h5.tmp-99999", tmp_path / f".photos.h5.tmp-{_host()}-{dead}-0a1b",
+               tmp_path / f".head.h5.tmp-{dead}", tmp_path / f".photos.index.h5.tmp-{_host()}-{dead}-00"]
+    for folder in folders:
+        folder.mkdir()
+    embed, train, index = run_steps([["embed", str(image_dir), "-o", str(resumed)],
+                                     ["train", str(resumed), "-o", str(tmp_path / "head.h5"), "--cv", "2"],
+                                     ["index", str(resumed)]])
+    assert embed["code"] == 0 and "0 images embedded, 24 already there" in embed["stdout"], embed
+    assert train["code"] == 0 and index["code"] == 0, (train, index)
+    assert all(folder.is_dir() for folder in folders)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _host() -> str:
+    from imgvec.fileio import temp_path
+
+    return temp_path("x").name.split(".tmp-")[1].split("-")[0]
+
+
+def test_a_killed_writers_temp_is_removed_by_the_next_write(store_and_head, image_dir: Path, tmp_path: Path):
+    """kill -9 during `index`'s save left the whole index as a temp file that no later run removed."""
+    store = tmp_path / "photos.h5"
+    shutil.copy(store_and_head[0], store)
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, imgvec, imgvec.fileio as f\n"
+        "f.publish = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)  # killed once the temp is written\n"
+        f"imgvec.build_index({str(store)!r})")], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".photos.index.h5.tmp-")]
+    assert left.stat().st_size > 10_000  # the whole index, under its temp name
+    live_writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".photos.index.h5.tmp-{_host()}-{live_writer.pid}-feed"
+        other_host = tmp_path / f".photos.index.h5.tmp-00000000-{_dead_pid()}-feed"
+        for path in (live, other_host):
+            path.write_bytes(b"a writer still at work")
+        [r] = run_steps([["index", str(store)]])
+        assert r["code"] == 0 and "built a flat index over 24 rows" in r["stdout"], r
+        assert not left.exists()  # its writer is gone
+        assert live.exists() and other_host.exists()  # a live writer's, and one another machine may still write
+    finally:
+        live_writer.kill()
+        live_writer.wait()
+    _still_queries(store, image_dir)  # with the index just written
+
+
+# -- arguments at the boundary, SIGTERM, formats ------------------------------------------------------
+def test_arguments_out_of_range_are_one_line_and_leave_no_store(image_dir: Path, store_and_head, tmp_path: Path):
+    out = tmp_path / "new.h5"
+    embed = ["embed", str(image_dir), "-o", str(out), "-m", "mobilenetv3small", "--weights", "none"]
+    query = ["query", str(store_and_head[0]), str(image_dir / "reds" / "reds_001.png")]
+    size_0, size_4096, too_big_a_batch, max_pixels_0, k_0 = run_steps([
+        [*embed, "--image-size", "0"],  # was taken as 224
+        [*embed, "--image-size", "4096"],
+        [*embed, "--image-size", "2048", "--batch-size", "100000"],  # fits no machine: refused before the model loads
+        [*embed, "--image-size", "64", "--max-pixels", "0"],  # skipped every image, rc 0
+        [*query, "-k", "0"],  # named a --k option that does not exist
+    ])
+    _one_error_line(size_0, "--image-size 0 is too small for mobilenetv3small (at least 32)")
+    _one_error_line(size_4096, "--image-size 4096 is too large (at most 2048")
+    _one_error_line(too_big_a_batch, "--image-size 2048 with --batch-size 100000 needs about", "GiB", "fits")
+    _one_error_line(max_pixels_0, "--max-pixels must be at least 1, not 0")
+    _one_error_line(k_0, "error: -k must be at least 1, not 0")
+    assert not out.exists() and not Path(f"{out}.journal").exists()
+
+
+def test_an_embed_stopped_before_its_first_row_leaves_no_store(image_dir: Path, tmp_path: Path, monkeypatch):
+    from imgvec.embedder import Embedder
+
+    def stopped(self, paths, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(Embedder, "embed_files", stopped)
+    out = tmp_path / "new.h5"
+    with pytest.raises(KeyboardInterrupt, match="nothing was stored yet"):
+        imgvec.embed([image_dir], out, model="mobilenetv3small", weights="none", image_size=64)
+    assert not out.exists() and not Path(f"{out}.journal").exists()
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_rerun_completes(image_dir: Path, tmp_path: Path):
+    """SIGTERM (kill, a scheduler, docker stop) ended embed with 143 and not a word; now: Ctrl-C's message, work kept."""
+    from imgvec.synthetic import make_image_folder
+
+    folder = make_image_folder(tmp_path / "many", per_class=60, size=64, seed=3)
+    store = tmp_path / "many.h5"
+    command = [sys.executable, "-m", "imgvec", "embed", str(folder), "-o", str(store), *SMALL, "--batch-size", "2"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    journal, deadline = Path(f"{store}.journal"), time.monotonic() + 240
+    while not (journal.exists() and journal.stat().st_size) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)  # batches are stored: the run is under way
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 143, (out, err)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("imgvec: interrupted (SIGTERM); ") and "rows are safely stored in" in line, err
+    kept = int(line.split("; ")[1].split()[0])
+    assert 0 < kept < 240 and out == ""
+    [again] = run_steps([["embed", str(folder), "-o", str(store)]])
+    assert again["code"] == 0 and f"{240 - kept} images embedded, {kept} already there" in again["stdout"], again
+    assert "240 rows in all" in again["stdout"]
+    with open_store(store) as s:
+        assert sorted(s.paths()) == sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+
+
+def test_unsupported_formats_are_listed_as_skipped(image_dir: Path, tmp_path: Path):
+    """An .avif or .heic photo was silently ignored: not embedded, not named as skipped."""
+    from PIL import Image, features
+
+    photos = tmp_path / "photos"
+    shutil.copytree(image_dir, photos)
+    (photos / "reds" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    (photos / "reds" / "scan.jxl").write_bytes(b"\xff\x0a" + bytes(64))
+    avif = features.check("avif")
+    if avif:
+        Image.open(image_dir / "reds" / "reds_000.png").convert("RGB").save(photos / "reds" / "new.avif")
+    else:
+        (photos / "reds" / "new.avif").write_bytes(b"\0\0\0\x1cftypavif" + bytes(64))
+    store = tmp_path / "photos.h5"
+    embed, again = run_steps([["embed", str(photos), "-o", str(store), *SMALL], ["embed", str(photos), "-o", str(store)]])
+    assert embed["code"] == 0 and f"{25 if avif else 24} images embedded, 0 already there, {2 if avif else 3} skipped" \
+        in embed["stdout"], embed
+    assert "imgvec: warning: skipped reds/phone.heic: unsupported format (.heic): imgvec reads " in embed["stderr"]
+    assert "imgvec: warning: skipped reds/scan.jxl: unsupported format (.jxl)" in embed["stderr"]
+    assert ("skipped reds/new.avif" in embed["stderr"]) != avif
+    with open_store(store) as s:
+        assert {k for k, _ in s.skipped()} == {"reds/phone.heic", "reds/scan.jxl"} | (set() if avif else {"reds/new.avif"})
+    assert again["code"] == 0 and "0 images embedded" in again["stdout"]  # skipped files are tried again, and skipped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import shutil
@@ -117,10 +119,9 @@ EVIL = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 def _forged() -> dict:
     """Result objects whose every text field (provenance attributes included) carries markup."""
-    from imgvec.duplicates import DuplicateGroup, Member
     from imgvec.provenance import Provenance
-    from imgvec.results import (Baseline, BackboneScore, Comparison, DedupResult, Evaluation, Neighbour, Prediction,
-                                Predictions, QueryResult, QueryResults)
+    from imgvec.results import (BackboneScore, Chance, Comparison, DedupResult, DuplicateGroup, Evaluation, Member,
+                                Neighbour, Prediction, Predictions, QueryResult, QueryResults, chance_levels)
 
     prov = Provenance(EVIL, "random", 0, EVIL, EVIL, EVIL, EVIL, EVIL, resize=EVIL, device=EVIL, precision=EVIL,
                       imgvec_version=EVIL, keras_version=EVIL, tensorflow_version=EVIL, runtime=EVIL, runtime_version=EVIL,
@@ -136,10 +137,10 @@ def _forged() -> dict:
         predict=html.predict_page(Predictions(prov, labels, [Prediction(path, EVIL, {EVIL: 0.9, "b": 0.1}, EVIL)],
                                               [(path, EVIL)], Path(EVIL), 1.0, 0.5, 0.1)),
         evaluate=html.evaluation_page(Evaluation(Path(EVIL), EVIL, prov, labels, labels, 3, 2 / 3, report, confusion,
-                                                 {}, 0, chance={"majority_class": 0.6, "stratified_random": 0.5})),
+                                                 {}, 0, chance=chance_levels([EVIL, EVIL, "b"]))),
         compare=html.compare_page(Comparison(EVIL, labels, 3, 2, 0, [
             BackboneScore(EVIL, 1, 2, 3.0, 0.5, 0.1, [0.5], report, confusion, Path(EVIL), prov, 0)], EVIL, 1.0,
-            [Baseline("majority_class", 0.6, 0.0, [0.6])], 3)),
+            [Chance("majority_class", 0.6, 0.0)], 3)),
         dedup=html.dedup_page(DedupResult(Path(EVIL), prov, 0.9, 3, [
             DuplicateGroup("exact", [Member(path, 1.0), Member(path + "2", 1.0)], EVIL),
             DuplicateGroup("near", [Member(path, 1.0), Member(EVIL, 0.95)])], 1, [EVIL], 0.1), lambda p: p),
@@ -157,13 +158,23 @@ def test_every_value_reaches_every_page_escaped(page):
 
 
 def test_templates_ship_with_the_package():
+    """Every template the pages render exists, compiles, and is matched by the package-data globs."""
+    import fnmatch
+    import re
+    import tomllib
     from importlib.resources import files
 
-    names = {p.name for p in files("imgvec").joinpath("templates").iterdir()}
-    assert {"base.html", "query.html", "predict.html", "dedup.html", "compare.html", "evaluate.html",
-            "scatter.svg"} <= names
-    text = Path(__file__).parents[1].joinpath("pyproject.toml").read_text()
-    assert '"templates/*"' in text and '"jinja2' in text
+    folder = files("imgvec").joinpath("templates")
+    shipped = {p.name for p in folder.iterdir()}
+    env = html.environment()
+    for name in shipped:
+        env.get_template(name)  # parses: a syntax error in any template fails here
+    source = Path(html.__file__).read_text()
+    rendered = set(re.findall(r"(?:_page|render)\(\"([\w.]+)\"", source))
+    assert len(rendered) >= 6 and rendered <= shipped, rendered - shipped
+    config = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["imgvec"]
+    assert all(any(fnmatch.fnmatch(f"templates/{name}", g) for g in globs) for name in shipped)
 
 
 def test_cli_query_and_predict_write_html(gallery, holdout_dir: Path, tmp_path: Path):
@@ -172,7 +183,7 @@ def test_cli_query_and_predict_write_html(gallery, holdout_dir: Path, tmp_path: 
     r = runner.invoke(app, ["query", str(gallery["store"]), str(holdout_dir / "reds"), "-k", "2", "-f", "json",
                             "--html", str(out)])
     assert r.exit_code == 0, r.stderr
-    assert len(r.stdout) and r.stdout.lstrip().startswith("[")  # stdout stays clean JSON
+    assert len(json.loads(r.stdout)["queries"]) == 3  # stdout stays clean JSON
     assert f"wrote {out}" in r.stderr and out.read_text().count("data:image/jpeg;base64,") == 3 * 3
     out = tmp_path / "p.html"
     r = runner.invoke(app, ["predict", str(gallery["head"]), str(holdout_dir), "--html", str(out)])

@@ -71,7 +71,9 @@ def test_save_load_round_trip_and_coverage_checks(tmp_path: Path):
 
 def test_kind_choice():
     assert choose_kind("auto", 10) == "flat"
-    assert choose_kind("auto", 10_000_000) == "hnsw"
+    # auto: HNSW while its build fits the memory budget (default: half the RAM), IVF-PQ beyond
+    assert choose_kind("auto", 10_000_000, dim=1280, memory_budget=200 * 2**30) == "hnsw"
+    assert choose_kind("auto", 10_000_000, dim=1280, memory_budget=8 * 2**30) == "ivfpq"
     with pytest.raises(BadInputError, match="expected one of"):
         choose_kind("annoy", 10)
     with pytest.raises(BadInputError, match="ivfpq index needs at least"):

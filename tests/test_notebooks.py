@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imgvec.synthetic import CLASSES
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need the dev extra (nbformat, nbclient, ipykernel)")
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need the dev extra (nbclient, ipykernel)")
@@ -65,9 +67,12 @@ def test_notebook_runs_on_generated_data_with_random_weights(path: Path, tmp_pat
         assert (work / "search" / "query.html").stat().st_size > 10_000
         assert "exact [('blues/blues_000.png', 1.0), ('blues/copy_of_blues_000.png', 1.0)]" in text
     elif path.name.startswith("02"):
-        assert "held-out accuracy" in text and (work / "classify" / "predictions.html").exists()
+        assert "held-out accuracy" in text
+        page = (work / "classify" / "predictions.html").read_text()
+        assert page.count("<img") >= 1 and all(c in page for c in CLASSES)  # thumbnails and every label
     else:
         assert "mobilenetv3small" in text and "mobilenetv2" in text
-        assert (work / "compare" / "compare.html").exists()
+        page = (work / "compare" / "compare.html").read_text()
+        assert "mobilenetv3small" in page and "mobilenetv2" in page and "<svg" in page  # both rows and the plot
         assert sorted(p.name for p in (work / "compare" / "stores").glob("*.h5")) == ["mobilenetv2.h5",
                                                                                     "mobilenetv3small.h5"]

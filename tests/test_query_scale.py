@@ -89,7 +89,7 @@ def test_an_index_in_the_old_chunked_layout_is_refused_with_the_rebuild_command(
     run("index", store)  # the user's next step: the rebuilt index is mapped and answers
     assert load_index(index).mapping is not None
     r = run("query", store, image, "-k", "1", "-f", "json")
-    top = json.loads(r.stdout)[0]["results"][0]
+    top = json.loads(r.stdout)["queries"][0]["results"][0]
     assert Path(top["path"]).name == image.name and top["score"] > 0.999
 
 
@@ -117,7 +117,7 @@ def test_rows_embedded_after_the_index_are_searched_without_reindexing(tmp_path:
     new = sorted((photos / "new").rglob("*.jpg"))
     r = run("query", store, *new, "-k", "3", "-f", "json")
     assert "6 of 30 rows" in r.stderr and "not indexed yet" in r.stderr and f"imgvec index {store}" in r.stderr
-    for q in json.loads(r.stdout):
+    for q in json.loads(r.stdout)["queries"]:
         top = q["results"][0]
         assert Path(q["query"]).name == Path(top["path"]).name and top["score"] > 0.999
         assert [n["rank"] for n in q["results"]] == [1, 2, 3]
@@ -139,7 +139,7 @@ def test_rows_removed_by_sync_never_come_back(tmp_path: Path, photos: Path):
     run("embed", photos, "-o", store, *SMALL_ARGS, "--sync")
     r = run("query", store, *sorted(kept.iterdir()), "-k", "20", "-f", "json")
     assert "predates rows removed" in r.stderr and f"imgvec index {store}" in r.stderr
-    names = {Path(n["path"]).name for q in json.loads(r.stdout) for n in q["results"]}
+    names = {Path(n["path"]).name for q in json.loads(r.stdout)["queries"] for n in q["results"]}
     assert len(names) == 20 and not names & {p.name for p in gone}
     with open_store(store) as s:
         assert names <= {Path(p).name for p in s.paths()}
@@ -168,8 +168,8 @@ def test_make_store_writes_a_store_info_index_and_query_accept(big_store: Path, 
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, rtol=1e-5)
     image = next(image_dir.rglob("*.png"))
     r = run("query", big_store, image, "-k", "5", "-f", "json")
-    results = json.loads(r.stdout)[0]["results"]
-    assert len(results) == 5 and all(n["path"].startswith("img_") for n in results)
+    results = json.loads(r.stdout)["queries"][0]["results"]
+    assert len(results) == 5 and all(Path(n["path"]).name.startswith("img_") for n in results)
     assert [n["score"] for n in results] == sorted((n["score"] for n in results), reverse=True)
 
 

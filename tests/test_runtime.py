@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import imgvec
-from imgvec import runtime
+from imgvec import keras_backends, model_cache, runtime
 from imgvec.backbones import BACKBONES, get_backbone, parse_weights
 from imgvec.cli import app
 from imgvec.errors import BadInputError
@@ -63,20 +63,22 @@ def test_auto_is_openvino_on_the_cpu_and_tensorflow_on_a_gpu():
         load_engine("openvino", "mobilenetv3small", "none", 64, device="gpu")
 
 
-def test_keras_backends_are_table_rows_that_load_lazily(monkeypatch):
-    import importlib
-
-    real = importlib.import_module
-
-    def missing(name: str, package: str | None = None):
-        if name == ".keras_backends":
-            raise ModuleNotFoundError("no module", name="imgvec.keras_backends")
-        return real(name, package)
-
-    monkeypatch.setattr(importlib, "import_module", missing)
-    with pytest.raises(BadInputError, match="^runtime jax is not available in this version of imgvec$"):
-        load_engine("jax", "mobilenetv3small", "none", 64)
+def test_every_runtime_is_a_table_row_whose_library_loads_only_when_used(monkeypatch):
     assert set(runtime.LOADERS) == set(runtime.RUNTIMES) - {"auto"}
+    # Importing the runtimes' table imports none of their libraries ...
+    code = ("import sys, imgvec.runtime\n"
+            "print([m for m in ('tensorflow', 'keras', 'openvino', 'jax', 'torch') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    # ... and the jax row reaches the Keras-backend engine, which refuses a second backend in this process.
+    from imgvec.device import import_keras
+
+    import_keras("tensorflow")
+    calls = []
+    monkeypatch.setattr(keras_backends, "_persistent_compilation_cache", lambda: calls.append("jax cache"))
+    with pytest.raises(BadInputError, match="^Keras already runs on tensorflow in this process"):
+        load_engine("jax", "mobilenetv3small", "none", 64)
+    assert calls == []  # refused before anything JAX-specific ran
 
 
 def test_engines_are_kept_for_the_process_until_released():
@@ -87,21 +89,52 @@ def test_engines_are_kept_for_the_process_until_released():
     assert load_engine("openvino", "mobilenetv3small", "none", 64) is not a
 
 
-def test_mixed_precision_must_match_float32_on_the_first_batch(tmp_path: Path):
-    """bfloat16 on OpenVINO is opt-in and refused when the first batch disagrees with float32."""
+class _Perturbed:
+    """A float32 engine whose rows get noise of a chosen size: a stand-in for a lower precision."""
+
+    def __init__(self, engine, noise: float) -> None:
+        self.engine, self.noise, self.calls = engine, noise, 0
+        self.runtime, self.version, self.device, self.model_batch = "openvino", "x", "cpu", 32
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        out = self.engine(pixels)
+        rng = np.random.default_rng(self.calls)
+        return out + self.noise * np.abs(out).mean() * rng.standard_normal(out.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("noise,accepted", [(1e-4, True), (0.5, False)])
+def test_mixed_precision_must_match_float32_on_the_first_batch(noise: float, accepted: bool, tmp_path: Path):
+    """A lower precision is kept when its first batch agrees with float32 (cosine >= 0.999 per row), else refused for good."""
     weights = parse_weights(str(calibrated_weights("mobilenetv3small", 32, tmp_path / "w.weights.h5")))
-    mixed = load_engine("openvino", "mobilenetv3small", weights, 32, precision="mixed")
+    float32 = load_engine("openvino", "mobilenetv3small", weights, 32)
+    references = []
+
+    def reference():
+        references.append(1)
+        return float32
+
+    mixed = runtime.CheckedPrecision(_Perturbed(float32, noise), reference, "mobilenetv3small")
     x = pixels(4, 32)
-    try:
-        out = mixed(x)
-    except BadInputError as refusal:  # random weights lose precision in bfloat16 (MobileNetV2: cosine 0.985)
-        assert "precision mixed (openvino); use precision float32" in str(refusal)
-        assert "differ from float32 on the first batch" in str(refusal) and "\n" not in str(refusal)
-        with pytest.raises(BadInputError, match="differ from float32"):
-            mixed(x)  # the refusal sticks
+    if accepted:
+        assert row_cosines(mixed(x), float32(x)).min() >= runtime.PARITY_MIN_COSINE
+        mixed(pixels(4, 32, seed=1))
+        assert references == [1]  # only the first batch is compared: the reference is then dropped
     else:
-        ref = load_engine("openvino", "mobilenetv3small", weights, 32)(x)
-        assert row_cosines(out, ref).min() >= runtime.PARITY_MIN_COSINE
+        with pytest.raises(BadInputError) as refusal:
+            mixed(x)
+        assert "precision mixed (openvino); use precision float32" in str(refusal.value)
+        assert "differ from float32 on the first batch" in str(refusal.value) and "\n" not in str(refusal.value)
+        with pytest.raises(BadInputError, match="differ from float32"):
+            mixed(pixels(4, 32, seed=1))  # the refusal sticks
+        assert mixed.engine.calls == 1  # without running the model again
+
+
+def test_mixed_precision_engines_are_checked_against_their_own_float32(tmp_path: Path):
+    mixed = load_engine("openvino", "mobilenetv3small", "none", 32, precision="mixed")
+    assert isinstance(mixed, runtime.CheckedPrecision) and mixed.runtime == "openvino"
+    assert mixed._reference().runtime == "openvino"  # the float32 reference runs on the same runtime
+    assert load_engine("openvino", "mobilenetv3small", "none", 32) is not mixed.engine
 
 
 def test_a_backbone_that_does_not_convert_falls_back_to_tensorflow(monkeypatch, tmp_path: Path):
@@ -112,7 +145,7 @@ def test_a_backbone_that_does_not_convert_falls_back_to_tensorflow(monkeypatch, 
         calls.append(args)
         raise runtime.ConversionFailed("OpConversionFailure: no converter for op Foo")
 
-    monkeypatch.setattr(runtime, "_convert", cannot)
+    monkeypatch.setattr(model_cache, "_convert", cannot)
     for _ in range(2):
         runtime.release_engines()
         with pytest.warns(runtime.RuntimeNote, match="mobilenetv3small does not convert to OpenVINO .*Foo.*TensorFlow"):
@@ -145,12 +178,12 @@ def test_cache_key_changes_with_everything_that_changes_the_output(monkeypatch, 
     variants = [entry_path(get_backbone("mobilenetv3small"), w, 96), entry_path(bb, parse_weights("none", 1), 96),
                 entry_path(bb, parse_weights("imagenet"), 96), entry_path(bb, parse_weights(str(f1)), 96),
                 entry_path(bb, parse_weights(str(f2)), 96), entry_path(bb, w, 128)]
-    monkeypatch.setattr(runtime, "WRAPPER_VERSION", runtime.WRAPPER_VERSION + 1)
+    monkeypatch.setattr(model_cache, "WRAPPER_VERSION", model_cache.WRAPPER_VERSION + 1)
     variants.append(entry_path(bb, w, 96))
     monkeypatch.undo()
     for dist in ("openvino", "keras"):
         with monkeypatch.context() as m:
-            m.setattr(runtime, "dist_version", lambda d, dist=dist: "0.0" if d == dist else runtime.metadata.version(d))
+            m.setattr(model_cache, "dist_version", lambda d, dist=dist: "0.0" if d == dist else runtime.dist_version(d))
             variants.append(entry_path(bb, w, 96))
     assert len({base, *variants}) == len(variants) + 1
     assert entry_path(bb, parse_weights("none"), 96) == base  # and nothing else does
@@ -165,16 +198,21 @@ def test_cache_key_changes_with_everything_that_changes_the_output(monkeypatch, 
 # conversion is what the parity tests above and the end-to-end tests below use.
 FAKE_CONVERT = """
 import time
-from imgvec import runtime
+from imgvec import model_cache
 
-def fake_convert(backbone, weights, image_size, folder):
-    for name in runtime.FILES:
+SOURCE = None  # what the conversion records as the ImageNet weights file it read
+
+def fake_convert(backbone, weights, image_size):
+    return (backbone, weights, image_size), {"source_weights": SOURCE, "tensorflow": "", "convert_s": 0.2}
+
+def fake_save(model, folder):
+    backbone, weights, image_size = model
+    for name in model_cache.FILES:
         with open(folder / name, "wb") as fh:
             for i in range(20):
                 fh.write(f"{backbone.name} {image_size} {weights.identity} {i}\\n".encode() * 5000)
                 fh.flush()
                 time.sleep(0.01)
-    return {"source_weights": None, "tensorflow": "", "convert_s": 0.2}
 """
 
 
@@ -182,15 +220,16 @@ def fake_convert(backbone, weights, image_size, folder):
 def fake_cache(tmp_path: Path, monkeypatch) -> Path:
     namespace: dict = {}
     exec(FAKE_CONVERT, namespace)
-    monkeypatch.setattr(runtime, "_convert", namespace["fake_convert"])
+    monkeypatch.setattr(model_cache, "_convert", namespace["fake_convert"])
+    monkeypatch.setattr(model_cache, "_save", namespace["fake_save"])
     monkeypatch.setenv("IMGVEC_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
 def test_two_processes_converting_at_once_leave_one_good_entry(fake_cache: Path):
-    code = FAKE_CONVERT + ("runtime._convert = fake_convert\n"
+    code = FAKE_CONVERT + ("model_cache._convert, model_cache._save = fake_convert, fake_save\n"
                            "from imgvec.backbones import get_backbone, parse_weights\n"
-                           "print(runtime.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32))")
+                           "print(model_cache.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -228,10 +267,158 @@ def test_imgvec_cache_lists_and_clears(fake_cache: Path):
     (row,) = json.loads(listed.stdout)
     assert (row["backbone"], row["input_size"], row["ok"]) == ("mobilenetv3small", 32, "yes")
     assert row["weights"].startswith("RANDOM weights (seed 0)") and row["mb"] > 0.1
-    assert f"# {fake_cache}: 1 compiled models" in runner.invoke(app, ["cache"]).stdout
+    assert f"# {fake_cache}: 1 compiled model," in runner.invoke(app, ["cache"]).stdout
     cleared = runner.invoke(app, ["cache", "--clear"])
-    assert cleared.exit_code == 0 and "removed 1 cached models" in cleared.stderr
+    assert cleared.exit_code == 0 and "removed 1 cached model (" in cleared.stderr
     assert ": 0 compiled models" in cleared.stdout and not any((fake_cache / "openvino").iterdir())
+
+
+@pytest.mark.parametrize("manifest", [
+    {"source_weights": "not a record"},
+    {"source_weights": {"path": 7, "sha256": "x", "size": 1, "mtime_ns": 1}},
+    {"files": ["model.xml", "model.bin"]},
+    {"key": ["not", "a", "dict"]},
+    "a string, not an object",
+    {"key": {"input_size": "ninety-six"}},
+], ids=["source-str", "source-path-int", "files-list", "key-list", "not-object", "key-size-str"])
+def test_a_malformed_manifest_is_listed_and_the_entry_rebuilt(fake_cache: Path, manifest):
+    """Valid JSON that is not what imgvec writes: `imgvec cache` lists the entry as not ok, the next use rebuilds it."""
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    xml = compiled_model(bb, w, 32)
+    good = json.loads((xml.parent / "manifest.json").read_text())
+    forged = {**good, **manifest} if isinstance(manifest, dict) else manifest
+    if isinstance(manifest, dict) and "key" in manifest and isinstance(manifest["key"], dict):
+        forged["key"] = {**good["key"], **manifest["key"]}
+    (xml.parent / "manifest.json").write_text(json.dumps(forged))
+    listed = CliRunner().invoke(app, ["cache", "-f", "json"])
+    assert listed.exit_code == 0 and listed.exception is None, listed.output
+    assert [row["ok"] for row in json.loads(listed.stdout)] == ["no (rebuilt on next use)"]
+    assert compiled_model(bb, w, 32) == xml
+    assert json.loads((xml.parent / "manifest.json").read_text())["key"] == good["key"]
+    assert imgvec.cache().entries[0].ok
+
+
+def test_a_manifest_that_is_a_fifo_or_huge_is_not_read(fake_cache: Path):
+    import os
+
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    xml = compiled_model(bb, w, 32)
+    manifest = xml.parent / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)  # reading it would block forever
+    assert not imgvec.cache().entries[0].ok
+    assert compiled_model(bb, w, 32) == xml and imgvec.cache().entries[0].ok
+    good = manifest.read_text()
+    manifest.write_text(good[:-1] + " " * (2 << 20) + "}")  # valid JSON, but no manifest imgvec writes is 2 MB
+    assert not imgvec.cache().entries[0].ok
+
+
+def test_an_imagenet_entry_is_rebuilt_when_the_weights_file_changes(fake_cache: Path, tmp_path: Path, monkeypatch):
+    import os
+
+    weights_file = tmp_path / "keras" / "models" / "mobilenet_v3_small_no_top.h5"
+    weights_file.parent.mkdir(parents=True)
+    weights_file.write_bytes(b"imagenet weights, version 1")
+    st = os.stat(weights_file)
+    monkeypatch.setitem(model_cache._convert.__globals__, "SOURCE", {
+        "path": str(weights_file), "sha256": model_cache.sha256_file(weights_file), "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns})
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("imagenet")
+    xml = compiled_model(bb, w, 32)
+    assert imgvec.cache().entries[0].ok
+    os.utime(weights_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still good
+    assert imgvec.cache().entries[0].ok
+    weights_file.write_bytes(b"imagenet weights, version 2")  # Keras fetched a new file: the entry is stale
+    assert not imgvec.cache().entries[0].ok
+    converted = []
+
+    def convert_again(*args):
+        converted.append(args)
+        return args, {"source_weights": None, "tensorflow": "", "convert_s": 0.1}
+
+    monkeypatch.setattr(model_cache, "_convert", convert_again)
+    assert compiled_model(bb, w, 32) == xml and len(converted) == 1 and imgvec.cache().entries[0].ok
+    weights_file.unlink()  # gone: the converted model holds the weights itself
+    assert compiled_model(bb, w, 32) == xml and len(converted) == 1
+
+
+def test_the_weights_file_a_build_used_is_found_in_the_keras_cache(tmp_path: Path, monkeypatch):
+    """Downloaded (new in the folder) or read (Keras checks a cached file's hash): both are found, nothing else."""
+    from imgvec.builder import keras_weights_files
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "other.h5").write_bytes(b"another model's weights")
+    (folder / "cached.h5").write_bytes(b"cached weights")
+    with keras_weights_files() as found:
+        (folder / "downloaded.h5").write_bytes(b"new weights")
+    assert found == [str(folder / "downloaded.h5")]
+    with keras_weights_files() as found:
+        with open(folder / "cached.h5", "rb") as fh:
+            fh.read()
+        with open(tmp_path / "elsewhere.txt", "w") as fh:
+            fh.write("not in Keras' cache")
+    assert found == [str(folder / "cached.h5")]
+    with keras_weights_files() as found:
+        pass
+    assert found == []
+
+
+def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fake_cache: Path):
+    import os
+    import signal
+
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    code = FAKE_CONVERT + ("import time\n"
+                           "def slow_save(model, folder):\n"
+                           "    (folder / 'model.xml').write_text('half')\n"
+                           "    print('writing', flush=True); time.sleep(60)\n"
+                           "model_cache._convert, model_cache._save = fake_convert, slow_save\n"
+                           "from imgvec.backbones import get_backbone, parse_weights\n"
+                           "model_cache.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    (temp,) = [e for e in imgvec.cache().entries]
+    assert temp.state == f"no: being converted by process {proc.pid}" and temp.path.name.startswith(".tmp-")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (temp,) = imgvec.cache().entries
+    assert temp.leftover and temp.backbone == "mobilenetv3small" and temp.input_size == 32
+    listed = CliRunner().invoke(app, ["cache", "-f", "json"])
+    (row,) = json.loads(listed.stdout)
+    assert row["ok"].startswith("no: left by an interrupted conversion") and row["path"] == str(temp.path)
+    xml = compiled_model(bb, w, 32)  # the next conversion removes it
+    assert [e.name for e in (fake_cache / "openvino").iterdir()] == [xml.parent.name]
+    temp.path.mkdir()  # and so does `imgvec cache --clear`
+    cleared = CliRunner().invoke(app, ["cache", "--clear"])
+    assert cleared.exit_code == 0 and not any((fake_cache / "openvino").iterdir())
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from imgvec.cli import main
+sys.argv = ["imgvec", *sys.argv[2:]]
+main()
+"""
+
+
+def test_the_cache_on_a_full_disk_costs_one_line_and_the_embed_still_runs(tmp_path: Path, image_dir: Path):
+    """No file may grow past 1 MB: the converted model (4 MB) cannot be cached, the small store can be written."""
+    env = {**__import__("os").environ, "IMGVEC_CACHE_DIR": str(tmp_path / "cache")}
+    store = tmp_path / "s.h5"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(1 << 20), "embed", str(image_dir), "-o", str(store),
+                          "-m", "mobilenetv3small", "--weights", "none", "--image-size", "32", "--runtime", "openvino"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    (note,) = [line for line in out.stderr.splitlines() if "model cache" in line]
+    assert "cannot write the model cache" in note and "converted in memory" in note
+    with open_store(store) as s:
+        assert s.rows == 24 and s.provenance.runtime == "openvino"
+    assert not [p for p in (tmp_path / "cache" / "openvino").iterdir()]  # no half-written entry or temp left
 
 
 # -- end to end --------------------------------------------------------------------------------
@@ -269,10 +456,10 @@ def test_openvino_store_indexes_queries_and_predicts(tmp_path: Path, image_dir: 
     _run("index", store)
     image = sorted(image_dir.rglob("*.png"))[3]
     top = json.loads(_run("query", store, image, "-k", "1", "-f", "json", "--runtime", "openvino").stdout)
-    assert top[0]["results"][0]["path"] == str(image.relative_to(image_dir))
+    assert top["queries"][0]["results"][0]["path"] == str(image)
     _run("train", store, "-o", tmp_path / "head.h5", "--cv", "2")
     preds = json.loads(_run("predict", tmp_path / "head.h5", image, "-f", "json", "--runtime", "openvino").stdout)
-    assert preds[0]["predicted"] == image.parent.name
+    assert preds["predictions"][0]["predicted"] == image.parent.name
 
 
 def test_a_tensorflow_store_is_extended_and_queried_with_openvino(tmp_path: Path, image_dir: Path):

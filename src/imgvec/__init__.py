@@ -1,8 +1,8 @@
 """imgvec: image embeddings from pretrained Keras backbones, FAISS search and linear heads."""
 
-__version__ = "0.1.0"
+from .versions import IMGVEC_VERSION as __version__  # noqa: F401  (package metadata: one source, pyproject.toml)
 
-from .api import build_index, cache, embed, info, models, predict, query, release_models, train  # noqa: E402
+from .api import build_index, cache, embed, info, merge, models, predict, query, release_models, train  # noqa: E402
 from .api import (  # noqa: E402
     compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, predict_html,
     query_html,
@@ -25,7 +25,7 @@ def __getattr__(name: str):  # noqa: ANN202
 
 __all__ = [
     "BACKBONES", "Backbone", "BadInputError", "Embedder", "ImageSkipped", "ImgvecError", "LogisticHead",
-    "MismatchError", "MissingWeightsError", "build_index", "embed", "get_backbone", "info", "load_head",
+    "MismatchError", "MissingWeightsError", "build_index", "embed", "merge", "get_backbone", "info", "load_head",
     "models", "open_store", "predict", "query", "release_models", "cache", "train",
     "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "evaluate", "evaluation_html", "image_paths",
     "predict_html", "query_html",

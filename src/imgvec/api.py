@@ -1,60 +1,54 @@
 """The public API: what the CLI and notebooks both call.
 
 Each function takes paths and plain options and returns a small result object; none of
-them prints. Progress is reported through an optional ``progress(done, total)`` callback.
+them prints. Long work reports progress through an optional ``progress(done, total)`` callback,
+which is also told the phase when it takes a ``phase`` keyword (:mod:`imgvec.progress`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .artifact import check_partner, peek
-from .backbones import BACKBONES, DEFAULT_SEED, Backbone, get_backbone
-from .comparison import DEFAULT_MODELS
-from .comparison import compare as _compare
-from .duplicates import DuplicateGroup
-from .embedder import Embedder
+from .backbones import BACKBONES
+from .comparison import compare
+from .embedder import EmbedConfig, Embedder
 from .errors import BadInputError, MismatchError, param
-from .fileio import check_writable, make_folder
-from .images import find_images
+from .fileio import check_output
+from .images import find_images, is_image_name
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, search_store, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
+from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
-from .runtime import CacheEntry
-from .results import (Baseline, BackboneScore, Comparison, DedupResult, EmbedSummary, Evaluation, IndexSummary,
-                      MergeSummary, Neighbour, Prediction, Predictions, QueryResult, QueryResults, TrainSummary,
-                      chance_accuracies, fold_copies)
+from .results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
+                      EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
+                      Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from .store import Store, merge_stores, open_store
 
 __all__ = [
-    "Baseline", "BackboneScore", "CacheSummary", "Comparison", "DedupResult", "DuplicateGroup", "EmbedSummary", "Evaluation", "IndexSummary",
-    "MergeSummary", "Neighbour", "Prediction", "Predictions", "QueryResult", "QueryResults", "TrainSummary",
+    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
+    "EmbedSummary", "Evaluation", "IndexSummary", "Member", "MergeSummary", "ModelTable", "Neighbour", "Prediction",
+    "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
     "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
     "evaluation_html", "image_paths", "info", "merge", "models", "predict", "predict_html", "query", "query_html",
-    "release_models", "train",
+    "release_models", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]
 
 
-def _display(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith(os.pardir) else rel
-
-
-# -- embed: ingest.embed, re-exported above ---------------------------------------------
+# -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
 # -- index ------------------------------------------------------------------------------
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
-                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
+                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto",
+                progress: Progress | None = None) -> IndexSummary:
     """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
 
     An existing index of the same kind whose store only gained rows since is extended with
@@ -66,7 +60,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
     gpu = use_faiss_gpu(faiss_gpu)
     path = Path(output) if output else index_path_for(store)
     with open_store(store) as s:  # a missing store is the first thing to say
-        check_writable(path)
+        check_output(path, [store])
         old = None
         if path.exists() and not rebuild:
             try:
@@ -75,36 +69,39 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
                 old = None
         wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
         if old is not None and old.kind == wanted and can_extend(old, s):
-            added = extend_index(old, s)
+            added = extend_index(old, s, progress)
             old.save(path)
             return IndexSummary(path, old.kind, old.rows, time.perf_counter() - start, True, added)
-        index = _build_index(s, wanted, gpu=gpu)
+        index = _build_index(s, wanted, gpu=gpu, progress=progress)
     index.save(path)
     return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
 
 
-def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
+def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first",
+          progress: Progress | None = None) -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
-    check_writable(output)
-    rows, duplicates = merge_stores(inputs, output, on_duplicate)
+    check_output(output, inputs)
+    rows, duplicates = merge_stores(inputs, output, on_duplicate, progress=progress)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
 
 # -- query ------------------------------------------------------------------------------
-def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
+def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Progress | None = None
                   ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
-    """Embed query or prediction images: (display paths, embeddings, skipped, class-folder labels)."""
+    """Embed query or prediction images: (absolute paths, embeddings, skipped, class-folder labels)."""
     files = find_images(sources).files
     names: list[str] = []
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    for batch in embedder.embed_files([f.path for f in files]):
-        names.extend(_display(files[i].path) for i in batch.indices)
-        labels.extend(files[i].label for i in batch.indices)
-        blocks.append(batch.embeddings)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(files)) as step:
+        for batch in embedder.embed_files([f.path for f in files]):
+            names.extend(os.path.abspath(files[i].path) for i in batch.indices)
+            labels.extend(files[i].label for i in batch.indices)
+            blocks.append(batch.embeddings)
+            skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
@@ -148,41 +145,47 @@ def query(
     batch_size: int = 32,
     faiss_gpu: str = "auto",
     runtime: str = "auto",
+    progress: Progress | None = None,
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
     ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
     one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
+    ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
         vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
-        names, emb, skipped, _ = _embed_inputs(embedder, queries)
+        names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
         scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
         hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
         keys, labels = dict(zip(hits, s.paths_at(hits))), dict(zip(hits, s.labels_at(hits)))
-        prov = s.provenance
+        prov, root = s.provenance, s.root
+    index_file = Path(index) if index else index_path_for(store)
     results = [
         QueryResult(name, [Neighbour(r + 1, keys[i], float(sc), labels[i])
                            for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
-    return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", unindexed, notes)
+    return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
 
 
 # -- classify ---------------------------------------------------------------------------
-def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None) -> TrainSummary:
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None,
+          progress: Progress | None = None) -> TrainSummary:
     """Fit a logistic-regression head on the store's labelled embeddings and save it.
 
     ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
+    ``progress`` hears ``choosing C`` (one step per fold) and ``final fit``.
     """
-    from .classifier import DEFAULT_CS, LogisticHead
+    from .classifier import DEFAULT_CS, LogisticHead, save_head
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
-    check_writable(output)
+    check_output(output, [store])
     with open_store(store) as s:
         labels = np.asarray(s.labels())
         keep = labels != ""
@@ -193,18 +196,18 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         prov, store_id, generation = s.provenance, s.store_id, s.generation
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
-    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
-    path = head.save(output, prov, store_id, generation, trained_on)
+    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y, progress=progress)
+    path = save_head(head, output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
     confusion = confusion_matrix(y, head.cv_predictions_, labels=classes)
     return TrainSummary(path, prov, classes, int(keep.sum()), int((~keep).sum()), head.C_, head.cv_accuracy_,
                         head.cv_accuracy_std_, report, confusion, time.perf_counter() - start,
-                        len(head.C_grid()), head.search_seconds_, head.fit_seconds_)
+                        len(head.Cs_), head.search_seconds_, head.fit_seconds_, cv, chance_levels(y))
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32, runtime: str = "auto") -> Predictions:
+            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
     ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
@@ -223,12 +226,12 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     truths: list[str] = []
     if files:
         embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
-        names, emb, skipped, truths = _embed_inputs(embedder, files)
+        names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
         with open_store(path) as s:
             check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
                              fix=f"predict on its images instead, or embed them with {_head_settings(prov)}")
-            names += [_display(s.absolute(k)) for k in s.paths()]
+            names += [os.path.abspath(s.absolute(k)) for k in s.paths()]
             emb = np.concatenate([emb, s.embeddings()])
             truths += s.labels()
     classes = [str(c) for c in model.classes_]
@@ -249,14 +252,6 @@ def release_models() -> int:
     return release_engines()
 
 
-@dataclass
-class CacheSummary:
-    folder: Path
-    entries: list[CacheEntry]
-    cleared: int = 0  # entries removed by ``clear``
-    freed: int = 0  # bytes
-
-
 def cache(clear: bool = False) -> CacheSummary:
     """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.cache_dir`); ``clear`` removes them."""
     from .runtime import cache_dir, cache_entries, clear_cache
@@ -266,9 +261,18 @@ def cache(clear: bool = False) -> CacheSummary:
 
 
 # -- info -------------------------------------------------------------------------------
-def models() -> list[Backbone]:
-    """Every backbone imgvec knows, in table order."""
-    return list(BACKBONES.values())
+def models(sort: str | None = None) -> ModelTable:
+    """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
+    (numbers largest first, names A to Z; backbones without a value for it last)."""
+    backbones = list(BACKBONES.values())
+    if sort:
+        if sort not in MODEL_COLUMNS:
+            raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
+        numeric = sort not in ("name", "preprocessing")
+        filled = [b for b in backbones if getattr(b, sort) is not None]
+        backbones = (sorted(filled, key=lambda b: getattr(b, sort), reverse=numeric)
+                     + [b for b in backbones if getattr(b, sort) is None])
+    return ModelTable(backbones)
 
 
 def info(path: PathLike) -> dict[str, Any]:
@@ -298,6 +302,12 @@ def info(path: PathLike) -> dict[str, Any]:
                     cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
     data["provenance"] = header.provenance
     return data
+
+
+def skipped_files(store: PathLike) -> SkippedFiles:
+    """The files embed runs skipped for ``store``, with the reason for each (decoding errors, sizes, ...)."""
+    with open_store(store) as s:
+        return SkippedFiles(Path(store), s.root, s.skipped())
 
 
 def _index_status(store: Store) -> dict[str, Any] | None:
@@ -333,6 +343,8 @@ def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path
     from . import html
 
     with open_store(store) as s:
+        check_output(output, [store, index_path_for(store), s.root, *(q.query for q in results.queries)],
+                     read_under=is_image_name)
         return html.write(output, html.query_page(results, s.absolute, s.root))
 
 
@@ -340,6 +352,7 @@ def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Pa
     """Write a self-contained page of each image with its predicted label and ``top`` probabilities."""
     from . import html
 
+    check_output(output, [predictions.head, *(p.path for p in predictions.predictions)], read_under=is_image_name)
     return html.write(output, html.predict_page(predictions, top=top))
 
 
@@ -366,24 +379,27 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
     return X, labels[keep].astype(str), int((~keep).sum()), paths
 
 
-def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str,
+                          progress: Progress | None = None
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
     embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
-    for batch in embedder.embed_files([f.path for f in labelled]):
-        blocks.append(batch.embeddings)
-        y.extend(labelled[i].label for i in batch.indices)
-        paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
-        skipped.extend((_display(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(labelled)) as step:
+        for batch in embedder.embed_files([f.path for f in labelled]):
+            blocks.append(batch.embeddings)
+            y.extend(labelled[i].label for i in batch.indices)
+            paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
+            skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
-             runtime: str = "auto") -> Evaluation:
+             runtime: str = "auto", progress: Progress | None = None) -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -400,7 +416,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:
@@ -416,34 +432,20 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     unknown = {c: int((y == c).sum()) for c in unknown_labels}
     return Evaluation(Path(head), str(data), prov, classes, labels, len(y), float(np.mean(predicted == y)), report,
                       confusion, unknown, n_unlabelled, skipped, time.perf_counter() - start,
-                      seen_in_training(model, paths), chance_accuracies(y))
+                      seen_in_training(head, paths), chance_levels(y))
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [evaluation.head, evaluation.data], read_under=is_image_name)
     return html.write(output, html.evaluation_page(evaluation))
-
-
-def compare(labelled_dir: PathLike, models: Sequence[str] | None = None, cv: int = 5,
-            stores: PathLike = "imgvec-compare", weights: str | None = "imagenet", image_size: int | None = None,
-            batch_size: int = 32, seed: int = DEFAULT_SEED, random_state: int = 0, speed_sample: int = 64,
-            runtime: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> Comparison:
-    """Compare backbones on a labelled folder: same folds, one row per backbone (see comparison.py).
-
-    Stores are written as ``<stores>/<backbone>.h5`` and resumed on the next run.
-    """
-    folder = make_folder(stores)  # every store writable before the first backbone runs
-    for name in models or DEFAULT_MODELS:
-        check_writable(folder / f"{get_backbone(name).name}.h5")
-    return _compare(labelled_dir, models or DEFAULT_MODELS, cv=cv, stores=stores, weights=weights,
-                    image_size=image_size, batch_size=batch_size, seed=seed, random_state=random_state,
-                    speed_sample=speed_sample, runtime=runtime, progress=progress)
 
 
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:
     from . import html
 
+    check_output(output, [comparison.source, *(r.store for r in comparison.rows)], read_under=is_image_name)
     return html.write(output, html.compare_page(comparison))
 
 
@@ -456,11 +458,8 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     """
     from .duplicates import find_duplicates
 
-    start = time.perf_counter()
     with open_store(store) as s:
-        found = find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
-        return DedupResult(Path(store), s.provenance, threshold, s.rows, fold_copies(found.groups), found.candidates,
-                           found.missing, time.perf_counter() - start, found.method, found.share_above)
+        return find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
 
 
 def dedup_page(result: DedupResult) -> str:
@@ -474,5 +473,7 @@ def dedup_page(result: DedupResult) -> str:
 def dedup_html(result: DedupResult, output: PathLike) -> Path:
     from . import html
 
+    with open_store(result.store) as s:
+        check_output(output, [result.store, s.root], read_under=is_image_name)
     return html.write(output, dedup_page(result))
 

@@ -1,30 +1,20 @@
-"""The backbone registry: every ImageNet model keras.applications ships, as a table.
+"""The backbone registry: every ImageNet model keras.applications ships, as a table of data.
 
 Each row names the keras.applications constructor, the module whose ``preprocess_input``
 belongs to it, its default input size, its embedding size (``include_top=False``,
-global average pooling) and its parameter count. Keras is imported only when a model is
-built, so listing backbones stays fast.
+global average pooling) and its parameter count. This module is data only: it imports
+neither Keras nor anything that runs a model (:mod:`imgvec.builder` builds them), so the
+file layer can read it and listing backbones stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import random
-import re
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
-from unittest import mock
+from typing import Any
 
-from .errors import BadInputError, MissingWeightsError, param
-from .fileio import open_regular
-
-if TYPE_CHECKING:  # pragma: no cover
-    import keras
+from .checks import sha256_file
+from .errors import BadInputError, did_you_mean, param
 
 DEFAULT_BACKBONE = "efficientnetb0"
 DEFAULT_SEED = 0
@@ -48,11 +38,6 @@ class Backbone:
     top5: float | None = None
     depth: int | None = None
     images_per_second: float | None = None  # imgvec embed on the benchmark machine (see _MEASURED)
-
-    def preprocess_input(self) -> Callable[[Any], Any]:
-        from .device import import_keras
-
-        return getattr(import_keras().applications, self.module).preprocess_input
 
 
 _CAFFE = "caffe: RGB->BGR, ImageNet mean subtracted"
@@ -165,7 +150,7 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[key]
     except KeyError:
         raise BadInputError(
-            f"unknown model {name!r}; `imgvec models` lists the {len(BACKBONES)} backbones"
+            f"unknown model {name!r}{did_you_mean(key, BACKBONES)}; `imgvec models` lists the {len(BACKBONES)} backbones"
         ) from None
 
 
@@ -177,10 +162,6 @@ class Weights:
     seed: int | None = None
     path: str | None = None
     sha256: str | None = None
-
-    @property
-    def is_random(self) -> bool:
-        return self.kind == "random"
 
     @property
     def identity(self) -> str:
@@ -197,12 +178,6 @@ class Weights:
         if self.kind == "file":
             return f"weights file {self.path} (sha256 {str(self.sha256)[:12]}...)"
         return "ImageNet weights"
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """sha256 of a regular file (a FIFO or device raises :class:`~imgvec.fileio.NotRegularFile`, never hangs)."""
-    with open_regular(path) as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
@@ -223,132 +198,4 @@ def parse_weights(spec: str | None, seed: int = DEFAULT_SEED) -> Weights:
         )
     if not path.is_file():
         raise BadInputError(f"{param('weights')} {text!r}: no such file")
-    return Weights("file", path=str(path.resolve()), sha256=sha256_of(path))
-
-
-def keras_cache_dir() -> Path:
-    """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
-
-
-_URL = re.compile(r"(https?://\S+?\.h5)\b")
-
-
-def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsError:
-    match = _URL.search(str(error))
-    fname = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone.constructor} no-top file"
-    origin = f" (from {match.group(1)})" if match else ""
-    return MissingWeightsError(
-        f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
-        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass {param('weights')} PATH to a local "
-        f"weights file, or {param('weights')} none for random (not pretrained) weights"
-    )
-
-
-@contextlib.contextmanager
-def fetched_files() -> Iterator[list[str]]:
-    """Collect the local paths Keras' ``get_file`` returns meanwhile (the ImageNet weights file
-    a constructor loads), so a converted model can record which file, with which hash, it holds."""
-    from .device import import_keras
-
-    import_keras()
-    from keras.src.utils import file_utils
-
-    original, found = file_utils.get_file, []
-
-    def recording(*args: Any, **kwargs: Any) -> str:
-        path = original(*args, **kwargs)
-        found.append(str(path))
-        return path
-
-    with mock.patch.object(file_utils, "get_file", recording):
-        yield found
-
-
-@contextlib.contextmanager
-def _python_random(seed: int) -> Iterator[None]:
-    """Seed Python's ``random`` for one build, then give the caller back its state.
-
-    Keras 3 initializers draw their seeds from Python's ``random`` (and nothing else), so this
-    makes the weights a function of ``seed`` alone, where ``keras.utils.set_random_seed`` would
-    also reseed the caller's ``random``, NumPy and TensorFlow global generators for good.
-    """
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInputError:
-    reason = str(error).splitlines()[0] if str(error) else "refused by Keras"
-    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
-
-
-def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
-    """Build ``backbone`` without its classifier, global-average-pooled, for square inputs.
-
-    Random weights depend on ``weights.seed`` only, and building leaves every global random
-    generator as it was.
-    """
-    if image_size < backbone.min_size:
-        raise BadInputError(
-            f"{param('image_size')} {image_size} is too small for {backbone.name} "
-            f"(at least {backbone.min_size})"
-        )
-    from .device import import_keras
-
-    keras = import_keras()
-    constructor = getattr(keras.applications, backbone.constructor)
-    kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
-    # Keras prints download progress on stdout; keep stdout for results (json, csv).
-    with contextlib.redirect_stdout(sys.stderr), _python_random(int(weights.seed or 0)):
-        if weights.kind == "imagenet":
-            try:
-                return constructor(weights="imagenet", **kwargs)
-            except ValueError as error:
-                if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
-                    raise _missing_weights(backbone, error) from error
-                raise _refused(backbone, image_size, error) from None
-            except Exception as error:  # urllib, truncated cache file ...
-                raise _missing_weights(backbone, error) from error
-        try:
-            model = constructor(weights=None, **kwargs)
-        except ValueError as error:
-            raise _refused(backbone, image_size, error) from None
-        if weights.kind == "file":
-            try:
-                with warnings.catch_warnings():
-                    # Keras only warns when parts of a file match nothing; a half-loaded model is an error.
-                    warnings.filterwarnings("error", message=".*(Skipping|freshly-initialized|mismatch)")
-                    model.load_weights(str(weights.path))
-            except Exception as error:
-                raise MissingWeightsError(
-                    f"{param('weights')} {weights.path}: cannot load into {backbone.name} at "
-                    f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-                ) from error
-    return model
-
-
-def calibrate_batchnorm(model: "keras.Model", images: Any) -> "keras.Model":
-    """Set each BatchNormalization layer's moving mean and variance to those of ``images``
-    (preprocessed), layer by layer, earlier layers first; returns ``model``.
-
-    Random-init statistics (mean 0, variance 1) shrink activations layer by layer to
-    ~1e-9..1e-12, where any two runtimes "agree": parity tests and benchmarks calibrate a
-    random network first so its activations are of order 1.
-    """
-    from .device import import_keras
-
-    keras = import_keras()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Keras warns that a sub-model's input structure is a list
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                acts = keras.ops.convert_to_numpy(keras.Model(model.inputs, layer.input)(images, training=False))
-                axes = tuple(range(acts.ndim - 1))
-                layer.moving_mean.assign(acts.mean(axes))
-                layer.moving_variance.assign(acts.var(axes))
-    return model
+    return Weights("file", path=str(path.resolve()), sha256=sha256_file(path))

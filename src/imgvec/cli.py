@@ -6,7 +6,10 @@ Errors imgvec raises on purpose become one line on stderr and a non-zero exit st
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -14,12 +17,16 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 import typer.core
 
-from . import api, report
-from .errors import ImgvecError
-from .fileio import check_writable
-from .images import DEFAULT_MAX_PIXELS
+from . import __version__, api, report
+from .backbones import BACKBONES
+from .embedder import EmbedConfig
+from .errors import ImgvecError, did_you_mean
+from .fileio import check_output
+from .images import DEFAULT_MAX_PIXELS, is_image_name
 from .provenance import Provenance
-from .runtime import RuntimeNote
+from .reporter import Reporter
+from .results import MODEL_COLUMNS, Chance, Records, chance_sentence
+from .runtime import RUNTIMES, RuntimeNote
 from .report import plural
 
 
@@ -37,7 +44,8 @@ class _Group(typer.core.TyperGroup):
             code = result if isinstance(result, int) else 0
         except _ClickException as error:  # --format xml, a missing argument, an unknown option
             if type(error).__name__ == "NoArgsIsHelpError":  # bare `imgvec`: the help on stdout, stderr clean
-                typer.echo(error.ctx.get_help(), nl=False)
+                text = error.ctx.get_help()
+                typer.echo(text, nl=not text.endswith("\n"))
             else:
                 ctx = getattr(error, "ctx", None)
                 where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -57,20 +65,46 @@ app = typer.Typer(
     help="Embed folders of images with pretrained Keras backbones, search them with FAISS, "
     "and classify them with a logistic-regression head.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    rich_markup_mode=None,  # plain click help: flags without a '<bool>' type, the same text in docs/cli.md
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"imgvec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="print imgvec's version and exit")) -> None:
+    """Embed folders of images with pretrained Keras backbones, search them with FAISS,
+    and classify them with a logistic-regression head."""
+
+
+def _complete_models(incomplete: str) -> list[str]:
+    return [name for name in BACKBONES if name.startswith(incomplete.lower())]
+
+
+def _complete_runtimes(incomplete: str) -> list[str]:
+    return [name for name in RUNTIMES if name.startswith(incomplete)]
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
-RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, "
-                          "tensorflow, jax or torch; every runtime gives the same embeddings")
+RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
+                          help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, tensorflow, jax or torch; "
+                          "with pretrained weights or a weights file all give the same embeddings; seeded random "
+                          "weights (--weights none) are drawn differently by jax and torch, so such a store is "
+                          "used only with its own family (openvino and tensorflow share one)")
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    """One line on stderr; names in it are shown safely (a newline or escape in a file name cannot forge a line)."""
+    typer.echo(report.shown(message), err=True)
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,18 +112,45 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        previous = (signal.signal(signal.SIGTERM, _on_sigterm)
+                    if threading.current_thread() is threading.main_thread() else None)
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_notes(warnings.showwarning)
                 return fn(*args, **kwargs)
         except ImgvecError as error:
-            _err(f"imgvec: error: {error.cli_message()}")
+            _err(f"imgvec: error: {error.cli_message(_options())}")
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:  # the library says what was kept, where it knows
-            _err("imgvec: interrupted" + (f"; {interrupt}" if str(interrupt) else ""))
-            raise typer.Exit(130) from None
+            terminated = isinstance(interrupt, _Terminated)
+            _err("imgvec: interrupted" + (" (SIGTERM)" if terminated else "")
+                 + (f"; {interrupt}" if str(interrupt) else ""))
+            raise typer.Exit(143 if terminated else 130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return app.command()(run)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``docker stop``), raised where Ctrl-C would be: the same clean stop."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends the process at once
+    raise _Terminated()
+
+
+def _options() -> dict[str, str]:
+    """The running command's parameters as the options that set them: ``k`` -> ``-k``, ``index_path`` -> ``--index``."""
+    import importlib
+
+    click_core = next(c for c in typer.Context.__mro__ if c.__module__.endswith("click.core")).__module__
+    ctx = importlib.import_module(click_core.rsplit(".", 1)[0] + ".globals").get_current_context(silent=True)
+    params = ctx.command.params if ctx is not None else []
+    return {p.name: max(p.opts, key=lambda o: (o.startswith("--"), len(o)))
+            for p in params if p.name and p.opts and p.opts[0].startswith("-")}
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
@@ -106,13 +167,14 @@ def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
     if fmt not in allowed:
-        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}{did_you_mean(fmt, allowed)}",
+                                 param_hint="--format")
 
 
-def _check_html(html: Path | None) -> None:
-    """The page is written after the work: check where it goes before, so a typo costs nothing."""
+def _check_html(html: Path | None, inputs: Sequence[Path | None]) -> None:
+    """The page is written after the work: check where it goes before, so a typo (or an input's name) costs nothing."""
     if html is not None:
-        check_writable(html)
+        check_output(html, inputs, read_under=is_image_name)
 
 
 def _warn_random(prov: Provenance) -> None:
@@ -143,51 +205,37 @@ def _notes(skipped: list[tuple[str, str]], prov: Provenance, html: Path | None,
         _err(f"imgvec: wrote {write_html()}")
 
 
-def _print_results(fmt: str, records: Callable[[], list[dict[str, Any]]], csv_header: list[str],
-                   csv_rows: Callable[[], list[tuple[Any, ...]]], table: Callable[[], None]) -> None:
-    """Results on stdout as JSON records, CSV rows or a table."""
+def _print(fmt: str, result: Records, table: Callable[[], str]) -> None:
+    """A result on stdout: its JSON records, its CSV rows, or the table ``table()`` draws."""
     if fmt == "json":
-        typer.echo(report.to_json(records()))
+        typer.echo(report.to_json(result.to_records()))
     elif fmt == "csv":
-        typer.echo(report.to_csv(csv_header, csv_rows()), nl=False)
+        typer.echo(report.to_csv(result.csv_columns(), result.csv_rows()), nl=False)
     else:
-        table()
+        typer.echo(table(), nl=False)
 
 
-class _Bar:
-    """A rich progress bar on stderr, drawn only when stderr is a terminal (else it writes nothing at all)."""
+def _shown(path: str) -> str:
+    """A path as a table shows it: relative to the working folder when under it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
-    def __init__(self, what: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        console = Console(stderr=True)
-        self.progress = (Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                  console=console, transient=True) if console.is_terminal else None)
-        self.task: Any = None
+def _class_table(rows: list[tuple[str, float, float, float, int]]) -> str:
+    return report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
+                        justify=["left", "right", "right", "right", "right"])
 
-    def __enter__(self) -> "_Bar":
-        if self.progress:
-            self.progress.start()
-        return self
 
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("", total=total)
-        self.progress.update(self.task, completed=done)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress:
-            self.progress.stop()
+def _chance_table(chance: list[Chance]) -> list[tuple[str, str]]:
+    return [(c.description, f"{c.accuracy:.3f} ± {c.accuracy_std:.3f}") for c in chance]
 
 
 @_command
 def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="backbone (default efficientnetb0; see `imgvec models`)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
+                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
@@ -195,7 +243,7 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec\\[ray]')"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
@@ -203,18 +251,17 @@ def embed(
     runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
-    with _Bar("embedding") as bar:
-        s = api.embed(sources, output, model=model, weights=weights, image_size=image_size, batch_size=batch_size,
-                      workers=workers, seed=seed, max_pixels=max_pixels, sync=sync, engine=engine,
-                      ray_address=ray_address, ray_workers=ray_workers, device=device, precision=precision,
-                      runtime=runtime, progress=bar)
+    config = EmbedConfig(model, weights, image_size, seed, batch_size, workers, max_pixels, device, precision, runtime)
+    with Reporter() as progress:
+        s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
+                      ray_workers=ray_workers, progress=progress)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
     built = f"model built in {s.build_seconds:.1f}s, then " if s.build_seconds else ""
     speed = f": {built}{s.images_per_second:.1f} images/s" if s.added else ""
-    typer.echo(f"{s.store}: {s.added} images embedded, {s.already} already there, {len(s.skipped)} skipped{removed}, "
-               f"{s.rows} rows in all ({s.provenance.describe()}; {s.seconds:.1f}s{speed})")
+    typer.echo(f"{s.store}: {plural(s.added, 'image')} embedded, {s.already} already there, {len(s.skipped)} "
+               f"skipped{removed}, {plural(s.rows, 'row')} in all ({s.provenance.describe()}; {s.seconds:.1f}s{speed})")
 
 
 @_command
@@ -229,7 +276,9 @@ def index(
 ) -> None:
     """Build a FAISS index (cosine similarity) over a store, or bring an existing one up to date."""
     budget = int(memory_budget * (1 << 30)) if memory_budget is not None else None
-    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget, faiss_gpu=faiss_gpu)
+    with Reporter() as progress:
+        s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget,
+                            faiss_gpu=faiss_gpu, progress=progress)
     how = f"added {s.added} new rows to the" if s.updated else "built a"
     typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
 
@@ -241,7 +290,8 @@ def merge(
     on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
-    s = api.merge(stores, output, on_duplicate=on_duplicate)
+    with Reporter() as progress:
+        s = api.merge(stores, output, on_duplicate=on_duplicate, progress=progress)
     typer.echo(f"{s.store}: {s.rows} rows from {s.inputs} stores ({s.duplicates} duplicate paths dropped; "
                f"{s.seconds:.1f}s); run `imgvec index {s.store}` to search it")
 
@@ -260,24 +310,21 @@ def query(
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    _check_html(html)
-    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
+    _check_html(html, [store, index_path or api.index_path_for(store), *queries])
+    with Reporter() as progress:
+        r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
+                      progress=progress)
     for note in r.notes:
         _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
-    def table() -> None:
-        typer.echo(f"# {r.provenance.describe()}; {r.index_kind} index")
-        for q in r.queries:
-            typer.echo(report.table(f"query: {q.query}", ["rank", "score", "path", "label"],
-                                    [(n.rank, n.score, n.path, n.label) for n in q.results],
-                                    justify=["right", "right", "left", "left"]), nl=False)
+    def table() -> str:
+        return f"# {r.provenance.describe()}; {r.search}; paths relative to {r.root}\n" + "".join(
+            report.table(f"query: {_shown(q.query)}", ["rank", "score", "path", "label"],
+                         [(n.rank, n.score, n.path, n.label) for n in q.results],
+                         justify=["right", "right", "left", "left"]) for q in r.queries)
 
-    _print_results(fmt, lambda: [{"query": q.query, "results": [{"rank": n.rank, "path": n.path, "score": n.score,
-                                                                "label": n.label} for n in q.results]}
-                                 for q in r.queries],
-                   ["query", "rank", "path", "score", "label"],
-                   lambda: [(q.query, n.rank, n.path, n.score, n.label) for q in r.queries for n in q.results], table)
+    _print(fmt, r, table)
 
 
 @_command
@@ -287,16 +334,15 @@ def train(
     cv: int = typer.Option(5, "--cv", help="cross-validation folds"),
 ) -> None:
     """Train a logistic-regression head on a store's labelled embeddings."""
-    s = api.train(store, output, cv=cv)
+    with Reporter() as progress:
+        s = api.train(store, output, cv=cv, progress=progress)
     _warn_random(s.provenance)
-    rows = [(c, s.report[c]["precision"], s.report[c]["recall"], s.report[c]["f1-score"], int(s.report[c]["support"]))
-            for c in s.classes]
-    typer.echo(report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
-                            justify=["left", "right", "right", "right", "right"]), nl=False)
+    typer.echo(_class_table(s.per_class()), nl=False)
     skipped = f", {s.n_unlabelled} unlabelled rows left out" if s.n_unlabelled else ""
-    typer.echo(f"{s.head}: {len(s.classes)} classes, {s.n_train} images{skipped}; C={s.C:.4g}; "
+    typer.echo(f"{s.head}: {len(s.classes)} classes, {plural(s.n_train, 'image')}{skipped}; C={s.C:.4g}; "
                f"{cv}-fold CV accuracy {s.cv_accuracy:.3f} ± {s.cv_accuracy_std:.3f} ({s.seconds:.1f}s: choosing C "
                f"among {s.n_Cs} values by {cv}-fold CV {s.search_seconds:.1f}s, the final fit {s.fit_seconds:.1f}s)")
+    typer.echo(f"{chance_sentence(s.chance)} (on the {plural(s.n_train, 'training image')})")
 
 
 @_command
@@ -311,81 +357,68 @@ def predict(
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
-    _check_html(html)
-    r = api.predict(head, images, weights=weights, runtime=runtime)
+    _check_html(html, [head, *images])
+    with Reporter() as progress:
+        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
-    labelled = bool(r.labelled)  # images in class folders: the true label beside the predicted one
-
-    def table() -> None:
+    def table() -> str:
         def best(p: api.Prediction) -> str:
-            ranked = sorted(p.probabilities.items(), key=lambda kv: -kv[1])[:top]
-            return ", ".join(f"{c} {v:.3f}" for c, v in ranked)
+            return ", ".join(f"{c} {v:.3f}" for c, v in p.top(top))
 
-        typer.echo(f"# {r.provenance.describe()}; head: {len(r.classes)} classes, C={r.C:.4g}, "
-                   f"cross-validated accuracy {r.cv_accuracy:.3f} ± {r.cv_accuracy_std:.3f}")
-        if labelled:
-            typer.echo(report.table(None, ["path", "predicted", "true", "", "probabilities"],
-                                    [(p.path, p.label, p.truth, _mark(p.correct), best(p)) for p in r.predictions]),
-                       nl=False)
-            right = sum(bool(p.correct) for p in r.labelled)
-            typer.echo(f"accuracy {r.accuracy:.3f}: {right} of {len(r.labelled)} images in class folders "
-                       "predicted right")
-        else:
-            typer.echo(report.table(None, ["path", "predicted", "probabilities"],
-                                    [(p.path, p.label, best(p)) for p in r.predictions]), nl=False)
+        head_line = (f"# {r.provenance.describe()}; head: {len(r.classes)} classes, C={r.C:.4g}, "
+                     f"cross-validated accuracy {r.cv_accuracy:.3f} ± {r.cv_accuracy_std:.3f}\n")
+        if not r.labelled:
+            return head_line + report.table(None, ["path", "predicted", "probabilities"],
+                                            [(_shown(p.path), p.label, best(p)) for p in r.predictions])
+        right = sum(bool(p.correct) for p in r.labelled)
+        return (head_line + report.table(None, ["path", "predicted", "true", "", "probabilities"],
+                                         [(_shown(p.path), p.label, p.truth, _mark(p.correct), best(p))
+                                          for p in r.predictions])
+                + f"accuracy {r.accuracy:.3f}: {right} of {plural(len(r.labelled), 'image')} in class folders "
+                  f"predicted right ({chance_sentence(r.chance)})\n")
 
-    def record(p: api.Prediction) -> dict[str, Any]:
-        return {"path": p.path, "predicted": p.label, **({"true": p.truth, "correct": p.correct} if labelled else {}),
-                "probabilities": p.probabilities}
-
-    _print_results(fmt, lambda: [record(p) for p in r.predictions],
-                   ["path", "predicted", *(["true", "correct"] if labelled else []), *r.classes],
-                   lambda: [(p.path, p.label, *((p.truth, p.correct) if labelled else ()), *p.probabilities.values())
-                            for p in r.predictions], table)
-
-
-_MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
-                  "preprocessing"]
+    _print(fmt, r, table)
 
 
 @_command
 def models(
     fmt: str = FormatOpt,
-    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(_MODEL_COLUMNS)} "
+    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
     """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
     _check_format(fmt)
-    if sort and sort not in _MODEL_COLUMNS:
-        raise typer.BadParameter(f"{sort!r} is not one of {', '.join(_MODEL_COLUMNS)}", param_hint="--sort")
-    rows = [{c: getattr(b, c) for c in _MODEL_COLUMNS} for b in api.models()]
-    if sort:
-        numeric = sort not in ("name", "preprocessing")
-        filled = [r for r in rows if r[sort] is not None]
-        rows = sorted(filled, key=lambda r: r[sort], reverse=numeric) + [r for r in rows if r[sort] is None]
-    if fmt == "table":
-        typer.echo("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
-                   "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
-                   "(benchmarks/results/embed.json); blank: not published or not measured")
+    m = api.models(sort=sort or None)
 
     def cell(column: str, value: Any) -> Any:
-        if fmt != "table":
-            return "" if value is None else value
         if value is None:
             return ""
         return f"{value:,}" if column == "params" else (f"{value:.3f}" if column in ("top1", "top5") else value)
 
-    typer.echo(report.render(fmt, rows, _MODEL_COLUMNS, [[cell(c, r[c]) for c in _MODEL_COLUMNS] for r in rows],
-                             justify=["left"] + ["right"] * 8 + ["left"]), nl=fmt != "csv")
+    def table() -> str:
+        return ("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
+                "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
+                "(benchmarks/results/embed.json); blank: not published or not measured\n"
+                + report.table(None, MODEL_COLUMNS, [[cell(c, r[c]) for c in MODEL_COLUMNS] for r in m.to_records()],
+                               justify=["left"] + ["right"] * 8 + ["left"]))
+
+    _print(fmt, m, table)
 
 
 @_command
 def info(
     path: Path = typer.Argument(..., help="an imgvec file: store, index or head"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json (and csv with --skipped)"),
+    skipped: bool = typer.Option(False, "--skipped", help="list the files a store's embed runs skipped, with reasons"),
 ) -> None:
     """Show what an imgvec file (store, index or head) holds and how it was made."""
+    if skipped:
+        _check_format(fmt)
+        s = api.skipped_files(path)
+        _print(fmt, s, lambda: f"# {plural(len(s.skipped), 'file')} skipped; paths relative to {s.root}\n"
+               + report.table(None, ["path", "reason"], s.skipped))
+        return
     _check_format(fmt, ("table", "json"))
     data = api.info(path)
     if fmt == "json":
@@ -394,7 +427,8 @@ def info(
     prov: Provenance = data.pop("provenance")
     if prov.is_random:
         data["WARNING"] = "RANDOM weights: not pretrained"
-    rows = _flat(data) + [(f"provenance.{k}", v) for k, v in vars(prov).items() if v is not None]
+    made = {"created": "created (when the embeddings were made)"}  # a head's or index's own time is not recorded
+    rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in vars(prov).items() if v not in (None, "")]
     typer.echo(report.table(None, ["field", "value"], rows), nl=False)
 
 
@@ -420,37 +454,18 @@ def cache(
     _check_format(fmt)
     c = api.cache(clear=clear)
     if clear:
-        _err(f"imgvec: removed {c.cleared} cached models ({c.freed / 1e6:.1f} MB) from {c.folder}")
-    header = ["backbone", "input_size", "weights", "mb", "age_days", "ok", "path"]
-    rows = [(e.backbone, e.input_size, e.weights, round(e.bytes / 1e6, 1), round(e.age_s / 86400, 1),
-             "yes" if e.ok else f"no: does not convert ({e.error})" if e.error else "no (rebuilt on next use)",
-             str(e.path)) for e in c.entries]
-    if fmt == "table":
-        typer.echo(f"# {c.folder}: {len(rows)} compiled models, {sum(e.bytes for e in c.entries) / 1e6:.1f} MB")
-    typer.echo(report.render(fmt, [dict(zip(header, r)) for r in rows], header, rows), nl=fmt != "csv")
+        _err(f"imgvec: removed {plural(c.cleared, 'cached model')} ({c.freed / 1e6:.1f} MB) from {c.folder}")
+
+    def table() -> str:
+        rows = [(r["backbone"], r["input_size"], r["weights"], f"{r['mb']:.1f}", f"{r['age_days']:.1f}", r["ok"],
+                 r["path"]) for r in c.to_records()]
+        return (f"# {c.folder}: {plural(len(rows), 'compiled model')}, {c.bytes / 1e6:.1f} MB\n"
+                + report.table(None, c.csv_columns(), rows))
+
+    _print(fmt, c, table)
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
-class _PerModelBar:
-    """One progress bar per backbone for ``compare`` (drawn only on a terminal)."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.bar: _Bar | None = None
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if name != self.name:
-            self.close()
-            self.name, self.bar = name, _Bar(f"embedding with {name}").__enter__()
-        assert self.bar is not None
-        self.bar(done, total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 @_command
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
@@ -471,51 +486,29 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
-    _check_html(html)
-    bar = _PerModelBar()
-    try:
-        c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], cv=cv, stores=stores,
-                        weights=weights, image_size=image_size, batch_size=batch_size, seed=seed,
-                        random_state=seed, runtime=runtime, progress=bar)
-    finally:
-        bar.close()
+    _check_html(html, [labelled_dir, stores])
+    config = EmbedConfig(weights=weights, image_size=image_size, seed=seed, batch_size=batch_size, runtime=runtime)
+    with Reporter() as progress:
+        c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], config, cv=cv,
+                        stores=stores, random_state=seed, progress=progress)
     for r in c.rows:
         _warn_random(r.provenance)
     if html:
         _err(f"imgvec: wrote {api.comparison_html(c, html)}")
-    header = ["backbone", "weights", "params", "dim", "images_per_second", "accuracy", "accuracy_std",
-              "weakest_class", "weakest_f1"]
-    if fmt == "json":
-        typer.echo(report.to_json({
-            "images": c.n_images, "classes": c.classes, "cv": c.cv, "images_per_second_measures": c.speed_note,
-            "backbones": [{
-                "backbone": r.backbone, "weights": r.provenance.weights_spec.describe(), "params": r.params,
-                "dim": r.dim, "images_per_second": r.images_per_second, "accuracy": r.accuracy,
-                "accuracy_std": r.accuracy_std, "fold_accuracies": r.fold_accuracies, "per_class_f1": r.per_class_f1,
-                "store": str(r.store), "new_images_embedded": r.embedded,
-            } for r in c.rows],
-            "chance": [{"baseline": b.name, "accuracy": b.accuracy, "accuracy_std": b.accuracy_std,
-                        "fold_accuracies": b.fold_accuracies} for b in c.baselines],
-        }))
-    elif fmt == "csv":
-        typer.echo(report.to_csv(header + [f"f1_{k}" for k in c.classes], [
-            *[(r.backbone, r.provenance.weights_spec.describe(), r.params, r.dim, r.images_per_second, r.accuracy,
-               r.accuracy_std, r.weakest_class, r.weakest_f1, *[r.per_class_f1.get(k, 0.0) for k in c.classes])
-              for r in c.rows],
-            *[(b.description, "", "", "", "", b.accuracy, b.accuracy_std, "", "", *[""] * len(c.classes))
-              for b in c.baselines]]), nl=False)
-    else:
+
+    def table() -> str:
         rows = [(r.backbone, _weights_cell(r.provenance), f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
                  f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}", f"{r.weakest_class} ({r.weakest_f1:.3f})")
                 for r in c.rows]
-        rows += [(b.description, "", "", "", "", f"{b.accuracy:.3f} ± {b.accuracy_std:.3f}", "")
-                 for b in c.baselines]
-        typer.echo(f"# {c.n_images} images, {len(c.classes)} classes; {c.cv}-fold CV, the same folds for every "
-                   "backbone and for the chance rows")
-        typer.echo(f"# {c.speed_note}")
-        typer.echo(report.table(None, ["backbone", "weights", "parameters", "embedding size", "images/s",
-                                       "CV accuracy", "weakest class (F1)"], rows,
-                                justify=["left", "left", "right", "right", "right", "right", "left"]), nl=False)
+        rows += [(name, "", "", "", "", value, "") for name, value in _chance_table(c.chance)]
+        return (f"# {plural(c.n_images, 'image')}, {len(c.classes)} classes; {c.cv}-fold CV, the same "
+                "folds for every backbone; chance: expected accuracy ± its spread over these images, from the "
+                f"class counts\n# {c.speed_note}\n"
+                + report.table(None, ["backbone", "weights", "parameters", "embedding size", "images/s",
+                                      "CV accuracy", "weakest class (F1)"], rows,
+                               justify=["left", "left", "right", "right", "right", "right", "left"]))
+
+    _print(fmt, c, table)
 
 
 @_command
@@ -525,44 +518,38 @@ def dedup(
     fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or html (to stdout)"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
     exact: bool = typer.Option(False, "--exact", help="exhaustive pair search even above 20,000 images (slower)"),
+    html: Optional[Path] = HtmlOpt,
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
     _check_format(fmt, (*report.FORMATS, "html"))
-    with _Bar("reading") as bar:
-        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=bar)
-    _warn_random(d.provenance)
+    _check_html(html, [store])
+    with Reporter() as progress:
+        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
+    _notes([], d.provenance, html, lambda: api.dedup_html(d, html))
     if d.missing:
-        _err(f"imgvec: warning: {len(d.missing)} files could not be read for hashing, e.g. {d.missing[0]}")
+        _err(f"imgvec: warning: {plural(len(d.missing), 'file')} could not be read for hashing, e.g. {d.missing[0]}")
     if d.degenerate:
         _err(f"imgvec: warning: about {d.share_above:.0%} of all pairs of images are above --threshold {threshold:g}: "
              "the embeddings do not tell these images apart (random weights or an unsuitable backbone?), "
              "so the groups mean little")
-    exact_of = d.exact_group_of
-
-    def copy_of(g: Any, path: str) -> int | None:
-        """In a near group, the group of identical files this image stands for (its copies are not repeated)."""
-        return exact_of.get(path) if g.kind == "near" else None
-
     if fmt == "html":
         typer.echo(api.dedup_page(d), nl=False)
-    elif fmt == "json":
-        typer.echo(report.to_json([{"group": i, "kind": g.kind, "found_by": d.found_by(g), "sha256": g.sha256 or None,
-                                    "images": [{"path": m.path, "score": m.score, "identical_files_group":
-                                                copy_of(g, m.path)} for m in g.members]}
-                                   for i, g in enumerate(d.groups, 1)]))
-    elif fmt == "csv":
-        typer.echo(report.to_csv(["group", "kind", "path", "score", "sha256", "identical_files_group", "found_by"],
-                                 [(i, g.kind, m.path, m.score, g.sha256, copy_of(g, m.path) or "", d.found_by(g))
-                                  for i, g in enumerate(d.groups, 1) for m in g.members]), nl=False)
-    else:
-        typer.echo(f"# {d.rows} images: {plural(d.exact_groups, 'group')} of identical files (sha256), "
-                   f"{plural(d.near_groups, 'group')} of near duplicates: cosine >= {threshold:g} on the store's "
-                   f"features ({d.provenance.describe()}); {d.method} search, {d.seconds:.1f}s")
-        typer.echo(report.table(None, ["group", "kind", "similarity", "path"],
-                                [(i, g.kind, m.score, m.path + (f"  (identical files: group {copy_of(g, m.path)})"
-                                                                if copy_of(g, m.path) else ""))
-                                 for i, g in enumerate(d.groups, 1) for m in g.members],
-                                justify=["right", "left", "right", "left"]), nl=False)
+        return
+
+    def table() -> str:
+        def shown(g: api.DuplicateGroup, m: api.Member) -> str:
+            copies = d.copies_of(g, m)
+            return m.path + (f"  (identical files: group {copies})" if copies else "")
+
+        return (f"# {plural(d.rows, 'image')}: {plural(d.exact_groups, 'group')} of identical files (sha256), "
+                f"{plural(d.near_groups, 'group')} of near duplicates: cosine >= {threshold:g} on the store's "
+                f"features ({d.provenance.describe()}); {d.method} search, {d.seconds:.1f}s; paths relative to "
+                f"{d.root}\n"
+                + report.table(None, ["group", "kind", "similarity", "path"],
+                               [(i, g.kind, m.score, shown(g, m)) for i, g in enumerate(d.groups, 1) for m in g.members],
+                               justify=["right", "left", "right", "left"]))
+
+    _print(fmt, d, table)
 
 
 @_command
@@ -576,32 +563,25 @@ def evaluate(
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
-    _check_html(html)
-    e = api.evaluate(head, data, weights=weights, runtime=runtime)
-    _warn_skipped(e.skipped)
-    _warn_random(e.provenance)
+    _check_html(html, [head, data])
+    with Reporter() as progress:
+        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
     if e.seen_in_training:
         _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "
              "this accuracy is NOT a held-out estimate (evaluate on images the head has not seen)")
-    if html:
-        _err(f"imgvec: wrote {api.evaluation_html(e, html)}")
-    if fmt == "json":
-        typer.echo(report.to_json({"accuracy": e.accuracy, "chance": e.chance, "images": e.n_images,
-                                   "labels": e.labels, "report": e.report, "confusion": e.confusion,
-                                   "unknown_labels": e.unknown}))
-        return
-    typer.echo(f"# {e.provenance.describe()}")
-    rows = [(c, e.report[c]["precision"], e.report[c]["recall"], e.report[c]["f1-score"], int(e.report[c]["support"]))
-            for c in e.labels]
-    typer.echo(report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
-                            justify=["left", "right", "right", "right", "right"]), nl=False)
-    typer.echo(report.table("confusion matrix (rows: true, columns: predicted)", ["true \\ predicted", *e.labels],
-                            [(c, *map(int, row)) for c, row in zip(e.labels, e.confusion)],
-                            justify=["left"] + ["right"] * len(e.labels)), nl=False)
+    _notes(e.skipped, e.provenance, html, lambda: api.evaluation_html(e, html))
     for label, n in e.unknown.items():
-        _err(f"imgvec: note: {n} images labelled {label!r}, a class the head was not trained on, count as wrong")
-    typer.echo(f"accuracy {e.accuracy:.3f} on {e.n_images} images (chance: {e.chance['majority_class']:.3f} always "
-               f"guessing the most common class, {e.chance['stratified_random']:.3f} guessing by the class shares)")
+        _err(f"imgvec: note: {plural(n, 'image')} labelled {label!r}, a class the head was not trained on, "
+             "count as wrong")
+
+    def table() -> str:
+        return (f"# {e.provenance.describe()}\n" + _class_table(e.per_class())
+                + report.table("confusion matrix (rows: true, columns: predicted)", ["true \\ predicted", *e.labels],
+                               [(c, *map(int, row)) for c, row in zip(e.labels, e.confusion)],
+                               justify=["left"] + ["right"] * len(e.labels))
+                + f"accuracy {e.accuracy:.3f} on {plural(e.n_images, 'image')} ({chance_sentence(e.chance)})\n")
+
+    _print(fmt, e, table)
 
 
 def main() -> None:

@@ -15,16 +15,11 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
+from .checks import check_choice
 from .errors import BadInputError, param
 
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed")
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(choices)}")
-    return value
 
 
 @contextlib.contextmanager

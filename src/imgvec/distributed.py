@@ -12,11 +12,12 @@ converted once by the driver, before the actors start; each actor loads it from 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .embedder import EmbeddedBatch, Embedder
+from .embedder import EmbedConfig, EmbeddedBatch, Embedder
 from .errors import BadInputError, ImageSkipped, param
 from .runtime import prepare
 
@@ -46,8 +47,8 @@ def connect(address: str | None = None) -> Any:
 class _Worker:
     """A Ray actor holding one loaded model (wrapped by ``ray.remote`` in :func:`embed_files_on_ray`)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.embedder = Embedder(**config).load()
+    def __init__(self, config: EmbedConfig) -> None:
+        self.embedder = Embedder.from_config(config).load()
 
     def embed(self, paths: list[str]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]]:
         return [(b.indices, b.embeddings, [(s.path, s.reason) for s in b.skipped])
@@ -72,11 +73,8 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
     n = workers or default_workers(ray)
     gpu_each = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
     cpu_each = max(1, int(ray.cluster_resources().get("CPU", 1)) // n) if not gpu_each else 1
-    config = dict(model=embedder.backbone.name, weights=embedder.weights, image_size=embedder.image_size,
-                  batch_size=embedder.batch_size, max_pixels=embedder.max_pixels,
-                  workers=cpu_each, precision=embedder.precision, device="gpu" if gpu_each else "cpu",
-                  runtime=embedder.runtime)
-    prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config["device"])
+    config = replace(embedder.config, workers=cpu_each, device="gpu" if gpu_each else "cpu")  # the driver's, per actor
+    prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config.device)
     Actor = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(_Worker)
     actors = [Actor.remote(config) for _ in range(n)]
     pool = ActorPool(actors)

@@ -28,18 +28,20 @@ a sign of random weights or a wrong backbone: the result says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
-from .fileio import open_regular
+from .checks import check_threshold, sha256_file
 from .index import normalized
+from .progress import Phase, Progress
+from .results import DedupResult, DuplicateGroup, Member
 from .store import Store
 
 PROJECTED_DIM = 64
@@ -50,32 +52,10 @@ EXACT_MAX_ROWS = 20_000  # exhaustive search in the projected space up to here (
 IVF_NPROBE = 24
 RESULT_BUDGET = 4_000_000  # inverted lists: range-search hits held at once (12 bytes each, plus temporaries)
 CONFIRM_BYTES = 64 << 20  # full vectors gathered at once to confirm candidate pairs
-DEGENERATE_SHARE = 0.5  # more than this share of all pairs above the threshold: degenerate features
 DEGENERATE_MIN_ROWS = 50  # below this a store is too small to judge
 DEGENERATE_SAMPLE = 10_000  # random pairs that estimate the share
 
 
-@dataclass
-class Member:
-    path: str  # the store's key for the image
-    score: float  # cosine similarity to the group's first member
-
-
-@dataclass
-class DuplicateGroup:
-    kind: str  # "exact": identical files; "near": embeddings within the threshold
-    members: list[Member]
-    sha256: str = ""  # for exact groups
-
-    @property
-    def paths(self) -> list[str]:
-        return [m.path for m in self.members]
-
-
-def sha256_file(path: str) -> str:
-    """sha256 of a regular file; anything else raises :class:`~imgvec.fileio.NotRegularFile` (an OSError)."""
-    with open_regular(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_files(paths: Sequence[str], workers: int | None = None) -> list[str | None]:
@@ -221,8 +201,7 @@ def link_similar(vectors: np.ndarray, threshold: float, sets: UnionFind, rows: n
     ``rows`` maps the rows of ``vectors`` to rows of ``sets`` (default: the same). Memory is
     bounded whatever the number of pairs: see the module docstring.
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    check_threshold(threshold)
     rows = np.arange(len(vectors)) if rows is None else rows
     method, blocks = candidate_blocks(vectors, threshold, projected_dim, exact)
     step = max(1, CONFIRM_BYTES // (8 * vectors.shape[1]))
@@ -251,38 +230,29 @@ def share_above(vectors: np.ndarray, threshold: float, sample: int = DEGENERATE_
     return float(np.mean(cosines(vectors, i, j) >= threshold))
 
 
-@dataclass
-class Groups:
-    groups: list[DuplicateGroup]
-    candidates: int
-    method: str
-    missing: list[str] = field(default_factory=list)
-    share_above: float = 0.0  # estimated share of all pairs above the threshold
-
-    @property
-    def degenerate(self) -> bool:
-        """Most pairs are above the threshold: the features do not tell images apart."""
-        return self.share_above > DEGENERATE_SHARE
-
-
 def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Groups:
-    """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``."""
-    if not -1.0 <= threshold <= 1.0:
-        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+                    progress: Progress | None = None) -> DedupResult:
+    """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``.
+
+    Near groups list one copy of identical files (the others are in their exact group).
+    ``progress`` hears the phases ``reading the store`` (rows), ``hashing files`` and ``searching pairs``.
+    """
+    check_threshold(threshold)
+    began = time.perf_counter()
     keys = store.paths()
     n = len(keys)
     vectors = np.empty((n, store.dim), np.float32)
-    for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
-        vectors[start : start + len(block)] = normalized(block)
-        if progress:
-            progress(start + len(block), n)
+    with Phase(progress, "reading the store", n) as step:
+        for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
+            vectors[start : start + len(block)] = normalized(block)
+            step.update(start + len(block))
     groups: list[DuplicateGroup] = []
     hashes: list[str | None] = [None] * n
     missing: list[str] = []
     sets = UnionFind(n)
     if check_files:
-        hashes = hash_files([store.absolute(k) for k in keys])
+        with Phase(progress, "hashing files", n):
+            hashes = hash_files([store.absolute(k) for k in keys])
         missing = [k for k, h in zip(keys, hashes) if h is None]
         by_hash: dict[str, list[int]] = defaultdict(list)
         for row, h in enumerate(hashes):
@@ -295,14 +265,41 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
     # Identical files share one representative in the similarity search.
     unique = np.flatnonzero(sets.find(np.arange(n)) == np.arange(n))
     search = vectors if len(unique) == n else vectors[unique]
-    found = link_similar(search, threshold, sets, unique, exact=exact)
+    with Phase(progress, "searching pairs", 1):
+        found = link_similar(search, threshold, sets, unique, exact=exact)
     for rows in sets.groups():
         if check_files and len({hashes[r] for r in rows}) == 1 and hashes[rows[0]] is not None:
             continue  # already listed as identical files
         groups.append(_group("near", list(rows), vectors, keys))
     groups.sort(key=lambda g: (g.kind != "exact", -len(g.members), g.members[0].path))
     share = share_above(vectors, threshold) if n >= DEGENERATE_MIN_ROWS else 0.0
-    return Groups(groups, found.checked, found.method, missing, share)
+    return DedupResult(Path(store.path), store.provenance, threshold, n, fold_copies(groups), found.candidates,
+                       missing, time.perf_counter() - began, found.method, share, found.checked, store.root)
+
+
+def fold_copies(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
+    """Near groups without the second and later copies of identical files (listed in their exact group).
+
+    A near group left with fewer than two images (it was only copies) is dropped.
+    """
+    exact_of = {m.path: i for i, g in enumerate(groups) if g.kind == "exact" for m in g.members}
+    out = []
+    for g in groups:
+        if g.kind != "near":
+            out.append(g)
+            continue
+        seen: set[int] = set()
+        members = []
+        for m in g.members:
+            group = exact_of.get(m.path)
+            if group is not None and group in seen:
+                continue
+            if group is not None:
+                seen.add(group)
+            members.append(m)
+        if len(members) > 1:
+            out.append(DuplicateGroup(g.kind, members, g.sha256))
+    return out
 
 
 def _group(kind: str, rows: list[int], vectors: np.ndarray, keys: list[str], sha: str = "") -> DuplicateGroup:

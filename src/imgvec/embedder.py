@@ -12,6 +12,7 @@ yielded and stored together; results are the same either way.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,12 +21,39 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights, sha256_of
-from .device import DEVICES, PRECISIONS, check_choice
+from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
+from .checks import MAX_IMAGE_SIZE, check_choice, check_image_size, sha256_file  # noqa: F401 (MAX_IMAGE_SIZE: re-exported)
+from .device import DEVICES, PRECISIONS
 from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .provenance import Provenance, random_init_family
 from .runtime import RUNTIMES, Engine, dist_version, load_engine
+
+# Peak memory of one model call per input pixel of each image, rounded up from what was measured:
+# 53-445 bytes (OpenVINO on the CPU: mobilenetv3small, efficientnetb0, resnet50, convnexttiny at 224-448 px).
+ACTIVATION_BYTES_PER_PIXEL = 512
+MODEL_CALL_IMAGES = 32  # at most this many images go through the model at once on the CPU (runtime.py)
+
+
+def batch_bytes(batch_size: int, image_size: int) -> int:
+    """Rough peak memory of embedding one batch: the images as float32 plus the backbone's activations
+    (:data:`ACTIVATION_BYTES_PER_PIXEL` per pixel for the images that go through the model at once)."""
+    pixels = image_size * image_size
+    return batch_size * pixels * 3 * 4 + min(batch_size, MODEL_CALL_IMAGES) * pixels * ACTIVATION_BYTES_PER_PIXEL
+
+
+def machine_memory() -> int:
+    """The memory this process may use: the physical RAM, or a smaller cgroup (container) limit."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
 
 
 @dataclass
@@ -35,6 +63,37 @@ class EmbeddedBatch:
     indices: np.ndarray  # positions in the input sequence of the rows below
     embeddings: np.ndarray  # float32, len(indices) x dim
     skipped: list[ImageSkipped] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How images become rows and how the model runs: one value, made once (by the CLI or a notebook)
+    and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
+
+    ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
+    a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    """
+
+    model: str | None = None
+    weights: str | Weights | None = None  # imagenet, none (random, ``seed``), a weights file
+    image_size: int | None = None
+    seed: int = DEFAULT_SEED
+    batch_size: int = 32
+    workers: int | None = None  # decoding threads (default: the CPU count)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    precision: str | None = None
+    runtime: str = "auto"
+
+    @property
+    def chooses_embedding(self) -> bool:
+        """Whether it says what the rows mean (backbone, weights, size), not only how to run."""
+        return (self.model, self.weights, self.image_size) != (None, None, None)
+
+    def running(self) -> dict[str, Any]:
+        """How to run, whatever the rows mean: what :meth:`Embedder.from_provenance` takes besides the provenance."""
+        return dict(batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels, device=self.device,
+                    precision=self.precision or "float32", runtime=self.runtime)
 
 
 class Embedder:
@@ -64,18 +123,48 @@ class Embedder:
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
         self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
-        self.image_size = int(image_size or self.backbone.input_size)
-        if self.image_size < self.backbone.min_size:
-            raise BadInputError(
-                f"{param('image_size')} {self.image_size} is too small for {self.backbone.name} "
-                f"(at least {self.backbone.min_size})"
-            )
+        self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
+                                           self.backbone)
         if batch_size < 1:
             raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
         self.batch_size = int(batch_size)
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.engine_: Engine | None = None  # set by load()
+
+    def check_memory(self, available: int | None = None) -> None:
+        """Refuse, before the model loads, a batch that cannot fit in this machine's memory; one line saying what fits.
+
+        The estimate is rough on purpose (see :func:`batch_bytes`): it stops ``--image-size 4096``
+        from being killed by the kernel after minutes, not a run that fits.
+        """
+        available = machine_memory() if available is None else available
+        needed = batch_bytes(self.batch_size, self.image_size)
+        if needed <= available:
+            return
+        batch = bisect.bisect_right(range(self.batch_size + 1), available, key=lambda n: batch_bytes(n, self.image_size)) - 1
+        size = 32 * (bisect.bisect_right(range(self.image_size // 32 + 1), available,
+                                         key=lambda s: batch_bytes(self.batch_size, 32 * s)) - 1)
+        fits = [f"{param('batch_size')} {batch} at {self.image_size} px" if batch else "",
+                f"{param('image_size')} {size} at {param('batch_size')} {self.batch_size}"
+                if size >= self.backbone.min_size else ""]
+        raise BadInputError(
+            f"{param('image_size')} {self.image_size} with {param('batch_size')} {self.batch_size} needs about "
+            f"{needed / 2**30:.1f} GiB (the batch as float32 and about {ACTIVATION_BYTES_PER_PIXEL} bytes a pixel of "
+            f"the backbone's activations), more than this machine's {available / 2**30:.1f} GiB"
+            + (f"; {' or '.join(f for f in fits if f)} fits" if any(fits) else ""))
+
+    @classmethod
+    def from_config(cls, config: EmbedConfig) -> "Embedder":
+        """The embedder ``config`` asks for (defaults for what it leaves open)."""
+        return cls(config.model or DEFAULT_BACKBONE, "imagenet" if config.weights is None else config.weights,
+                   config.image_size, seed=config.seed, **config.running())
+
+    @property
+    def config(self) -> EmbedConfig:
+        """This embedder as an :class:`EmbedConfig` (weights resolved): what a Ray worker rebuilds it from."""
+        return EmbedConfig(self.backbone.name, self.weights, self.image_size, DEFAULT_SEED if self.weights.seed is None else self.weights.seed,
+                           self.batch_size, self.workers, self.max_pixels, self.device, self.precision, self.runtime)
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":
@@ -97,7 +186,7 @@ class Embedder:
                     f"the embeddings were made with weights file {weights.path}, which is not "
                     f"there; pass {param('weights')} PATH to the same file (sha256 {weights.sha256})"
                 )
-            if sha256_of(path) != weights.sha256:
+            if sha256_file(path) != weights.sha256:
                 raise MismatchError(
                     f"weights file {path} is not the one the embeddings were made with "
                     f"(sha256 {weights.sha256})"

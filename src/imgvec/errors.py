@@ -6,7 +6,9 @@ The CLI prints ``str(error)`` as one line and exits non-zero; library users catc
 
 from __future__ import annotations
 
+import difflib
 import re
+from typing import Iterable, Mapping
 
 _PARAM = re.compile(r"\{param:([a-z_]+)\}")
 
@@ -20,6 +22,15 @@ def param(name: str) -> str:
     return "{param:%s}" % name
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the nearest of ``choices`` to a mistyped ``word``, else ``""``.
+
+    The one place imgvec suggests names: backbones, runtimes, devices, formats.
+    """
+    close = difflib.get_close_matches(str(word).strip().lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class ImgvecError(Exception):
     """Base class for every error imgvec raises on purpose."""
 
@@ -28,9 +39,14 @@ class ImgvecError(Exception):
     def __str__(self) -> str:
         return _PARAM.sub(lambda m: m.group(1), super().__str__())
 
-    def cli_message(self) -> str:
-        """The message with parameters named as the command line's options."""
-        return _PARAM.sub(lambda m: "--" + m.group(1).replace("_", "-"), super().__str__())
+    def cli_message(self, options: Mapping[str, str] | None = None) -> str:
+        """The message with parameters named as the command line's options.
+
+        ``options`` maps a parameter to its option where that is not ``--name`` (``k`` -> ``-k``).
+        """
+        options = options or {}
+        return _PARAM.sub(lambda m: options.get(m.group(1)) or "--" + m.group(1).replace("_", "-"),
+                          super().__str__())
 
 
 class BadInputError(ImgvecError):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
+import secrets
 import shutil
+import socket
 import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .errors import BadInputError
 
@@ -53,25 +56,7 @@ def open_regular(path: PathLike) -> BinaryIO:
     The open itself never blocks (O_NONBLOCK: a FIFO with no writer would otherwise hang);
     anything but a regular file raises :class:`NotRegularFile` before a byte is read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:  # a socket cannot be opened at all (ENXIO): say what it is
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            raise error from None
-        if stat.S_ISREG(mode):
-            raise
-        raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path)) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return _open_if_regular(path, os.O_RDONLY, "rb")
 
 
 def require_regular(path: PathLike, what: str, missing: str = "no such file") -> Path:
@@ -109,8 +94,9 @@ def write_error(path: PathLike, error: BaseException) -> BadInputError:
 def check_writable(path: PathLike) -> Path:
     """Check before any work that a file can be written at ``path``; one line if not.
 
-    The folder must exist and be writable, and ``path`` must not be a folder or another
-    non-regular thing. Run this before long work so a bad ``-o`` costs nothing.
+    The folder must exist and accept a new file (tried for real: root passes ``os.access``
+    on /proc and /sys, which refuse files all the same), and ``path`` must not be a folder or
+    another non-regular thing. Run this before long work so a bad ``-o`` costs nothing.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -127,7 +113,66 @@ def check_writable(path: PathLike) -> Path:
             raise BadInputError(f"cannot write {path}: it is {kind_of(mode)}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInputError(f"cannot write {path}: {_unwritable(parent)}")
+    _try_create(path, parent)
     return path
+
+
+def _try_create(path: Path, parent: Path) -> None:
+    """Create and remove an empty file beside ``path``: the folder really takes new files."""
+    probe = temp_path(path)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as error:
+        if error.errno == errno.ENOENT:  # /proc: the folder is there, but takes no files
+            raise BadInputError(f"cannot write {path}: {parent} does not take new files") from None
+        raise write_error(path, error) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def check_output(output: PathLike, inputs: Iterable[PathLike | None],
+                 read_under: Callable[[str], bool] | None = None) -> Path:
+    """Check an output before any work: writable (:func:`check_writable`) and none of the command's inputs.
+
+    ``output`` is refused when it resolves (same real path, or same file by inode: a hard
+    link) to an input or to an input's partner file (a store's journal and lock), so that
+    ``train S -o S`` or ``query S Q --html S`` cannot overwrite what they read. An input
+    that is a folder is refused as a whole, and a file under it when ``read_under(name)``
+    says the command reads such files (the images of a folder it embeds).
+    """
+    output = Path(output)
+    target = os.path.realpath(output)
+    try:
+        out_stat: os.stat_result | None = os.stat(output)
+    except OSError:
+        out_stat = None
+    for given in inputs:
+        if given is None:
+            continue
+        for what, path in _partners(Path(given)):
+            same = os.path.realpath(path) == target
+            if not same and out_stat is not None:
+                with contextlib.suppress(OSError):
+                    other = os.stat(path)
+                    same = (other.st_dev, other.st_ino) == (out_stat.st_dev, out_stat.st_ino)
+            if same:
+                which = "an input" if not what and str(given) == str(output) else f"{what}{given}, an input"
+                raise BadInputError(f"cannot write {output}: it is {which} of this command; "
+                                    "write the output to another file")
+        folder = os.path.realpath(given)
+        if (read_under is not None and os.path.isdir(folder) and read_under(output.name)
+                and os.path.commonpath([folder, target]) == folder):
+            raise BadInputError(f"cannot write {output}: it is in {given}, whose images this command reads; "
+                                "write the output to another folder")
+    return check_writable(output)
+
+
+def _partners(path: Path) -> list[tuple[str, Path]]:
+    """A file and the files that belong to it: a store's journal and lock (see store.py, journal.py)."""
+    path = Path(os.path.abspath(path))  # "." has no name to add to
+    return [("", path), ("the journal of ", path.with_name(path.name + ".journal")),
+            ("the lock file of ", path.with_name(f".{path.name}.lock"))] if path.name else [("", path)]
 
 
 def _unwritable(folder: Path) -> str:
@@ -174,10 +219,56 @@ def fsync_path(path: PathLike) -> None:
         os.close(fd)
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# .NAME.tmp-HOST-PID-RANDOM (and NAME.tmp-PID, the name of earlier versions): who wrote it, never guessable.
+_TEMP = re.compile(r"\.tmp-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
 def temp_path(path: PathLike) -> Path:
-    """The temporary name a file is written under before it is renamed to ``path``."""
+    """A fresh temporary name a file is written under before it is renamed to ``path``.
+
+    The name carries this host and process (so :func:`remove_stale_temps` can tell a dead
+    writer's leftovers from a live one's) and a random part (no one can put a folder or a
+    link where it goes beforehand).
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[Path]:
+    """Remove the temporary files that killed writers of ``path`` left beside it; the ones removed.
+
+    Only regular files named by :func:`temp_path` whose writer was this host's and is gone
+    (its process no longer exists) are removed: a live writer's temp, another host's (on a
+    shared folder) and anything that is not a regular file are left alone.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(f".{path.name}.tmp-")]
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.fullmatch(name[len(path.name) + 1:])
+        if not match or match["host"] not in (None, _HOST) or _alive(int(match["pid"])):
+            continue
+        stale = parent / name
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(stale).st_mode):
+                stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def publish(tmp: PathLike, path: PathLike) -> None:
@@ -194,10 +285,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
     The one writer of every imgvec file (store, index, head, cache entry, HTML page): the
     temporary file is removed on every failure, so nothing half-written is ever left, and the
-    previous file at ``path`` survives. OS errors become one :class:`BadInputError` line.
+    previous file at ``path`` survives; temporary files that killed writers left are removed first. OS errors become one :class:`BadInputError` line.
     """
     path = Path(path)
     check_writable(path)
+    remove_stale_temps(path)
     tmp = temp_path(path)
     try:
         yield tmp
@@ -222,3 +314,35 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
 def write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def open_regular_append(path: PathLike) -> BinaryIO:
+    """Open (or create) ``path`` for appending only if it is a regular file; never blocks on a FIFO.
+
+    For the files a writer keeps beside its output (journal, lock): a FIFO there would otherwise
+    hang the open, and a device would take the bytes. Raises :class:`NotRegularFile` for those.
+    """
+    return _open_if_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, "a+b")
+
+
+def _open_if_regular(path: PathLike, flags: int, mode: str) -> BinaryIO:
+    """``os.open`` without blocking (O_NONBLOCK), then :class:`NotRegularFile` unless fstat says regular."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as error:  # a socket cannot be opened at all, a FIFO not for writing (ENXIO): say what it is
+        try:
+            st_mode = os.stat(path).st_mode
+        except OSError:
+            raise error from None
+        if stat.S_ISREG(st_mode):
+            raise
+        raise NotRegularFile(errno.EINVAL, f"{kind_of(st_mode)}, not a regular file", os.fspath(path)) from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise NotRegularFile(errno.EINVAL, f"{kind_of(st_mode)}, not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise

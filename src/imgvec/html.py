@@ -3,7 +3,9 @@
 Every page is one file that can be mailed: thumbnails are embedded as base64 JPEG data URIs
 (made with Pillow, aspect ratio kept), styles are inline, plots are SVG, and there is no script.
 Pages are rendered from the Jinja2 templates in ``imgvec/templates`` with autoescaping on, so
-every file name, label and provenance value is escaped by the engine, not by each caller.
+every file name, label and provenance value is escaped by the engine, not by each caller; before
+that, every value passes :func:`imgvec.report.shown` (control characters and bytes that are not
+UTF-8 made visible, never dropped, never a failed write).
 Pages made from random-weight embeddings carry a visible banner.
 
 Functions here take result objects (:mod:`imgvec.results`) and return a string; :func:`write` saves one.
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .fileio import open_regular, write_text
 from .images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
-from .report import plural
+from .report import plural, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     import jinja2
@@ -41,16 +43,24 @@ def environment() -> "jinja2.Environment":
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("imgvec", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
+                             undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False,
+                             finalize=_shown)
     env.filters["wbr"] = _break_after_slashes
     return env
+
+
+def _shown(value: Any) -> Any:
+    """Every value a template prints, made safe to show (markup the templates made themselves is left alone)."""
+    from markupsafe import Markup
+
+    return value if isinstance(value, Markup) or not isinstance(value, (str, os.PathLike)) else shown(value)
 
 
 def _break_after_slashes(path: Any) -> Any:
     """``path`` escaped, with a line-break opportunity after each '/' (long paths wrap at folders)."""
     from markupsafe import Markup, escape
 
-    return Markup("/<wbr>").join(escape(part) for part in str(path).split("/"))
+    return Markup("/<wbr>").join(escape(part) for part in shown(path).split("/"))
 
 
 def render(template: str, **context: Any) -> str:
@@ -123,7 +133,7 @@ def query_page(results: "QueryResults", resolve: Callable[[str], str], root: str
         cards += [card(n.path, resolve(n.path), head=f"#{n.rank} · {n.score:.4f}", label=n.label) for n in q.results]
         queries.append(dict(name=name, cards=cards, columns=min(len(cards), QUERY_COLUMNS)))
     k = max((len(q.results) for q in results.queries), default=0)
-    sub = [f"{len(results.queries)} queries, {k} neighbours each, cosine similarity; {results.index_kind} index"
+    sub = [f"{plural(len(results.queries), 'query', 'queries')}, {k} neighbours each, cosine similarity; {results.search}"
            + (f"; paths relative to {root}" if root else "")]
     return _page("query.html", title, [results.provenance], sub, queries=queries, skipped=results.skipped)
 
@@ -136,7 +146,7 @@ def predict_page(preds: "Predictions", top: int = 3, title: str = "imgvec predic
         cls = "" if p.correct is None else ("right" if p.correct else "wrong")
         cards.append(card(p.path, cls=cls, predicted=p.label, truth=p.truth, correct=p.correct, top=ranked))
     head = f"head {preds.head}: " if preds.head else "head: "
-    sub = [f"{len(preds.predictions)} images; " + head + f"{len(preds.classes)} classes ({', '.join(preds.classes)}), "
+    sub = [f"{plural(len(preds.predictions), 'image')}; " + head + f"{len(preds.classes)} classes ({', '.join(preds.classes)}), "
            f"C={preds.C:.4g}, cross-validated accuracy {preds.cv_accuracy:.3f} ± {preds.cv_accuracy_std:.3f} "
            "on its training store"]
     labelled = preds.labelled
@@ -146,15 +156,13 @@ def predict_page(preds: "Predictions", top: int = 3, title: str = "imgvec predic
 
 def dedup_page(result: "DedupResult", resolve: Callable[[str], str], title: str = "imgvec dedup") -> str:
     """Each group of duplicates as a row of thumbnails with its similarity to the group's first."""
-    exact_of = result.exact_group_of
     groups = []
     for g in result.groups:
-        copies = (lambda path: exact_of.get(path, 0)) if g.kind == "near" else (lambda path: 0)
         groups.append(dict(size=len(g.members), found_by=result.found_by(g), sha256=g.sha256,
-                           cards=[card(m.path, resolve(m.path), score=m.score, copies=copies(m.path))
+                           cards=[card(m.path, resolve(m.path), score=m.score, copies=result.copies_of(g, m) or 0)
                                   for m in g.members[:GROUP_THUMBNAILS]],
                            rest=g.members[GROUP_THUMBNAILS:]))
-    sub = [f"{result.rows} images; {plural(result.exact_groups, 'group')} of identical files, "
+    sub = [f"{plural(result.rows, 'image')}; {plural(result.exact_groups, 'group')} of identical files, "
            f"{plural(result.near_groups, 'group')} of near duplicates (cosine >= {result.threshold:g}); "
            "scores are similarity to the group's first image"]
     return _page("dedup.html", title, [result.provenance], sub, groups=groups, missing=len(result.missing))
@@ -235,7 +243,7 @@ def compare_page(cmp: "Comparison", title: str = "imgvec compare") -> str:
     """The comparison table with chance rows, an accuracy-vs-speed plot and a confusion matrix per backbone."""
     from markupsafe import Markup
 
-    majority = [b for b in cmp.baselines if b.name == "majority_class"]
+    majority = [b for b in cmp.chance if b.name == "majority_class"]
     plot = scatter_svg([(r.backbone, r.images_per_second, r.accuracy, r.accuracy_std) for r in cmp.rows],
                        "images per second (log scale)", "cross-validated accuracy",
                        lines=[("chance (most common class)", b.accuracy) for b in majority])

@@ -23,9 +23,16 @@ from .fileio import NotRegularFile, open_regular
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"})
 # Only these decoders may run: a file named .jpg that is really EPS must not reach Ghostscript.
-PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+# (AVIF where this Pillow has its decoder, 11.2 and later; elsewhere an .avif file is skipped, saying so.)
+PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF")
+_FORMAT_OF = {".avif": "AVIF"}  # suffixes whose decoder this Pillow may lack
+# Image files imgvec does not decode: found and listed as skipped with the reason, never silently ignored.
+UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".svg", ".psd", ".ico", ".tga",
+                                  ".ppm", ".pgm", ".pbm", ".exr", ".hdr", ".eps", ".xcf", ".dng", ".cr2", ".cr3",
+                                  ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"})
+_FOUND_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 
@@ -47,7 +54,17 @@ class Collection:
 
 
 def is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    """A name imgvec takes as an image: one it decodes, or one it lists as skipped (an unsupported format)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _FOUND_SUFFIXES
+
+
+def unsupported(path: str) -> str | None:
+    """Why an image file will not be decoded because of its format ("unsupported format ..."), or None."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in _pil_formats():
+        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in _pil_formats())
+        return f"unsupported format ({suffix}): imgvec reads {', '.join(readable)}"
+    return None
 
 
 def _walk(folder: str) -> Iterable[str]:
@@ -79,7 +96,7 @@ def find_images(sources: Sequence[str | os.PathLike[str]], root: str | None = No
             folders.append(src)
             paths.extend(_walk(src))
         elif os.path.exists(src):  # a file, or a FIFO/device/socket that decoding will skip with its reason
-            if os.path.splitext(src)[1].lower() not in IMAGE_SUFFIXES:
+            if os.path.splitext(src)[1].lower() not in _FOUND_SUFFIXES:
                 raise BadInputError(
                     f"{source}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
                 )
@@ -138,6 +155,9 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     """
     from PIL import Image, ImageOps
 
+    reason = unsupported(path)
+    if reason:
+        raise ImageSkipped(path, reason)
     try:
         with open_regular(path) as fh, Image.open(fh, formats=_pil_formats()) as im:
             width, height = im.size

@@ -23,7 +23,9 @@ import numpy as np
 
 from . import faissblob
 from .artifact import REBUILD, Header, check_partner, create, damaged, dataset, opened, text_attr
+from .checks import check_choice
 from .errors import BadInputError, MismatchError, param
+from .progress import Phase, Progress
 from .provenance import Provenance
 from .store import Store
 
@@ -84,8 +86,7 @@ def build_peak_bytes(kind: str, rows: int, dim: int) -> int:
 
 def choose_kind(kind: str, rows: int, dim: int = 0, memory_budget: int | None = None) -> str:
     """auto: exact search for small stores, HNSW while its build peak fits the memory budget, else IVF-PQ."""
-    if kind not in KINDS:
-        raise BadInputError(f"{param('kind')} {kind!r}: expected one of {', '.join(KINDS)}")
+    check_choice(param("kind"), kind, KINDS)
     if kind == "auto":
         if rows <= AUTO_FLAT_MAX_ROWS:
             return "flat"
@@ -309,8 +310,7 @@ def use_faiss_gpu(mode: str = "auto") -> bool:
     """Whether to run FAISS on the GPU: ``auto`` when this faiss build has GPU support and sees a GPU."""
     import faiss
 
-    if mode not in FAISS_GPU_MODES:
-        raise BadInputError(f"{param('faiss_gpu')} {mode!r}: expected one of {', '.join(FAISS_GPU_MODES)}")
+    check_choice(param("faiss_gpu"), mode, FAISS_GPU_MODES)
     if mode == "off":
         return False
     if not hasattr(faiss, "StandardGpuResources"):
@@ -341,11 +341,12 @@ def to_cpu(index: Any) -> Any:
 
 
 def build_index(store: Store, kind: str = "auto", memory_budget: int | None = None,
-                gpu: bool = False) -> VectorIndex:
+                gpu: bool = False, progress: Progress | None = None) -> VectorIndex:
     """Build an index over every committed row of ``store``, streaming it in chunks.
 
     Only the index itself and one chunk (plus, for IVF-PQ, a training sample of at most
-    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store.
+    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store. ``progress``
+    hears ``training the <kind> index`` and ``building the <kind> index`` (rows added).
     """
     import faiss
 
@@ -357,12 +358,15 @@ def build_index(store: Store, kind: str = "auto", memory_budget: int | None = No
     if gpu:
         index = to_gpu(index, kind)
     if not index.is_trained:
-        sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
-        faiss.normalize_L2(sample)
-        index.train(sample)
-        del sample
-    for _, block in store.iter_embeddings(chunk_rows(store.dim)):
-        index.add(normalized(block))
+        with Phase(progress, f"training the {kind} index", 1):
+            sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
+            faiss.normalize_L2(sample)
+            index.train(sample)
+            del sample
+    with Phase(progress, f"building the {kind} index", rows) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim)):
+            index.add(normalized(block))
+            step.update(start + len(block))
     return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
 
 
@@ -403,15 +407,17 @@ def can_extend(index: VectorIndex, store: Store) -> bool:
     return index.rows <= store.rows and _holds_rows(index, store)
 
 
-def extend_index(index: VectorIndex, store: Store) -> int:
+def extend_index(index: VectorIndex, store: Store, progress: Progress | None = None) -> int:
     """Add the store rows the index does not cover yet (FAISS adds without retraining); returns how many."""
     if index.mapping is not None:
         raise ValueError("a mapped index is read-only: load it with mapped=False to extend it")
     if not can_extend(index, store):
         raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
     added = store.rows - index.rows
-    for _, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
-        index.faiss_index.add(normalized(block))
+    with Phase(progress, f"adding to the {index.kind} index", added) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
+            index.faiss_index.add(normalized(block))
+            step.update(start + len(block) - index.rows)
     index.rows = store.rows
     return added
 

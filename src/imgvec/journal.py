@@ -19,6 +19,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import BadInputError
+from .fileio import NotRegularFile, open_regular, open_regular_append
+
 MAGIC = b"IVJ1"
 _FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32 of payload
 
@@ -40,11 +43,53 @@ def _encode(record: Record) -> bytes:
     return struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(record.embeddings, "<f4").tobytes()
 
 
-def _decode(payload: bytes) -> Record:
+class JournalError(BadInputError):
+    """A record that passed its checksum but is not what imgvec writes (forged, or from a bug)."""
+
+
+def _damaged(path: Any, number: int, what: str) -> JournalError:
+    return JournalError(f"{path}: damaged imgvec journal (record {number}: {what}); the store beside it is intact: "
+                        "delete the journal to drop the rows it holds, then embed again")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _decode(payload: bytes, path: Any = "journal", number: int = 1, dim: int | None = None) -> Record:
+    """The record in ``payload``, checked field by field (a CRC only says the bytes are as written)."""
+    if len(payload) < 4:
+        raise _damaged(path, number, "shorter than its header")
     (n,) = struct.unpack_from("<I", payload)
-    meta = json.loads(payload[4 : 4 + n])
-    emb = np.frombuffer(payload[4 + n :], "<f4").reshape(meta["shape"]).astype(np.float32)
-    return Record(emb, meta["keys"], meta["labels"], [tuple(s) for s in meta["skipped"]], meta["store_id"])
+    if n > len(payload) - 4:
+        raise _damaged(path, number, f"metadata of {n:,} bytes in a record of {len(payload):,}")
+    try:
+        meta = json.loads(payload[4 : 4 + n])
+    except (ValueError, RecursionError):
+        raise _damaged(path, number, "its metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, number, "its metadata is not an object")
+    keys, labels, skipped, shape = (meta.get(k) for k in ("keys", "labels", "skipped", "shape"))
+    if not (_strings(keys) and _strings(labels) and len(keys) == len(labels)):
+        raise _damaged(path, number, "keys and labels are not two lists of names of one length")
+    if not (isinstance(skipped, list) and all(isinstance(s, list) and len(s) == 2 and _strings(s) for s in skipped)):
+        raise _damaged(path, number, "skipped is not a list of (name, reason) pairs")
+    if not isinstance(meta.get("store_id"), str):
+        raise _damaged(path, number, "no store_id")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v >= 0 for v in shape)
+            and shape[0] == len(keys) and (dim is None or shape[1] == dim)):
+        want = f"[{len(keys)}, {dim if dim is not None else 'dim'}]"
+        raise _damaged(path, number, f"shape {str(shape)[:40]} is not {want}")
+    body = len(payload) - 4 - n
+    if body != shape[0] * shape[1] * 4:
+        raise _damaged(path, number, f"{body:,} bytes of vectors for shape {shape}")
+    emb = np.frombuffer(payload, "<f4", offset=4 + n).reshape(shape).astype(np.float32)
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        bad = [keys[i] for i in np.flatnonzero(~finite)[:3]]
+        raise _damaged(path, number, f"NaN or infinite vectors for {int((~finite).sum())} images, "
+                                     f"first {', '.join(repr(k[:80]) for k in bad)}")
+    return Record(emb, keys, labels, [(s[0], s[1]) for s in skipped], meta["store_id"])
 
 
 def journal_path(store: str | os.PathLike[str]) -> Path:
@@ -65,7 +110,7 @@ class JournalWriter:
 
     def _open(self) -> Any:
         valid = valid_length(self.path)
-        fh = open(self.path, "ab")
+        fh = _opened(self.path, open_regular_append)
         if fh.tell() != valid:  # drop a torn tail before appending after it
             fh.truncate(valid)
             fh.seek(valid)
@@ -92,18 +137,27 @@ class JournalWriter:
         self.close()
 
 
+def _opened(path: Path, opener: Any) -> Any:
+    """``opener(path)``, with anything but a regular file (a FIFO, a device) as one line."""
+    try:
+        return opener(path)
+    except NotRegularFile as error:
+        raise BadInputError(f"{path}: is {error.strerror.split(',')[0]}, not an imgvec journal; remove it") from None
+
+
 def _frames(path: Path) -> Iterator[tuple[int, bytes]]:
     """(end offset, payload) of each complete, intact record, stopping at the first bad one."""
     if not path.exists():
         return
-    with open(path, "rb") as fh:
+    with _opened(path, open_regular) as fh:
+        size = os.fstat(fh.fileno()).st_size
         offset = 0
         while True:
             head = fh.read(_FRAME.size)
             if len(head) < _FRAME.size:
                 return
             magic, length, crc = _FRAME.unpack(head)
-            if magic != MAGIC:
+            if magic != MAGIC or length > size - offset - _FRAME.size:  # a torn tail, never a huge read
                 return
             payload = fh.read(length)
             if len(payload) < length or zlib.crc32(payload) != crc:
@@ -119,7 +173,11 @@ def valid_length(path: Path) -> int:
     return end
 
 
-def read_journal(path: str | os.PathLike[str]) -> Iterator[Record]:
-    """Every intact record, in the order written, one at a time (a journal can be large)."""
-    for _, payload in _frames(Path(path)):
-        yield _decode(payload)
+def read_journal(path: str | os.PathLike[str], dim: int | None = None) -> Iterator[Record]:
+    """Every intact record, in the order written, one at a time (a journal can be large).
+
+    A torn tail (a kill mid-write) ends the journal quietly; a record that is intact but not
+    what imgvec writes (shape, names, ``dim``-wide finite vectors) is a :class:`JournalError`.
+    """
+    for number, (_, payload) in enumerate(_frames(Path(path)), 1):
+        yield _decode(payload, path, number, dim)

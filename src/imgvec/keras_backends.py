@@ -27,10 +27,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backbones import Backbone, Weights, build_model
-from .device import DEVICES, PRECISIONS, check_choice, import_keras, precision_policy
+from .backbones import Backbone, Weights
+from .builder import build_model, preprocess_input
+from .checks import check_choice
+from .device import DEVICES, PRECISIONS, import_keras, precision_policy
+from .engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH
 from .errors import BadInputError, param
-from .runtime import CPU_MODEL_BATCH, GPU_MODEL_BATCH
+from .model_cache import cache_dir
 
 BACKENDS = ("jax", "torch")
 
@@ -77,8 +80,6 @@ def _persistent_compilation_cache() -> None:
     user set JAX's own: building MobileNetV2 on JAX took 27 s on this 2-core machine, 3 s from the cache."""
     import jax
 
-    from .runtime import cache_dir
-
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -105,7 +106,7 @@ def load_engine(backend: str, backbone: Backbone, weights: Weights, image_size: 
     # GPU, and the weights move to the GPU once afterwards (_jax_call).
     with keras.device("cpu:0" if backend == "jax" else scope), precision_policy(precision):
         model = build_model(backbone, weights, image_size)
-    preprocess = backbone.preprocess_input()
+    preprocess = preprocess_input(backbone)
     make = _jax_call if backend == "jax" else _torch_call
     call, version = make(keras, model, preprocess, scope)
     return KerasEngine(

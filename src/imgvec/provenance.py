@@ -6,14 +6,13 @@ the exact model from it. ``check_compatible`` is what every consumer calls.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
-from . import __version__
 from .backbones import Weights
 from .errors import MismatchError
+from .versions import IMGVEC_VERSION
 
 
 def _now() -> str:
@@ -35,7 +34,7 @@ class Provenance:
     # every runtime (OpenVINO, TensorFlow, ...) are comparable.
     device: str = "cpu"
     precision: str = "float32"
-    imgvec_version: str = __version__
+    imgvec_version: str = IMGVEC_VERSION
     keras_version: str = ""
     tensorflow_version: str = ""  # empty when TensorFlow did not run the model
     runtime: str = ""  # "openvino" | "tensorflow" | "jax" | "torch"; empty in files made before runtimes
@@ -64,19 +63,6 @@ class Provenance:
 
     def describe(self) -> str:
         return f"{self.backbone} @ {self.input_size}px, {self.weights_spec.describe()}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Provenance":
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "Provenance":
-        return cls.from_json(json.dumps(dict(data)))
 
 
 def random_init_family(runtime: str) -> str:

@@ -2,6 +2,14 @@
 
 Every renderer returns a string; nothing here prints. CSV text cells that a spreadsheet
 would run as a formula (leading ``= + - @``) are prefixed with a quote; numbers are left as they are.
+
+File names are any bytes a file system allows (Python holds bytes that are not UTF-8 as
+lone surrogates, PEP 383). :func:`shown` makes a name safe to show: what could start a new
+line, an escape sequence or reorder the text becomes visible as an escape (``\\x1b``, ``\\n``,
+``\\xff`` for an undecodable byte), so a table, a CSV cell, an error line or a page shows the
+name, never acts on it. JSON keeps names exact: the same characters are written as JSON's
+own ``\\uXXXX`` escapes, an undecodable byte as ``\\udcXX`` (``os.fsencode(json.loads(...))``
+gives the file's bytes back).
 """
 
 from __future__ import annotations
@@ -9,10 +17,36 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import asdict
 from typing import Any, Iterable, Sequence
 
 FORMATS = ("table", "json", "csv")
+
+# Control characters (C0, DEL, C1), line and paragraph separators, bidirectional overrides, surrogates;
+# json.dumps escapes C0 itself (a raw newline in its text is its own indentation), the rest is left to us.
+_UNSAFE_BEYOND_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(f"[\x00-\x1f{_UNSAFE_BEYOND_C0}]")
+_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE_BEYOND_C0}]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode holds it: the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def shown(text: Any) -> str:
+    """``text`` safe to show on a terminal, in a CSV cell or a page: one line, no escape sequence, valid UTF-8.
+
+    Control characters, line separators, bidirectional overrides and undecodable bytes become
+    visible escapes (``\\x1b``, ``\\n``, ``\\u202e``, ``\\xff``); everything else is left as it is.
+    """
+    return _UNSAFE.sub(_visible, str(text))
+
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -21,13 +55,13 @@ def csv_cell(value: Any) -> str:
     """Numbers as they are; text that would start a spreadsheet formula gets a leading quote."""
     if isinstance(value, (int, float)):
         return f"{value:.6f}" if isinstance(value, float) else str(value)
-    text = str(value)
+    text = shown(value)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def plural(count: int, noun: str) -> str:
-    """'1 group', '2 groups'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 group', '2 groups'; ``many`` for a noun that does not just take an s ('1 query', '2 queries')."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -39,7 +73,9 @@ def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
+    """JSON text whose strings are exact (see the module's docstring) and safe to print: unsafe characters escaped."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # outside strings JSON is ASCII
 
 
 def _jsonable(value: Any) -> Any:
@@ -61,10 +97,10 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
     for i, name in enumerate(header):
         t.add_column(name, justify=(justify[i] if justify else "left"), overflow="fold")  # type: ignore[arg-type]
     for row in rows:
-        t.add_row(*[escape(f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row])
+        t.add_row(*[escape(f"{v:.4f}" if isinstance(v, float) else shown(v)) for v in row])
     console = Console(file=io.StringIO(), width=200, color_system=None, force_terminal=False)
     if title:
-        console.print(escape(title), soft_wrap=True)
+        console.print(escape(shown(title)), soft_wrap=True)
     console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
 

@@ -1,30 +1,102 @@
-"""What the public API returns: plain result objects, shared by the api, the analyses and the pages.
+"""What the public API returns: plain result objects that render themselves as records.
 
-Nothing here runs a model or reads a file: the api (and comparison, duplicates) fill these in,
-the CLI, report.py and html.py only read them. ``imgvec.api`` re-exports every name.
+Nothing here runs a model or reads a file: the api (and comparison, duplicates) fill these in.
+Each answer has one result type, and each type says what it is as JSON-ready records
+(:meth:`to_records`, what ``--format json`` prints and what an HTTP service returns) and as
+CSV (:meth:`csv_columns`, :meth:`csv_rows`), so a notebook, the CLI and a service see the same data.
+
+Paths in records open from anywhere: they are absolute (an image a store names by a key relative
+to its root is joined to that root, which the records also name).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .duplicates import DEGENERATE_SHARE, DuplicateGroup
-from .provenance import Provenance
+if TYPE_CHECKING:  # results only read provenance values; they never need the module at run time
+    from .backbones import Backbone
+    from .provenance import Provenance
+
+DEGENERATE_SHARE = 0.5  # dedup: more than this share of all pairs above the threshold means degenerate features
 
 
-def chance_accuracies(labels: Sequence[str]) -> dict[str, float]:
-    """What guessing scores on ``labels``: always the most common class, or a class drawn by the class shares."""
-    _, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
-    shares = counts / max(1, counts.sum())
-    return {"majority_class": float(shares.max(initial=0.0)), "stratified_random": float(np.sum(shares**2))}
+def file_path(root: str, key: str) -> str:
+    """Where the image a store names ``key`` is: absolute (keys are relative to the store's ``root``)."""
+    return os.path.abspath(key if os.path.isabs(key) else os.path.join(root, key))
 
 
+def skipped_records(skipped: Sequence[tuple[str, str]], root: str = "") -> list[dict[str, str]]:
+    """Skipped inputs as ``{"path", "reason"}`` records (keys joined to ``root`` when given)."""
+    return [{"path": file_path(root, path) if root else os.path.abspath(path), "reason": reason}
+            for path, reason in skipped]
+
+
+class Records:
+    """A result that renders itself: JSON-ready records and CSV rows (one shape for every caller)."""
+
+    def to_records(self) -> Any:
+        """What ``--format json`` prints: dicts, lists, strings and numbers only."""
+        raise NotImplementedError
+
+    def csv_columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+
+# -- chance -----------------------------------------------------------------------------------
 CHANCE_NAMES = {"majority_class": "always the most common class", "stratified_random": "random by class shares"}
+
+
+@dataclass(frozen=True)
+class Chance:
+    """What a guess that never looks at an image scores on a set of labels: expected accuracy and its spread.
+
+    ``majority_class`` always names the most common class: its accuracy is that class's share,
+    exactly (spread 0). ``stratified_random`` draws each guess independently with the class
+    shares p_c = n_c / N: each image is right with probability p of its class, so the expected
+    accuracy is sum_c p_c**2 and its standard deviation over the N images is
+    sqrt(sum_c n_c p_c (1 - p_c)) / N.
+    """
+
+    name: str  # "majority_class" or "stratified_random" (see CHANCE_NAMES)
+    accuracy: float  # expected accuracy
+    accuracy_std: float  # standard deviation of the accuracy over the N images
+
+    @property
+    def description(self) -> str:
+        return f"chance: {CHANCE_NAMES.get(self.name, self.name)}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"baseline": self.name, "description": self.description, "accuracy": self.accuracy,
+                "accuracy_std": self.accuracy_std}
+
+
+def chance_levels(labels: Sequence[str]) -> list[Chance]:
+    """The two chance levels of ``labels`` (majority class, random by class shares), from the class counts."""
+    _, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    n = int(counts.sum())
+    if n == 0:
+        return [Chance("majority_class", 0.0, 0.0), Chance("stratified_random", 0.0, 0.0)]
+    shares = counts / n
+    spread = math.sqrt(float(np.sum(counts * shares * (1 - shares)))) / n
+    return [Chance("majority_class", float(shares.max()), 0.0),
+            Chance("stratified_random", float(np.sum(shares**2)), spread)]
+
+
+def chance_sentence(chance: Sequence[Chance]) -> str:
+    """'chance: 0.560 always guessing the most common class, 0.507 ± 0.050 guessing by the class shares'."""
+    by = {c.name: c for c in chance}
+    major, rand = by["majority_class"], by["stratified_random"]
+    return (f"chance: {major.accuracy:.3f} always guessing the most common class, "
+            f"{rand.accuracy:.3f} ± {rand.accuracy_std:.3f} guessing by the class shares")
 
 
 # -- embed, index, merge ------------------------------------------------------------------
@@ -35,7 +107,7 @@ class EmbedSummary:
     added: int
     already: int
     rows: int
-    skipped: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]  # (store key, reason)
     seconds: float  # the whole run: finding files, building the model, embedding, writing
     removed: int = 0
     build_seconds: float = 0.0  # building the model (0 when nothing needed embedding)
@@ -66,34 +138,86 @@ class MergeSummary:
     seconds: float
 
 
+@dataclass
+class SkippedFiles(Records):
+    """The files a store's embed runs skipped, with the reason each time (``imgvec info --skipped``)."""
+
+    store: Path
+    root: str
+    skipped: list[tuple[str, str]]  # (store key, reason)
+
+    def to_records(self) -> dict[str, Any]:
+        return {"store": os.path.abspath(self.store), "root": self.root,
+                "skipped": skipped_records(self.skipped, self.root)}
+
+    def csv_columns(self) -> list[str]:
+        return ["path", "reason"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [(r["path"], r["reason"]) for r in skipped_records(self.skipped, self.root)]
+
+
 # -- query ----------------------------------------------------------------------------------
 @dataclass
 class Neighbour:
     rank: int
-    path: str
+    path: str  # the store's key: relative to the store's root (absolute for a file outside it)
     score: float
     label: str = ""
 
 
 @dataclass
 class QueryResult:
-    query: str
+    query: str  # the query image, absolute
     results: list[Neighbour]
 
 
 @dataclass
-class QueryResults:
+class QueryResults(Records):
     provenance: Provenance
     queries: list[QueryResult]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # query images that could not be used
     index_kind: str = ""
+    store: Path | None = None
+    root: str = ""  # the store's root: neighbours' paths are relative to it
+    index: str = ""  # the index file searched; "" when there was none (exact search in memory)
     unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
     notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
 
+    def file(self, neighbour: Neighbour) -> str:
+        """Where ``neighbour``'s image is (absolute)."""
+        return file_path(self.root, neighbour.path)
+
+    @property
+    def search(self) -> str:
+        """How the neighbours were searched, in words."""
+        return f"{self.index_kind} index {self.index}" if self.index else "exact search in memory (no index file)"
+
+    def to_records(self) -> dict[str, Any]:
+        return {
+            "store": os.path.abspath(self.store) if self.store else None, "root": self.root,
+            "queries": [{"query": q.query, "results": [{"rank": n.rank, "path": self.file(n), "score": n.score,
+                                                        "label": n.label} for n in q.results]}
+                        for q in self.queries],
+            "skipped": skipped_records(self.skipped),
+        }
+
+    def csv_columns(self) -> list[str]:
+        return ["query", "rank", "path", "score", "label"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [(q.query, n.rank, self.file(n), n.score, n.label) for q in self.queries for n in q.results]
+
 
 # -- classify -------------------------------------------------------------------------------
+def _report_rows(report: dict[str, Any], labels: Sequence[str]) -> list[tuple[str, float, float, float, int]]:
+    """(class, precision, recall, f1, images) of a classification report, in ``labels`` order."""
+    return [(c, report[c]["precision"], report[c]["recall"], report[c]["f1-score"], int(report[c]["support"]))
+            for c in labels]
+
+
 @dataclass
-class TrainSummary:
+class TrainSummary(Records):
     head: Path
     provenance: Provenance
     classes: list[str]
@@ -108,11 +232,28 @@ class TrainSummary:
     n_Cs: int = 0  # regularisation strengths tried
     search_seconds: float = 0.0  # choosing C by cross-validation
     fit_seconds: float = 0.0  # the one final fit at that C
+    cv: int = 0  # folds
+    chance: list[Chance] = field(default_factory=list)  # :func:`chance_levels` of the training labels
+
+    def per_class(self) -> list[tuple[str, float, float, float, int]]:
+        return _report_rows(self.report, self.classes)
+
+    def to_records(self) -> dict[str, Any]:
+        return {"head": os.path.abspath(self.head), "classes": self.classes, "images": self.n_train,
+                "unlabelled": self.n_unlabelled, "C": self.C, "cv": self.cv, "cv_accuracy": self.cv_accuracy,
+                "cv_accuracy_std": self.cv_accuracy_std, "chance": [c.to_record() for c in self.chance],
+                "report": self.report, "confusion": self.confusion.tolist()}
+
+    def csv_columns(self) -> list[str]:
+        return ["class", "precision", "recall", "f1", "images"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return list(self.per_class())
 
 
 @dataclass
 class Prediction:
-    path: str
+    path: str  # the image, absolute
     label: str  # the predicted class
     probabilities: dict[str, float]
     truth: str = ""  # the image's class folder, "" when it has none
@@ -121,13 +262,17 @@ class Prediction:
     def correct(self) -> bool | None:
         return (self.label == self.truth) if self.truth else None
 
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes, most probable first (ties by name)."""
+        return sorted(self.probabilities.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
 
 @dataclass
-class Predictions:
+class Predictions(Records):
     provenance: Provenance
     classes: list[str]
     predictions: list[Prediction]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # input images that could not be used
     head: Path | None = None
     C: float = math.nan  # the head's regularisation, chosen by its cross-validation
     cv_accuracy: float = math.nan  # the head's cross-validated accuracy on its training store
@@ -144,9 +289,34 @@ class Predictions:
         known = self.labelled
         return sum(bool(p.correct) for p in known) / len(known) if known else None
 
+    @property
+    def chance(self) -> list[Chance]:
+        """:func:`chance_levels` of the labelled images' true classes (empty when none is labelled)."""
+        known = self.labelled
+        return chance_levels([p.truth for p in known]) if known else []
+
+    def _record(self, p: Prediction, truth: bool) -> dict[str, Any]:
+        return {"path": p.path, "predicted": p.label, **({"true": p.truth, "correct": p.correct} if truth else {}),
+                "probabilities": p.probabilities}
+
+    def to_records(self) -> dict[str, Any]:
+        truth = bool(self.labelled)  # images in class folders: the true label beside the predicted one
+        return {"head": os.path.abspath(self.head) if self.head else None, "classes": self.classes,
+                "accuracy": self.accuracy, "chance": [c.to_record() for c in self.chance],
+                "predictions": [self._record(p, truth) for p in self.predictions],
+                "skipped": skipped_records(self.skipped)}
+
+    def csv_columns(self) -> list[str]:
+        return ["path", "predicted", *(["true", "correct"] if self.labelled else []), *self.classes]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        truth = bool(self.labelled)
+        return [(p.path, p.label, *((p.truth, p.correct) if truth else ()), *(p.probabilities[c] for c in self.classes))
+                for p in self.predictions]
+
 
 @dataclass
-class Evaluation:
+class Evaluation(Records):
     head: Path
     data: str
     provenance: Provenance
@@ -161,7 +331,22 @@ class Evaluation:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     seen_in_training: int = 0  # evaluated images the head was trained on: those are not held out
-    chance: dict[str, float] = field(default_factory=dict)  # :func:`chance_accuracies` of the evaluated labels
+    chance: list[Chance] = field(default_factory=list)  # :func:`chance_levels` of the evaluated labels
+
+    def per_class(self) -> list[tuple[str, float, float, float, int]]:
+        return _report_rows(self.report, self.labels)
+
+    def to_records(self) -> dict[str, Any]:
+        return {"head": os.path.abspath(self.head), "data": os.path.abspath(self.data), "accuracy": self.accuracy,
+                "chance": [c.to_record() for c in self.chance], "images": self.n_images, "labels": self.labels,
+                "report": self.report, "confusion": self.confusion.tolist(), "unknown_labels": self.unknown,
+                "seen_in_training": self.seen_in_training, "skipped": skipped_records(self.skipped)}
+
+    def csv_columns(self) -> list[str]:
+        return ["class", "precision", "recall", "f1", "images"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return list(self.per_class())
 
 
 # -- compare --------------------------------------------------------------------------------
@@ -196,21 +381,7 @@ class BackboneScore:
 
 
 @dataclass
-class Baseline:
-    """A guess that uses no image at all, scored on the same folds as the backbones."""
-
-    name: str  # "majority_class" or "stratified_random" (see CHANCE_NAMES)
-    accuracy: float
-    accuracy_std: float
-    fold_accuracies: list[float]
-
-    @property
-    def description(self) -> str:
-        return f"chance: {CHANCE_NAMES.get(self.name, self.name)}"
-
-
-@dataclass
-class Comparison:
+class Comparison(Records):
     source: str
     classes: list[str]
     n_images: int
@@ -219,12 +390,8 @@ class Comparison:
     rows: list[BackboneScore]
     machine: str
     seconds: float
-    baselines: list[Baseline] = field(default_factory=list)
+    chance: list[Chance] = field(default_factory=list)  # :func:`chance_levels` of the compared labels
     speed_images: int = 0  # images in the speed sample
-
-    @property
-    def best(self) -> BackboneScore:
-        return max(self.rows, key=lambda r: (r.accuracy, r.images_per_second))
 
     @property
     def speed_note(self) -> str:
@@ -232,20 +399,63 @@ class Comparison:
         return (f"images/s: decoding + inference on a warm model (build and warm-up not counted), "
                 f"{self.speed_images} images, one run, on {self.machine}")
 
+    def to_records(self) -> dict[str, Any]:
+        return {
+            "images": self.n_images, "classes": self.classes, "cv": self.cv,
+            "images_per_second_measures": self.speed_note,
+            "backbones": [{
+                "backbone": r.backbone, "weights": r.provenance.weights_spec.describe(), "params": r.params,
+                "dim": r.dim, "images_per_second": r.images_per_second, "accuracy": r.accuracy,
+                "accuracy_std": r.accuracy_std, "fold_accuracies": r.fold_accuracies, "per_class_f1": r.per_class_f1,
+                "store": os.path.abspath(r.store), "new_images_embedded": r.embedded,
+            } for r in self.rows],
+            "chance": [c.to_record() for c in self.chance],
+        }
+
+    def csv_columns(self) -> list[str]:
+        return ["backbone", "weights", "params", "dim", "images_per_second", "accuracy", "accuracy_std",
+                "weakest_class", "weakest_f1", *(f"f1_{k}" for k in self.classes)]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [*[(r.backbone, r.provenance.weights_spec.describe(), r.params, r.dim, r.images_per_second,
+                   r.accuracy, r.accuracy_std, r.weakest_class, r.weakest_f1,
+                   *(r.per_class_f1.get(k, 0.0) for k in self.classes)) for r in self.rows],
+                *[(c.description, "", "", "", "", c.accuracy, c.accuracy_std, "", "", *[""] * len(self.classes))
+                  for c in self.chance]]
+
 
 # -- duplicates -----------------------------------------------------------------------------
 @dataclass
-class DedupResult:
+class Member:
+    path: str  # the store's key for the image
+    score: float  # cosine similarity to the group's first member
+
+
+@dataclass
+class DuplicateGroup:
+    kind: str  # "exact": identical files; "near": embeddings within the threshold
+    members: list[Member]
+    sha256: str = ""  # for exact groups
+
+    @property
+    def paths(self) -> list[str]:
+        return [m.path for m in self.members]
+
+
+@dataclass
+class DedupResult(Records):
     store: Path
     provenance: Provenance
     threshold: float
     rows: int
     groups: list[DuplicateGroup]  # exact groups first; near groups list one copy of identical files
-    candidates: int  # pairs checked with the full vectors
+    candidates: int  # pairs the search proposed
     missing: list[str]  # files that could not be read for hashing
     seconds: float
     method: str = "exact"  # how pairs were searched: "exact", or the inverted-list settings
     share_above: float = 0.0  # estimated share of all pairs of images above the threshold
+    checked: int = 0  # of the candidates, pairs confirmed with the full vectors (the rest were already grouped)
+    root: str = ""  # the store's root: members' paths are relative to it
 
     @property
     def degenerate(self) -> bool:
@@ -261,10 +471,13 @@ class DedupResult:
     def near_groups(self) -> int:
         return sum(g.kind == "near" for g in self.groups)
 
-    @property
-    def exact_group_of(self) -> dict[str, int]:
-        """Path -> number (1-based) of the group of identical files it belongs to."""
-        return {m.path: i for i, g in enumerate(self.groups, 1) if g.kind == "exact" for m in g.members}
+    def identical_group(self, path: str) -> int | None:
+        """The number (1-based) of the group of identical files ``path`` (a store key) belongs to, or None."""
+        return next((i for i, g in enumerate(self.groups, 1) if g.kind == "exact" and path in g.paths), None)
+
+    def copies_of(self, group: DuplicateGroup, member: Member) -> int | None:
+        """In a near group, the group of identical files ``member`` stands for (its copies are not repeated)."""
+        return self.identical_group(member.path) if group.kind == "near" else None
 
     def found_by(self, group: DuplicateGroup) -> str:
         """What found ``group``: the file hash, or the threshold on which features."""
@@ -274,27 +487,69 @@ class DedupResult:
         return (f"cosine >= {self.threshold:g} on {prov.backbone} @ {prov.input_size}px features, "
                 f"{'RANDOM weights' if prov.is_random else prov.weights_spec.describe()}")
 
+    def file(self, path: str) -> str:
+        """Where the image the store names ``path`` is (absolute)."""
+        return file_path(self.root, path)
 
-def fold_copies(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
-    """Near groups without the second and later copies of identical files (listed in their exact group).
+    def to_records(self) -> dict[str, Any]:
+        return {
+            "store": os.path.abspath(self.store), "root": self.root, "threshold": self.threshold,
+            "method": self.method,
+            "groups": [{"group": i, "kind": g.kind, "found_by": self.found_by(g), "sha256": g.sha256 or None,
+                        "images": [{"path": self.file(m.path), "score": m.score,
+                                    "identical_files_group": self.copies_of(g, m)} for m in g.members]}
+                       for i, g in enumerate(self.groups, 1)],
+            "missing": [self.file(p) for p in self.missing],
+        }
 
-    A near group left with fewer than two images (it was only copies) is dropped.
-    """
-    exact_of = {m.path: i for i, g in enumerate(groups) if g.kind == "exact" for m in g.members}
-    out = []
-    for g in groups:
-        if g.kind != "near":
-            out.append(g)
-            continue
-        seen: set[int] = set()
-        members = []
-        for m in g.members:
-            group = exact_of.get(m.path)
-            if group is not None and group in seen:
-                continue
-            if group is not None:
-                seen.add(group)
-            members.append(m)
-        if len(members) > 1:
-            out.append(DuplicateGroup(g.kind, members, g.sha256))
-    return out
+    def csv_columns(self) -> list[str]:
+        return ["group", "kind", "path", "score", "sha256", "identical_files_group", "found_by"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [(i, g.kind, self.file(m.path), m.score, g.sha256, self.copies_of(g, m) or "", self.found_by(g))
+                for i, g in enumerate(self.groups, 1) for m in g.members]
+
+
+# -- models, the compiled-model cache ---------------------------------------------------------
+MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
+                 "preprocessing"]
+
+
+@dataclass
+class ModelTable(Records):
+    """The backbones imgvec knows, in the order asked for."""
+
+    backbones: list[Backbone]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{c: getattr(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
+
+    def csv_columns(self) -> list[str]:
+        return list(MODEL_COLUMNS)
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [tuple("" if v is None else v for v in r.values()) for r in self.to_records()]
+
+
+@dataclass
+class CacheSummary(Records):
+    folder: Path
+    entries: list[Any]  # model_cache.CacheEntry: read, never imported (results stay plain data)
+    cleared: int = 0  # entries removed by ``clear``
+    freed: int = 0  # bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.bytes for e in self.entries)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{"backbone": e.backbone, "input_size": e.input_size, "weights": e.weights,
+                 "mb": round(e.bytes / 1e6, 1), "age_days": round(e.age_s / 86400, 1),
+                 "ok": e.state,
+                 "path": str(e.path)} for e in self.entries]
+
+    def csv_columns(self) -> list[str]:
+        return ["backbone", "input_size", "weights", "mb", "age_days", "ok", "path"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        return [tuple(r.values()) for r in self.to_records()]

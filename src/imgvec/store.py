@@ -28,11 +28,14 @@ from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 
+from .checks import check_choice
 from .errors import BadInputError, param
-from .artifact import (Header, check_finite, damaged, dataset, decode_keys, encode_keys, open_file, read_header,
-                       str_dtype, write_header)
-from .fileio import check_space, check_writable, publish, temp_path, write_error
+from .artifact import (Expect, Header, check_finite, check_structure, damaged, decode_keys, encode_keys, open_file,
+                       read_header, reading, str_dtype, write_header)
+from .fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
+                     temp_path, write_error)
 from .journal import JournalWriter, Record, journal_path, read_journal
+from .progress import Phase, Progress
 from .provenance import Provenance
 
 CHUNK_ROWS = 256
@@ -58,38 +61,39 @@ class Store:
             raise
 
     def _validate(self) -> None:
-        import h5py
-
         rows, dim, path = self.header.rows, self.header.dim, self.path
         # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
-        sized = {"length": rows} if self.header.format_version > 1 else {"min_length": rows}
-        dataset(self.h5, "embeddings", path, "store", 2, "float32", width=dim, **sized)
-        for name in ("paths", "labels"):
-            dataset(self.h5, name, path, "store", 1, "str", **sized)
-        if not isinstance(self.h5.get("skipped"), h5py.Group):
-            raise damaged(path, "store", "no 'skipped' group")
-        n = dataset(self.h5, "skipped/paths", path, "store", 1, "str").shape[0]
-        dataset(self.h5, "skipped/reasons", path, "store", 1, "str", length=n)
-        if not isinstance(self.h5.attrs.get("root"), str):
+        n = rows if self.header.format_version > 1 else None
+        least = None if n is not None else rows
+        check_structure(self.h5, path, "store", {
+            "embeddings": Expect(2, "float32", (n, dim), least), "paths": Expect(1, "str", (n,), least),
+            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")})
+        skipped = self.h5["skipped/paths"].shape[0]
+        check_structure(self.h5, path, "store", {"skipped/reasons": Expect(1, "str", (skipped,))})
+        if not isinstance(self._attr("root", None), str):
             raise damaged(path, "store", "no 'root' attribute")
+
+    def _attr(self, name: str, default: Any = ...) -> Any:
+        with reading(self.path, "store"):
+            return self.h5.attrs[name] if default is ... else self.h5.attrs.get(name, default)
 
     # -- identity ---------------------------------------------------------------------
     @property
     def root(self) -> str:
-        return str(self.h5.attrs["root"])
+        return str(self._attr("root"))
 
     @property
     def store_id(self) -> str:
-        return str(self.h5.attrs["store_id"])
+        return str(self._attr("store_id"))
 
     @property
     def rows(self) -> int:
-        return int(self.h5.attrs["rows"])
+        return int(self._attr("rows"))
 
     @property
     def generation(self) -> int:
         """Bumped whenever rows are removed, so an index knows its row numbers went stale."""
-        return int(self.h5.attrs.get("generation", 0))
+        return int(self._attr("generation", 0))
 
     def current_header(self) -> Header:
         """The header as the store is now (rows and generation change while a writer appends)."""
@@ -97,7 +101,7 @@ class Store:
 
     def pending_rows(self) -> int:
         """Rows an interrupted run left in the journal; the next ``embed`` folds them in."""
-        return sum(len(r.keys) for r in read_journal(journal_path(self.path)))
+        return sum(len(r.keys) for r in read_journal(journal_path(self.path), self.dim))
 
     @property
     def dim(self) -> int:
@@ -105,10 +109,10 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
     def paths(self) -> list[str]:
-        return decode_keys(self.h5["paths"], self.rows)
+        return decode_keys(self.h5["paths"], self.rows, self.path)
 
     def labels(self) -> list[str]:
-        return decode_keys(self.h5["labels"], self.rows)
+        return decode_keys(self.h5["labels"], self.rows, self.path)
 
     def paths_at(self, rows: Sequence[int]) -> list[str]:
         """The paths of ``rows`` only (a query's hits): a big store's other paths are never read."""
@@ -129,7 +133,8 @@ class Store:
 
     def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.rows if stop is None else min(stop, self.rows)
-        block = np.asarray(self.h5["embeddings"][start:stop], dtype=np.float32)
+        with reading(self.path, "store"):
+            block = np.asarray(self.h5["embeddings"][start:stop], dtype=np.float32)
         return check_finite(block, self.path, "store", "/embeddings", start)
 
     def iter_embeddings(self, chunk: int = 65536, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
@@ -140,7 +145,7 @@ class Store:
     def skipped(self) -> list[tuple[str, str]]:
         group = self.h5["skipped"]
         n = group["paths"].shape[0]
-        return list(zip(decode_keys(group["paths"], n), decode_keys(group["reasons"], n)))
+        return list(zip(decode_keys(group["paths"], n, self.path), decode_keys(group["reasons"], n, self.path)))
 
     def absolute(self, key: str) -> str:
         return key if os.path.isabs(key) else os.path.join(self.root, key)
@@ -231,8 +236,7 @@ class StoreWriter:
         check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
         self._lock = _lock(self.path)
         try:
-            for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-                stale.unlink()
+            remove_stale_temps(self.path)
             if not self.path.exists():
                 if provenance is None or root is None:
                     raise BadInputError(f"{self.path}: no such store")
@@ -264,15 +268,31 @@ class StoreWriter:
         """Record one batch durably (in the journal); it reaches the store on :meth:`commit`."""
         if not (len(embeddings) == len(keys) == len(labels)):
             raise ValueError("embeddings, keys and labels must have the same length")
+        embeddings = np.asarray(embeddings, np.float32)
+        finite = np.isfinite(embeddings).all(axis=tuple(range(1, embeddings.ndim)))
+        if not finite.all():  # never stored: keep the batch's good rows, then say which images and weights
+            good = np.flatnonzero(finite)
+            self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped)
+            raise self._non_finite([keys[i] for i in np.flatnonzero(~finite)])
         try:
-            self._journal.append(Record(np.asarray(embeddings, np.float32), list(keys), list(labels),
-                                        [tuple(s) for s in skipped], self.store_id))
+            self._journal.append(Record(embeddings, list(keys), list(labels), [tuple(s) for s in skipped],
+                                        self.store_id))
         except OSError as error:  # a full disk: the batches already in the journal stay
             raise write_error(self._journal.path, error) from None
         self.keys.update(keys)
         self._pending += len(keys)
         if self._pending >= max(self.checkpoint_rows, len(self.keys) - self._pending):
             self.commit()
+
+    def _non_finite(self, keys: Sequence[str]) -> BadInputError:
+        shown = ", ".join(repr(self._absolute(k)[-120:]) for k in keys[:3]) + (f" and {len(keys) - 3} more"
+                                                                             if len(keys) > 3 else "")
+        return BadInputError(f"{len(keys)} images embed to NaN or infinite values with {self.provenance.describe()} "
+                             f"({shown}): the model overflows with these weights; those images were not stored, "
+                             f"{self.path} keeps the rest")
+
+    def _absolute(self, key: str) -> str:
+        return key if os.path.isabs(key) else os.path.join(self.root, key)
 
     def commit(self, drop: Collection[str] = ()) -> None:
         """Publish the journal's rows (and remove the rows named in ``drop``) as the new store."""
@@ -283,12 +303,12 @@ class StoreWriter:
 
     def _fold(self, drop: Collection[str] = ()) -> None:
         jpath = journal_path(self.path)
-        records = read_journal(jpath)
-        first = next(records, None)
-        if first is None and not drop:
-            jpath.unlink(missing_ok=True)
-            return
-        with open_store(self.path) as old:
+        with open_store(self.path) as old:  # checked read-only before anything is written
+            records = read_journal(jpath, old.dim)
+            first = next(records, None)
+            if first is None and not drop:
+                jpath.unlink(missing_ok=True)
+                return
             store_id, keys, dim = old.store_id, old.paths(), old.dim
         tmp = temp_path(self.path)
         # The new store is at most the old one plus the journal, and one more chunk of rows.
@@ -363,7 +383,11 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
 
 
 def _lock(path: Path) -> Any:
-    fh = open(path.with_name(f".{path.name}.lock"), "a")
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fh = open_regular_append(lock)  # a FIFO there must not hang the writer
+    except NotRegularFile as error:
+        raise BadInputError(f"{lock}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -391,8 +415,10 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
-                 on_duplicate: str = "first", chunk: int = 65536) -> tuple[int, int]:
+                 on_duplicate: str = "first", chunk: int = 65536, progress: Progress | None = None) -> tuple[int, int]:
     """Write the rows of several stores (shards) into a new store; returns (rows, duplicates).
+
+    ``progress`` (see :mod:`imgvec.progress`) hears the phase ``merging`` (rows read).
 
     Every input must have been made the same way (provenance). Paths are re-based onto the
     inputs' common root; a path present in several inputs is kept once, from the first input
@@ -401,8 +427,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
     from .images import key_for
     from .provenance import check_compatible
 
-    if on_duplicate not in ("first", "error"):
-        raise BadInputError(f"{param('on_duplicate')} {on_duplicate!r}: expected first or error")
+    check_choice(param("on_duplicate"), on_duplicate, ("first", "error"))
     if not inputs:
         raise BadInputError("no stores to merge")
     if Path(output).exists():
@@ -417,6 +442,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
         seen: set[str] = set()
         duplicates = 0
         writer = StoreWriter(output, first.provenance, root)
+        step = Phase(progress, "merging", sum(s.rows for s in stores)).__enter__()
         try:
             for s in stores:
                 keys = [key_for(s.absolute(k), root) for k in s.paths()]
@@ -430,6 +456,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                     seen.update(keys[i] for i in idx)
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
                                   [labels[i] for i in idx])
+                    step.advance(len(block))
                 skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
                 writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
         except BaseException:

@@ -1,0 +1,61 @@
+"""Argument checks shared by the library's entry points, each raising one :class:`BadInputError`.
+
+A check lives here once and is called wherever the argument arrives (the API, the embedder, the
+head, the duplicate search), so every entry point refuses the same values with the same words.
+The digest of a file sits here too: weights files and identical-image groups are both checked by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence, TypeVar
+
+from .errors import BadInputError, did_you_mean, param
+from .fileio import open_regular
+
+T = TypeVar("T")
+MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): beyond it, memory and no gain
+
+
+def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
+    """``value`` if it is one of ``choices``; ``option`` names it in the error (``param(...)``)."""
+    if value not in choices:
+        names = [str(c) for c in choices]
+        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(names)}{did_you_mean(str(value), names)}")
+    return value
+
+
+def check_image_size(image_size: int, backbone: Any) -> int:
+    """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.Backbone`) can be built for it,
+    and is at most :data:`MAX_IMAGE_SIZE`."""
+    if image_size < backbone.min_size:
+        raise BadInputError(
+            f"{param('image_size')} {image_size} is too small for {backbone.name} (at least {backbone.min_size})"
+        )
+    if image_size > MAX_IMAGE_SIZE:
+        raise BadInputError(f"{param('image_size')} {image_size} is too large (at most {MAX_IMAGE_SIZE}; "
+                            f"{backbone.name} was trained at {backbone.input_size})")
+    return image_size
+
+
+def check_threshold(threshold: float) -> float:
+    """A cosine similarity threshold, between -1 and 1."""
+    if not -1.0 <= threshold <= 1.0:
+        raise BadInputError(f"threshold must be between -1 and 1, not {threshold}")
+    return threshold
+
+
+def check_per_class(classes: Sequence[Any], counts: Sequence[int], cv: int) -> None:
+    """``cv`` folds of stratified cross-validation need at least ``cv`` labelled images in each class."""
+    if cv < 2:
+        raise BadInputError(f"{param('cv')} must be at least 2, not {cv}")
+    small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < cv]
+    if small:
+        raise BadInputError(f"{param('cv')} {cv} needs at least {cv} images per class; too few in {', '.join(small)}")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a regular file (a FIFO or device raises :class:`~imgvec.fileio.NotRegularFile`, never hangs)."""
+    with open_regular(path) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -1,0 +1,488 @@
+"""Hostile HDF5 files: imgvec files forged to reach other files or to allocate gigabytes.
+
+One forged file per class of attack (links, external storage, virtual datasets, filters and
+chunk bombs, size claims, heap-shared strings, malformed journals, FIFOs), each run through the
+CLI in a child process under an address-space limit. Every command must end in one
+``imgvec: error:`` line with exit 2-4, without opening or changing any other file (watched with
+inotify) and without reaching the limit. The old reader followed links and external storage,
+allocated what a file claimed, and hung on FIFOs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import pytest
+
+from imgvec.artifact import header_digest
+from imgvec.classifier import LogisticHead, save_head
+from imgvec.journal import MAGIC, Record, _encode
+from imgvec.provenance import Provenance
+from imgvec.store import create_store, open_store
+
+D = 576  # mobilenetv3small's embedding size
+PROV = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", D)
+LIMIT = 2 << 30  # address space of each child: the old reader went far past it on every size claim
+SECRET = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n" * 40
+
+# Runs CLI commands inside one child (imports paid once), under RLIMIT_AS; prints what each did.
+CHILD = r"""
+import json, resource, sys
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from typer.testing import CliRunner
+from imgvec.cli import app
+out = []
+for args in json.loads(sys.argv[2]):
+    r = CliRunner().invoke(app, args)
+    crash = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
+    out.append({"args": args, "code": r.exit_code, "stderr": r.stderr, "stdout": r.stdout[-100000:],
+                "exception": repr(crash)[:500] if crash is not None else None})
+print(json.dumps(out))
+"""
+
+
+# -- watching the other files: inotify, so a mere open is seen too --------------------------------------
+class Watch:
+    """Records every open, read or write of ``paths`` (Linux inotify) while the child runs."""
+
+    EVENTS = 0x20 | 0x01 | 0x02 | 0x08  # IN_OPEN | IN_ACCESS | IN_MODIFY | IN_CLOSE_WRITE
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0
+        for path in paths:
+            assert self.libc.inotify_add_watch(self.fd, os.fsencode(path), self.EVENTS) >= 0, path
+
+    def touched(self) -> bool:
+        try:
+            return len(os.read(self.fd, 65536)) > 0
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(self.fd)
+
+
+def _snapshot(paths: list[Path]) -> list[tuple[bytes, int]]:
+    return [(p.read_bytes(), p.stat().st_mtime_ns) for p in paths]
+
+
+def run_cli(commands: list[list[str]], others: list[Path], limit: int = LIMIT, timeout: int = 300,
+            kept: tuple[Path, ...] = ()) -> list[dict]:
+    """Run ``commands`` in a child under ``limit``; assert none of ``others`` was opened or changed,
+    and none of ``kept`` (files the commands read) changed."""
+    before = _snapshot([*others, *kept])
+    watch = Watch(others)
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, str(limit), json.dumps(commands)], capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        touched = watch.touched()
+    assert done.returncode == 0, f"child ended with {done.returncode} (a signal or the memory limit): {done.stderr[-2000:]}"
+    assert not touched, f"another file was opened: {[str(p) for p in others]}"
+    assert _snapshot([*others, *kept]) == before, "a file changed"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def assert_one_line(results: list[dict], *words: str) -> None:
+    for r in results:
+        assert r["exception"] is None, (r["args"], r["exception"])
+        assert r["code"] in (2, 3, 4), (r["args"], r["code"], r["stdout"], r["stderr"])
+        lines = r["stderr"].splitlines()
+        assert len(lines) == 1 and lines[0].startswith("imgvec: error:"), (r["args"], r["stderr"][:2000])
+        assert len(lines[0]) < 500, lines[0][:1000]
+        for word in words:
+            assert word in lines[0], (r["args"], lines[0])
+
+
+# -- the valid files every forgery starts from ----------------------------------------------------------
+def _vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, D)) * 3
+    return (centres[np.arange(n) % 3] + rng.normal(size=(n, D))).astype(np.float32)
+
+
+def _make_store(path: Path, seed: int, n: int = 30) -> Path:
+    with create_store(path, PROV, str(path.parent)) as w:
+        w.append(_vectors(n, seed), [f"{'abc'[i % 3]}/{i}.png" for i in range(n)], ["abc"[i % 3] for i in range(n)],
+                 skipped=[("bad.png", "cannot decode")])
+    return path
+
+
+def _make_head(store: Path, path: Path, shift: int = 0) -> Path:
+    with open_store(store) as s:
+        labels = np.roll(np.asarray(s.labels()), shift)
+        head = LogisticHead(cv=2, Cs=(0.1, 1.0)).fit(s.embeddings(), labels)
+        save_head(head, path, s.provenance, s.store_id, s.generation, [s.absolute(k) for k in s.paths()])
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from imgvec.index import build_index
+
+    root = tmp_path_factory.mktemp("hostile")
+    store, other = _make_store(root / "s.h5", 0), _make_store(root / "other.h5", 5)
+    with open_store(other) as o:
+        build_index(o, "flat").save(root / "other.index.h5")
+    return {"store": store, "other": other, "other_index": root / "other.index.h5",
+            "head": _make_head(store, root / "head.h5"), "other_head": _make_head(store, root / "other_head.h5", 1)}
+
+
+@pytest.fixture
+def case(base: dict[str, Path], tmp_path: Path, image_dir: Path) -> dict[str, Path]:
+    """Fresh copies in ``tmp_path`` (a command may try to write them), an image folder and a secret file."""
+    paths = {name: Path(shutil.copy(p, tmp_path / p.name)) for name, p in base.items()}
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    return {**paths, "secret": tmp_path / "secret.txt", "images": image_dir,
+            "query": next(image_dir.rglob("*.png"))}
+
+
+def forge(path: Path, attack: Callable[[h5py.File], None]) -> Path:
+    """Apply ``attack`` and recompute the header checksum, as anyone can."""
+    with h5py.File(path, "r+") as h5:
+        attack(h5)
+        h5.attrs["header_sha256"] = header_digest(h5.attrs)
+    return path
+
+
+def _swap(h5: h5py.File, name: str, **kw: Any) -> None:
+    del h5[name]
+    h5.create_dataset(name, **kw)
+
+
+def _linked(name: str, other: Path) -> Callable[[h5py.File], None]:
+    """An attack replacing dataset ``name`` by an external link to the same name in ``other``."""
+    def attack(h5: h5py.File) -> None:
+        del h5[name]
+        h5[name] = h5py.ExternalLink(str(other), "/" + name)
+    return attack
+
+
+# -- links and storage in other files ------------------------------------------------------------------
+def test_a_store_linking_its_vectors_to_another_store_is_refused_and_the_other_never_written(case):
+    other = case["other"]
+    store = forge(case["store"], _linked("embeddings", other))
+    results = run_cli([["info", str(store)], ["query", str(store), str(case["query"]), "-k", "3"],
+                       ["embed", str(case["images"]), "-o", str(store)]], [other])
+    assert_one_line(results, str(store), "'embeddings' is an external link")
+
+
+def test_a_soft_link_is_refused(case):
+    def attack(h5: h5py.File) -> None:
+        h5.move("labels", "hidden")
+        h5["labels"] = h5py.SoftLink("/hidden")
+
+    store = forge(case["store"], attack)
+    assert_one_line(run_cli([["info", str(store)]], [case["other"]]), "'labels' is a soft link")
+
+
+def test_a_store_whose_paths_are_stored_in_another_file_is_refused(case):
+    secret = case["secret"]
+
+    def attack(h5: h5py.File) -> None:
+        _swap(h5, "paths", shape=(30,), dtype="S40", external=[(str(secret), 0, len(SECRET))])
+
+    store = forge(case["store"], attack)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)],
+                       ["query", str(store), str(case["query"])]], [secret])
+    assert_one_line(results, "'paths' keeps its data in an external file")
+
+
+def test_embed_never_writes_vectors_into_an_external_file(case):
+    raw = case["secret"].with_name("vectors.raw")
+    raw.write_bytes(_vectors(30, 1).tobytes())
+
+    def attack(h5: h5py.File) -> None:
+        _swap(h5, "embeddings", shape=(30, D), maxshape=(None, D), dtype="float32",
+              external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+
+    store = forge(case["store"], attack)
+    results = run_cli([["embed", str(case["images"]), "-o", str(store)], ["info", str(store)]], [raw])
+    assert_one_line(results, "external file")
+
+
+def test_a_virtual_dataset_is_refused(case):
+    other = case["other"]
+
+    def attack(h5: h5py.File) -> None:
+        layout = h5py.VirtualLayout(shape=(30, D), dtype="float32")
+        layout[:] = h5py.VirtualSource(str(other), "embeddings", shape=(30, D))
+        del h5["embeddings"]
+        h5.create_virtual_dataset("embeddings", layout)
+
+    store = forge(case["store"], attack)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)]], [other])
+    assert_one_line(results, "virtual dataset")
+
+
+def test_a_head_whose_coefficients_link_to_another_head_is_refused(case):
+    other = case["other_head"]
+    head = forge(case["head"], _linked("coef", other))
+    results = run_cli([["info", str(head)], ["predict", str(head), str(case["store"])]], [other])
+    assert_one_line(results, str(head), "'coef' is an external link")
+
+
+def test_an_index_whose_faiss_bytes_live_elsewhere_is_refused(case):
+    """The FAISS blob itself is checked by its own validator; its dataset, like every other, by check_structure."""
+    from imgvec.index import build_index
+
+    with open_store(case["store"]) as s:
+        index = build_index(s, "flat").save(case["store"].with_name("s.index.h5"))
+    linked = shutil.copy(index, index.with_name("linked.index.h5"))
+    forge(Path(linked), _linked("faiss", case["other_index"]))
+    stored = forge(index, lambda h5: _swap(h5, "faiss", shape=(len(SECRET),), dtype="uint8",
+                                           external=[(str(case["secret"]), 0, len(SECRET))]))
+    results = run_cli([["query", str(case["store"]), str(case["query"]), "--index", str(linked)],
+                       ["query", str(case["store"]), str(case["query"]), "--index", str(stored)]],
+                      [case["other_index"], case["secret"]])
+    assert_one_line(results, "'faiss'")
+
+
+# -- sizes the file claims but does not hold -----------------------------------------------------------------
+def _deflated_zeros(nbytes: int, block: int = 16 << 20) -> bytes:
+    """A zlib stream of ``nbytes`` zeros, built from one compressed block repeated (fast, small)."""
+    assert nbytes % block == 0
+    c = zlib.compressobj(9)
+    first = c.compress(bytes(block)) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(bytes(block)) + c.flush(zlib.Z_FULL_FLUSH)  # the same bytes for every later block
+    tail = bytearray(c.flush())
+    tail[-4:] = struct.pack(">I", _adler_of_zeros(nbytes, block))
+    return first + again * (nbytes // block - 1) + bytes(tail)
+
+
+def _adler_of_zeros(nbytes: int, block: int) -> int:
+    adler, zeros = 1, bytes(block)
+    for _ in range(nbytes // block):
+        adler = zlib.adler32(zeros, adler)
+    return adler
+
+
+def test_a_30_row_store_with_one_huge_gzip_chunk_is_refused_without_inflating_it(case):
+    rows = 944  # one chunk of 944 x 576 x 4 bytes: 2.2 GB of zeros in 2 MB
+    chunk_rows = rows * 1024
+    bomb = _deflated_zeros(chunk_rows * D * 4, block=D * 4 * 1024 * 4)
+
+    def attack(h5: h5py.File) -> None:
+        _swap(h5, "embeddings", shape=(30, D), maxshape=(None, D), dtype="float32", chunks=(chunk_rows, D),
+              compression="gzip")
+        h5["embeddings"].id.write_direct_chunk((0, 0), bomb)
+
+    store = forge(case["store"], attack)
+    results = run_cli([["predict", str(case["head"]), str(store)], ["query", str(store), str(case["query"])]],
+                      [case["other"]])
+    assert_one_line(results, "'embeddings'")
+
+
+def test_a_store_claiming_1e8_rows_is_refused_before_allocating_them(case):
+    def attack(h5: h5py.File) -> None:
+        for name in ("embeddings", "paths", "labels"):
+            h5[name].resize(10**8, axis=0)
+        h5.attrs["rows"] = 10**8
+
+    store = forge(case["store"], attack)
+    assert os.path.getsize(store) < 1 << 20
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)]], [case["other"]])
+    assert_one_line(results, "claims", "bytes")
+
+
+def test_strings_sharing_one_heap_object_cannot_multiply_it(case):
+    """30 labels pointing at one 8 MB string would read as 240 MB from an 8 MB file."""
+    def attack(h5: h5py.File) -> None:
+        labels = h5["labels"]
+        labels[0] = b"x" * (8 << 20)
+        _, raw = labels.id.read_direct_chunk((0,))
+        refs = np.frombuffer(raw, "V16").copy()
+        refs[:30] = refs[0]
+        labels.id.write_direct_chunk((0,), refs.tobytes())
+
+    store = forge(case["store"], attack)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)]], [case["other"]])
+    assert_one_line(results, "'/labels'", "strings claim")
+
+
+def test_a_22_kb_head_claiming_2m_classes_is_one_short_line(case):
+    n = 2_000_000
+
+    def attack(h5: h5py.File) -> None:
+        _swap(h5, "classes", shape=(n,), maxshape=(None,), chunks=(4096,), dtype=h5py.string_dtype())
+        _swap(h5, "coef", shape=(n, D), maxshape=(None, D), chunks=(64, D), dtype="float32")
+        _swap(h5, "intercept", shape=(n,), maxshape=(None,), chunks=(4096,), dtype="float32")
+
+    head = forge(case["head"], attack)
+    assert os.path.getsize(head) < 100_000
+    results = run_cli([["info", str(head)], ["predict", str(head), str(case["store"])]], [case["other_head"]])
+    assert_one_line(results, str(head), "'classes' claims")
+
+
+def test_a_head_whose_training_digests_claim_1e9_rows_is_refused_on_info(case):
+    forge(case["head"], lambda h5: _swap(h5, "train_paths", shape=(10**9,), maxshape=(None,), chunks=(4096,),
+                                         dtype="uint64"))
+    assert_one_line(run_cli([["info", str(case["head"])]], [case["other_head"]]), "'train_paths' claims")
+
+
+@pytest.mark.parametrize("digests", [np.array([b"a", b"b"], dtype=object), np.arange(30, dtype=np.float64),
+                                     np.arange(7, dtype=np.uint64)], ids=["strings", "floats", "miscounted"])
+def test_training_digests_of_the_wrong_type_or_count_are_one_line(case, digests):
+    kw = {"dtype": h5py.string_dtype()} if digests.dtype == object else {}
+    forge(case["head"], lambda h5: _swap(h5, "train_paths", data=digests, **kw))
+    assert_one_line(run_cli([["info", str(case["head"])]], [case["other_head"]]), "'train_paths'")
+
+
+# -- journals and locks ---------------------------------------------------------------------------------
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("<4sQI", MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _record_payload(meta: Any, body: bytes) -> bytes:
+    text = json.dumps(meta).encode()
+    return struct.pack("<I", len(text)) + text + body
+
+
+def _store_id(store: Path) -> str:
+    with open_store(store) as s:
+        return s.store_id
+
+
+MALFORMED: dict[str, Callable[[str], bytes]] = {
+    "wrong dim": lambda sid: _encode(Record(np.ones((2, D - 76), np.float32), ["n/1.png", "n/2.png"], ["n", "n"],
+                                            store_id=sid)),
+    "shape disagrees with keys": lambda sid: _record_payload(
+        {"store_id": sid, "keys": ["n/1.png"], "labels": ["n"], "skipped": [], "shape": [3, D]},
+        np.ones((3, D), "<f4").tobytes()),
+    "bytes disagree with shape": lambda sid: _record_payload(
+        {"store_id": sid, "keys": ["n/1.png"], "labels": ["n"], "skipped": [], "shape": [1, D]}, b"\0" * 12),
+    "meta is a list": lambda sid: _record_payload([1, 2, 3], b""),
+    "labels missing": lambda sid: _record_payload({"store_id": sid, "keys": ["n/1.png"], "skipped": [],
+                                                   "shape": [1, D]}, np.ones((1, D), "<f4").tobytes()),
+    "nan rows": lambda sid: _encode(Record(np.full((2, D), np.nan, np.float32), ["n/1.png", "n/2.png"], ["n", "n"],
+                                           store_id=sid)),
+}
+
+
+def test_crc_valid_but_malformed_journal_records_are_one_line_and_the_store_stays_usable(case):
+    commands, kept, journals = [], [], []
+    for i, make in enumerate(MALFORMED.values()):
+        store = Path(shutil.copy(case["store"], case["store"].with_name(f"s{i}.h5")))
+        journal = store.with_name(store.name + ".journal")
+        journal.write_bytes(_frame(make(_store_id(store))))
+        commands += [["embed", str(case["images"]), "-o", str(store)], ["info", str(store)],
+                     ["predict", str(case["head"]), str(store), "-f", "csv"]]  # the store itself still answers
+        kept += [store, journal]
+        journals.append(journal)
+    results = run_cli(commands, [], kept=tuple(kept))
+    for what, journal, (embed, info, predict) in zip(MALFORMED, journals, zip(*[iter(results)] * 3)):
+        assert_one_line([embed, info], str(journal), "damaged imgvec journal")
+        assert predict["code"] == 0 and predict["stdout"].count(".png") == 30, (what, predict)
+    assert "NaN or infinite" in results[-3]["stderr"]
+
+
+@pytest.mark.parametrize("where", ["journal", "lock"])
+def test_a_fifo_where_the_journal_or_lock_goes_never_hangs(case, where):
+    store = case["store"]
+    fifo = store.with_name(store.name + ".journal" if where == "journal" else f".{store.name}.lock")
+    os.mkfifo(fifo)
+    commands = [["embed", str(case["images"]), "-o", str(store)]] + ([["info", str(store)]] if where == "journal" else [])
+    results = run_cli(commands, [], timeout=60, kept=(store,))
+    assert_one_line(results, str(fifo), "FIFO")
+
+
+# -- vectors that are not numbers ----------------------------------------------------------------------
+OVERFLOW = """
+import sys
+from imgvec.backbones import BACKBONES, Weights
+from imgvec.builder import build_model
+model = build_model(BACKBONES["mobilenetv3small"], Weights("random", 0), 64)
+model.set_weights([w * 1e30 if w.ndim > 1 else w for w in model.get_weights()])  # every activation overflows
+model.save_weights(sys.argv[1])
+"""
+
+
+def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Path, image_dir: Path):
+    weights = tmp_path / "overflow.weights.h5"
+    subprocess.run([sys.executable, "-c", OVERFLOW, str(weights)], check=True, capture_output=True, timeout=600)
+    store = tmp_path / "s.h5"
+    embed = [sys.executable, "-m", "imgvec", "embed", str(image_dir), "-o", str(store), "--model", "mobilenetv3small",
+             "--weights", str(weights), "--image-size", "64", "--runtime", "tensorflow"]
+    for _ in range(2):  # and again: the same answer, never "damaged store" (nothing non-finite was ever stored)
+        done = subprocess.run(embed, capture_output=True, text=True, timeout=600)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("imgvec: error:")]
+        assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert "NaN or infinite" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
+        assert not store.exists()  # a store this run made that holds no row is not left behind
+
+
+# -- fuzzing: random damage to valid files ------------------------------------------------------------------
+_HUGE = (2**31 - 1, 2**32 - 1, 10**9, 2**40, 2**63 - 1, 2**64 - 1)
+
+
+def _mutants(data: bytes, rng: np.random.Generator, n: int) -> list[tuple[str, bytes]]:
+    """``n`` damaged copies of ``data``: flipped bytes, truncations, and size fields made huge."""
+    sizes = [v for v in (30, 576, 1024, 256, 2, 3) for v in (v, v * 4, v * 16)]
+    fields = sorted({m for v in sizes for fmt in ("<I", "<Q") for m in _find_all(data, struct.pack(fmt, v))})
+    out = []
+    for i in range(n):
+        b = bytearray(data)
+        how = i % 3
+        if how == 0:
+            for pos in rng.integers(0, len(b), int(rng.integers(1, 9))):
+                b[pos] ^= int(rng.integers(1, 256))
+            what = "flip"
+        elif how == 1:
+            b = b[: int(rng.integers(0, len(b)))]
+            what = "truncate"
+        else:
+            pos = int(rng.choice(fields))
+            value = int(rng.choice(_HUGE))
+            width = 8 if rng.random() < 0.5 else 4
+            b[pos : pos + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+            what = f"size field at {pos}"
+        out.append((f"{what} #{i}", bytes(b)))
+    return out
+
+
+def _find_all(data: bytes, needle: bytes) -> list[int]:
+    found, start = [], data.find(needle)
+    while start >= 0:
+        found.append(start)
+        start = data.find(needle, start + 1)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["store", "head"])
+def test_fuzzed_files_end_in_an_answer_or_one_line_never_a_signal_or_the_limit(base, tmp_path: Path, kind: str):
+    rng = np.random.default_rng(17 if kind == "store" else 18)
+    mutants = _mutants(base[kind].read_bytes(), rng, 300)
+    for start in range(0, len(mutants), 100):  # one child per 100 files: a crash names its batch
+        commands, names = [], []
+        for what, data in mutants[start : start + 100]:
+            path = tmp_path / f"m{len(names)}.h5"
+            path.write_bytes(data)
+            names.append(what)
+            head, store = (str(base["head"]), str(path)) if kind == "store" else (str(path), str(base["store"]))
+            commands += [["info", str(path)], ["predict", head, store, "-f", "csv"]]
+        results = run_cli(commands, [], kept=(base["head"], base["store"]), timeout=1200)
+        for what, (info, predict) in zip(names, zip(*[iter(results)] * 2)):
+            for r in (info, predict):
+                assert r["exception"] is None, (what, r["args"], r["exception"])
+                if r["code"]:
+                    lines = r["stderr"].splitlines()
+                    assert r["code"] in (2, 3, 4) and len(lines) == 1 and lines[0].startswith("imgvec: error:"), (
+                        what, r["args"], r["stderr"][:2000])
+                    assert len(lines[0]) < 500, (what, lines[0][:1000])
+        for path in tmp_path.glob("m*.h5"):
+            path.unlink()
