@@ -25,8 +25,9 @@ REPO = ROOT.parent
 FILES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
 
-BENCH_ORDER = ("embed", "index", "classifier", "query", "dedup", "scale", "serve")
+BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve")
 BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
+                "query_scale": "Query process against rows: mapped indexes",
                 "query": "Query latency", "dedup": "Near duplicates",
                 "scale": "Past one CPU: Ray, streamed indexing, mixed precision",
                 "serve": "imgvec serve under load"}

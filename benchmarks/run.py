@@ -16,7 +16,7 @@ import sys
 from . import docs
 
 ORDER = docs.BENCH_ORDER  # never two at once: each wants both cores
-HAS_FULL = ("index", "scale", "serve")  # benchmarks with a 1M-row variant
+HAS_FULL = ("index", "query_scale", "scale", "serve")  # benchmarks with a 1M-row variant
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,7 +99,7 @@ def _with_blob(src: Path, dst: Path, blob: bytes) -> Path:
     shutil.copyfile(src, dst)
     with h5py.File(dst, "r+") as h5:
         del h5["faiss"]
-        h5.create_dataset("faiss", data=np.frombuffer(blob, np.uint8), maxshape=(None,), chunks=(1 << 20,))
+        h5.create_dataset("faiss", data=np.frombuffer(blob, np.uint8))  # contiguous, as imgvec writes it
     return dst
 
 

@@ -22,7 +22,7 @@ from .errors import BadInputError, MismatchError, param
 from .fileio import check_output
 from .images import find_images, is_image_name
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
-                    load_index, use_faiss_gpu)
+                    load_index, search_store, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
 from .progress import Phase, Progress
@@ -64,7 +64,7 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
         old = None
         if path.exists() and not rebuild:
             try:
-                old = load_index(path, gpu)
+                old = load_index(path, gpu, mapped=False)
             except BadInputError:  # damaged or from an older imgvec: an index is derived data, build it anew
                 old = None
         wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
@@ -114,17 +114,26 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
         raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
-def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
+def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
+                ) -> tuple[VectorIndex | None, int, list[str]]:
+    """The index to search ``store`` with (None: search every row exhaustively), how many rows it
+    lacks (searched exhaustively beside it), and notes saying so for stderr."""
     path = Path(index_path) if index_path else index_path_for(store.path)
-    if path.exists():
-        index = load_index(path, gpu)
-        index.check_covers(store, f"index {path}")
-        return index
-    if index_path:
-        raise BadInputError(f"{path}: no such index")
-    if store.rows > AUTO_FLAT_MAX_ROWS:
-        raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-    return _build_index(store, "flat", gpu=gpu)  # small store: exact search in memory is quick
+    if not path.exists():
+        if index_path:
+            raise BadInputError(f"{path}: no such index")
+        if store.rows > AUTO_FLAT_MAX_ROWS:
+            raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
+        return None, 0, []  # small store: exact search of its rows is quick
+    index = load_index(path, gpu)
+    if index.predates_removals(store):
+        return None, 0, [f"index {path} predates rows removed from {store.path} (generation {index.generation}, "
+                         f"the store is at {store.generation}), so all {store.rows} rows were searched exhaustively; "
+                         f"`imgvec index {store.path}` rebuilds it"]
+    unindexed = index.check_covers(store, f"index {path}", tail=True)
+    notes = [f"{unindexed} of {store.rows} rows of {store.path} are not indexed yet (embedded after index {path} "
+             f"was built): searched exhaustively beside it; `imgvec index {store.path}` adds them"] if unindexed else []
+    return index, unindexed, notes
 
 
 def query(
@@ -146,21 +155,22 @@ def query(
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
+        vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
-        keys, labels = s.paths(), s.labels()
+        scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
+        hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
+        keys, labels = dict(zip(hits, s.paths_at(hits))), dict(zip(hits, s.labels_at(hits)))
         prov, root = s.provenance, s.root
     index_file = Path(index) if index else index_path_for(store)
-    scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
     results = [
         QueryResult(name, [Neighbour(r + 1, keys[i], float(sc), labels[i])
-                           for r, (i, sc) in enumerate(zip(row_ids, row_scores)) if i >= 0])
+                           for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
-    return QueryResults(prov, results, skipped, vindex.kind, Path(store), root,
-                        str(index_file) if index_file.exists() else "")
+    return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
 
 
 # -- classify ---------------------------------------------------------------------------

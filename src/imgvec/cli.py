@@ -314,6 +314,8 @@ def query(
     with Reporter() as progress:
         r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
                       progress=progress)
+    for note in r.notes:
+        _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> str:

@@ -114,6 +114,23 @@ class Store:
     def labels(self) -> list[str]:
         return decode_keys(self.h5["labels"], self.rows, self.path)
 
+    def paths_at(self, rows: Sequence[int]) -> list[str]:
+        """The paths of ``rows`` only (a query's hits): a big store's other paths are never read."""
+        return self._keys_at("paths", rows)
+
+    def labels_at(self, rows: Sequence[int]) -> list[str]:
+        """The labels of ``rows`` only."""
+        return self._keys_at("labels", rows)
+
+    def _keys_at(self, name: str, rows: Sequence[int]) -> list[str]:
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(wanted) == 0:
+            return []
+        if wanted[0] < 0 or wanted[-1] >= self.rows:
+            raise IndexError(f"rows {wanted[0]}..{wanted[-1]} outside the store's {self.rows}")
+        found = dict(zip(wanted.tolist(), self.h5[name].asstr(errors="surrogateescape")[wanted]))
+        return [found[int(r)] for r in rows]
+
     def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.rows if stop is None else min(stop, self.rows)
         with reading(self.path, "store"):
