@@ -16,7 +16,7 @@ cannot reach it through DNS rebinding), never writes the store, bounds request b
 runs in one thread of its own, one batch at a time (uploads waiting for it go through together),
 while decoding and searches run side by side. Each request compares the store file's identity
 (inode, size, mtime) with the one loaded: when ``embed`` has published a new store, the service
-loads it and answers from it, or, when it cannot (an index it cannot bring up to date), keeps
+loads it and answers from it, or, when it cannot (an index file it cannot read, say), keeps
 answering from the one it has and says so in every answer. The store is searched as ``imgvec query``
 searches it (:func:`imgvec.api._open_index`): its index file, rows embedded after the index
 exhaustively beside it, and every row exhaustively where there is no index file (a small store) or
