@@ -30,7 +30,7 @@ KINDS = ("flat", "hnsw", "ivfpq")
 
 def _child(variant: str, path: str) -> dict[str, float]:
     """One measurement in this (fresh) process: seconds and peak RSS of ``variant`` on index ``path``."""
-    import faiss  # imported before any timing: load_index imports it on first use
+    import faiss  # noqa: F401 - imported before any timing: load_index imports it on first use
 
     import imgvec.index as ix
     from imgvec import faissblob

@@ -138,7 +138,7 @@ def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
     def broken(*args):
         raise RuntimeError("faiss fell over\nwith a second line")
 
-    monkeypatch.setattr(served["service"].snapshot.index, "search", broken)
+    monkeypatch.setattr("imgvec.index.search_store", broken)  # the search, as the service makes it
     r = client.get("/api/query", params={"path": "reds/reds_000.png"})
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: faiss fell over"}
 
