@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow bench bench-full clean
+.PHONY: demo test test-slow docs bench bench-full screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,18 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m imgvec.demo demo-out
+	@echo
+	@echo "imgvec is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH (README: Quick start)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# every table of figures in README.md and docs/, from the registry, benchmarks/results and the CLI
+docs: $(STAMP)
+	$(BIN)/python -m benchmarks.docs
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
@@ -28,6 +34,10 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --full
+
+# the README's gallery screenshots (headless Chromium)
+screenshots: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH docs/screenshots/make.sh
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

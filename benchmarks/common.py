@@ -24,31 +24,13 @@ OUT = ROOT / "out"  # generated data, gitignored
 
 def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], np.ndarray],
                     chunk: int = 50_000) -> Path:
-    """A store in imgvec's documented layout written directly with h5py (fast): rows from
-    ``fill(start, n)``, paths ``img_0000000.jpg``..., random-weight mobilenetv2 provenance."""
-    import h5py
-
-    from imgvec.artifact import Header, write_header
-    from imgvec.provenance import Provenance
-    from imgvec.store import _init_layout
+    """A store of ``rows`` rows from ``fill(start, n)`` (see :mod:`benchmarks.make_store`), made once and kept."""
+    from .make_store import write_store
 
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as h5:
-        prov = Provenance("mobilenetv2", "random", 0, None, None, 224, "tf", dim)
-        _init_layout(h5, prov, str(path.parent))
-        for name in ("embeddings", "paths", "labels"):
-            h5[name].resize(rows, axis=0)
-        for start in range(0, rows, chunk):
-            n = min(chunk, rows - start)
-            h5["embeddings"][start : start + n] = fill(start, n)
-            h5["paths"][start : start + n] = [f"img_{i:07d}.jpg".encode() for i in range(start, start + n)]
-            h5["labels"][start : start + n] = [b""] * n
-        write_header(h5.attrs, Header("store", prov, str(h5.attrs["store_id"]), 0, rows, dim))
-    tmp.rename(path)
-    return path
+    return write_store(path, rows, dim, fill, chunk=chunk)
 
 
 def quiet_tf() -> None:

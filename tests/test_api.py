@@ -112,8 +112,10 @@ def test_stale_index_is_detected(store_path: Path, image_dir: Path, tmp_path: Pa
     shutil.copytree(image_dir / "reds", extra / "reds")
     (extra / "reds" / "reds_000.png").rename(extra / "reds" / "new.png")
     imgvec.embed([extra / "reds" / "new.png"], copy)
-    with pytest.raises(MismatchError, match=r"rebuild it \(imgvec index"):
-        imgvec.query(copy, [image_dir / "reds"], k=2)
+    # The query still covers the store: the row the index lacks is searched beside it, and said so.
+    partial = imgvec.query(copy, [extra / "reds" / "new.png"], k=2)
+    assert partial.unindexed == 1 and "1 of 25 rows" in partial.notes[0] and "imgvec index" in partial.notes[0]
+    assert {Path(n.path).name for n in partial.queries[0].results} == {"new.png", "reds_000.png"}
     assert imgvec.info(copy)["index"]["state"].startswith("stale: index covers 24 rows")
     imgvec.build_index(copy)
     assert imgvec.info(copy)["index"]["state"] == "up to date"
@@ -148,8 +150,9 @@ def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir
     assert (synced.removed, synced.rows) == (1, 24)
     with open_store(store) as s:
         assert "blues/blues_001.png" not in s.paths()
-    with pytest.raises(MismatchError, match="predates rows removed"):
-        imgvec.query(store, [folder / "reds"], k=1)
+    stale = imgvec.query(store, [folder / "blues"], k=24)  # the stale index is not used: every row searched
+    assert "predates rows removed" in stale.notes[0] and stale.unindexed == 0
+    assert "blues/blues_001.png" not in {n.path for q in stale.queries for n in q.results}
     rebuilt = imgvec.build_index(store)
     assert (rebuilt.updated, rebuilt.rows) == (False, 24)
     # The user's next step: the rebuilt index answers queries, and never with the removed row.
@@ -217,9 +220,9 @@ def test_compare_takes_its_own_options(tmp_path: Path, image_dir: Path, small, m
     seen = []
     real = imgvec.comparison.cross_validate
 
-    def spy(X, y, split, Cs=None, random_state=0):
+    def spy(X, y, split, Cs=None, random_state=0, **rest):  # rest: progress and the backbone's name
         seen.append(Cs)
-        return real(X, y, split, Cs=Cs, random_state=random_state)
+        return real(X, y, split, Cs=Cs, random_state=random_state, **rest)
 
     monkeypatch.setattr(imgvec.comparison, "cross_validate", spy)
     c = imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "stores", weights="none",

@@ -165,16 +165,17 @@ def test_class_folders_given_one_by_one_are_labelled(tmp_path: Path, image_dir: 
 
 
 def test_interrupt_says_what_is_stored_and_how_to_resume(tmp_path: Path, image_dir: Path, monkeypatch):
-    import imgvec.cli
+    import imgvec.reporter
 
     calls = []
 
-    def interrupt_on_second_batch(self, done: int, total: int) -> None:
-        calls.append(done)
+    def interrupt_on_second_batch(self, done: int, total: int, phase: str = "") -> None:
+        if phase.startswith("embedding") and done:
+            calls.append(done)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(imgvec.cli._Bar, "__call__", interrupt_on_second_batch)
+    monkeypatch.setattr(imgvec.reporter.Reporter, "__call__", interrupt_on_second_batch)
     store = tmp_path / "s.h5"
     result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(store), *SMALL_ARGS, "--batch-size", "4"])
     assert result.exit_code == 130

@@ -83,7 +83,7 @@ def _one_error_line(r: dict, *needles: str) -> None:
     """Exit 2 and one error line (notes, such as the random-weights one, may come before it)."""
     lines = r["stderr"].strip().splitlines()
     assert r["code"] == 2 and lines[-1].startswith("imgvec: error: "), r
-    assert all(line.startswith(("imgvec: note: ", "imgvec: warning: ")) for line in lines[:-1]), r
+    assert all(line.startswith(("imgvec: note: ", "imgvec: warning: ", "imgvec: progress: ")) for line in lines[:-1]), r
     for needle in needles:
         assert needle in lines[-1], (needle, lines[-1])
 

@@ -1,7 +1,8 @@
 """The public API: what the CLI and notebooks both call.
 
 Each function takes paths and plain options and returns a small result object; none of
-them prints. Progress is reported through an optional ``progress(done, total)`` callback.
+them prints. Long work reports progress through an optional ``progress(done, total)`` callback,
+which is also told the phase when it takes a ``phase`` keyword (:mod:`imgvec.progress`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -21,9 +22,10 @@ from .errors import BadInputError, MismatchError, param
 from .fileio import check_output
 from .images import find_images, is_image_name
 from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
-                    load_index, use_faiss_gpu)
+                    load_index, search_store, use_faiss_gpu)
 from .index import build_index as _build_index
 from .ingest import embed, weights_arg
+from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
 from .results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
                       EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
@@ -40,13 +42,13 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]
 
 
 # -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
 # -- index ------------------------------------------------------------------------------
 def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = None,
-                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto") -> IndexSummary:
+                rebuild: bool = False, memory_budget: int | None = None, faiss_gpu: str = "auto",
+                progress: Progress | None = None) -> IndexSummary:
     """Build a FAISS index over ``store`` and save it beside it (``photos.index.h5``).
 
     An existing index of the same kind whose store only gained rows since is extended with
@@ -62,29 +64,30 @@ def build_index(store: PathLike, kind: str = "auto", output: PathLike | None = N
         old = None
         if path.exists() and not rebuild:
             try:
-                old = load_index(path, gpu)
+                old = load_index(path, gpu, mapped=False)
             except BadInputError:  # damaged or from an older imgvec: an index is derived data, build it anew
                 old = None
         wanted = choose_kind(kind, s.rows, s.dim, memory_budget)
         if old is not None and old.kind == wanted and can_extend(old, s):
-            added = extend_index(old, s)
+            added = extend_index(old, s, progress)
             old.save(path)
             return IndexSummary(path, old.kind, old.rows, time.perf_counter() - start, True, added)
-        index = _build_index(s, wanted, gpu=gpu)
+        index = _build_index(s, wanted, gpu=gpu, progress=progress)
     index.save(path)
     return IndexSummary(path, index.kind, index.rows, time.perf_counter() - start, False, index.rows)
 
 
-def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first") -> MergeSummary:
+def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "first",
+          progress: Progress | None = None) -> MergeSummary:
     """Merge stores made the same way (e.g. shards from several machines) into a new store."""
     start = time.perf_counter()
     check_output(output, inputs)
-    rows, duplicates = merge_stores(inputs, output, on_duplicate)
+    rows, duplicates = merge_stores(inputs, output, on_duplicate, progress=progress)
     return MergeSummary(Path(output), len(inputs), rows, duplicates, time.perf_counter() - start)
 
 
 # -- query ------------------------------------------------------------------------------
-def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
+def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Progress | None = None
                   ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
     """Embed query or prediction images: (absolute paths, embeddings, skipped, class-folder labels)."""
     files = find_images(sources).files
@@ -92,11 +95,13 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike]
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    for batch in embedder.embed_files([f.path for f in files]):
-        names.extend(os.path.abspath(files[i].path) for i in batch.indices)
-        labels.extend(files[i].label for i in batch.indices)
-        blocks.append(batch.embeddings)
-        skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(files)) as step:
+        for batch in embedder.embed_files([f.path for f in files]):
+            names.extend(os.path.abspath(files[i].path) for i in batch.indices)
+            labels.extend(files[i].label for i in batch.indices)
+            blocks.append(batch.embeddings)
+            skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
@@ -109,17 +114,26 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
         raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
-def _load_or_make_index(store: Store, index_path: PathLike | None, gpu: bool = False) -> VectorIndex:
+def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
+                ) -> tuple[VectorIndex | None, int, list[str]]:
+    """The index to search ``store`` with (None: search every row exhaustively), how many rows it
+    lacks (searched exhaustively beside it), and notes saying so for stderr."""
     path = Path(index_path) if index_path else index_path_for(store.path)
-    if path.exists():
-        index = load_index(path, gpu)
-        index.check_covers(store, f"index {path}")
-        return index
-    if index_path:
-        raise BadInputError(f"{path}: no such index")
-    if store.rows > AUTO_FLAT_MAX_ROWS:
-        raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-    return _build_index(store, "flat", gpu=gpu)  # small store: exact search in memory is quick
+    if not path.exists():
+        if index_path:
+            raise BadInputError(f"{path}: no such index")
+        if store.rows > AUTO_FLAT_MAX_ROWS:
+            raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
+        return None, 0, []  # small store: exact search of its rows is quick
+    index = load_index(path, gpu)
+    if index.predates_removals(store):
+        return None, 0, [f"index {path} predates rows removed from {store.path} (generation {index.generation}, "
+                         f"the store is at {store.generation}), so all {store.rows} rows were searched exhaustively; "
+                         f"`imgvec index {store.path}` rebuilds it"]
+    unindexed = index.check_covers(store, f"index {path}", tail=True)
+    notes = [f"{unindexed} of {store.rows} rows of {store.path} are not indexed yet (embedded after index {path} "
+             f"was built): searched exhaustively beside it; `imgvec index {store.path}` adds them"] if unindexed else []
+    return index, unindexed, notes
 
 
 def query(
@@ -131,36 +145,41 @@ def query(
     batch_size: int = 32,
     faiss_gpu: str = "auto",
     runtime: str = "auto",
+    progress: Progress | None = None,
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
     ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
     one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
+    ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex = _load_or_make_index(s, index, use_faiss_gpu(faiss_gpu))
+        vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
-        names, emb, skipped, _ = _embed_inputs(embedder, queries)
-        keys, labels = s.paths(), s.labels()
+        names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
+        scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
+        hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
+        keys, labels = dict(zip(hits, s.paths_at(hits))), dict(zip(hits, s.labels_at(hits)))
         prov, root = s.provenance, s.root
     index_file = Path(index) if index else index_path_for(store)
-    scores, ids = vindex.search(emb, k) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
     results = [
         QueryResult(name, [Neighbour(r + 1, keys[i], float(sc), labels[i])
-                           for r, (i, sc) in enumerate(zip(row_ids, row_scores)) if i >= 0])
+                           for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
-    return QueryResults(prov, results, skipped, vindex.kind, Path(store), root,
-                        str(index_file) if index_file.exists() else "")
+    return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
 
 
 # -- classify ---------------------------------------------------------------------------
-def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None) -> TrainSummary:
+def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[float] | None = None,
+          progress: Progress | None = None) -> TrainSummary:
     """Fit a logistic-regression head on the store's labelled embeddings and save it.
 
     ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
+    ``progress`` hears ``choosing C`` (one step per fold) and ``final fit``.
     """
     from .classifier import DEFAULT_CS, LogisticHead, save_head
     from sklearn.metrics import classification_report, confusion_matrix
@@ -177,7 +196,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
         prov, store_id, generation = s.provenance, s.store_id, s.generation
         trained_on = [s.absolute(k) for k, kept in zip(s.paths(), keep) if kept]
     y = labels[keep]
-    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y)
+    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if Cs is None else Cs).fit(X, y, progress=progress)
     path = save_head(head, output, prov, store_id, generation, trained_on)
     classes = [str(c) for c in head.classes_]
     report = classification_report(y, head.cv_predictions_, labels=classes, output_dict=True, zero_division=0)
@@ -188,7 +207,7 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32, runtime: str = "auto") -> Predictions:
+            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
     ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
@@ -207,7 +226,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     truths: list[str] = []
     if files:
         embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
-        names, emb, skipped, truths = _embed_inputs(embedder, files)
+        names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
         with open_store(path) as s:
             check_compatible(prov, s.provenance, f"head {head}", f"store {path}",
@@ -360,24 +379,27 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
     return X, labels[keep].astype(str), int((~keep).sum()), paths
 
 
-def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str
+def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str,
+                          progress: Progress | None = None
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
     embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
-    for batch in embedder.embed_files([f.path for f in labelled]):
-        blocks.append(batch.embeddings)
-        y.extend(labelled[i].label for i in batch.indices)
-        paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
-        skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+    with Phase(progress, f"embedding with {embedder.backbone.name}", len(labelled)) as step:
+        for batch in embedder.embed_files([f.path for f in labelled]):
+            blocks.append(batch.embeddings)
+            y.extend(labelled[i].label for i in batch.indices)
+            paths.extend(os.path.abspath(labelled[i].path) for i in batch.indices)
+            skipped.extend((os.path.abspath(s.path), s.reason) for s in batch.skipped)
+            step.advance(len(batch.indices) + len(batch.skipped))
     _require_some_decoded(len(y), skipped)
     X = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return X, np.asarray(y, dtype=str), len(files) - len(labelled), skipped, paths
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
-             runtime: str = "auto") -> Evaluation:
+             runtime: str = "auto", progress: Progress | None = None) -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -394,7 +416,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

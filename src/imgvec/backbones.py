@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import sha256_file
-from .errors import BadInputError, param
+from .errors import BadInputError, did_you_mean, param
 
 DEFAULT_BACKBONE = "efficientnetb0"
 DEFAULT_SEED = 0
@@ -150,7 +150,7 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[key]
     except KeyError:
         raise BadInputError(
-            f"unknown model {name!r}; `imgvec models` lists the {len(BACKBONES)} backbones"
+            f"unknown model {name!r}{did_you_mean(key, BACKBONES)}; `imgvec models` lists the {len(BACKBONES)} backbones"
         ) from None
 
 

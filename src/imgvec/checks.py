@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any, Sequence, TypeVar
 
-from .errors import BadInputError, param
+from .errors import BadInputError, did_you_mean, param
 from .fileio import open_regular
 
 T = TypeVar("T")
@@ -21,7 +21,8 @@ MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): 
 def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
     """``value`` if it is one of ``choices``; ``option`` names it in the error (``param(...)``)."""
     if value not in choices:
-        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
+        names = [str(c) for c in choices]
+        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(names)}{did_you_mean(str(value), names)}")
     return value
 
 

@@ -24,6 +24,7 @@ from .artifact import (Expect, Header, capped, check_finite, check_structure, cr
                        encode_keys, get_attr, opened, path_digests, reading, str_dtype)
 from .checks import check_per_class
 from .errors import BadInputError
+from .progress import Phase, Progress, steps
 from .provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -59,7 +60,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         check_per_class(classes, counts, self.cv)
         return X, y
 
-    def fit(self, X: np.ndarray, y: Sequence[str]) -> "LogisticHead":
+    def fit(self, X: np.ndarray, y: Sequence[str], progress: Progress | None = None) -> "LogisticHead":
+        """Choose C by CV, then fit on all rows; ``progress`` hears ``choosing C`` (by fold) and ``final fit``."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import log_loss
         from sklearn.model_selection import StratifiedKFold
@@ -73,7 +75,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
         # One pass per fold along the C path (warm-started) gives both the CV scores and the
         # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
-        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs) for train, test in folds]
+        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs)
+                 for train, test in steps(progress, "choosing C", folds)]
         classes = np.unique(y)
         predicted = [[classes[p.argmax(1)] for p in probs] for probs in paths]
         accuracy = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, predicted)])
@@ -90,7 +93,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
             self.cv_predictions_[test] = preds[best]
         self.search_seconds_ = time.perf_counter() - started
         started = time.perf_counter()
-        lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
+        with Phase(progress, "final fit", 1):
+            lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.fit_seconds_ = time.perf_counter() - started
         self.n_iter_ = lr.n_iter_
         self.classes_ = lr.classes_

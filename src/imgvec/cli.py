@@ -17,14 +17,16 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 import typer.core
 
-from . import api, report
+from . import __version__, api, report
+from .backbones import BACKBONES
 from .embedder import EmbedConfig
-from .errors import ImgvecError
+from .errors import ImgvecError, did_you_mean
 from .fileio import check_output
 from .images import DEFAULT_MAX_PIXELS, is_image_name
 from .provenance import Provenance
+from .reporter import Reporter
 from .results import MODEL_COLUMNS, Chance, Records, chance_sentence
-from .runtime import RuntimeNote
+from .runtime import RUNTIMES, RuntimeNote
 from .report import plural
 
 
@@ -42,7 +44,8 @@ class _Group(typer.core.TyperGroup):
             code = result if isinstance(result, int) else 0
         except _ClickException as error:  # --format xml, a missing argument, an unknown option
             if type(error).__name__ == "NoArgsIsHelpError":  # bare `imgvec`: the help on stdout, stderr clean
-                typer.echo(error.ctx.get_help(), nl=False)
+                text = error.ctx.get_help()
+                typer.echo(text, nl=not text.endswith("\n"))
             else:
                 ctx = getattr(error, "ctx", None)
                 where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -62,16 +65,41 @@ app = typer.Typer(
     help="Embed folders of images with pretrained Keras backbones, search them with FAISS, "
     "and classify them with a logistic-regression head.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    rich_markup_mode=None,  # plain click help: flags without a '<bool>' type, the same text in docs/cli.md
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"imgvec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="print imgvec's version and exit")) -> None:
+    """Embed folders of images with pretrained Keras backbones, search them with FAISS,
+    and classify them with a logistic-regression head."""
+
+
+def _complete_models(incomplete: str) -> list[str]:
+    return [name for name in BACKBONES if name.startswith(incomplete.lower())]
+
+
+def _complete_runtimes(incomplete: str) -> list[str]:
+    return [name for name in RUNTIMES if name.startswith(incomplete)]
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
-RuntimeOpt = typer.Option("auto", "--runtime", help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, "
-                          "tensorflow, jax or torch; every runtime gives the same embeddings")
+RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
+                          help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, tensorflow, jax or torch; "
+                          "with pretrained weights or a weights file all give the same embeddings; seeded random "
+                          "weights (--weights none) are drawn differently by jax and torch, so such a store is "
+                          "used only with its own family (openvino and tensorflow share one)")
 
 
 def _err(message: str) -> None:
@@ -139,7 +167,8 @@ def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
     if fmt not in allowed:
-        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}", param_hint="--format")
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(allowed)}{did_you_mean(fmt, allowed)}",
+                                 param_hint="--format")
 
 
 def _check_html(html: Path | None, inputs: Sequence[Path | None]) -> None:
@@ -201,40 +230,12 @@ def _chance_table(chance: list[Chance]) -> list[tuple[str, str]]:
     return [(c.description, f"{c.accuracy:.3f} ± {c.accuracy_std:.3f}") for c in chance]
 
 
-class _Bar:
-    """A rich progress bar on stderr, drawn only when stderr is a terminal (else it writes nothing at all)."""
-
-    def __init__(self, what: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.progress = (Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                  console=console, transient=True) if console.is_terminal else None)
-        self.task: Any = None
-
-    def __enter__(self) -> "_Bar":
-        if self.progress:
-            self.progress.start()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("", total=total)
-        self.progress.update(self.task, completed=done)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress:
-            self.progress.stop()
-
-
 @_command
 def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="backbone (default efficientnetb0; see `imgvec models`)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
+                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
@@ -242,7 +243,7 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec\\[ray]')"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
@@ -251,9 +252,9 @@ def embed(
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     config = EmbedConfig(model, weights, image_size, seed, batch_size, workers, max_pixels, device, precision, runtime)
-    with _Bar("embedding") as bar:
+    with Reporter() as progress:
         s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
-                      ray_workers=ray_workers, progress=bar)
+                      ray_workers=ray_workers, progress=progress)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""
@@ -275,7 +276,9 @@ def index(
 ) -> None:
     """Build a FAISS index (cosine similarity) over a store, or bring an existing one up to date."""
     budget = int(memory_budget * (1 << 30)) if memory_budget is not None else None
-    s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget, faiss_gpu=faiss_gpu)
+    with Reporter() as progress:
+        s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget,
+                            faiss_gpu=faiss_gpu, progress=progress)
     how = f"added {s.added} new rows to the" if s.updated else "built a"
     typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
 
@@ -287,7 +290,8 @@ def merge(
     on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
-    s = api.merge(stores, output, on_duplicate=on_duplicate)
+    with Reporter() as progress:
+        s = api.merge(stores, output, on_duplicate=on_duplicate, progress=progress)
     typer.echo(f"{s.store}: {s.rows} rows from {s.inputs} stores ({s.duplicates} duplicate paths dropped; "
                f"{s.seconds:.1f}s); run `imgvec index {s.store}` to search it")
 
@@ -307,7 +311,11 @@ def query(
     """Find the stored images most like each query image."""
     _check_format(fmt)
     _check_html(html, [store, index_path or api.index_path_for(store), *queries])
-    r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime)
+    with Reporter() as progress:
+        r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
+                      progress=progress)
+    for note in r.notes:
+        _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
 
     def table() -> str:
@@ -326,7 +334,8 @@ def train(
     cv: int = typer.Option(5, "--cv", help="cross-validation folds"),
 ) -> None:
     """Train a logistic-regression head on a store's labelled embeddings."""
-    s = api.train(store, output, cv=cv)
+    with Reporter() as progress:
+        s = api.train(store, output, cv=cv, progress=progress)
     _warn_random(s.provenance)
     typer.echo(_class_table(s.per_class()), nl=False)
     skipped = f", {s.n_unlabelled} unlabelled rows left out" if s.n_unlabelled else ""
@@ -349,7 +358,8 @@ def predict(
     """Classify images with a trained head."""
     _check_format(fmt)
     _check_html(html, [head, *images])
-    r = api.predict(head, images, weights=weights, runtime=runtime)
+    with Reporter() as progress:
+        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
 
     def table() -> str:
@@ -456,26 +466,6 @@ def cache(
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
-class _PerModelBar:
-    """One progress bar per backbone for ``compare`` (drawn only on a terminal)."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.bar: _Bar | None = None
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if name != self.name:
-            self.close()
-            self.name, self.bar = name, _Bar(f"embedding with {name}").__enter__()
-        assert self.bar is not None
-        self.bar(done, total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 @_command
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
@@ -498,12 +488,9 @@ def compare(
     _check_format(fmt)
     _check_html(html, [labelled_dir, stores])
     config = EmbedConfig(weights=weights, image_size=image_size, seed=seed, batch_size=batch_size, runtime=runtime)
-    bar = _PerModelBar()
-    try:
+    with Reporter() as progress:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], config, cv=cv,
-                        stores=stores, random_state=seed, progress=bar)
-    finally:
-        bar.close()
+                        stores=stores, random_state=seed, progress=progress)
     for r in c.rows:
         _warn_random(r.provenance)
     if html:
@@ -536,8 +523,8 @@ def dedup(
     """List groups of near-duplicate images (and identical files) in a store."""
     _check_format(fmt, (*report.FORMATS, "html"))
     _check_html(html, [store])
-    with _Bar("reading") as bar:
-        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=bar)
+    with Reporter() as progress:
+        d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
     _notes([], d.provenance, html, lambda: api.dedup_html(d, html))
     if d.missing:
         _err(f"imgvec: warning: {plural(len(d.missing), 'file')} could not be read for hashing, e.g. {d.missing[0]}")
@@ -577,7 +564,8 @@ def evaluate(
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
     _check_html(html, [head, data])
-    e = api.evaluate(head, data, weights=weights, runtime=runtime)
+    with Reporter() as progress:
+        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
     if e.seen_in_training:
         _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "
              "this accuracy is NOT a held-out estimate (evaluate on images the head has not seen)")
@@ -594,6 +582,21 @@ def evaluate(
                 + f"accuracy {e.accuracy:.3f} on {plural(e.n_images, 'image')} ({chance_sentence(e.chance)})\n")
 
     _print(fmt, e, table)
+
+
+@_command
+def serve(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed` (and its index, if built)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on"),
+    runtime: str = RuntimeOpt,
+    k: int = typer.Option(10, "-k", help="neighbours per query unless a request asks for another number"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
+) -> None:
+    """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
+    from . import serve as service
+
+    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .errors import BadInputError, param
 from .fileio import check_writable, make_folder
 from .images import Collection, find_images
 from .ingest import embed
+from .progress import Phase, Progress, steps
 from .provenance import Provenance
 from .results import BackboneScore, Comparison, chance_levels
 from .store import open_store
@@ -58,14 +59,18 @@ def folds(labels: Sequence[str], cv: int, random_state: int = 0) -> list[tuple[n
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, split: list[tuple[np.ndarray, np.ndarray]], Cs: int | Sequence[float] | None = None,
-                   random_state: int = 0) -> tuple[list[float], np.ndarray]:
-    """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``."""
+                   random_state: int = 0, progress: Progress | None = None, name: str = ""
+                   ) -> tuple[list[float], np.ndarray]:
+    """Per-fold accuracy and out-of-fold predictions of a :class:`LogisticHead` on ``split``.
+
+    ``progress`` hears the phase ``cross-validating <name>``, one step per fold.
+    """
     from .classifier import DEFAULT_CS, LogisticHead  # scikit-learn: imported only when a head is fitted
 
     Cs = DEFAULT_CS if Cs is None else Cs
     predicted = np.empty(len(y), dtype=object)
     scores = []
-    for train, test in split:
+    for train, test in steps(progress, f"cross-validating {name}".strip(), split):
         inner = max(2, min(INNER_CV, int(np.unique(y[train], return_counts=True)[1].min())))
         head = LogisticHead(cv=inner, Cs=Cs, random_state=random_state).fit(X[train], y[train])
         predicted[test] = head.predict(X[test])
@@ -122,7 +127,7 @@ def compare(
     random_state: int = 0,
     speed_sample: int = SPEED_SAMPLE,
     Cs: int | Sequence[float] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     **settings: Any,
 ) -> Comparison:
     """Embed ``labelled_dir`` with each backbone and cross-validate a head on each, on the same folds.
@@ -132,7 +137,8 @@ def compare(
     default to ImageNet). Stores are written as ``<stores>/<backbone>.h5`` and resumed on the
     next run; ``Cs`` are the regularisation strengths each fold's head chooses from;
     ``speed_sample`` images are timed per backbone. Steps: plan, embed each, score each on the
-    one split, summarise.
+    one split, summarise. ``progress`` hears each backbone's phases: ``embedding with``,
+    ``cross-validating`` (by fold), ``timing`` (:mod:`imgvec.progress`).
     """
     start = time.perf_counter()
     config = replace(config or EmbedConfig(weights="imagenet"), **settings)
@@ -143,7 +149,7 @@ def compare(
     classes = sorted(set(y.tolist()))
     by_key = {f.key: f.path for f in collection.files}
     sample = [by_key[k] for k in keys if k in by_key][: max(1, speed_sample)]
-    rows = [_score(e, keys, y, classes, split, sample, config, Cs, random_state) for e in embedded]
+    rows = [_score(e, keys, y, classes, split, sample, config, Cs, random_state, progress) for e in embedded]
     return Comparison(str(labelled_dir), classes, len(keys), cv, random_state, rows, machine_description(),
                       time.perf_counter() - start, chance_levels(y), len(sample))
 
@@ -171,15 +177,10 @@ def _plan(labelled_dir: str | os.PathLike[str], models: Sequence[str], stores: s
 
 
 def _embed(labelled_dir: str | os.PathLike[str], name: str, folder: Path, root: str, config: EmbedConfig,
-           progress: Callable[[str, int, int], None] | None) -> _Embedded:
+           progress: Progress | None) -> _Embedded:
     """Embed (or resume) the folder into ``<folder>/<name>.h5`` and read its labelled rows back."""
     path = folder / f"{name}.h5"
-
-    def step(done: int, total: int) -> None:
-        if progress:
-            progress(name, done, total)
-
-    summary = embed([labelled_dir], path, replace(config, model=name), progress=step)
+    summary = embed([labelled_dir], path, replace(config, model=name), progress=progress)
     rows, labels, X, prov = load_labelled(path)
     return _Embedded(name, path, summary.added, rows, labels, X, prov)
 
@@ -194,14 +195,16 @@ def _shared_labelled(embedded: list[_Embedded], labelled_dir: str | os.PathLike[
 
 
 def _score(e: _Embedded, keys: list[str], y: np.ndarray, classes: list[str], split: list[tuple[np.ndarray, np.ndarray]],
-           sample: list[str], config: EmbedConfig, Cs: int | Sequence[float] | None, random_state: int
-           ) -> BackboneScore:
+           sample: list[str], config: EmbedConfig, Cs: int | Sequence[float] | None, random_state: int,
+           progress: Progress | None = None) -> BackboneScore:
     """Cross-validate a head on one backbone's rows and time its embedding."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    scores, predicted = cross_validate(e.X[[e.rows[k] for k in keys]], y, split, Cs=Cs, random_state=random_state)
+    scores, predicted = cross_validate(e.X[[e.rows[k] for k in keys]], y, split, Cs=Cs, random_state=random_state,
+                                       progress=progress, name=e.name)
     report = classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
-    ips = images_per_second(e.provenance, sample, config.batch_size, config.runtime)
+    with Phase(progress, f"timing {e.name}", 1):
+        ips = images_per_second(e.provenance, sample, config.batch_size, config.runtime)
     return BackboneScore(e.name, get_backbone(e.name).params, e.provenance.dim, ips, float(np.mean(scores)),
                          float(np.std(scores)), scores, report, confusion_matrix(y, predicted, labels=classes),
                          e.store, e.provenance, e.added)

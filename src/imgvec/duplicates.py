@@ -34,12 +34,13 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .checks import check_threshold, sha256_file
 from .index import normalized
+from .progress import Phase, Progress
 from .results import DedupResult, DuplicateGroup, Member
 from .store import Store
 
@@ -230,26 +231,28 @@ def share_above(vectors: np.ndarray, threshold: float, sample: int = DEGENERATE_
 
 
 def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> DedupResult:
+                    progress: Progress | None = None) -> DedupResult:
     """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``.
 
     Near groups list one copy of identical files (the others are in their exact group).
+    ``progress`` hears the phases ``reading the store`` (rows), ``hashing files`` and ``searching pairs``.
     """
     check_threshold(threshold)
     began = time.perf_counter()
     keys = store.paths()
     n = len(keys)
     vectors = np.empty((n, store.dim), np.float32)
-    for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
-        vectors[start : start + len(block)] = normalized(block)
-        if progress:
-            progress(start + len(block), n)
+    with Phase(progress, "reading the store", n) as step:
+        for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
+            vectors[start : start + len(block)] = normalized(block)
+            step.update(start + len(block))
     groups: list[DuplicateGroup] = []
     hashes: list[str | None] = [None] * n
     missing: list[str] = []
     sets = UnionFind(n)
     if check_files:
-        hashes = hash_files([store.absolute(k) for k in keys])
+        with Phase(progress, "hashing files", n):
+            hashes = hash_files([store.absolute(k) for k in keys])
         missing = [k for k, h in zip(keys, hashes) if h is None]
         by_hash: dict[str, list[int]] = defaultdict(list)
         for row, h in enumerate(hashes):
@@ -262,7 +265,8 @@ def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = T
     # Identical files share one representative in the similarity search.
     unique = np.flatnonzero(sets.find(np.arange(n)) == np.arange(n))
     search = vectors if len(unique) == n else vectors[unique]
-    found = link_similar(search, threshold, sets, unique, exact=exact)
+    with Phase(progress, "searching pairs", 1):
+        found = link_similar(search, threshold, sets, unique, exact=exact)
     for rows in sets.groups():
         if check_files and len({hashes[r] for r in rows}) == 1 and hashes[rows[0]] is not None:
             continue  # already listed as identical files

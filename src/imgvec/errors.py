@@ -6,8 +6,9 @@ The CLI prints ``str(error)`` as one line and exits non-zero; library users catc
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 _PARAM = re.compile(r"\{param:([a-z_]+)\}")
 
@@ -19,6 +20,15 @@ def param(name: str) -> str:
     CLI prints :meth:`ImgvecError.cli_message`, which turns each into its option.
     """
     return "{param:%s}" % name
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the nearest of ``choices`` to a mistyped ``word``, else ``""``.
+
+    The one place imgvec suggests names: backbones, runtimes, devices, formats.
+    """
+    close = difflib.get_close_matches(str(word).strip().lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class ImgvecError(Exception):

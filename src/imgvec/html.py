@@ -19,7 +19,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 from .fileio import open_regular, write_text
 from .images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
@@ -72,23 +72,33 @@ def thumbnail(path: str | os.PathLike[str], size: int = THUMB_SIZE) -> str | Non
 
     Only regular files are opened (a FIFO or a link to a device shows as missing, never hangs).
     """
-    from PIL import Image, ImageOps
-
     try:
-        with open_regular(path) as fh, Image.open(fh, formats=_pil_formats()) as im:
-            if im.size[0] * im.size[1] > DEFAULT_MAX_PIXELS:
-                return None
-            if im.format in ("JPEG", "MPO"):
-                im.draft("RGB", (size, size))
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
+        with open_regular(path) as fh:
+            jpeg = thumbnail_jpeg(fh, size)
     except Exception:  # a gallery must not fail because one file went away or is broken
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def thumbnail_jpeg(fh: BinaryIO, size: int = THUMB_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """The image read from ``fh`` fitted into ``size`` px as JPEG bytes; None when over ``max_pixels``.
+
+    Decoding errors are raised (Pillow's). Only imgvec's image formats are decoded.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(fh, formats=_pil_formats()) as im:
+        if im.size[0] * im.size[1] > max_pixels:
+            return None
+        if im.format in ("JPEG", "MPO"):
+            im.draft("RGB", (size, size))
+        im.seek(0)
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
 
 def _cached_thumbnail(path: str) -> str | None:

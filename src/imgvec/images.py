@@ -10,10 +10,11 @@ one) is skipped with what it is, never read (a FIFO would block forever, ``/dev/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Sequence
 
 import numpy as np
 
@@ -148,9 +149,11 @@ def _pil_formats() -> tuple[str, ...]:
     return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
 
 
-def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               data: BinaryIO | None = None) -> np.ndarray:
     """Decode ``path`` to a ``(size, size, 3)`` uint8 RGB array, upright (EXIF), first frame.
 
+    ``data``: the image's bytes already in hand (an upload to ``imgvec serve``); ``path`` then only names it.
     Raises :class:`ImageSkipped` with a readable reason for anything that is not a usable image.
     """
     from PIL import Image, ImageOps
@@ -159,7 +162,8 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     if reason:
         raise ImageSkipped(path, reason)
     try:
-        with open_regular(path) as fh, Image.open(fh, formats=_pil_formats()) as im:
+        with (open_regular(path) if data is None else contextlib.nullcontext(data)) as fh, \
+                Image.open(fh, formats=_pil_formats()) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageSkipped(

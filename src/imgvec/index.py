@@ -3,23 +3,29 @@
 Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
 artifact header (artifact.py) that says which store, which generation of it and how many of its
-rows it covers. The bytes are streamed to and from the file a few MiB at a time, so neither
-writing nor reading an index ever holds a second copy of it in memory.
+rows it covers. ``/faiss`` is one contiguous dataset, so loading maps those bytes instead of
+reading them: :mod:`imgvec.faissblob` checks the mapped bytes, and FAISS then reads the same
+mapping without copying (its zero-copy reader), so opening an index takes the same few
+milliseconds at any size and a search brings in only the pages it touches. Writing streams
+FAISS's bytes into the file a few MiB at a time (never a second copy in memory), atomically.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifact import Header, check_partner, create, damaged, dataset, opened, text_attr
+from . import faissblob
+from .artifact import REBUILD, Header, check_partner, create, damaged, dataset, opened, text_attr
 from .checks import check_choice
 from .errors import BadInputError, MismatchError, param
+from .progress import Phase, Progress
 from .provenance import Provenance
 from .store import Store
 
@@ -133,53 +139,88 @@ class VectorIndex:
     store_id: str
     provenance: Provenance
     generation: int = 0
+    mapping: Any = field(default=None, repr=False)  # the mapped file bytes FAISS's arrays point into, kept alive
 
     @property
     def header(self) -> Header:
         return Header("index", self.provenance, self.store_id, self.generation, self.rows, self.provenance.dim)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row."""
+        """Cosine scores and store rows of the ``k`` nearest neighbours of each query row.
+
+        Ids are rows in ``[0, rows)``, or -1 where an approximate index found fewer than ``k``;
+        :func:`load_index` checked every id the index stores, so no other value can come back.
+        """
         if k < 1:
             raise BadInputError(f"{param('k')} must be at least 1, not {k}")
         k = min(k, self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
+        if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
+            bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
+            raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
         return scores, ids
 
-    def check_covers(self, store: Store, index_name: str = "the index") -> None:
-        """Raise unless this index was built from exactly ``store`` as it is now.
+    def check_covers(self, store: Store, index_name: str = "the index", tail: bool = False) -> int:
+        """Raise unless this index was built from ``store`` as it is now; return the rows it lacks.
 
-        Beyond the headers, a few of the store's rows are compared with the vectors the index
-        holds for them, so an index whose attributes were copied or forged from the right store
-        but whose contents come from elsewhere is caught too.
+        Without ``tail`` the index must hold every row of the store. With it, the index may hold
+        only the store's first rows (rows appended since it was built), and how many came after
+        them is returned: :func:`search_store` searches those exhaustively. Beyond the headers, a
+        few of the store's rows are compared with the vectors the index holds for them, so an
+        index whose attributes were copied or forged from the right store but whose contents
+        come from elsewhere is caught too.
         """
         fix = f"rebuild it (imgvec index {store.path})"
-        check_partner(self.header, store.current_header(), index_name, f"store {store.path}", fix)
+        check_partner(self.header, store.current_header(), index_name, f"store {store.path}", fix,
+                      same_rows=not tail)
+        if self.rows > store.rows:
+            raise MismatchError(f"{index_name} covers {self.rows} rows but store {store.path} has {store.rows}; {fix}")
         if not _holds_rows(self, store):
             raise MismatchError(f"{index_name} does not hold {store.path}'s vectors (its header says it does: "
                                 f"copied or forged from another index?); {fix}")
+        return store.rows - self.rows
+
+    def predates_removals(self, store: Store) -> bool:
+        """True when this is ``store``'s index from before rows were removed (``embed --sync``): its row
+        numbers no longer name the same images, so it cannot be used, only rebuilt."""
+        return self.store_id == store.store_id and self.generation != store.generation
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to ``path`` atomically, streaming FAISS's bytes into the file (no copy in memory)."""
+        """Write to ``path`` atomically, streaming FAISS's bytes into one contiguous dataset (no copy in memory).
+
+        FAISS is asked to write twice: once to count the bytes (a contiguous dataset's size is fixed
+        when it is made), once into the file.
+        """
         import faiss
 
+        cpu = to_cpu(self.faiss_index)
+        counter = _DatasetSink(None)
+        faiss.write_index(cpu, faiss.PyCallbackIOWriter(counter.write, IO_BLOCK_BYTES))
         with create(path, self.header) as h5:
-            sink = _DatasetSink(h5.create_dataset("faiss", shape=(0,), maxshape=(None,), dtype=np.uint8,
-                                                  chunks=(1 << 20,)))
-            faiss.write_index(to_cpu(self.faiss_index), faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
+            sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8))
+            faiss.write_index(cpu, faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
             sink.flush()
+            if sink.size != counter.size:
+                raise RuntimeError(f"FAISS wrote {sink.size} bytes, then {counter.size}")
             h5.attrs.update({"index_kind": self.kind, "metric": "cosine", "faiss_version": faiss.__version__})
         return Path(path)
 
 
 class _DatasetSink:
-    """Appends the bytes FAISS writes to a resizable uint8 dataset, ``IO_BLOCK_BYTES`` at a time."""
+    """Writes the bytes FAISS writes into a fixed-size uint8 dataset, ``IO_BLOCK_BYTES`` at a time.
+
+    With no dataset it only counts them (``size``).
+    """
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
+        self.size = 0  # bytes written to the dataset (or counted)
         self.buffer = bytearray()
 
     def write(self, data: bytes) -> int:
+        if self.ds is None:
+            self.size += len(data)
+            return len(data)
         self.buffer += data
         if len(self.buffer) >= IO_BLOCK_BYTES:
             self.flush()
@@ -187,23 +228,50 @@ class _DatasetSink:
 
     def flush(self) -> None:
         if self.buffer:
-            n = self.ds.shape[0]
-            self.ds.resize(n + len(self.buffer), axis=0)
-            self.ds[n:] = np.frombuffer(self.buffer, np.uint8)
+            self.ds[self.size : self.size + len(self.buffer)] = np.frombuffer(self.buffer, np.uint8)
+            self.size += len(self.buffer)
             self.buffer = bytearray()
 
 
-class _DatasetSource:
-    """Hands FAISS's reader the bytes of a uint8 dataset, at most ``IO_BLOCK_BYTES`` per call."""
+def _mapped_blob(h5: Any, ds: Any, path: str | os.PathLike[str]) -> np.ndarray:
+    """The ``/faiss`` bytes as a read-only map of the file h5py has open (nothing read yet).
 
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
+    Only a plain contiguous dataset wholly inside the file is mapped; an index an earlier imgvec
+    saved in chunks cannot be, and is refused with the command that rebuilds it. The map
+    is of the very file the header was validated in (h5py's own descriptor), and imgvec only
+    ever replaces index files by renaming (fileio.atomic_path), never rewrites them in place,
+    so the mapped bytes stay the ones checked while the index is in use.
+    """
+    import h5py
+
+    fd = h5.id.get_vfd_handle()
+    size, n = os.fstat(fd).st_size, ds.shape[0]
+    if n > size:  # imgvec never compresses it: more bytes than the file holds is a forgery
+        raise damaged(path, "index", f"'faiss' claims {n} bytes in a file of {size}")
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.CHUNKED:
+        raise BadInputError(f"{path}: an index in the chunked layout of an older imgvec, which cannot be mapped; "
+                            f"{REBUILD['index']}")
+    offset = ds.id.get_offset()
+    if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_external_count() or offset is None:
+        raise damaged(path, "index", "'faiss' is not one contiguous dataset inside the file")
+    if n == 0 or offset + n > size:
+        raise damaged(path, "index", f"'faiss' claims bytes {offset}-{offset + n} of a file of {size}")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, offset + n - start, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapping, np.uint8, n, offset - start)
+
+
+class _BlobSource:
+    """Hands FAISS's copying reader the checked blob, at most ``IO_BLOCK_BYTES`` per call."""
+
+    def __init__(self, blob: np.ndarray) -> None:
+        self.blob = blob
         self.pos = 0
 
     def read(self, n: int) -> bytes:
-        data = self.ds[self.pos : self.pos + n].tobytes()
-        self.pos += len(data)
-        return data
+        start, self.pos = self.pos, min(self.pos + n, len(self.blob))
+        return self.blob[start : self.pos].tobytes()
 
 
 def _holds_rows(index: VectorIndex, store: Store) -> bool:
@@ -273,11 +341,12 @@ def to_cpu(index: Any) -> Any:
 
 
 def build_index(store: Store, kind: str = "auto", memory_budget: int | None = None,
-                gpu: bool = False) -> VectorIndex:
+                gpu: bool = False, progress: Progress | None = None) -> VectorIndex:
     """Build an index over every committed row of ``store``, streaming it in chunks.
 
     Only the index itself and one chunk (plus, for IVF-PQ, a training sample of at most
-    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store.
+    ``TRAIN_SAMPLE_ROWS`` rows) are in memory at once, never the whole store. ``progress``
+    hears ``training the <kind> index`` and ``building the <kind> index`` (rows added).
     """
     import faiss
 
@@ -289,13 +358,44 @@ def build_index(store: Store, kind: str = "auto", memory_budget: int | None = No
     if gpu:
         index = to_gpu(index, kind)
     if not index.is_trained:
-        sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
-        faiss.normalize_L2(sample)
-        index.train(sample)
-        del sample
-    for _, block in store.iter_embeddings(chunk_rows(store.dim)):
-        index.add(normalized(block))
+        with Phase(progress, f"training the {kind} index", 1):
+            sample = _training_sample(store, min(rows, TRAIN_SAMPLE_ROWS))
+            faiss.normalize_L2(sample)
+            index.train(sample)
+            del sample
+    with Phase(progress, f"building the {kind} index", rows) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim)):
+            index.add(normalized(block))
+            step.update(start + len(block))
     return VectorIndex(index, kind, rows, store.store_id, store.provenance, store.generation)
+
+
+def search_store(store: Store, queries: np.ndarray, k: int, index: VectorIndex | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores and rows of the ``k`` nearest store rows to each query, over every committed row.
+
+    The rows ``index`` covers (the store's first ``index.rows``, see :meth:`VectorIndex.check_covers`)
+    are searched with it, the rows after them exhaustively, streamed in chunks, and both are merged
+    by score. Without an index every row is searched exhaustively. Ids are -1 where fewer than
+    ``k`` were found.
+    """
+    import faiss
+
+    if k < 1:
+        raise BadInputError(f"{param('k')} must be at least 1, not {k}")
+    if store.rows == 0:
+        raise BadInputError(f"{store.path} holds no embeddings yet")
+    q = normalized(queries)
+    heap = faiss.ResultHeap(len(q), min(k, store.rows), keep_max=True)
+    start = 0
+    if index is not None:
+        heap.add_result(*index.search(q, k))
+        start = index.rows
+    for first, block in store.iter_embeddings(chunk_rows(store.dim), start):
+        scores, ids = faiss.knn(q, normalized(block), min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids + first)
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def can_extend(index: VectorIndex, store: Store) -> bool:
@@ -307,19 +407,29 @@ def can_extend(index: VectorIndex, store: Store) -> bool:
     return index.rows <= store.rows and _holds_rows(index, store)
 
 
-def extend_index(index: VectorIndex, store: Store) -> int:
+def extend_index(index: VectorIndex, store: Store, progress: Progress | None = None) -> int:
     """Add the store rows the index does not cover yet (FAISS adds without retraining); returns how many."""
+    if index.mapping is not None:
+        raise ValueError("a mapped index is read-only: load it with mapped=False to extend it")
     if not can_extend(index, store):
         raise MismatchError(f"the index cannot be extended to {store.path}; rebuild it")
     added = store.rows - index.rows
-    for _, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
-        index.faiss_index.add(normalized(block))
+    with Phase(progress, f"adding to the {index.kind} index", added) as step:
+        for start, block in store.iter_embeddings(chunk_rows(store.dim), start=index.rows):
+            index.faiss_index.add(normalized(block))
+            step.update(start + len(block) - index.rows)
     index.rows = store.rows
     return added
 
 
-def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
-    """Read an index file, checking that FAISS's index agrees with the header (rows, dim, metric, kind)."""
+def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = True) -> VectorIndex:
+    """Open an index file, checking that FAISS's index agrees with the header (rows, dim, metric, kind).
+
+    The FAISS bytes are mapped and checked (:mod:`imgvec.faissblob`) before FAISS reads them.
+    ``mapped`` (the default) leaves FAISS's vectors, codes and links in the mapping: constant-time
+    opening, read-only. ``mapped=False`` copies them into memory, for an index that will grow
+    (:func:`extend_index`).
+    """
     import faiss
 
     with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
@@ -327,10 +437,17 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
-        try:
-            index = faiss.read_index(faiss.PyCallbackIOReader(_DatasetSource(ds).read, IO_BLOCK_BYTES))
-        except (RuntimeError, MemoryError, ValueError) as error:
-            raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+        blob = _mapped_blob(h5, ds, path)
+    try:
+        faissblob.check(blob, kind, header.dim, header.rows)
+    except faissblob.MalformedBlob as error:  # never hand FAISS a blob it could misread
+        raise damaged(path, "index", str(error)) from None
+    reader = (faiss.ZeroCopyIOReader(faiss.swig_ptr(blob), len(blob)) if mapped
+              else faiss.PyCallbackIOReader(_BlobSource(blob).read, IO_BLOCK_BYTES))
+    try:
+        index = faiss.read_index(reader)
+    except (RuntimeError, MemoryError, ValueError) as error:
+        raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
     found = type(faiss.downcast_index(index)).__name__
     for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
@@ -346,4 +463,5 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False) -> VectorIndex:
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if gpu:
         index = to_gpu(index, kind)
-    return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation)
+    return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation,
+                       blob if mapped else None)

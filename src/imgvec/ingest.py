@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from .checks import check_choice
 from .distributed import ENGINES, embed_files_on_ray
@@ -19,13 +19,13 @@ from .embedder import EmbeddedBatch, EmbedConfig, Embedder
 from .errors import BadInputError, param
 from .fileio import check_output
 from .images import ImageFile, find_images, is_image_name
+from .progress import Phase, Progress
 from .provenance import Provenance, check_compatible
 from .results import EmbedSummary
 from .journal import journal_path
 from .store import StoreWriter, open_store
 
 PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -64,7 +64,8 @@ def embed(
     made with one runtime can be extended with another. Interrupting (Ctrl-C, kill) loses at most
     the batch under way: run again to go on. ``engine="ray"`` embeds on a Ray cluster
     (``ray_address``, else RAY_ADDRESS, else a local one) with ``ray_workers`` actors; this
-    process still writes the store.
+    process still writes the store. ``progress`` is told the phases ``loading <backbone>`` and
+    ``embedding with <backbone>`` (:mod:`imgvec.progress`).
     """
     config = replace(config or EmbedConfig(), **settings)
     _check_run(config, engine, ray_workers)
@@ -73,9 +74,9 @@ def embed(
     local = engine == "local"
     plan: _Plan | None = None
     try:
-        plan = _plan(sources, output, config, sync, check_memory=local)
+        plan = _plan(sources, output, config, sync, check_memory=local, progress=progress)
         if plan.todo and local and plan.embedder.engine_ is None:  # timed apart from the throughput
-            plan.build_seconds = _timed_load(plan.embedder)
+            plan.build_seconds = _timed_load(plan.embedder, progress)
         embed_start = time.perf_counter()
         skipped = _run(plan, engine, ray_address, ray_workers, progress)
         plan.writer.commit(drop=plan.removed)
@@ -111,7 +112,7 @@ def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> Non
 
 
 def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,
-          check_memory: bool) -> _Plan:
+          check_memory: bool, progress: Progress | None = None) -> _Plan:
     """Open (or create) the store and list the images it does not have yet.
 
     A new store is created only after the model loaded: missing weights must not leave an empty
@@ -136,7 +137,7 @@ def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedCo
         collection = find_images(sources)
         if check_memory:
             embedder.check_memory()
-        build_seconds = _timed_load(embedder)
+        build_seconds = _timed_load(embedder, progress)
         writer = StoreWriter(output, embedder.provenance(), collection.root)
         created = True
     todo = [f for f in collection.files if f.key not in writer.keys]
@@ -144,9 +145,11 @@ def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedCo
     return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds, created)
 
 
-def _timed_load(embedder: Embedder) -> float:
+def _timed_load(embedder: Embedder, progress: Progress | None = None) -> float:
+    """Load the model as the phase ``loading <backbone>``; the seconds it took."""
     started = time.perf_counter()
-    embedder.load()
+    with Phase(progress, f"loading {embedder.backbone.name}", 1):
+        embedder.load()
     return time.perf_counter() - started
 
 
@@ -159,14 +162,14 @@ def _run(plan: _Plan, engine: str, ray_address: str | None, ray_workers: int | N
                                         else embed_files_on_ray(plan.embedder, paths, ray_address, ray_workers))
     skipped: list[tuple[str, str]] = []
     finished = 0
-    for batch in batches:
-        rows = [plan.todo[i] for i in batch.indices]
-        skips = [(key_of[s.path], s.reason) for s in batch.skipped]
-        plan.writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
-        skipped.extend(skips)
-        finished += len(batch.indices) + len(batch.skipped)
-        if progress:
-            progress(finished, len(plan.todo))
+    with Phase(progress, f"embedding with {plan.embedder.backbone.name}", len(plan.todo)) as step:
+        for batch in batches:
+            rows = [plan.todo[i] for i in batch.indices]
+            skips = [(key_of[s.path], s.reason) for s in batch.skipped]
+            plan.writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
+            skipped.extend(skips)
+            finished += len(batch.indices) + len(batch.skipped)
+            step.update(finished)
     return skipped
 
 

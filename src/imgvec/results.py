@@ -181,6 +181,8 @@ class QueryResults(Records):
     store: Path | None = None
     root: str = ""  # the store's root: neighbours' paths are relative to it
     index: str = ""  # the index file searched; "" when there was none (exact search in memory)
+    unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
+    notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
 
     def file(self, neighbour: Neighbour) -> str:
         """Where ``neighbour``'s image is (absolute)."""

@@ -35,6 +35,7 @@ from .artifact import (Expect, Header, check_finite, check_structure, damaged, d
 from .fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
 from .journal import JournalWriter, Record, journal_path, read_journal
+from .progress import Phase, Progress
 from .provenance import Provenance
 
 CHUNK_ROWS = 256
@@ -112,6 +113,23 @@ class Store:
 
     def labels(self) -> list[str]:
         return decode_keys(self.h5["labels"], self.rows, self.path)
+
+    def paths_at(self, rows: Sequence[int]) -> list[str]:
+        """The paths of ``rows`` only (a query's hits): a big store's other paths are never read."""
+        return self._keys_at("paths", rows)
+
+    def labels_at(self, rows: Sequence[int]) -> list[str]:
+        """The labels of ``rows`` only."""
+        return self._keys_at("labels", rows)
+
+    def _keys_at(self, name: str, rows: Sequence[int]) -> list[str]:
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(wanted) == 0:
+            return []
+        if wanted[0] < 0 or wanted[-1] >= self.rows:
+            raise IndexError(f"rows {wanted[0]}..{wanted[-1]} outside the store's {self.rows}")
+        found = dict(zip(wanted.tolist(), self.h5[name].asstr(errors="surrogateescape")[wanted]))
+        return [found[int(r)] for r in rows]
 
     def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.rows if stop is None else min(stop, self.rows)
@@ -397,8 +415,10 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
-                 on_duplicate: str = "first", chunk: int = 65536) -> tuple[int, int]:
+                 on_duplicate: str = "first", chunk: int = 65536, progress: Progress | None = None) -> tuple[int, int]:
     """Write the rows of several stores (shards) into a new store; returns (rows, duplicates).
+
+    ``progress`` (see :mod:`imgvec.progress`) hears the phase ``merging`` (rows read).
 
     Every input must have been made the same way (provenance). Paths are re-based onto the
     inputs' common root; a path present in several inputs is kept once, from the first input
@@ -422,6 +442,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
         seen: set[str] = set()
         duplicates = 0
         writer = StoreWriter(output, first.provenance, root)
+        step = Phase(progress, "merging", sum(s.rows for s in stores)).__enter__()
         try:
             for s in stores:
                 keys = [key_for(s.absolute(k), root) for k in s.paths()]
@@ -435,6 +456,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                     seen.update(keys[i] for i in idx)
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
                                   [labels[i] for i in idx])
+                    step.advance(len(block))
                 skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
                 writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
         except BaseException:

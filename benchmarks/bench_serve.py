@@ -1,0 +1,266 @@
+"""``imgvec serve`` under load: latency percentiles and throughput with concurrent clients.
+
+A generated store (random unit rows, paths ``img_0000000.jpg``..., random-weight mobilenetv2 at
+224 px, 1280-d) gets an HNSW index; ``imgvec serve`` runs as its own process on 127.0.0.1 with
+the OpenVINO runtime, and client threads (httpx, one connection each) send, for a bounded number
+of requests and time:
+
+- ``GET /api/query?path=...&k=10``: a random stored path each time (the stored vector, no model);
+- ``POST /api/query?k=10`` with a 500x375 photo-like JPEG (decode, model, search).
+
+Latency is per request as the client sees it (client threads share the machine with the server:
+on a 2-core machine they compete with it for the CPU). Throughput is answered requests per second.
+
+    python -m benchmarks.bench_serve [--quick] [--rows 100000] [--full (1,000,000 rows)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .common import OUT, generated_store, md_table, photo_like, write_result
+
+NAME = "serve"
+DIM = 1280
+CACHE = OUT / "model-cache"  # the benchmarks' own compiled-model cache (shared with bench_query)
+TARGETS = {"get_p50_ms": 20.0, "get_p99_ms": 100.0, "post_p50_ms": 60.0}  # issue 20, at 1M rows
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "IMGVEC_CACHE_DIR": str(CACHE)}
+
+
+def make_store(rows: int) -> Path:
+    """The benchmark store: random unit vectors with mobilenetv2 provenance (see common.generated_store)."""
+    def unit_rows(start: int, n: int) -> np.ndarray:
+        x = np.random.default_rng(start).standard_normal((n, DIM)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return generated_store(OUT / f"serve-{rows}.h5", rows, DIM, unit_rows)
+
+
+def make_index(store: Path) -> Path:
+    index = store.with_name(store.stem + ".index.h5")
+    if not index.exists():
+        subprocess.run([sys.executable, "-m", "imgvec", "index", str(store), "--kind", "hnsw"], check=True, env=_env())
+    return index
+
+
+def jpeg_500x375() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(np.random.default_rng(7), 500, 375)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+class Server:
+    """``imgvec serve`` in a child process; its URL once it says it is ready, its peak RSS at the end."""
+
+    def __init__(self, store: Path, port: int = 0) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = port or s.getsockname()[1]
+        t = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "imgvec", "serve", str(store), "--port", str(port),
+                                      "--runtime", "openvino"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     text=True, env=_env())
+        line = self.proc.stderr.readline() if self.proc.stderr else ""
+        if not line.startswith("imgvec serve: http"):
+            self.proc.kill()
+            raise RuntimeError(f"imgvec serve did not start: {line}")
+        self.start_s = time.perf_counter() - t
+        self.url = f"http://127.0.0.1:{port}"
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def load(url: str, request: Callable[[Any, int], Any], clients: int, max_requests: int, max_seconds: float,
+         warmup: int = 3) -> dict[str, Any]:
+    """``clients`` threads, each its own connection, send ``request(client, i)`` until ``max_requests`` in
+    all or ``max_seconds``; latency percentiles (ms) and throughput (answered requests/s)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    issued = [0]
+    deadline = [float("inf")]  # set once every client is ready
+
+    def worker(seed: int) -> None:
+        with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
+            for i in range(warmup):  # connection set up, first-touch costs: not measured
+                request(client, seed * 1_000_003 + i)
+            barrier.wait()
+            n = 0
+            while True:
+                with lock:
+                    if issued[0] >= max_requests or time.perf_counter() > deadline[0]:
+                        return
+                    issued[0] += 1
+                n += 1
+                t = time.perf_counter()
+                r = request(client, seed * 7919 + n)
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                    else:
+                        errors[0] += 1
+
+    barrier = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    start = time.perf_counter()
+    deadline[0] = start + max_seconds
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "seconds": wall,
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+            "p90_ms": float(np.percentile(ms, 90)) if len(ms) else float("nan"),
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+            "throughput_rps": len(latencies) / wall if wall > 0 else float("nan")}
+
+
+def stages(store: Path, body: bytes, repeats: int = 50) -> dict[str, float]:
+    """Where a request's time goes, in this process without HTTP: median ms of each stage of the service."""
+    os.environ.update(_env())
+    from imgvec.images import load_image
+    from imgvec.serve import Service
+
+    service = Service(store, runtime="openvino")
+    snap = service.current()
+    rows = snap.rows
+
+    def ms(fn: Callable[[int], Any]) -> float:
+        times = []
+        for i in range(repeats):
+            t = time.perf_counter()
+            fn((i * 2654435761) % rows)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+
+    pixels = load_image("upload", 224, data=io.BytesIO(body))
+    batch = np.stack([pixels] * 8)
+    out = {"check_store_changed": ms(lambda i: service.current()),
+           "read_stored_vector": ms(lambda i: snap.store.embeddings(i, i + 1)),
+           "search_k10": ms(lambda i: snap.index.search(snap.store.embeddings(i, i + 1), 10)),
+           "get_without_http": ms(lambda i: service.query_path(f"img_{i:07d}.jpg", 10)),
+           "decode_jpeg": ms(lambda i: load_image("upload", 224, data=io.BytesIO(body))),
+           "model_1_image": ms(lambda i: service.embedder.embed_arrays(pixels[None])),
+           "model_8_images_per_image": ms(lambda i: service.embedder.embed_arrays(batch), ) / 8,
+           "post_without_http": ms(lambda i: service.query_image(body, 10))}
+    service.model.stop()
+    return out
+
+
+def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_requests: int, seconds: float
+            ) -> dict[str, Any]:
+    store = make_store(rows)
+    make_index(store)
+    body = jpeg_500x375()
+    server = Server(store)
+    try:
+        def get(client: Any, i: int) -> Any:
+            row = (i * 2654435761) % rows
+            return client.get("/api/query", params={"path": f"img_{row:07d}.jpg", "k": 10})
+
+        def post(client: Any, i: int) -> Any:
+            return client.post("/api/query", params={"k": 10}, content=body,
+                               headers={"Content-Type": "image/jpeg"})
+
+        runs = []
+        for n in clients:
+            runs.append({"endpoint": "GET /api/query?path=...&k=10", **load(server.url, get, n, get_requests, seconds)})
+            runs.append({"endpoint": "POST /api/query?k=10 (500x375 JPEG)",
+                         **load(server.url, post, n, post_requests, seconds)})
+        import httpx
+
+        info = httpx.get(server.url + "/api/info", trust_env=False, timeout=60).json()
+        rss = server.peak_rss_mb()
+    finally:
+        server.stop()
+    profile = stages(store, body)
+    return {"rows": rows, "dim": DIM, "stages_ms": profile, "index_kind": info["index"]["kind"],
+            "runtime": info["runtime"],
+            "backbone": f"{info['provenance']['backbone']} @ {info['provenance']['input_size']}px, random weights",
+            "jpeg_bytes": len(body), "server_start_s": server.start_s, "server_peak_rss_mb": rss, "runs": runs}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    out = []
+    for m in data["measurements"]:
+        out.append(f"`imgvec serve` on a {m['rows']:,} x {m['dim']} generated store, {m['index_kind']} index, "
+                   f"{m['backbone']} on {m['runtime']}; the server ready {m['server_start_s']:.1f} s after start, "
+                   f"peak RSS {m['server_peak_rss_mb']:,.0f} MB. Client threads on the same machine "
+                   f"(load average at the start {data['load_average'][0]:.1f}).\n\n")
+        out.append(md_table(["request", "clients", "answered", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
+                            [(r["endpoint"], r["clients"], r["requests"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
+                              r["throughput_rps"]) for r in m["runs"]]))
+        if "stages_ms" in m:
+            st = m["stages_ms"]
+            out.append(f"\nWhere the time goes (one request at a time, in-process, no HTTP; median ms): "
+                       f"GET {st['get_without_http']:.1f} (search {st['search_k10']:.1f}, stored vector "
+                       f"{st['read_stored_vector']:.2f}, store-changed check {st['check_store_changed']:.3f}); "
+                       f"POST {st['post_without_http']:.1f} (JPEG decode {st['decode_jpeg']:.1f}, model "
+                       f"{st['model_1_image']:.1f} for one image, {st['model_8_images_per_image']:.1f} per image "
+                       f"in a batch of 8). With 8 clients a request mostly waits for the CPU: p50 is about "
+                       f"8 / throughput.\n")
+        eight = {r["endpoint"].split()[0]: r for r in m["runs"] if r["clients"] == 8}
+        if m["rows"] >= 1_000_000 and eight:
+            g, p = eight["GET"], eight["POST"]
+            met = (g["p50_ms"] <= TARGETS["get_p50_ms"] and g["p99_ms"] <= TARGETS["get_p99_ms"]
+                   and p["p50_ms"] <= TARGETS["post_p50_ms"])
+            out.append(f"\nTargets at 1M rows, 8 clients (GET p50 <= 20 ms, p99 <= 100 ms; POST p50 <= 60 ms): "
+                       f"{'met' if met else '**not met**'}.\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10,000 rows, fewer requests")
+    ap.add_argument("--full", action="store_true", help="also 1,000,000 rows (a 5 GB store)")
+    ap.add_argument("--rows", type=int, default=None, help="one store of this many rows instead")
+    ap.add_argument("--seconds", type=float, default=None, help="at most this long per load run")
+    args = ap.parse_args(argv)
+    sizes = [args.rows] if args.rows else [10_000] if args.quick else [100_000] + ([1_000_000] if args.full else [])
+    seconds = args.seconds or (10.0 if args.quick else 30.0)
+    load_average = os.getloadavg()
+    measurements = [measure(rows, (1, 8), 300 if args.quick else 2000, 60 if args.quick else 400, seconds)
+                    for rows in sizes]
+    data = {"quick": args.quick, "load_average": load_average, "load_average_end": os.getloadavg(),
+            "measurements": measurements}
+    name = NAME + ("-quick" if args.quick else "")
+    print(f"wrote {write_result(name, data)}", file=sys.stderr)
+    print(markdown({**data}))
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Every table of figures in README.md and docs/ is generated here, from one source each.
+
+    python -m benchmarks.docs            # rewrite the generated sections (``make docs``)
+    python -m benchmarks.docs --check    # exit 1 naming each stale section (``make test`` runs this check)
+
+A generated section sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->``; NAME is
+one of :data:`SECTIONS`: ``backbones`` (the registry, imgvec.backbones: the same figures as
+``imgvec models``), ``performance`` (the committed benchmarks/results/*.json, through each
+benchmark's own ``markdown``), ``cli`` (the typer app's commands and options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import RESULTS, ROOT
+
+REPO = ROOT.parent
+FILES = ("README.md", "docs/*.md")
+MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
+
+BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve")
+BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
+                "query_scale": "Query process against rows: mapped indexes",
+                "query": "Query latency", "dedup": "Near duplicates",
+                "scale": "Past one CPU: Ray, streamed indexing, mixed precision",
+                "serve": "imgvec serve under load"}
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def backbones() -> str:
+    """The registry as a table: what ``imgvec models`` prints, with Keras' published figures."""
+    from imgvec.backbones import BACKBONES
+
+    rows = ["| name | keras.applications | input | dim | params | preprocess_input | ImageNet top-1 | top-5 | "
+            "size (MB) | depth | images/s |",
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for b in BACKBONES.values():
+        pre = b.preprocessing.split(":")[0]
+        rows.append(f"| {b.name} | {b.constructor} | {b.input_size} | {b.dim} | {b.params / 1e6:.1f}M | "
+                    f"{b.module}: {pre} | {_cell(b.top1 and f'{b.top1:.3f}')} | {_cell(b.top5 and f'{b.top5:.3f}')} | "
+                    f"{_cell(b.size_mb)} | {_cell(b.depth)} | {_cell(b.images_per_second)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    for fname in (f"{name}.json", f"{name}-quick.json"):
+        path = RESULTS / fname
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def performance() -> str:
+    """Every committed benchmark result, each rendered by its own benchmark's ``markdown``."""
+    parts = ["Measured with `make bench` (`python -m benchmarks.run`) on the machine named at the end. All "
+             "models use **random weights** (`--weights none`): the figures are about speed, not embedding "
+             "quality.", ""]
+    machine = None
+    for name in BENCH_ORDER:
+        data = _load(name)
+        if data is None:
+            continue
+        machine = machine or data.get("machine")
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        quick = " (quick run)" if data.get("quick") else ""
+        parts += [f"### {BENCH_TITLES[name]}{quick}", "", module.markdown(data).strip(), ""]
+    if machine:
+        versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+        parts += [f"_Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python {machine.get('python')}; "
+                  f"{versions}._", ""]
+    return "\n".join(parts)
+
+
+def cli() -> str:
+    """Each command of the typer app: its usage, what it does, and a table of its arguments and options."""
+    import typer.main
+
+    from imgvec.cli import app
+
+    group = typer.main.get_command(app)
+    out = []
+    for name, command in group.commands.items():
+        ctx = group.make_context("imgvec", [name, "--help"], resilient_parsing=True)
+        usage = " ".join(command.collect_usage_pieces(ctx))
+        out += [f"### `imgvec {name}`", "", (command.help or "").strip().replace("\n", " "), "",
+                "```", f"imgvec {name} {usage}", "```", "",
+                "| argument or option | value | default | meaning |", "|---|---|---|---|"]
+        for p in command.params:
+            if p.name == "help":
+                continue
+            option = p.param_type_name == "option"
+            flag = option and p.is_flag
+            names = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts]) if option else f"`{p.name.upper()}`"
+            value = "" if flag or not option else p.display_type(ctx).strip("<>")
+            default = "" if p.required or p.default in (None, "") or (flag and not p.secondary_opts) else p.default
+            if flag and p.secondary_opts:
+                default = p.opts[0] if p.default else p.secondary_opts[0]
+            meaning = (getattr(p, "help", None) or "").replace("|", "\\|").replace("\n", " ")
+            required = " (required)" if p.required else ""
+            out.append(f"| {names} | {value} | {_cell(default)} | {meaning}{required} |")
+        out.append("")
+    return "\n".join(out)
+
+
+SECTIONS: dict[str, Callable[[], str]] = {"backbones": backbones, "performance": performance, "cli": cli}
+
+
+def doc_files() -> list[Path]:
+    files: list[Path] = []
+    for pattern in FILES:
+        files += sorted(REPO.glob(pattern))
+    return files
+
+
+def render(text: str) -> str:
+    """``text`` with every generated section rebuilt from its source."""
+    cache: dict[str, str] = {}
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown generated section {name!r}; known: {', '.join(SECTIONS)}")
+        if name not in cache:
+            cache[name] = SECTIONS[name]().rstrip("\n") + "\n"
+        return f"{m.group(1)}{cache[name]}{m.group(4)}"
+
+    return MARKER.sub(fill, text)
+
+
+def _changed() -> list[tuple[Path, str, str]]:
+    """(file, its text, the text with fresh sections) for every file a source has moved away from."""
+    texts = [(path, path.read_text()) for path in doc_files()]
+    return [(path, text, fresh) for path, text in texts if (fresh := render(text)) != text]
+
+
+def stale() -> list[str]:
+    """``file: section`` for every generated section that differs from what its source gives now."""
+    found = []
+    for path, text, fresh in _changed():
+        old = {m.group(2): m.group(3) for m in MARKER.finditer(text)}
+        new = {m.group(2): m.group(3) for m in MARKER.finditer(fresh)}
+        found += [f"{path.relative_to(REPO)}: {name}" for name in old if old[name] != new.get(name)]
+    return found
+
+
+def write() -> list[Path]:
+    """Rewrite every stale file; returns those changed."""
+    changed = _changed()
+    for path, _, fresh in changed:
+        path.write_text(fresh)
+    return [path for path, _, _ in changed]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only say which generated sections are stale (exit 1)")
+    args = ap.parse_args(argv)
+    if args.check:
+        old = stale()
+        for line in old:
+            print(f"stale: {line} (run `make docs`)", file=sys.stderr)
+        sys.exit(1 if old else 0)
+    for path in write():
+        print(f"rewrote {path.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
