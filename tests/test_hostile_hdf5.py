@@ -425,6 +425,28 @@ def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Pat
         assert not store.exists()  # a store this run made that holds no row is not left behind
 
 
+def _without_root_group(path: Path) -> Path:
+    """Turn the root group's symbol-table message into a NIL message: HDF5 opens the file, but
+    the root (what ``h5.attrs`` and every name open anew) no longer reads as any kind of object."""
+    data = bytearray(path.read_bytes())
+    btree, heap = struct.unpack_from("<QQ", data, 80)  # the version-0 superblock's copy of the root's table
+    pos = data.find(struct.pack("<QQ", btree, heap), 96) - 8  # the message itself, in the root's header
+    assert pos > 0 and struct.unpack_from("<HH", data, pos) == (0x11, 16)
+    struct.pack_into("<H", data, pos, 0)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_whose_root_group_cannot_be_opened_is_one_line(case):
+    """Found by the fuzz (head, 'flip #120'): the root was opened outside the reading guard, a KeyError traceback."""
+    store, head, index = (_without_root_group(case[k]) for k in ("store", "head", "other_index"))
+    results = run_cli([["info", str(store)], ["info", str(head)], ["info", str(index)],
+                       ["predict", str(head), str(case["other"])], ["predict", str(case["other_head"]), str(store)],
+                       ["query", str(case["other"]), str(case["query"]), "--index", str(index)],
+                       ["embed", str(case["images"]), "-o", str(store)]], [case["secret"]])
+    assert_one_line(results, "unable to determine object type")
+
+
 # -- fuzzing: random damage to valid files ------------------------------------------------------------------
 _HUGE = (2**31 - 1, 2**32 - 1, 10**9, 2**40, 2**63 - 1, 2**64 - 1)
 

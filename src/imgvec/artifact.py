@@ -491,10 +491,19 @@ def open_file(path: str | os.PathLike[str], what: str, missing: str, mode: str =
 
     path = require_regular(path, what, missing)
     try:
-        return h5py.File(path, mode)
+        h5 = h5py.File(path, mode)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadInputError(f"{path}: not an HDF5 file, so not {what} ({capped(reason)})") from None
+    try:
+        # h5.attrs and every name open the root group anew, outside any check: one whose object
+        # header is damaged (no group message left) must fail here, inside the guard, not there.
+        with reading(path, None):
+            h5["/"]
+    except BaseException:
+        h5.close()
+        raise
+    return h5
 
 
 @contextlib.contextmanager
