@@ -451,37 +451,40 @@ def test_walker_takes_any_buffer_and_never_copies_it(valid: dict[str, Path], dim
         faissblob.check(np.frombuffer(blob, np.uint8)[::2], "hnsw", dim, ROWS)
 
 
-class _Counting:
-    """A dataset-like blob (len and slices, like h5py's) that counts the bytes read from it."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.read = np.frombuffer(data, np.uint8).copy(), 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, where: slice) -> np.ndarray:
-        out = self.data[where].copy()
-        self.read += len(out)
-        return out
-
-
-def test_walker_reads_only_what_it_checks_and_faiss_reads_only_that(valid: dict[str, Path], dim: int):
-    """From a dataset, the walker reads headers, counts and ids/links, never the vectors; FAISS's reader
-    then refuses a byte checked that changed since (the file rewritten between check and read)."""
+def test_faiss_reads_the_very_mapping_that_was_checked(valid: dict[str, Path], dim: int, tmp_path: Path,
+                                                        monkeypatch):
+    """load_index checks the file's mapping and FAISS then reads that same mapping: in place (mapped,
+    its arrays point into it) or copied from it (``mapped=False``, an index to extend), never a second
+    read of the file that could differ from what was checked. A refused blob never reaches FAISS."""
     import faiss
 
-    for kind in ("flat", "hnsw"):
-        blob = _blob(valid[kind])
-        ds = _Counting(blob)
-        checked = faissblob.check(ds, kind, dim, ROWS)
-        vectors = ROWS * dim * 4
-        assert ds.read < len(blob) - vectors + 4096, (kind, ds.read, len(blob))
-        assert faiss.read_index(faissblob.Verified(ds, checked, 4096).reader()).ntotal == ROWS
-        at = checked[-1][0]  # the last field checked: for both kinds, inside the vectors' header
-        ds.data[at] ^= 1
-        with pytest.raises(faissblob.MalformedBlob, match=f"byte {at}: changed since it was checked"):
-            faiss.read_index(faissblob.Verified(ds, checked, 4096).reader())
+    import imgvec.index as ix
+
+    walked: list[np.ndarray] = []
+    check = faissblob.check
+    monkeypatch.setattr(faissblob, "check", lambda blob, *args: (walked.append(blob), check(blob, *args))[1])
+    copied: list[np.ndarray] = []
+    source = ix._BlobSource.__init__
+    monkeypatch.setattr(ix._BlobSource, "__init__", lambda self, blob: (copied.append(blob), source(self, blob))[1])
+    for kind in ("flat", "hnsw", "ivfpq"):
+        loaded = load_index(valid[kind])
+        assert loaded.mapping is walked.pop() and not loaded.mapping.flags.writeable and not copied
+        start, stop = loaded.mapping.ctypes.data, loaded.mapping.ctypes.data + len(loaded.mapping)
+        if kind != "ivfpq":  # the vectors FAISS searches lie inside the mapping walked
+            inner = faiss.downcast_index(loaded.faiss_index)
+            flat = faiss.downcast_index(inner.storage) if kind == "hnsw" else inner
+            vectors = faiss.rev_swig_ptr(flat.get_xb(), ROWS * dim)
+            assert start <= vectors.ctypes.data and vectors.ctypes.data + vectors.nbytes <= stop
+        extendable = load_index(valid[kind], mapped=False)
+        assert extendable.mapping is None and copied.pop() is walked.pop()
+        assert extendable.faiss_index.ntotal == ROWS
+    read: list[object] = []
+    monkeypatch.setattr(faiss, "read_index", lambda *args: read.append(args))
+    forged = _with_blob(valid["flat"], tmp_path / "ntotal.index.h5",
+                        _put(_blob(valid["flat"]), 8, "q", ROWS + 1))
+    with pytest.raises(BadInputError, match="ntotal"):
+        load_index(forged)
+    assert walked and not read, "FAISS was handed a blob the check refused"
 
 
 # -- valid indexes of every kind still load and answer the same --------------------------------

@@ -79,7 +79,7 @@ def served(tmp_path_factory, image_dir: Path, small) -> dict:
 def test_info_says_what_is_served(served):
     info = served["client"].get("/api/info").json()
     assert info["rows"] == 26 and info["generation"] == 0 and info["dim"] == 576
-    assert info["index"] == {"kind": "flat", "file": None, "rows": 26, "added_in_memory": 0}
+    assert info["index"] == {"kind": "flat", "file": None, "rows": 26, "unindexed": 0} and info["notes"] == []
     assert info["provenance"]["backbone"] == "mobilenetv3small" and info["provenance"]["weights"] == "random"
     assert info["runtime"] == "openvino" and info["stale"] is None and info["default_k"] == 10
 
@@ -138,7 +138,7 @@ def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
     def broken(*args):
         raise RuntimeError("faiss fell over\nwith a second line")
 
-    monkeypatch.setattr(served["service"].snapshot.index, "search", broken)
+    monkeypatch.setattr("imgvec.index.search_store", broken)  # the search, as the service makes it
     r = client.get("/api/query", params={"path": "reds/reds_000.png"})
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: faiss fell over"}
 
@@ -253,8 +253,11 @@ def test_new_rows_are_served_once_embed_publishes_them(tmp_path, image_dir: Path
     assert client.get("/api/info").json()["rows"] == 25
 
 
-def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is_stale(
+def test_an_index_file_is_searched_as_query_searches_it_or_the_service_says_it_is_stale(
         tmp_path, image_dir: Path, holdout_dir: Path, small):
+    """Rows embedded after the index are searched exhaustively beside it, an index from before rows were
+    removed is not used (every row searched), as `imgvec query` does and says; an index that cannot be
+    read leaves the service answering from what it had, saying so."""
     folder = tmp_path / "photos"
     shutil.copytree(image_dir, folder)
     store = tmp_path / "photos.h5"
@@ -267,25 +270,40 @@ def test_an_index_file_is_brought_up_to_date_in_memory_or_the_service_says_it_is
     imgvec.embed([folder], store, **small)
     r = client.get("/api/query", params={"path": "blues/added.png", "k": 1})
     assert r.status_code == 200 and _hits(r)[0]["path"] == "blues/added.png"
+    assert "1 of 25 rows" in r.headers["X-Imgvec-Notes"] and "not indexed yet" in r.headers["X-Imgvec-Notes"]
     info = client.get("/api/info").json()
-    assert info["index"] == {"kind": "flat", "file": str(index_file), "rows": 25, "added_in_memory": 1}
+    assert info["index"] == {"kind": "flat", "file": str(index_file), "rows": 24, "unindexed": 1}
+    assert info["notes"] == imgvec.query(store, [holdout_dir / "blues" / "blues_000.png"], k=1).notes
     assert index_file.read_bytes() == before, "the service never writes the index file"
 
     (folder / "reds" / "reds_000.png").unlink()
-    imgvec.embed([folder], store, sync=True, **small)  # rows removed: a new generation the index cannot follow
+    imgvec.embed([folder], store, sync=True, **small)  # rows removed: the index no longer names the same rows
+    r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 30})
+    assert r.status_code == 200 and "X-Imgvec-Stale" not in r.headers and r.headers["X-Imgvec-Generation"] == "1"
+    assert "reds/reds_000.png" not in [n["path"] for n in _hits(r)] and len(_hits(r)) == 24  # every row
+    assert "predates rows removed" in r.headers["X-Imgvec-Notes"]
+    out = subprocess.run([sys.executable, "-m", "imgvec", "query", str(store), str(folder / "reds" / "reds_001.png"),
+                          "-k", "30", "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "predates rows removed" in out.stderr, out.stderr
+    _same_record(r.json(), json.loads(out.stdout))  # the very answer imgvec query gives
+    info = client.get("/api/info").json()
+    assert info["index"] == {"kind": "flat", "file": None, "rows": 24, "unindexed": 0} and info["stale"] is None
+    assert "predates rows removed" in info["notes"][0] and "predates rows removed" in client.get("/").text
+
+    index_file.write_bytes(b"not an index")  # an index that cannot be read: the last good state is served
     r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 30})
     assert r.status_code == 200
-    assert "answers come from it as it was when loaded: generation 0, 25 rows" in r.headers["X-Imgvec-Stale"]
-    assert "reds/reds_000.png" in [n["path"] for n in _hits(r)]  # the older store, plainly said
+    assert "answers come from it as it was when loaded: generation 1, 24 rows" in r.headers["X-Imgvec-Stale"]
     info = client.get("/api/info").json()
-    assert info["stale"].startswith(f"{store} changed on disk but cannot be served") and info["rows"] == 25
+    assert info["stale"].startswith(f"{store} changed on disk but cannot be served") and info["rows"] == 24
     assert "STALE" in client.get("/").text
 
-    imgvec.build_index(store, kind="flat", rebuild=True)  # the index catches up: the new generation is served
+    imgvec.build_index(store, kind="flat", rebuild=True)  # the index catches up: used again, nothing to say
     r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 30})
-    assert "X-Imgvec-Stale" not in r.headers and r.headers["X-Imgvec-Generation"] == "1"
-    assert "reds/reds_000.png" not in [n["path"] for n in _hits(r)]
-    assert client.get("/api/info").json()["stale"] is None
+    assert "X-Imgvec-Stale" not in r.headers and "X-Imgvec-Notes" not in r.headers
+    assert len(_hits(r)) == 24 and "reds/reds_000.png" not in [n["path"] for n in _hits(r)]
+    info = client.get("/api/info").json()
+    assert info["stale"] is None and info["notes"] == [] and info["index"]["file"] == str(index_file)
 
 
 # -- concurrency ---------------------------------------------------------------------------------

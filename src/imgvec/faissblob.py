@@ -54,40 +54,27 @@ def _shown_fourcc(value: int) -> str:
 
 
 class _Cursor:
-    """Reads little-endian fields of a blob in order; every read checks the bytes that remain.
-
-    A buffer is read through numpy views of it; anything else with ``len()`` and slices (an h5py
-    dataset) is read a field at a time. Either way, every byte read is kept in ``checked``.
-    """
+    """Reads little-endian fields of a byte buffer in order, through numpy views of it (never a copy);
+    every read checks the bytes that remain."""
 
     def __init__(self, blob: Any) -> None:
         self.pos = 0
-        self.checked: list[tuple[int, np.ndarray]] = []
         if isinstance(blob, np.ndarray) and not blob.flags.c_contiguous:
             raise TypeError("a FAISS blob array must be contiguous")
         try:
-            self.mapped: np.ndarray | None = np.frombuffer(memoryview(blob).cast("B"), np.uint8)
+            self.blob = np.frombuffer(memoryview(blob).cast("B"), np.uint8)
         except TypeError:
-            if not (hasattr(blob, "__len__") and hasattr(blob, "__getitem__")):
-                raise TypeError(f"a FAISS blob must be a byte buffer or a uint8 dataset, "
-                                f"not {type(blob).__name__}") from None
-            self.mapped = None
-        self.blob = blob
-        self.size = len(self.mapped if self.mapped is not None else blob)
+            raise TypeError(f"a FAISS blob must be a byte buffer, not {type(blob).__name__}") from None
+        self.size = len(self.blob)
 
     @property
     def left(self) -> int:
         return self.size - self.pos
 
     def take(self, n: int, what: str) -> np.ndarray:
-        """The next ``n`` bytes, as a uint8 array (a view of a buffer; read from a dataset)."""
+        """The next ``n`` bytes, as a uint8 view of the buffer."""
         self.need(n, what)
-        if self.mapped is not None:
-            data = self.mapped[self.pos : self.pos + n]
-        else:
-            data = np.asarray(self.blob[self.pos : self.pos + n], np.uint8)
-        if n:
-            self.checked.append((self.pos, data))
+        data = self.blob[self.pos : self.pos + n]
         self.pos += n
         return data
 
@@ -117,7 +104,7 @@ class _Cursor:
         return bool(value)
 
     def array(self, dtype: str, count: int, what: str) -> np.ndarray:
-        """``count`` items of ``dtype``: a view of a buffer, or read from a dataset once they are known to be there."""
+        """``count`` items of ``dtype``, viewed once they are known to be there."""
         itemsize = np.dtype(dtype).itemsize
         if count > self.left // itemsize:
             raise self.fail(f"{what}: {count} items of {itemsize} bytes claimed, {self.left} bytes remain")
@@ -152,12 +139,12 @@ class _Cursor:
             raise self.fail(f"{what} is {value}, expected {expected}", at)
 
 
-def check(blob: Any, kind: str, dim: int, rows: int) -> list[tuple[int, np.ndarray]]:
+def check(blob: Any, kind: str, dim: int, rows: int) -> None:
     """Raise :class:`MalformedBlob` unless ``blob`` is a ``kind`` index of ``rows`` vectors of ``dim``.
 
-    ``blob``: bytes, memoryview, a contiguous numpy uint8 array or memory map (never copied), or a
-    uint8 h5py dataset (only the bytes checked are read). Returns the bytes checked, as
-    ``(offset, uint8 array)`` in order, for :class:`Verified` to hold FAISS's reading to them.
+    ``blob``: bytes, memoryview, or a contiguous numpy uint8 array or memory map (never copied; only
+    the pages holding headers, counts and ids or links are touched). :func:`imgvec.index.load_index`
+    checks the file's mapping and then hands FAISS that same mapping, so FAISS reads the bytes checked.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -172,37 +159,6 @@ def check(blob: Any, kind: str, dim: int, rows: int) -> list[tuple[int, np.ndarr
         _ivfpq(cur, dim, rows)
     if cur.left:
         raise cur.fail(f"{cur.left} bytes follow the end of the index")
-    return cur.checked
-
-
-class Verified:
-    """FAISS's reader over ``blob``, ``block`` bytes at a time, refusing any byte that differs from
-    what :func:`check` checked (so a file changed between the check and the read cannot slip through)."""
-
-    def __init__(self, blob: Any, checked: list[tuple[int, np.ndarray]], block: int) -> None:
-        cur = _Cursor(blob)
-        self.blob = cur.mapped if cur.mapped is not None else blob
-        self.checked, self.block = checked, block
-        self.pos = self.next = 0
-
-    def read(self, n: int) -> bytes:
-        start = self.pos
-        data = np.asarray(self.blob[start : start + min(n, self.block)], np.uint8)
-        end = self.pos = start + len(data)
-        while self.next < len(self.checked) and self.checked[self.next][0] < end:
-            at, want = self.checked[self.next]
-            lo, hi = max(at, start), min(at + len(want), end)
-            if not np.array_equal(data[lo - start : hi - start], want[lo - at : hi - at]):
-                raise MalformedBlob(f"FAISS blob, byte {lo}: changed since it was checked")
-            if at + len(want) > end:  # goes on in the next block
-                break
-            self.next += 1
-        return data.tobytes()
-
-    def reader(self) -> Any:
-        import faiss
-
-        return faiss.PyCallbackIOReader(self.read, self.block)
 
 
 def _index_header(cur: _Cursor, dim: int, ntotal: int, what: str) -> None:

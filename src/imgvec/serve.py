@@ -16,8 +16,11 @@ cannot reach it through DNS rebinding), never writes the store, bounds request b
 runs in one thread of its own, one batch at a time (uploads waiting for it go through together),
 while decoding and searches run side by side. Each request compares the store file's identity
 (inode, size, mtime) with the one loaded: when ``embed`` has published a new store, the service
-loads it and answers from it, or, when it cannot (an index it cannot bring up to date), keeps
-answering from the one it has and says so in every answer.
+loads it and answers from it, or, when it cannot (an index file it cannot read, say), keeps
+answering from the one it has and says so in every answer. The store is searched as ``imgvec query``
+searches it (:func:`imgvec.api._open_index`): its index file, rows embedded after the index
+exhaustively beside it, and every row exhaustively where there is no index file (a small store) or
+the index predates rows removed; the notes query prints say so in ``/api/info`` and in every answer.
 """
 
 from __future__ import annotations
@@ -81,14 +84,20 @@ class Snapshot:
     keys: list[str]
     labels: list[str]
     rows_of: dict[str, int]
-    index: "VectorIndex"
-    index_file: str | None  # None: a flat index made in memory (small store, no index file)
-    extended: int  # rows the service added in memory to what the index file covers
+    index: "VectorIndex | None"  # None: every row searched exhaustively (as imgvec query does)
+    index_file: str | None  # the index file searched; None when there is none or it cannot be used
+    unindexed: int  # rows after those the index holds, searched exhaustively beside it
+    notes: list[str]  # imgvec query's notes: what is searched how, and the fix
     store: Any  # the open Store: stored vectors are read from it
 
     @property
     def rows(self) -> int:
         return len(self.keys)
+
+    @property
+    def kind(self) -> str:
+        """The index kind answers name: ``flat`` when every row is searched exhaustively (as query says)."""
+        return self.index.kind if self.index else "flat"
 
 
 class ModelWorker:
@@ -137,7 +146,7 @@ class Service:
     """The store at ``store``, its index and its model, loaded once and kept up to date.
 
     Read-only: the store and its index file are opened for reading and never written; rows
-    the store gained after its index was built are added to the index in memory only.
+    the store gained after its index was built are searched exhaustively beside it.
     """
 
     def __init__(self, store: str | os.PathLike[str], runtime: str = "auto", k: int = 10,
@@ -180,35 +189,21 @@ class Service:
         return self.snapshot
 
     def _load(self, stamp: tuple[Any, ...]) -> Snapshot:
+        from .api import _open_index
         from .store import open_store
 
         store = open_store(self.path)
         try:
-            index, index_file, extended = self._index_for(store)
+            index, unindexed, notes = _open_index(store, None)
             keys, labels = store.paths(), store.labels()
             prov = store.provenance
             self._load_model(prov)
             return Snapshot(stamp, prov, store.store_id, store.generation, store.root, keys, labels,
-                            {k: i for i, k in enumerate(keys)}, index, index_file, extended, store)
+                            {k: i for i, k in enumerate(keys)}, index, str(self.index_path) if index else None,
+                            unindexed, notes, store)
         except BaseException:
             store.close()
             raise
-
-    def _index_for(self, store: Any) -> tuple["VectorIndex", str | None, int]:
-        """The store's index covering every row: its file, extended in memory by rows added since;
-        for a small store with no index file, a flat index made in memory."""
-        from .index import AUTO_FLAT_MAX_ROWS, build_index, can_extend, extend_index, load_index
-
-        if self.index_path.exists():
-            index = load_index(self.index_path)
-            covered = index.rows
-            if index.rows < store.rows and can_extend(index, store):
-                extend_index(index, store)
-            index.check_covers(store, f"index {self.index_path}")
-            return index, str(self.index_path), index.rows - covered
-        if store.rows > AUTO_FLAT_MAX_ROWS:
-            raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-        return build_index(store, "flat"), None, 0
 
     def _load_model(self, prov: "Provenance") -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
@@ -245,11 +240,13 @@ class Service:
 
     def _answer(self, snap: Snapshot, query: str, vector: np.ndarray, k: int) -> QueryResults:
         """The ``k`` neighbours of ``vector`` as the result ``imgvec query`` gives for one image."""
-        scores, ids = snap.index.search(vector.reshape(1, -1), k)
+        from .index import search_store
+
+        scores, ids = search_store(snap.store, vector.reshape(1, -1), k, snap.index)
         found = [Neighbour(r + 1, snap.keys[i], float(s), snap.labels[i])
                  for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0])) if i >= 0]
-        return QueryResults(snap.provenance, [QueryResult(query, found)], [], snap.index.kind, self.path, snap.root,
-                            snap.index_file or "")
+        return QueryResults(snap.provenance, [QueryResult(query, found)], [], snap.kind, self.path, snap.root,
+                            snap.index_file or "", unindexed=snap.unindexed, notes=snap.notes)
 
     def query_path(self, path: str, k: int | str | None = None) -> tuple[Snapshot, QueryResults]:
         """The neighbours of a stored image, from its stored vector (no decoding, no model)."""
@@ -307,8 +304,9 @@ class Service:
         return {
             "store": str(self.path), "store_id": snap.store_id, "generation": snap.generation, "rows": snap.rows,
             "dim": snap.provenance.dim, "root": snap.root,
-            "index": {"kind": snap.index.kind, "file": snap.index_file, "rows": snap.index.rows,
-                      "added_in_memory": snap.extended},
+            "index": {"kind": snap.kind, "file": snap.index_file, "rows": snap.rows - snap.unindexed,
+                      "unindexed": snap.unindexed},
+            "notes": snap.notes,
             "provenance": asdict(snap.provenance),
             "runtime": self.embedder.engine_.runtime if self.embedder and self.embedder.engine_ else None,
             "stale": self.stale,
@@ -350,6 +348,8 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
         out = dict(_SECURITY_HEADERS)
         if snap is not None:
             out.update({"X-Imgvec-Generation": str(snap.generation), "X-Imgvec-Rows": str(snap.rows)})
+            if snap.notes:  # what imgvec query prints on stderr for this store and index
+                out["X-Imgvec-Notes"] = " | ".join(snap.notes).encode("ascii", "replace").decode()
         if service.stale:
             out["X-Imgvec-Stale"] = service.stale.encode("ascii", "replace").decode()
         return out
@@ -417,7 +417,7 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
         from .html import render
 
         snap = service.current()
-        sub = [f"{snap.rows} images in {service.path}; {snap.index.kind} index; cosine similarity"]
+        sub = [f"{snap.rows} images in {service.path}; {snap.kind} index; cosine similarity", *snap.notes]
         text = render("serve.html", title="imgvec serve", provenances=[snap.provenance], subtitle=sub,
                       k=service.default_k, max_k=MAX_K, stale=service.stale)
         return HTMLResponse(text, headers=headers(snap))
@@ -487,7 +487,7 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
     shown = f"[{host}]" if ":" in host else host
     open_to = ("" if allowed_hosts_for(host) else
                "; listening beyond this machine: anyone who can reach it can search the store and see its images")
-    say(f"imgvec serve: http://{shown}:{sock.getsockname()[1]}/ ({service.path}: {snap.rows} rows, {snap.index.kind} "
+    say(f"imgvec serve: http://{shown}:{sock.getsockname()[1]}/ ({service.path}: {snap.rows} rows, {snap.kind} "
         f"index, {snap.provenance.describe()}){open_to}; Ctrl-C stops")
     config = uvicorn.Config(create_app(service, allowed_hosts_for(host)), log_level="warning", access_log=False,
                             limit_concurrency=256, timeout_graceful_shutdown=2)
