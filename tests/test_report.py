@@ -4,7 +4,7 @@ import csv
 import io
 import json
 
-from imgvec.report import render, to_csv
+from imgvec.report import table as report_table, to_csv, to_json
 
 
 def test_csv_defuses_formulas_and_keeps_odd_names_intact():
@@ -21,10 +21,10 @@ def test_csv_header_is_defused_too():
     assert rows[0] == ["path", "'=cmd|' /C calc'!A0", "'+x"]
 
 
-def test_render_formats():
+def test_json_and_table_formats():
     data = [{"name": "<script>.jpg", "score": 0.25}]
-    assert json.loads(render("json", data, ["name", "score"], [("<script>.jpg", 0.25)])) == data
-    table = render("table", data, ["name", "score"], [("[bold]x[/bold].jpg", 0.25)])
+    assert json.loads(to_json(data)) == data
+    table = report_table(None, ["name", "score"], [("[bold]x[/bold].jpg", 0.25)])
     assert "[bold]x[/bold].jpg" in table and "0.2500" in table  # rich markup in names is shown, not applied
 
 

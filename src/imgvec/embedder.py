@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
-from .checks import MAX_IMAGE_SIZE, check_choice, check_image_size, sha256_file  # noqa: F401 (MAX_IMAGE_SIZE: re-exported)
+from .checks import check_choice, check_image_size, sha256_file
 from .device import DEVICES, PRECISIONS
 from .errors import BadInputError, ImageSkipped, MismatchError, param
 from .images import DEFAULT_MAX_PIXELS, load_image

@@ -103,13 +103,3 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
         console.print(escape(shown(title)), soft_wrap=True)
     console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
-
-
-def render(fmt: str, json_data: Any, header: Sequence[str], rows: Sequence[Sequence[Any]],
-           title: str | None = None, justify: Sequence[str] | None = None) -> str:
-    """One result in the format the user asked for."""
-    if fmt == "json":
-        return to_json(json_data)
-    if fmt == "csv":
-        return to_csv(header, rows)
-    return table(title, header, rows, justify)
