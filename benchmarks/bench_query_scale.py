@@ -115,6 +115,41 @@ def _build(store: Path, kind: str, index: Path) -> dict[str, Any]:
     return {"build_s": float(out[0]), "build_peak_rss_mb": int(out[1]) / 1024, "index_mb": index.stat().st_size / 2**20}
 
 
+def store_for(rows: int) -> Path:
+    return OUT / f"query-scale-{rows}x{DIM}.h5"
+
+
+def scale_store(rows: int) -> Path:
+    """The generated store of ``rows`` (``benchmarks.make_store``), written unless it is there."""
+    from .make_store import write_store
+
+    store = store_for(rows)
+    if not store.exists():
+        t = time.perf_counter()
+        write_store(store, rows, DIM)
+        print(f"  wrote {store.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    return store
+
+
+def index_for(store: Path, kind: str) -> Path:
+    return store.with_name(f"{store.stem}.{kind}.index.h5")
+
+
+def figures_for(index: Path) -> Path:
+    """Where an index's build figures are kept beside it, for a later run that reuses the index."""
+    return index.with_name(index.name + ".build.json")
+
+
+def built(store: Path, kind: str, index: Path, keep: bool) -> dict[str, Any]:
+    """Build the index, or with ``keep`` reuse one a previous run built (and its build figures, kept beside it)."""
+    figures = figures_for(index)
+    if keep and index.exists() and figures.exists() and figures.stat().st_mtime >= index.stat().st_mtime:
+        return json.loads(figures.read_text())
+    built = _build(store, kind, index)
+    figures.write_text(json.dumps(built))
+    return built
+
+
 def _query(store: Path, index: Path, photo: Path) -> dict[str, Any]:
     """One whole ``imgvec query`` process: wall seconds (start-up included) and its memory at the end."""
     report = OUT / "query-scale-report.json"
@@ -141,19 +176,13 @@ def _profile(store: Path, index: Path, photo: Path) -> dict[str, Any]:
 def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: bool,
             done: Callable[[dict[str, Any]], None]) -> None:
     """Measure each index kind over a generated store of ``rows``; ``done(row)`` after each."""
-    from .make_store import write_store
-
-    store = OUT / f"query-scale-{rows}x{DIM}.h5"
-    if not store.exists():
-        t = time.perf_counter()
-        write_store(store, rows, DIM)
-        print(f"  wrote {store.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    store = scale_store(rows)
     try:
         for kind in kinds:
-            index = store.with_name(f"{store.stem}.{kind}.index.h5")
+            index = index_for(store, kind)
             row: dict[str, Any] = {"rows": rows, "kind": kind, "load_average_before": load_average(),
                                    "mem_available_gb_before": round(free_gb(), 1)}
-            row.update(_build(store, kind, index))
+            row.update(built(store, kind, index, keep))
             _query(store, index, photo)  # fills the compiled-model cache, warms the page cache
             runs = [_query(store, index, photo) for _ in range(repeats)]
             row.update(median_s=statistics.median(r["wall_s"] for r in runs), runs_s=[r["wall_s"] for r in runs],
@@ -167,6 +196,7 @@ def measure(rows: int, kinds: tuple[str, ...], repeats: int, photo: Path, keep: 
             done(row)
             if not keep:
                 index.unlink()
+                figures_for(index).unlink(missing_ok=True)
     finally:
         if not keep:
             store.unlink(missing_ok=True)
@@ -202,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=None, help="row counts to measure instead")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated index kinds")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--keep", action="store_true", help="keep the generated stores and indexes")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the generated stores and indexes, and reuse the ones an earlier --keep run left")
     args = ap.parse_args(argv)
     sizes = args.rows or ([20_000] if args.quick else [100_000, 300_000] + ([1_000_000] if args.full else []))
     kinds = tuple(args.kinds.split(","))

@@ -1,9 +1,12 @@
 """``imgvec serve`` under load: latency percentiles and throughput with concurrent clients.
 
-A generated store (random unit rows, paths ``img_0000000.jpg``..., random-weight mobilenetv2 at
-224 px, 1280-d) gets an HNSW index; ``imgvec serve`` runs as its own process on 127.0.0.1 with
-the OpenVINO runtime, and client threads (httpx, one connection each) send, for a bounded number
-of requests and time:
+The store is bench_query_scale's (``benchmarks.make_store``: clustered unit rows, paths
+``img_0000000.jpg``..., random-weight mobilenetv2 at 224 px, 1280-d) with its HNSW index, both
+kept and shared with that benchmark (a 1M-row HNSW index takes most of an hour to build here);
+``imgvec serve STORE --index HNSW`` runs as its own process on 127.0.0.1 with the OpenVINO
+runtime, and client threads (``http.client``, one keep-alive connection each: the lightest
+client the standard library has, so the clients take as little as they can of the two cores the
+server needs) send, for a bounded number of requests and time:
 
 - ``GET /api/query?path=...&k=10``: a random stored path each time (the stored vector, no model);
 - ``POST /api/query?k=10`` with a 500x375 photo-like JPEG (decode, model, search).
@@ -11,13 +14,15 @@ of requests and time:
 Latency is per request as the client sees it (client threads share the machine with the server:
 on a 2-core machine they compete with it for the CPU). Throughput is answered requests per second.
 
-    python -m benchmarks.bench_serve [--quick] [--rows 100000] [--full (1,000,000 rows)]
+    python -m benchmarks.bench_serve [--quick] [--rows 100000] [--full (1,000,000 rows)] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -29,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import OUT, generated_store, md_table, photo_like, write_result
+from .common import OUT, md_table, photo_like, write_result
 
 NAME = "serve"
 DIM = 1280
@@ -41,20 +46,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "IMGVEC_CACHE_DIR": str(CACHE)}
 
 
-def make_store(rows: int) -> Path:
-    """The benchmark store: random unit vectors with mobilenetv2 provenance (see common.generated_store)."""
-    def unit_rows(start: int, n: int) -> np.ndarray:
-        x = np.random.default_rng(start).standard_normal((n, DIM)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+def make_store(rows: int) -> tuple[Path, Path, list[Path]]:
+    """bench_query_scale's store of ``rows`` and its HNSW index (made if missing); the files made now."""
+    from .bench_query_scale import built, figures_for, index_for, scale_store, store_for
 
-    return generated_store(OUT / f"serve-{rows}.h5", rows, DIM, unit_rows)
-
-
-def make_index(store: Path) -> Path:
-    index = store.with_name(store.stem + ".index.h5")
-    if not index.exists():
-        subprocess.run([sys.executable, "-m", "imgvec", "index", str(store), "--kind", "hnsw"], check=True, env=_env())
-    return index
+    store = store_for(rows)
+    index = index_for(store, "hnsw")
+    made = [path for path in (store, index, figures_for(index)) if not path.exists()]
+    scale_store(rows)
+    built(store, "hnsw", index, keep=True)
+    return store, index, made
 
 
 def jpeg_500x375() -> bytes:
@@ -66,24 +67,31 @@ def jpeg_500x375() -> bytes:
 
 
 class Server:
-    """``imgvec serve`` in a child process; its URL once it says it is ready, its peak RSS at the end."""
+    """``imgvec serve`` in a child process; its port once it says it is ready, its peak RSS at the end."""
 
-    def __init__(self, store: Path, port: int = 0) -> None:
+    def __init__(self, store: Path, index: Path) -> None:
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = port or s.getsockname()[1]
+            self.port = s.getsockname()[1]
         t = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "imgvec", "serve", str(store), "--port", str(port),
-                                      "--runtime", "openvino"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env=_env())
+        self.proc = subprocess.Popen([sys.executable, "-m", "imgvec", "serve", str(store), "--index", str(index),
+                                      "--port", str(self.port), "--runtime", "openvino"], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, env=_env())
         line = self.proc.stderr.readline() if self.proc.stderr else ""
         if not line.startswith("imgvec serve: http"):
             self.proc.kill()
             raise RuntimeError(f"imgvec serve did not start: {line}")
         self.start_s = time.perf_counter() - t
-        self.url = f"http://127.0.0.1:{port}"
+
+    def get_json(self, target: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("GET", target)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -96,12 +104,13 @@ class Server:
         self.proc.wait(30)
 
 
-def load(url: str, request: Callable[[Any, int], Any], clients: int, max_requests: int, max_seconds: float,
-         warmup: int = 3) -> dict[str, Any]:
-    """``clients`` threads, each its own connection, send ``request(client, i)`` until ``max_requests`` in
-    all or ``max_seconds``; latency percentiles (ms) and throughput (answered requests/s)."""
-    import httpx
+Request = Callable[[http.client.HTTPConnection, int], int]  # sends request i, returns the status
 
+
+def load(port: int, request: Request, clients: int, max_requests: int, max_seconds: float,
+         warmup: int = 3) -> dict[str, Any]:
+    """``clients`` threads, each its own keep-alive connection, send ``request(conn, i)`` until
+    ``max_requests`` in all or ``max_seconds``; latency percentiles (ms) and throughput (answered/s)."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -109,9 +118,10 @@ def load(url: str, request: Callable[[Any, int], Any], clients: int, max_request
     deadline = [float("inf")]  # set once every client is ready
 
     def worker(seed: int) -> None:
-        with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
             for i in range(warmup):  # connection set up, first-touch costs: not measured
-                request(client, seed * 1_000_003 + i)
+                request(conn, seed * 1_000_003 + i)
             barrier.wait()
             n = 0
             while True:
@@ -121,13 +131,15 @@ def load(url: str, request: Callable[[Any, int], Any], clients: int, max_request
                     issued[0] += 1
                 n += 1
                 t = time.perf_counter()
-                r = request(client, seed * 7919 + n)
+                status = request(conn, seed * 7919 + n)
                 dt = time.perf_counter() - t
                 with lock:
-                    if r.status_code == 200:
+                    if status == 200:
                         latencies.append(dt)
                     else:
                         errors[0] += 1
+        finally:
+            conn.close()
 
     barrier = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
@@ -147,14 +159,16 @@ def load(url: str, request: Callable[[Any, int], Any], clients: int, max_request
             "throughput_rps": len(latencies) / wall if wall > 0 else float("nan")}
 
 
-def stages(store: Path, body: bytes, repeats: int = 50) -> dict[str, float]:
+def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str, float]:
     """Where a request's time goes, in this process without HTTP: median ms of each stage of the service."""
     os.environ.update(_env())
+    import faiss
     from imgvec.images import load_image
     from imgvec.index import search_store
     from imgvec.serve import Service
 
-    service = Service(store, runtime="openvino")
+    faiss.omp_set_num_threads(1)  # as imgvec serve runs its searches
+    service = Service(store, runtime="openvino", index=index)
     snap = service.current()
     rows = snap.rows
 
@@ -180,37 +194,48 @@ def stages(store: Path, body: bytes, repeats: int = 50) -> dict[str, float]:
     return out
 
 
-def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_requests: int, seconds: float
-            ) -> dict[str, Any]:
-    store = make_store(rows)
-    make_index(store)
-    body = jpeg_500x375()
-    server = Server(store)
+def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_requests: int, seconds: float,
+            keep: bool) -> dict[str, Any]:
+    store, index, made = make_store(rows)
     try:
-        def get(client: Any, i: int) -> Any:
-            row = (i * 2654435761) % rows
-            return client.get("/api/query", params={"path": f"img_{row:07d}.jpg", "k": 10})
+        body = jpeg_500x375()
+        load_before = load_average()
+        server = Server(store, index)
+        try:
+            def get(conn: http.client.HTTPConnection, i: int) -> int:
+                row = (i * 2654435761) % rows
+                conn.request("GET", f"/api/query?path=img_{row:07d}.jpg&k=10")
+                response = conn.getresponse()
+                response.read()
+                return response.status
 
-        def post(client: Any, i: int) -> Any:
-            return client.post("/api/query", params={"k": 10}, content=body,
-                               headers={"Content-Type": "image/jpeg"})
+            def post(conn: http.client.HTTPConnection, i: int) -> int:
+                conn.request("POST", "/api/query?k=10", body=body, headers={"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                response.read()
+                return response.status
 
-        runs = []
-        for n in clients:
-            runs.append({"endpoint": "GET /api/query?path=...&k=10", **load(server.url, get, n, get_requests, seconds)})
-            runs.append({"endpoint": "POST /api/query?k=10 (500x375 JPEG)",
-                         **load(server.url, post, n, post_requests, seconds)})
-        import httpx
-
-        info = httpx.get(server.url + "/api/info", trust_env=False, timeout=60).json()
-        rss = server.peak_rss_mb()
+            runs = []
+            for n in clients:
+                runs.append({"endpoint": "GET /api/query?path=...&k=10",
+                             **load(server.port, get, n, get_requests, seconds)})
+                runs.append({"endpoint": "POST /api/query?k=10 (500x375 JPEG)",
+                             **load(server.port, post, n, post_requests, seconds)})
+            info = server.get_json("/api/info")
+            rss = server.peak_rss_mb()
+        finally:
+            server.stop()
+        load_after = load_average()
+        profile = stages(store, index, body)
     finally:
-        server.stop()
-    profile = stages(store, body)
+        if not keep:
+            for path in made:
+                path.unlink(missing_ok=True)
     return {"rows": rows, "dim": DIM, "stages_ms": profile, "index_kind": info["index"]["kind"],
             "runtime": info["runtime"],
             "backbone": f"{info['provenance']['backbone']} @ {info['provenance']['input_size']}px, random weights",
-            "jpeg_bytes": len(body), "server_start_s": server.start_s, "server_peak_rss_mb": rss, "runs": runs}
+            "jpeg_bytes": len(body), "server_start_s": server.start_s, "server_peak_rss_mb": rss,
+            "load_average_before": load_before, "load_average_after": load_after, "runs": runs}
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -218,8 +243,9 @@ def markdown(data: dict[str, Any]) -> str:
     for m in data["measurements"]:
         out.append(f"`imgvec serve` on a {m['rows']:,} x {m['dim']} generated store, {m['index_kind']} index, "
                    f"{m['backbone']} on {m['runtime']}; the server ready {m['server_start_s']:.1f} s after start, "
-                   f"peak RSS {m['server_peak_rss_mb']:,.0f} MB. Client threads on the same machine "
-                   f"(load average at the start {data['load_average'][0]:.1f}).\n\n")
+                   f"peak RSS {m['server_peak_rss_mb']:,.0f} MB. Client threads (`http.client`) on the same "
+                   f"machine; load average {m.get('load_average_before', data['load_average'])[0]:.1f} "
+                   f"before, {m.get('load_average_after', data['load_average_end'])[0]:.1f} after.\n\n")
         out.append(md_table(["request", "clients", "answered", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
                             [(r["endpoint"], r["clients"], r["requests"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
                               r["throughput_rps"]) for r in m["runs"]]))
@@ -247,20 +273,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10,000 rows, fewer requests")
     ap.add_argument("--full", action="store_true", help="also 1,000,000 rows (a 5 GB store)")
-    ap.add_argument("--rows", type=int, default=None, help="one store of this many rows instead")
+    ap.add_argument("--rows", type=int, nargs="*", default=None,
+                    help="these store sizes instead (their results replace those sizes' earlier ones)")
     ap.add_argument("--seconds", type=float, default=None, help="at most this long per load run")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the stores and indexes this run makes (bench_query_scale --keep reuses them)")
     args = ap.parse_args(argv)
-    sizes = [args.rows] if args.rows else [10_000] if args.quick else [100_000] + ([1_000_000] if args.full else [])
+    sizes = args.rows or ([10_000] if args.quick else [100_000] + ([1_000_000] if args.full else []))
     seconds = args.seconds or (10.0 if args.quick else 30.0)
-    load_average = os.getloadavg()
-    measurements = [measure(rows, (1, 8), 300 if args.quick else 2000, 60 if args.quick else 400, seconds)
-                    for rows in sizes]
-    data = {"quick": args.quick, "load_average": load_average, "load_average_end": os.getloadavg(),
-            "measurements": measurements}
     name = NAME + ("-quick" if args.quick else "")
+    load_start = load_average()
+    measurements = [measure(rows, (1, 8), 300 if args.quick else 2000, 60 if args.quick else 400, seconds, args.keep)
+                    for rows in sizes]
+    if args.rows:
+        from .common import RESULTS
+
+        previous = RESULTS / f"{name}.json"
+        earlier = json.loads(previous.read_text()).get("measurements", []) if previous.exists() else []
+        measurements = sorted([m for m in earlier if m["rows"] not in sizes] + measurements, key=lambda m: m["rows"])
+    data = {"quick": args.quick, "load_average": load_start, "load_average_end": load_average(),
+            "measurements": measurements}
     print(f"wrote {write_result(name, data)}", file=sys.stderr)
-    print(markdown({**data}))
+    print(markdown(data))
     return data
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 if __name__ == "__main__":

@@ -306,6 +306,28 @@ def test_an_index_file_is_searched_as_query_searches_it_or_the_service_says_it_i
     assert info["stale"] is None and info["notes"] == [] and info["index"]["file"] == str(index_file)
 
 
+def test_an_index_named_with_index_is_the_one_searched(tmp_path, image_dir: Path, small):
+    """--index FILE: that file is searched (and watched), as `imgvec query --index` does; a named file
+    that does not exist is one line, not a silent exhaustive search."""
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    store = tmp_path / "photos.h5"
+    imgvec.embed([folder], store, **small)
+    elsewhere = tmp_path / "indexes" / "photos.hnsw.h5"
+    elsewhere.parent.mkdir()
+    imgvec.build_index(store, kind="hnsw", output=elsewhere)
+    assert not store.with_name("photos.index.h5").exists()
+    client = _client(serve.Service(store, index=elsewhere))
+    info = client.get("/api/info").json()
+    assert info["index"] == {"kind": "hnsw", "file": str(elsewhere), "rows": 24, "unindexed": 0}
+    r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 3})
+    assert r.status_code == 200 and _hits(r)[0]["path"] == "reds/reds_001.png"
+    with pytest.raises(imgvec.BadInputError, match="no such index"):
+        serve.Service(store, index=tmp_path / "missing.index.h5")
+    out = _imgvec("serve", str(store), "--index", str(tmp_path / "missing.index.h5"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.index.h5: no such index" in out.stderr
+
+
 # -- concurrency ---------------------------------------------------------------------------------
 def test_the_model_runs_one_batch_at_a_time_while_searches_go_on(served, image_dir: Path):
     service = served["service"]

@@ -592,11 +592,12 @@ def serve(
     runtime: str = RuntimeOpt,
     k: int = typer.Option(10, "-k", help="neighbours per query unless a request asks for another number"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
+    index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
 ) -> None:
     """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
     from . import serve as service
 
-    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err)
+    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path)
 
 
 def main() -> None:

@@ -151,11 +151,12 @@ class Service:
 
     def __init__(self, store: str | os.PathLike[str], runtime: str = "auto", k: int = 10,
                  weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_body: int = MAX_BODY_BYTES) -> None:
+                 max_body: int = MAX_BODY_BYTES, index: str | os.PathLike[str] | None = None) -> None:
         from .index import index_path_for
 
         self.path = Path(store)
-        self.index_path = index_path_for(self.path)
+        self.index_given = index is not None  # a named index file must exist; the default one may not
+        self.index_path = Path(index) if index is not None else index_path_for(self.path)
         self.runtime, self.weights = runtime, weights
         self.max_pixels, self.max_body = int(max_pixels), int(max_body)
         self.default_k = self.check_k(k)
@@ -194,7 +195,7 @@ class Service:
 
         store = open_store(self.path)
         try:
-            index, unindexed, notes = _open_index(store, None)
+            index, unindexed, notes = _open_index(store, self.index_path if self.index_given else None)
             keys, labels = store.paths(), store.labels()
             prov = store.provenance
             self._load_model(prov)
@@ -473,15 +474,22 @@ def listen(host: str, port: int) -> "socket.socket":
 
 def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runtime: str = "auto",
         k: int = 10, weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_body: int = MAX_BODY_BYTES, say: Callable[[str], None] = print) -> None:
+        max_body: int = MAX_BODY_BYTES, say: Callable[[str], None] = print,
+        index: str | os.PathLike[str] | None = None) -> None:
     """Load ``store`` (its index, its model) and serve it on ``host``:``port`` until interrupted.
 
     Everything that can fail (the store, the model, the port) fails before serving starts, as one
     :class:`ImgvecError`. ``say`` gets one line when the service is ready.
     """
+    import faiss
     import uvicorn
 
-    service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body)
+    # Requests are the parallelism here: each search runs on one thread. FAISS's own threads for a
+    # single query only add hand-offs (flat, 200k x 1280, quiet machine: 68 ms on 2 threads, 54 ms on
+    # one; HNSW beside busy cores: 16 ms p50 against 4 ms).
+    faiss.omp_set_num_threads(1)
+    service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body,
+                      index=index)
     sock = listen(host, port)
     snap = service.snapshot
     shown = f"[{host}]" if ":" in host else host

@@ -52,6 +52,9 @@ class Store:
     def __init__(self, h5: Any, path: Path) -> None:
         self.h5 = h5
         self.path = path
+        # Opened read-only, the file never changes under us (writers publish a new file by rename), so
+        # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
+        self._fixed = h5.mode == "r"
         try:
             self.header = read_header(h5.attrs, path, "store")
             self.provenance = self.header.provenance
@@ -88,12 +91,12 @@ class Store:
 
     @property
     def rows(self) -> int:
-        return int(self._attr("rows"))
+        return self.header.rows if self._fixed else int(self._attr("rows"))
 
     @property
     def generation(self) -> int:
         """Bumped whenever rows are removed, so an index knows its row numbers went stale."""
-        return int(self._attr("generation", 0))
+        return self.header.generation if self._fixed else int(self._attr("generation", 0))
 
     def current_header(self) -> Header:
         """The header as the store is now (rows and generation change while a writer appends)."""
