@@ -157,3 +157,28 @@ def test_index_files_are_written_in_bounded_blocks_and_mapped_on_load(tmp_path: 
     start = loaded.mapping.ctypes.data
     assert start <= vectors.ctypes.data < start + len(loaded.mapping)  # a view of the file, not a copy
     np.testing.assert_array_equal(loaded.search(x[:20], 5)[1], index.search(x[:20], 5)[1])
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, stop = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < stop
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError("no mapping holds the index")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("kind, random", [("hnsw", True), ("ivfpq", True), ("flat", False)])
+def test_approximate_indexes_are_mapped_for_scattered_reads(tmp_path: Path, kind: str, random: bool):
+    """HNSW and IVF-PQ searches touch scattered vectors: their mapping is advised random (no read-ahead
+    around each, which on a cold cache cost 3.1 s against 0.19 s per search at 1M rows); a flat
+    index is read from end to end and keeps the kernel's read-ahead."""
+    with _store(tmp_path / "s.h5", _clustered(2000, 32)) as s:
+        build_index(s, kind).save(tmp_path / "s.index.h5")
+    loaded = load_index(tmp_path / "s.index.h5")
+    assert ("rr" in _vm_flags(loaded.mapping.ctypes.data)) is random

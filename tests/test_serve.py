@@ -84,6 +84,51 @@ def test_info_says_what_is_served(served):
     assert info["runtime"] == "openvino" and info["stale"] is None and info["default_k"] == 10
 
 
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (mincore over a fresh read-only map)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, np.uint8)
+        vec = (ctypes.c_ubyte * pages)()
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+        del view
+        return sum(b & 1 for b in vec) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
+    """A service answers from all over the index and the store: both files are asked into the page
+    cache at load, in the background, and /api/info says when that was done."""
+    from imgvec.provenance import Provenance
+    from imgvec.store import create_store
+
+    store = tmp_path / "big.h5"  # big enough that opening it and its index reads only a small part
+    rows = np.random.default_rng(0).standard_normal((30_000, 576)).astype(np.float32)
+    prov = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", 576)
+    with create_store(store, prov, str(tmp_path)) as writer:
+        writer.append(rows, [f"img_{i:05d}.jpg" for i in range(len(rows))], [""] * len(rows))
+    index_file = imgvec.build_index(store, kind="flat").path
+    for path in (store, index_file):
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert _resident_fraction(store) < 0.5 and _resident_fraction(index_file) < 0.5
+    service = serve.Service(store)
+    assert service.preloaded.wait(30)
+    assert _client(service).get("/api/info").json()["preloading"] is False
+    deadline = time.monotonic() + 30  # the reads were asked for; the disk may still be answering
+    while min(_resident_fraction(store), _resident_fraction(index_file)) < 0.9 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _resident_fraction(store) > 0.9 and _resident_fraction(index_file) > 0.9
+
+
 def test_query_by_stored_path_is_the_cli_record(served):
     want = _cli_record(served["store"], served["folder"] / "blues" / "blues_002.png", 5)
     for path in ("blues/blues_002.png", f"{served['folder']}/blues/blues_002.png"):  # as stored, or under the root

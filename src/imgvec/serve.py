@@ -55,6 +55,7 @@ DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 32 << 20  # an uploaded image; the pixel limit then bounds what decoding it costs
 MAX_K = 1000
 MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
+PRELOAD_STEP = 128 << 10  # bytes per read-ahead request when the service asks its files into memory
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -166,6 +167,7 @@ class Service:
         self.stale: str | None = None  # why the store on disk is newer than what is served
         self._failed: tuple[Any, ...] | None = None
         self._reload = threading.Lock()
+        self.preloaded = threading.Event()  # set once the store and index files were asked into memory
         self.snapshot: Snapshot = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
@@ -199,12 +201,43 @@ class Service:
             keys, labels = store.paths(), store.labels()
             prov = store.provenance
             self._load_model(prov)
+            self._preload([self.path, *([self.index_path] if index else [])])
             return Snapshot(stamp, prov, store.store_id, store.generation, store.root, keys, labels,
                             {k: i for i, k in enumerate(keys)}, index, str(self.index_path) if index else None,
                             unindexed, notes, store)
         except BaseException:
             store.close()
             raise
+
+    def _preload(self, paths: list[Path]) -> None:
+        """Ask the kernel to read the store and index files into the page cache, in the background.
+
+        A one-off query reads only the pages it touches; a service answers searches all over the
+        index and reads stored vectors all over the store, so it wants them resident from the start
+        (1M rows, cold cache: a GET took 143 ms p50, each visited vector a disk read, instead of ms).
+        Advice only: where memory is short the kernel reads what fits.
+        """
+        self.preloaded.clear()
+
+        def advise() -> None:
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue  # replaced or removed meanwhile: the next load advises the new one
+                try:
+                    # Linux reads ahead at most its read-ahead window per call (128 KiB by default),
+                    # however long the range: one call per window covers the file.
+                    for start in range(0, os.fstat(fd).st_size, PRELOAD_STEP):
+                        os.posix_fadvise(fd, start, PRELOAD_STEP, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            self.preloaded.set()
+
+        if hasattr(os, "posix_fadvise"):
+            threading.Thread(target=advise, name="imgvec-preload", daemon=True).start()
+        else:  # pragma: no cover - macOS, Windows
+            self.preloaded.set()
 
     def _load_model(self, prov: "Provenance") -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
@@ -311,6 +344,7 @@ class Service:
             "provenance": asdict(snap.provenance),
             "runtime": self.embedder.engine_.runtime if self.embedder and self.embedder.engine_ else None,
             "stale": self.stale,
+            "preloading": not self.preloaded.is_set(),
             "limits": {"max_body_bytes": self.max_body, "max_pixels": self.max_pixels, "max_k": MAX_K},
             "default_k": self.default_k,
         }
