@@ -232,6 +232,15 @@ def markdown(data: dict[str, Any]) -> str:
             "as `imgvec index` wrote it).\n\n")
     text += md_table(["rows", "index", "query s", "cold query s", "peak RSS MB", "private MB", "mapped file MB",
                       "index MB", "build s", "load avg"], rows)
+    verdicts = []
+    for r in (r for r in data["runs"] if r["rows"] >= 1_000_000):
+        limit_s, limit_mb = TARGET_S[r["kind"]], TARGET_RSS_MB.get(r["kind"])
+        met = r["median_s"] <= limit_s and (limit_mb is None or r["peak_rss_mb"] <= limit_mb)
+        verdicts.append(f"{r['kind']} {r['median_s']:.2f} s (<= {limit_s:g} s)"
+                        + (f", {r['peak_rss_mb']:,.0f} MB peak (<= {limit_mb:,} MB)" if limit_mb else "")
+                        + (": met" if met else ": **not met**"))
+    if verdicts:
+        text += "\nTargets at 1,000,000 rows (warm page cache): " + "; ".join(verdicts) + ".\n"
     stages = [(f"{r['rows']:,}", r["kind"], *(r["profile"].get(k, float("nan")) for k in PROFILE_STAGES))
               for r in data["runs"]]
     text += "\nWhere one query process spends its time (seconds):\n\n"

@@ -176,12 +176,39 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
     rows = snap.rows
 
     def ms(fn: Callable[[int], Any]) -> float:
+        """Median ms of ``fn`` over ``repeats`` rows, each run once untimed first (pages touched, as in a
+        warm service), so no stage is charged for first touches an earlier one would have made."""
+        for i in range(repeats):
+            fn((i * 2654435761) % rows)
         times = []
         for i in range(repeats):
             t = time.perf_counter()
             fn((i * 2654435761) % rows)
             times.append(time.perf_counter() - t)
         return statistics.median(times) * 1000
+
+    def per_second(fn: Callable[[int], Any], threads: int = 8, seconds: float = 8.0) -> float:
+        """Calls of ``fn`` answered per second by ``threads`` threads at once: the service without HTTP,
+        what the clients could get at most from this machine."""
+        done = [0]
+        lock = threading.Lock()
+        stop = time.perf_counter() + seconds
+
+        def work(seed: int) -> None:
+            n = 0
+            while time.perf_counter() < stop:
+                fn((seed * 7919 + n) * 2654435761 % rows)
+                n += 1
+            with lock:
+                done[0] += n
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return done[0] / (time.perf_counter() - start)
 
     pixels = load_image("upload", 224, data=io.BytesIO(body))
     batch = np.stack([pixels] * 8)
@@ -192,7 +219,9 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
            "decode_jpeg": ms(lambda i: load_image("upload", 224, data=io.BytesIO(body))),
            "model_1_image": ms(lambda i: service.embedder.embed_arrays(pixels[None])),
            "model_8_images_per_image": ms(lambda i: service.embedder.embed_arrays(batch), ) / 8,
-           "post_without_http": ms(lambda i: service.query_image(body, 10))}
+           "post_without_http": ms(lambda i: service.query_image(body, 10)),
+           "get_8_threads_per_s": per_second(lambda i: service.query_path(f"img_{i:07d}.jpg", 10)),
+           "post_8_threads_per_s": per_second(lambda i: service.query_image(body, 10))}
     service.model.stop()
     return out
 
@@ -261,14 +290,21 @@ def markdown(data: dict[str, Any]) -> str:
                        f"POST {st['post_without_http']:.1f} (JPEG decode {st['decode_jpeg']:.1f}, model "
                        f"{st['model_1_image']:.1f} for one image, {st['model_8_images_per_image']:.1f} per image "
                        f"in a batch of 8). With 8 clients a request mostly waits for the CPU: p50 is about "
-                       f"8 / throughput.\n")
+                       f"8 / throughput.")
+            if "post_8_threads_per_s" in st:
+                out.append(f" Without HTTP or clients, 8 threads calling the service directly get "
+                           f"{st['get_8_threads_per_s']:.0f} GETs/s and {st['post_8_threads_per_s']:.0f} POSTs/s "
+                           f"from this machine: the most 8 clients could have, so a POST p50 no lower than "
+                           f"about {8000 / st['post_8_threads_per_s']:.0f} ms here.")
+            out.append("\n")
         eight = {r["endpoint"].split()[0]: r for r in m["runs"] if r["clients"] == 8}
         if m["rows"] >= 1_000_000 and eight:
             g, p = eight["GET"], eight["POST"]
-            met = (g["p50_ms"] <= TARGETS["get_p50_ms"] and g["p99_ms"] <= TARGETS["get_p99_ms"]
-                   and p["p50_ms"] <= TARGETS["post_p50_ms"])
-            out.append(f"\nTargets at 1M rows, 8 clients (GET p50 <= 20 ms, p99 <= 100 ms; POST p50 <= 60 ms): "
-                       f"{'met' if met else '**not met**'}.\n")
+            verdicts = [f"{what} {got:.1f} ms (<= {limit:g}): {'met' if got <= limit else '**not met**'}"
+                        for what, got, limit in (("GET p50", g["p50_ms"], TARGETS["get_p50_ms"]),
+                                                 ("GET p99", g["p99_ms"], TARGETS["get_p99_ms"]),
+                                                 ("POST p50", p["p50_ms"], TARGETS["post_p50_ms"]))]
+            out.append(f"\nTargets at 1M rows, 8 clients: {'; '.join(verdicts)}.\n")
         out.append("\n")
     return "".join(out)
 
