@@ -314,6 +314,65 @@ def test_strings_sharing_one_heap_object_cannot_multiply_it(case):
     assert_one_line(results, "'/labels'", "strings claim")
 
 
+def _stall(path: Path, collection: int) -> Path:
+    """Make the first object of the heap collection at ``collection`` free space of 0 bytes: HDF5's walk
+    of that collection (HDF5 1.14 and 2.0) never ends, deaf to SIGTERM (found by the fuzz below)."""
+    with open(path, "r+b") as fh:
+        fh.seek(collection + 16)
+        fh.write(b"\0\0")  # object index 0: free space
+        fh.seek(collection + 24)
+        fh.write(b"\0" * 8)  # of 0 bytes
+    return path
+
+
+def test_a_string_attribute_in_a_heap_that_never_ends_is_one_line_not_a_hang(case):
+    from imgvec import h5heap
+
+    with h5py.File(case["store"], "r") as h5:
+        heaps, _ = h5heap.attribute_heaps(h5heap.reader(h5.id.get_vfd_handle()), h5py.h5o.get_info(h5.id).addr,
+                                          case["store"].stat().st_size)
+    store = _stall(case["store"], sorted(set(heaps))[0])
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)],
+                       ["query", str(store), str(case["query"])], ["embed", str(case["images"]), "-o", str(store)]],
+                      [case["other"]], timeout=120)
+    assert_one_line(results, "global heap collection", "does not walk to its end")
+
+
+def test_stored_paths_in_a_heap_that_never_ends_are_one_line_not_a_hang(case):
+    """A collection only one path uses (forged in the unused end of the vectors' chunk, where nothing
+    else looks): reading every path (predict, info) or only a query's hits (query -k 30)."""
+    from imgvec import h5heap
+
+    store = case["store"]
+    with h5py.File(store, "r+") as h5:
+        fd = h5.id.get_vfd_handle()
+        heaps, _ = h5heap.attribute_heaps(h5heap.reader(fd), h5py.h5o.get_info(h5.id).addr, store.stat().st_size)
+        original = min(heaps)
+        size = int.from_bytes(os.pread(fd, 8, original + 8), "little")
+        chunk = h5["embeddings"].id.get_chunk_info(0)
+        forged = chunk.byte_offset + 30 * D * 4 + 64  # past the 30 rows, inside the chunk's bytes
+        assert forged + size <= chunk.byte_offset + chunk.size
+        paths = h5["paths"]
+        _, raw = paths.id.read_direct_chunk((0,))
+        refs = np.frombuffer(raw, [("length", "<u4"), ("heap", "<u8"), ("index", "<u4")]).copy()
+        refs["heap"][29] = forged - forged % 8
+        paths.id.write_direct_chunk((0,), refs.tobytes())
+        forged = int(refs["heap"][29])
+    with open(store, "r+b") as fh:
+        fh.seek(original)
+        block = fh.read(size)
+        fh.seek(forged)
+        fh.write(block)
+    _stall(store, forged)
+    results = run_cli([["predict", str(case["head"]), str(store), "-f", "csv"]], [case["other"]], timeout=120)
+    # query loads its model first (TensorFlow needs more address space than the limit the others run under)
+    queried = run_cli([["query", str(store), str(case["query"]), "-k", "30"]], [case["other"]], limit=16 << 30,
+                      timeout=300)
+    for r in queried:  # it got as far as embedding the photo, and said so
+        r["stderr"] = "".join(line for line in r["stderr"].splitlines(True) if not line.startswith("imgvec: progress:"))
+    assert_one_line(results + queried, "global heap collection", "does not walk to its end")
+
+
 def test_a_22_kb_head_claiming_2m_classes_is_one_short_line(case):
     n = 2_000_000
 

@@ -30,8 +30,8 @@ import numpy as np
 
 from .checks import check_choice
 from .errors import BadInputError, param
-from .artifact import (Expect, Header, check_finite, check_structure, damaged, decode_keys, encode_keys, open_file,
-                       read_header, reading, str_dtype, write_header)
+from .artifact import (Expect, Header, check_finite, check_string_heaps, check_structure, damaged, decode_keys,
+                       encode_keys, open_file, read_header, reading, str_dtype, write_header)
 from .fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
 from .journal import JournalWriter, Record, journal_path, read_journal
@@ -131,7 +131,10 @@ class Store:
             return []
         if wanted[0] < 0 or wanted[-1] >= self.rows:
             raise IndexError(f"rows {wanted[0]}..{wanted[-1]} outside the store's {self.rows}")
-        found = dict(zip(wanted.tolist(), self.h5[name].asstr(errors="surrogateescape")[wanted]))
+        ds = self.h5[name]
+        check_string_heaps(ds, wanted.tolist(), self.path, "store")
+        with reading(self.path, "store"):
+            found = dict(zip(wanted.tolist(), ds.asstr(errors="surrogateescape")[wanted]))
         return [found[int(r)] for r in rows]
 
     def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
