@@ -23,6 +23,7 @@ import numpy as np
 
 MIN_COLLECTION = 4096  # H5HG_MINSIZE: no collection is smaller
 MAX_OBJECTS = 65535  # H5HG_MAXIDX: object indexes are 16 bits
+BATCH_BYTES = 4 << 20  # collections walked together, at most about this many bytes of them
 MAX_HEADER_CHUNKS = 64  # imgvec's headers have 1-3; bounded so a looped continuation cannot spin
 MAX_HEADER_BLOCK = 1 << 20  # imgvec's header blocks are a few KiB: none is read bigger than this
 UNDEFINED = 0xFFFFFFFFFFFFFFFF
@@ -49,21 +50,31 @@ def check_collections(read: Read, addresses: Iterable[int], file_size: int, chec
     side by side (a forward step at a time: at most HDF5's 65,535 objects per collection).
     """
     todo = sorted({int(a) for a in addresses} - checked - {0})  # address 0: empty strings, nothing read
-    if not todo:
-        return
-    blocks = [_collection(read, address, file_size) for address in todo]
-    sizes = np.array([len(b) // 8 for b in blocks], np.int64)
-    words = np.frombuffer(b"".join(blocks), "<u8")
+    batch: list[tuple[int, bytes]] = []
+    held = 0
+    for address in todo:  # a batch at a time, so memory stays bounded however many strings there are
+        block = _collection(read, address, file_size)
+        batch.append((address, block))
+        held += len(block)
+        if held >= BATCH_BYTES:
+            _walk(batch)
+            batch, held = [], 0
+    if batch:
+        _walk(batch)
+    checked.update(todo)
+
+
+def _walk(batch: list[tuple[int, bytes]]) -> None:
+    sizes = np.array([len(block) // 8 for _, block in batch], np.int64)
+    words = np.frombuffer(b"".join(block for _, block in batch), "<u8")
     slots = len(words)
     end, bad = slots, slots + 1  # where a walk stops: at a collection's end, or on an impossible step
-    limit = np.repeat(np.cumsum(sizes), sizes)  # for each slot, its collection's end
     here = np.arange(slots, dtype=np.int64)
-    room = (limit - here) * 8  # bytes from each slot to the end of its collection
-    index = (words & 0xFFFF).astype(np.int64)
+    room = (np.repeat(np.cumsum(sizes), sizes) - here) * 8  # bytes from each slot to its collection's end
     length = np.append(words[1:], np.uint64(0))  # an object's size is the word after its index
     over = length > room.astype(np.uint64)
     size = np.where(over, 0, length).astype(np.int64)
-    need = np.where(index > 0, 16 + ((size + 7) & ~7), size)
+    need = np.where(words & 0xFFFF > 0, 16 + ((size + 7) & ~7), size)
     step = np.where(room < 16, end,  # too small for an object header: free space to the end
                     np.where(over | (need == 0) | (need > room) | (need % 8 != 0), bad,
                              np.where(need == room, end, here + need // 8)))
@@ -73,12 +84,10 @@ def check_collections(read: Read, addresses: Iterable[int], file_size: int, chec
         pos = step[pos]
         if taken % 64 == 63 and (pos >= end).all():
             break
-    ok = pos == end
-    failed = [address for address, good in zip(todo, ok) if not good]
+    failed = [address for (address, _), at in zip(batch, pos) if at != end]
     if failed:
         raise MalformedHeap(f"the global heap collection at byte {failed[0]:,} does not walk to its end (an "
                             "object of 0 bytes, or one past the collection)")
-    checked.update(todo)
 
 
 def _collection(read: Read, address: int, file_size: int) -> bytes:
