@@ -24,6 +24,7 @@ import numpy as np
 MIN_COLLECTION = 4096  # H5HG_MINSIZE: no collection is smaller
 MAX_OBJECTS = 65535  # H5HG_MAXIDX: object indexes are 16 bits
 BATCH_BYTES = 4 << 20  # collections walked together, at most about this many bytes of them
+SIDE_BY_SIDE = 16  # more collections than this in a batch: their walks step together (numpy), else one by one
 MAX_HEADER_CHUNKS = 64  # imgvec's headers have 1-3; bounded so a looped continuation cannot spin
 MAX_HEADER_BLOCK = 1 << 20  # imgvec's header blocks are a few KiB: none is read bigger than this
 UNDEFINED = 0xFFFFFFFFFFFFFFFF
@@ -45,9 +46,9 @@ def check_collections(read: Read, addresses: Iterable[int], file_size: int, chec
     HDF5 steps from object to object: an object of ``n`` bytes with index > 0 takes 16 + n rounded
     up to 8; index 0 (free space) takes its size as is; fewer than 16 bytes left are free space to
     the end. The walk must land exactly on the collection's end through 8-aligned steps that all
-    move forward. A million-row store has thousands of collections: where each 8-byte slot would
-    step to is worked out for all slots at once, then every collection's walk follows those steps
-    side by side (a forward step at a time: at most HDF5's 65,535 objects per collection).
+    move forward. Where each 8-byte slot of a collection would step to is worked out for all slots
+    at once (vectorised, for a batch of collections), then the walks follow those steps, side by side
+    when there are many: at most HDF5's 65,535 objects per collection.
     """
     todo = sorted({int(a) for a in addresses} - checked - {0})  # address 0: empty strings, nothing read
     batch: list[tuple[int, bytes]] = []
@@ -78,13 +79,23 @@ def _walk(batch: list[tuple[int, bytes]]) -> None:
     step = np.where(room < 16, end,  # too small for an object header: free space to the end
                     np.where(over | (need == 0) | (need > room) | (need % 8 != 0), bad,
                              np.where(need == room, end, here + need // 8)))
-    step = np.append(step, [end, bad])
+    step = np.append(step, [end, bad])  # a walk that has stopped stays where it stopped
     pos = np.cumsum(sizes) - sizes + 2  # each collection's first object, after its 16-byte header
-    for taken in range(MAX_OBJECTS + 2):  # every step moves forward: a walk ends within that many
-        pos = step[pos]
-        if taken % 64 == 63 and (pos >= end).all():
-            break
-    failed = [address for (address, _), at in zip(batch, pos) if at != end]
+    if len(batch) > SIDE_BY_SIDE:  # many walks: one vectorised step for all of them at a time
+        for taken in range(MAX_OBJECTS + 1):  # every step moves forward: a walk ends within that many
+            pos = step[pos]
+            if taken % 64 == 63 and (pos >= end).all():
+                break
+        ends = pos.tolist()
+    else:  # a few (a query's hits): each followed on its own, far fewer calls
+        steps, ends = step.tolist(), []
+        for at in pos.tolist():
+            for _ in range(MAX_OBJECTS + 1):
+                if at >= end:
+                    break
+                at = steps[at]
+            ends.append(at)
+    failed = [address for (address, _), at in zip(batch, ends) if at != end]
     if failed:
         raise MalformedHeap(f"the global heap collection at byte {failed[0]:,} does not walk to its end (an "
                             "object of 0 bytes, or one past the collection)")
