@@ -222,7 +222,7 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
            "post_without_http": ms(lambda i: service.query_image(body, 10)),
            "get_8_threads_per_s": per_second(lambda i: service.query_path(f"img_{i:07d}.jpg", 10)),
            "post_8_threads_per_s": per_second(lambda i: service.query_image(body, 10))}
-    service.model.stop()
+    service.close()
     return out
 
 

@@ -127,6 +127,10 @@ def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
     while min(_resident_fraction(store), _resident_fraction(index_file)) < 0.9 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _resident_fraction(store) > 0.9 and _resident_fraction(index_file) > 0.9
+    service._preload([store, index_file])  # asked again (a reload), then closed while it may still run
+    service.close()
+    assert not [t for t in threading.enumerate() if t.name == "imgvec-preload"]
+    assert not service.snapshot.store.h5  # closed
 
 
 def test_query_by_stored_path_is_the_cli_record(served):

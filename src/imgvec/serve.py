@@ -168,6 +168,7 @@ class Service:
         self._failed: tuple[Any, ...] | None = None
         self._reload = threading.Lock()
         self.preloaded = threading.Event()  # set once the store and index files were asked into memory
+        self._preloader: tuple[threading.Thread, threading.Event] | None = None
         self.snapshot: Snapshot = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
@@ -217,7 +218,9 @@ class Service:
         (1M rows, cold cache: a GET took 143 ms p50, each visited vector a disk read, instead of ms).
         Advice only: where memory is short the kernel reads what fits.
         """
+        self._stop_preload()  # a reload's files replace the ones being asked for
         self.preloaded.clear()
+        stop = threading.Event()
 
         def advise() -> None:
             for path in paths:
@@ -229,15 +232,36 @@ class Service:
                     # Linux reads ahead at most its read-ahead window per call (128 KiB by default),
                     # however long the range: one call per window covers the file.
                     for start in range(0, os.fstat(fd).st_size, PRELOAD_STEP):
+                        if stop.is_set():
+                            return
                         os.posix_fadvise(fd, start, PRELOAD_STEP, os.POSIX_FADV_WILLNEED)
                 finally:
                     os.close(fd)
             self.preloaded.set()
 
         if hasattr(os, "posix_fadvise"):
-            threading.Thread(target=advise, name="imgvec-preload", daemon=True).start()
+            # Not a daemon: one frozen at exit while it ran Python (a collection freeing h5py objects takes
+            # h5py's lock) left the exiting process waiting for that lock forever. close() stops it.
+            thread = threading.Thread(target=advise, name="imgvec-preload")
+            self._preloader = (thread, stop)
+            thread.start()
         else:  # pragma: no cover - macOS, Windows
             self.preloaded.set()
+
+    def _stop_preload(self) -> None:
+        if self._preloader is not None:
+            thread, stop = self._preloader
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join()
+            self._preloader = None
+
+    def close(self) -> None:
+        """Stop the background work (the preload, the model's thread) and close the store."""
+        self._stop_preload()
+        if self.model is not None:
+            self.model.stop()
+        self.snapshot.store.close()
 
     def _load_model(self, prov: "Provenance") -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
@@ -524,7 +548,11 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
     faiss.omp_set_num_threads(1)
     service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body,
                       index=index)
-    sock = listen(host, port)
+    try:
+        sock = listen(host, port)
+    except BaseException:
+        service.close()
+        raise
     snap = service.snapshot
     shown = f"[{host}]" if ":" in host else host
     open_to = ("" if allowed_hosts_for(host) else
@@ -533,4 +561,8 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
         f"index, {snap.provenance.describe()}){open_to}; Ctrl-C stops")
     config = uvicorn.Config(create_app(service, allowed_hosts_for(host)), log_level="warning", access_log=False,
                             limit_concurrency=256, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.close()
+        sock.close()
