@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import OUT, md_table, photo_folder, write_result
+from .common import OUT, load_average, md_table, photo_folder, write_result
 
 NAME = "query_scale"
 DIM = 1280
@@ -92,10 +92,6 @@ def _env(report: Path | None = None) -> dict[str, str]:
     if report:
         env["QUERY_SCALE_REPORT"] = str(report)
     return env
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def free_gb() -> float:

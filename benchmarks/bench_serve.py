@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import OUT, md_table, photo_like, write_result
+from .common import OUT, load_average, md_table, photo_like, write_result
 
 NAME = "serve"
 DIM = 1280
@@ -336,10 +336,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {write_result(name, data)}", file=sys.stderr)
     print(markdown(data))
     return data
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 if __name__ == "__main__":

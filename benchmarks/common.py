@@ -33,6 +33,11 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     return write_store(path, rows, dim, fill, chunk=chunk)
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded: recorded beside figures taken on a shared machine."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def quiet_tf() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -525,14 +525,14 @@ def check_root_heaps(h5: Any, path: Any, kind: str | None) -> None:
     from . import h5heap
 
     with reading(path, kind):
-        fd, info = h5.id.get_vfd_handle(), h5py.h5o.get_info(h5.id)
+        read, size, info = h5heap.reader(h5.id.get_vfd_handle()), file_size(h5), h5py.h5o.get_info(h5.id)
         if h5.id.get_create_plist().get_sizes() != (8, 8):
             raise damaged(path, kind, "file addresses are not 8 bytes, as imgvec writes them")
     try:
-        heaps, found = h5heap.attribute_heaps(h5heap.reader(fd), info.addr, os.fstat(fd).st_size)
+        heaps, found = h5heap.attribute_heaps(read, info.addr, size)
         if found != info.num_attrs:
             raise h5heap.MalformedHeap(f"HDF5 counts {info.num_attrs} attributes, the header holds {found}")
-        h5heap.check_collections(h5heap.reader(fd), heaps, os.fstat(fd).st_size, set())
+        h5heap.check_collections(read, heaps, size, set())
     except h5heap.MalformedHeap as error:
         raise damaged(path, kind, str(error)) from None
 

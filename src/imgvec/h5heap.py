@@ -27,7 +27,6 @@ BATCH_BYTES = 4 << 20  # collections walked together, at most about this many by
 SIDE_BY_SIDE = 16  # more collections than this in a batch: their walks step together (numpy), else one by one
 MAX_HEADER_CHUNKS = 64  # imgvec's headers have 1-3; bounded so a looped continuation cannot spin
 MAX_HEADER_BLOCK = 1 << 20  # imgvec's header blocks are a few KiB: none is read bigger than this
-UNDEFINED = 0xFFFFFFFFFFFFFFFF
 
 Read = Callable[[int, int], bytes]  # (offset, size) -> the file's bytes there (fewer at its end)
 
