@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m imgvec.demo demo-out
+	$(BIN)/python -m imgvec.cli.demo demo-out
 	@echo
 	@echo "imgvec is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH (README: Quick start)"
 

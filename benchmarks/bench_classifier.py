@@ -1,7 +1,7 @@
 """The logistic-regression head: imgvec's LogisticHead against the scikit-learn pipeline a competent user would write.
 
 The baseline is ``make_pipeline(StandardScaler(), LogisticRegressionCV(...))`` over the same C grid
-(``imgvec.classifier.DEFAULT_CS``), the same folds (5-fold ``StratifiedKFold``, shuffled, the same
+(``imgvec.vectors.classifier.DEFAULT_CS``), the same folds (5-fold ``StratifiedKFold``, shuffled, the same
 ``random_state``), accuracy as the CV score (what the head ranks Cs by) and the same ``max_iter``;
 everything else is scikit-learn's default (``tol=1e-4`` throughout; the head searches with
 ``cv_tol=1e-3`` and refits with ``tol=1e-4``). Both standardise on the whole training split and run
@@ -60,7 +60,7 @@ def sklearn_pipeline(head: Any) -> Any:
 def bench_set(name: str, n: int, rounds: int) -> dict[str, Any]:
     from sklearn.model_selection import train_test_split
 
-    from imgvec.classifier import DEFAULT_CS, LogisticHead
+    from imgvec.vectors.classifier import DEFAULT_CS, LogisticHead
 
     X, y = make_data(n, SEPARATION[name])
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)

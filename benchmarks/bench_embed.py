@@ -2,7 +2,7 @@
 
 Contenders, all with the same backbone, input size (the model's default, 224), batch size (32)
 and the same weights: random (seeded) with BatchNorm statistics calibrated on a few of the
-photos (:func:`imgvec.builder.calibrate`), saved to a weights file, so activations
+photos (:func:`imgvec.backbones.builder.calibrate`), saved to a weights file, so activations
 are of order 1 and the cosine columns mean something (plain random weights give activations of
 ~1e-11 where any two runtimes "agree"). ImageNet weights are not needed to time a network.
 
@@ -62,7 +62,7 @@ def peak_rss_mb():  # VmHWM starts afresh at exec (ru_maxrss would carry the par
             return int(line.split()[1]) / 1024
 
 import numpy as np
-from imgvec.runtime import load_engine
+from imgvec.runtime.loader import load_engine
 rt, name, weights, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t1 = time.perf_counter()
 engine = load_engine(rt, name, weights, size)
@@ -87,9 +87,9 @@ def calibrated_weights(name: str, folder: Path) -> Path:
     """Seeded random weights, BatchNorm calibrated on 8 of the photos, as a weights file (cached)."""
     import numpy as np
 
-    from imgvec.backbones import get_backbone
-    from imgvec.builder import calibrated_weights as calibrated
-    from imgvec.images import load_image
+    from imgvec.backbones.registry import get_backbone
+    from imgvec.backbones.builder import calibrated_weights as calibrated
+    from imgvec.files.images import load_image
 
     backbone = get_backbone(name)
     path = OUT / "weights" / f"{name}-{backbone.input_size}-calibrated.weights.h5"
@@ -133,10 +133,10 @@ def bench_model(name: str, folder: Path, repeats: int, naive_n: int, sweep: tupl
     from PIL import Image
 
     from imgvec import api
-    from imgvec.backbones import get_backbone, parse_weights
-    from imgvec.builder import preprocess_input
-    from imgvec.runtime import entry_path, load_engine, release_engines, row_cosines
-    from imgvec.store import open_store
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.backbones.builder import preprocess_input
+    from imgvec.runtime.loader import entry_path, load_engine, release_engines, row_cosines
+    from imgvec.vectors.store import open_store
 
     files = _files(folder)
     n = len(files)
@@ -230,7 +230,7 @@ def bench_decode(folder: Path, size: int = 224) -> dict[str, Any]:
     """Milliseconds per image to decode and resize, one core: imgvec's Pillow path and TensorFlow's."""
     import tensorflow as tf
 
-    from imgvec.images import load_image
+    from imgvec.files.images import load_image
 
     files = _files(folder)
     raw = [Path(f).read_bytes() for f in files]
@@ -265,7 +265,7 @@ def bench_rss(counts: tuple[int, ...], size: int, repeats: int = 1) -> list[dict
 
 def bench_enumerate(count: int, repeats: int = 3) -> dict[str, Any]:
     """Time for images.find_images over a tree of ``count`` empty .jpg files (1000 per folder)."""
-    from imgvec.images import find_images
+    from imgvec.files.images import find_images
 
     root = OUT / f"tree-{count}"
     if not (root / ".complete").exists():

@@ -8,7 +8,7 @@ dimension; uniform high-dimensional noise would make every approximate index loo
 
 Recall@10 is measured against exact inner-product search (faiss IndexFlatIP). Every row labelled
 imgvec is imgvec's own path end to end: the vectors are written to a store file, a fresh process
-builds the index from it (``imgvec.index.build_index(open_store(...))``, streamed in chunks) and
+builds the index from it (``imgvec.vectors.index.build_index(open_store(...))``, streamed in chunks) and
 saves it (``VectorIndex.save``), three more fresh processes load it (``load_index``), and the
 queries go through ``VectorIndex.search``. Build and load peaks are each child's own VmHWM from
 /proc/self/status (ru_maxrss can carry a parent's peak across exec), shown beside the index file's
@@ -94,8 +94,8 @@ def vm(key):
 BUILD = _STATUS + """
 import json, sys, time
 import faiss, h5py, numpy
-from imgvec.index import build_index
-from imgvec.store import open_store
+from imgvec.vectors.index import build_index
+from imgvec.vectors.store import open_store
 base = vm("VmRSS")
 t = time.perf_counter()
 with open_store(sys.argv[1]) as store:
@@ -109,7 +109,7 @@ print(json.dumps({"kind": index.kind, "build_s": built - t, "save_s": saved - bu
 LOAD = _STATUS + """
 import json, sys, time
 import faiss, h5py, numpy
-from imgvec.index import load_index
+from imgvec.vectors.index import load_index
 base = vm("VmRSS")
 t = time.perf_counter()
 index = load_index(sys.argv[1])
@@ -126,7 +126,7 @@ def _child(script: str, *args: str) -> dict[str, Any]:
 
 def imgvec_build(store: Path, kind: str, n: int, loads: int = 3) -> tuple[dict[str, Any], Path]:
     """Build+save ``kind`` from the store file in a fresh process, then load it in ``loads`` fresh ones."""
-    from imgvec import index as ix
+    from imgvec.vectors import index as ix
 
     path = store.with_name(f"{store.stem}.{kind}.index.h5")
     b = _child(BUILD, str(store), kind, str(path))
@@ -146,7 +146,7 @@ def imgvec_build(store: Path, kind: str, n: int, loads: int = 3) -> tuple[dict[s
 
 def bench_n(n: int, n_queries: int, singles: int, with_sklearn: bool, with_hnswlib: bool,
             ef_sweep: tuple[int, ...], with_ivfpq: bool = False) -> dict[str, Any]:
-    from imgvec import index as ix
+    from imgvec.vectors import index as ix
 
     print(f"# N={n:,}", file=sys.stderr)
     gen_s, (base, queries) = timed(lambda: make_data(n, n_queries))
@@ -173,7 +173,7 @@ def _baselines(base: np.ndarray, qn: np.ndarray, singles: int, with_hnswlib: boo
     """Exact faiss IndexFlatIP (the ground truth), hnswlib and scikit-learn, built from ``base`` in memory."""
     import faiss
 
-    from imgvec import index as ix
+    from imgvec.vectors import index as ix
 
     flat_row, truth = run_contender("faiss IndexFlatIP (exact)", lambda: _faiss_add(faiss.IndexFlatIP(DIM), base),
                                     lambda index, q: index.search(ix.normalized(q), K)[1], qn, None, singles)
@@ -211,7 +211,7 @@ def _imgvec_contender(store: Path, kind: str, is_auto: bool, n: int, qn: np.ndar
     ``VectorIndex.search``; for HNSW also an efSearch sweep on the same graph."""
     import faiss
 
-    from imgvec import index as ix
+    from imgvec.vectors import index as ix
 
     mem, path = imgvec_build(store, kind, n)
     vi = ix.load_index(path)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _ix() -> Any:
-    from imgvec import index
+    from imgvec.vectors import index
 
     return index
 

@@ -1,4 +1,4 @@
-"""What checking an index's FAISS blob (imgvec.faissblob) adds to opening the index.
+"""What checking an index's FAISS blob (imgvec.files.faissblob) adds to opening the index.
 
     python -m benchmarks.bench_index_check              # 100k x 1280: flat, HNSW, IVF-PQ
     python -m benchmarks.bench_index_check --rows 20000 --kinds flat,hnsw   # quicker
@@ -32,9 +32,9 @@ def _child(variant: str, path: str) -> dict[str, float]:
     """One measurement in this (fresh) process: seconds and peak RSS of ``variant`` on index ``path``."""
     import faiss  # noqa: F401 - imported before any timing: load_index imports it on first use
 
-    import imgvec.index as ix
-    from imgvec import faissblob
-    from imgvec.artifact import opened
+    import imgvec.vectors.index as ix
+    from imgvec.files import faissblob
+    from imgvec.files.artifact import opened
 
     if variant == "check":
         with opened(path, "index", "") as (h5, header):
@@ -59,8 +59,8 @@ def _measure(variant: str, path: Path) -> dict[str, float]:
 
 
 def _index(kind: str, rows: int, dim: int) -> Path:
-    from imgvec.index import build_index
-    from imgvec.store import open_store
+    from imgvec.vectors.index import build_index
+    from imgvec.vectors.store import open_store
 
     store = generated_store(OUT / f"check-{rows}x{dim}.h5", rows, dim,
                             lambda start, n: np.random.default_rng(start).normal(size=(n, dim)).astype(np.float32))

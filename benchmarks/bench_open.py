@@ -33,7 +33,7 @@ from .common import OUT, ROOT, generated_store, write_result
 CHILD = r"""
 import json, sys, time
 import h5py, numpy  # imported before timing: both readers import them lazily on the first open
-from imgvec.store import open_store
+from imgvec.vectors.store import open_store
 path, what = sys.argv[1], sys.argv[2]
 
 def rss_kb(field):

@@ -35,9 +35,9 @@ t0 = time.perf_counter()
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 from imgvec import api
-from imgvec.embedder import Embedder
-from imgvec.store import open_store
-from imgvec.index import build_index
+from imgvec.embedding.embedder import Embedder
+from imgvec.vectors.store import open_store
+from imgvec.vectors.index import build_index
 t_import = time.perf_counter()
 store, image, runtime = sys.argv[1], sys.argv[2], sys.argv[3]
 with open_store(store) as s:
@@ -55,8 +55,8 @@ print(json.dumps({"import_s": t_import - t0, "flat_index_from_store_s": t_index,
 
 
 def make_store(rows: int) -> Path:
-    from imgvec.provenance import Provenance
-    from imgvec.store import create_store
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.store import create_store
 
     path = OUT / f"store-{rows}.h5"
     if path.exists():
@@ -72,7 +72,7 @@ def make_store(rows: int) -> Path:
                 pass
         return ""
 
-    from imgvec.backbones import get_backbone
+    from imgvec.backbones.registry import get_backbone
 
     bb = get_backbone("mobilenetv3small")
     prov = Provenance(bb.name, "random", 0, None, None, bb.input_size, bb.preprocessing, bb.dim,

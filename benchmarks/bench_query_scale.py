@@ -66,9 +66,9 @@ import json, os, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from imgvec import api
-from imgvec.embedder import Embedder
-from imgvec.index import load_index, search_store
-from imgvec.store import open_store
+from imgvec.embedding.embedder import Embedder
+from imgvec.vectors.index import load_index, search_store
+from imgvec.vectors.store import open_store
 t = {"imports_s": time.perf_counter() - t0}
 store, index_path, photo = sys.argv[1:4]
 def stage(name, fn):

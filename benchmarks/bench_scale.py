@@ -72,7 +72,7 @@ def index_memory(rows: int, dim: int = 1280, kind: str = "ivfpq") -> dict:
 
 def mixed_precision_cosine(n: int = 64) -> dict:
     """Mean and minimum cosine between float32 and mixed-precision embeddings of the same images."""
-    from imgvec.embedder import Embedder
+    from imgvec.embedding.embedder import Embedder
     from imgvec.errors import BadInputError
 
     rng = np.random.default_rng(0)

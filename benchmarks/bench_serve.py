@@ -166,9 +166,9 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
     """Where a request's time goes, in this process without HTTP: median ms of each stage of the service."""
     os.environ.update(_env())
     import faiss
-    from imgvec.images import load_image
-    from imgvec.index import search_store
-    from imgvec.serve import Service
+    from imgvec.files.images import load_image
+    from imgvec.vectors.index import search_store
+    from imgvec.service.serve import Service
 
     faiss.omp_set_num_threads(1)  # as imgvec serve runs its searches
     service = Service(store, runtime="openvino", index=index)

@@ -4,7 +4,7 @@
     python -m benchmarks.docs --check    # exit 1 naming each stale section (``make test`` runs this check)
 
 A generated section sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->``; NAME is
-one of :data:`SECTIONS`: ``backbones`` (the registry, imgvec.backbones: the same figures as
+one of :data:`SECTIONS`: ``backbones`` (the registry, imgvec.backbones.registry: the same figures as
 ``imgvec models``), ``performance`` (the committed benchmarks/results/*.json, through each
 benchmark's own ``markdown``), ``cli`` (the typer app's commands and options).
 """
@@ -39,7 +39,7 @@ def _cell(value: Any) -> str:
 
 def backbones() -> str:
     """The registry as a table: what ``imgvec models`` prints, with Keras' published figures."""
-    from imgvec.backbones import BACKBONES
+    from imgvec.backbones.registry import BACKBONES
 
     rows = ["| name | keras.applications | input | dim | params | preprocess_input | ImageNet top-1 | top-5 | "
             "size (MB) | depth | images/s |",

@@ -56,8 +56,8 @@ def _write_json(path: Path, data: Any) -> None:
 # -- here: the CPU reference ------------------------------------------------------------------
 def reference(out: Path, config: dict[str, Any]) -> None:
     """TensorFlow's rows on the CPU for each model's reference images and calibrated weights."""
-    from imgvec.backbones import get_backbone, parse_weights
-    from imgvec.runtime import dist_version, load_engine
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.runtime.loader import dist_version, load_engine
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,8 @@ def make_images(folder: Path, n: int, px: int) -> list[str]:
 
 def decode_rates(paths: list[str], size: int) -> dict[str, Any]:
     """Images/s decoding (and resizing to ``size``) on one thread and on the embedder's pool."""
-    from imgvec.embedder import Embedder
-    from imgvec.images import load_image
+    from imgvec.embedding.embedder import Embedder
+    from imgvec.files.images import load_image
 
     workers = Embedder(model="mobilenetv2").workers  # what the embedder uses by default
     for p in paths[:4]:  # first calls load Pillow's plugins
@@ -207,13 +207,13 @@ def _peak_memory(backend: str) -> dict[str, Any]:
 
 def backend_main(backend: str, config: dict[str, Any], paths: list[str], ref_path: Path, weights_dir: Path,
                  out: Path, deadline: float) -> None:
-    from imgvec.device import import_keras
+    from imgvec.backbones.device import import_keras
 
     import_keras(backend)
-    from imgvec.embedder import Embedder
+    from imgvec.embedding.embedder import Embedder
     from imgvec.errors import ImgvecError
-    from imgvec.keras_backends import load_engine
-    from imgvec.runtime import dist_version
+    from imgvec.runtime.keras_backends import load_engine
+    from imgvec.runtime.loader import dist_version
 
     part: dict[str, Any] = dict(backend=backend, version=dist_version(backend), keras=dist_version("keras"), runs=[])
     refs = np.load(ref_path)

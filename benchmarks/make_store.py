@@ -29,7 +29,7 @@ Fill = Callable[[int, int], np.ndarray]
 def backbone_for(dim: int, model: str | None = None):
     """The backbone a generated store of ``dim``-sized rows names: ``model``, else mobilenetv2 for 1280, else
     the first in the registry with that size."""
-    from imgvec.backbones import BACKBONES, get_backbone
+    from imgvec.backbones.registry import BACKBONES, get_backbone
 
     if model is None and dim == 1280:
         model = "mobilenetv2"
@@ -63,10 +63,10 @@ def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | 
     """Write a store of ``rows`` generated rows to ``path`` atomically, ``chunk`` rows at a time."""
     import h5py
 
-    from imgvec.artifact import Header, encode_keys, write_header
+    from imgvec.files.artifact import Header, encode_keys, write_header
     from imgvec.fileio import atomic_path
-    from imgvec.provenance import Provenance
-    from imgvec.store import _init_layout
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.store import _init_layout
 
     path = Path(path)
     backbone = backbone_for(dim, model)

@@ -1,7 +1,7 @@
 """Weights for parity tests: a random network whose BatchNorm statistics are calibrated.
 
 Random weights with BatchNorm's initial statistics shrink activations to ~1e-9 in deep backbones,
-where a cosine between two runtimes means nothing; :func:`imgvec.builder.calibrate` (shared with the
+where a cosine between two runtimes means nothing; :func:`imgvec.backbones.builder.calibrate` (shared with the
 benchmarks and the GPU check) fixes that on generated images. Any backend makes nearly the same file
 (the calibration pass differs only by rounding); the ``.weights.h5`` file loads to the same numbers everywhere.
 
@@ -27,9 +27,9 @@ def calibration_images(size: int, n: int = 16, seed: int = 0) -> np.ndarray:
 
 def calibrated_weights(model: str, size: int, path: str | Path, seed: int = 0) -> Path:
     """Save random ``model`` weights (``seed``) with BatchNorm calibrated on generated images to ``path``
-    (:func:`imgvec.builder.calibrated_weights`). Runs on whatever backend Keras has in this process."""
-    from imgvec.backbones import get_backbone
-    from imgvec.builder import calibrated_weights as calibrated
+    (:func:`imgvec.backbones.builder.calibrated_weights`). Runs on whatever backend Keras has in this process."""
+    from imgvec.backbones.registry import get_backbone
+    from imgvec.backbones.builder import calibrated_weights as calibrated
 
     return calibrated(get_backbone(model), size, calibration_images(size, seed=seed), path, seed)
 
@@ -42,8 +42,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def embed(runtime: str, jobs: list[tuple[str, int, str]], pixels_by_size: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """Embed with imgvec's ``runtime`` engine on the CPU: ``{model: rows}`` for each (model, size, weights file)."""
-    from imgvec.backbones import get_backbone, parse_weights
-    from imgvec.runtime import load_engine
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.runtime.loader import load_engine
 
     return {model: load_engine(runtime, get_backbone(model), parse_weights(path), size, "float32", "cpu")(
         pixels_by_size[size]) for model, size, path in jobs}

@@ -10,7 +10,7 @@ import pytest
 
 import imgvec
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.store import open_store
+from imgvec.vectors.store import open_store
 
 
 def test_store_holds_every_image_with_labels_and_provenance(store_path: Path, image_dir: Path):
@@ -193,7 +193,7 @@ def test_one_embed_config_reaches_the_embedder(tmp_path: Path, image_dir: Path, 
     """One frozen EmbedConfig: fields by name override it, the Embedder is made from it, and gives it back."""
     import dataclasses
 
-    from imgvec.embedder import EmbedConfig, Embedder
+    from imgvec.embedding.embedder import EmbedConfig, Embedder
 
     config = EmbedConfig(**small, batch_size=5)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -215,16 +215,16 @@ def test_one_embed_config_reaches_the_embedder(tmp_path: Path, image_dir: Path, 
 
 def test_compare_takes_its_own_options(tmp_path: Path, image_dir: Path, small, monkeypatch):
     """imgvec.compare is the comparison itself: Cs and the speed sample reach it, nothing is restated."""
-    import imgvec.comparison
+    import imgvec.analyses.comparison
 
     seen = []
-    real = imgvec.comparison.cross_validate
+    real = imgvec.analyses.comparison.cross_validate
 
     def spy(X, y, split, Cs=None, random_state=0, **rest):  # rest: progress and the backbone's name
         seen.append(Cs)
         return real(X, y, split, Cs=Cs, random_state=random_state, **rest)
 
-    monkeypatch.setattr(imgvec.comparison, "cross_validate", spy)
+    monkeypatch.setattr(imgvec.analyses.comparison, "cross_validate", spy)
     c = imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "stores", weights="none",
                        image_size=64, Cs=[0.5, 2.0], speed_sample=5)
     assert seen == [[0.5, 2.0]] and c.speed_images == 5 and c.rows[0].embedded == 24

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgvec.artifact import FORMAT_VERSION
-from imgvec.classifier import LogisticHead, read_head, save_head
+from imgvec.files.artifact import FORMAT_VERSION
+from imgvec.vectors.classifier import LogisticHead, read_head, save_head
 from imgvec.cli import app
-from imgvec.embedder import Embedder
+from imgvec.embedding.embedder import Embedder
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.index import build_index, load_index
-from imgvec.provenance import Provenance
-from imgvec.store import StoreWriter, create_store, open_store
+from imgvec.vectors.index import build_index, load_index
+from imgvec.files.provenance import Provenance
+from imgvec.vectors.store import StoreWriter, create_store, open_store
 
 D = 576  # mobilenetv3small's embedding size
 PROV = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", D)

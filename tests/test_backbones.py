@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgvec.backbones import BACKBONES, Weights, get_backbone, parse_weights
-from imgvec.builder import build_model, keras_cache_dir, preprocess_input
+from imgvec.backbones.registry import BACKBONES, Weights, get_backbone, parse_weights
+from imgvec.backbones.builder import build_model, keras_cache_dir, preprocess_input
 from imgvec.errors import BadInputError, MissingWeightsError
 
 KERAS_ZOO = [
@@ -74,8 +74,8 @@ IN_KERAS_CACHE = """
 import os, sys, warnings
 import numpy as np
 os.environ["KERAS_HOME"] = sys.argv[1]
-from imgvec.backbones import Weights, get_backbone
-from imgvec.builder import build_model
+from imgvec.backbones.registry import Weights, get_backbone
+from imgvec.backbones.builder import build_model
 b = get_backbone("mobilenetv2")
 reference = build_model(b, Weights("random", seed=7), 96)
 os.makedirs(os.path.join(sys.argv[1], "models"))

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgvec.backbones import BACKBONES, get_backbone, parse_weights
+from imgvec.backbones.registry import BACKBONES, get_backbone, parse_weights
 from imgvec.errors import BadInputError
-from imgvec.runtime import PARITY_MIN_COSINE
+from imgvec.runtime.loader import PARITY_MIN_COSINE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parity_util import calibrated_weights, calibration_images, cosines, embed_in_subprocess  # noqa: E402
@@ -44,7 +44,7 @@ sys.meta_path.insert(0, Absent())
 
 def _reference(jobs: list[tuple[str, int]], folder: Path) -> tuple[list[tuple[str, int, str]], dict, dict]:
     """Calibrated weights files, the images, and TensorFlow's rows for them."""
-    from imgvec.runtime import load_engine
+    from imgvec.runtime.loader import load_engine
 
     pixels = {size: calibration_images(size, n=6, seed=1) for _, size in jobs}
     files = [(m, s, str(calibrated_weights(m, s, folder / f"{m}-{s}.weights.h5"))) for m, s in jobs]
@@ -85,7 +85,7 @@ def test_every_backbone_same_vectors_as_tensorflow(model: str, tmp_path: Path) -
 
 
 def test_one_keras_backend_per_process() -> None:
-    from imgvec.device import import_keras
+    from imgvec.backbones.device import import_keras
 
     import_keras("tensorflow")
     with pytest.raises(BadInputError, match="already runs on tensorflow.*new process"):

@@ -9,9 +9,9 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from imgvec.classifier import LogisticHead, load_head, save_head
+from imgvec.vectors.classifier import LogisticHead, load_head, save_head
 from imgvec.errors import BadInputError
-from imgvec.provenance import Provenance
+from imgvec.files.provenance import Provenance
 
 
 def _blobs(n_per_class: int, classes: list[str], d: int = 16, spread: float = 0.5, seed: int = 0):

@@ -165,7 +165,7 @@ def test_class_folders_given_one_by_one_are_labelled(tmp_path: Path, image_dir: 
 
 
 def test_interrupt_says_what_is_stored_and_how_to_resume(tmp_path: Path, image_dir: Path, monkeypatch):
-    import imgvec.reporter
+    import imgvec.cli.reporter
 
     calls = []
 
@@ -175,7 +175,7 @@ def test_interrupt_says_what_is_stored_and_how_to_resume(tmp_path: Path, image_d
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(imgvec.reporter.Reporter, "__call__", interrupt_on_second_batch)
+    monkeypatch.setattr(imgvec.cli.reporter.Reporter, "__call__", interrupt_on_second_batch)
     store = tmp_path / "s.h5"
     result = CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(store), *SMALL_ARGS, "--batch-size", "4"])
     assert result.exit_code == 130
@@ -413,7 +413,7 @@ def test_cosmetics_plurals_numbers_index_and_provenance(tmp_path: Path, image_di
     assert "created (when the embeddings were made)" in info
     import imgvec.api
     from imgvec.results import CacheSummary
-    from imgvec.runtime import CacheEntry
+    from imgvec.runtime.loader import CacheEntry
 
     entry = CacheEntry(tmp_path / "m", "mobilenetv2", 224, "imagenet", 29_200_000, "", 60.0, True)
     monkeypatch.setattr(imgvec.api, "cache", lambda clear=False: CacheSummary(tmp_path, [entry]))

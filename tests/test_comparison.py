@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import imgvec
-from imgvec.backbones import get_backbone
+from imgvec.backbones.registry import get_backbone
 from imgvec.cli import app
-from imgvec.comparison import cross_validate, folds
+from imgvec.analyses.comparison import cross_validate, folds
 from imgvec.results import chance_levels
 
 MODELS = ["mobilenetv3small", "mobilenetv2"]

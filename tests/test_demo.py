@@ -1,4 +1,4 @@
-"""`make demo` (python -m imgvec.demo): the whole job through the public API, offline, on random weights."""
+"""`make demo` (python -m imgvec.cli.demo): the whole job through the public API, offline, on random weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def test_the_demo_runs_every_step_and_says_its_weights_are_random(tmp_path: Path):
-    out = subprocess.run([sys.executable, "-m", "imgvec.demo", str(tmp_path / "demo-out")], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "imgvec.cli.demo", str(tmp_path / "demo-out")], capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout

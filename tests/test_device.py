@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgvec.device import precision_policy, select_device, visible_gpus
-from imgvec.embedder import Embedder
+from imgvec.backbones.device import precision_policy, select_device, visible_gpus
+from imgvec.embedding.embedder import Embedder
 from imgvec.errors import BadInputError
 
 pytestmark = pytest.mark.skipif(bool(visible_gpus()), reason="these tests describe a machine without a GPU")

@@ -14,7 +14,7 @@ import pytest
 
 import imgvec
 from imgvec.errors import BadInputError
-from imgvec.store import open_store
+from imgvec.vectors.store import open_store
 
 ray = pytest.importorskip("ray")
 SMALL = dict(model="mobilenetv3small", weights="none", image_size=64, batch_size=4)

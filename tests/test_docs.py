@@ -27,7 +27,7 @@ def test_every_generated_section_is_fresh():
 
 def test_a_stale_section_is_caught(monkeypatch):
     """The check fails when a source changes and the docs do not (here: a registry figure)."""
-    import imgvec.backbones as registry
+    import imgvec.backbones.registry as registry
 
     b = registry.BACKBONES["mobilenetv2"]
     monkeypatch.setitem(registry.BACKBONES, "mobilenetv2", type(b)(**{**vars(b), "images_per_second": 1.5}))

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import imgvec
 from imgvec.cli import app
-from imgvec import duplicates
-from imgvec.duplicates import UnionFind, candidate_blocks, cosines, link_similar
-from imgvec.index import normalized
+from imgvec.analyses import duplicates
+from imgvec.analyses.duplicates import UnionFind, candidate_blocks, cosines, link_similar
+from imgvec.vectors.index import normalized
 
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
 TRICKY = 'copy of <img src=x onerror=alert(1)> & "x".png'
@@ -97,8 +97,8 @@ def test_threshold_out_of_range_is_refused():
 @pytest.fixture(scope="module")
 def near_identical_store(tmp_path_factory) -> Path:
     """2,000 vectors all within cosine 0.99 of each other: every one of the 1,999,000 pairs is a near duplicate."""
-    from imgvec.provenance import Provenance
-    from imgvec.store import StoreWriter
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.store import StoreWriter
 
     path = tmp_path_factory.mktemp("near") / "near.h5"
     rng = np.random.default_rng(0)
@@ -188,7 +188,7 @@ def test_100k_vectors_on_inverted_lists():
 
 
 def test_large_groups_list_the_rest_by_name(dup_store: Path, monkeypatch):
-    from imgvec import html
+    from imgvec.pages import html
 
     monkeypatch.setattr(html, "GROUP_THUMBNAILS", 1)
     page = imgvec.dedup_page(imgvec.dedup(dup_store, threshold=0.99))

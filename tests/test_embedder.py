@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgvec.embedder import Embedder
+from imgvec.embedding.embedder import Embedder
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.images import load_image
+from imgvec.files.images import load_image
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_files_come_back_in_order_with_bad_ones_skipped(embedder: Embedder, imag
 
 @pytest.mark.parametrize("runtime", ["openvino", "tensorflow"])
 def test_cpu_model_calls_are_capped_and_change_nothing(small, runtime: str):
-    from imgvec.runtime import CPU_MODEL_BATCH
+    from imgvec.runtime.loader import CPU_MODEL_BATCH
 
     big = Embedder(**small, batch_size=64, runtime=runtime).load()
     assert big.engine_.device == "cpu" and big.model_batch == big.engine_.model_batch
@@ -54,8 +54,8 @@ def test_embed_arrays_checks_shape(embedder: Embedder):
 @pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
 def test_preprocessing_matches_keras_preprocess_input(runtime: str):
     """Our uint8 -> preprocess_input -> model path, on either runtime, equals calling Keras the documented way."""
-    from imgvec.backbones import get_backbone, parse_weights
-    from imgvec.builder import build_model
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.backbones.builder import build_model
 
     e = Embedder("resnet50", "none", 32, batch_size=2, runtime=runtime).load()
     assert e.engine_.runtime == runtime
@@ -77,8 +77,8 @@ def test_parameters_are_validated_up_front():
 
 
 def test_from_provenance_checks_the_weights_file(small, tmp_path: Path):
-    from imgvec.backbones import get_backbone, parse_weights
-    from imgvec.builder import build_model
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.backbones.builder import build_model
 
     f = tmp_path / "w.weights.h5"
     build_model(get_backbone("mobilenetv3small"), parse_weights("none"), 64).save_weights(str(f))

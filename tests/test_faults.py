@@ -28,7 +28,7 @@ import pytest
 
 import imgvec
 from imgvec.errors import BadInputError
-from imgvec.store import open_store
+from imgvec.vectors.store import open_store
 
 from test_fileio import fill, mounted_tmpfs, remount_ro
 
@@ -241,7 +241,7 @@ def test_full_disk_loses_nothing(store_and_head, image_dir: Path, holdout_dir: P
 
 
 def test_train_checks_its_output_before_fitting(store_and_head, tmp_path: Path, monkeypatch):
-    from imgvec.classifier import LogisticHead
+    from imgvec.vectors.classifier import LogisticHead
 
     def never(*args, **kwargs):
         raise AssertionError("the head was fitted before its output was checked")
@@ -252,9 +252,9 @@ def test_train_checks_its_output_before_fitting(store_and_head, tmp_path: Path, 
 
 
 def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
-    from imgvec.backbones import Weights, get_backbone
-    from imgvec.builder import build_model
-    from imgvec.device import import_keras
+    from imgvec.backbones.registry import Weights, get_backbone
+    from imgvec.backbones.builder import build_model
+    from imgvec.backbones.device import import_keras
 
     def refuse(*args, **kwargs):
         raise ValueError("Input size must be at least 32x32; Received: input_shape=(64, 64, 3)\nmore detail")
@@ -268,9 +268,9 @@ def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
 
 
 def test_random_weights_leave_the_global_generators_alone():
-    from imgvec.backbones import Weights, get_backbone
-    from imgvec.builder import build_model
-    from imgvec.device import import_tensorflow
+    from imgvec.backbones.registry import Weights, get_backbone
+    from imgvec.backbones.builder import build_model
+    from imgvec.backbones.device import import_tensorflow
 
     tf = import_tensorflow()
 
@@ -299,8 +299,8 @@ def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path):
     ray = pytest.importorskip("ray")
     import time
 
-    from imgvec import distributed
-    from imgvec.embedder import Embedder
+    from imgvec.embedding import distributed
+    from imgvec.embedding.embedder import Embedder
 
     class FailingWorker:  # defined here so that Ray ships it by value to its workers
         def __init__(self, config: dict) -> None:
@@ -369,8 +369,8 @@ def test_an_output_that_names_an_input_is_refused_before_any_work(store_and_head
 def test_the_partners_an_output_may_not_name_are_the_files_a_store_writer_makes(store_path: Path, tmp_path: Path):
     """fileio names a store's journal and lock itself (it sits below store.py): the names must stay the same."""
     from imgvec.fileio import _partners
-    from imgvec.journal import journal_path
-    from imgvec.store import StoreWriter
+    from imgvec.files.journal import journal_path
+    from imgvec.vectors.store import StoreWriter
 
     store = tmp_path / "photos.h5"
     shutil.copy(store_path, store)
@@ -468,7 +468,7 @@ def test_arguments_out_of_range_are_one_line_and_leave_no_store(image_dir: Path,
 
 
 def test_an_embed_stopped_before_its_first_row_leaves_no_store(image_dir: Path, tmp_path: Path, monkeypatch):
-    from imgvec.embedder import Embedder
+    from imgvec.embedding.embedder import Embedder
 
     def stopped(self, paths, **kwargs):
         raise KeyboardInterrupt

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from imgvec import h5heap
+from imgvec.files import h5heap
 
 
 def _file(path: Path, **kwargs) -> Path:

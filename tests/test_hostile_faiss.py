@@ -2,7 +2,7 @@
 
 The corpus is built here from valid indexes by editing their FAISS bytes where FAISS's writer
 (``faiss/impl/index_write.cpp``) puts each field; the offsets are worked out in this file, not
-taken from imgvec.faissblob, so a walker that misread the format would not agree with them.
+taken from imgvec.files.faissblob, so a walker that misread the format would not agree with them.
 Every forged file goes through the real command line and must end in one line, exit 2-4.
 """
 
@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from imgvec import faissblob
+from imgvec.files import faissblob
 from imgvec.errors import BadInputError
-from imgvec.index import VectorIndex, build_index, load_index, normalized
-from imgvec.store import create_store, open_store
+from imgvec.vectors.index import VectorIndex, build_index, load_index, normalized
+from imgvec.vectors.store import create_store, open_store
 
 HEADER = 4 + 4 + 8 + 8 + 8 + 1 + 4  # fourcc, d, ntotal, two unused int64, is_trained, metric
 PYTHON = [sys.executable, "-m", "imgvec"]
@@ -144,7 +144,7 @@ def _ondisk_blob(store: Path, outside: Path, offset: int | None = None) -> bytes
     serialised as FAISS does: the blob names that file. ``offset``: the first list's place in it."""
     import faiss
 
-    from imgvec.index import _new_faiss_index
+    from imgvec.vectors.index import _new_faiss_index
 
     with open_store(store) as s:
         x = normalized(s.embeddings())
@@ -458,7 +458,7 @@ def test_faiss_reads_the_very_mapping_that_was_checked(valid: dict[str, Path], d
     read of the file that could differ from what was checked. A refused blob never reaches FAISS."""
     import faiss
 
-    import imgvec.index as ix
+    import imgvec.vectors.index as ix
 
     walked: list[np.ndarray] = []
     check = faissblob.check
@@ -490,7 +490,7 @@ def test_faiss_reads_the_very_mapping_that_was_checked(valid: dict[str, Path], d
 # -- valid indexes of every kind still load and answer the same --------------------------------
 def test_valid_indexes_load_and_answer_the_same(tmp_path: Path):
     """Over 1200 generated rows, each kind (IVF-PQ as imgvec builds it) saved, checked, loaded and searched."""
-    from imgvec.provenance import Provenance
+    from imgvec.files.provenance import Provenance
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(40, 32))[rng.integers(0, 40, 1200)] + 0.3 * rng.normal(size=(1200, 32))).astype(np.float32)
@@ -516,7 +516,7 @@ def test_search_never_answers_a_row_outside_the_index(tmp_path: Path):
     """An index whose FAISS ids escaped the checks (built in memory around them) is refused at search."""
     import faiss
 
-    from imgvec.provenance import Provenance
+    from imgvec.files.provenance import Provenance
 
     x = normalized(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32))
     inner = faiss.IndexIDMap(faiss.IndexFlatIP(8))
@@ -536,8 +536,8 @@ def test_search_never_answers_a_row_outside_the_index(tmp_path: Path):
 _FUZZ = textwrap.dedent("""
     import json, os, resource, sys, traceback
     from imgvec.errors import ImgvecError
-    from imgvec.index import load_index
-    from imgvec.store import open_store
+    from imgvec.vectors.index import load_index
+    from imgvec.vectors.store import open_store
     limit, store, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     ends = {}
     for f in files:

@@ -25,11 +25,11 @@ import h5py
 import numpy as np
 import pytest
 
-from imgvec.artifact import header_digest
-from imgvec.classifier import LogisticHead, save_head
-from imgvec.journal import MAGIC, Record, _encode
-from imgvec.provenance import Provenance
-from imgvec.store import create_store, open_store
+from imgvec.files.artifact import header_digest
+from imgvec.vectors.classifier import LogisticHead, save_head
+from imgvec.files.journal import MAGIC, Record, _encode
+from imgvec.files.provenance import Provenance
+from imgvec.vectors.store import create_store, open_store
 
 D = 576  # mobilenetv3small's embedding size
 PROV = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", D)
@@ -132,7 +132,7 @@ def _make_head(store: Path, path: Path, shift: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from imgvec.index import build_index
+    from imgvec.vectors.index import build_index
 
     root = tmp_path_factory.mktemp("hostile")
     store, other = _make_store(root / "s.h5", 0), _make_store(root / "other.h5", 5)
@@ -238,7 +238,7 @@ def test_a_head_whose_coefficients_link_to_another_head_is_refused(case):
 
 def test_an_index_whose_faiss_bytes_live_elsewhere_is_refused(case):
     """The FAISS blob itself is checked by its own validator; its dataset, like every other, by check_structure."""
-    from imgvec.index import build_index
+    from imgvec.vectors.index import build_index
 
     with open_store(case["store"]) as s:
         index = build_index(s, "flat").save(case["store"].with_name("s.index.h5"))
@@ -326,7 +326,7 @@ def _stall(path: Path, collection: int) -> Path:
 
 
 def test_a_string_attribute_in_a_heap_that_never_ends_is_one_line_not_a_hang(case):
-    from imgvec import h5heap
+    from imgvec.files import h5heap
 
     with h5py.File(case["store"], "r") as h5:
         heaps, _ = h5heap.attribute_heaps(h5heap.reader(h5.id.get_vfd_handle()), h5py.h5o.get_info(h5.id).addr,
@@ -341,7 +341,7 @@ def test_a_string_attribute_in_a_heap_that_never_ends_is_one_line_not_a_hang(cas
 def test_stored_paths_in_a_heap_that_never_ends_are_one_line_not_a_hang(case):
     """A collection only one path uses (forged in the unused end of the vectors' chunk, where nothing
     else looks): reading every path (predict, info) or only a query's hits (query -k 30)."""
-    from imgvec import h5heap
+    from imgvec.files import h5heap
 
     store = case["store"]
     with h5py.File(store, "r+") as h5:
@@ -462,8 +462,8 @@ def test_a_fifo_where_the_journal_or_lock_goes_never_hangs(case, where):
 # -- vectors that are not numbers ----------------------------------------------------------------------
 OVERFLOW = """
 import sys
-from imgvec.backbones import BACKBONES, Weights
-from imgvec.builder import build_model
+from imgvec.backbones.registry import BACKBONES, Weights
+from imgvec.backbones.builder import build_model
 model = build_model(BACKBONES["mobilenetv3small"], Weights("random", 0), 64)
 model.set_weights([w * 1e30 if w.ndim > 1 else w for w in model.get_weights()])  # every activation overflows
 model.save_weights(sys.argv[1])

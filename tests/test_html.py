@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import imgvec
-from imgvec import html
+from imgvec.pages import html
 from imgvec.cli import app
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -84,7 +84,7 @@ def test_thumbnail_never_opens_a_fifo_or_a_device(tmp_path: Path):
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
     (tmp_path / "zero.png").symlink_to("/dev/zero")
-    code = ("import sys; from imgvec import html; "
+    code = ("import sys; from imgvec.pages import html; "
             "print([html.thumbnail(p) for p in sys.argv[1:]])")
     out = subprocess.run([sys.executable, "-c", code, str(fifo), str(tmp_path / "zero.png")], capture_output=True,
                          text=True, timeout=60)
@@ -119,7 +119,7 @@ EVIL = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 def _forged() -> dict:
     """Result objects whose every text field (provenance attributes included) carries markup."""
-    from imgvec.provenance import Provenance
+    from imgvec.files.provenance import Provenance
     from imgvec.results import (BackboneScore, Chance, Comparison, DedupResult, DuplicateGroup, Evaluation, Member,
                                 Neighbour, Prediction, Predictions, QueryResult, QueryResults, chance_levels)
 
@@ -164,7 +164,7 @@ def test_templates_ship_with_the_package():
     import tomllib
     from importlib.resources import files
 
-    folder = files("imgvec").joinpath("templates")
+    folder = files("imgvec.pages").joinpath("templates")
     shipped = {p.name for p in folder.iterdir()}
     env = html.environment()
     for name in shipped:
@@ -173,7 +173,7 @@ def test_templates_ship_with_the_package():
     rendered = set(re.findall(r"(?:_page|render)\(\"([\w.]+)\"", source))
     assert len(rendered) >= 6 and rendered <= shipped, rendered - shipped
     config = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
-    globs = config["tool"]["setuptools"]["package-data"]["imgvec"]
+    globs = config["tool"]["setuptools"]["package-data"]["imgvec.pages"]
     assert all(any(fnmatch.fnmatch(f"templates/{name}", g) for g in globs) for name in shipped)
 
 

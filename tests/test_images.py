@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from imgvec.errors import BadInputError, ImageSkipped
-from imgvec.images import find_images, load_image
+from imgvec.files.images import find_images, load_image
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(20, 10), mode="RGB") -> Path:

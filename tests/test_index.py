@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.index import build_index, choose_kind, load_index, normalized
-from imgvec.provenance import Provenance
-from imgvec.store import StoreWriter, create_store, open_store
+from imgvec.vectors.index import build_index, choose_kind, load_index, normalized
+from imgvec.files.provenance import Provenance
+from imgvec.vectors.store import StoreWriter, create_store, open_store
 
 
 def _store(path: Path, x: np.ndarray, backbone: str = "mobilenetv3small"):
@@ -90,7 +90,7 @@ def test_auto_picks_compact_ivfpq_when_hnsw_would_not_fit_the_budget():
 
 
 def test_training_sample_is_streamed_and_seeded(tmp_path: Path):
-    from imgvec.index import _training_sample
+    from imgvec.vectors.index import _training_sample
 
     x = _clustered(300, 8)
     with _store(tmp_path / "s.h5", x) as s:
@@ -100,8 +100,8 @@ def test_training_sample_is_streamed_and_seeded(tmp_path: Path):
 
 
 def test_index_is_built_from_bounded_chunks_with_the_same_result(tmp_path: Path, monkeypatch):
-    from imgvec import index as ix
-    from imgvec.store import Store
+    from imgvec.vectors import index as ix
+    from imgvec.vectors.store import Store
 
     x = _clustered(2500, 8)
     q = _clustered(10, 8, seed=3)
@@ -125,7 +125,7 @@ def test_index_is_built_from_bounded_chunks_with_the_same_result(tmp_path: Path,
 
 
 def test_faiss_gpu_modes_without_a_gpu():
-    from imgvec.index import use_faiss_gpu
+    from imgvec.vectors.index import use_faiss_gpu
 
     assert use_faiss_gpu("auto") is False and use_faiss_gpu("off") is False
     with pytest.raises(BadInputError, match="faiss_gpu on: the installed faiss has no GPU support"):
@@ -139,7 +139,7 @@ def test_index_files_are_written_in_bounded_blocks_and_mapped_on_load(tmp_path: 
     loading maps them: FAISS's vectors point into the file mapping instead of a copy."""
     import faiss
 
-    import imgvec.index as ix
+    import imgvec.vectors.index as ix
 
     x = _clustered(3000, 32)
     with _store(tmp_path / "s.h5", x) as s:

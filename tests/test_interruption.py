@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import imgvec
-from imgvec.journal import journal_path
-from imgvec.store import StoreWriter, open_store
+from imgvec.files.journal import journal_path
+from imgvec.vectors.store import StoreWriter, open_store
 from imgvec.synthetic import make_image_folder
 
 ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64", "--batch-size", "4", "--workers", "1"]

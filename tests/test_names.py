@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from imgvec.store import open_store
+from imgvec.vectors.store import open_store
 
 from test_faults import SMALL, run_steps
 
@@ -129,7 +129,7 @@ def test_an_error_quoting_a_name_stays_one_line(named: Path, store_path: Path, t
 
 
 def test_shown_makes_every_unsafe_character_visible():
-    from imgvec.report import shown
+    from imgvec.pages.report import shown
 
     assert shown("a\x1b[31mb") == "a\\x1b[31mb"
     assert shown("a\nb\r\tc\x00\x7f\x9b") == "a\\nb\\r\\tc\\x00\\x7f\\x9b"
@@ -141,7 +141,7 @@ def test_shown_makes_every_unsafe_character_visible():
 
 
 def test_json_is_exact_and_csv_is_visible():
-    from imgvec.report import to_csv, to_json
+    from imgvec.pages.report import to_csv, to_json
 
     names = [os.fsdecode(b"bad\xff.png"), "esc\x1b.png", "nl\n.png", "c1\x9b.png", "rlo\u202e.png", "été.png"]
     text = to_json({"paths": names})

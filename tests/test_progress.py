@@ -16,7 +16,7 @@ import imgvec
 import imgvec.api
 from imgvec.cli import app
 from imgvec.progress import Phase, steps, takes_phase
-from imgvec.reporter import Reporter
+from imgvec.cli.reporter import Reporter
 
 SMALL_ARGS = ["-m", "mobilenetv3small", "--weights", "none", "--image-size", "64"]
 
@@ -132,7 +132,7 @@ def test_compare_reports_each_backbone_and_each_fold(image_dir: Path, tmp_path: 
 
 def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir: Path, tmp_path: Path, monkeypatch):
     """stderr is not a terminal under CliRunner: one line at the start, one at the end with the time."""
-    monkeypatch.setattr("imgvec.reporter.QUIET_SECONDS", 0)  # these small phases take less than the usual 2 s
+    monkeypatch.setattr("imgvec.cli.reporter.QUIET_SECONDS", 0)  # these small phases take less than the usual 2 s
     folder = tmp_path / "photos"
     shutil.copytree(image_dir, folder)
     runner = CliRunner()
@@ -151,7 +151,7 @@ def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir
 
 
 def test_without_a_terminal_a_short_phase_is_quiet_and_a_long_one_is_announced_while_it_runs(monkeypatch):
-    monkeypatch.setattr("imgvec.reporter.QUIET_SECONDS", 0.3)
+    monkeypatch.setattr("imgvec.cli.reporter.QUIET_SECONDS", 0.3)
     out = io.StringIO()
     with Reporter(out, terminal=False) as progress:
         with Phase(progress, "quick", 2):

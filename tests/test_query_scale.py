@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from imgvec.cli import app
 from imgvec.errors import BadInputError
-from imgvec.index import build_index, load_index, normalized
-from imgvec.store import open_store
+from imgvec.vectors.index import build_index, load_index, normalized
+from imgvec.vectors.store import open_store
 from test_index import _clustered, _store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_opening_a_big_index_does_not_read_it(big_store: Path):
     index = big_store.with_name("big.index.h5")
     code = (
         "import sys\n"
-        "from imgvec.index import load_index\n"
+        "from imgvec.vectors.index import load_index\n"
         "import faiss, h5py\n"
         "status = lambda: dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n"
         "before = int(status()['VmRSS'].split()[0])\n"

@@ -4,7 +4,7 @@ import csv
 import io
 import json
 
-from imgvec.report import table as report_table, to_csv, to_json
+from imgvec.pages.report import table as report_table, to_csv, to_json
 
 
 def test_csv_defuses_formulas_and_keeps_odd_names_intact():
@@ -29,7 +29,7 @@ def test_json_and_table_formats():
 
 
 def test_plural():
-    from imgvec.report import plural
+    from imgvec.pages.report import plural
 
     assert (plural(0, "group"), plural(1, "group"), plural(2, "group")) == ("0 groups", "1 group", "2 groups")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgvec.provenance import Provenance
+from imgvec.files.provenance import Provenance
 from imgvec.results import (Chance, DedupResult, DuplicateGroup, Member, Neighbour, Prediction, Predictions,
                             QueryResult, QueryResults, SkippedFiles, chance_levels, chance_sentence)
 

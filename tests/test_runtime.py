@@ -12,12 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 import imgvec
-from imgvec import keras_backends, model_cache, runtime
-from imgvec.backbones import BACKBONES, get_backbone, parse_weights
+from imgvec.runtime import keras_backends
+from imgvec.runtime import model_cache
+from imgvec.runtime import loader as runtime
+from imgvec.backbones.registry import BACKBONES, get_backbone, parse_weights
 from imgvec.cli import app
 from imgvec.errors import BadInputError
-from imgvec.runtime import cache_key, compiled_model, entry_path, load_engine, row_cosines
-from imgvec.store import open_store
+from imgvec.runtime.loader import cache_key, compiled_model, entry_path, load_engine, row_cosines
+from imgvec.vectors.store import open_store
 
 from parity_util import calibrated_weights  # one BatchNorm calibration for every parity test
 
@@ -66,12 +68,12 @@ def test_auto_is_openvino_on_the_cpu_and_tensorflow_on_a_gpu():
 def test_every_runtime_is_a_table_row_whose_library_loads_only_when_used(monkeypatch):
     assert set(runtime.LOADERS) == set(runtime.RUNTIMES) - {"auto"}
     # Importing the runtimes' table imports none of their libraries ...
-    code = ("import sys, imgvec.runtime\n"
+    code = ("import sys, imgvec.runtime.loader\n"
             "print([m for m in ('tensorflow', 'keras', 'openvino', 'jax', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     # ... and the jax row reaches the Keras-backend engine, which refuses a second backend in this process.
-    from imgvec.device import import_keras
+    from imgvec.backbones.device import import_keras
 
     import_keras("tensorflow")
     calls = []
@@ -198,7 +200,7 @@ def test_cache_key_changes_with_everything_that_changes_the_output(monkeypatch, 
 # conversion is what the parity tests above and the end-to-end tests below use.
 FAKE_CONVERT = """
 import time
-from imgvec import model_cache
+from imgvec.runtime import model_cache
 
 SOURCE = None  # what the conversion records as the ImageNet weights file it read
 
@@ -228,7 +230,7 @@ def fake_cache(tmp_path: Path, monkeypatch) -> Path:
 
 def test_two_processes_converting_at_once_leave_one_good_entry(fake_cache: Path):
     code = FAKE_CONVERT + ("model_cache._convert, model_cache._save = fake_convert, fake_save\n"
-                           "from imgvec.backbones import get_backbone, parse_weights\n"
+                           "from imgvec.backbones.registry import get_backbone, parse_weights\n"
                            "print(model_cache.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -344,7 +346,7 @@ def test_an_imagenet_entry_is_rebuilt_when_the_weights_file_changes(fake_cache: 
 
 def test_the_weights_file_a_build_used_is_found_in_the_keras_cache(tmp_path: Path, monkeypatch):
     """Downloaded (new in the folder) or read (Keras checks a cached file's hash): both are found, nothing else."""
-    from imgvec.builder import keras_weights_files
+    from imgvec.backbones.builder import keras_weights_files
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     folder = tmp_path / "models"
@@ -375,7 +377,7 @@ def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fak
                            "    (folder / 'model.xml').write_text('half')\n"
                            "    print('writing', flush=True); time.sleep(60)\n"
                            "model_cache._convert, model_cache._save = fake_convert, slow_save\n"
-                           "from imgvec.backbones import get_backbone, parse_weights\n"
+                           "from imgvec.backbones.registry import get_backbone, parse_weights\n"
                            "model_cache.compiled_model(get_backbone('mobilenetv3small'), parse_weights('none'), 32)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import imgvec
-from imgvec import serve
+from imgvec.service import serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:starlette.*",
                                         "ignore:Using `httpx`:DeprecationWarning")
@@ -105,8 +105,8 @@ def _resident_fraction(path: Path) -> float:
 def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
     """A service answers from all over the index and the store: both files are asked into the page
     cache at load, in the background, and /api/info says when that was done."""
-    from imgvec.provenance import Provenance
-    from imgvec.store import create_store
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.store import create_store
 
     store = tmp_path / "big.h5"  # big enough that opening it and its index reads only a small part
     rows = np.random.default_rng(0).standard_normal((30_000, 576)).astype(np.float32)
@@ -187,7 +187,7 @@ def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
     def broken(*args):
         raise RuntimeError("faiss fell over\nwith a second line")
 
-    monkeypatch.setattr("imgvec.index.search_store", broken)  # the search, as the service makes it
+    monkeypatch.setattr("imgvec.vectors.index.search_store", broken)  # the search, as the service makes it
     r = client.get("/api/query", params={"path": "reds/reds_000.png"})
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: faiss fell over"}
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from imgvec.errors import BadInputError
-from imgvec.journal import journal_path
-from imgvec.provenance import Provenance
-from imgvec.store import StoreWriter, create_store, open_store
+from imgvec.files.journal import journal_path
+from imgvec.files.provenance import Provenance
+from imgvec.vectors.store import StoreWriter, create_store, open_store
 
 
 def _prov(dim: int = 4) -> Provenance:
@@ -114,7 +114,7 @@ def test_skips_are_replaced_when_retried(tmp_path: Path):
 def test_second_writer_is_refused(tmp_path: Path):
     path = tmp_path / "s.h5"
     with create_store(path, _prov(), str(tmp_path)):
-        code = ("import sys; from imgvec.store import StoreWriter\n"
+        code = ("import sys; from imgvec.vectors.store import StoreWriter\n"
                 "try:\n    StoreWriter(sys.argv[1])\nexcept Exception as e:\n    print(e)")
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout
         assert "another imgvec process is writing this store" in out
@@ -160,7 +160,7 @@ def test_long_runs_checkpoint_as_the_journal_doubles_the_store(tmp_path: Path):
 
 
 def test_merge_shards_rebases_paths_and_drops_duplicates(tmp_path: Path):
-    from imgvec.store import merge_stores
+    from imgvec.vectors.store import merge_stores
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -182,7 +182,7 @@ def test_merge_shards_rebases_paths_and_drops_duplicates(tmp_path: Path):
 
 def test_merge_refuses_stores_made_differently(tmp_path: Path):
     from imgvec.errors import MismatchError
-    from imgvec.store import merge_stores
+    from imgvec.vectors.store import merge_stores
 
     create_store(tmp_path / "a.h5", _prov(4), str(tmp_path)).close()
     other = Provenance("mobilenetv2", "random", 0, None, None, 64, "tf", 4)

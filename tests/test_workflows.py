@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 import imgvec
 from imgvec.cli import app
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.index import load_index
-from imgvec.provenance import Provenance
-from imgvec.store import StoreWriter, create_store, open_store
+from imgvec.vectors.index import load_index
+from imgvec.files.provenance import Provenance
+from imgvec.vectors.store import StoreWriter, create_store, open_store
 
 from parity_util import calibrated_weights, calibration_images, cosines
 
@@ -111,7 +111,7 @@ def test_merge_joins_two_stores_and_the_result_is_queried(image_dir: Path, tmp_p
 
 
 def test_dedup_exact_searches_every_pair_where_the_default_would_not(store_path: Path, monkeypatch):
-    from imgvec import duplicates
+    from imgvec.analyses import duplicates
 
     monkeypatch.setattr(duplicates, "EXACT_MAX_ROWS", 10)  # 24 rows: above it, the default uses inverted lists
     default = json.loads(_run("dedup", store_path, "-f", "json", "--threshold", "0.9").stdout)["groups"]
@@ -149,8 +149,8 @@ def test_a_forged_embedding_size_is_refused_before_any_model_is_built():
 PADDED = """
 import json, sys
 import numpy as np
-from imgvec.keras_backends import load_engine
-from imgvec.backbones import get_backbone, parse_weights
+from imgvec.runtime.keras_backends import load_engine
+from imgvec.backbones.registry import get_backbone, parse_weights
 engine = load_engine("jax", get_backbone("mobilenetv3small"), parse_weights(sys.argv[1]), 32, "float32", "cpu")
 pixels = np.load(sys.argv[2])
 full = engine(pixels)            # 8 images: JAX compiles for 8

@@ -1,3 +1,3 @@
-from .cli import main
+from imgvec.cli.commands import main
 
 main()

@@ -14,23 +14,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .artifact import check_partner, peek
-from .backbones import BACKBONES
-from .comparison import compare
-from .embedder import EmbedConfig, Embedder
-from .errors import BadInputError, MismatchError, param
-from .fileio import check_output
-from .images import find_images, is_image_name
-from .index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
+from imgvec.files.artifact import check_partner, peek
+from imgvec.backbones.registry import BACKBONES
+from imgvec.analyses.comparison import compare
+from imgvec.embedding.embedder import EmbedConfig, Embedder
+from imgvec.errors import BadInputError, MismatchError, param
+from imgvec.fileio import check_output
+from imgvec.files.images import find_images, is_image_name
+from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, search_store, use_faiss_gpu)
-from .index import build_index as _build_index
-from .ingest import embed, weights_arg
-from .progress import Phase, Progress
-from .provenance import Provenance, check_compatible
-from .results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
+from imgvec.vectors.index import build_index as _build_index
+from imgvec.embedding.ingest import embed, weights_arg
+from imgvec.progress import Phase, Progress
+from imgvec.files.provenance import Provenance, check_compatible
+from imgvec.results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
                       EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
                       Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
-from .store import Store, merge_stores, open_store
+from imgvec.vectors.store import Store, merge_stores, open_store
 
 __all__ = [
     "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
@@ -178,10 +178,10 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
           progress: Progress | None = None) -> TrainSummary:
     """Fit a logistic-regression head on the store's labelled embeddings and save it.
 
-    ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.classifier.DEFAULT_CS`).
+    ``Cs``: the regularisation strengths to choose from (default :data:`imgvec.vectors.classifier.DEFAULT_CS`).
     ``progress`` hears ``choosing C`` (one step per fold) and ``final fit``.
     """
-    from .classifier import DEFAULT_CS, LogisticHead, save_head
+    from imgvec.vectors.classifier import DEFAULT_CS, LogisticHead, save_head
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
@@ -215,7 +215,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     folders given one by one) and labelled store rows carry their label as ``truth``, so right
     and wrong can be shown.
     """
-    from .classifier import load_head
+    from imgvec.vectors.classifier import load_head
 
     model, prov = load_head(head)
     stores = [Path(p) for p in images if _is_store(p)]
@@ -247,14 +247,14 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
 # -- models kept loaded, the compiled-model cache --------------------------------------------
 def release_models() -> int:
     """Free the models query/predict/evaluate/embed keep loaded between calls; how many there were."""
-    from .runtime import release_engines
+    from imgvec.runtime.loader import release_engines
 
     return release_engines()
 
 
 def cache(clear: bool = False) -> CacheSummary:
-    """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.cache_dir`); ``clear`` removes them."""
-    from .runtime import cache_dir, cache_entries, clear_cache
+    """The compiled OpenVINO models imgvec keeps (see :func:`imgvec.runtime.loader.cache_dir`); ``clear`` removes them."""
+    from imgvec.runtime.loader import cache_dir, cache_entries, clear_cache
 
     cleared, freed = clear_cache() if clear else (0, 0)
     return CacheSummary(cache_dir(), cache_entries(), cleared, freed)
@@ -281,7 +281,7 @@ def info(path: PathLike) -> dict[str, Any]:
     Reads attributes and small datasets only: an index is never deserialised, a store's
     embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
     """
-    from .classifier import read_head
+    from imgvec.vectors.classifier import read_head
 
     kind, header, extra = peek(path)
     data: dict[str, Any] = {"file": str(path), "kind": kind, "format_version": header.format_version,
@@ -340,7 +340,7 @@ def image_paths(store: PathLike, keys: Sequence[str]) -> list[str]:
 
 def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path:
     """Write a self-contained gallery of ``results`` (from :func:`query` on ``store``) to ``output``."""
-    from . import html
+    from imgvec.pages import html
 
     with open_store(store) as s:
         check_output(output, [store, index_path_for(store), s.root, *(q.query for q in results.queries)],
@@ -350,7 +350,7 @@ def query_html(results: QueryResults, output: PathLike, store: PathLike) -> Path
 
 def predict_html(predictions: Predictions, output: PathLike, top: int = 3) -> Path:
     """Write a self-contained page of each image with its predicted label and ``top`` probabilities."""
-    from . import html
+    from imgvec.pages import html
 
     check_output(output, [predictions.head, *(p.path for p in predictions.predictions)], read_under=is_image_name)
     return html.write(output, html.predict_page(predictions, top=top))
@@ -405,7 +405,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     A folder is embedded exactly as the head's training data was. A store must have been made
     with the head's backbone, weights and input size, or it is refused (:class:`MismatchError`).
     """
-    from .classifier import load_head, seen_in_training
+    from imgvec.vectors.classifier import load_head, seen_in_training
 
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -436,14 +436,14 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
 
 
 def evaluation_html(evaluation: Evaluation, output: PathLike) -> Path:
-    from . import html
+    from imgvec.pages import html
 
     check_output(output, [evaluation.head, evaluation.data], read_under=is_image_name)
     return html.write(output, html.evaluation_page(evaluation))
 
 
 def comparison_html(comparison: Comparison, output: PathLike) -> Path:
-    from . import html
+    from imgvec.pages import html
 
     check_output(output, [comparison.source, *(r.store for r in comparison.rows)], read_under=is_image_name)
     return html.write(output, html.compare_page(comparison))
@@ -456,7 +456,7 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
     The search is exhaustive up to 20,000 images (or with ``exact=True``) and uses inverted
     lists above (see duplicates.py); the store is read in chunks.
     """
-    from .duplicates import find_duplicates
+    from imgvec.analyses.duplicates import find_duplicates
 
     with open_store(store) as s:
         return find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
@@ -464,14 +464,14 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
 
 def dedup_page(result: DedupResult) -> str:
     """The self-contained HTML page of ``result`` (thumbnails of every group), as a string."""
-    from . import html
+    from imgvec.pages import html
 
     with open_store(result.store) as s:
         return html.dedup_page(result, s.absolute)
 
 
 def dedup_html(result: DedupResult, output: PathLike) -> Path:
-    from . import html
+    from imgvec.pages import html
 
     with open_store(result.store) as s:
         check_output(output, [result.store, s.root], read_under=is_image_name)

@@ -2,17 +2,13 @@
 
 A check lives here once and is called wherever the argument arrives (the API, the embedder, the
 head, the duplicate search), so every entry point refuses the same values with the same words.
-The digest of a file sits here too: weights files and identical-image groups are both checked by it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any, Sequence, TypeVar
 
-from .errors import BadInputError, did_you_mean, param
-from .fileio import open_regular
+from imgvec.errors import BadInputError, did_you_mean, param
 
 T = TypeVar("T")
 MAX_IMAGE_SIZE = 2048  # ~3x the largest native input of any backbone (600 px): beyond it, memory and no gain
@@ -27,7 +23,7 @@ def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
 
 
 def check_image_size(image_size: int, backbone: Any) -> int:
-    """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.Backbone`) can be built for it,
+    """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.registry.Backbone`) can be built for it,
     and is at most :data:`MAX_IMAGE_SIZE`."""
     if image_size < backbone.min_size:
         raise BadInputError(
@@ -53,9 +49,3 @@ def check_per_class(classes: Sequence[Any], counts: Sequence[int], cv: int) -> N
     small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < cv]
     if small:
         raise BadInputError(f"{param('cv')} {cv} needs at least {cv} images per class; too few in {', '.join(small)}")
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of a regular file (a FIFO or device raises :class:`~imgvec.fileio.NotRegularFile`, never hangs)."""
-    with open_regular(path) as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

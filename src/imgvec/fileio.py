@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .errors import BadInputError
+from imgvec.errors import BadInputError
 
 PathLike = str | os.PathLike[str]
 
@@ -346,3 +346,9 @@ def _open_if_regular(path: PathLike, flags: int, mode: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a regular file (a FIFO or device raises :class:`NotRegularFile`, never hangs)."""
+    with open_regular(path) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

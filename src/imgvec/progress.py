@@ -4,7 +4,7 @@ A callback is ``progress(done, total)``, as it always was. One that also accepts
 keyword is told which phase the counts belong to (``"embedding"``, ``"choosing C"``,
 ``"building the flat index"``, ...): each phase is reported first with ``done=0`` and last with
 ``done=total``, so a caller can show when it starts and ends. A two-argument callback gets the
-same counts without the name. The CLI renders them (:mod:`imgvec.reporter`); a notebook can
+same counts without the name. The CLI renders them (:mod:`imgvec.cli.reporter`); a notebook can
 pass any function.
 """
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # results only read provenance values; they never need the module at run time
-    from .backbones import Backbone
-    from .provenance import Provenance
+    from imgvec.backbones.registry import Backbone
+    from imgvec.files.provenance import Provenance
 
 DEGENERATE_SHARE = 0.5  # dedup: more than this share of all pairs above the threshold means degenerate features
 

@@ -1,0 +1,209 @@
+"""Folders of images -> a store: the embed run (create or resume, sync), below the api.
+
+:func:`embed` is ``imgvec.embed``; the backbone comparison uses it too, which is why it lives
+here rather than in api.py (the analyses never import the api). A run is three steps: plan
+(open or create the store, find what is new), run (embed the new images, locally or on Ray,
+appending each batch), summarise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
+
+from imgvec.checks import check_choice
+from imgvec.embedding.distributed import ENGINES, embed_files_on_ray
+from imgvec.embedding.embedder import EmbeddedBatch, EmbedConfig, Embedder
+from imgvec.errors import BadInputError, param
+from imgvec.fileio import check_output
+from imgvec.files.images import ImageFile, find_images, is_image_name
+from imgvec.progress import Phase, Progress
+from imgvec.files.provenance import Provenance, check_compatible
+from imgvec.results import EmbedSummary
+from imgvec.files.journal import journal_path
+from imgvec.vectors.store import StoreWriter, open_store
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class _Plan:
+    """What one embed run does: the store it writes, the embedder, the images to embed, the rows to drop."""
+
+    writer: StoreWriter
+    embedder: Embedder
+    todo: list[ImageFile]
+    already: int  # images found that the store already has
+    removed: set[str]  # keys dropped by ``sync``
+    build_seconds: float = 0.0
+    created: bool = False  # a store this run made stays only once it holds a row
+
+
+def embed(
+    sources: Sequence[PathLike],
+    output: PathLike,
+    config: EmbedConfig | None = None,
+    *,
+    sync: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    progress: Progress | None = None,
+    **settings: Any,
+) -> EmbedSummary:
+    """Embed every image under ``sources`` into the store ``output``.
+
+    ``config`` (an :class:`~imgvec.embedding.embedder.EmbedConfig`) says how; any of its fields may also
+    be given by name (``model="resnet50", image_size=224``) and override it. A new store is
+    created; an existing one is resumed: images already in it are kept and not recomputed, only
+    new ones are embedded. With ``sync``, rows whose files are no longer under ``sources`` are
+    removed. ``model``/``weights``/``image_size`` left as None are taken from the existing store
+    (or default to efficientnetb0 with ImageNet weights for a new one); ``precision`` too. A store
+    made with one runtime can be extended with another. Interrupting (Ctrl-C, kill) loses at most
+    the batch under way: run again to go on. ``engine="ray"`` embeds on a Ray cluster
+    (``ray_address``, else RAY_ADDRESS, else a local one) with ``ray_workers`` actors; this
+    process still writes the store. ``progress`` is told the phases ``loading <backbone>`` and
+    ``embedding with <backbone>`` (:mod:`imgvec.progress`).
+    """
+    config = replace(config or EmbedConfig(), **settings)
+    _check_run(config, engine, ray_workers)
+    output = check_output(output, sources, read_under=is_image_name)  # before finding images or loading a model
+    start = time.perf_counter()
+    local = engine == "local"
+    plan: _Plan | None = None
+    try:
+        plan = _plan(sources, output, config, sync, check_memory=local, progress=progress)
+        if plan.todo and local and plan.embedder.engine_ is None:  # timed apart from the throughput
+            plan.build_seconds = _timed_load(plan.embedder, progress)
+        embed_start = time.perf_counter()
+        skipped = _run(plan, engine, ray_address, ray_workers, progress)
+        plan.writer.commit(drop=plan.removed)
+        plan.created = False
+        return _summary(plan, output, skipped, time.perf_counter() - start, time.perf_counter() - embed_start)
+    except KeyboardInterrupt as interrupt:  # say what is kept: a KeyboardInterrupt still, for notebooks too
+        stored = _close(plan.writer, plan.created) if plan is not None else 0
+        plan = None
+        interrupt.args = (f"{stored} rows are safely stored in {output}; running the same command again resumes "
+                          "from there" if stored else "nothing was stored yet",)
+        raise
+    finally:
+        if plan is not None:
+            _close(plan.writer, plan.created)  # on an error or Ctrl-C, what was embedded is still committed
+
+
+def _close(writer: StoreWriter, created: bool) -> int:
+    """Commit and close ``writer``; the rows stored. A store this run created that holds no row is removed."""
+    writer.close()
+    with open_store(writer.path) as stored:  # the journal may have held a batch the writer had not counted yet
+        rows = stored.rows
+    if created and not rows:
+        for leftover in (writer.path, journal_path(writer.path)):
+            leftover.unlink(missing_ok=True)
+    return rows
+
+
+def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> None:
+    check_choice(param("engine"), engine, ENGINES)
+    for option, value in (("workers", config.workers), ("ray_workers", ray_workers), ("max_pixels", config.max_pixels)):
+        if value is not None and value < 1:
+            raise BadInputError(f"{param(option)} must be at least 1, not {value}")
+
+
+def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,
+          check_memory: bool, progress: Progress | None = None) -> _Plan:
+    """Open (or create) the store and list the images it does not have yet.
+
+    A new store is created only after the model loaded: missing weights must not leave an empty
+    file. A resumed store's model loads later, and only if there is work. ``check_memory``: refuse
+    a batch that cannot fit in memory before any model loads (``--image-size 4096``: one line, not
+    the kernel's OOM killer later).
+    """
+    build_seconds = 0.0
+    if os.path.exists(output):
+        writer = StoreWriter(output)
+        try:
+            embedder = _embedder_for_store(writer, config)
+            collection = find_images(sources, root=writer.root)
+            if check_memory:
+                embedder.check_memory()
+        except BaseException:
+            writer.close()
+            raise
+        created = False
+    else:
+        embedder = Embedder.from_config(config)
+        collection = find_images(sources)
+        if check_memory:
+            embedder.check_memory()
+        build_seconds = _timed_load(embedder, progress)
+        writer = StoreWriter(output, embedder.provenance(), collection.root)
+        created = True
+    todo = [f for f in collection.files if f.key not in writer.keys]
+    removed = writer.keys - {f.key for f in collection.files} if sync else set()
+    return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds, created)
+
+
+def _timed_load(embedder: Embedder, progress: Progress | None = None) -> float:
+    """Load the model as the phase ``loading <backbone>``; the seconds it took."""
+    started = time.perf_counter()
+    with Phase(progress, f"loading {embedder.backbone.name}", 1):
+        embedder.load()
+    return time.perf_counter() - started
+
+
+def _run(plan: _Plan, engine: str, ray_address: str | None, ray_workers: int | None,
+         progress: Progress | None) -> list[tuple[str, str]]:
+    """Embed the plan's images batch by batch, appending each to the store; the skipped files with reasons."""
+    key_of = {f.path: f.key for f in plan.todo}
+    paths = list(key_of)
+    batches: Iterator[EmbeddedBatch] = (plan.embedder.embed_files(paths) if engine == "local"
+                                        else embed_files_on_ray(plan.embedder, paths, ray_address, ray_workers))
+    skipped: list[tuple[str, str]] = []
+    finished = 0
+    with Phase(progress, f"embedding with {plan.embedder.backbone.name}", len(plan.todo)) as step:
+        for batch in batches:
+            rows = [plan.todo[i] for i in batch.indices]
+            skips = [(key_of[s.path], s.reason) for s in batch.skipped]
+            plan.writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
+            skipped.extend(skips)
+            finished += len(batch.indices) + len(batch.skipped)
+            step.update(finished)
+    return skipped
+
+
+def _summary(plan: _Plan, output: os.PathLike[str], skipped: list[tuple[str, str]], seconds: float,
+             embed_seconds: float) -> EmbedSummary:
+    writer = plan.writer
+    added = len(plan.todo) - len(skipped)
+    return EmbedSummary(output, writer.provenance, added, plan.already, len(writer.keys), skipped, seconds,
+                        len(plan.removed), plan.build_seconds, embed_seconds)
+
+
+def _embedder_for_store(store: StoreWriter, config: EmbedConfig) -> Embedder:
+    """The store's own embedder; explicit model/weights/size must agree with how the store was made."""
+    prov = store.provenance
+    config = replace(config, precision=config.precision or prov.precision)
+    if not config.chooses_embedding:
+        return Embedder.from_provenance(prov, **config.running())
+    asked = Embedder.from_config(replace(
+        config, model=config.model or prov.backbone,
+        image_size=prov.input_size if config.image_size is None else config.image_size,
+        weights=weights_arg(prov) if config.weights is None else config.weights))
+    check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
+                     fix=f"leave out {param('model')}/{param('weights')}/{param('image_size')} to resume with the store's "
+                         "own, or write a new store")
+    return asked
+
+
+def weights_arg(prov: Provenance) -> str:
+    """The --weights value that reproduces ``prov``'s weights."""
+    return prov.weights_path if prov.weights == "file" else ("none" if prov.weights == "random" else "imagenet")
+
+
+def _key_provenance(embedder: Embedder) -> Provenance:
+    """Provenance without importing TensorFlow: enough for a compatibility check."""
+    w = embedder.weights
+    return Provenance(embedder.backbone.name, w.kind, w.seed, w.path, w.sha256, embedder.image_size,
+                      embedder.backbone.preprocessing, embedder.dim, runtime=embedder.runtime)

@@ -1,0 +1,201 @@
+"""Finding images under folders and decoding one file to a square RGB array.
+
+Labels follow the Keras ``flow_from_directory`` convention: when folders are given (one
+folder of class subfolders, or the class folders one by one), an image's label is its
+first-level folder under their common root.
+Decoding never raises anything but :class:`ImageSkipped`, so one bad file never stops a run.
+Only regular files are ever opened: a FIFO, socket or device named ``x.jpg`` (or a link to
+one) is skipped with what it is, never read (a FIFO would block forever, ``/dev/zero`` never ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Sequence
+
+import numpy as np
+
+from imgvec.errors import BadInputError, ImageSkipped
+from imgvec.fileio import NotRegularFile, open_regular
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"})
+# Only these decoders may run: a file named .jpg that is really EPS must not reach Ghostscript.
+# (AVIF where this Pillow has its decoder, 11.2 and later; elsewhere an .avif file is skipped, saying so.)
+PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "AVIF")
+_FORMAT_OF = {".avif": "AVIF"}  # suffixes whose decoder this Pillow may lack
+# Image files imgvec does not decode: found and listed as skipped with the reason, never silently ignored.
+UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".svg", ".psd", ".ico", ".tga",
+                                  ".ppm", ".pgm", ".pbm", ".exr", ".hdr", ".eps", ".xcf", ".dng", ".cr2", ".cr3",
+                                  ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"})
+_FOUND_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str  # where to open it
+    key: str  # how the store names it: relative to the collection root
+    label: str = ""  # first-level subfolder name, "" when unknown
+
+
+@dataclass(frozen=True)
+class Collection:
+    root: str
+    files: list[ImageFile]
+
+    @property
+    def labelled(self) -> bool:
+        return any(f.label for f in self.files)
+
+
+def is_image_name(name: str) -> bool:
+    """A name imgvec takes as an image: one it decodes, or one it lists as skipped (an unsupported format)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _FOUND_SUFFIXES
+
+
+def unsupported(path: str) -> str | None:
+    """Why an image file will not be decoded because of its format ("unsupported format ..."), or None."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in _pil_formats():
+        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in _pil_formats())
+        return f"unsupported format ({suffix}): imgvec reads {', '.join(readable)}"
+    return None
+
+
+def _walk(folder: str) -> Iterable[str]:
+    """Image paths under ``folder``, sorted, hidden entries skipped, symlinked folders not followed."""
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=None, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if is_image_name(name):
+                yield os.path.join(dirpath, name)
+
+
+def key_for(path: str, root: str) -> str:
+    """A path relative to ``root`` with '/' separators; absolute when outside the root."""
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return os.path.abspath(path)
+    return rel.replace(os.sep, "/")
+
+
+def find_images(sources: Sequence[str | os.PathLike[str]], root: str | None = None) -> Collection:
+    """Every image under ``sources`` (folders walked recursively, files taken as given)."""
+    if not sources:
+        raise BadInputError("no image files or folders given")
+    paths: list[str] = []
+    folders: list[str] = []
+    for source in sources:
+        src = os.path.abspath(os.fspath(source))
+        if os.path.isdir(src):
+            folders.append(src)
+            paths.extend(_walk(src))
+        elif os.path.exists(src):  # a file, or a FIFO/device/socket that decoding will skip with its reason
+            if os.path.splitext(src)[1].lower() not in _FOUND_SUFFIXES:
+                raise BadInputError(
+                    f"{source}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            paths.append(src)
+        else:
+            raise BadInputError(f"{source}: no such file or folder")
+    if not paths:
+        raise BadInputError(f"no images found under {', '.join(map(str, sources))}")
+    only_folders = len(folders) == len(sources)
+    if root is None:
+        if len(folders) == 1 and only_folders:
+            root = folders[0]
+        elif only_folders:  # class folders given one by one: their common parent, as if it had been given
+            root = os.path.commonpath(folders)
+        else:
+            root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    files = []
+    seen: set[str] = set()
+    for path in paths:
+        key = key_for(path, root)
+        if key in seen:
+            continue
+        seen.add(key)
+        parts = key.split("/")
+        label = parts[0] if only_folders and len(parts) > 1 and not os.path.isabs(key) else ""
+        files.append(ImageFile(path, key, label))
+    return Collection(root=root, files=files)
+
+
+def _to_rgb(im: "Image.Image") -> "Image.Image":
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float greys: Pillow's convert clips at 255, so scale to 8 bits by hand.
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+@functools.lru_cache(maxsize=1)
+def _pil_formats() -> tuple[str, ...]:
+    """PIL_FORMATS this Pillow has decoders for (MPO is its own plugin only in some versions)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
+
+
+def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               data: BinaryIO | None = None) -> np.ndarray:
+    """Decode ``path`` to a ``(size, size, 3)`` uint8 RGB array, upright (EXIF), first frame.
+
+    ``data``: the image's bytes already in hand (an upload to ``imgvec serve``); ``path`` then only names it.
+    Raises :class:`ImageSkipped` with a readable reason for anything that is not a usable image.
+    """
+    from PIL import Image, ImageOps
+
+    reason = unsupported(path)
+    if reason:
+        raise ImageSkipped(path, reason)
+    try:
+        with (open_regular(path) if data is None else contextlib.nullcontext(data)) as fh, \
+                Image.open(fh, formats=_pil_formats()) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageSkipped(
+                    path, f"{width}x{height} pixels is over the limit of {max_pixels} (--max-pixels)"
+                )
+            if im.format in ("JPEG", "MPO"):
+                # Decode at a reduced DCT scale where the target size allows: far less work.
+                im.draft("RGB", (size, size))
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except ImageSkipped:
+        raise
+    except NotRegularFile as error:
+        raise ImageSkipped(path, error.strerror) from None
+    except FileNotFoundError:
+        raise ImageSkipped(path, "file not found") from None
+    except PermissionError:
+        raise ImageSkipped(path, "permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageSkipped(path, "not a recognised image") from None
+    except Image.DecompressionBombError as error:
+        raise ImageSkipped(path, f"decompression bomb refused by Pillow: {error}") from None
+    except OSError as error:
+        if error.filename is not None:  # opening failed (a link loop, a name too long, ...)
+            raise ImageSkipped(path, f"cannot read: {error.strerror or error}") from None
+        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+    except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
+        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -1,0 +1,225 @@
+"""A multinomial logistic-regression head on frozen embeddings, saved as plain data.
+
+:class:`LogisticHead` follows scikit-learn's conventions: parameters in ``__init__``,
+learned state in attributes ending in ``_`` (set by ``fit`` only), ``check_is_fitted`` and
+``n_features_in_``. Fitting standardises the features and lets stratified cross-validation
+choose the regularisation strength; prediction is a few numpy lines over the saved
+coefficients, so a head file never needs pickle to load. Files are written and read by the
+module functions :func:`save_head` and :func:`read_head`/:func:`load_head`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from imgvec.files.artifact import (Expect, Header, capped, check_finite, check_structure, create, damaged, decode_keys,
+                       encode_keys, get_attr, opened, path_digests, reading, str_dtype)
+from imgvec.checks import check_per_class
+from imgvec.errors import BadInputError
+from imgvec.progress import Phase, Progress, steps
+from imgvec.files.provenance import Provenance
+
+# Features are standardised first, so C above ~10 is practically unregularised; with
+# thousands of correlated CNN features the best C is often 1e-4..1e-2 (measured in
+# benchmarks/bench_classifier.py), so the grid reaches two decades below that.
+DEFAULT_CS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class LogisticHead(ClassifierMixin, BaseEstimator):
+    """Standardise, then multinomial logistic regression with C chosen by stratified CV.
+
+    A scikit-learn estimator: ``get_params``/``set_params``/``sklearn.base.clone`` work. Like
+    ``LogisticRegressionCV``, ``fit`` keeps the strengths it tried (``Cs_``) and the one chosen
+    (``C_``), and records how long the C search took (``search_seconds_``) against the final fit
+    (``fit_seconds_``).
+    """
+
+    def __init__(self, cv: int = 5, Cs: int | Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
+                 tol: float = 1e-4, cv_tol: float = 1e-3, random_state: int = 0) -> None:
+        self.cv = cv
+        self.Cs = Cs
+        self.max_iter = max_iter
+        self.tol = tol  # the final fit: scikit-learn's default
+        self.cv_tol = cv_tol  # looser while choosing C, where only the ranking of the Cs matters
+        self.random_state = random_state
+
+    def _validate(self, X: np.ndarray, y: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
+        check_classification_targets(y)
+        classes, counts = np.unique(y, return_counts=True)
+        if len(classes) < 2:
+            raise BadInputError(f"need at least 2 classes to train, found {len(classes)}: {list(classes)}")
+        check_per_class(classes, counts, self.cv)
+        return X, y
+
+    def fit(self, X: np.ndarray, y: Sequence[str], progress: Progress | None = None) -> "LogisticHead":
+        """Choose C by CV, then fit on all rows; ``progress`` hears ``choosing C`` (by fold) and ``final fit``."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
+        from sklearn.model_selection import StratifiedKFold
+        from sklearn.preprocessing import StandardScaler
+
+        X, y = self._validate(X, y)
+        started = time.perf_counter()
+        scaler = StandardScaler().fit(X)
+        Z = scaler.transform(X).astype(np.float32)
+        self.Cs_ = Cs = _C_grid(self.Cs)
+        folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(Z, y))
+        # One pass per fold along the C path (warm-started) gives both the CV scores and the
+        # out-of-fold predictions; LogisticRegressionCV would need a second pass for the latter.
+        paths = [self._path_probabilities(Z[train], y[train], Z[test], Cs)
+                 for train, test in steps(progress, "choosing C", folds)]
+        classes = np.unique(y)
+        predicted = [[classes[p.argmax(1)] for p in probs] for probs in paths]
+        accuracy = np.array([[np.mean(p == y[test]) for p in preds] for (_, test), preds in zip(folds, predicted)])
+        loss = np.array([[log_loss(y[test], p, labels=classes) for p in probs] for (_, test), probs in zip(folds, paths)])
+        # Best mean accuracy; among tied Cs (common on easy data) the best log loss, so the
+        # probabilities are not needlessly flattened by the strongest regularisation.
+        tied = np.flatnonzero(accuracy.mean(axis=0) >= accuracy.mean(axis=0).max() - 1e-12)
+        best = int(tied[np.argmin(loss.mean(axis=0)[tied])])
+        self.C_ = float(Cs[best])
+        self.cv_accuracy_ = float(accuracy[:, best].mean())
+        self.cv_accuracy_std_ = float(accuracy[:, best].std())
+        self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
+        for (_, test), preds in zip(folds, predicted):
+            self.cv_predictions_[test] = preds[best]
+        self.search_seconds_ = time.perf_counter() - started
+        started = time.perf_counter()
+        with Phase(progress, "final fit", 1):
+            lr = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
+        self.fit_seconds_ = time.perf_counter() - started
+        self.n_iter_ = lr.n_iter_
+        self.classes_ = lr.classes_
+        self.mean_ = scaler.mean_.astype(np.float32)
+        self.scale_ = scaler.scale_.astype(np.float32)
+        coef, intercept = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+        if len(self.classes_) == 2:
+            # Binary LR has one row: softmax over (-z/2, z/2) is exactly sigmoid(z).
+            coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
+        self.coef_, self.intercept_ = coef, intercept
+        self.n_train_ = int(len(y))
+        return self
+
+    def _path_probabilities(self, Z: np.ndarray, y: np.ndarray, Zt: np.ndarray, Cs: np.ndarray) -> list[np.ndarray]:
+        """Held-out class probabilities for each C, strongest regularisation first, each fit starting from the last."""
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(max_iter=self.max_iter, tol=self.cv_tol, warm_start=True)
+        return [lr.set_params(C=float(C)).fit(Z, y).predict_proba(Zt) for C in Cs]
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Class scores, ``(n, classes)``; for two classes the positive class's score ``(n,)``, as scikit-learn's."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        logits = self._logits(X)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        best = np.argmax(self._logits(X), axis=1)  # checks the head is fitted first
+        return self.classes_[best]
+
+
+def _C_grid(Cs: int | Sequence[float]) -> np.ndarray:
+    """The inverse regularisation strengths to try, ascending (an int means that many, log-spaced)."""
+    if isinstance(Cs, (int, np.integer)):
+        return np.logspace(-4, 4, int(Cs))
+    return np.sort(np.asarray(Cs, dtype=float))
+
+
+# -- the plain-data file ----------------------------------------------------------------------
+_ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
+_SCALARS = {"C_": (int, float), "cv_accuracy_": (int, float), "cv_accuracy_std_": (int, float), "n_train_": int,
+            "cv": int, "max_iter": int, "tol": (int, float), "cv_tol": (int, float), "random_state": int}
+
+
+def save_head(head: LogisticHead, path: str | os.PathLike[str], provenance: Provenance, store_id: str = "",
+              generation: int = 0, train_paths: Sequence[str] = ()) -> Path:
+    """Write a fitted head's coefficients, classes, scaling and provenance to HDF5 (atomic rename).
+
+    ``train_paths`` (absolute image paths) are kept as 8-byte digests, so ``evaluate`` can
+    say how many of the images it scores the head has already seen.
+    """
+    check_is_fitted(head)
+    if len(train_paths) not in (0, head.n_train_):  # the reader refuses any other count
+        raise ValueError(f"train_paths: {len(train_paths)} paths for {head.n_train_} training rows")
+    header = Header("head", provenance, store_id, generation, int(head.n_train_), provenance.dim)
+    with create(path, header) as h5:
+        for name in _ARRAYS:
+            h5.create_dataset(name.rstrip("_"), data=getattr(head, name))
+        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype())
+        h5.create_dataset("train_paths", data=path_digests(train_paths))
+        for name in _SCALARS:
+            h5.attrs[name] = getattr(head, name)
+    return Path(path)
+
+
+def load_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Provenance]:
+    """Read a head file written by :func:`save_head`; no code is ever executed."""
+    head, header = read_head(path)
+    return head, header.provenance
+
+
+def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
+    """The head and its header, validated: shapes agree with the classes and dim, values finite, scales > 0."""
+    head, header, _ = _read(path)
+    return head, header
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarray]:
+    """The head, its header and the digests of the paths it was trained on."""
+    with opened(path, "head", f"no such head file (make one with imgvec train STORE -o {path})") as (h5, header):
+        n = check_structure(h5, path, "head", {"classes": Expect(1, "str")})["classes"].shape[0]
+        dim = header.dim
+        shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
+        found = check_structure(h5, path, "head", {
+            **{name.rstrip("_"): Expect(len(shape), "float32", shape) for name, shape in shapes.items()},
+            "train_paths": Expect(1, "uint64", optional=True)})
+        digests = found.get("train_paths")
+        if digests is not None and digests.shape[0] not in (0, header.rows):
+            raise damaged(path, "head", f"'train_paths' holds {digests.shape[0]:,} digests for "
+                                        f"{header.rows:,} training rows")
+        head = LogisticHead()
+        with reading(path, "head"):
+            for name in shapes:
+                values = np.asarray(found[name.rstrip("_")][()], np.float32)
+                setattr(head, name, check_finite(values, path, "head", name.rstrip("_")))
+            head.classes_ = np.asarray(decode_keys(h5["classes"], n, path, "head"))
+            head.n_features_in_ = dim
+            train_digests = (np.asarray(digests[()], np.uint64) if digests is not None
+                             else np.zeros(0, np.uint64))
+            for name, typ in _SCALARS.items():
+                # Version 1 files may lack a parameter added since: it keeps its default.
+                default = getattr(head, name, 0) if header.format_version == 1 else ...
+                setattr(head, name, get_attr(h5.attrs, name, typ, path, "head", default))
+    if n < 2 or len(set(head.classes_.tolist())) != n:
+        raise damaged(path, "head", f"classes {capped([str(c) for c in head.classes_])} are not 2 or more "
+                                    "distinct names")
+    if not (head.scale_ > 0).all():
+        raise damaged(path, "head", "'scale' has zero or negative values")
+    return head, header, train_digests
+
+
+def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:
+    """How many of ``paths`` (absolute image paths) the head in file ``head`` was trained on."""
+    digests = _read(head)[2]
+    if not len(digests) or not len(paths):
+        return 0
+    return int(np.isin(path_digests(paths), digests).sum())
