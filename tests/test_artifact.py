@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgvec.files.artifact import FORMAT_VERSION
+from imgvec.files.header import FORMAT_VERSION
 from imgvec.vectors.classifier import LogisticHead, read_head, save_head
 from imgvec.cli import app
 from imgvec.embedding.embedder import Embedder

@@ -29,6 +29,7 @@ def test_the_import_contracts_hold():
 
 @pytest.mark.parametrize("module,upward", [
     ("files/artifact.py", "from imgvec.backbones import builder"),  # the file layer reaching the model builder
+    ("files/structure.py", "from imgvec.files import header"),  # structure checks sit below the header
     ("backbones/registry.py", "from imgvec.backbones import device"),  # the registry is data: no runtime
     ("results.py", "from imgvec.vectors import store"),  # results take plain data
     ("runtime/openvino_engine.py", "from imgvec.runtime import tensorflow_engine"),  # engines are independent

@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from imgvec.files.artifact import (Expect, Header, capped, check_finite, check_structure, create, damaged, decode_keys,
-                       encode_keys, get_attr, opened, path_digests, reading, str_dtype)
+from imgvec.files.artifact import create, opened
+from imgvec.files.header import Header, get_attr
+from imgvec.files.strings import decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, capped, check_finite, check_structure, damaged, reading
 from imgvec.checks import check_per_class
 from imgvec.errors import BadInputError
 from imgvec.progress import Phase, Progress, steps
@@ -223,3 +225,11 @@ def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:
     if not len(digests) or not len(paths):
         return 0
     return int(np.isin(path_digests(paths), digests).sum())
+
+
+def path_digests(paths: Iterable[str]) -> np.ndarray:
+    """8-byte BLAKE2b digests of absolute image paths: what a head remembers of its training images."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little")
+                     for p in paths], dtype=np.uint64)

@@ -2,7 +2,7 @@
 
 Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
-artifact header (artifact.py) that says which store, which generation of it and how many of its
+artifact header (files/header.py) that says which store, which generation of it and how many of its
 rows it covers. ``/faiss`` is one contiguous dataset, so loading maps those bytes instead of
 reading them: :mod:`imgvec.files.faissblob` checks the mapped bytes, and FAISS then reads the same
 mapping without copying (its zero-copy reader), so opening an index takes the same few
@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from imgvec.files import faissblob
-from imgvec.files.artifact import REBUILD, Header, check_partner, create, damaged, dataset, opened, text_attr
+from imgvec.files.artifact import check_partner, create, opened
+from imgvec.files.header import Header, text_attr
+from imgvec.files.structure import REBUILD, damaged, dataset
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress

@@ -30,8 +30,10 @@ import numpy as np
 
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
-from imgvec.files.artifact import (Expect, Header, check_finite, check_string_heaps, check_structure, damaged, decode_keys,
-                       encode_keys, open_file, read_header, reading, str_dtype, write_header)
+from imgvec.files.artifact import open_file
+from imgvec.files.header import Header, read_header, write_header
+from imgvec.files.strings import check_string_heaps, decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, check_finite, check_structure, damaged, reading
 from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
