@@ -1,8 +1,9 @@
 """Opening imgvec files: one call opens a file, checks it and hands back what it holds.
 
-:func:`open_file` opens an HDF5 file race-free and walks its root's string heaps; :func:`opened`
-adds the header (:mod:`imgvec.files.header`), whose datasets each kind then checks with
-:func:`imgvec.files.structure.check_structure`; :func:`peek` reads any file's header alone;
+:func:`open_checked` opens an HDF5 file race-free (:func:`open_file`, which also walks its root's
+string heaps), reads its header (:mod:`imgvec.files.header`) and checks the datasets its kind's
+layout names (:func:`imgvec.files.structure.check_structure`), handing back a :class:`Checked`
+file; :func:`peek` reads any file's header alone;
 :func:`check_partner` validates an index or head against its store. Anything wrong is one
 :class:`~imgvec.errors.BadInputError` (damaged, forged) or :class:`~imgvec.errors.MismatchError`
 (made from something else) line naming the file and the fix.
@@ -12,13 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 from imgvec.errors import BadInputError, MismatchError
 from imgvec.fileio import atomic_path, require_regular
 from imgvec.files.header import FORMATS, Header, check_attributes, other_attrs, read_header, text_attr, write_header
 from imgvec.files.strings import check_root_heaps
-from imgvec.files.structure import capped, reading
+from imgvec.files.structure import Expect, capped, check_structure, reading
+
+Layout = Callable[[Header], Mapping[str, Expect]]
 
 
 @contextlib.contextmanager
@@ -54,11 +59,62 @@ def open_file(path: str | os.PathLike[str], what: str, missing: str, mode: str =
     return h5
 
 
+@dataclass
+class Checked:
+    """An open imgvec file whose header and datasets passed their checks: what the file layer hands back.
+
+    ``datasets`` holds the datasets the layout named (absent optional ones left out); close it when done.
+    """
+
+    h5: Any
+    path: Path
+    header: Header
+    datasets: dict[str, Any]
+
+    def check(self, expected: Mapping[str, Expect]) -> dict[str, Any]:
+        """More datasets, checked like the first ones (for sizes that depend on what those hold)."""
+        try:
+            found = check_structure(self.h5, self.path, self.header.kind, expected)
+        except BaseException:
+            self.close()
+            raise
+        self.datasets.update(found)
+        return found
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> "Checked":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def check_file(h5: Any, path: str | os.PathLike[str], kind: str, layout: Layout | None = None) -> Checked:
+    """The open file ``h5`` as a :class:`Checked` ``kind`` file: its header read and validated, then the
+    datasets ``layout(header)`` names checked before any is read; ``h5`` is closed if anything is wrong."""
+    try:
+        header = read_header(h5.attrs, path, kind)
+        datasets = check_structure(h5, path, kind, layout(header)) if layout else {}
+    except BaseException:
+        h5.close()
+        raise
+    return Checked(h5, Path(path), header, datasets)
+
+
+def open_checked(path: str | os.PathLike[str], kind: str, missing: str, layout: Layout | None = None, *,
+                 what: str | None = None, mode: str = "r") -> Checked:
+    """Open, check and hand back a ``kind`` file in one call (:func:`open_file`, then :func:`check_file`);
+    ``missing`` is the message for a path that does not exist, ``what`` names the file in errors."""
+    return check_file(open_file(path, what or f"an imgvec {kind} file", missing, mode), path, kind, layout)
+
+
 @contextlib.contextmanager
 def opened(path: str | os.PathLike[str], kind: str, missing: str) -> Iterator[tuple[Any, Header]]:
     """``(h5, header)`` of a validated imgvec file of ``kind``, closed afterwards."""
-    with open_file(path, f"an imgvec {kind} file", missing) as h5:
-        yield h5, read_header(h5.attrs, path, kind)
+    with open_checked(path, kind, missing) as file:
+        yield file.h5, file.header
 
 
 def peek(path: str | os.PathLike[str]) -> tuple[str, Header, dict[str, Any]]:

@@ -100,15 +100,6 @@ def check_structure(h5: Any, path: Any, kind: str, expected: Mapping[str, Expect
         return found
 
 
-def dataset(h5: Any, name: str, path: Any, kind: str, ndim: int, dtype: str,
-            length: int | None = None, min_length: int | None = None, width: int | None = None) -> Any:
-    """The dataset ``name``, checked like :func:`check_structure` checks each of its datasets."""
-    shape = (length, *([None] * (ndim - 1))) if ndim else ()
-    if width is not None:
-        shape = (shape[0], width, *shape[2:])
-    return check_structure(h5, path, kind, {name: Expect(ndim, dtype, shape, min_length)})[name]
-
-
 def file_size(h5: Any) -> int:
     """The size on disk of the open file ``h5`` (what every size claim inside it is checked against)."""
     return os.fstat(h5.id.get_vfd_handle()).st_size
