@@ -20,7 +20,7 @@ from imgvec.analyses.comparison import compare
 from imgvec.embedding.embedder import EmbedConfig, Embedder
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
-from imgvec.files.images import find_images, is_image_name
+from imgvec.files.images import DEFAULT_MAX_PIXELS, find_images, is_image_name
 from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, OpenIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, search_store, use_faiss_gpu)
 from imgvec.vectors.index import build_index as _build_index
@@ -28,20 +28,35 @@ from imgvec.embedding.ingest import embed, weights_arg
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance, check_compatible
 from imgvec.results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
-                      EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
-                      Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
+                      EmbedSummary, Evaluation, FileInfo, IndexSummary, Member, MergeSummary, ModelTable, Neighbour,
+                      Prediction, Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from imgvec.vectors.store import Store, merge_stores, open_store
 
 __all__ = [
-    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
-    "EmbedSummary", "Evaluation", "IndexSummary", "Member", "MergeSummary", "ModelTable", "Neighbour", "OpenIndex",
-    "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
-    "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
-    "evaluation_html", "image_paths", "info", "merge", "models", "open_index", "predict", "predict_html", "query",
-    "query_html", "release_models", "skipped_files", "train",
+    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DEFAULT_MAX_PIXELS", "DedupResult", "DuplicateGroup",
+    "EmbedConfig", "EmbedSummary", "Evaluation", "FileInfo", "IndexSummary", "Member", "MergeSummary", "ModelTable",
+    "Neighbour", "OpenIndex", "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles",
+    "TrainSummary",
+    "build_index", "cache", "check_page_path", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page",
+    "embed", "evaluate", "evaluation_html", "image_paths", "info", "merge", "models", "open_index", "predict",
+    "predict_html", "query", "query_html", "release_models", "runtimes", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
+
+
+def runtimes() -> tuple[str, ...]:
+    """The runtimes an embedding can run on (``runtime=``): auto, openvino, tensorflow, jax, torch."""
+    from imgvec.runtime.loader import RUNTIMES
+
+    return RUNTIMES
+
+
+def check_page_path(page: PathLike | None, inputs: Sequence[PathLike | None]) -> None:
+    """Check before the work where an HTML page will be written after it (a typo, or one of the ``inputs``
+    named as the page, costs nothing then); None: no page."""
+    if page is not None:
+        check_output(page, inputs, read_under=is_image_name)
 
 
 # -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
@@ -285,8 +300,8 @@ def models(sort: str | None = None) -> ModelTable:
     return ModelTable(backbones)
 
 
-def info(path: PathLike) -> dict[str, Any]:
-    """What an imgvec file (store, index or head) is and holds, as plain data, from its header.
+def info(path: PathLike) -> FileInfo:
+    """What an imgvec file (store, index or head) is and holds, from its header (``to_records()``: plain data).
 
     Reads attributes and small datasets only: an index is never deserialised, a store's
     embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
@@ -310,8 +325,7 @@ def info(path: PathLike) -> dict[str, Any]:
         head, _ = read_head(path)
         data.update(classes=[str(c) for c in head.classes_], C=float(head.C_), cv=int(head.cv),
                     cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
-    data["provenance"] = header.provenance
-    return data
+    return FileInfo(data, header.provenance)
 
 
 def skipped_files(store: PathLike) -> SkippedFiles:
