@@ -63,7 +63,8 @@ def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | 
     """Write a store of ``rows`` generated rows to ``path`` atomically, ``chunk`` rows at a time."""
     import h5py
 
-    from imgvec.files.artifact import Header, encode_keys, write_header
+    from imgvec.files.header import Header, write_header
+    from imgvec.files.strings import encode_keys
     from imgvec.fileio import atomic_path
     from imgvec.files.provenance import Provenance
     from imgvec.vectors.store import _init_layout

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgvec.files.artifact import FORMAT_VERSION
+from imgvec.files.header import FORMAT_VERSION
 from imgvec.vectors.classifier import LogisticHead, read_head, save_head
 from imgvec.cli import app
 from imgvec.embedding.embedder import Embedder
@@ -257,7 +257,7 @@ def test_info_reads_every_kind_from_headers(files: dict[str, Path], monkeypatch)
     import imgvec
 
     monkeypatch.setattr(faiss, "read_index", lambda *a: pytest.fail("info must not deserialise an index"))
-    store, index, head = (imgvec.info(files[k]) for k in ("store", "index", "head"))
+    store, index, head = (imgvec.info(files[k]).to_records() for k in ("store", "index", "head"))
     assert (store["kind"], store["rows"], store["labels"], store["index"]["state"]) == (
         "store", 30, {"a": 10, "b": 10, "c": 10}, "up to date")
     assert (index["kind"], index["index_kind"], index["rows"], index["generation"]) == ("index", "flat", 30, 0)

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 
-from imgvec.files.artifact import header_digest
+from imgvec.files.header import header_digest
 from imgvec.vectors.classifier import LogisticHead, save_head
 from imgvec.files.journal import MAGIC, Record, _encode
 from imgvec.files.provenance import Provenance

@@ -29,7 +29,7 @@ def test_json_and_table_formats():
 
 
 def test_plural():
-    from imgvec.pages.report import plural
+    from imgvec.results import plural
 
     assert (plural(0, "group"), plural(1, "group"), plural(2, "group")) == ("0 groups", "1 group", "2 groups")
 

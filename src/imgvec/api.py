@@ -20,28 +20,43 @@ from imgvec.analyses.comparison import compare
 from imgvec.embedding.embedder import EmbedConfig, Embedder
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
-from imgvec.files.images import find_images, is_image_name
-from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
+from imgvec.files.images import DEFAULT_MAX_PIXELS, find_images, is_image_name
+from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, OpenIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, search_store, use_faiss_gpu)
 from imgvec.vectors.index import build_index as _build_index
 from imgvec.embedding.ingest import embed, weights_arg
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance, check_compatible
 from imgvec.results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
-                      EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
-                      Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
+                      EmbedSummary, Evaluation, FileInfo, IndexSummary, Member, MergeSummary, ModelTable, Neighbour,
+                      Prediction, Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from imgvec.vectors.store import Store, merge_stores, open_store
 
 __all__ = [
-    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
-    "EmbedSummary", "Evaluation", "IndexSummary", "Member", "MergeSummary", "ModelTable", "Neighbour", "Prediction",
-    "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
-    "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
-    "evaluation_html", "image_paths", "info", "merge", "models", "predict", "predict_html", "query", "query_html",
-    "release_models", "skipped_files", "train",
+    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DEFAULT_MAX_PIXELS", "DedupResult", "DuplicateGroup",
+    "EmbedConfig", "EmbedSummary", "Evaluation", "FileInfo", "IndexSummary", "Member", "MergeSummary", "ModelTable",
+    "Neighbour", "OpenIndex", "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles",
+    "TrainSummary",
+    "build_index", "cache", "check_page_path", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page",
+    "embed", "evaluate", "evaluation_html", "image_paths", "info", "merge", "models", "open_index", "predict",
+    "predict_html", "query", "query_html", "release_models", "runtimes", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
+
+
+def runtimes() -> tuple[str, ...]:
+    """The runtimes an embedding can run on (``runtime=``): auto, openvino, tensorflow, jax, torch."""
+    from imgvec.runtime.loader import RUNTIMES
+
+    return RUNTIMES
+
+
+def check_page_path(page: PathLike | None, inputs: Sequence[PathLike | None]) -> None:
+    """Check before the work where an HTML page will be written after it (a typo, or one of the ``inputs``
+    named as the page, costs nothing then); None: no page."""
+    if page is not None:
+        check_output(page, inputs, read_under=is_image_name)
 
 
 # -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
@@ -114,26 +129,36 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
         raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
-def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
-                ) -> tuple[VectorIndex | None, int, list[str]]:
-    """The index to search ``store`` with (None: search every row exhaustively), how many rows it
-    lacks (searched exhaustively beside it), and notes saying so for stderr."""
-    path = Path(index_path) if index_path else index_path_for(store.path)
+def open_index(store: Store, index: PathLike | None = None, gpu: bool = False) -> OpenIndex:
+    """The index to search the open ``store`` with, as :func:`query` searches it (the service too).
+
+    ``index`` None: the store's own index file beside it, or none for a small store (every row
+    searched exactly). Returns ``(index, unindexed, notes)``: the index (None: search every row
+    exhaustively), how many rows it lacks (searched exhaustively beside it), and notes saying so for
+    stderr. An index from another store, or one that does not hold the store's vectors, is a
+    :class:`~imgvec.errors.MismatchError`.
+    """
+    path = Path(index) if index else index_path_for(store.path)
     if not path.exists():
-        if index_path:
+        if index:
             raise BadInputError(f"{path}: no such index")
         if store.rows > AUTO_FLAT_MAX_ROWS:
             raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-        return None, 0, []  # small store: exact search of its rows is quick
-    index = load_index(path, gpu)
-    if index.predates_removals(store):
-        return None, 0, [f"index {path} predates rows removed from {store.path} (generation {index.generation}, "
-                         f"the store is at {store.generation}), so all {store.rows} rows were searched exhaustively; "
-                         f"`imgvec index {store.path}` rebuilds it"]
-    unindexed = index.check_covers(store, f"index {path}", tail=True)
+        return OpenIndex(None, 0, [])  # small store: exact search of its rows is quick
+    vindex = load_index(path, gpu)
+    if vindex.predates_removals(store):
+        return OpenIndex(None, 0, [
+            f"index {path} predates rows removed from {store.path} (generation {vindex.generation}, the store is "
+            f"at {store.generation}), so all {store.rows} rows were searched exhaustively; `imgvec index "
+            f"{store.path}` rebuilds it"])
+    unindexed = vindex.check_covers(store, f"index {path}", tail=True)
     notes = [f"{unindexed} of {store.rows} rows of {store.path} are not indexed yet (embedded after index {path} "
              f"was built): searched exhaustively beside it; `imgvec index {store.path}` adds them"] if unindexed else []
-    return index, unindexed, notes
+    return OpenIndex(vindex, unindexed, notes)
+
+
+# service/serve.py still calls it by its old private name; the service's split switches it to open_index.
+_open_index = open_index
 
 
 def query(
@@ -155,7 +180,7 @@ def query(
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
+        vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
@@ -275,8 +300,8 @@ def models(sort: str | None = None) -> ModelTable:
     return ModelTable(backbones)
 
 
-def info(path: PathLike) -> dict[str, Any]:
-    """What an imgvec file (store, index or head) is and holds, as plain data, from its header.
+def info(path: PathLike) -> FileInfo:
+    """What an imgvec file (store, index or head) is and holds, from its header (``to_records()``: plain data).
 
     Reads attributes and small datasets only: an index is never deserialised, a store's
     embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
@@ -300,8 +325,7 @@ def info(path: PathLike) -> dict[str, Any]:
         head, _ = read_head(path)
         data.update(classes=[str(c) for c in head.classes_], C=float(head.C_), cv=int(head.cv),
                     cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
-    data["provenance"] = header.provenance
-    return data
+    return FileInfo(data, header.provenance)
 
 
 def skipped_files(store: PathLike) -> SkippedFiles:

@@ -74,3 +74,7 @@ class ImageSkipped(ImgvecError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class RuntimeNote(UserWarning):
+    """Something a user should know about how the model runs (a fallback); the CLI prints one line."""

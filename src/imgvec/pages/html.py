@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 from imgvec.fileio import open_regular, write_text
 from imgvec.files.images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
-from imgvec.pages.report import plural, shown
+from imgvec.pages.report import shown
+from imgvec.results import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     import jinja2

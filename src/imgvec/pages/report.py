@@ -21,6 +21,8 @@ import re
 from dataclasses import asdict
 from typing import Any, Iterable, Sequence
 
+from imgvec.results import Table
+
 FORMATS = ("table", "json", "csv")
 
 # Control characters (C0, DEL, C1), line and paragraph separators, bidirectional overrides, surrogates;
@@ -57,11 +59,6 @@ def csv_cell(value: Any) -> str:
         return f"{value:.6f}" if isinstance(value, float) else str(value)
     text = shown(value)
     return "'" + text if text.startswith(_FORMULA_START) else text
-
-
-def plural(count: int, noun: str, many: str | None = None) -> str:
-    """'1 group', '2 groups'; ``many`` for a noun that does not just take an s ('1 query', '2 queries')."""
-    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -103,3 +100,11 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
         console.print(escape(shown(title)), soft_wrap=True)
     console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def render(result: Table) -> str:
+    """A result's :class:`~imgvec.results.Table` as text: its lines before, each section drawn by :func:`table`,
+    its lines after (the one renderer of every CLI table)."""
+    return ("".join(line + "\n" for line in result.head)
+            + "".join(table(s.title, s.columns, s.rows, s.justify) for s in result.sections)
+            + "".join(line + "\n" for line in result.tail))

@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from imgvec.files.artifact import (Expect, Header, capped, check_finite, check_structure, create, damaged, decode_keys,
-                       encode_keys, get_attr, opened, path_digests, reading, str_dtype)
+from imgvec.files.artifact import create, open_checked
+from imgvec.files.header import Header, get_attr
+from imgvec.files.strings import decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, capped, check_finite, damaged, reading
 from imgvec.checks import check_per_class
 from imgvec.errors import BadInputError
 from imgvec.progress import Phase, Progress, steps
@@ -185,11 +187,12 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
 
 def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarray]:
     """The head, its header and the digests of the paths it was trained on."""
-    with opened(path, "head", f"no such head file (make one with imgvec train STORE -o {path})") as (h5, header):
-        n = check_structure(h5, path, "head", {"classes": Expect(1, "str")})["classes"].shape[0]
+    missing = f"no such head file (make one with imgvec train STORE -o {path})"
+    with open_checked(path, "head", missing, lambda header: {"classes": Expect(1, "str")}) as file:
+        h5, header, n = file.h5, file.header, file.datasets["classes"].shape[0]
         dim = header.dim
         shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
-        found = check_structure(h5, path, "head", {
+        found = file.check({
             **{name.rstrip("_"): Expect(len(shape), "float32", shape) for name, shape in shapes.items()},
             "train_paths": Expect(1, "uint64", optional=True)})
         digests = found.get("train_paths")
@@ -223,3 +226,11 @@ def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:
     if not len(digests) or not len(paths):
         return 0
     return int(np.isin(path_digests(paths), digests).sum())
+
+
+def path_digests(paths: Iterable[str]) -> np.ndarray:
+    """8-byte BLAKE2b digests of absolute image paths: what a head remembers of its training images."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little")
+                     for p in paths], dtype=np.uint64)

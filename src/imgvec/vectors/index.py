@@ -2,7 +2,7 @@
 
 Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
-artifact header (artifact.py) that says which store, which generation of it and how many of its
+artifact header (files/header.py) that says which store, which generation of it and how many of its
 rows it covers. ``/faiss`` is one contiguous dataset, so loading maps those bytes instead of
 reading them: :mod:`imgvec.files.faissblob` checks the mapped bytes, and FAISS then reads the same
 mapping without copying (its zero-copy reader), so opening an index takes the same few
@@ -17,12 +17,14 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from imgvec.files import faissblob
-from imgvec.files.artifact import REBUILD, Header, check_partner, create, damaged, dataset, opened, text_attr
+from imgvec.files.artifact import check_partner, create, open_checked
+from imgvec.files.header import Header, text_attr
+from imgvec.files.structure import REBUILD, Expect, damaged
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress
@@ -432,6 +434,20 @@ def extend_index(index: VectorIndex, store: Store, progress: Progress | None = N
     return added
 
 
+class OpenIndex(NamedTuple):
+    """How a store is searched: its index (None: every row exhaustively), the rows the index lacks
+    (searched exhaustively beside it) and notes saying so."""
+
+    index: VectorIndex | None
+    unindexed: int
+    notes: list[str]
+
+
+def _layout(header: Header) -> dict[str, Expect]:
+    """An index file holds FAISS's serialized bytes (checked by :mod:`imgvec.files.faissblob` before use)."""
+    return {"faiss": Expect(1, "uint8")}
+
+
 def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = True) -> VectorIndex:
     """Open an index file, checking that FAISS's index agrees with the header (rows, dim, metric, kind).
 
@@ -442,8 +458,8 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
     """
     import faiss
 
-    with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
-        ds = dataset(h5, "faiss", path, "index", 1, "uint8")
+    with open_checked(path, "index", "no such index (make one with imgvec index STORE)", _layout) as file:
+        h5, header, ds = file.h5, file.header, file.datasets["faiss"]
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")

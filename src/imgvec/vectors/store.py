@@ -30,8 +30,10 @@ import numpy as np
 
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
-from imgvec.files.artifact import (Expect, Header, check_finite, check_string_heaps, check_structure, damaged, decode_keys,
-                       encode_keys, open_file, read_header, reading, str_dtype, write_header)
+from imgvec.files.artifact import Checked, check_file, open_checked
+from imgvec.files.header import Header, write_header
+from imgvec.files.strings import check_string_heaps, decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, check_finite, damaged, reading
 from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
@@ -49,32 +51,20 @@ class Store:
     header says); reading embeddings refuses NaN or infinite values.
     """
 
-    def __init__(self, h5: Any, path: Path) -> None:
-        self.h5 = h5
-        self.path = path
+    def __init__(self, file: Checked) -> None:
+        self.h5, self.path, self.header = file.h5, file.path, file.header
+        self.provenance = self.header.provenance
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
         # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
-        self._fixed = h5.mode == "r"
+        self._fixed = self.h5.mode == "r"
+        skipped = file.datasets["skipped/paths"].shape[0]
+        file.check({"skipped/reasons": Expect(1, "str", (skipped,))})
         try:
-            self.header = read_header(h5.attrs, path, "store")
-            self.provenance = self.header.provenance
-            self._validate()
+            if not isinstance(self._attr("root", None), str):
+                raise damaged(self.path, "store", "no 'root' attribute")
         except BaseException:
-            h5.close()
+            file.close()
             raise
-
-    def _validate(self) -> None:
-        rows, dim, path = self.header.rows, self.header.dim, self.path
-        # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
-        n = rows if self.header.format_version > 1 else None
-        least = None if n is not None else rows
-        check_structure(self.h5, path, "store", {
-            "embeddings": Expect(2, "float32", (n, dim), least), "paths": Expect(1, "str", (n,), least),
-            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")})
-        skipped = self.h5["skipped/paths"].shape[0]
-        check_structure(self.h5, path, "store", {"skipped/reasons": Expect(1, "str", (skipped,))})
-        if not isinstance(self._attr("root", None), str):
-            raise damaged(path, "store", "no 'root' attribute")
 
     def _attr(self, name: str, default: Any = ...) -> Any:
         with reading(self.path, "store"):
@@ -194,22 +184,29 @@ def _missing(path: Path) -> str:
     return f"no such store (make one with imgvec embed ... -o {path})"
 
 
-def _h5open(path: Path, mode: str) -> Any:
-    """A store file opened in ``mode`` ("w" for a new one); one-line errors."""
+def _layout(header: Header) -> dict[str, Expect]:
+    """The datasets a store holds, as its header implies them."""
+    # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
+    n = header.rows if header.format_version > 1 else None
+    least = None if n is not None else header.rows
+    return {"embeddings": Expect(2, "float32", (n, header.dim), least), "paths": Expect(1, "str", (n,), least),
+            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")}
+
+
+def _h5new(path: Path) -> Any:
+    """A new store file at ``path``; one-line errors."""
     import h5py
 
-    if mode != "w":
-        return open_file(path, "an imgvec store", _missing(path), mode)
     try:
-        return h5py.File(path, mode)
+        return h5py.File(path, "w")
     except OSError as error:
         raise write_error(path, error) from None
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open a store for reading."""
+def open_store(path: str | os.PathLike[str], mode: str = "r") -> Store:
+    """Open a store for reading (``mode`` "r+": a writer's private copy), checked in one call."""
     path = Path(path)
-    return Store(_h5open(path, "r"), path)
+    return Store(open_checked(path, "store", _missing(path), _layout, what="an imgvec store", mode=mode))
 
 
 def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
@@ -261,7 +258,7 @@ class StoreWriter:
         tmp = temp_path(self.path)
         check_space(self.path, _FOLD_MARGIN + CHUNK_ROWS * provenance.dim * 4)
         try:
-            with _h5open(tmp, "w") as h5:
+            with _h5new(tmp) as h5:
                 _init_layout(h5, provenance, root)
             publish(tmp, self.path)
         except OSError as error:
@@ -337,8 +334,7 @@ class StoreWriter:
             _copy_without(self.path, tmp, doomed)
         else:
             shutil.copyfile(self.path, tmp)
-        with _h5open(tmp, "r+") as h5:
-            store = Store(h5, tmp)
+        with open_store(tmp, "r+") as store:
             store._trim()
             seen = set(keys) - doomed
             retried: set[str] = set()
@@ -356,7 +352,7 @@ class StoreWriter:
             old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
-            write_header(h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
+            write_header(store.h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
 
     def close(self, commit: bool = True) -> None:
         """Commit what was appended (unless told not to) and release the lock."""
@@ -404,12 +400,12 @@ def _lock(path: Path) -> Any:
 
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
     """Write a copy of store ``src`` to ``dst`` leaving out the rows whose key is in ``doomed``."""
-    with open_store(src) as old, _h5open(dst, "w") as h5:
+    with open_store(src) as old, _h5new(dst) as h5:
         _init_layout(h5, old.provenance, old.root)
         for key, value in old.h5.attrs.items():
             h5.attrs[key] = value
         write_header(h5.attrs, Header("store", old.provenance, old.store_id, old.generation + 1, 0, old.dim))
-        new = Store(h5, dst)
+        new = Store(check_file(h5, dst, "store", _layout))
         keys, labels = old.paths(), old.labels()
         for start in range(0, old.rows, chunk):
             idx = [i for i in range(start, min(start + chunk, old.rows)) if keys[i] not in doomed]
