@@ -393,6 +393,12 @@ def _check_storage(ds: Any, name: str, path: Any, kind: str, size: int, addr: in
         if math.prod(chunk) * item > MAX_CHUNK_BYTES:
             raise damaged(path, kind, f"{name!r} has chunks of {math.prod(chunk) * item / 1e6:.0f} MB "
                                       f"(at most {MAX_CHUNK_BYTES >> 20} MiB)")
+        from imgvec.files import chunks
+
+        try:  # before HDF5 follows the chunk index: a looped one makes it recurse without end
+            chunks.check_dataset(ds, item)
+        except chunks.MalformedChunks as error:
+            raise damaged(path, kind, f"{name!r}: {error}") from None
     # Unfiltered data takes its own size in the file. A contiguous dataset says where its bytes are
     # (O(1)); a chunked one would need its chunk index walked, so it is held to the file's size, which
     # bounds what reading it can allocate just as well (chunks it lacks read as zeros).
