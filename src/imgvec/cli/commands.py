@@ -21,7 +21,7 @@ from imgvec import __version__, api
 from imgvec.pages import report
 from imgvec.backbones.registry import BACKBONES
 from imgvec.embedding.embedder import EmbedConfig
-from imgvec.errors import ImgvecError, did_you_mean
+from imgvec.errors import FileNote, ImgvecError, did_you_mean
 from imgvec.fileio import check_output
 from imgvec.files.images import DEFAULT_MAX_PIXELS, is_image_name
 from imgvec.files.provenance import Provenance
@@ -155,10 +155,10 @@ def _options() -> dict[str, str]:
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
-    """Show imgvec's own notes (:class:`RuntimeNote`) as one ``imgvec: note:`` line; others as before."""
+    """Show imgvec's own notes (:class:`RuntimeNote`, :class:`FileNote`) as one ``imgvec: note:`` line; others as before."""
 
     def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, RuntimeNote):
+        if issubclass(category, (RuntimeNote, FileNote)):
             _err(f"imgvec: note: {message}")
         else:
             show(message, category, *args, **kwargs)

@@ -130,7 +130,7 @@ def create(path: str | os.PathLike[str], header: Header) -> Iterator[Any]:
     import h5py
 
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
+        with h5py.File(tmp, "x") as h5:  # x: created here, never through a link
             write_header(h5.attrs, header)
             yield h5
 

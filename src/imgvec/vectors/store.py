@@ -19,9 +19,7 @@ see a complete store, and never look past its ``rows`` attribute.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
@@ -32,9 +30,10 @@ from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
 from imgvec.files.artifact import (Expect, Header, check_finite, check_string_heaps, check_structure, damaged, decode_keys,
                        encode_keys, open_file, read_header, reading, str_dtype, write_header)
-from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
+from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
+from imgvec.files.lock import StoreLock
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
 
@@ -195,13 +194,13 @@ def _missing(path: Path) -> str:
 
 
 def _h5open(path: Path, mode: str) -> Any:
-    """A store file opened in ``mode`` ("w" for a new one); one-line errors."""
+    """A store file opened in ``mode`` ("w" for a new one, created here: never through a link); one-line errors."""
     import h5py
 
     if mode != "w":
         return open_file(path, "an imgvec store", _missing(path), mode)
     try:
-        return h5py.File(path, mode)
+        return h5py.File(path, "x")
     except OSError as error:
         raise write_error(path, error) from None
 
@@ -240,7 +239,7 @@ class StoreWriter:
         self.checkpoint_rows = checkpoint_rows
         self._pending = 0
         check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
-        self._lock = _lock(self.path)
+        self._lock = StoreLock(self.path)
         try:
             remove_stale_temps(self.path)
             if not self.path.exists():
@@ -254,7 +253,7 @@ class StoreWriter:
                 self.skipped = store.skipped()
             self._journal = JournalWriter(journal_path(self.path))
         except BaseException:
-            self._lock.close()
+            self._lock.release()
             raise
 
     def _create(self, provenance: Provenance, root: str) -> None:
@@ -336,7 +335,7 @@ class StoreWriter:
         if doomed:
             _copy_without(self.path, tmp, doomed)
         else:
-            shutil.copyfile(self.path, tmp)
+            copy_new(self.path, tmp)
         with _h5open(tmp, "r+") as h5:
             store = Store(h5, tmp)
             store._trim()
@@ -366,7 +365,7 @@ class StoreWriter:
             else:
                 self._journal.close()
         finally:
-            self._lock.close()
+            self._lock.release()  # the lock file goes too (see imgvec.files.lock)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -386,20 +385,6 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
     if Path(path).exists():
         raise BadInputError(f"{path}: already exists")
     return StoreWriter(path, provenance, root)
-
-
-def _lock(path: Path) -> Any:
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        fh = open_regular_append(lock)  # a FIFO there must not hang the writer
-    except NotRegularFile as error:
-        raise BadInputError(f"{lock}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise BadInputError(f"{path}: another imgvec process is writing this store; wait for it to finish") from None
-    return fh
 
 
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
