@@ -687,7 +687,7 @@ def _btree_mutants(path: Path, rng: np.random.Generator, n: int) -> list[tuple[s
         how = i % 4
         if how == 0:
             b[node + 5] = int(rng.choice([1, 2, 7, 255]))
-            struct.pack_into("<Q", b, child, int(rng.choice(addresses)))
+            struct.pack_into("<Q", b, child, node if rng.random() < 0.5 else int(rng.choice(addresses)))
             what = "child to a node"
         elif how == 1:
             b[node + 5] = int(rng.integers(0, 256))

@@ -244,7 +244,7 @@ def _read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
     if not header.store_id and kind != "head":  # a head fitted on arrays in a notebook has no store
         raise damaged(path, kind, "empty store_id")
     if text_attr(attrs, "header_sha256") != header_digest(attrs):
-        raise damaged(path, kind, "its header does not match its checksum: edited by hand, or forged")
+        raise damaged(path, kind, "its header does not match its checksum: damaged or edited")
     return header
 
 
@@ -444,12 +444,32 @@ def check_attributes(attrs: Any, path: Any, kind: str | None) -> None:
 
 @contextlib.contextmanager
 def reading(path: Any, kind: str | None) -> Iterator[None]:
-    """Whatever HDF5 says while reading a file that passed the checks above is still one damaged-file line."""
+    """Whatever HDF5 says while reading a file that passed the checks above is still one damaged-file line.
+
+    A KeyError or TypeError is HDF5's only when h5py raised it (h5py reports some damage, an object
+    that cannot be opened, as KeyError); raised by imgvec's own code it is a bug, and stays one.
+    """
     try:
         yield
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise damaged(path, kind, f"HDF5 cannot read it: {capped(reason)}") from None
+    except (KeyError, TypeError) as error:
+        if not _raised_in_h5py(error):
+            raise
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
+    except (OSError, RuntimeError, ValueError, MemoryError, OverflowError) as error:
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
+
+
+def _reason(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _raised_in_h5py(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside h5py (its Python or Cython code), not by a caller."""
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    name = last.tb_frame.f_code.co_filename if last is not None else ""
+    return f"{os.sep}h5py{os.sep}" in name or name.startswith(f"h5py{os.sep}")
 
 
 def string_bytes(ds: Any, stop: int, path: Any, kind: str) -> int:
