@@ -729,3 +729,41 @@ def test_fuzzed_chunk_indexes_end_in_an_answer_or_one_line_never_a_signal_or_the
                         what, r["args"], r["stderr"][:2000])
         for path in tmp_path.glob("m*.h5"):
             path.unlink()
+
+
+PINNED_CHILD = r"""
+import sys
+from pathlib import Path
+import h5py, numpy as np
+h5py.get_config().track_order = True  # h5py's documented global option: must not change what imgvec writes
+sys.path.insert(0, sys.argv[2])
+from test_hostile_hdf5 import _make_head, _make_store
+from imgvec.vectors.index import build_index
+from imgvec.vectors.store import open_store
+from typer.testing import CliRunner
+from imgvec.cli import app
+root = Path(sys.argv[1])
+store = _make_store(root / "s.h5", 0)
+with open_store(store) as s:
+    build_index(s, "flat").save(root / "s.index.h5")
+_make_head(store, root / "head.h5")
+for name in ("s.h5", "s.index.h5", "head.h5"):
+    r = CliRunner().invoke(app, ["info", str(root / name)])
+    print(name, r.exit_code, r.stderr.strip()[:300])
+"""
+
+
+def test_the_format_is_pinned_whatever_h5pys_global_track_order_says(tmp_path: Path):
+    """Issue 26: with ``track_order = True`` imgvec wrote version-2 object headers and refused its own store."""
+    done = subprocess.run([sys.executable, "-c", PINNED_CHILD, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split()[:2] for line in done.stdout.splitlines()[-3:]] == [
+        ["s.h5", "0"], ["s.index.h5", "0"], ["head.h5", "0"]], done.stdout[-3000:]
+    for name in ("s.h5", "s.index.h5", "head.h5"):
+        data = (tmp_path / name).read_bytes()
+        assert data[8] == 0, name  # superblock version 0
+        with h5py.File(tmp_path / name, "r") as h5:
+            headers = [h5py.h5g.get_objinfo(h5[k].id).objno[0] for k in h5 if isinstance(h5[k], h5py.Dataset)]
+            headers.append(h5py.h5g.get_objinfo(h5.id).objno[0])
+        assert all(data[a] == 1 for a in headers), name  # version-1 object headers ("OHDR" would be version 2)

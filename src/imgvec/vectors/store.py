@@ -32,6 +32,7 @@ from imgvec.files.artifact import (Expect, Header, check_finite, check_string_he
                        encode_keys, open_file, read_header, reading, str_dtype, write_header)
 from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
+from imgvec.files.h5format import PINNED, new_file
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.files.lock import StoreLock
 from imgvec.progress import Phase, Progress
@@ -194,13 +195,12 @@ def _missing(path: Path) -> str:
 
 
 def _h5open(path: Path, mode: str) -> Any:
-    """A store file opened in ``mode`` ("w" for a new one, created here: never through a link); one-line errors."""
-    import h5py
-
+    """A store file opened in ``mode`` ("w" for a new one, in the pinned format, created here: never through
+    a link); one-line errors."""
     if mode != "w":
         return open_file(path, "an imgvec store", _missing(path), mode)
     try:
-        return h5py.File(path, "x")
+        return new_file(path)
     except OSError as error:
         raise write_error(path, error) from None
 
@@ -214,10 +214,10 @@ def open_store(path: str | os.PathLike[str]) -> Store:
 def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     dim = provenance.dim
     h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                      chunks=(CHUNK_ROWS, dim))
-    skipped = h5.create_group("skipped")
+                      chunks=(CHUNK_ROWS, dim), **PINNED)
+    skipped = h5.create_group("skipped", **PINNED)
     for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
-        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
+        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,), **PINNED)
     h5.attrs["root"] = root
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
