@@ -67,6 +67,10 @@ class MissingWeightsError(ImgvecError):
     exit_code = 4
 
 
+class FileNote(UserWarning):
+    """Something left out of a file from elsewhere (a journal record dropped); the CLI prints one line."""
+
+
 class ImageSkipped(ImgvecError):
     """One image could not be decoded; the run goes on without it."""
 

@@ -18,7 +18,7 @@ import typer.core
 
 from imgvec import __version__, api
 from imgvec.cli.reporter import Reporter
-from imgvec.errors import ImgvecError, RuntimeNote, did_you_mean
+from imgvec.errors import FileNote, ImgvecError, RuntimeNote, did_you_mean
 from imgvec.pages import report
 from imgvec.results import MODEL_COLUMNS, Records, Table, plural, random_weights_note
 
@@ -147,10 +147,10 @@ def _options() -> dict[str, str]:
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
-    """Show imgvec's own notes (:class:`RuntimeNote`) as one ``imgvec: note:`` line; others as before."""
+    """Show imgvec's own notes (:class:`RuntimeNote`, :class:`FileNote`) as one ``imgvec: note:`` line; others as before."""
 
     def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, RuntimeNote):
+        if issubclass(category, (RuntimeNote, FileNote)):
             _err(f"imgvec: note: {message}")
         else:
             show(message, category, *args, **kwargs)

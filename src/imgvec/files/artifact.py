@@ -29,10 +29,10 @@ Layout = Callable[[Header], Mapping[str, Expect]]
 @contextlib.contextmanager
 def create(path: str | os.PathLike[str], header: Header) -> Iterator[Any]:
     """A new HDF5 file at ``path`` with ``header``, written atomically (see :func:`fileio.atomic_path`)."""
-    import h5py
+    from imgvec.files.h5format import new_file
 
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
+        with new_file(tmp) as h5:  # the format pinned; created here, never through a link
             write_header(h5.attrs, header)
             yield h5
 

@@ -186,7 +186,7 @@ def _read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
     if not header.store_id and kind != "head":  # a head fitted on arrays in a notebook has no store
         raise damaged(path, kind, "empty store_id")
     if text_attr(attrs, "header_sha256") != header_digest(attrs):
-        raise damaged(path, kind, "its header does not match its checksum: edited by hand, or forged")
+        raise damaged(path, kind, "its header does not match its checksum: damaged or edited")
     return header
 
 

@@ -43,12 +43,32 @@ def capped(value: Any, limit: int = 80) -> str:
 
 @contextlib.contextmanager
 def reading(path: Any, kind: str | None) -> Iterator[None]:
-    """Whatever HDF5 says while reading a file that passed the checks above is still one damaged-file line."""
+    """Whatever HDF5 says while reading a file that passed the checks above is still one damaged-file line.
+
+    A KeyError or TypeError is HDF5's only when h5py raised it (h5py reports some damage, an object
+    that cannot be opened, as KeyError); raised by imgvec's own code it is a bug, and stays one.
+    """
     try:
         yield
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise damaged(path, kind, f"HDF5 cannot read it: {capped(reason)}") from None
+    except (KeyError, TypeError) as error:
+        if not _raised_in_h5py(error):
+            raise
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
+    except (OSError, RuntimeError, ValueError, MemoryError, OverflowError) as error:
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
+
+
+def _reason(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _raised_in_h5py(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside h5py (its Python or Cython code), not by a caller."""
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    name = last.tb_frame.f_code.co_filename if last is not None else ""
+    return f"{os.sep}h5py{os.sep}" in name or name.startswith(f"h5py{os.sep}")
 
 
 def check_attributes(attrs: Any, path: Any, kind: str | None) -> None:
@@ -176,6 +196,12 @@ def _check_storage(ds: Any, name: str, path: Any, kind: str, size: int, addr: in
         if math.prod(chunk) * item > MAX_CHUNK_BYTES:
             raise damaged(path, kind, f"{name!r} has chunks of {math.prod(chunk) * item / 1e6:.0f} MB "
                                       f"(at most {MAX_CHUNK_BYTES >> 20} MiB)")
+        from imgvec.files import chunks
+
+        try:  # before HDF5 follows the chunk index: a looped one makes it recurse without end
+            chunks.check_dataset(ds, item)
+        except chunks.MalformedChunks as error:
+            raise damaged(path, kind, f"{name!r}: {error}") from None
     # Unfiltered data takes its own size in the file. A contiguous dataset says where its bytes are
     # (O(1)); a chunked one would need its chunk index walked, so it is held to the file's size, which
     # bounds what reading it can allocate just as well (chunks it lacks read as zeros).

@@ -27,6 +27,7 @@ from imgvec.files.structure import Expect, capped, check_finite, damaged, readin
 from imgvec.checks import check_per_class
 from imgvec.errors import BadInputError
 from imgvec.progress import Phase, Progress, steps
+from imgvec.files.h5format import PINNED
 from imgvec.files.provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -165,9 +166,9 @@ def save_head(head: LogisticHead, path: str | os.PathLike[str], provenance: Prov
     header = Header("head", provenance, store_id, generation, int(head.n_train_), provenance.dim)
     with create(path, header) as h5:
         for name in _ARRAYS:
-            h5.create_dataset(name.rstrip("_"), data=getattr(head, name))
-        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype())
-        h5.create_dataset("train_paths", data=path_digests(train_paths))
+            h5.create_dataset(name.rstrip("_"), data=getattr(head, name), **PINNED)
+        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype(), **PINNED)
+        h5.create_dataset("train_paths", data=path_digests(train_paths), **PINNED)
         for name in _SCALARS:
             h5.attrs[name] = getattr(head, name)
     return Path(path)

@@ -28,6 +28,7 @@ from imgvec.files.structure import REBUILD, Expect, damaged
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress
+from imgvec.files.h5format import PINNED
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import Store
 
@@ -199,7 +200,7 @@ class VectorIndex:
         counter = _DatasetSink(None)
         faiss.write_index(cpu, faiss.PyCallbackIOWriter(counter.write, IO_BLOCK_BYTES))
         with create(path, self.header) as h5:
-            sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8))
+            sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8, **PINNED))
             faiss.write_index(cpu, faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
             sink.flush()
             if sink.size != counter.size:

@@ -19,9 +19,7 @@ see a complete store, and never look past its ``rows`` attribute.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
@@ -34,9 +32,11 @@ from imgvec.files.artifact import Checked, check_file, open_checked
 from imgvec.files.header import Header, write_header
 from imgvec.files.strings import check_string_heaps, decode_keys, encode_keys, str_dtype
 from imgvec.files.structure import Expect, check_finite, damaged, reading
-from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
+from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
+from imgvec.files.h5format import PINNED, new_file
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
+from imgvec.files.lock import StoreLock
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
 
@@ -194,11 +194,9 @@ def _layout(header: Header) -> dict[str, Expect]:
 
 
 def _h5new(path: Path) -> Any:
-    """A new store file at ``path``; one-line errors."""
-    import h5py
-
+    """A new store file at ``path``, in the pinned format, created here (never through a link); one-line errors."""
     try:
-        return h5py.File(path, "w")
+        return new_file(path)
     except OSError as error:
         raise write_error(path, error) from None
 
@@ -212,10 +210,10 @@ def open_store(path: str | os.PathLike[str], mode: str = "r") -> Store:
 def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     dim = provenance.dim
     h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                      chunks=(CHUNK_ROWS, dim))
-    skipped = h5.create_group("skipped")
+                      chunks=(CHUNK_ROWS, dim), **PINNED)
+    skipped = h5.create_group("skipped", **PINNED)
     for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
-        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
+        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,), **PINNED)
     h5.attrs["root"] = root
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
@@ -237,7 +235,7 @@ class StoreWriter:
         self.checkpoint_rows = checkpoint_rows
         self._pending = 0
         check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
-        self._lock = _lock(self.path)
+        self._lock = StoreLock(self.path)
         try:
             remove_stale_temps(self.path)
             if not self.path.exists():
@@ -251,7 +249,7 @@ class StoreWriter:
                 self.skipped = store.skipped()
             self._journal = JournalWriter(journal_path(self.path))
         except BaseException:
-            self._lock.close()
+            self._lock.release()
             raise
 
     def _create(self, provenance: Provenance, root: str) -> None:
@@ -333,7 +331,7 @@ class StoreWriter:
         if doomed:
             _copy_without(self.path, tmp, doomed)
         else:
-            shutil.copyfile(self.path, tmp)
+            copy_new(self.path, tmp)
         with open_store(tmp, "r+") as store:
             store._trim()
             seen = set(keys) - doomed
@@ -362,7 +360,7 @@ class StoreWriter:
             else:
                 self._journal.close()
         finally:
-            self._lock.close()
+            self._lock.release()  # the lock file goes too (see imgvec.files.lock)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -382,20 +380,6 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
     if Path(path).exists():
         raise BadInputError(f"{path}: already exists")
     return StoreWriter(path, provenance, root)
-
-
-def _lock(path: Path) -> Any:
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        fh = open_regular_append(lock)  # a FIFO there must not hang the writer
-    except NotRegularFile as error:
-        raise BadInputError(f"{lock}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise BadInputError(f"{path}: another imgvec process is writing this store; wait for it to finish") from None
-    return fh
 
 
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:

@@ -1,0 +1,160 @@
+"""Chunk indexes (version-1 B-trees), walked bounded before HDF5 reads a chunked dataset.
+
+A chunked dataset finds its chunks through a B-tree ("TREE" nodes) named by its layout message.
+HDF5 follows that tree recursively and trusts it: a node whose child is itself, or a level no
+tree of this file could have, makes it recurse until the stack is gone (SIGSEGV, no message).
+So the tree is walked here first, from the file's bytes, with every step bounded: each node is
+visited once, a child's level is exactly its parent's less one (so levels fall strictly to 0),
+no node holds more entries than the file's node size allows, every node and every chunk lies
+inside the file past the superblock, every chunk is at a chunk-aligned position of the dataset
+with the size an unfiltered chunk has, and sibling links name nodes of the same level (written
+from the HDF5 file format specification: "Superblock" versions 0 and 1, "Version 1 B-trees",
+"Data Layout Message" version 3).
+
+Only what imgvec writes (h5py's defaults: superblock version 0 or 1, version-1 object headers,
+layout message version 3) is accepted: the other chunk indexes of layout version 4 (fixed and
+extensible arrays, version-2 B-trees) are :class:`MalformedChunks`, as is anything else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+from imgvec.files.h5heap import MalformedHeap, Read, header_messages, reader
+
+UNDEFINED = (1 << 64) - 1  # HDF5's "no address"
+NODE_HEADER = 24  # "TREE", type, level, entries used, left and right sibling
+DEFAULT_ISTORE_K = 32  # a version-0 superblock does not store it: HDF5's default
+MAX_LEVEL = 64  # a tree of 2 entries a node this deep holds 2**64 chunks
+LAYOUT_MESSAGE = 0x0008
+
+
+class MalformedChunks(ValueError):
+    """A chunk index HDF5 could misread or recurse in without end (its message says what)."""
+
+
+def check_dataset(ds: Any, itemsize: int) -> int:
+    """Walk the chunk index of the chunked dataset ``ds`` (an h5py Dataset); the chunks it holds.
+
+    ``itemsize`` is what one element takes in the file. A file open for writing is flushed
+    first, so the bytes walked are the ones HDF5 will read (and its size is taken after that).
+    """
+    import h5py
+
+    fid = h5py.h5i.get_file_id(ds.id)
+    if fid.get_intent() & h5py.h5f.ACC_RDWR:
+        h5py.h5f.flush(fid)
+    fd = fid.get_vfd_handle()
+    read, file_size = reader(fd), os.fstat(fd).st_size
+    superblock_end, istore_k = _superblock(read)
+    try:
+        # The header's address from H5Gget_objinfo: H5Oget_info (h5o.get_info) sums the storage of
+        # the chunk index, walking it (recursing in a looped one) before any check could.
+        header, high = h5py.h5g.get_objinfo(ds.id).objno
+        layout = _layout(read, header | high << 64, file_size)
+    except MalformedHeap as error:
+        raise MalformedChunks(str(error)) from None
+    return walk(read, layout, file_size, superblock_end, istore_k, tuple(ds.shape), tuple(ds.chunks or ()),
+                itemsize)
+
+
+def _superblock(read: Read) -> tuple[int, int]:
+    """Where a version-0 or -1 superblock (at byte 0, 8-byte addresses) ends, and its chunk B-tree K."""
+    head = read(0, 28)
+    if len(head) < 28 or head[:8] != b"\x89HDF\r\n\x1a\n":
+        raise MalformedChunks("no HDF5 superblock at byte 0")
+    version = head[8]
+    if version not in (0, 1) or head[13:15] != b"\x08\x08":
+        raise MalformedChunks(f"a superblock of version {version}, which imgvec does not write")
+    if version == 0:
+        return 96, DEFAULT_ISTORE_K
+    k = struct.unpack_from("<H", head, 24)[0]
+    if k == 0:
+        raise MalformedChunks("a chunk B-tree K of 0")
+    return 100, k
+
+
+def _layout(read: Read, header: int, file_size: int) -> tuple[int, tuple[int, ...]]:
+    """(B-tree address, chunk dimensions with the element size last) from the dataset's layout message."""
+    found = [body for kind, _, body in header_messages(read, header, file_size) if kind == LAYOUT_MESSAGE]
+    if len(found) != 1:
+        raise MalformedChunks(f"{len(found)} layout messages")
+    body = found[0]
+    if len(body) < 2 or body[0] != 3:
+        version = body[0] if body else "no"
+        raise MalformedChunks(f"a layout message of version {version} (a chunk index imgvec does not write)")
+    if body[1] != 2:
+        raise MalformedChunks("a chunked dataset whose layout message is not chunked")
+    if len(body) < 11:
+        raise MalformedChunks("a short layout message")
+    rank = body[2]
+    if not 2 <= rank <= 33 or len(body) < 11 + 4 * rank:
+        raise MalformedChunks(f"a layout message of {rank} dimensions")
+    address = struct.unpack_from("<Q", body, 3)[0]
+    return address, struct.unpack_from(f"<{rank}I", body, 11)
+
+
+def walk(read: Read, layout: tuple[int, tuple[int, ...]], file_size: int, superblock_end: int, istore_k: int,
+         shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> int:
+    """Walk the B-tree of ``layout`` (see the module's docstring); how many chunks it holds."""
+    root, dims = layout
+    if tuple(dims[:-1]) != chunks or dims[-1] != itemsize or len(shape) != len(chunks):
+        raise MalformedChunks(f"the layout message's chunks {list(dims)[:8]} disagree with the dataset's "
+                              f"{list(chunks)[:8]} of {itemsize}-byte elements")
+    if root == UNDEFINED:
+        return 0  # no chunk written yet
+    rank = len(dims)
+    chunk_bytes = math.prod(chunks) * itemsize
+    entry = np.dtype([("size", "<u4"), ("mask", "<u4"), ("offset", "<u8", (rank,)), ("child", "<u8")])
+    capacity = 2 * istore_k
+    node_size = NODE_HEADER + capacity * entry.itemsize + entry.itemsize - 8  # 2K children, 2K + 1 keys
+    bound = np.array([*shape, 1], np.uint64)
+    step = np.array([*chunks, 1], np.uint64)
+    todo: list[tuple[int, int | None]] = [(root, None)]
+    levels: dict[int, int] = {}  # node address -> level
+    siblings: list[tuple[int, int, int]] = []  # (level, left, right) of each node
+    found = 0
+    while todo:
+        address, want = todo.pop()
+        if address in levels:
+            raise MalformedChunks(f"the chunk B-tree reaches its node at byte {address:,} twice")
+        if address < superblock_end or address > file_size - node_size:
+            raise MalformedChunks(f"a chunk B-tree node at byte {address:,} lies outside the file")
+        if len(levels) * node_size > file_size:
+            raise MalformedChunks("the chunk B-tree has more nodes than the file holds")
+        block = read(address, node_size)
+        if len(block) < node_size or block[:4] != b"TREE" or block[4] != 1:
+            raise MalformedChunks(f"no chunk B-tree node at byte {address:,}")
+        level, used = block[5], struct.unpack_from("<H", block, 6)[0]
+        left, right = struct.unpack_from("<QQ", block, 8)
+        if (want is None and level > MAX_LEVEL) or (want is not None and level != want):
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} is at level {level}"
+                                  + (f", its parent's child level is {want}" if want is not None else ""))
+        if used > capacity:
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} holds {used} entries, "
+                                  f"room for {capacity}")
+        levels[address] = level
+        siblings.append((level, left, right))
+        entries = np.frombuffer(block, entry, count=used, offset=NODE_HEADER)
+        children = entries["child"]
+        if level > 0:
+            todo.extend((int(child), level - 1) for child in children)
+            continue
+        found += used
+        offsets = entries["offset"]
+        if used and (((entries["size"] != chunk_bytes) | (entries["mask"] != 0)).any()
+                     or ((offsets % step) != 0).any() or (offsets >= bound).any() or (offsets[:, -1] != 0).any()):
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk of the wrong size or "
+                                  "at a position outside the dataset")
+        if used and (chunk_bytes > file_size or (children < superblock_end).any()
+                     or (children > np.uint64(file_size - chunk_bytes)).any()):
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk outside the file")
+    for level, left, right in siblings:
+        if any(link != UNDEFINED and levels.get(link) != level for link in (left, right)):
+            raise MalformedChunks("a chunk B-tree sibling link to a node not of its level")
+    return found
