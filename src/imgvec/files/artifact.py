@@ -36,6 +36,7 @@ from imgvec.backbones.registry import BACKBONES
 from imgvec.errors import BadInputError, MismatchError
 from imgvec.fileio import atomic_path, require_regular
 from imgvec.files.provenance import Provenance
+from imgvec.files.values import describe_unusable, unusable_rows
 
 KINDS = ("store", "index", "head")
 FORMATS = {kind: f"imgvec-{kind}" for kind in KINDS}
@@ -538,11 +539,11 @@ def check_root_heaps(h5: Any, path: Any, kind: str | None) -> None:
 
 
 def check_finite(values: np.ndarray, path: Any, kind: str, what: str, first_row: int = 0) -> np.ndarray:
-    """``values`` unchanged if every number is finite, else a damaged-file error naming the first bad row."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = int(np.argwhere(~finite)[0][0]) + first_row
-        raise damaged(path, kind, f"{what} has NaN or infinite values (row {bad})")
+    """``values`` unchanged if every number is usable (:mod:`imgvec.files.values`: finite and not so large that
+    normalising or scoring overflows float32), else a damaged-file error naming the first bad row."""
+    bad = unusable_rows(values)
+    if bad.any():
+        raise damaged(path, kind, f"{what} has {describe_unusable()} (row {int(np.argmax(bad)) + first_row})")
     return values
 
 

@@ -26,6 +26,7 @@ from imgvec.files.artifact import REBUILD, Header, check_partner, create, damage
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress
+from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import Store
 
@@ -122,8 +123,13 @@ def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as contiguous float32."""
+    """Rows scaled to unit length (zero rows stay zero), as contiguous float32. Rows with values their norm
+    would overflow on are refused (stored rows were checked when read; this catches a model's output)."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
+    bad = unusable_rows(x)
+    if bad.any():
+        raise BadInputError(f"{int(bad.sum())} of {len(x)} vectors hold {describe_unusable()}: the model overflows "
+                            "on these images")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
@@ -158,6 +164,12 @@ class VectorIndex:
         if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
             bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
             raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
+        # The blob checks read no vector, so the scores are checked for what they are: cosines of unit rows
+        # (exactly stored for flat and HNSW; PQ's reconstructions may stray a little past 1).
+        found = scores[ids >= 0]
+        if not np.isfinite(found).all() or (self.kind != "ivfpq" and found.size and np.abs(found).max() > 1.01):
+            raise BadInputError("the index holds vectors that are not unit length (scores overflow or are not "
+                                "cosines): it is damaged or was edited; rebuild it")
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index", tail: bool = False) -> int:

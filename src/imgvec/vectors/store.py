@@ -34,6 +34,7 @@ from imgvec.files.artifact import (Expect, Header, check_finite, check_string_he
                        encode_keys, open_file, read_header, reading, str_dtype, write_header)
 from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
+from imgvec.files.values import unusable_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
@@ -275,7 +276,7 @@ class StoreWriter:
         if not (len(embeddings) == len(keys) == len(labels)):
             raise ValueError("embeddings, keys and labels must have the same length")
         embeddings = np.asarray(embeddings, np.float32)
-        finite = np.isfinite(embeddings).all(axis=tuple(range(1, embeddings.ndim)))
+        finite = ~unusable_rows(embeddings)
         if not finite.all():  # never stored: keep the batch's good rows, then say which images and weights
             good = np.flatnonzero(finite)
             self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped)
@@ -293,7 +294,7 @@ class StoreWriter:
     def _non_finite(self, keys: Sequence[str]) -> BadInputError:
         shown = ", ".join(repr(self._absolute(k)[-120:]) for k in keys[:3]) + (f" and {len(keys) - 3} more"
                                                                              if len(keys) > 3 else "")
-        return BadInputError(f"{len(keys)} images embed to NaN or infinite values with {self.provenance.describe()} "
+        return BadInputError(f"{len(keys)} images embed to NaN, infinite or out-of-range values with {self.provenance.describe()} "
                              f"({shown}): the model overflows with these weights; those images were not stored, "
                              f"{self.path} keeps the rest")
 
