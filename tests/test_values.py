@@ -31,6 +31,7 @@ def test_unusable_rows_are_nan_inf_and_values_whose_squares_overflow():
     rows[3, 3] = 1e30  # finite, but its square is inf in float32
     rows[4, 1] = -MAX_ABS_VALUE  # the bound itself is usable
     assert unusable_rows(rows).tolist() == [False, True, True, True, False]
+    assert unusable_rows(np.zeros((0, 4), np.float32)).tolist() == []  # an empty batch (every image skipped)
     assert np.isfinite(np.linalg.norm(np.full((1, 4096), MAX_ABS_VALUE, np.float32), axis=1)).all()
 
 

@@ -17,9 +17,9 @@ def unusable_rows(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if values.ndim == 0:
         values = values.reshape(1)
-    flat = values.reshape(len(values), -1)
-    if not flat.size:
+    if not values.size:
         return np.zeros(len(values), bool)
+    flat = values.reshape(len(values), -1)
     # NaN compares False: one pass of abs().max() catches NaN, inf and the too large together
     return ~(np.abs(flat).max(axis=1) <= MAX_ABS_VALUE)
 
