@@ -26,6 +26,7 @@ from imgvec.files.artifact import REBUILD, Header, check_partner, create, damage
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress
+from imgvec.files.lease import Lease, covering, take as take_lease
 from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import Store
@@ -146,6 +147,7 @@ class VectorIndex:
     provenance: Provenance
     generation: int = 0
     mapping: Any = field(default=None, repr=False)  # the mapped file bytes FAISS's arrays point into, kept alive
+    lease: Any = field(default=None, repr=False)  # while held, nobody rewrites the mapped file in place
 
     @property
     def header(self) -> Header:
@@ -454,7 +456,20 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
     """
     import faiss
 
+    lease = take_lease(path)  # before HDF5 reads a byte: the bytes checked below are the bytes FAISS reads
+    try:
+        return _load_index(path, gpu, mapped, lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def _load_index(path: str | os.PathLike[str], gpu: bool, mapped: bool, lease: Lease | None) -> VectorIndex:
+    import faiss
+
     with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
+        lease = covering(lease, h5)
         ds = dataset(h5, "faiss", path, "index", 1, "uint8")
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
@@ -487,5 +502,7 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if gpu:
         index = to_gpu(index, kind)
+    if not mapped and lease is not None:
+        lease.release()  # FAISS holds its own copy
     return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation,
-                       blob if mapped else None)
+                       blob if mapped else None, lease if mapped else None)

@@ -34,6 +34,7 @@ from imgvec.files.artifact import (Expect, Header, check_finite, check_string_he
                        encode_keys, open_file, read_header, reading, str_dtype, write_header)
 from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
+from imgvec.files.lease import Lease, covering, take as take_lease
 from imgvec.files.values import unusable_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.progress import Phase, Progress
@@ -50,9 +51,10 @@ class Store:
     header says); reading embeddings refuses NaN or infinite values.
     """
 
-    def __init__(self, h5: Any, path: Path) -> None:
+    def __init__(self, h5: Any, path: Path, lease: Lease | None = None) -> None:
         self.h5 = h5
         self.path = path
+        self.lease = lease  # held while the store is open read-only: nobody rewrites it in place meanwhile
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
         # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
         self._fixed = h5.mode == "r"
@@ -183,6 +185,8 @@ class Store:
 
     def close(self) -> None:
         self.h5.close()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> "Store":
         return self
@@ -210,7 +214,14 @@ def _h5open(path: Path, mode: str) -> Any:
 def open_store(path: str | os.PathLike[str]) -> Store:
     """Open a store for reading."""
     path = Path(path)
-    return Store(_h5open(path, "r"), path)
+    lease = take_lease(path)  # before HDF5 reads a byte: what it reads and checks is what stays
+    try:
+        h5 = _h5open(path, "r")
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return Store(h5, path, covering(lease, h5))
 
 
 def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
