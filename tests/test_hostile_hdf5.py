@@ -446,7 +446,7 @@ def test_crc_valid_but_malformed_journal_records_are_one_line_and_the_store_stay
     for what, journal, (embed, info, predict) in zip(MALFORMED, journals, zip(*[iter(results)] * 3)):
         assert_one_line([embed, info], str(journal), "damaged imgvec journal")
         assert predict["code"] == 0 and predict["stdout"].count(".png") == 30, (what, predict)
-    assert "NaN or infinite" in results[-3]["stderr"]
+    assert "NaN, infinite or out-of-range" in results[-3]["stderr"]
 
 
 @pytest.mark.parametrize("where", ["journal", "lock"])
@@ -566,7 +566,7 @@ def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Pat
         done = subprocess.run(embed, capture_output=True, text=True, timeout=600)
         errors = [line for line in done.stderr.splitlines() if line.startswith("imgvec: error:")]
         assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-        assert "NaN or infinite" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
+        assert "NaN, infinite or out-of-range" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
         assert not store.exists()  # a store this run made that holds no row is not left behind
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from imgvec.errors import BadInputError, MismatchError
 from imgvec.fileio import atomic_path, require_regular
+from imgvec.files.lease import Lease, covering, take as take_lease
 from imgvec.files.header import FORMATS, Header, check_attributes, other_attrs, read_header, text_attr, write_header
 from imgvec.files.strings import check_root_heaps
 from imgvec.files.structure import Expect, capped, check_structure, reading
@@ -70,6 +71,7 @@ class Checked:
     path: Path
     header: Header
     datasets: dict[str, Any]
+    lease: Lease | None = None  # opened read-only: held until closed, so nobody rewrites the file in place
 
     def check(self, expected: Mapping[str, Expect]) -> dict[str, Any]:
         """More datasets, checked like the first ones (for sizes that depend on what those hold)."""
@@ -83,6 +85,8 @@ class Checked:
 
     def close(self) -> None:
         self.h5.close()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> "Checked":
         return self
@@ -106,8 +110,26 @@ def check_file(h5: Any, path: str | os.PathLike[str], kind: str, layout: Layout 
 def open_checked(path: str | os.PathLike[str], kind: str, missing: str, layout: Layout | None = None, *,
                  what: str | None = None, mode: str = "r") -> Checked:
     """Open, check and hand back a ``kind`` file in one call (:func:`open_file`, then :func:`check_file`);
-    ``missing`` is the message for a path that does not exist, ``what`` names the file in errors."""
-    return check_file(open_file(path, what or f"an imgvec {kind} file", missing, mode), path, kind, layout)
+    ``missing`` is the message for a path that does not exist, ``what`` names the file in errors.
+
+    Read-only, a lease on the file is taken before HDF5 reads a byte of it (:mod:`imgvec.files.lease`) and
+    held by the :class:`Checked` file: what is checked is what is read, until it is closed."""
+    lease = take_lease(path) if mode == "r" else None
+    try:
+        h5 = open_file(path, what or f"an imgvec {kind} file", missing, mode)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    lease = covering(lease, h5)
+    try:
+        file = check_file(h5, path, kind, layout)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    file.lease = lease
+    return file
 
 
 @contextlib.contextmanager

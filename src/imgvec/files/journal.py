@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from imgvec.errors import BadInputError, FileNote
+from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.fileio import NotRegularFile, open_regular, open_regular_append
 
 MAGIC = b"IVJ1"
@@ -85,10 +86,10 @@ def _decode(payload: bytes, path: Any = "journal", number: int = 1, dim: int | N
     if body != shape[0] * shape[1] * 4:
         raise _damaged(path, number, f"{body:,} bytes of vectors for shape {shape}")
     emb = np.frombuffer(payload, "<f4", offset=4 + n).reshape(shape).astype(np.float32)
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        bad = [keys[i] for i in np.flatnonzero(~finite)[:3]]
-        raise _damaged(path, number, f"NaN or infinite vectors for {int((~finite).sum())} images, "
+    unusable = unusable_rows(emb)
+    if unusable.any():
+        bad = [keys[i] for i in np.flatnonzero(unusable)[:3]]
+        raise _damaged(path, number, f"{describe_unusable()} in the vectors of {int(unusable.sum())} images, "
                                      f"first {', '.join(repr(k[:80]) for k in bad)}")
     return Record(emb, keys, labels, [(s[0], s[1]) for s in skipped], meta["store_id"])
 

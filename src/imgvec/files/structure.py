@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from imgvec.errors import BadInputError
+from imgvec.files.values import describe_unusable, unusable_rows
 
 REBUILD = {
     "store": "embed the images again into a new store (imgvec embed)",
@@ -224,9 +225,9 @@ def _disk_itemsize(ds: Any, addr: int) -> int:
 
 
 def check_finite(values: np.ndarray, path: Any, kind: str, what: str, first_row: int = 0) -> np.ndarray:
-    """``values`` unchanged if every number is finite, else a damaged-file error naming the first bad row."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = int(np.argwhere(~finite)[0][0]) + first_row
-        raise damaged(path, kind, f"{what} has NaN or infinite values (row {bad})")
+    """``values`` unchanged if every number is usable (:mod:`imgvec.files.values`: finite and not so large that
+    normalising or scoring overflows float32), else a damaged-file error naming the first bad row."""
+    bad = unusable_rows(values)
+    if bad.any():
+        raise damaged(path, kind, f"{what} has {describe_unusable()} (row {int(np.argmax(bad)) + first_row})")
     return values

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import asdict
 from typing import Any, Iterable, Sequence
@@ -70,9 +71,25 @@ def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def to_json(data: Any) -> str:
-    """JSON text whose strings are exact (see the module's docstring) and safe to print: unsafe characters escaped."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
+    """JSON text whose strings are exact (see the module's docstring) and safe to print: unsafe characters escaped.
+    A number that is not finite (a figure that does not apply, such as a head's unknown C) is ``null``: JSON has
+    no NaN or Infinity, and strict parsers refuse them."""
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable, allow_nan=False)
+    except ValueError:
+        plain = json.loads(json.dumps(data, default=_jsonable))
+        text = json.dumps(_finite_or_null(plain), indent=2, ensure_ascii=False, allow_nan=False)
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # outside strings JSON is ASCII
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,6 +7,12 @@ disk like any other: a manifest that is not what imgvec writes makes the entry b
 left by a killed conversion is listed (:func:`cache_entries`) and removed by the next conversion or
 :func:`clear_cache`, and a cache that cannot be written (full disk, read-only folder) costs only the
 caching: the model converted in memory is used, with a one-line :class:`RuntimeNote`.
+
+The cache is not trusted more than a file from elsewhere: a cache folder other users can write is not
+used (as OpenSSH treats key files), and every manifest carries an HMAC made with a key kept outside the
+cache (``$XDG_CONFIG_HOME/imgvec/cache.key``, readable by its owner only), so an entry edited by anyone
+who can write the cache but not read the key is rebuilt, with one note. OpenVINO is handed the very
+bytes that were checked, never a path it would read again.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
@@ -41,6 +52,8 @@ MANIFEST = "manifest.json"
 FAILED = "failed.json"
 FILES = ("model.xml", "model.bin")
 MANIFEST_MAX_BYTES = 1 << 20  # imgvec writes about 1 KB; anything larger is not its manifest
+MODEL_MAX_BYTES = 4 << 30  # the largest registry backbone (VGG19, float32) is 0.6 GB
+KEY_BYTES = 32
 # A conversion in progress writes into ".tmp-<entry>-<pid>-<thread>"; a damaged entry is moved to ".trash-...".
 _TEMP = re.compile(r"^\.(tmp|trash)-(?P<entry>(?P<backbone>[a-z0-9]+)-(?P<size>\d+)px-[0-9a-f]+)-(?P<pid>\d+)-\d+$")
 
@@ -55,6 +68,66 @@ def cache_dir() -> Path:
         return Path(os.environ["IMGVEC_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "imgvec"
+
+
+def key_path() -> Path:
+    """Where the cache's HMAC key lives: outside the cache, so whoever can write the cache cannot rewrite it."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "imgvec" / "cache.key"
+
+
+def _owned_and_private(st: os.stat_result) -> bool:
+    return st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o077
+
+
+def cache_secret() -> bytes:
+    """This user's cache key, made on first use (0600, never through a link); OSError or ValueError when it
+    cannot be made or is not this user's alone."""
+    path = key_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _owned_and_private(st) or st.st_size != KEY_BYTES:
+            raise ValueError(f"{path} is not a {KEY_BYTES}-byte file readable by its owner only")
+        return os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def untrusted(root: Path) -> str | None:
+    """Why the cache folder ``root`` cannot be trusted, or None: it, or a folder above it, can be written
+    by another user (a sticky folder above it, such as /tmp, is fine: others cannot rename what is ours)."""
+    here = root.absolute()
+    first = True
+    while True:
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            st = None  # made by the first conversion, with this user's umask (checked next time)
+        if st is not None:
+            if stat.S_ISLNK(st.st_mode) and not first:
+                here = here.resolve()
+                continue
+            mine = st.st_uid in (os.geteuid(), 0)
+            shared = st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and not first)
+            if not mine or shared:
+                who = "owned by another user" if not mine else f"writable by other users (mode {st.st_mode & 0o7777:o})"
+                return f"{here} is {who}"
+        if here.parent == here:
+            return None
+        here, first = here.parent, False
+
+
+def _mac(secret: bytes, key: dict[str, Any], files: dict[str, Any]) -> str:
+    return hmac.new(secret, json.dumps({"key": key, "files": files}, sort_keys=True).encode(), "sha256").hexdigest()
 
 
 def cache_key(backbone: Backbone, weights: Weights, image_size: int) -> dict[str, Any]:
@@ -103,20 +176,38 @@ def _source_unchanged(source: Any) -> bool:
         return False
 
 
-def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
-    """A complete entry for ``key`` whose files still have the sha256 its manifest lists."""
+def _read_file(path: Path, limit: int) -> bytes:
+    with open_regular(path) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return data
+
+
+def _verified(entry: Path, key: dict[str, Any]) -> tuple[bytes, ...] | None:
+    """The bytes of the entry's files, if the entry is complete for ``key``, their sha256 are what its
+    manifest lists and the manifest's HMAC is this user's; else None (the entry is rebuilt)."""
     manifest = _read_manifest(entry)
     if manifest is None or manifest.get("key") != key:
-        return False
+        return None
     files = manifest.get("files")
     if not isinstance(files, dict):
-        return False
+        return None
     try:
-        if any(sha256_file(entry / name) != files.get(name) for name in FILES):
-            return False
-    except OSError:
-        return False
-    return _source_unchanged(manifest.get("source_weights"))
+        secret = cache_secret()
+        if not hmac.compare_digest(str(manifest.get("mac", "")), _mac(secret, key, files)):
+            return None
+        data = tuple(_read_file(entry / name, MODEL_MAX_BYTES) for name in FILES)
+    except (OSError, ValueError):
+        return None
+    if any(hashlib.sha256(blob).hexdigest() != files.get(name) for name, blob in zip(FILES, data)):
+        return None
+    return data if _source_unchanged(manifest.get("source_weights")) else None
+
+
+def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
+    """A complete entry for ``key`` whose files still have the sha256 its manifest lists, made by this user."""
+    return _verified(entry, key) is not None
 
 
 # -- converting ----------------------------------------------------------------------------------
@@ -190,7 +281,8 @@ def _write_entry(converted: Any, info: dict[str, Any], entry: Path, key: dict[st
     tmp.mkdir()
     try:
         _save(converted, tmp)
-        manifest = {**manifest, "files": {name: sha256_file(tmp / name) for name in FILES}, **info}
+        files = {name: sha256_file(tmp / name) for name in FILES}
+        manifest = {**manifest, "files": files, **info, "mac": _mac(cache_secret(), key, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in (*FILES, MANIFEST):
             fsync_path(tmp / name)
@@ -212,17 +304,44 @@ def _remember_failure(entry: Path, key: dict[str, Any], error: ConversionFailed)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _note(message: str) -> None:
+    warnings.warn(message, RuntimeNote, stacklevel=3)
+
+
 def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Any:
     """The cached OpenVINO model (a path to ``model.xml``) for this backbone, converting it first if the
-    cache has no good entry. Where the cache cannot be written, the converted ``openvino.Model`` itself,
-    with a :class:`RuntimeNote`. Raises :class:`ConversionFailed` if OpenVINO cannot convert it."""
+    cache has no good entry. Where the cache cannot be written or trusted, the converted ``openvino.Model``
+    itself, with a :class:`RuntimeNote`. Raises :class:`ConversionFailed` if OpenVINO cannot convert it."""
+    return _cached(backbone, weights, image_size, load=False)
+
+
+def load_model(backbone: Backbone, weights: Weights, image_size: int) -> Any:
+    """The cached model as an ``openvino.Model`` made from the bytes that were checked (one read, no path
+    for OpenVINO to read again after the check), converting it first if needed."""
+    return _cached(backbone, weights, image_size, load=True)
+
+
+def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
     entry = entry_path(backbone, weights, image_size)
     key = cache_key(backbone, weights, image_size)
-    if _entry_ok(entry, key):
-        return entry / FILES[0]
+    why = untrusted(cache_dir())
+    if why is None:
+        try:
+            cache_secret()
+        except (OSError, ValueError) as error:
+            why = f"its key cannot be used ({getattr(error, 'strerror', None) or error})"
+    if why is not None:
+        _note(f"the model cache is not used: {why} (chmod go-w it, or set IMGVEC_CACHE_DIR to a folder of "
+              f"your own); {backbone.name} was converted in memory")
+        return _convert(backbone, weights, image_size)[0]
+    data = _verified(entry, key)
+    if data is not None:
+        return _from_bytes(data) if load else entry / FILES[0]
     failed = _read_manifest(entry, FAILED)
     if failed is not None and failed.get("key") == key:
         raise ConversionFailed(str(failed.get("error", "conversion failed before"))[:300])
+    if _read_manifest(entry) is not None:
+        _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine made it): converted again")
     remove_leftovers(entry.parent)
     try:
         converted, info = _convert(backbone, weights, image_size)
@@ -233,13 +352,20 @@ def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Any
                 "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     try:
         _write_entry(converted, info, entry, key, manifest)
-    except (OSError, RuntimeError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
+    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
         reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was converted in "
                       "memory and is converted again next time (set IMGVEC_CACHE_DIR to a folder with space)",
-                      RuntimeNote, stacklevel=2)
+                      RuntimeNote, stacklevel=3)
         return converted
-    return entry / FILES[0]
+    return converted if load else entry / FILES[0]
+
+
+def _from_bytes(data: tuple[bytes, ...]) -> Any:
+    import openvino as ov
+
+    xml, weights = data
+    return ov.Core().read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
 
 
 # -- listing and clearing ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.runtime.engine import CPU_MODEL_BATCH
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import compiled_model
+from imgvec.runtime.model_cache import load_model
 
 
 class OpenVINOEngine:
@@ -36,10 +36,10 @@ class OpenVINOEngine:
                                 f"{param('device')} gpu")
         import openvino as ov
 
-        model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
+        model = load_model(backbone, weights, image_size)  # from the checked bytes of the cache, or converted
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
                   "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
-        compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
+        compiled = ov.Core().compile_model(model, "CPU", config)
         self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._queue = ov.AsyncInferQueue(compiled, self._streams)
         self._queue.set_callback(self._collect)

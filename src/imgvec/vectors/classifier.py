@@ -120,9 +120,13 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         return [lr.set_params(C=float(C)).fit(Z, y).predict_proba(Zt) for C in Cs]
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
+        """Class scores, computed in float64: from float32 inputs and parameters (any finite values, scale
+        above 0) every intermediate stays below ~1e130, so no head read from a file can overflow them."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        f64 = np.float64
+        return ((X.astype(f64) - self.mean_.astype(f64)) / self.scale_.astype(f64)) @ self.coef_.T.astype(f64) \
+            + self.intercept_.astype(f64)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Class scores, ``(n, classes)``; for two classes the positive class's score ``(n,)``, as scikit-learn's."""

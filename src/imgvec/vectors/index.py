@@ -29,6 +29,7 @@ from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.progress import Phase, Progress
 from imgvec.files.h5format import PINNED
+from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import Store
 
@@ -125,8 +126,13 @@ def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as contiguous float32."""
+    """Rows scaled to unit length (zero rows stay zero), as contiguous float32. Rows with values their norm
+    would overflow on are refused (stored rows were checked when read; this catches a model's output)."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
+    bad = unusable_rows(x)
+    if bad.any():
+        raise BadInputError(f"{int(bad.sum())} of {len(x)} vectors hold {describe_unusable()}: the model overflows "
+                            "on these images")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
@@ -143,6 +149,7 @@ class VectorIndex:
     provenance: Provenance
     generation: int = 0
     mapping: Any = field(default=None, repr=False)  # the mapped file bytes FAISS's arrays point into, kept alive
+    lease: Any = field(default=None, repr=False)  # while held, nobody rewrites the mapped file in place
 
     @property
     def header(self) -> Header:
@@ -161,6 +168,12 @@ class VectorIndex:
         if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
             bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
             raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
+        # The blob checks read no vector, so the scores are checked for what they are: cosines of unit rows
+        # (exactly stored for flat and HNSW; PQ's reconstructions may stray a little past 1).
+        found = scores[ids >= 0]
+        if not np.isfinite(found).all() or (self.kind != "ivfpq" and found.size and np.abs(found).max() > 1.01):
+            raise BadInputError("the index holds vectors that are not unit length (scores overflow or are not "
+                                "cosines): it is damaged or was edited; rebuild it")
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index", tail: bool = False) -> int:
@@ -457,14 +470,26 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
     opening, read-only. ``mapped=False`` copies them into memory, for an index that will grow
     (:func:`extend_index`).
     """
-    import faiss
-
     with open_checked(path, "index", "no such index (make one with imgvec index STORE)", _layout) as file:
         h5, header, ds = file.h5, file.header, file.datasets["faiss"]
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
         blob = _mapped_blob(h5, ds, path)
+        lease, file.lease = file.lease, None  # held past the HDF5 file: by the mapping's index, or until read
+    try:
+        return _read_blob(blob, kind, header, path, gpu, mapped, lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def _read_blob(blob: np.ndarray, kind: str, header: Header, path: str | os.PathLike[str], gpu: bool, mapped: bool,
+               lease: Any) -> VectorIndex:
+    """FAISS's index from the mapped ``blob``, once the blob checks (:mod:`imgvec.files.faissblob`)."""
+    import faiss
+
     try:
         faissblob.check(blob, kind, header.dim, header.rows)
     except faissblob.MalformedBlob as error:  # never hand FAISS a blob it could misread
@@ -492,5 +517,7 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if gpu:
         index = to_gpu(index, kind)
+    if not mapped and lease is not None:
+        lease.release()  # FAISS holds its own copy
     return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation,
-                       blob if mapped else None)
+                       blob if mapped else None, lease if mapped else None)

@@ -35,6 +35,7 @@ from imgvec.files.structure import Expect, check_finite, damaged, reading
 from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
 from imgvec.files.h5format import PINNED, new_file
+from imgvec.files.values import unusable_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.files.lock import StoreLock
 from imgvec.progress import Phase, Progress
@@ -53,6 +54,7 @@ class Store:
 
     def __init__(self, file: Checked) -> None:
         self.h5, self.path, self.header = file.h5, file.path, file.header
+        self.lease = file.lease  # read-only: nobody rewrites the file in place while it is open
         self.provenance = self.header.provenance
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
         # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
@@ -172,6 +174,8 @@ class Store:
 
     def close(self) -> None:
         self.h5.close()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> "Store":
         return self
@@ -270,7 +274,7 @@ class StoreWriter:
         if not (len(embeddings) == len(keys) == len(labels)):
             raise ValueError("embeddings, keys and labels must have the same length")
         embeddings = np.asarray(embeddings, np.float32)
-        finite = np.isfinite(embeddings).all(axis=tuple(range(1, embeddings.ndim)))
+        finite = ~unusable_rows(embeddings)
         if not finite.all():  # never stored: keep the batch's good rows, then say which images and weights
             good = np.flatnonzero(finite)
             self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped)
@@ -288,7 +292,7 @@ class StoreWriter:
     def _non_finite(self, keys: Sequence[str]) -> BadInputError:
         shown = ", ".join(repr(self._absolute(k)[-120:]) for k in keys[:3]) + (f" and {len(keys) - 3} more"
                                                                              if len(keys) > 3 else "")
-        return BadInputError(f"{len(keys)} images embed to NaN or infinite values with {self.provenance.describe()} "
+        return BadInputError(f"{len(keys)} images embed to NaN, infinite or out-of-range values with {self.provenance.describe()} "
                              f"({shown}): the model overflows with these weights; those images were not stored, "
                              f"{self.path} keeps the rest")
 
