@@ -168,7 +168,7 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
     import faiss
     from imgvec.files.images import load_image
     from imgvec.vectors.index import search_store
-    from imgvec.service.serve import Service
+    from imgvec.service.service import Service
 
     faiss.omp_set_num_threads(1)  # as imgvec serve runs its searches
     service = Service(store, runtime="openvino", index=index)

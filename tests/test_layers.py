@@ -36,6 +36,7 @@ def test_the_import_contracts_hold():
     ("vectors/store.py", "from imgvec.runtime import loader"),  # vectors and runtime are independent
     ("files/images.py", "from imgvec.vectors import store"),  # a package reaching the one above it
     ("analyses/duplicates.py", "from imgvec.analyses import comparison"),  # analyses are independent
+    ("service/service.py", "from imgvec.service import app"),  # the service knows no HTTP
 ])
 def test_an_upward_import_breaks_a_contract(tmp_path: Path, module: str, upward: str):
     shutil.copytree(ROOT / "src" / "imgvec", tmp_path / "imgvec", ignore=shutil.ignore_patterns("__pycache__"))

@@ -19,16 +19,18 @@ import pytest
 from PIL import Image
 
 import imgvec
-from imgvec.service import serve
+from imgvec.service import app as serve_app, server
+from imgvec.service.service import Service
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:starlette.*",
                                         "ignore:Using `httpx`:DeprecationWarning")
 TestClient = pytest.importorskip("starlette.testclient").TestClient
+PNG = {"Content-Type": "image/png"}  # an upload as the page and curl send it: an image content type
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 
 
-def _client(service: serve.Service, **kwargs) -> TestClient:
-    return TestClient(serve.create_app(service, **kwargs))
+def _client(service: Service, **kwargs) -> TestClient:
+    return TestClient(serve_app.create_app(service, **kwargs))
 
 
 def _cli_record(store: Path, image: Path, k: int) -> dict:
@@ -71,7 +73,7 @@ def served(tmp_path_factory, image_dir: Path, small) -> dict:
     imgvec.embed([folder], store, **small)
     (folder / "greens" / "becomes_fifo.png").unlink()
     os.mkfifo(folder / "greens" / "becomes_fifo.png")
-    service = serve.Service(store)
+    service = Service(store)
     return dict(root=root, folder=folder, store=store, service=service, client=_client(service))
 
 
@@ -120,7 +122,7 @@ def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
     assert _resident_fraction(store) < 0.5 and _resident_fraction(index_file) < 0.5
-    service = serve.Service(store)
+    service = Service(store)
     assert service.preloaded.wait(30)
     assert _client(service).get("/api/info").json()["preloading"] is False
     deadline = time.monotonic() + 30  # the reads were asked for; the disk may still be answering
@@ -145,7 +147,7 @@ def test_query_by_stored_path_is_the_cli_record(served):
 
 def test_query_by_uploaded_image_is_the_cli_record(served, holdout_dir: Path):
     image = holdout_dir / "yellows" / "yellows_001.png"
-    r = served["client"].post("/api/query", params={"k": 4, "name": "mine.png"}, content=image.read_bytes())
+    r = served["client"].post("/api/query", headers=PNG, params={"k": 4, "name": "mine.png"}, content=image.read_bytes())
     assert r.status_code == 200, r.text
     want = _cli_record(served["store"], image, 4)
     assert r.json()["queries"][0]["query"] == "mine.png"
@@ -182,7 +184,7 @@ def test_errors_are_one_json_line_with_a_4xx(served, request_, status, message):
 
 
 def test_an_unexpected_failure_is_still_one_json_line(served, monkeypatch):
-    client = TestClient(serve.create_app(served["service"]), raise_server_exceptions=False)
+    client = TestClient(serve_app.create_app(served["service"]), raise_server_exceptions=False)
 
     def broken(*args):
         raise RuntimeError("faiss fell over\nwith a second line")
@@ -197,24 +199,24 @@ def test_uploads_that_are_not_images_are_refused(served, tmp_path):
     for body, why in ((b"", "the request has no image"),
                       (b"hello, not an image" * 100, "upload: not a recognised image"),
                       ((served["folder"] / "reds" / "reds_000.png").read_bytes()[:300], "upload: cannot decode")):
-        r = client.post("/api/query", content=body)
+        r = client.post("/api/query", headers=PNG, content=body)
         assert r.status_code == 400 and r.json()["error"].startswith(why), r.text
 
 
 def test_body_and_pixel_limits(served, image_dir: Path):
-    small = serve.Service(served["store"], max_body=20_000, max_pixels=64 * 64)
+    small = Service(served["store"], max_body=20_000, max_pixels=64 * 64)
     client = _client(small)
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80, 3), np.uint8)).save(big, "PNG")
     assert len(big.getvalue()) > 18_000
-    r = client.post("/api/query", content=big.getvalue() + b"\0" * 2000)
+    r = client.post("/api/query", headers=PNG, content=big.getvalue() + b"\0" * 2000)
     assert r.status_code == 413 and r.json()["error"] == "the image is over the limit of 20000 bytes"
     # without a Content-Length (chunked), counted as it arrives
-    r = client.post("/api/query", content=iter([big.getvalue(), b"\0" * 2000]))
+    r = client.post("/api/query", headers=PNG, content=iter([big.getvalue(), b"\0" * 2000]))
     assert r.status_code == 413 and "over the limit of 20000 bytes" in r.json()["error"]
-    r = client.post("/api/query", content=big.getvalue())  # under the byte limit, over the pixel limit
+    r = client.post("/api/query", headers=PNG, content=big.getvalue())  # under the byte limit, over the pixel limit
     assert r.status_code == 400 and "80x80 pixels is over the limit of 4096" in r.json()["error"]
-    ok = client.post("/api/query", content=(image_dir / "reds" / "reds_002.png").read_bytes())  # 64x64: allowed
+    ok = client.post("/api/query", headers=PNG, content=(image_dir / "reds" / "reds_002.png").read_bytes())  # 64x64: allowed
     assert ok.status_code == 200 and _hits(ok)[0]["path"] == "reds/reds_002.png"
 
 
@@ -274,11 +276,11 @@ def test_page_has_the_banner_provenance_and_a_script_of_its_own(served):
 
 
 def test_only_this_machines_host_names_are_answered(served):
-    client = _client(served["service"], allowed_hosts=serve.allowed_hosts_for("127.0.0.1"))
+    client = _client(served["service"], allowed_hosts=server.allowed_hosts_for("127.0.0.1"))
     assert client.get("/api/info", headers={"Host": "127.0.0.1:8000"}).status_code == 200
     assert client.get("/api/info", headers={"Host": "localhost:8000"}).status_code == 200
     assert client.get("/api/info", headers={"Host": "evil.example:8000"}).status_code == 400  # DNS rebinding
-    assert serve.allowed_hosts_for("0.0.0.0") is None
+    assert server.allowed_hosts_for("0.0.0.0") is None
 
 
 # -- the store changing underneath ---------------------------------------------------------------
@@ -287,7 +289,7 @@ def test_new_rows_are_served_once_embed_publishes_them(tmp_path, image_dir: Path
     shutil.copytree(image_dir, folder)
     store = tmp_path / "photos.h5"
     imgvec.embed([folder], store, **small)
-    service = serve.Service(store)
+    service = Service(store)
     client = _client(service)
     assert client.get("/api/query", params={"path": "greens/new.png"}).status_code == 404
     new = holdout_dir / "greens" / "greens_002.png"
@@ -296,7 +298,7 @@ def test_new_rows_are_served_once_embed_publishes_them(tmp_path, image_dir: Path
     r = client.get("/api/query", params={"path": "greens/new.png", "k": 3})
     assert r.status_code == 200 and _hits(r)[0]["path"] == "greens/new.png"
     assert r.headers["X-Imgvec-Rows"] == "25"
-    r = client.post("/api/query", params={"k": 1}, content=new.read_bytes())
+    r = client.post("/api/query", headers=PNG, params={"k": 1}, content=new.read_bytes())
     assert _hits(r) == [{"rank": 1, "path": "greens/new.png", "score": pytest.approx(1, abs=1e-4),
                                     "label": "greens"}]
     assert client.get("/api/info").json()["rows"] == 25
@@ -314,7 +316,7 @@ def test_an_index_file_is_searched_as_query_searches_it_or_the_service_says_it_i
     imgvec.build_index(store, kind="flat")
     index_file = store.with_name("photos.index.h5")
     before = index_file.read_bytes()
-    client = _client(serve.Service(store))
+    client = _client(Service(store))
     shutil.copy(holdout_dir / "blues" / "blues_000.png", folder / "blues" / "added.png")
     imgvec.embed([folder], store, **small)
     r = client.get("/api/query", params={"path": "blues/added.png", "k": 1})
@@ -366,13 +368,13 @@ def test_an_index_named_with_index_is_the_one_searched(tmp_path, image_dir: Path
     elsewhere.parent.mkdir()
     imgvec.build_index(store, kind="hnsw", output=elsewhere)
     assert not store.with_name("photos.index.h5").exists()
-    client = _client(serve.Service(store, index=elsewhere))
+    client = _client(Service(store, index=elsewhere))
     info = client.get("/api/info").json()
     assert info["index"] == {"kind": "hnsw", "file": str(elsewhere), "rows": 24, "unindexed": 0}
     r = client.get("/api/query", params={"path": "reds/reds_001.png", "k": 3})
     assert r.status_code == 200 and _hits(r)[0]["path"] == "reds/reds_001.png"
     with pytest.raises(imgvec.BadInputError, match="no such index"):
-        serve.Service(store, index=tmp_path / "missing.index.h5")
+        Service(store, index=tmp_path / "missing.index.h5")
     out = _imgvec("serve", str(store), "--index", str(tmp_path / "missing.index.h5"))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.index.h5: no such index" in out.stderr
 
@@ -403,7 +405,7 @@ def test_the_model_runs_one_batch_at_a_time_while_searches_go_on(served, image_d
     posts: dict = {}
 
     def post(i: int) -> None:
-        posts[i] = client.post("/api/query", params={"k": 2}, content=bodies[i])
+        posts[i] = client.post("/api/query", headers=PNG, params={"k": 2}, content=bodies[i])
 
     try:
         first = threading.Thread(target=post, args=(0,))
@@ -466,9 +468,9 @@ def test_connections_are_not_held_back_by_nagle():
             nodelay.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             writer.close()
 
-        server = await asyncio.start_server(accepted, sock=serve.listen("127.0.0.1", 0))
-        async with server:
-            port = server.sockets[0].getsockname()[1]
+        aserver = await asyncio.start_server(accepted, sock=server.listen("127.0.0.1", 0))
+        async with aserver:
+            port = aserver.sockets[0].getsockname()[1]
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             value = await asyncio.wait_for(nodelay, 10)
             writer.close()
@@ -552,3 +554,11 @@ def test_page_in_headless_chromium(running, served, holdout_dir: Path, tmp_path:
     target_dir = os.environ.get("IMGVEC_SERVE_SCREENSHOT")  # docs/serve.png is made this way
     if target_dir:
         shutil.copy(shot, target_dir)
+
+
+def test_the_service_knows_no_http():
+    """service/service.py is the service without its face: importing it loads neither Starlette nor uvicorn."""
+    code = ("import sys, imgvec.service.service; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'h11')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

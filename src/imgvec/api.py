@@ -114,8 +114,8 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
         raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
-def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
-                ) -> tuple[VectorIndex | None, int, list[str]]:
+def open_index(store: Store, index_path: PathLike | None, gpu: bool = False
+               ) -> tuple[VectorIndex | None, int, list[str]]:
     """The index to search ``store`` with (None: search every row exhaustively), how many rows it
     lacks (searched exhaustively beside it), and notes saying so for stderr."""
     path = Path(index_path) if index_path else index_path_for(store.path)
@@ -134,6 +134,9 @@ def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
     notes = [f"{unindexed} of {store.rows} rows of {store.path} are not indexed yet (embedded after index {path} "
              f"was built): searched exhaustively beside it; `imgvec index {store.path}` adds them"] if unindexed else []
     return index, unindexed, notes
+
+
+_open_index = open_index  # the name it had; `imgvec serve` uses the public one
 
 
 def query(
@@ -155,7 +158,7 @@ def query(
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
+        vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
                                             runtime=runtime)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
