@@ -3,6 +3,7 @@ concurrency around the model, the command itself, and one real browser driving t
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -562,3 +563,278 @@ def test_the_service_knows_no_http():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'h11')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- under attack: memory, connections, origins, headers, shutdown, files (issue 26) ----------------
+_COST_CASE = r"""
+import io, resource, sys
+from contextlib import nullcontext
+import numpy as np
+from PIL import Image
+from imgvec.files.images import load_image
+kind, n = sys.argv[1], int(sys.argv[2])
+rng, buf, turned = np.random.default_rng(0), io.BytesIO(), Image.Exif()
+turned[0x0112] = 6  # EXIF: rotate
+grey16 = (np.arange(n * n, dtype=np.uint32).reshape(n, n) % 65535).astype(np.uint16)
+noise = rng.integers(0, 255, (n, n, 3), np.uint8)
+if kind == "grey16_turned":
+    Image.fromarray(grey16).save(buf, "PNG", exif=turned)
+elif kind == "float_tiff":
+    Image.fromarray(np.linspace(0, 1, n * n, dtype=np.float32).reshape(n, n)).save(buf, "TIFF")
+elif kind == "rgb_turned":
+    Image.fromarray(noise).save(buf, "PNG", exif=turned)
+elif kind == "progressive_jpeg":
+    Image.fromarray(noise).save(buf, "JPEG", progressive=True)
+elif kind == "palette_transparent":
+    Image.fromarray(noise[..., 0], "P").save(buf, "PNG", transparency=0)
+elif kind == "webp":
+    Image.fromarray(noise).save(buf, "WEBP")
+warm = io.BytesIO()
+Image.new("RGB", (8, 8)).save(warm, "PNG")
+load_image("warm.png", 64, data=warm)
+costs = []
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+load_image(kind, 64, data=io.BytesIO(buf.getvalue()), reserve=lambda cost: costs.append(cost) or nullcontext())
+print(costs[0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before)
+"""
+
+
+@pytest.mark.parametrize("kind", ["grey16_turned", "float_tiff", "rgb_turned", "progressive_jpeg",
+                                  "palette_transparent", "webp"])
+def test_the_cost_of_decoding_is_known_before_it_is_paid(kind):
+    """load_image hands the reservation its cost before a pixel is decoded, and the process's peak
+    memory grows by no more than that cost (measured in a fresh process, whatever its baseline)."""
+    out = subprocess.run([sys.executable, "-c", _COST_CASE, kind, "1500"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    cost, grew = map(int, out.stdout.split())
+    assert cost >= 1500 * 1500, "the decoded image alone is a byte per pixel"
+    assert grew <= cost, f"{kind}: decoding grew the peak by {grew >> 20} MB, over its cost {cost >> 20} MB"
+
+
+def _grey16_png(side: int) -> bytes:
+    """A small file that costs much to decode: a 16-bit grey PNG of ``side`` x ``side`` (a gradient)."""
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(side * side, dtype=np.uint32).reshape(side, side) % 65535).astype(np.uint16)
+                    ).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_over_the_memory_budget_is_413_and_a_full_budget_is_503(served):
+    service = Service(served["store"], memory_budget=8 << 20, max_body=1 << 20)
+    client = _client(service)
+    body = _grey16_png(800)  # ~15 KB of file, ~12 MB to decode
+    assert len(body) < 100_000
+    r = client.post("/api/query", headers=PNG, content=body)
+    assert r.status_code == 413 and "over the service's memory budget of 8.0 MB" in r.json()["error"], r.text
+    service.budget.wait = 0.2
+    taken = service.budget.acquire(7 << 20, "a test")  # other requests hold most of it
+    try:
+        small = (served["folder"] / "reds" / "reds_002.png").read_bytes()
+        r = client.post("/api/query", headers=PNG, content=small)
+        assert r.status_code == 503 and r.json()["error"].startswith("busy:"), r.text
+    finally:
+        service.budget.release(taken)
+    r = client.post("/api/query", headers=PNG, content=small)
+    assert r.status_code == 200 and service.budget.used == 0
+    service.close()
+
+
+def _start(store: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`imgvec serve STORE ARGS` on a free port; the process and its URL once it says it is ready."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imgvec", "serve", str(store), "--port", str(port), *args],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    line = proc.stderr.readline()
+    if not line.startswith(f"imgvec serve: http://127.0.0.1:{port}/"):
+        proc.kill()
+        raise AssertionError(line + (proc.stderr.read() or ""))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
+def _kb(pid: int, field: str) -> int:
+    """A /proc/PID/status field (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(field)
+
+
+def test_the_service_memory_is_what_it_loaded_plus_its_budget(served):
+    """The stated worst case: RSS <= what the service holds once loaded and warm (model, store, index)
+    plus the memory budget. Eight uploads that each cost most of the budget, at once: without the
+    budget they would hold about eight times it."""
+    import httpx
+
+    budget = 96 << 20
+    proc, url = _start(served["store"], "--memory-budget", str(budget >> 20))
+    try:
+        small = [(served["folder"] / cls / f"{cls}_001.png").read_bytes() for cls in ("reds", "blues", "greens")]
+        with httpx.Client(trust_env=False, timeout=120) as client:
+            def post(body: bytes) -> httpx.Response:
+                return client.post(f"{url}/api/query", headers=PNG, content=body)
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:  # warm: the model at every batch size
+                assert all(r.status_code == 200 for r in pool.map(post, small * 3))
+            loaded = _kb(proc.pid, "VmHWM")
+            body = _grey16_png(1700)  # ~60 MB to decode
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(post, [body] * 8))
+        assert {r.status_code for r in answers} <= {200, 503} and any(r.status_code == 200 for r in answers), \
+            [r.text for r in answers]
+        peak = _kb(proc.pid, "VmHWM")
+        assert peak - loaded <= budget, f"grew {(peak - loaded) >> 20} MB with a {budget >> 20} MB budget"
+    finally:
+        _stop(proc)
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=60)
+
+
+def test_idle_and_slow_clients_do_not_keep_others_out(served):
+    """50 connections that send nothing and a client sending its headers a byte at a time, with room for
+    only 32: a normal GET is answered; the idle ones are closed by the server (header timeout), and so is an
+    upload whose body stops arriving (body timeout)."""
+    import httpx
+
+    proc, url = _start(served["store"], "--max-connections", "32", "--header-timeout", "3", "--body-timeout", "3")
+    idle: list[socket.socket] = []
+    try:
+        idle = [_connect(url) for _ in range(50)]
+        loris = _connect(url)
+        loris.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        stop = threading.Event()
+
+        def drip() -> None:
+            while not stop.is_set():
+                try:
+                    loris.sendall(b"X")
+                except OSError:
+                    return
+                stop.wait(0.2)
+
+        dripping = threading.Thread(target=drip)
+        dripping.start()
+        try:
+            with httpx.Client(trust_env=False, timeout=60) as client:
+                r = client.get(f"{url}/api/query", params={"path": "reds/reds_000.png", "k": 3})
+            assert r.status_code == 200 and len(_hits(r)) == 3
+            slow_upload = _connect(url)
+            slow_upload.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                                b"Content-Length: 1000000\r\n\r\n" + b"\x89PNG" * 100)
+            assert slow_upload.recv(4096) == b""  # closed once its body took longer than allowed
+            for sock in idle[-5:]:  # the newest idle ones (the oldest made room): closed by the header timeout
+                assert sock.recv(1) == b""
+            try:  # evicted or timed out: closed without an answer
+                assert loris.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+        finally:
+            stop.set()
+            dripping.join()
+    finally:
+        for sock in idle:
+            sock.close()
+        _stop(proc)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_with_uploads_in_flight_ends_the_process_within_10_s(served, signal_name):
+    """Three large uploads half sent and a GET answered: the signal refuses the uploads (503) and the
+    process is gone within 10 s."""
+    import signal
+
+    proc, url = _start(served["store"])
+    uploads: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = _connect(url)
+            sock.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 30000000\r\n\r\n" + b"\0" * (1 << 20))
+            uploads.append(sock)
+        import httpx
+
+        with httpx.Client(trust_env=False, timeout=60) as client:  # the service still answers meanwhile
+            assert client.get(f"{url}/api/info").status_code == 200
+        proc.send_signal(getattr(signal, signal_name))
+        proc.wait(10)
+        for sock in uploads:
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    finally:
+        for sock in uploads:
+            sock.close()
+        _stop(proc)
+
+
+def test_cross_origin_posts_and_uploads_that_are_not_images_are_refused(served):
+    client, body = served["client"], (served["folder"] / "reds" / "reds_002.png").read_bytes()
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "http://testserver.evil.example"}):
+        r = client.post("/api/query", headers={**PNG, **headers}, content=body)
+        assert r.status_code == 403 and r.json()["error"].startswith("cross-origin request refused"), headers
+        assert r.headers["X-Frame-Options"] == "DENY"  # the middleware's headers on a refusal too
+    assert client.post("/api/query", headers={**PNG, "Origin": "http://testserver"}, content=body).status_code == 200
+    assert client.post("/api/query", headers={**PNG, "Sec-Fetch-Site": "same-origin"}, content=body).status_code == 200
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = client.post("/api/query", headers={"Content-Type": kind} if kind else {}, content=body)
+        assert r.status_code == 415 and "curl -F file=@photo.jpg" in r.json()["error"], (kind, r.text)
+    r = client.get("/api/query", headers={"Origin": "http://evil.example"}, params={"path": "reds/reds_000.png"})
+    assert r.status_code == 200  # reads are not refused: the browser keeps the answer from the other site
+
+
+def test_notes_with_line_breaks_are_encoded_in_headers(tmp_path, image_dir: Path, holdout_dir: Path, small):
+    """A store in a folder whose name holds CR/LF: the notes that name it reach headers percent-encoded,
+    and whole in /api/info's JSON."""
+    from urllib.parse import unquote
+
+    folder = tmp_path / "evil\r\nX-Injected: 1"
+    shutil.copytree(image_dir, folder / "photos")
+    store = folder / "photos.h5"
+    imgvec.embed([folder / "photos"], store, **small)
+    imgvec.build_index(store, kind="flat")
+    shutil.copy(holdout_dir / "blues" / "blues_000.png", folder / "photos" / "blues" / "added.png")
+    imgvec.embed([folder / "photos"], store, **small)
+    client = _client(Service(store))
+    r = client.get("/api/query", params={"path": "blues/added.png", "k": 2})
+    assert r.status_code == 200 and "X-Injected" not in r.headers
+    notes = client.get("/api/info").json()["notes"]
+    assert len(notes) == 1 and "\r\nX-Injected: 1" in notes[0]
+    assert "\r" not in r.headers["X-Imgvec-Notes"] and "\n" not in r.headers["X-Imgvec-Notes"]
+    assert unquote(r.headers["X-Imgvec-Notes"]) == notes[0]
+
+
+def test_images_are_served_only_below_the_folder_the_user_names(tmp_path, image_dir: Path):
+    """A store whose root says elsewhere (forged, or moved): its rows' images are not served unless
+    --images names a folder above them; searching still works."""
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.store import create_store
+
+    (tmp_path / "stores").mkdir()
+    store = tmp_path / "stores" / "forged.h5"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(image_dir, elsewhere)
+    keys = ["reds/reds_000.png", "blues/blues_000.png"]
+    prov = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", 576)
+    with create_store(store, prov, str(elsewhere)) as writer:
+        writer.append(np.random.default_rng(0).standard_normal((2, 576)).astype(np.float32), keys, ["", ""])
+    client = _client(Service(store))
+    r = client.get("/image", params={"path": "reds/reds_000.png"})
+    assert r.status_code == 404 and "the folder images are served from" in r.json()["error"], r.text
+    assert client.get("/api/query", params={"path": "reds/reds_000.png", "k": 1}).status_code == 200
+    assert "images are not shown" in client.get("/").text
+    shown = _client(Service(store, images=elsewhere))
+    assert shown.get("/image", params={"path": "reds/reds_000.png"}).status_code == 200
+    assert shown.get("/api/info").json()["images"] == str(elsewhere.resolve())
+    out = _imgvec("serve", str(store), "--images", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nowhere: no such folder" in out.stderr
