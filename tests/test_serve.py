@@ -4,6 +4,7 @@ concurrency around the model, the command itself, and one real browser driving t
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -542,7 +543,7 @@ def test_page_in_headless_chromium(running, served, holdout_dir: Path, tmp_path:
             caption = os.path.relpath(target, served["folder"])  # paths are shown relative to the store's root
             page.wait_for_function("t => document.querySelector('#results h2').textContent === t", arg=caption)
             assert page.locator("figure.hit").count() == 5
-            assert page.locator("figure.hit").first.get_attribute("data-path") == target  # itself, rank 1
+            assert target not in _shown_paths(page), "the image searched from is not its own neighbour"
             assert "?path=" in page.url
             page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
             shot = tmp_path / "serve.png"
@@ -838,3 +839,160 @@ def test_images_are_served_only_below_the_folder_the_user_names(tmp_path, image_
     assert shown.get("/api/info").json()["images"] == str(elsewhere.resolve())
     out = _imgvec("serve", str(store), "--images", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nowhere: no such folder" in out.stderr
+
+
+# -- uploads as browsers and curl send them, and the page (issue 29) ---------------------------------
+def test_a_multipart_upload_is_the_same_query_as_a_raw_body(served, holdout_dir: Path):
+    client = served["client"]
+    image = holdout_dir / "yellows" / "yellows_001.png"
+    raw = client.post("/api/query", headers=PNG, params={"k": 4}, content=image.read_bytes())
+    form = client.post("/api/query", params={"k": 4}, files={"file": ("mine.png", image.read_bytes(), "image/png")})
+    assert form.status_code == 200, form.text
+    assert form.json()["queries"][0]["query"] == "mine.png"  # the file's own name
+    assert _hits(form) == _hits(raw)
+    r = client.post("/api/query", files=[("a", ("a.png", image.read_bytes(), "image/png")),
+                                         ("b", ("b.png", image.read_bytes(), "image/png"))])
+    assert r.status_code == 400 and "Too many files" in r.json()["error"], r.text
+    r = client.post("/api/query", data={"note": "no file here"}, files={})
+    assert r.status_code == 415  # a form without a file part is urlencoded: not an upload
+    r = client.post("/api/query", files={"note": (None, b"text only")})
+    assert r.status_code == 400 and "the form has no file" in r.json()["error"]
+    assert "curl -F file=@photo.jpg" in r.json()["error"]
+
+
+def test_multipart_uploads_have_the_body_limit_before_their_parts_are_read(served):
+    client = _client(Service(served["store"], max_body=20_000))
+    blob = np.random.default_rng(1).integers(0, 256, 30_000, np.uint8).tobytes()
+    r = client.post("/api/query", files={"file": ("big.png", blob, "image/png")})
+    assert r.status_code == 413 and r.json()["error"] == "the image is over the limit of 20000 bytes"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+        yield blob
+        yield b"\r\n--b--\r\n"
+
+    r = client.post("/api/query", headers={"Content-Type": "multipart/form-data; boundary=b"}, content=chunks())
+    assert r.status_code == 413 and "over the limit of 20000 bytes" in r.json()["error"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_form_upload_works(running, holdout_dir: Path):
+    image = holdout_dir / "reds" / "reds_001.png"
+    out = subprocess.run(["curl", "-s", "--noproxy", "*", "-F", f"file=@{image}", f"{running}/api/query?k=2"],
+                         capture_output=True, text=True, timeout=60)
+    record = json.loads(out.stdout)
+    assert record["queries"][0]["query"] == "reds_001.png" and len(record["queries"][0]["results"]) == 2
+    assert record["queries"][0]["results"][0]["label"] == "reds"
+    out = subprocess.run(["curl", "-s", "--noproxy", "*", "--data-binary", f"@{image}", f"{running}/api/query"],
+                         capture_output=True, text=True, timeout=60)
+    assert "curl -F file=@photo.jpg" in json.loads(out.stdout)["error"]  # curl's default type says what to send
+
+
+def _shown_paths(page) -> list[str]:
+    return page.evaluate("[...document.querySelectorAll('figure.hit')].map(f => f.dataset.path)")
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--no-proxy-server"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium package "
+                                             "(.ci/run installs it: apt-get install -y chromium)")
+def test_page_click_k_change_and_back_in_headless_chromium(running, served):
+    """A click searches from that image (left out of its own results), changing k re-runs the search on
+    screen, and Back/Forward restore the searches their URLs name."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs pip playwright")
+    folder = served["folder"]
+    first = f"{folder}/blues/blues_000.png"
+
+    def caption_is(page, path: str) -> None:
+        page.wait_for_function("t => (document.querySelector('#results h2') || {}).textContent === t",
+                               arg=os.path.relpath(path, folder))
+
+    def hits_are(page, n: int) -> None:
+        page.wait_for_function("n => document.querySelectorAll('figure.hit').length === n", arg=n)
+
+    with playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(bypass_csp=True)  # the page forbids eval, which wait_for_function uses
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{running}/?path={first}&k=3")
+            caption_is(page, first)
+            hits_are(page, 3)
+            assert first not in _shown_paths(page) and page.input_value("#k") == "3"
+            target = page.locator("figure.hit").nth(1).get_attribute("data-path")
+            page.locator("figure.hit").nth(1).click()  # a click: a search of its own, in the URL
+            caption_is(page, target)
+            hits_are(page, 3)
+            assert target not in _shown_paths(page) and "k=3" in page.url
+            page.fill("#k", "6")
+            page.dispatch_event("#k", "change")  # k changed: the search on screen runs again
+            hits_are(page, 6)
+            caption_is(page, target)
+            assert target not in _shown_paths(page) and "k=6" in page.url
+            page.go_back()  # the same image at k=3
+            hits_are(page, 3)
+            caption_is(page, target)
+            assert page.input_value("#k") == "3"
+            page.go_back()  # the first search
+            caption_is(page, first)
+            hits_are(page, 3)
+            assert first not in _shown_paths(page)
+            page.go_forward()
+            caption_is(page, target)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium package "
+                                             "(.ci/run installs it: apt-get install -y chromium)")
+def test_a_page_of_another_origin_cannot_post_work_in_headless_chromium(running, served, tmp_path):
+    """A page served from another origin (another port) posts an image three ways a page can: a simple
+    request (text/plain, no preflight), a multipart form (no preflight), and an image/png request (preflight).
+    None is answered 200; the same upload from the service's own page is."""
+    import http.server
+
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs pip playwright")
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(served["folder"] / "reds" / "reds_002.png", site / "x.png")
+    (site / "attack.html").write_text("""<!doctype html><title>attack</title><script>
+(async () => {
+  const target = new URLSearchParams(location.search).get("target") + "/api/query?k=2";
+  const png = await (await fetch("/x.png")).blob();
+  const tries = [
+    {method: "POST", mode: "no-cors", body: new Blob([png], {type: "text/plain"})},
+    {method: "POST", mode: "no-cors", body: (() => { const f = new FormData(); f.append("file", png, "x.png"); return f; })()},
+    {method: "POST", body: png, headers: {"Content-Type": "image/png"}},
+  ];
+  for (const t of tries) { try { await fetch(target, t); } catch (e) {} }
+  document.title = "done";
+})();
+</script>""")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    statuses: list[tuple[str, int]] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _browser(p)
+            try:
+                page = browser.new_page()
+                page.on("response", lambda r: statuses.append((r.request.method, r.status))
+                        if r.url.startswith(running + "/api/query") else None)
+                page.goto(f"http://127.0.0.1:{attacker.server_address[1]}/attack.html?target={running}")
+                page.wait_for_function("document.title === 'done'", timeout=60_000)
+                foreign = list(statuses)
+                page.goto(running + "/")  # the service's own page sends the same upload
+                page.set_input_files("#file", str(site / "x.png"))
+                page.wait_for_selector("figure.hit")
+            finally:
+                browser.close()
+    finally:
+        attacker.shutdown()
+    assert foreign and all(status != 200 for _, status in foreign), foreign
+    assert [s for m, s in foreign if m == "POST"] == [403, 403], foreign  # the preflighted one never posted
+    assert ("POST", 200) in statuses[len(foreign):]
