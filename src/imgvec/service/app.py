@@ -104,7 +104,8 @@ async def query_post(request: "Request") -> "Response":
     """An uploaded image's neighbours. The body's length is checked before it is read and held from the
     memory budget while it lives (twice: the chunks and their join); decoding takes its own share."""
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response
 
     service = _service(request)
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -119,10 +120,13 @@ async def query_post(request: "Request") -> "Response":
                                     "the upload")
     try:
         limited = _limited(request, service.max_body, too_big)
-        if kind == "multipart/form-data":
-            data, name = await _form_image(limited)
-        else:
-            data, name = b"".join([chunk async for chunk in limited.stream()]), None
+        try:
+            if kind == "multipart/form-data":
+                data, name = await _form_image(limited)
+            else:
+                data, name = b"".join([chunk async for chunk in limited.stream()]), None
+        except ClientDisconnect:  # gone, or closed by the server (body timeout, shutdown): no one to answer
+            return Response(status_code=400)
         name = request.query_params.get("name") or name or "upload"
         snap, result = await run_in_threadpool(service.query_image, data, request.query_params.get("k"), name)
     finally:
