@@ -323,8 +323,30 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
             conn.getresponse().read()
             conn.close()
         loaded_mb = server.peak_rss_mb()
-        sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(idle)]
         stop = threading.Event()
+        reconnects = [0]
+
+        def hold_idle() -> None:
+            """``idle`` connections that send nothing, each opened again as soon as the server closes it."""
+            import selectors
+
+            sel = selectors.DefaultSelector()
+            for _ in range(idle):
+                sel.register(socket.create_connection(("127.0.0.1", server.port), timeout=60), selectors.EVENT_READ)
+            try:
+                while not stop.is_set():
+                    for key, _ in sel.select(timeout=0.2):
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()  # closed by the server (header timeout): open another
+                        sel.register(socket.create_connection(("127.0.0.1", server.port), timeout=60),
+                                     selectors.EVENT_READ)
+                        reconnects[0] += 1
+            finally:
+                for key in list(sel.get_map().values()):
+                    key.fileobj.close()
+
+        idler = threading.Thread(target=hold_idle)
+        idler.start()
         upload_status: dict[int, int] = {}
         lock = threading.Lock()
 
@@ -355,14 +377,13 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
             run = load(server.port, get, clients, 10**9, seconds)
         finally:
             stop.set()
-            for th in uploading:
+            for th in [*uploading, idler]:
                 th.join()
-            for sock in sockets:
-                sock.close()
         peak_mb = server.peak_rss_mb()
     finally:
         server.stop()
-    return {"endpoint": "GET /api/query?path=...&k=10", **run, "idle_connections": idle, "uploaders": uploaders,
+    return {"endpoint": "GET /api/query?path=...&k=10", **run, "idle_connections": idle,
+            "idle_reopened": reconnects[0], "uploaders": uploaders,
             "upload_pixels": _png_pixels(heavy), "upload_bytes": len(heavy), "upload_status": upload_status,
             "memory_budget_mb": HOSTILE_BUDGET_MB, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb,
             "rss_bound_mb": loaded_mb + HOSTILE_BUDGET_MB, "rss_within_bound": peak_mb <= loaded_mb + HOSTILE_BUDGET_MB}

@@ -119,6 +119,11 @@ def guarded_protocol(limits: Limits) -> type:
 
         def _refuse(self, body: bytes) -> None:
             """Answer 503 with ``body`` now (even while a request's body is still arriving) and close."""
+            if self.conn.their_state is h11.IDLE:  # no request yet: h11 has nothing to answer, so write it as is
+                self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
+                return
             try:
                 out = self.conn.send(h11.Response(status_code=503, headers=[
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
