@@ -38,6 +38,7 @@ def test_the_import_contracts_hold():
     ("files/images.py", "from imgvec.vectors import store"),  # a package reaching the one above it
     ("analyses/duplicates.py", "from imgvec.analyses import comparison"),  # analyses are independent
     ("cli/commands.py", "from imgvec.files import images"),  # the CLI reaching past the API
+    ("service/service.py", "from imgvec.service import app"),  # the service knows no HTTP
 ])
 def test_an_upward_import_breaks_a_contract(tmp_path: Path, module: str, upward: str):
     shutil.copytree(ROOT / "src" / "imgvec", tmp_path / "imgvec", ignore=shutil.ignore_patterns("__pycache__"))

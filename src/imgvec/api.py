@@ -157,9 +157,6 @@ def open_index(store: Store, index: PathLike | None = None, gpu: bool = False) -
     return OpenIndex(vindex, unindexed, notes)
 
 
-# service/serve.py still calls it by its old private name; the service's split switches it to open_index.
-_open_index = open_index
-
 
 def query(
     store: PathLike,

@@ -449,11 +449,23 @@ def serve(
     k: int = typer.Option(10, "-k", help="neighbours per query unless a request asks for another number"),
     max_pixels: int = typer.Option(api.DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
     index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="serve images only from below this folder "
+                                          "(default: the store file's folder), whatever root the store names"),
+    memory_budget: int = typer.Option(1024, "--memory-budget", help="MB that uploads and their decoding may hold "
+                                      "at once, all requests together (more waits, then 503; one alone over it: 413)"),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="seconds a request's headers may take"),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="seconds an upload's body may take"),
+    keep_alive: float = typer.Option(5.0, "--keep-alive", help="seconds an idle connection stays open"),
+    max_connections: int = typer.Option(512, "--max-connections", help="open connections at once (at the cap the "
+                                        "longest idle one is closed)"),
 ) -> None:
     """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
-    from imgvec.service import serve as service
+    from imgvec.service import server
 
-    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path)
+    limits = server.Limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
+                           max_connections=max_connections)
+    server.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path,
+               images=images, memory_budget=memory_budget << 20, limits=limits)
 
 
 def main() -> None:
