@@ -132,9 +132,10 @@ def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
         time.sleep(0.1)
     assert _resident_fraction(store) > 0.9 and _resident_fraction(index_file) > 0.9
     service._preload([store, index_file])  # asked again (a reload), then closed while it may still run
+    snap = service.snapshot
     service.close()
     assert not [t for t in threading.enumerate() if t.name == "imgvec-preload"]
-    assert not service.snapshot.store.h5  # closed
+    assert not snap.store.h5  # closed
 
 
 def test_query_by_stored_path_is_the_cli_record(served):
@@ -1045,3 +1046,40 @@ def test_a_page_of_another_origin_cannot_post_work_in_headless_chromium(running,
     assert foreign and all(status != 200 for _, status in foreign), foreign
     assert [s for m, s in foreign if m == "POST"] == [403, 403], foreign  # the preflighted one never posted
     assert ("POST", 200) in statuses[len(foreign):]
+
+
+def test_an_index_rewritten_in_place_under_the_service_is_let_go_then_served_again(served, tmp_path: Path):
+    """`cp` over the index a service has mapped: the writer waits while the service answers from the checked
+    bytes, the service lets go at its next request (503 while the new file is not one), and answers again
+    once a good index is back; never a crash (SIGBUS in FAISS) or an answer from unchecked bytes."""
+    store = Path(shutil.copy(served["store"], tmp_path / "s.h5"))
+    index = tmp_path / "s.index.h5"
+    imgvec.build_index(store, kind="hnsw", output=index)
+    good = Path(shutil.copy(index, tmp_path / "good.index"))
+    service = Service(store)
+    client = _client(service)
+    path = service.snapshot.keys[0]
+    before = client.get("/api/query", params={"path": path, "k": 3}).json()
+    lease = service.snapshot.index.lease
+    assert lease is not None
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(os.urandom(index.stat().st_size))
+    rewrite = ("import sys; data = open(sys.argv[2], 'rb').read(); f = open(sys.argv[1], 'r+b'); f.truncate(0); "
+               "f.write(data[: len(data) // 2]); f.close()")
+    writer = subprocess.Popen([sys.executable, "-c", rewrite, str(index), str(garbage)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not lease.check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.poll() is None, "the writer waits while the service holds the index"
+        busy = client.get("/api/query", params={"path": path, "k": 3})  # notices, lets go: the writer goes on
+        assert busy.status_code in (200, 503), busy.text
+        assert writer.wait(30) == 0, writer.stderr.read()
+        answered = client.get("/api/query", params={"path": path, "k": 3})
+        assert answered.status_code == 503 and "rewritten" in answered.json()["error"], answered.text
+        os.replace(good, index)  # a good index again (as imgvec index writes it: a rename)
+        again = client.get("/api/query", params={"path": path, "k": 3})
+        assert again.status_code == 200 and again.json()["queries"] == before["queries"], again.text
+    finally:
+        writer.kill()
+        service.close()

@@ -42,6 +42,7 @@ MAX_BODY_BYTES = 32 << 20  # an uploaded image; the memory budget then bounds wh
 MEMORY_BUDGET = 1 << 30  # bytes that uploads' bodies and decoding may hold at once, all requests together
 BUDGET_WAIT_S = 5.0  # how long a request waits for its share of the budget before it is refused as busy
 MAX_K = 1000
+LET_GO_WAIT_S = 30.0  # how long requests answering from a file being rewritten may take before it is let go
 MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
 PRELOAD_STEP = 128 << 10  # bytes per read-ahead request when the service asks its files into memory
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
@@ -130,6 +131,19 @@ class Snapshot:
     unindexed: int  # rows after those the index holds, searched exhaustively beside it
     notes: list[str]  # imgvec query's notes: what is searched how, and the fix
     store: Any  # the open Store: stored vectors are read from it
+    users: int = 0  # requests answering from it now (its files are let go only when none is)
+
+    def broken(self) -> bool:
+        """Whether another process waits to rewrite the store or index file in place (their leases,
+        :mod:`imgvec.files.lease`): this snapshot must be let go, and its bytes never read again."""
+        leases = (getattr(self.store, "lease", None), getattr(self.index, "lease", None))
+        return any(lease is not None and lease.check() for lease in leases)
+
+    def release(self) -> None:
+        """Close the store and let go of the index's mapped file (the waiting writer goes on)."""
+        self.store.close()
+        if self.index is not None and self.index.lease is not None:
+            self.index.lease.release()
 
     @property
     def rows(self) -> int:
@@ -219,28 +233,70 @@ class Service:
         self._reload = threading.Lock()
         self.preloaded = threading.Event()  # set once the store and index files were asked into memory
         self._preloader: tuple[threading.Thread, threading.Event] | None = None
-        self.snapshot: Snapshot = self._load(self._current_stamp())
+        self._idle = threading.Condition()
+        self._snapshot: Snapshot | None = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
     def _current_stamp(self) -> tuple[Any, ...]:
         return _stamp(self.path), _stamp(self.index_path)
 
     def current(self) -> Snapshot:
-        """The snapshot to answer from: reloaded first when the store or its index file changed."""
+        """The snapshot to answer from: reloaded first when the store or its index file changed. While
+        another process rewrites one of them in place, there is none: :class:`Busy` until the new file checks."""
+        if self._snapshot is not None and self._snapshot.broken():
+            self._let_go()
         stamp = self._current_stamp()
-        if stamp == self.snapshot.stamp or stamp == self._failed:
-            return self.snapshot
+        snap = self._snapshot
+        if snap is not None and (stamp == snap.stamp or stamp == self._failed):
+            return snap
+        if snap is None and stamp == self._failed:
+            raise Busy(self.stale or f"{self.path} is being rewritten")
         with self._reload:
-            if stamp != self.snapshot.stamp and stamp != self._failed:
-                old = self.snapshot
+            snap = self._snapshot
+            if snap is None or (stamp != snap.stamp and stamp != self._failed):
                 try:
-                    self.snapshot = self._load(stamp)
+                    self._snapshot = self._load(stamp)
                     self.stale, self._failed = None, None
                 except ImgvecError as error:
                     self._failed = stamp
+                    if snap is None:
+                        self.stale = (f"{self.path} or its index is being rewritten in place by another process "
+                                      f"({error}); answers resume once the new file checks")
+                        raise Busy(self.stale) from None
                     self.stale = (f"{self.path} changed on disk but cannot be served ({error}); answers come from "
-                                  f"it as it was when loaded: generation {old.generation}, {old.rows} rows")
-        return self.snapshot
+                                  f"it as it was when loaded: generation {snap.generation}, {snap.rows} rows")
+        return self._snapshot  # type: ignore[return-value]
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The snapshot last loaded (what :meth:`info` and the page describe)."""
+        return self.current()
+
+    def _let_go(self) -> None:
+        """Another process waits to rewrite a file the snapshot holds: stop answering from it, wait for the
+        requests answering from it now, then let go of its files (the writer goes on; nothing reads them)."""
+        with self._reload:
+            old = self._snapshot
+            if old is None or not old.broken():
+                return
+            self._snapshot, self._failed = None, None
+            self.stale = f"{self.path} or its index is being rewritten in place by another process"
+        with self._idle:
+            self._idle.wait_for(lambda: old.users == 0, timeout=LET_GO_WAIT_S)
+        old.release()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Snapshot]:
+        """The current snapshot, counted as in use until the block ends (see :meth:`_let_go`)."""
+        snap = self.current()
+        with self._idle:
+            snap.users += 1
+        try:
+            yield snap
+        finally:
+            with self._idle:
+                snap.users -= 1
+                self._idle.notify_all()
 
     def _load(self, stamp: tuple[Any, ...]) -> Snapshot:
         from imgvec.api import open_index
@@ -311,7 +367,8 @@ class Service:
         self._stop_preload()
         if self.model is not None:
             self.model.stop()
-        self.snapshot.store.close()
+        if self._snapshot is not None:
+            self._snapshot.release()
 
     def _load_model(self, prov: "Provenance") -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
@@ -359,10 +416,10 @@ class Service:
     def query_path(self, path: str, k: int | str | None = None) -> tuple[Snapshot, QueryResults]:
         """The neighbours of a stored image, from its stored vector (no decoding, no model)."""
         k = self.check_k(self.default_k if k is None else k)
-        snap = self.current()
-        row = self.row_of(snap, path)
-        vector = snap.store.embeddings(row, row + 1)[0]
-        return snap, self._answer(snap, file_path(snap.root, snap.keys[row]), vector, k)
+        with self._using() as snap:
+            row = self.row_of(snap, path)
+            vector = snap.store.embeddings(row, row + 1)[0]
+            return snap, self._answer(snap, file_path(snap.root, snap.keys[row]), vector, k)
 
     def query_image(self, data: bytes, k: int | str | None = None, name: str = "upload"
                     ) -> tuple[Snapshot, QueryResults]:
@@ -382,7 +439,9 @@ class Service:
                                 reserve=lambda cost: self.budget.hold(cost, f"decoding {name}"))
         except ImageSkipped as skipped:
             raise BadInputError(str(skipped)) from None
-        return snap, self._answer(snap, name, model.embed(pixels), k)
+        vector = model.embed(pixels)
+        with self._using() as snap:
+            return snap, self._answer(snap, name, vector, k)
 
     def image_file(self, path: str) -> bytes:
         """A JPEG thumbnail of the stored image ``path``: only rows of the store, only regular files, only
