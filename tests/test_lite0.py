@@ -169,3 +169,43 @@ def test_the_reader_reads_the_real_file():
     params = sum(a.size for k, a in state.items() if not k.endswith("num_batches_tracked"))
     assert params == get_backbone("efficientnetlite0").params + 1280 * 1000 + 1000  # the headless model + _fc
     assert "torch" not in sys.modules
+
+
+# -- which backbones work offline ----------------------------------------------------------------
+def test_models_says_which_backbones_have_weights_offline(tmp_path: Path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from imgvec.cli import app
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "efficientnetb0_notop.h5").write_bytes(b"cached")
+    out = CliRunner().invoke(app, ["models", "-f", "json"])
+    assert out.exit_code == 0, out.output
+    offline = {m["name"]: m["weights_offline"] for m in json.loads(out.stdout)}
+    assert offline["efficientnetlite0"] == "package" and offline["efficientnetb0"] == "keras cache"
+    assert sum(v is not None for v in offline.values()) == 2  # every other backbone needs a download
+    table = CliRunner().invoke(app, ["models", "--sort", "weights_offline"]).stdout
+    assert "weights_offline" in table and table.index("efficientnetlite0") < table.index("mobilenetv2")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "mobilenetv3large", "efficientnetb0", "resnet50v2", "vgg16"] + [
+    pytest.param(name, marks=pytest.mark.slow)
+    for name in ("mobilenet", "nasnetmobile", "efficientnetv2b0", "inceptionv3", "densenet121", "convnexttiny")])
+def test_the_keras_cache_file_names_are_the_ones_keras_asks_for(name: str, monkeypatch):
+    """Keras is asked to build with ImageNet weights and stopped at the download: the name matches."""
+    from keras.src.utils import file_utils
+
+    asked = []
+
+    def get_file(fname: str, *args, **kwargs):
+        asked.append(fname)
+        raise OSError("offline")
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)
+    backbone = get_backbone(name)
+    with pytest.raises(Exception):
+        builder.build_model(backbone, Weights("imagenet"), backbone.input_size)
+    assert asked == [builder.keras_weights_file(backbone)]

@@ -512,7 +512,7 @@ class DedupResult(Records):
 
 # -- models, the compiled-model cache ---------------------------------------------------------
 MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
-                 "preprocessing"]
+                 "preprocessing", "weights_offline"]
 
 
 @dataclass
@@ -520,9 +520,14 @@ class ModelTable(Records):
     """The backbones imgvec knows, in the order asked for."""
 
     backbones: list[Backbone]
+    # name -> where its ImageNet weights are without a network ("package", "keras cache"); absent: nowhere
+    offline: dict[str, str] = field(default_factory=dict)
+
+    def value(self, backbone: Backbone, column: str) -> Any:
+        return self.offline.get(backbone.name) if column == "weights_offline" else getattr(backbone, column)
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{c: getattr(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
+        return [{c: self.value(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
 
     def csv_columns(self) -> list[str]:
         return list(MODEL_COLUMNS)

@@ -223,7 +223,8 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     """
     check_image_size(image_size, backbone)
     keras = import_keras()
-    constructor = getattr(application(backbone), backbone.constructor)
+    own = backbone.module == "efficientnet_lite"  # not every keras.applications submodule exports its constructor
+    constructor = getattr(application(backbone) if own else keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
     # Keras prints download progress on stdout; keep stdout for results (json, csv).
     with contextlib.redirect_stdout(sys.stderr), _python_random(int(weights.seed or 0)):

@@ -388,7 +388,8 @@ def models(
     sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
-    """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
+    """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here,
+    and which have ImageNet weights at hand offline."""
     _check_format(fmt)
     m = api.models(sort=sort or None)
 
@@ -400,9 +401,11 @@ def models(
     def table() -> str:
         return ("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
                 "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
-                "(benchmarks/results/embed.json); blank: not published or not measured\n"
+                "(benchmarks/results/embed.json); weights_offline: where ImageNet weights are without a network "
+                "(package: installed with imgvec; keras cache: downloaded before); blank: not published, not measured "
+                "or not at hand\n"
                 + report.table(None, MODEL_COLUMNS, [[cell(c, r[c]) for c in MODEL_COLUMNS] for r in m.to_records()],
-                               justify=["left"] + ["right"] * 8 + ["left"]))
+                               justify=["left"] + ["right"] * 8 + ["left", "left"]))
 
     _print(fmt, m, table)
 
