@@ -93,6 +93,13 @@ def test_openvino_and_tensorflow_agree_on_pretrained_features(photos: np.ndarray
     assert out.shape == (4, 1280) and np.linalg.norm(ref, axis=1).min() > 1
     assert row_cosines(out, ref).min() >= 0.99999
     assert row_cosines(ref[:2], ref[2:]).min() > 0.8 > row_cosines(ref[:1], ref[1:2])[0]  # a flip stays close
+    # converted once and cached like every backbone, under the packaged file's identity
+    from imgvec.runtime.model_cache import _read_manifest, entry_path
+
+    lite = get_backbone("efficientnetlite0")
+    manifest = _read_manifest(entry_path(lite, builder.resolve_weights(lite, Weights("imagenet")), 224))
+    assert manifest["key"]["weights"].startswith("imagenet(sha256=57934424")
+    assert manifest["weights"].startswith("pretrained ImageNet weights from efficientnet-lite0-57934424.pth")
 
 
 def test_random_weights_are_still_there_and_seeded():

@@ -236,7 +236,7 @@ def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
-                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
+                                        help="backbone (default efficientnetlite0, pretrained weights installed; see `imgvec models`)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),

@@ -73,7 +73,7 @@ class EmbedConfig:
     and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
 
     ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
-    a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    a store is resumed, else efficientnetlite0, ImageNet weights, the backbone's input size and float32.
     """
 
     model: str | None = None
