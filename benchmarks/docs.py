@@ -6,7 +6,8 @@
 A generated section sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->``; NAME is
 one of :data:`SECTIONS`: ``backbones`` (the registry, imgvec.backbones.registry: the same figures as
 ``imgvec models``), ``performance`` (the committed benchmarks/results/*.json, through each
-benchmark's own ``markdown``), ``cli`` (the typer app's commands and options).
+benchmark's own ``markdown``), ``quality`` (benchmarks/results/quality.json: pretrained against random
+weights, the one benchmark not about speed), ``cli`` (the typer app's commands and options).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ REPO = ROOT.parent
 FILES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
 
-BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve")
+BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve", "quality")
+QUALITY = "quality"  # its own section (pretrained weights), not part of ``performance`` (random weights)
 BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
                 "query_scale": "Query process against rows: mapped indexes",
                 "query": "Query latency", "dedup": "Near duplicates",
@@ -67,7 +69,7 @@ def performance() -> str:
              "quality.", ""]
     machine = None
     for name in BENCH_ORDER:
-        data = _load(name)
+        data = _load(name) if name != QUALITY else None
         if data is None:
             continue
         machine = machine or data.get("machine")
@@ -79,6 +81,17 @@ def performance() -> str:
         parts += [f"_Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python {machine.get('python')}; "
                   f"{versions}._", ""]
     return "\n".join(parts)
+
+
+def quality() -> str:
+    """Precision@10 of finding a photo's augmented copies: pretrained efficientnetlite0 against random weights."""
+    data = _load(QUALITY)
+    if data is None:
+        return "_Not measured yet: `python -m benchmarks.bench_quality`._\n"
+    from . import bench_quality
+
+    quick = " (quick run)" if data.get("quick") else ""
+    return f"Measured with `python -m benchmarks.bench_quality`{quick} ({data.get('date')}).\n\n" + bench_quality.markdown(data)
 
 
 def cli() -> str:
@@ -112,7 +125,8 @@ def cli() -> str:
     return "\n".join(out)
 
 
-SECTIONS: dict[str, Callable[[], str]] = {"backbones": backbones, "performance": performance, "cli": cli}
+SECTIONS: dict[str, Callable[[], str]] = {"backbones": backbones, "performance": performance, "quality": quality,
+                                          "cli": cli}
 
 
 def doc_files() -> list[Path]:

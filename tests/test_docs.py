@@ -109,11 +109,12 @@ def test_the_python_api_block_is_valid_python_on_public_names():
 @pytest.fixture(scope="module")
 def quick_start_folder(tmp_path_factory) -> Path:
     """What `make demo` leaves behind (smaller), and `.venv` pointing at this interpreter's environment."""
-    from imgvec.synthetic import make_image_folder
+    from imgvec.synthetic import make_photo_folder
 
     work = tmp_path_factory.mktemp("clone")
-    make_image_folder(work / "demo-out/images/train", per_class=6, size=64, seed=0)
-    make_image_folder(work / "demo-out/images/holdout", per_class=2, size=64, seed=1)
+    classes = ("cat", "coffee", "rocket", "flower")
+    make_photo_folder(work / "demo-out/images/train", per_class=6, size=64, classes=classes, seed=0)
+    make_photo_folder(work / "demo-out/images/holdout", per_class=2, size=64, classes=classes, seed=1)
     (work / ".venv").symlink_to(sys.prefix)
     return work
 

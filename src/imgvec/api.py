@@ -286,15 +286,18 @@ def cache(clear: bool = False) -> CacheSummary:
 def models(sort: str | None = None) -> ModelTable:
     """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
     (numbers largest first, names A to Z; backbones without a value for it last)."""
+    from imgvec.backbones.builder import offline_weights
+
     backbones = list(BACKBONES.values())
+    table = ModelTable(backbones, {b.name: w for b in backbones if (w := offline_weights(b))})
     if sort:
         if sort not in MODEL_COLUMNS:
             raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
-        numeric = sort not in ("name", "preprocessing")
-        filled = [b for b in backbones if getattr(b, sort) is not None]
-        backbones = (sorted(filled, key=lambda b: getattr(b, sort), reverse=numeric)
-                     + [b for b in backbones if getattr(b, sort) is None])
-    return ModelTable(backbones)
+        numeric = sort not in ("name", "preprocessing", "weights_offline")
+        filled = [b for b in backbones if table.value(b, sort) is not None]
+        table.backbones = (sorted(filled, key=lambda b: table.value(b, sort), reverse=numeric)
+                           + [b for b in backbones if table.value(b, sort) is None])
+    return table
 
 
 def info(path: PathLike) -> FileInfo:

@@ -710,7 +710,7 @@ class DedupResult(Records):
 
 # -- models, the compiled-model cache ---------------------------------------------------------
 MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
-                 "preprocessing"]
+                 "preprocessing", "weights_offline"]
 
 
 @dataclass
@@ -718,9 +718,14 @@ class ModelTable(Records):
     """The backbones imgvec knows, in the order asked for."""
 
     backbones: list[Backbone]
+    # name -> where its ImageNet weights are without a network ("package", "keras cache"); absent: nowhere
+    offline: dict[str, str] = field(default_factory=dict)
+
+    def value(self, backbone: Backbone, column: str) -> Any:
+        return self.offline.get(backbone.name) if column == "weights_offline" else getattr(backbone, column)
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{c: getattr(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
+        return [{c: self.value(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
 
     def csv_columns(self) -> list[str]:
         return list(MODEL_COLUMNS)
@@ -736,10 +741,12 @@ class ModelTable(Records):
 
         return Table(["# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
                       "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
-                      "(benchmarks/results/embed.json); blank: not published or not measured"],
+                      "(benchmarks/results/embed.json); weights_offline: where ImageNet weights are without a "
+                      "network (package: installed with imgvec; keras cache: downloaded before); blank: not "
+                      "published, not measured or not at hand"],
                      [Section(None, list(MODEL_COLUMNS), [[cell(c, r[c]) for c in MODEL_COLUMNS]
                                                           for r in self.to_records()],
-                              ["left"] + ["right"] * 8 + ["left"])])
+                              ["left"] + ["right"] * 8 + ["left", "left"])])
 
 
 @dataclass

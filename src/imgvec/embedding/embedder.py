@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from imgvec.backbones.registry import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
+from imgvec.backbones.builder import resolve_weights
 from imgvec.checks import check_choice, check_image_size
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import DEVICES, PRECISIONS
@@ -72,7 +73,7 @@ class EmbedConfig:
     and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
 
     ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
-    a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    a store is resumed, else efficientnetlite0, ImageNet weights, the backbone's input size and float32.
     """
 
     model: str | None = None
@@ -123,7 +124,7 @@ class Embedder:
         self.device = check_choice(param("device"), device, DEVICES)
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
         self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
-        self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
+        self.weights = resolve_weights(self.backbone, weights if isinstance(weights, Weights) else parse_weights(weights, seed))
         self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
                                            self.backbone)
         if batch_size < 1:

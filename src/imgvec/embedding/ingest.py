@@ -60,7 +60,7 @@ def embed(
     created; an existing one is resumed: images already in it are kept and not recomputed, only
     new ones are embedded. With ``sync``, rows whose files are no longer under ``sources`` are
     removed. ``model``/``weights``/``image_size`` left as None are taken from the existing store
-    (or default to efficientnetb0 with ImageNet weights for a new one); ``precision`` too. A store
+    (or default to efficientnetlite0 with ImageNet weights for a new one); ``precision`` too. A store
     made with one runtime can be extended with another. Interrupting (Ctrl-C, kill) loses at most
     the batch under way: run again to go on. ``engine="ray"`` embeds on a Ray cluster
     (``ray_address``, else RAY_ADDRESS, else a local one) with ``ray_workers`` actors; this

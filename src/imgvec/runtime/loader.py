@@ -31,6 +31,7 @@ import numpy as np
 
 from imgvec.runtime import keras_backends
 from imgvec.backbones.registry import Backbone, Weights, get_backbone, parse_weights
+from imgvec.backbones.builder import resolve_weights
 from imgvec.checks import check_choice
 from imgvec.backbones.device import DEVICES, PRECISIONS, gpu_in_use
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Engine, RuntimeNote
@@ -142,7 +143,7 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     ``--weights`` takes. Loaders in :data:`LOADERS` receive the normalised objects.
     """
     backbone = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
-    weights = weights if isinstance(weights, Weights) else parse_weights(weights)
+    weights = resolve_weights(backbone, weights if isinstance(weights, Weights) else parse_weights(weights))
     check_choice(param("precision"), precision, PRECISIONS)
     name = resolve_runtime(runtime, device)
     key = (name, backbone.name, weights.identity, int(image_size), precision, device)
