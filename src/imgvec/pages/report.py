@@ -81,6 +81,8 @@ def to_json(data: Any) -> str:
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
+    if hasattr(value, "json_fields"):  # a record that leaves out what it does not hold (Provenance)
+        return value.json_fields()
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)
     return str(value)
