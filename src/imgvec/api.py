@@ -220,6 +220,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     """
     from imgvec.vectors.classifier import load_head
 
+    model_path = _path(model)
     model, prov = load_head(head)
     stores = [Path(p) for p in images if _is_store(p)]
     files = [p for p in images if not _is_store(p)]
@@ -228,7 +229,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     skipped: list[tuple[str, str]] = []
     truths: list[str] = []
     if files:
-        embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=_path(model), batch_size=batch_size,
+        embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=model_path, batch_size=batch_size,
                                             runtime=runtime)
         names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
@@ -423,6 +424,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
+    model_path = _path(model)
     model, prov = load_head(head)
     data = Path(data)
     skipped: list[tuple[str, str]] = []
@@ -430,7 +432,7 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
         X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress,
-                                                                   model)
+                                                                   model_path)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

@@ -178,7 +178,7 @@ class ModelBytes:
         return Path(self.path).name
 
 
-def _read_bounded(path: Path, what: str) -> bytes:
+def _read_bounded(path: Path, what: str, empty_ok: bool = False) -> bytes:
     require_regular(path, what, missing=f"no such {what}")
     try:
         with open_regular(path) as fh:
@@ -188,7 +188,7 @@ def _read_bounded(path: Path, what: str) -> bytes:
     if len(data) > MAX_MODEL_BYTES:
         raise BadInputError(f"{path}: {what} larger than {MAX_MODEL_BYTES >> 30} GiB; imgvec reads model files "
                             "whole into memory (an ONNX file cannot exceed 2 GiB anyway)")
-    if not data:
+    if not data and not empty_ok:
         raise BadInputError(f"{path}: empty {what}")
     return data
 
@@ -201,7 +201,7 @@ def read_model_file(spec: ModelFileSpec) -> ModelBytes:
     data = _read_bounded(path, "model file")
     weights = b""
     if fmt == "openvino":
-        weights = _read_bounded(path.with_suffix(".bin"), "IR weights file (.bin beside the .xml)")
+        weights = _read_bounded(path.with_suffix(".bin"), "IR weights file (.bin beside the .xml)", empty_ok=True)
         digest = hashlib.sha256(hashlib.sha256(data).digest() + hashlib.sha256(weights).digest()).hexdigest()
     else:
         digest = hashlib.sha256(data).hexdigest()
