@@ -267,6 +267,33 @@ def test_explicit_mean_std_and_onnx_nchw_with_two_outputs(tmp_path: Path):
         Embedder(str(model), preprocess="tf", layer="nothing")
 
 
+def test_a_ray_worker_rebuilds_the_embedder_pinned_to_the_bytes_read(tmp_path: Path):
+    """What Ray workers get (Embedder.config) names the file and pins its sha256: a file changed meanwhile is refused."""
+    from imgvec import Embedder
+    from imgvec.errors import MismatchError
+
+    model = ov_pool_model(tmp_path / "pool.xml", [-1, 16, 16, 3])
+    embedder = Embedder(str(model), preprocess="caffe")
+    again = Embedder.from_config(embedder.config)
+    assert again.key_provenance() == embedder.key_provenance() and again.model_file.sha256 == embedder.model_file.sha256
+    pixels = np.full((1, 16, 16, 3), 7, np.uint8)
+    np.testing.assert_array_equal(again.embed_arrays(pixels), embedder.embed_arrays(pixels))
+    model.with_suffix(".bin").write_bytes(model.with_suffix(".bin").read_bytes()[::-1])
+    with pytest.raises(MismatchError, match="other bytes"):
+        Embedder.from_config(embedder.config)
+
+
+def test_the_api_takes_model_and_preprocess(tmp_path: Path, image_dir: Path):
+    import imgvec
+
+    model = ov_pool_model(tmp_path / "pool.xml", [-1, 32, 32, 3])
+    summary = imgvec.embed([image_dir / "reds"], tmp_path / "s.h5", model=str(model), mean="0.5", std="0.5")
+    assert summary.added == 6 and summary.provenance.model_preprocess == "mean=0.5,0.5,0.5;std=0.5,0.5,0.5"
+    assert summary.provenance.preprocessing == "custom: scaled to [0, 1], mean 0.5,0.5,0.5, std 0.5,0.5,0.5 (RGB)"
+    r = imgvec.query(tmp_path / "s.h5", [image_dir / "reds"], k=1, model=model)
+    assert len(r.queries) == 6 and all(q.results[0].score > 0.999 for q in r.queries)  # each finds itself (or a twin)
+
+
 def test_image_size_read_from_the_model_or_required(tmp_path: Path):
     from imgvec import Embedder
     from imgvec.errors import BadInputError

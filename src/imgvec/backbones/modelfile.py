@@ -389,7 +389,7 @@ def _objects(config: Any) -> Iterator[dict[str, Any]]:
 
 
 def check_keras_archive(data: bytes, path: Any = "") -> None:
-    """Refuse a ``.keras`` file that is not Keras' zip (config.json, metadata.json, model.weights.h5, assets/),
+    """Refuse a ``.keras`` file that is not Keras' zip (config.json, metadata.json, weights files, assets/),
     unpacks beyond :data:`MAX_UNPACKED_BYTES`, or whose config names a Lambda layer, a Python function or an
     object from outside Keras: deserialising those runs code. Keras' own ``safe_mode`` refuses them too."""
     try:
@@ -398,7 +398,8 @@ def check_keras_archive(data: bytes, path: Any = "") -> None:
     except (zipfile.BadZipFile, ValueError, OSError) as error:
         raise BadInputError(f"{path}: not a Keras 3 .keras file (not a zip archive: {error})") from None
     names = {m.filename for m in members}
-    odd = sorted(n for n in names if n not in _KERAS_MEMBERS and not n.startswith("assets/"))
+    odd = sorted(n for n in names if not (n in _KERAS_MEMBERS or n.startswith("assets/") and ".." not in n
+                                          or "/" not in n and n.endswith((".json", ".h5", ".npz"))))
     if "config.json" not in names or odd:
         raise BadInputError(f"{path}: not a Keras 3 .keras file (" + (f"unexpected member {odd[0]!r}" if odd else
                                                                       "no config.json") + ")")
