@@ -134,11 +134,17 @@ def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedCo
             raise
         created = False
     else:
-        embedder = Embedder.from_config(config)
+        started = time.perf_counter()
+        model = config.model
+        file = isinstance(model, ModelFileSpec) or is_model_path(model)
+        # A model file is read, checked and (a .keras file, once) converted as its embedder is made: say so.
+        with Phase(progress, f"loading {os.path.basename(str(getattr(model, 'path', model)))}", int(file)):
+            embedder = Embedder.from_config(config)
+        reading = time.perf_counter() - started if file else 0.0
         collection = find_images(sources)
         if check_memory:
             embedder.check_memory()
-        build_seconds = _timed_load(embedder, progress)
+        build_seconds = reading + _timed_load(embedder, progress)
         writer = StoreWriter(output, embedder.provenance(), collection.root)
         created = True
     todo = [f for f in collection.files if f.key not in writer.keys]
