@@ -294,6 +294,28 @@ def test_the_api_takes_model_and_preprocess(tmp_path: Path, image_dir: Path):
     assert len(r.queries) == 6 and all(q.results[0].score > 0.999 for q in r.queries)  # each finds itself (or a twin)
 
 
+def test_a_model_that_fixes_its_batch_size_gets_that_many_images_a_request(tmp_path: Path):
+    """A PyTorch-style export with batch 1 baked into a Reshape cannot take a dynamic batch: it runs one at a time."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from imgvec import Embedder
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])
+    consts = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+              numpy_helper.from_array(np.array([1, 3], np.int64), "shape")]
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+             helper.make_node("Reshape", ["m", "shape"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])],
+                              initializer=consts)
+    path = tmp_path / "batch1.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    embedder = Embedder(str(path), preprocess="none")
+    assert embedder.model_file.batch == 1
+    pixels = np.random.default_rng(2).integers(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    np.testing.assert_allclose(embedder.embed_arrays(pixels), pixels.mean(axis=(1, 2)), rtol=1e-5)
+
+
 def test_image_size_read_from_the_model_or_required(tmp_path: Path):
     from imgvec import Embedder
     from imgvec.errors import BadInputError

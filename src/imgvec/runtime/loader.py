@@ -164,9 +164,9 @@ def load_model_file_engine(runtime: str, prepared: PreparedModel, precision: str
     """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other."""
     check_choice(param("precision"), precision, PRECISIONS)
     check_choice(param("device"), device, DEVICES)
-    if runtime not in ("auto", "openvino") or gpu_in_use(device):
+    if runtime not in ("auto", "openvino") or device == "gpu":  # auto: the CPU, even where a GPU is seen
         raise BadInputError(f"a model file runs on OpenVINO on the CPU: leave out {param('runtime')} {runtime}"
-                            + (f" and {param('device')} {device}" if device != "auto" else ""))
+                            + (f" and {param('device')} gpu" if device == "gpu" else ""))
     spec = prepared.spec
     key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision)
     with _LOADED_LOCK:
