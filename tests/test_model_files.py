@@ -117,6 +117,8 @@ def test_embed_query_with_the_model_file(model_store: Path, image_dir: Path, sma
     assert info["model_sha256"] == __import__("hashlib").sha256(model.read_bytes()).hexdigest()
     assert info["model_input"] == "NCHW [?,3,64,64] f32" and info["dim"] == 3
     assert info["preprocessing"] == "torch: scaled to [0, 1], ImageNet mean/std normalised"
+    assert "flat index over 24 rows" in run("index", model_store).stdout  # the index carries the same provenance
+    assert json.loads(run("info", model_store.with_suffix(".index.h5"), "-f", "json").stdout)["provenance"] == info
     hits = json.loads(run("query", model_store, photo, "-k", "3", "-f", "json").stdout)["queries"][0]["results"]
     assert hits[0]["path"].endswith("blues_002.png") and hits[0]["score"] > 0.9999
     moved = tmp_path / "elsewhere" / model.name  # the same bytes elsewhere: --model says where

@@ -268,7 +268,10 @@ def _load_keras_file(model: ModelBytes, layer: str) -> Any:
     keras = import_keras("tensorflow")
     with tempfile.TemporaryDirectory(prefix="imgvec-model-") as folder:
         copy = Path(folder) / "model.keras"
-        copy.write_bytes(model.data)
+        try:
+            copy.write_bytes(model.data)
+        except OSError as error:
+            raise BadInputError(f"{model.path}: cannot stage it for Keras in {folder} ({error.strerror or error})") from None
         try:
             with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
