@@ -168,18 +168,20 @@ def query(
     faiss_gpu: str = "auto",
     runtime: str = "auto",
     progress: Progress | None = None,
+    model: PathLike | None = None,
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
-    ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
+    ``weights`` is only needed to point at a moved weights file, ``model`` at a moved model file (its bytes
+    must be the ones the store was made with). ``runtime`` need not be the
     one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
         vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
-        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
-                                            runtime=runtime)
+        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, model_path=_path(model),
+                                            batch_size=batch_size, runtime=runtime)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
         scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
         hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
@@ -229,7 +231,8 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None) -> Predictions:
+            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None,
+            model: PathLike | None = None) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
     ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
@@ -239,6 +242,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     """
     from imgvec.vectors.classifier import load_head
 
+    model_path = _path(model)
     model, prov = load_head(head)
     stores = [Path(p) for p in images if _is_store(p)]
     files = [p for p in images if not _is_store(p)]
@@ -247,7 +251,8 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     skipped: list[tuple[str, str]] = []
     truths: list[str] = []
     if files:
-        embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
+        embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=model_path, batch_size=batch_size,
+                                            runtime=runtime)
         names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
         with open_store(path) as s:
@@ -384,8 +389,16 @@ def _is_store(path: PathLike) -> bool:
     return Path(path).suffix.lower() in (".h5", ".hdf5") and Path(path).is_file()
 
 
+def _path(path: PathLike | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
 def _head_settings(prov: Provenance) -> str:
     """The embed options that reproduce a head's embeddings."""
+    if prov.is_model_file:
+        return (f"the head's settings ({param('model')} {prov.model_path}, {param('preprocess')} {prov.model_preprocess}"
+                + (f", {param('layer')} {prov.model_layer}" if prov.model_layer else "")
+                + f", {param('image_size')} {prov.input_size})")
     return (f"the head's settings ({param('model')} {prov.backbone}, {param('image_size')} {prov.input_size}, "
             f"{param('weights')} {weights_arg(prov)}"
             + (f", {param('seed')} {prov.weights_seed})" if prov.is_random else ")"))
@@ -404,11 +417,12 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
 
 
 def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str,
-                          progress: Progress | None = None
+                          progress: Progress | None = None, model: PathLike | None = None
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=_path(model), batch_size=batch_size,
+                                        runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
     with Phase(progress, f"embedding with {embedder.backbone.name}", len(labelled)) as step:
         for batch in embedder.embed_files([f.path for f in labelled]):
@@ -423,7 +437,7 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
-             runtime: str = "auto", progress: Progress | None = None) -> Evaluation:
+             runtime: str = "auto", progress: Progress | None = None, model: PathLike | None = None) -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -434,13 +448,15 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
+    model_path = _path(model)
     model, prov = load_head(head)
     data = Path(data)
     skipped: list[tuple[str, str]] = []
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress,
+                                                                   model_path)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

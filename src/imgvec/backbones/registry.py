@@ -165,9 +165,10 @@ def get_backbone(name: str) -> Backbone:
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a model's weights come from: ImageNet, a seeded random init, or a local file."""
+    """Where a model's weights come from: ImageNet, a seeded random init, a local file, or inside a model file
+    (``--model PATH``: the file's sha256 is in the provenance's ``model_sha256``)."""
 
-    kind: str  # "imagenet" | "random" | "file"; "imagenet" with a sha256: a backbone's packaged file
+    kind: str  # "imagenet" | "random" | "file" | "model"; "imagenet" with a sha256: a backbone's packaged file
     seed: int | None = None
     path: str | None = None
     sha256: str | None = None
@@ -179,6 +180,8 @@ class Weights:
             return f"random(seed={self.seed})"
         if self.kind == "file":
             return f"file(sha256={self.sha256})"
+        if self.kind == "model":
+            return "in the model file"
         return f"imagenet(sha256={self.sha256})" if self.sha256 else "imagenet"  # packaged: that file
 
     def describe(self) -> str:
@@ -186,6 +189,8 @@ class Weights:
             return f"RANDOM weights (seed {self.seed}), not pretrained"
         if self.kind == "file":
             return f"weights file {self.path} (sha256 {str(self.sha256)[:12]}...)"
+        if self.kind == "model":
+            return "the model file's own weights"
         if self.sha256:
             return f"pretrained ImageNet weights from {Path(str(self.path)).name} (sha256 {self.sha256[:12]}...)"
         return "ImageNet weights"

@@ -87,6 +87,8 @@ def _complete_runtimes(incomplete: str) -> list[str]:
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
 FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
+ModelPathOpt = typer.Option(None, "--model", "-m", help="where the model file (--model PATH at embed time) is now, "
+                            "if moved; it must hold the same bytes")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
 RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
                           help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, tensorflow, jax or torch; "
@@ -204,7 +206,9 @@ def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
-                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
+                                        help="backbone (default efficientnetlite0, pretrained weights installed; see "
+                                        "`imgvec models`), or your own model file: PATH ending in .keras, .onnx or "
+                                        ".xml (OpenVINO IR, .bin beside)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
@@ -218,11 +222,19 @@ def embed(
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
     precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
     runtime: str = RuntimeOpt,
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="a model file's input scaling: tf (x/127.5-1), "
+                                             "torch (x/255, ImageNet mean/std), caffe (BGR, ImageNet mean "
+                                             "subtracted) or none (raw 0-255)"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="instead of --preprocess: R,G,B mean on pixels scaled to "
+                                       "[0, 1], e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, "--std", help="instead of --preprocess: R,G,B std, e.g. 0.229,0.224,0.225"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="a model file's output (or tensor; a layer of a .keras "
+                                        "file) to embed with (default: its output; pooled when 4-D)"),
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     config = api.EmbedConfig(model=model, weights=weights, image_size=image_size, seed=seed, batch_size=batch_size,
                              workers=workers, max_pixels=max_pixels, device=device, precision=precision,
-                             runtime=runtime)
+                             runtime=runtime, preprocess=preprocess, mean=mean, std=std, layer=layer)
     with Reporter() as progress:
         s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
                       ray_workers=ray_workers, progress=progress)
@@ -272,13 +284,14 @@ def query(
     html: Optional[Path] = HtmlOpt,
     faiss_gpu: str = FaissGpuOpt,
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
     api.check_page_path(html, [store, index_path or api.index_path_for(store), *queries])
     with Reporter() as progress:
         r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
-                      progress=progress)
+                      progress=progress, model=model)
     for note in r.notes:
         _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
@@ -307,12 +320,13 @@ def predict(
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
     api.check_page_path(html, [head, *images])
     with Reporter() as progress:
-        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress)
+        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress, model=model)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
     _print(fmt, r, top=top)
 
@@ -424,12 +438,13 @@ def evaluate(
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
     _check_format(fmt, ("table", "json"))
     api.check_page_path(html, [head, data])
     with Reporter() as progress:
-        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
+        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress, model=model)
     if e.seen_in_training:
         _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "
              "this accuracy is NOT a held-out estimate (evaluate on images the head has not seen)")

@@ -24,7 +24,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from imgvec.backbones.modelfile import MAX_MODEL_BYTES, MODEL_SUFFIXES
 from imgvec.backbones.registry import BACKBONES
+from imgvec.checks import MAX_IMAGE_SIZE
 from imgvec.errors import BadInputError
 from imgvec.files.provenance import Provenance
 from imgvec.files.structure import REBUILD, check_attributes, damaged, reading
@@ -32,7 +34,7 @@ from imgvec.files.structure import REBUILD, check_attributes, damaged, reading
 KINDS = ("store", "index", "head")
 FORMATS = {kind: f"imgvec-{kind}" for kind in KINDS}
 FORMAT_VERSION = 2
-_WEIGHT_KINDS = ("imagenet", "random", "file")
+_WEIGHT_KINDS = ("imagenet", "random", "file", "model")
 _HEADER_ATTRS = ("kind", "format", "format_version", "store_id", "generation", "rows", "dim")
 
 
@@ -117,7 +119,7 @@ def get_attr(attrs: Mapping[str, Any], name: str, typ: type | tuple[type, ...], 
 
 
 def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store") -> Provenance:
-    """The provenance attributes, checked against the backbone registry."""
+    """The provenance attributes, checked against the backbone registry (a model file's, against its own record)."""
     data: dict[str, Any] = {}
     for f in fields(Provenance):
         if f.name in attrs:
@@ -126,11 +128,16 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
         get_attr(data, name, str, path, kind)
     size = get_attr(data, "input_size", int, path, kind, minimum=1)
     get_attr(data, "dim", int, path, kind, minimum=1)
-    backbone = BACKBONES.get(data["backbone"])
-    if backbone is None:
-        raise damaged(path, kind, f"unknown backbone {data['backbone']!r}")
-    if size < backbone.min_size:
-        raise damaged(path, kind, f"input_size {size} is below {backbone.name}'s minimum {backbone.min_size}")
+    if data["weights"] == "model":
+        _check_model_file_record(data, path, kind)
+    else:
+        backbone = BACKBONES.get(data["backbone"])
+        if backbone is None:
+            raise damaged(path, kind, f"unknown backbone {data['backbone']!r}")
+        if size < backbone.min_size:
+            raise damaged(path, kind, f"input_size {size} is below {backbone.name}'s minimum {backbone.min_size}")
+        if any(data.get(name) is not None for name in _MODEL_FIELDS):
+            raise damaged(path, kind, f"model-file attributes on a {data['backbone']} provenance")
     if data["weights"] not in _WEIGHT_KINDS:
         raise damaged(path, kind, f"weights {data['weights']!r} is not one of {', '.join(_WEIGHT_KINDS)}")
     if data["weights"] == "random":
@@ -144,6 +151,26 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
                 data[f.name], str if f.type == "str" else int):
             raise damaged(path, kind, f"attribute {f.name!r} is {_shown(data[f.name])}")
     return Provenance(**data)
+
+
+_MODEL_FIELDS = {"model_format": str, "model_path": str, "model_size": int, "model_sha256": str, "model_preprocess": str,
+                 "model_layer": str, "model_input": str, "model_output": str}
+
+
+def _check_model_file_record(data: dict[str, Any], path: Any, kind: str) -> None:
+    """A model file's provenance: every model_* field present and typed, the sha256 64 hex digits, the size sane.
+    The backbone is the file's name, not a registry entry."""
+    for name, typ in _MODEL_FIELDS.items():
+        get_attr(data, name, typ, path, kind)
+    digest = data["model_sha256"]
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise damaged(path, kind, f"model_sha256 {digest[:80]!r} is not a sha256")
+    if data["model_format"] not in MODEL_SUFFIXES.values():
+        raise damaged(path, kind, f"model_format {data['model_format'][:40]!r}")
+    if not 0 < data["model_size"] <= 2 * MAX_MODEL_BYTES:
+        raise damaged(path, kind, f"model_size {data['model_size']}")
+    if data["input_size"] > MAX_IMAGE_SIZE:
+        raise damaged(path, kind, f"input_size {data['input_size']} is above {MAX_IMAGE_SIZE}")
 
 
 def text_attr(attrs: Mapping[str, Any], name: str) -> str | None:

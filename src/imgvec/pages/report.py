@@ -95,6 +95,8 @@ def _finite_or_null(value: Any) -> Any:
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
+    if hasattr(value, "json_fields"):  # a record that leaves out what it does not hold (Provenance)
+        return value.json_fields()
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)
     return str(value)

@@ -38,12 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from imgvec.backbones.modelfile import ModelBytes
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
 from imgvec.runtime.engine import RuntimeNote
 from imgvec.fileio import fsync_path, open_regular
+from imgvec.errors import BadInputError, param
 from imgvec.versions import dist_version
 
 # Bump when the converted graph changes (what is folded in, inputs, outputs): old cache entries stop matching.
@@ -321,18 +323,23 @@ def load_model(backbone: Backbone, weights: Weights, image_size: int) -> Any:
     return _cached(backbone, weights, image_size, load=True)
 
 
-def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
-    entry = entry_path(backbone, weights, image_size)
-    key = cache_key(backbone, weights, image_size)
+def _distrust() -> str | None:
+    """Why the cache cannot be used (a folder others can write, a key that is not this user's alone), or None."""
     why = untrusted(cache_dir())
     if why is None:
         try:
             cache_secret()
         except (OSError, ValueError) as error:
             why = f"its key cannot be used ({getattr(error, 'strerror', None) or error})"
+    return None if why is None else f"{why} (chmod go-w it, or set IMGVEC_CACHE_DIR to a folder of your own)"
+
+
+def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
+    entry = entry_path(backbone, weights, image_size)
+    key = cache_key(backbone, weights, image_size)
+    why = _distrust()
     if why is not None:
-        _note(f"the model cache is not used: {why} (chmod go-w it, or set IMGVEC_CACHE_DIR to a folder of "
-              f"your own); {backbone.name} was converted in memory")
+        _note(f"the model cache is not used: {why}; {backbone.name} was converted in memory")
         return _convert(backbone, weights, image_size)[0]
     data = _verified(entry, key)
     if data is not None:
@@ -366,6 +373,92 @@ def _from_bytes(data: tuple[bytes, ...]) -> Any:
 
     xml, weights = data
     return ov.Core().read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+
+
+# -- a user's .keras file, converted once like a backbone ------------------------------------------
+KERAS_FILE = "kerasfile"  # the "backbone" of a .keras model file's cache entry
+MIN_SAFE_KERAS = (3, 11)  # Keras releases before 3.11 let a .keras file run code despite safe_mode (CVE-2025-1550, -8747)
+
+
+def keras_file_key(model: ModelBytes, layer: str) -> dict[str, Any]:
+    """The cache key of a .keras file: its content (sha256) and the layer taken, not its name or place."""
+    return {"backbone": KERAS_FILE, "weights": f"sha256={model.sha256}" + (f", layer={layer}" if layer else ""),
+            "input_size": 0, "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"),
+            "keras": dist_version("keras")}
+
+
+def _load_keras_file(model: ModelBytes, layer: str) -> Any:
+    """The Keras model in ``model.data`` (those bytes, written to a private temporary file), safe mode, uncompiled;
+    with ``layer``, the model up to that layer's output."""
+    import tempfile
+
+    version = tuple(int(p) for p in re.findall(r"\d+", dist_version("keras"))[:2])
+    if version < MIN_SAFE_KERAS:
+        raise BadInputError(f"{model.path}: loading .keras files needs Keras >= {'.'.join(map(str, MIN_SAFE_KERAS))} "
+                            f"(older releases can run code from the file); this is {dist_version('keras')}")
+    keras = import_keras("tensorflow")
+    with tempfile.TemporaryDirectory(prefix="imgvec-model-") as folder:
+        copy = Path(folder) / "model.keras"
+        try:
+            copy.write_bytes(model.data)
+        except OSError as error:
+            raise BadInputError(f"{model.path}: cannot stage it for Keras in {folder} ({error.strerror or error})") from None
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = keras.saving.load_model(copy, safe_mode=True, compile=False)
+        except Exception as error:  # Keras raises ValueError, TypeError, KeyError ... for what it cannot load
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise BadInputError(f"{model.path}: Keras cannot load it safely ({type(error).__name__}: {first})") from None
+    if not isinstance(loaded, keras.Model):
+        raise BadInputError(f"{model.path}: holds a {type(loaded).__name__}, not a Keras model")
+    if layer:
+        names = [lay.name for lay in loaded.layers]
+        if layer not in names:
+            raise BadInputError(f"{param('layer')} {layer!r}: {model.name} has no such layer (its last layers: "
+                                f"{', '.join(names[-5:])})")
+        loaded = keras.Model(loaded.inputs, loaded.get_layer(layer).output)
+    return loaded
+
+
+def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
+    """The OpenVINO model of a user's .keras file (float input as the file has it, its outputs unchanged): a cached
+    ``model.xml``, converted on first use (imports TensorFlow); the ``openvino.Model`` itself where the cache cannot
+    be written. A cached model is loaded without TensorFlow."""
+    key = keras_file_key(model, layer)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = cache_dir() / "openvino" / f"{KERAS_FILE}-0px-{digest}"
+    why = _distrust()
+    data = _verified(entry, key) if why is None else None
+    if data is not None:
+        return _from_bytes(data)
+    import_tensorflow()
+    import openvino as ov
+
+    start = time.perf_counter()
+    keras_model = _load_keras_file(model, layer)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(keras_model)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise BadInputError(f"{model.path}: OpenVINO cannot convert this Keras model ({type(error).__name__}: "
+                            f"{first})") from None
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {model.name} was converted in memory")
+        return converted
+    remove_leftovers(entry.parent)
+    manifest = {"key": key, "backbone": KERAS_FILE, "weights": f"model file {model.name} (sha256 {model.sha256[:12]}...)"
+                + (f", layer {layer}" if layer else ""), "input_size": 0,
+                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    try:
+        _write_entry(converted, {"source_weights": None, "convert_s": time.perf_counter() - start}, entry, key, manifest)
+    except (OSError, RuntimeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {model.name} was converted in memory "
+                      "and is converted again next time", RuntimeNote, stacklevel=2)
+    return converted
 
 
 # -- listing and clearing ----------------------------------------------------------------------------

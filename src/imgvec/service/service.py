@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -488,7 +488,7 @@ class Service:
             "index": {"kind": snap.kind, "file": snap.index_file, "rows": snap.rows - snap.unindexed,
                       "unindexed": snap.unindexed},
             "notes": snap.notes,
-            "provenance": asdict(snap.provenance),
+            "provenance": snap.provenance.json_fields(),
             "runtime": self.embedder.engine_.runtime if self.embedder and self.embedder.engine_ else None,
             "stale": self.stale,
             "preloading": not self.preloaded.is_set(),
