@@ -326,6 +326,7 @@ def _link(group: Any, name: str, path: Any, kind: str, shown: str) -> bool:
     """Whether ``name`` exists in ``group`` as a hard link; soft and external links are damage."""
     import h5py
 
+    _check_group(group, path, kind, shown)  # before HDF5 looks the name up in the group's B-tree
     key = name.encode("utf-8", "surrogateescape")
     if not group.id.links.exists(key):  # looks at the link alone: never follows it
         return False
@@ -335,6 +336,15 @@ def _link(group: Any, name: str, path: Any, kind: str, shown: str) -> bool:
             link, "a user-defined link")
         raise damaged(path, kind, f"{shown!r} is {what}, not an object of this file")
     return True
+
+
+def _check_group(group: Any, path: Any, kind: str | None, shown: str) -> None:
+    from imgvec.files import chunks
+
+    try:
+        chunks.check_group(group.id)
+    except chunks.MalformedChunks as error:
+        raise damaged(path, kind, f"the group holding {capped(shown, 40)!r}: {error}") from None
 
 
 def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int, addr: int) -> tuple[Any, int] | None:
@@ -551,13 +561,16 @@ def check_root_heaps(h5: Any, path: Any, kind: str | None) -> None:
     from imgvec.files import h5heap
 
     with reading(path, kind):
-        read, size, info = h5heap.reader(h5.id.get_vfd_handle()), file_size(h5), h5py.h5o.get_info(h5.id)
+        read, size = h5heap.reader(h5.id.get_vfd_handle()), file_size(h5)
         if h5.id.get_create_plist().get_sizes() != (8, 8):
             raise damaged(path, kind, "file addresses are not 8 bytes, as imgvec writes them")
+        _check_group(h5, path, kind, "/")  # the root's names: walked before anything looks one up
+        # not h5o.get_info: it sums the storage of the root's B-tree, following it before any check
+        address, attrs = h5py.h5g.get_objinfo(h5.id).objno[0], h5py.h5a.get_num_attrs(h5.id)
     try:
-        heaps, found = h5heap.attribute_heaps(read, info.addr, size)
-        if found != info.num_attrs:
-            raise h5heap.MalformedHeap(f"HDF5 counts {info.num_attrs} attributes, the header holds {found}")
+        heaps, found = h5heap.attribute_heaps(read, address, size)
+        if found != attrs:
+            raise h5heap.MalformedHeap(f"HDF5 counts {attrs} attributes, the header holds {found}")
         h5heap.check_collections(read, heaps, size, set())
     except h5heap.MalformedHeap as error:
         raise damaged(path, kind, str(error)) from None

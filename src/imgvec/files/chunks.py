@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -111,10 +111,30 @@ def walk(read: Read, layout: tuple[int, tuple[int, ...]], file_size: int, superb
     rank = len(dims)
     chunk_bytes = math.prod(chunks) * itemsize
     entry = np.dtype([("size", "<u4"), ("mask", "<u4"), ("offset", "<u8", (rank,)), ("child", "<u8")])
-    capacity = 2 * istore_k
-    node_size = NODE_HEADER + capacity * entry.itemsize + entry.itemsize - 8  # 2K children, 2K + 1 keys
     bound = np.array([*shape, 1], np.uint64)
     step = np.array([*chunks, 1], np.uint64)
+
+    def leaf(address: int, entries: np.ndarray) -> None:
+        offsets, children = entries["offset"], entries["child"]
+        if (((entries["size"] != chunk_bytes) | (entries["mask"] != 0)).any()
+                or ((offsets % step) != 0).any() or (offsets >= bound).any() or (offsets[:, -1] != 0).any()):
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk of the wrong size or "
+                                  "at a position outside the dataset")
+        if (chunk_bytes > file_size or (children < superblock_end).any()
+                or (children > np.uint64(file_size - chunk_bytes)).any()):
+            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk outside the file")
+
+    return _walk_tree(read, root, 1, entry, 2 * istore_k, file_size, superblock_end, leaf)
+
+
+def _walk_tree(read: Read, root: int, node_type: int, entry: np.dtype, capacity: int, file_size: int,
+               superblock_end: int, leaf: Callable[[int, np.ndarray], None]) -> int:
+    """Walk the version-1 B-tree of ``node_type`` (0: a group's, 1: a chunk index) at ``root``, bounded
+    (each node once, each child one level below its parent, at most ``capacity`` entries a node, every
+    node inside the file, siblings of the same level); ``leaf(address, entries)`` checks each leaf's
+    entries (a key, then the child's address). Returns how many entries the leaves hold."""
+    what = ("group", "chunk")[node_type]
+    node_size = NODE_HEADER + capacity * entry.itemsize + entry.itemsize - 8  # 2K children, 2K + 1 keys
     todo: list[tuple[int, int | None]] = [(root, None)]
     levels: dict[int, int] = {}  # node address -> level
     siblings: list[tuple[int, int, int]] = []  # (level, left, right) of each node
@@ -122,39 +142,70 @@ def walk(read: Read, layout: tuple[int, tuple[int, ...]], file_size: int, superb
     while todo:
         address, want = todo.pop()
         if address in levels:
-            raise MalformedChunks(f"the chunk B-tree reaches its node at byte {address:,} twice")
+            raise MalformedChunks(f"the {what} B-tree reaches its node at byte {address:,} twice")
         if address < superblock_end or address > file_size - node_size:
-            raise MalformedChunks(f"a chunk B-tree node at byte {address:,} lies outside the file")
+            raise MalformedChunks(f"a {what} B-tree node at byte {address:,} lies outside the file")
         if len(levels) * node_size > file_size:
-            raise MalformedChunks("the chunk B-tree has more nodes than the file holds")
+            raise MalformedChunks(f"the {what} B-tree has more nodes than the file holds")
         block = read(address, node_size)
-        if len(block) < node_size or block[:4] != b"TREE" or block[4] != 1:
-            raise MalformedChunks(f"no chunk B-tree node at byte {address:,}")
+        if len(block) < node_size or block[:4] != b"TREE" or block[4] != node_type:
+            raise MalformedChunks(f"no {what} B-tree node at byte {address:,}")
         level, used = block[5], struct.unpack_from("<H", block, 6)[0]
         left, right = struct.unpack_from("<QQ", block, 8)
         if (want is None and level > MAX_LEVEL) or (want is not None and level != want):
-            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} is at level {level}"
+            raise MalformedChunks(f"the {what} B-tree node at byte {address:,} is at level {level}"
                                   + (f", its parent's child level is {want}" if want is not None else ""))
         if used > capacity:
-            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} holds {used} entries, "
+            raise MalformedChunks(f"the {what} B-tree node at byte {address:,} holds {used} entries, "
                                   f"room for {capacity}")
         levels[address] = level
         siblings.append((level, left, right))
         entries = np.frombuffer(block, entry, count=used, offset=NODE_HEADER)
-        children = entries["child"]
         if level > 0:
-            todo.extend((int(child), level - 1) for child in children)
-            continue
-        found += used
-        offsets = entries["offset"]
-        if used and (((entries["size"] != chunk_bytes) | (entries["mask"] != 0)).any()
-                     or ((offsets % step) != 0).any() or (offsets >= bound).any() or (offsets[:, -1] != 0).any()):
-            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk of the wrong size or "
-                                  "at a position outside the dataset")
-        if used and (chunk_bytes > file_size or (children < superblock_end).any()
-                     or (children > np.uint64(file_size - chunk_bytes)).any()):
-            raise MalformedChunks(f"the chunk B-tree node at byte {address:,} lists a chunk outside the file")
+            todo.extend((int(child), level - 1) for child in entries["child"])
+        elif used:
+            found += used
+            leaf(address, entries)
     for level, left, right in siblings:
         if any(link != UNDEFINED and levels.get(link) != level for link in (left, right)):
-            raise MalformedChunks("a chunk B-tree sibling link to a node not of its level")
+            raise MalformedChunks(f"a {what} B-tree sibling link to a node not of its level")
     return found
+
+
+def check_group(gid: Any) -> int:
+    """Walk the symbol-table B-tree of the group ``gid`` (an h5py GroupID) before HDF5 looks a name up in
+    it: a looped one made HDF5 recurse without end, as a chunk index does. Each leaf's symbol-table
+    node ("SNOD") is checked to lie in the file and hold at most its room of entries. Returns how many
+    symbol-table nodes there are. Only groups as imgvec writes them (one symbol-table message) pass."""
+    import h5py
+
+    fid = h5py.h5i.get_file_id(gid)
+    if fid.get_intent() & h5py.h5f.ACC_RDWR:
+        h5py.h5f.flush(fid)
+    fd = fid.get_vfd_handle()
+    read, file_size = reader(fd), os.fstat(fd).st_size
+    superblock_end, _ = _superblock(read)
+    leaf_k, internal_k = struct.unpack_from("<HH", read(16, 4))
+    header, high = h5py.h5g.get_objinfo(gid).objno
+    try:
+        tables = [body for kind, _, body in header_messages(read, header | high << 64, file_size) if kind == 0x0011]
+    except MalformedHeap as error:
+        raise MalformedChunks(str(error)) from None
+    if len(tables) != 1 or len(tables[0]) < 16 or not leaf_k or not internal_k:
+        raise MalformedChunks("a group not stored as imgvec stores groups (one symbol table)")
+    root = struct.unpack_from("<Q", tables[0])[0]
+    snod_size = 8 + 2 * leaf_k * 40
+    seen: set[int] = set()
+
+    def leaf(address: int, entries: np.ndarray) -> None:
+        for child in entries["child"].tolist():
+            if child in seen or child < superblock_end or child > file_size - snod_size:
+                raise MalformedChunks(f"the group B-tree node at byte {address:,} lists a symbol table at byte "
+                                      f"{child:,}, outside the file or listed twice")
+            seen.add(child)
+            head = read(child, 8)
+            if head[:4] != b"SNOD" or head[4] != 1 or struct.unpack_from("<H", head, 6)[0] > 2 * leaf_k:
+                raise MalformedChunks(f"no symbol table of at most {2 * leaf_k} names at byte {child:,}")
+
+    entry = np.dtype([("key", "<u8"), ("child", "<u8")])
+    return _walk_tree(read, root, 0, entry, 2 * internal_k, file_size, superblock_end, leaf)
