@@ -210,10 +210,19 @@ def _check_group(read: Read, file_size: int, header: int) -> int:
     superblock_end, _ = _superblock(read)
     leaf_k, internal_k = struct.unpack_from("<HH", read(16, 4))  # the superblock's group K values
     try:
-        tables = [body for kind, _, body in header_messages(read, header, file_size) if kind == 0x0011]
+        messages = [(kind, body) for kind, _, body in header_messages(read, header, file_size)
+                    if kind in (0x0002, 0x0011)]
     except MalformedHeap as error:
         raise MalformedChunks(str(error)) from None
-    if len(tables) != 1 or len(tables[0]) < 16 or not leaf_k or not internal_k:
+    tables = [body for kind, body in messages if kind == 0x0011]
+    infos = [body for kind, body in messages if kind == 0x0002]
+    heap_at = 2 + 8 * (infos[0][1] & 1) if len(infos) == 1 and len(infos[0]) >= 2 else 0
+    if not tables and heap_at and len(infos[0]) >= heap_at + 8:  # links kept in the header itself (HDF5 makes
+        # such a group of one given an external link): no tree to walk, unless they are in dense storage
+        if struct.unpack_from("<Q", infos[0], heap_at)[0] != UNDEFINED:
+            raise MalformedChunks("links in dense storage, which imgvec never writes")
+        return 0
+    if len(tables) != 1 or infos or len(tables[0]) < 16 or not leaf_k or not internal_k:
         raise MalformedChunks("a group not stored as imgvec stores groups (one symbol table)")
     root = struct.unpack_from("<Q", tables[0])[0]
     snod_size = 8 + 2 * leaf_k * 40
