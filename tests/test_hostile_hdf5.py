@@ -492,6 +492,32 @@ def test_a_chunk_index_that_points_to_itself_is_one_line_not_a_crash(case, name,
     assert_one_line(results, str(store), f"'{name}'", "chunk B-tree")
 
 
+def _loop_group_tree(path: Path, group: str) -> Path:
+    """Make the root node of ``group``'s symbol-table B-tree an internal node whose one child is itself."""
+    from imgvec.files.h5heap import header_messages, reader
+
+    with h5py.File(path, "r") as h5:
+        header, _ = h5py.h5g.get_objinfo(h5[group].id).objno
+        table = next(body for kind, _, body in header_messages(reader(h5.id.get_vfd_handle()), header,
+                                                               path.stat().st_size) if kind == 0x0011)
+    root = struct.unpack_from("<Q", table)[0]
+    with open(path, "r+b") as fh:
+        fh.seek(root + 5)
+        fh.write(struct.pack("<BH", 1, 1))
+        fh.seek(root + 24 + 8)  # the first child, after the node's header and first key
+        fh.write(struct.pack("<Q", root))
+    return path
+
+
+@pytest.mark.parametrize("group", ["/", "/skipped"])
+def test_a_group_whose_names_b_tree_points_to_itself_is_one_line_not_a_crash(case, group):
+    """The same recursion in a group's symbol table (found while fixing chunk indexes): SIGSEGV on open."""
+    store = _loop_group_tree(case["store"], group)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store), "-f", "csv"]], [case["other"]],
+                      timeout=120)
+    assert_one_line(results, str(store), "group B-tree")
+
+
 def _journal_with(store: Path, records: list[Record]) -> Path:
     journal = store.with_name(store.name + ".journal")
     journal.write_bytes(b"".join(_frame(_encode(r)) for r in records))

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from imgvec.files.structure import damaged, file_size, reading
+from imgvec.files.structure import check_group, damaged, file_size, reading
 
 def str_dtype() -> Any:
     import h5py
@@ -122,13 +122,16 @@ def check_root_heaps(h5: Any, path: Any, kind: str | None) -> None:
     from imgvec.files import h5heap
 
     with reading(path, kind):
-        read, size, info = h5heap.reader(h5.id.get_vfd_handle()), file_size(h5), h5py.h5o.get_info(h5.id)
+        read, size = h5heap.reader(h5.id.get_vfd_handle()), file_size(h5)
         if h5.id.get_create_plist().get_sizes() != (8, 8):
             raise damaged(path, kind, "file addresses are not 8 bytes, as imgvec writes them")
+        check_group(h5, path, kind, "/")  # the root's names: walked before anything looks one up
+        # not h5o.get_info: it sums the storage of the root's B-tree, following it before any check
+        address, attrs = h5py.h5g.get_objinfo(h5.id).objno[0], h5py.h5a.get_num_attrs(h5.id)
     try:
-        heaps, found = h5heap.attribute_heaps(read, info.addr, size)
-        if found != info.num_attrs:
-            raise h5heap.MalformedHeap(f"HDF5 counts {info.num_attrs} attributes, the header holds {found}")
+        heaps, found = h5heap.attribute_heaps(read, address, size)
+        if found != attrs:
+            raise h5heap.MalformedHeap(f"HDF5 counts {attrs} attributes, the header holds {found}")
         h5heap.check_collections(read, heaps, size, set())
     except h5heap.MalformedHeap as error:
         raise damaged(path, kind, str(error)) from None

@@ -130,6 +130,7 @@ def _link(group: Any, name: str, path: Any, kind: str, shown: str) -> bool:
     """Whether ``name`` exists in ``group`` as a hard link; soft and external links are damage."""
     import h5py
 
+    check_group(group, path, kind, shown)  # before HDF5 looks the name up in the group's B-tree
     key = name.encode("utf-8", "surrogateescape")
     if not group.id.links.exists(key):  # looks at the link alone: never follows it
         return False
@@ -139,6 +140,16 @@ def _link(group: Any, name: str, path: Any, kind: str, shown: str) -> bool:
             link, "a user-defined link")
         raise damaged(path, kind, f"{shown!r} is {what}, not an object of this file")
     return True
+
+
+def check_group(group: Any, path: Any, kind: str | None, shown: str) -> None:
+    """The group's symbol-table B-tree walked, bounded, before HDF5 looks a name up in it."""
+    from imgvec.files import chunks
+
+    try:
+        chunks.check_group(group.id)
+    except chunks.MalformedChunks as error:
+        raise damaged(path, kind, f"the group holding {capped(shown, 40)!r}: {error}") from None
 
 
 def _checked(h5: Any, name: str, path: Any, kind: str, spec: Expect, size: int, addr: int) -> tuple[Any, int] | None:
