@@ -18,6 +18,7 @@ from imgvec.files.artifact import check_partner, peek
 from imgvec.backbones.registry import BACKBONES
 from imgvec.analyses.comparison import compare
 from imgvec.embedding.embedder import EmbedConfig, Embedder
+from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
 from imgvec.files.images import DEFAULT_MAX_PIXELS, find_images, is_image_name
@@ -291,8 +292,7 @@ def models(sort: str | None = None) -> ModelTable:
     (numbers largest first, names A to Z; backbones without a value for it last)."""
     backbones = list(BACKBONES.values())
     if sort:
-        if sort not in MODEL_COLUMNS:
-            raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
+        check_choice(param("sort"), sort, MODEL_COLUMNS)
         numeric = sort not in ("name", "preprocessing")
         filled = [b for b in backbones if getattr(b, sort) is not None]
         backbones = (sorted(filled, key=lambda b: getattr(b, sort), reverse=numeric)

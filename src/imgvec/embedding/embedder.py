@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from imgvec.backbones.registry import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
-from imgvec.checks import check_choice, check_image_size
+from imgvec.checks import check_at_least, check_choice, check_image_size
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import DEVICES, PRECISIONS
 from imgvec.errors import BadInputError, ImageSkipped, MismatchError, param
@@ -66,13 +66,14 @@ class EmbeddedBatch:
     skipped: list[ImageSkipped] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """How images become rows and how the model runs: one value, made once (by the CLI or a notebook)
     and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
 
     ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
     a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    Fields are given by name only; a variant is ``dataclasses.replace(config, ...)``.
     """
 
     model: str | None = None
@@ -126,9 +127,7 @@ class Embedder:
         self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
         self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
                                            self.backbone)
-        if batch_size < 1:
-            raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_at_least("batch_size", int(batch_size))
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.engine_: Engine | None = None  # set by load()
@@ -158,14 +157,17 @@ class Embedder:
     @classmethod
     def from_config(cls, config: EmbedConfig) -> "Embedder":
         """The embedder ``config`` asks for (defaults for what it leaves open)."""
-        return cls(config.model or DEFAULT_BACKBONE, "imagenet" if config.weights is None else config.weights,
-                   config.image_size, seed=config.seed, **config.running())
+        return cls(model=config.model or DEFAULT_BACKBONE,
+                   weights="imagenet" if config.weights is None else config.weights,
+                   image_size=config.image_size, seed=config.seed, **config.running())
 
     @property
     def config(self) -> EmbedConfig:
         """This embedder as an :class:`EmbedConfig` (weights resolved): what a Ray worker rebuilds it from."""
-        return EmbedConfig(self.backbone.name, self.weights, self.image_size, DEFAULT_SEED if self.weights.seed is None else self.weights.seed,
-                           self.batch_size, self.workers, self.max_pixels, self.device, self.precision, self.runtime)
+        seed = DEFAULT_SEED if self.weights.seed is None else self.weights.seed
+        return EmbedConfig(model=self.backbone.name, weights=self.weights, image_size=self.image_size, seed=seed,
+                           batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels,
+                           device=self.device, precision=self.precision, runtime=self.runtime)
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, **kwargs: Any) -> "Embedder":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable, Sequence
 
 import numpy as np
 
-from imgvec.errors import BadInputError, ImageSkipped
+from imgvec.errors import BadInputError, ImageSkipped, first_line
 from imgvec.fileio import NotRegularFile, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,10 +192,6 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as error:
         if error.filename is not None:  # opening failed (a link loop, a name too long, ...)
             raise ImageSkipped(path, f"cannot read: {error.strerror or error}") from None
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None
     except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None

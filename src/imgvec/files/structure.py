@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, first_line
 
 REBUILD = {
     "store": "embed the images again into a new store (imgvec embed)",
@@ -47,8 +47,7 @@ def reading(path: Any, kind: str | None) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise damaged(path, kind, f"HDF5 cannot read it: {capped(reason)}") from None
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(first_line(error))}") from None
 
 
 def check_attributes(attrs: Any, path: Any, kind: str | None) -> None:
