@@ -57,14 +57,15 @@ class ImgvecError(Exception):
                           super().__str__())
 
 
-class BadInputError(ImgvecError):
-    """A path, option or file the user gave cannot be used as given."""
+class BadInputError(ImgvecError, ValueError):
+    """A path, option or file the user gave cannot be used as given (a ``ValueError``, as scikit-learn and
+    numpy callers expect)."""
 
     exit_code = 2
 
 
-class MismatchError(ImgvecError):
-    """Files made in different ways (backbone, weights, store rows) were used together."""
+class MismatchError(ImgvecError, ValueError):
+    """Files made in different ways (backbone, weights, store rows) were used together (a ``ValueError`` too)."""
 
     exit_code = 3
 

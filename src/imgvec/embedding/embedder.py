@@ -17,7 +17,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 
@@ -212,12 +212,16 @@ class Embedder:
     @property
     def model_batch(self) -> int:
         """Images per model call: what the engine prefers, at most the batch."""
-        return min(self.batch_size, self.load().engine_.model_batch)  # type: ignore[union-attr]
+        return min(self.batch_size, self.engine.model_batch)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine (loaded on first use)."""
+        return cast(Engine, self.load().engine_)
 
     def provenance(self) -> Provenance:
         """How this embedder's rows are made; versions of what actually ran (no import just to ask)."""
-        engine = self.load().engine_
-        assert engine is not None
+        engine = self.engine
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,

@@ -62,8 +62,8 @@ def is_image_name(name: str) -> bool:
 def unsupported(path: str) -> str | None:
     """Why an image file will not be decoded because of its format ("unsupported format ..."), or None."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in _pil_formats():
-        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in _pil_formats())
+    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in pil_formats():
+        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in pil_formats())
         return f"unsupported format ({suffix}): imgvec reads {', '.join(readable)}"
     return None
 
@@ -141,7 +141,7 @@ def _to_rgb(im: "Image.Image") -> "Image.Image":
 
 
 @functools.lru_cache(maxsize=1)
-def _pil_formats() -> tuple[str, ...]:
+def pil_formats() -> tuple[str, ...]:
     """PIL_FORMATS this Pillow has decoders for (MPO is its own plugin only in some versions)."""
     from PIL import Image
 
@@ -163,7 +163,7 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageSkipped(path, reason)
     try:
         with (open_regular(path) if data is None else contextlib.nullcontext(data)) as fh, \
-                Image.open(fh, formats=_pil_formats()) as im:
+                Image.open(fh, formats=pil_formats()) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageSkipped(

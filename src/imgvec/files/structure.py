@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from imgvec.errors import BadInputError, first_line
+from imgvec.errors import BadInputError, ImgvecError, first_line
 
 REBUILD = {
     "store": "embed the images again into a new store (imgvec embed)",
@@ -46,6 +46,8 @@ def reading(path: Any, kind: str | None) -> Iterator[None]:
     """Whatever HDF5 says while reading a file that passed the checks above is still one damaged-file line."""
     try:
         yield
+    except ImgvecError:  # a check inside the block said what is wrong (BadInputError is a ValueError too)
+        raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError) as error:
         raise damaged(path, kind, f"HDF5 cannot read it: {capped(first_line(error))}") from None
 
