@@ -127,7 +127,7 @@ def test_models_sort_by_any_column_and_cite_the_benchmark():
     for m in measured["models"]:  # the registry quotes the committed benchmark, rounded
         assert speeds[m["model"]] == round(m["images_per_s"]["imgvec_openvino"], 1)
     r = run("models", "--sort", "speed", code=2)
-    assert r.stderr.startswith("imgvec: error: --sort 'speed' is not one of name, input_size")
+    assert r.stderr.startswith("imgvec: error: --sort 'speed': expected one of name, input_size")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -34,6 +34,25 @@ def test_a_stale_section_is_caught(monkeypatch):
     assert "docs/backbones.md: backbones" in docs.stale()
 
 
+def test_the_design_doc_is_the_import_contracts(monkeypatch):
+    """docs/design.md's layers are pyproject.toml's contracts: every module of a layered package is in its row,
+    in the contract's order, and a contract that changes makes the section stale."""
+    import re
+
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| \d+ \| `([a-z_]+)/` \|.*\| (.*) \|$", docs.layers(),
+                                                          re.M)}
+    for package in ("files", "vectors", "runtime", "backbones", "embedding", "cli"):
+        modules = {p.stem for p in (ROOT / "src/imgvec" / package).glob("*.py")} - {"__init__"}
+        assert set(re.findall(r"`([a-z_0-9]+)`", rows[package])) == modules, package
+    assert rows["files"].index("`artifact`") < rows["files"].index("`header`") < rows["files"].index("`structure`")
+    text = (ROOT / "pyproject.toml").read_text().replace('"artifact", "header | strings"', '"header | strings", "artifact"')
+    monkeypatch.setattr(docs, "REPO", ROOT)
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text if self.name == "pyproject.toml"
+                        else real(self, *a, **k))
+    assert "docs/design.md: layers" in docs.stale()
+
+
 def test_every_table_of_figures_is_generated():
     """A table row with a decimal figure outside a generated section is a hand-copied number."""
     for path in docs.doc_files():

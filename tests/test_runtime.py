@@ -383,7 +383,7 @@ def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fak
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     (temp,) = [e for e in imgvec.cache().entries]
-    assert temp.state == f"no: being converted by process {proc.pid}" and temp.path.name.startswith(".tmp-")
+    assert temp.state == f"no: being converted by process {proc.pid}" and ".tmp-" in temp.path.name
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (temp,) = imgvec.cache().entries
@@ -396,6 +396,30 @@ def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fak
     temp.path.mkdir()  # and so does `imgvec cache --clear`
     cleared = CliRunner().invoke(app, ["cache", "--clear"])
     assert cleared.exit_code == 0 and not any((fake_cache / "openvino").iterdir())
+
+
+
+def test_the_cache_names_its_temporary_folders_like_every_writer_and_leaves_another_machines(fake_cache: Path):
+    """One temp/leftover scheme (fileio's): a conversion's folder carries host and pid, so on a cache shared by
+    several machines a dead writer's folder from this one is removed and a live one's elsewhere is not."""
+    import os
+
+    from imgvec.fileio import temp_name, temp_path
+
+    root = fake_cache / "openvino"
+    entry = entry_path(get_backbone("mobilenetv3small"), parse_weights("none"), 32)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    mine = temp_path(entry)
+    mine = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{dead}-"))
+    elsewhere = root / f".{entry.name}.tmp-00000000-{dead}-feed"
+    for folder in (mine, elsewhere):
+        folder.mkdir(parents=True)
+    assert temp_name(mine.name).stale and not temp_name(elsewhere.name).stale
+    states = {e.path.name: e.state for e in imgvec.cache().entries}
+    assert states[elsewhere.name] == f"no: being converted by process {dead} on another machine"
+    assert states[mine.name].startswith("no: left by an interrupted conversion")
+    assert model_cache.remove_leftovers(root) == 1 and sorted(p.name for p in root.iterdir()) == [elsewhere.name]
 
 
 FULL_DISK = """

@@ -18,6 +18,7 @@ from imgvec.files.artifact import check_partner, peek
 from imgvec.backbones.registry import BACKBONES
 from imgvec.analyses.comparison import compare
 from imgvec.embedding.embedder import EmbedConfig, Embedder
+from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
 from imgvec.files.images import DEFAULT_MAX_PIXELS, find_images, is_image_name
@@ -296,8 +297,7 @@ def models(sort: str | None = None) -> ModelTable:
     backbones = list(BACKBONES.values())
     table = ModelTable(backbones, {b.name: w for b in backbones if (w := offline_weights(b))})
     if sort:
-        if sort not in MODEL_COLUMNS:
-            raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
+        check_choice(param("sort"), sort, MODEL_COLUMNS)
         numeric = sort not in ("name", "preprocessing", "weights_offline")
         filled = [b for b in backbones if table.value(b, sort) is not None]
         table.backbones = (sorted(filled, key=lambda b: table.value(b, sort), reverse=numeric)

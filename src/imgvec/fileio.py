@@ -17,10 +17,11 @@ import secrets
 import shutil
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, first_line
 
 PathLike = str | os.PathLike[str]
 
@@ -87,8 +88,7 @@ def write_error(path: PathLike, error: BaseException) -> BadInputError:
     code = _errno_of(error)
     why = _WRITE_ERRORS.get(code) if code is not None else None
     if why is None:
-        why = (error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-               if str(error) else type(error).__name__)
+        why = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
     return BadInputError(f"cannot write {path}: {why}")
 
 
@@ -221,19 +221,43 @@ def fsync_path(path: PathLike) -> None:
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# .NAME.tmp-HOST-PID-RANDOM (and NAME.tmp-PID, the name of earlier versions): who wrote it, never guessable.
-_TEMP = re.compile(r"\.tmp-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+# .NAME.tmp-HOST-PID-RANDOM (and .NAME.tmp-PID, the name of earlier versions): who wrote it, never guessable;
+# .NAME.trash-HOST-PID-RANDOM: something being deleted (moved aside first, so it is gone from NAME at once).
+_TEMP = re.compile(r"\.(?P<target>.+?)\.(?P<what>tmp|trash)-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)(?:-[0-9a-f]+)?")
 
 
-def temp_path(path: PathLike) -> Path:
-    """A fresh temporary name a file is written under before it is renamed to ``path``.
+def temp_path(path: PathLike, what: str = "tmp") -> Path:
+    """A fresh temporary name a file (or folder) is written under before it is renamed to ``path``
+    (``what`` "trash": the name something is moved to before it is deleted).
 
     The name carries this host and process (so :func:`remove_stale_temps` can tell a dead
-    writer's leftovers from a live one's) and a random part (no one can put a folder or a
-    link where it goes beforehand).
+    writer's leftovers from a live one's, and one machine never removes another's on a shared
+    folder) and a random part (no one can put a folder or a link where it goes beforehand).
     """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}.{what}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@dataclass(frozen=True)
+class TempName:
+    """What a :func:`temp_path` name says: the name it becomes, and the process (on which host) writing it."""
+
+    target: str
+    pid: int
+    here: bool  # written on this host (names of earlier versions carry no host: this one's)
+
+    @property
+    def stale(self) -> bool:
+        """Its writer was on this host and is gone (killed): a leftover anyone may remove."""
+        return self.here and not _alive(self.pid)
+
+
+def temp_name(name: str) -> TempName | None:
+    """What the temporary ``name`` (a :func:`temp_path` name) says; None for any other name."""
+    match = _TEMP.fullmatch(name)
+    if not match:
+        return None
+    return TempName(match["target"], int(match["pid"]), match["host"] in (None, _HOST))
 
 
 def _alive(pid: int) -> bool:
@@ -261,8 +285,8 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     except OSError:
         return removed
     for name in names:
-        match = _TEMP.fullmatch(name[len(path.name) + 1:])
-        if not match or match["host"] not in (None, _HOST) or _alive(int(match["pid"])):
+        temp = temp_name(name)
+        if temp is None or temp.target != path.name or not temp.stale:
             continue
         stale = parent / name
         with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.checks import check_image_size
 from imgvec.backbones.device import import_keras
-from imgvec.errors import BadInputError, MismatchError, MissingWeightsError, param
+from imgvec.errors import BadInputError, MismatchError, MissingWeightsError, first_line, param
 from imgvec.fileio import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -211,8 +211,8 @@ def _python_random(seed: int) -> Iterator[None]:
 
 
 def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInputError:
-    reason = str(error).splitlines()[0] if str(error) else "refused by Keras"
-    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
+    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: "
+                         f"{first_line(error, 'refused by Keras')}")
 
 
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
@@ -252,7 +252,7 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
             except Exception as error:
                 raise MissingWeightsError(
                     f"{param('weights')} {weights.path}: cannot load into {backbone.name} at "
-                    f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                    f"{image_size}px ({type(error).__name__}: {first_line(error, '', 200)})"
                 ) from error
     return model
 

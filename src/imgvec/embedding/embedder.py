@@ -17,14 +17,14 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 
 from imgvec.backbones.modelfile import ModelFileMismatch, ModelFileSpec, is_model_path, model_file_spec
 from imgvec.backbones.registry import DEFAULT_BACKBONE, DEFAULT_SEED, Backbone, Weights, get_backbone, parse_weights
 from imgvec.backbones.builder import resolve_weights
-from imgvec.checks import check_choice, check_image_size
+from imgvec.checks import check_at_least, check_choice, check_image_size
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import DEVICES, PRECISIONS
 from imgvec.errors import BadInputError, ImageSkipped, MismatchError, param
@@ -69,7 +69,7 @@ class EmbeddedBatch:
     skipped: list[ImageSkipped] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """How images become rows and how the model runs: one value, made once (by the CLI or a notebook)
     and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
@@ -79,6 +79,7 @@ class EmbedConfig:
     ``model`` is a registry backbone's name or a model file's path (``.keras``, ``.onnx``, ``.xml``); for a
     model file, ``preprocess`` (or ``mean``/``std``) says how its pixels are scaled and ``layer`` which
     output is the embedding (:mod:`imgvec.backbones.modelfile`).
+    Fields are given by name only; a variant is ``dataclasses.replace(config, ...)``.
     """
 
     model: str | ModelFileSpec | None = None
@@ -174,9 +175,7 @@ class Embedder:
                                            else parse_weights(weights, seed))
             self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
                                                self.backbone)
-        if batch_size < 1:
-            raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_at_least("batch_size", int(batch_size))
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.engine_: Engine | None = None  # set by load()
@@ -208,19 +207,22 @@ class Embedder:
         """The embedder ``config`` asks for (defaults for what it leaves open)."""
         model = config.model or DEFAULT_BACKBONE
         file = isinstance(model, ModelFileSpec) or is_model_path(model)
-        return cls(model, config.weights if file or config.weights is not None else "imagenet",
-                   config.image_size, seed=config.seed, **config.running(), **config.model_file_options)
+        return cls(model=model, weights=config.weights if file or config.weights is not None else "imagenet",
+                   image_size=config.image_size, seed=config.seed, **config.running(), **config.model_file_options)
 
     @property
     def config(self) -> EmbedConfig:
         """This embedder as an :class:`EmbedConfig` (weights resolved; a model file pinned to the bytes read):
         what a Ray worker rebuilds it from."""
+        running = dict(batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels,
+                       device=self.device, precision=self.precision, runtime=self.runtime)
         if self.model_file is not None:
             spec = replace(self.model_file.spec, sha256=self.model_file.sha256)
-            return EmbedConfig(spec, self.weights, self.image_size, DEFAULT_SEED, self.batch_size, self.workers,
-                               self.max_pixels, self.device, self.precision, self.runtime)
-        return EmbedConfig(self.backbone.name, self.weights, self.image_size, DEFAULT_SEED if self.weights.seed is None else self.weights.seed,
-                           self.batch_size, self.workers, self.max_pixels, self.device, self.precision, self.runtime)
+            return EmbedConfig(model=spec, weights=self.weights, image_size=self.image_size, seed=DEFAULT_SEED,
+                               **running)
+        seed = DEFAULT_SEED if self.weights.seed is None else self.weights.seed
+        return EmbedConfig(model=self.backbone.name, weights=self.weights, image_size=self.image_size, seed=seed,
+                           **running)
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, model_path: str | None = None,
@@ -306,12 +308,16 @@ class Embedder:
     @property
     def model_batch(self) -> int:
         """Images per model call: what the engine prefers, at most the batch."""
-        return min(self.batch_size, self.load().engine_.model_batch)  # type: ignore[union-attr]
+        return min(self.batch_size, self.engine.model_batch)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine (loaded on first use)."""
+        return cast(Engine, self.load().engine_)
 
     def provenance(self) -> Provenance:
         """How this embedder's rows are made; versions of what actually ran (no import just to ask)."""
-        engine = self.load().engine_
-        assert engine is not None
+        engine = self.engine
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from imgvec.checks import check_choice
+from imgvec.checks import check_at_least, check_choice
 from imgvec.embedding.distributed import ENGINES, embed_files_on_ray
 from imgvec.embedding.embedder import EmbeddedBatch, EmbedConfig, Embedder
 from imgvec.backbones.modelfile import ModelFileSpec, is_model_path
-from imgvec.errors import BadInputError, MismatchError, param
+from imgvec.errors import MismatchError, param
 from imgvec.fileio import check_output
 from imgvec.files.images import ImageFile, find_images, is_image_name
 from imgvec.progress import Phase, Progress
@@ -108,8 +108,8 @@ def _close(writer: StoreWriter, created: bool) -> int:
 def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> None:
     check_choice(param("engine"), engine, ENGINES)
     for option, value in (("workers", config.workers), ("ray_workers", ray_workers), ("max_pixels", config.max_pixels)):
-        if value is not None and value < 1:
-            raise BadInputError(f"{param(option)} must be at least 1, not {value}")
+        if value is not None:
+            check_at_least(option, value)
 
 
 def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,

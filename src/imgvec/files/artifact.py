@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from imgvec.errors import BadInputError, MismatchError
+from imgvec.errors import BadInputError, MismatchError, first_line
 from imgvec.fileio import atomic_path, require_regular
 from imgvec.files.lease import Lease, covering, take as take_lease
 from imgvec.files.header import FORMATS, Header, check_attributes, other_attrs, read_header, text_attr, write_header
@@ -46,8 +46,7 @@ def open_file(path: str | os.PathLike[str], what: str, missing: str, mode: str =
     try:
         h5 = h5py.File(path, mode)
     except OSError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInputError(f"{path}: not an HDF5 file, so not {what} ({capped(reason)})") from None
+        raise BadInputError(f"{path}: not an HDF5 file, so not {what} ({capped(first_line(error))})") from None
     try:
         # h5.attrs and every name open the root group anew, outside any check: one whose object
         # header is damaged (no group message left) must fail here, inside the guard, not there.

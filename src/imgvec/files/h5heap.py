@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from imgvec.errors import BadInputError
+
 MIN_COLLECTION = 4096  # H5HG_MINSIZE: no collection is smaller
 MAX_OBJECTS = 65535  # H5HG_MAXIDX: object indexes are 16 bits
 BATCH_BYTES = 4 << 20  # collections walked together, at most about this many bytes of them
@@ -31,8 +33,9 @@ MAX_HEADER_BLOCK = 1 << 20  # imgvec's header blocks are a few KiB: none is read
 Read = Callable[[int, int], bytes]  # (offset, size) -> the file's bytes there (fewer at its end)
 
 
-class MalformedHeap(ValueError):
-    """A heap collection or object header that HDF5 could misread (its message says what)."""
+class MalformedHeap(BadInputError):
+    """A heap collection or object header that HDF5 could misread (its message says what); like
+    :class:`~imgvec.files.faissblob.MalformedBlob`, a :class:`~imgvec.errors.BadInputError`."""
 
 
 def reader(fd: int) -> Read:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, 
 
 import numpy as np
 
-from imgvec.errors import BadInputError, ImageSkipped, ImgvecError
+from imgvec.errors import BadInputError, ImageSkipped, ImgvecError, first_line
 from imgvec.fileio import NotRegularFile, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,8 +62,8 @@ def is_image_name(name: str) -> bool:
 def unsupported(path: str) -> str | None:
     """Why an image file will not be decoded because of its format ("unsupported format ..."), or None."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in _pil_formats():
-        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in _pil_formats())
+    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in pil_formats():
+        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in pil_formats())
         return f"unsupported format ({suffix}): imgvec reads {', '.join(readable)}"
     return None
 
@@ -141,7 +141,7 @@ def _to_rgb(im: "Image.Image") -> "Image.Image":
 
 
 @functools.lru_cache(maxsize=1)
-def _pil_formats() -> tuple[str, ...]:
+def pil_formats() -> tuple[str, ...]:
     """PIL_FORMATS this Pillow has decoders for (MPO is its own plugin only in some versions)."""
     from PIL import Image
 
@@ -211,7 +211,7 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageSkipped(path, reason)
     try:
         with (open_regular(path) if data is None else contextlib.nullcontext(data)) as fh, \
-                Image.open(fh, formats=_pil_formats()) as im:
+                Image.open(fh, formats=pil_formats()) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageSkipped(
@@ -244,9 +244,9 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as error:
         if error.filename is not None:  # opening failed (a link loop, a name too long, ...)
             raise ImageSkipped(path, f"cannot read: {error.strerror or error}") from None
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None
     except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None
 
 
 def _size_of(fh: BinaryIO) -> int:
@@ -256,7 +256,3 @@ def _size_of(fh: BinaryIO) -> int:
     except (AttributeError, OSError, ValueError):
         buffer = getattr(fh, "getbuffer", None)
         return buffer().nbytes if buffer else 0
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, ImgvecError, first_line
 from imgvec.files.values import describe_unusable, unusable_rows
 
 REBUILD = {
@@ -51,16 +51,14 @@ def reading(path: Any, kind: str | None) -> Iterator[None]:
     """
     try:
         yield
+    except ImgvecError:  # a check inside the block said what is wrong (BadInputError is a ValueError too)
+        raise
     except (KeyError, TypeError) as error:
         if not _raised_in_h5py(error):
             raise
-        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(first_line(error))}") from None
     except (OSError, RuntimeError, ValueError, MemoryError, OverflowError) as error:
-        raise damaged(path, kind, f"HDF5 cannot read it: {capped(_reason(error))}") from None
-
-
-def _reason(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise damaged(path, kind, f"HDF5 cannot read it: {capped(first_line(error))}") from None
 
 
 def _raised_in_h5py(error: BaseException) -> bool:

@@ -28,7 +28,6 @@ import secrets
 import shutil
 import stat
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,8 +42,9 @@ from imgvec.backbones.registry import Backbone, Weights
 from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
+from imgvec.errors import first_line
 from imgvec.runtime.engine import RuntimeNote
-from imgvec.fileio import fsync_path, open_regular
+from imgvec.fileio import TempName, fsync_path, open_regular, temp_name, temp_path
 from imgvec.errors import BadInputError, param
 from imgvec.versions import dist_version
 
@@ -56,8 +56,9 @@ FILES = ("model.xml", "model.bin")
 MANIFEST_MAX_BYTES = 1 << 20  # imgvec writes about 1 KB; anything larger is not its manifest
 MODEL_MAX_BYTES = 4 << 30  # the largest registry backbone (VGG19, float32) is 0.6 GB
 KEY_BYTES = 32
-# A conversion in progress writes into ".tmp-<entry>-<pid>-<thread>"; a damaged entry is moved to ".trash-...".
-_TEMP = re.compile(r"^\.(tmp|trash)-(?P<entry>(?P<backbone>[a-z0-9]+)-(?P<size>\d+)px-[0-9a-f]+)-(?P<pid>\d+)-\d+$")
+# An entry's name; a conversion in progress writes into fileio.temp_path(entry) (".<entry>.tmp-HOST-PID-RANDOM"),
+# and a damaged entry is moved to fileio.temp_path(entry, "trash") before it is removed.
+_ENTRY = re.compile(r"(?P<backbone>[a-z0-9]+)-(?P<size>\d+)px-[0-9a-f]+")
 
 
 class ConversionFailed(Exception):
@@ -244,7 +245,7 @@ def _convert(backbone: Backbone, weights: Weights, image_size: int) -> tuple[Any
                 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
                 converted = ov.convert_model(uint8_model(model, backbone, image_size))
     except Exception as error:  # OpenVINO's frontends raise many kinds; all mean "cannot convert"
-        raise ConversionFailed(f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}") from error
+        raise ConversionFailed(f"{type(error).__name__}: {first_line(error, '', 200)}") from error
     return converted, {"source_weights": source, "tensorflow": tf.__version__, "convert_s": time.perf_counter() - start}
 
 
@@ -268,7 +269,7 @@ def _publish(tmp: Path, entry: Path, key: dict[str, Any]) -> None:
                 raise
         if _entry_ok(entry, key):
             return
-        trash = entry.with_name(f".trash-{entry.name}-{os.getpid()}-{time.monotonic_ns()}")
+        trash = temp_path(entry, "trash")
         with contextlib.suppress(FileNotFoundError):
             os.rename(entry, trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -278,8 +279,7 @@ def _write_entry(converted: Any, info: dict[str, Any], entry: Path, key: dict[st
                  manifest: dict[str, Any]) -> None:
     """Save ``converted`` and its manifest under a temporary name, flush, and publish it as ``entry``."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(entry)
     tmp.mkdir()
     try:
         _save(converted, tmp)
@@ -297,7 +297,7 @@ def _write_entry(converted: Any, info: dict[str, Any], entry: Path, key: dict[st
 
 def _remember_failure(entry: Path, key: dict[str, Any], error: ConversionFailed) -> None:
     """Keep ``failed.json`` as the entry, so the next run falls back at once (if the cache can be written)."""
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp = temp_path(entry)
     with contextlib.suppress(OSError):
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -462,29 +462,14 @@ def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
 
 
 # -- listing and clearing ----------------------------------------------------------------------------
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process
-        return True
-    return True
-
-
-def _leftover_pid(folder: Path) -> int | None:
-    """The process that wrote temporary ``folder`` (``.tmp-``/``.trash-``), or None for anything else."""
-    match = _TEMP.match(folder.name)
-    return int(match["pid"]) if match else None
-
-
 def remove_leftovers(root: Path) -> int:
-    """Remove the temporary folders of conversions whose process is gone (killed); how many."""
+    """Remove the temporary folders of conversions whose process on this machine is gone (killed); how many.
+    Another machine's (a cache shared over the network) are left alone: only it knows whether they are live."""
     removed = 0
     with contextlib.suppress(OSError):
         for folder in root.iterdir():
-            pid = _leftover_pid(folder)
-            if pid is not None and not _process_alive(pid) and folder.is_dir() and not folder.is_symlink():
+            temp = temp_name(folder.name)
+            if temp is not None and temp.stale and folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
     return removed
@@ -501,22 +486,27 @@ class CacheEntry:
     age_s: float
     ok: bool  # complete and undamaged, for this OpenVINO and Keras
     error: str = ""  # why OpenVINO could not convert it (TensorFlow runs this model instead)
-    writer_pid: int | None = None  # a temporary folder: the process converting into it
+    writer: TempName | None = None  # a temporary folder: the process converting into it
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self.writer.pid if self.writer else None
 
     @property
     def leftover(self) -> bool:
         """A temporary folder whose conversion was killed: removed by the next conversion or ``clear_cache``."""
-        return self.writer_pid is not None and not _process_alive(self.writer_pid)
+        return self.writer is not None and self.writer.stale
 
     @property
     def state(self) -> str:
         """One line for ``imgvec cache``'s ok column."""
         if self.ok:
             return "yes"
-        if self.writer_pid is not None:
+        if self.writer is not None:
             if self.leftover:
                 return "no: left by an interrupted conversion (removed by the next conversion or imgvec cache --clear)"
-            return f"no: being converted by process {self.writer_pid}"
+            elsewhere = "" if self.writer.here else " on another machine"
+            return f"no: being converted by process {self.writer.pid}{elsewhere}"
         return f"no: does not convert ({self.error})" if self.error else "no (rebuilt on next use)"
 
 
@@ -547,10 +537,11 @@ def cache_entries() -> list[CacheEntry]:
         except OSError:  # removed meanwhile (a conversion finished)
             continue
         if entry.name.startswith("."):
-            match = _TEMP.match(entry.name)
+            temp = temp_name(entry.name)
+            match = _ENTRY.fullmatch(temp.target) if temp else None
             if match:
                 entries.append(CacheEntry(entry, match["backbone"], int(match["size"]), "?", size, "", age, False,
-                                          writer_pid=int(match["pid"])))
+                                          writer=temp))
             continue
         failed = _read_manifest(entry, FAILED) or {}
         manifest = _read_manifest(entry) or failed

@@ -430,7 +430,7 @@ class Service:
         if not data:
             raise BadInputError("the request has no image: send the image file as the body, or as the one "
                                 "file of a multipart/form-data form")
-        snap = self.current()
+        self.current()  # a changed store is reloaded first, its model with it
         embedder, model = self.embedder, self.model
         if embedder is None or model is None:  # pragma: no cover - _load always loads one
             raise ImgvecError("the service has no model loaded")

@@ -25,8 +25,8 @@ from imgvec.files import faissblob
 from imgvec.files.artifact import check_partner, create, open_checked
 from imgvec.files.header import Header, text_attr
 from imgvec.files.structure import REBUILD, Expect, damaged
-from imgvec.checks import check_choice
-from imgvec.errors import BadInputError, MismatchError, param
+from imgvec.checks import check_at_least, check_choice
+from imgvec.errors import BadInputError, MismatchError, first_line, param
 from imgvec.progress import Phase, Progress
 from imgvec.files.h5format import PINNED
 from imgvec.files.values import describe_unusable, unusable_rows
@@ -161,9 +161,7 @@ class VectorIndex:
         Ids are rows in ``[0, rows)``, or -1 where an approximate index found fewer than ``k``;
         :func:`load_index` checked every id the index stores, so no other value can come back.
         """
-        if k < 1:
-            raise BadInputError(f"{param('k')} must be at least 1, not {k}")
-        k = min(k, self.rows)
+        k = min(check_at_least("k", k), self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
         if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
             bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
@@ -407,8 +405,7 @@ def search_store(store: Store, queries: np.ndarray, k: int, index: VectorIndex |
     """
     import faiss
 
-    if k < 1:
-        raise BadInputError(f"{param('k')} must be at least 1, not {k}")
+    check_at_least("k", k)
     if store.rows == 0:
         raise BadInputError(f"{store.path} holds no embeddings yet")
     q = normalized(queries)
@@ -499,7 +496,7 @@ def _read_blob(blob: np.ndarray, kind: str, header: Header, path: str | os.PathL
     try:
         index = faiss.read_index(reader)
     except (RuntimeError, MemoryError, ValueError) as error:
-        raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+        raise damaged(path, "index", f"FAISS cannot read it: {first_line(error, limit=120)}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
     found = type(faiss.downcast_index(index)).__name__
     for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
