@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import os
 import random
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.checks import check_image_size
 from imgvec.backbones.device import import_keras
+from imgvec.backbones.weights import check_weights_at_hand, keras_cache_dir, missing_weights  # noqa: F401 (keras_cache_dir: re-exported)
 from imgvec.errors import BadInputError, MissingWeightsError, param
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,24 +33,9 @@ def preprocess_input(backbone: Backbone) -> Callable[[Any], Any]:
     return getattr(import_keras().applications, backbone.module).preprocess_input
 
 
-def keras_cache_dir() -> Path:
-    """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
-
-
-_URL = re.compile(r"(https?://\S+?\.h5)\b")
-
-
-def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsError:
-    match = _URL.search(str(error))
-    fname = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone.constructor} no-top file"
-    origin = f" (from {match.group(1)})" if match else ""
-    return MissingWeightsError(
-        f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
-        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass {param('weights')} PATH to a local "
-        f"weights file, or {param('weights')} none for random (not pretrained) weights"
-    )
+def _missing_weights(backbone: Backbone, image_size: int, error: Exception) -> MissingWeightsError:
+    """A download or cache file that failed inside Keras (a hash mismatch, a refused connection, a truncated file)."""
+    return missing_weights(backbone, image_size, "could not be fetched")
 
 
 # -- which weights file a build used --------------------------------------------------------
@@ -131,6 +116,7 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     generator as it was.
     """
     check_image_size(image_size, backbone)
+    check_weights_at_hand(backbone, weights, image_size)  # no network: one line now, not Keras' download attempt
     keras = import_keras()
     constructor = getattr(keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
@@ -141,10 +127,10 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                 return constructor(weights="imagenet", **kwargs)
             except ValueError as error:
                 if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
-                    raise _missing_weights(backbone, error) from error
+                    raise _missing_weights(backbone, image_size, error) from error
                 raise _refused(backbone, image_size, error) from None
             except Exception as error:  # urllib, truncated cache file ...
-                raise _missing_weights(backbone, error) from error
+                raise _missing_weights(backbone, image_size, error) from error
         try:
             model = constructor(weights=None, **kwargs)
         except ValueError as error:

@@ -477,7 +477,8 @@ def compare(
                                         "accuracy-vs-speed plot) here"),
     stores: Path = typer.Option(Path("imgvec-compare"), "--stores", help="folder for the per-backbone stores "
                                 "(<backbone>.h5), reused on the next run"),
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet or none (random, seed --seed)"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet, none (random, seed --seed), or a weights "
+                                "file when --models names one backbone"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size for every backbone "
                                              "(default: each backbone's own)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per batch"),
