@@ -120,6 +120,40 @@ def test_second_writer_is_refused(tmp_path: Path):
         assert "another imgvec process is writing this store" in out
 
 
+def test_no_lock_file_is_left_once_the_writer_is_done(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.append(_rows(0, 1), ["a"], [""])
+        assert (tmp_path / ".s.h5.lock").exists()  # there while the writer runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+    with pytest.raises(ValueError):
+        with StoreWriter(path) as w:
+            w.append(_rows(0, 1), ["a", "b"], [""])  # a failing writer removes it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+def test_a_lock_file_removed_while_a_writer_waited_to_lock_it_is_not_a_lock(tmp_path: Path, monkeypatch):
+    """Writer B opens the lock file; writer A, done, removes it and releases it; B's flock then succeeds
+    on a file no longer there. B must see that and lock the file the name now leads to, or a third
+    writer C would make a new file and hold a lock of its own beside B."""
+    from imgvec.vectors import store as store_module
+
+    path = tmp_path / "s.h5"
+    a = store_module._Lock(path)
+    opened_before_removal = open(a.path, "ab")
+    a.close()
+    assert not a.path.exists()
+    real_open = store_module._Lock._open
+    handles = iter([opened_before_removal])
+    monkeypatch.setattr(store_module._Lock, "_open", lambda self: next(handles, None) or real_open(self))
+    b = store_module._Lock(path)
+    assert b._names(b._fh) and opened_before_removal.closed  # B holds the file the name leads to
+    with pytest.raises(BadInputError, match="another imgvec process is writing this store"):
+        store_module._Lock(path)  # C is refused
+    b.close()
+    assert not b.path.exists()
+
+
 def test_stale_temp_files_are_cleared(tmp_path: Path):
     path = tmp_path / "s.h5"
     create_store(path, _prov(), str(tmp_path)).close()

@@ -388,18 +388,60 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
     return StoreWriter(path, provenance, root)
 
 
-def _lock(path: Path) -> Any:
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        fh = open_regular_append(lock)  # a FIFO there must not hang the writer
-    except NotRegularFile as error:
-        raise BadInputError(f"{lock}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise BadInputError(f"{path}: another imgvec process is writing this store; wait for it to finish") from None
-    return fh
+class _Lock:
+    """The exclusive lock of one store's writer: ``.NAME.lock`` beside the store, there only while a writer runs.
+
+    Closing removes the file while still holding the lock. A writer that opened the file just before
+    it was removed would then lock a file no longer there, so after locking, a writer checks that the
+    name still leads to the file it holds (fstat against stat) and starts again if not; two writers
+    therefore never both hold the lock. A killed writer leaves the file; the next writer takes it over
+    and removes it when done.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store.with_name(f".{store.name}.lock")
+        while True:
+            fh = self._open()
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                raise BadInputError(f"{store}: another imgvec process is writing this store; wait for it to "
+                                    "finish") from None
+            if self._names(fh):
+                self._fh = fh
+                return
+            fh.close()  # removed (and perhaps made anew) by the writer that just finished: take the new one
+
+    def _open(self) -> Any:
+        try:
+            return open_regular_append(self.path)  # a FIFO there must not hang the writer
+        except NotRegularFile as error:
+            raise BadInputError(f"{self.path}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
+
+    def _names(self, fh: Any) -> bool:
+        """Whether :attr:`path` still names the file ``fh`` holds."""
+        try:
+            named, held = os.stat(self.path), os.fstat(fh.fileno())
+        except FileNotFoundError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def close(self) -> None:
+        """Remove the lock file (still holding the lock, so no other writer holds it meanwhile), then release it."""
+        if self._fh.closed:
+            return
+        try:
+            if self._names(self._fh):
+                self.path.unlink()
+        except OSError:  # a read-only folder since: the file stays, and the next writer takes it over
+            pass
+        finally:
+            self._fh.close()
+
+
+def _lock(path: Path) -> _Lock:
+    return _Lock(path)
 
 
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
