@@ -53,6 +53,24 @@ def test_models_and_the_docs_quote_the_same_speed():
             assert re.search(rf"^\| {m['name']} \|.*\| {m['images_per_second']} \|$", table, re.M), m["name"]
 
 
+def test_models_prints_its_figures_as_the_docs_print_them():
+    """One format for both: `imgvec models`' table cells are docs/backbones.md's (29.2 images/s, not 29.2000)."""
+    from typer.testing import CliRunner
+
+    table = CliRunner().invoke(app, ["models"]).stdout
+    printed = {cells[0]: cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines()
+                                             if line.startswith("│"))}
+    documented = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in
+                                                (ROOT / "docs/backbones.md").read_text().splitlines())
+                  if cells and cells[0] in printed}
+    assert len(documented) == len(printed) == 40
+    for name, cells in printed.items():
+        # models: name input dim params top1 top5 size_mb depth images/s; docs: name class input dim params pre ...
+        docs_cells = documented[name]
+        assert cells[1:4] == docs_cells[2:5] and cells[4:9] == docs_cells[6:11], name
+    assert "29.2" in printed["resnet50"] and not any(re.search(r"\.\d{4}$", c) for r in printed.values() for c in r)
+
+
 def test_the_readme_is_a_front_page():
     assert len(README.splitlines()) <= 250
     for heading in ("## Set up", "## Quick start", "## Python API", "## Galleries", "## Documentation"):

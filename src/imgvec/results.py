@@ -515,6 +515,20 @@ MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb
                  "preprocessing"]
 
 
+def model_cell(column: str, value: Any) -> str:
+    """A value of :data:`MODEL_COLUMNS` as people read it: the one format of `imgvec models`' table and
+    docs/backbones.md (``29.2`` images/s, ``0.771`` top-1, ``4.0M`` parameters; blank when unknown)."""
+    if value is None:
+        return ""
+    if column == "params":
+        return f"{value / 1e6:.1f}M"
+    if column in ("top1", "top5"):
+        return f"{value:.3f}"
+    if column == "images_per_second":
+        return f"{value:.1f}"
+    return str(value)
+
+
 @dataclass
 class ModelTable(Records):
     """The backbones imgvec knows, in the order asked for."""

@@ -26,8 +26,11 @@ from imgvec.fileio import check_output
 from imgvec.files.images import DEFAULT_MAX_PIXELS, is_image_name
 from imgvec.files.provenance import Provenance
 from imgvec.cli.reporter import Reporter
-from imgvec.results import MODEL_COLUMNS, Chance, Records, chance_sentence
+from imgvec.results import MODEL_COLUMNS, Chance, Records, chance_sentence, model_cell
+from imgvec.backbones.device import DEVICES, PRECISIONS
+from imgvec.embedding.distributed import ENGINES
 from imgvec.runtime.loader import RUNTIMES, RuntimeNote
+from imgvec.vectors.index import FAISS_GPU_MODES, KINDS
 from imgvec.pages.report import plural
 
 
@@ -85,15 +88,32 @@ def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_ver
     and classify them with a logistic-regression head."""
 
 
-def _complete_models(incomplete: str) -> list[str]:
-    return [name for name in BACKBONES if name.startswith(incomplete.lower())]
+def _choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """Shell completion of an option's values: the very choices its check accepts."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete.lower())]
+
+    return complete
 
 
-def _complete_runtimes(incomplete: str) -> list[str]:
-    return [name for name in RUNTIMES if name.startswith(incomplete)]
+_complete_models = _choices(list(BACKBONES))
+_complete_runtimes = _choices(RUNTIMES)
 
-FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
-FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
+
+def _complete_model_list(incomplete: str) -> list[str]:
+    """``--models a,b,c``: the last name completed, the ones before kept."""
+    done, _, last = incomplete.rpartition(",")
+    return [f"{done}," * bool(done) + name for name in _complete_models(last)]
+
+
+# The --format values each command accepts (checked by _check_format, completed by the shell).
+TABLE_JSON = ("table", "json")
+DEDUP_FORMATS = (*report.FORMATS, "html")
+
+FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv", autocompletion=_choices(report.FORMATS))
+FaissGpuOpt = typer.Option("auto", "--faiss-gpu", autocompletion=_choices(FAISS_GPU_MODES),
+                           help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
 RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
@@ -244,11 +264,12 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
+    engine: str = typer.Option("local", "--engine", autocompletion=_choices(ENGINES), help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
-    device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    device: str = typer.Option("auto", "--device", autocompletion=_choices(DEVICES),
+                               help="auto (GPU when TensorFlow sees one), cpu or gpu"),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices(PRECISIONS), help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
     runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
@@ -268,7 +289,7 @@ def embed(
 @_command
 def index(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
-    kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
+    kind: str = typer.Option("auto", "--kind", autocompletion=_choices(KINDS), help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
     memory_budget: Optional[float] = typer.Option(
@@ -288,7 +309,7 @@ def index(
 def merge(
     stores: list[Path] = typer.Argument(..., help="stores made with the same backbone, weights and input size"),
     output: Path = typer.Option(..., "--output", "-o", help="new store to write"),
-    on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
+    on_duplicate: str = typer.Option("first", "--on-duplicate", autocompletion=_choices(("first", "error")), help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
     with Reporter() as progress:
@@ -385,23 +406,18 @@ def predict(
 @_command
 def models(
     fmt: str = FormatOpt,
-    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
+    sort: str = typer.Option("", "--sort", autocompletion=_choices(MODEL_COLUMNS), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
     """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
     _check_format(fmt)
     m = api.models(sort=sort or None)
 
-    def cell(column: str, value: Any) -> Any:
-        if value is None:
-            return ""
-        return f"{value:,}" if column == "params" else (f"{value:.3f}" if column in ("top1", "top5") else value)
-
     def table() -> str:
         return ("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
                 "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
                 "(benchmarks/results/embed.json); blank: not published or not measured\n"
-                + report.table(None, MODEL_COLUMNS, [[cell(c, r[c]) for c in MODEL_COLUMNS] for r in m.to_records()],
+                + report.table(None, MODEL_COLUMNS, [[model_cell(c, r[c]) for c in MODEL_COLUMNS] for r in m.to_records()],
                                justify=["left"] + ["right"] * 8 + ["left"]))
 
     _print(fmt, m, table)
@@ -410,7 +426,8 @@ def models(
 @_command
 def info(
     path: Path = typer.Argument(..., help="an imgvec file: store, index or head"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json (and csv with --skipped)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(report.FORMATS),
+                            help="table or json (and csv with --skipped)"),
     skipped: bool = typer.Option(False, "--skipped", help="list the files a store's embed runs skipped, with reasons"),
 ) -> None:
     """Show what an imgvec file (store, index or head) holds and how it was made."""
@@ -420,7 +437,7 @@ def info(
         _print(fmt, s, lambda: f"# {plural(len(s.skipped), 'file')} skipped; paths relative to {s.root}\n"
                + report.table(None, ["path", "reason"], s.skipped))
         return
-    _check_format(fmt, ("table", "json"))
+    _check_format(fmt, TABLE_JSON)
     data = api.info(path)
     if fmt == "json":
         typer.echo(report.to_json(data))
@@ -471,6 +488,7 @@ def cache(
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
     models: str = typer.Option("vgg16,inceptionv3,resnet50,efficientnetb0", "--models", "-m",
+                               autocompletion=_complete_model_list,
                                help="comma-separated backbones (see `imgvec models`)"),
     cv: int = typer.Option(5, "--cv", help="cross-validation folds (the same folds for every backbone)"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (confusion matrices, "
@@ -517,13 +535,14 @@ def compare(
 def dedup(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or html (to stdout)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(DEDUP_FORMATS),
+                            help="table, json, csv or html (to stdout)"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
     exact: bool = typer.Option(False, "--exact", help="exhaustive pair search even above 20,000 images (slower)"),
     html: Optional[Path] = HtmlOpt,
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
-    _check_format(fmt, (*report.FORMATS, "html"))
+    _check_format(fmt, DEDUP_FORMATS)
     _check_html(html, [store])
     with Reporter() as progress:
         d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
@@ -558,13 +577,13 @@ def dedup(
 def evaluate(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
     data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(TABLE_JSON), help="table or json"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     runtime: str = RuntimeOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
-    _check_format(fmt, ("table", "json"))
+    _check_format(fmt, TABLE_JSON)
     _check_html(html, [head, data])
     with Reporter() as progress:
         e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
