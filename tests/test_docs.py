@@ -154,3 +154,146 @@ def test_the_quick_start_runs_as_written(quick_start_folder: Path):
     page = (quick_start_folder / "gallery.html").read_text()
     assert "RANDOM WEIGHTS" in page and "<img" in page
     assert "accuracy" in r.stdout and "command not found" not in r.stderr
+
+
+# -- what the docs say the tool does, run ---------------------------------------------------------
+def _doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
+
+
+def _inline_commands() -> list[tuple[str, list[str]]]:
+    """Every `imgvec COMMAND ...` in backticks outside code blocks, in README.md and docs/: (page, words)."""
+    found = []
+    for path in [ROOT / "README.md", *docs.doc_files()]:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for cmd in re.findall(r"`(imgvec [a-z][^`]*)`", text):
+            found.append((path.name, shlex.split(cmd)[1:]))
+    return found
+
+
+def test_every_option_the_docs_name_for_a_command_is_one_it_takes():
+    """`imgvec index --kind ivfpq`, `imgvec embed --device auto|cpu|gpu`, ... in prose: each option exists."""
+    group = typer.main.get_command(app)
+    commands = [(page, words) for page, words in _inline_commands() if words[0] in group.commands]
+    assert len(commands) > 50
+    for page, words in commands:
+        options = {o for p in group.commands[words[0]].params for o in p.opts + p.secondary_opts}
+        for word in words[1:]:
+            if word.startswith("-"):
+                assert word.split("=")[0] in options, (page, words)
+
+
+def test_every_exit_status_the_cli_docs_list_is_what_the_tool_exits_with(tmp_path: Path, image_dir: Path,
+                                                                         store_path: Path):
+    """docs/cli.md: "exit status 2 for bad input, 3 for files made differently used together, 4 for missing
+    weights": one command of each kind, run (the network is blocked here, so 4 is the default weights)."""
+    from typer.testing import CliRunner
+
+    wording = "exit status (2) for bad input, (3) for files made differently used together, (4) for missing weights"
+    sentence = re.search(wording.replace(" ", r"\s+"), _doc("cli.md"))
+    assert sentence, "docs/cli.md no longer lists the exit statuses this test runs"
+    other = tmp_path / "other.h5"
+    CliRunner().invoke(app, ["embed", str(image_dir), "-o", str(other), "-m", "mobilenetv2", "--weights", "none",
+                             "--image-size", "64"])
+    cases = {
+        2: ["query", str(store_path), str(image_dir), "-k", "0"],
+        3: ["embed", str(image_dir), "-o", str(other), *SMALL_EMBED],
+        4: ["embed", str(image_dir), "-o", str(tmp_path / "new.h5")],
+    }
+    for code, args in cases.items():
+        assert str(code) in sentence.groups()
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == code, (args, r.stderr)
+        assert r.stderr.startswith("imgvec: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "new.h5").exists()
+
+
+def _doc_row(page: str, starts: str) -> str:
+    [row] = [line for line in _doc(page).splitlines() if line.startswith(f"| {starts}")]
+    return row
+
+
+def _quoted(row: str) -> list[re.Pattern[str]]:
+    """The `...` quotes of a few words in a table row's last cell, as patterns ("..." and photos.h5 stand for anything)."""
+    cell = row.rstrip(" |").rsplit("|", 1)[1]
+    return [re.compile(re.escape(q).replace(re.escape("..."), ".*").replace(re.escape("photos.h5"), r"\S+"))
+            for q in re.findall(r"`([^`]+)`", cell) if " " in q]  # words said, not a command's bare name
+
+
+def test_the_reliability_table_says_what_query_does_with_an_index_that_is_behind(tmp_path: Path, image_dir: Path):
+    """docs/reliability.md's rows on indexes from another store, from before --sync, and missing new rows,
+    each checked against a real query: exit status, the quoted words, the header."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    def run(*args: str) -> "object":
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    photos = tmp_path / "photos"
+    shutil.copytree(image_dir, photos)
+    store, other = tmp_path / "photos.h5", tmp_path / "other.h5"
+    run("embed", photos, "-o", store, *SMALL_EMBED)
+    run("embed", photos, "-o", other, *SMALL_EMBED)
+    run("index", store)
+    query = photos / "reds" / "reds_000.png"
+
+    # rows embedded after the index was built: searched beside it, exit 0, a note
+    row = _doc_row("reliability.md", "rows embedded after the index was built")
+    assert "exit 0" in row
+    extra = tmp_path / "extra" / "reds"
+    extra.mkdir(parents=True)
+    shutil.copy(query, extra / "new.png")
+    shutil.copytree(photos, tmp_path / "extra", dirs_exist_ok=True)
+    shutil.rmtree(photos)
+    (tmp_path / "extra").rename(photos)
+    run("embed", photos, "-o", store)
+    r = run("query", store, query, "-k", "3")
+    assert r.exit_code == 0 and "not indexed yet" in r.stderr and f"imgvec index {store}" in r.stderr, r.stderr
+
+    # an index from another store: exit 3, "rebuild it (imgvec index ...)"
+    row = _doc_row("reliability.md", "an index from another store")
+    assert "exit 3" in row
+    r = run("query", other, query, "--index", tmp_path / "photos.index.h5")
+    assert r.exit_code == 3 and all(p.search(r.stderr) for p in _quoted(row)), r.stderr
+
+    # an index from before --sync removed rows: not used, every row searched, the header and a note say so
+    row = _doc_row("reliability.md", "an index from before `embed --sync` removed rows")
+    assert "exit 0" in row
+    (photos / "reds" / "new.png").unlink()
+    run("embed", photos, "-o", store, "--sync")
+    r = run("query", store, query, "-k", "3")
+    assert r.exit_code == 0 and all(p.search(r.stdout + r.stderr) for p in _quoted(row)), r.stdout + r.stderr
+    assert "no index file" not in r.stdout and f"imgvec index {store}" in r.stderr
+
+
+def test_the_format_version_the_docs_give_is_the_one_written(store_path: Path):
+    import h5py
+
+    import imgvec
+    from imgvec.files.artifact import FORMAT_VERSION
+
+    files = _doc("files.md")
+    assert f"`store` / `index` / `head`, `imgvec-<kind>`, `{FORMAT_VERSION}`" in files
+    written = re.search(r"imgvec (\d+\.\d+\.\d+) writes format (\d+)", files)
+    assert written and written.groups() == (imgvec.__version__, str(FORMAT_VERSION))
+    with h5py.File(store_path, "r") as h5:
+        assert int(h5.attrs["format_version"]) == FORMAT_VERSION
+
+
+def test_what_the_cli_docs_say_serve_answers_with_is_what_it_sends():
+    """docs/cli.md's serve paragraph names headers and fields: each is one the service sends."""
+    source = (ROOT / "src/imgvec/service/serve.py").read_text()
+    paragraph = _doc("cli.md").split("* **`serve`**", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"`(X-Imgvec-[A-Za-z-]+|\"[a-z_]+\")`", paragraph)
+    assert len(names) >= 3
+    for name in names:
+        assert name in source, name
+    assert "/api/info" in paragraph and "[docs/cli.md](docs/cli.md#what-the-commands-do)" in README
+    assert "## What the commands do" in _doc("cli.md")
+
+
+def test_every_page_of_docs_is_linked_from_the_readme():
+    for path in docs.doc_files():
+        if path.parent.name == "docs":
+            assert f"](docs/{path.name})" in README, path.name

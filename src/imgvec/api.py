@@ -169,8 +169,9 @@ def query(
                            for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
+    unused = str(index_file) if vindex is None and index_file.exists() else ""  # predates removed rows
     return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
-                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes, unused_index=unused)
 
 
 # -- classify ---------------------------------------------------------------------------

@@ -183,6 +183,7 @@ class QueryResults(Records):
     index: str = ""  # the index file searched; "" when there was none (exact search in memory)
     unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
     notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
+    unused_index: str = ""  # an index file there but not searched: it predates rows removed from the store
 
     def file(self, neighbour: Neighbour) -> str:
         """Where ``neighbour``'s image is (absolute)."""
@@ -191,7 +192,12 @@ class QueryResults(Records):
     @property
     def search(self) -> str:
         """How the neighbours were searched, in words."""
-        return f"{self.index_kind} index {self.index}" if self.index else "exact search in memory (no index file)"
+        if self.index:
+            return f"{self.index_kind} index {self.index}"
+        if self.unused_index:
+            return (f"exact search in memory (index {self.unused_index} not used: it predates rows removed from "
+                    "the store)")
+        return "exact search in memory (no index file)"
 
     def to_records(self) -> dict[str, Any]:
         return {
