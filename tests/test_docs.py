@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,36 +125,75 @@ def test_the_python_api_block_is_valid_python_on_public_names():
         assert hasattr(imgvec, name), name
 
 
-@pytest.fixture(scope="module")
-def quick_start_folder(tmp_path_factory) -> Path:
-    """What `make demo` leaves behind (smaller), and `.venv` pointing at this interpreter's environment."""
+def _clone(work: Path) -> Path:
+    """What `make demo` leaves behind (smaller) in a repository with this one's .gitignore, and `.venv`
+    pointing at this interpreter's environment."""
     from imgvec.synthetic import make_image_folder
 
-    work = tmp_path_factory.mktemp("clone")
     make_image_folder(work / "demo-out/images/train", per_class=6, size=64, seed=0)
     make_image_folder(work / "demo-out/images/holdout", per_class=2, size=64, seed=1)
     (work / ".venv").symlink_to(sys.prefix)
+    shutil.copy(ROOT / ".gitignore", work / ".gitignore")
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
     return work
 
 
-def test_the_quick_start_runs_as_written(quick_start_folder: Path):
-    """Each line of the quick start in a shell, the .venv activated as the README says; only the
-    embedding is made small (mobilenetv3small, random weights, 64 px: nothing can be downloaded here)."""
+@pytest.fixture(scope="module")
+def quick_start_folder(tmp_path_factory) -> Path:
+    return _clone(tmp_path_factory.mktemp("clone"))
+
+
+def _untracked(work: Path) -> list[str]:
+    """What `git status` would show a contributor who ran the README there: files .gitignore does not name."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=work, capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if line != "?? .gitignore"]
+
+
+def _run_quick_start(work: Path, small: bool) -> subprocess.CompletedProcess[str]:
     lines = []
     for line in _quick_start().splitlines():
-        if line.startswith("imgvec embed "):
+        if small and line.startswith("imgvec embed "):
             line = line.split("#")[0].rstrip() + " " + " ".join(SMALL_EMBED)
         lines.append(line)
     script = "set -e\n" + "\n".join(lines) + "\n"
     env = dict(os.environ, PATH=os.defpath)  # imgvec is on PATH only through the activate line
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    r = subprocess.run(["bash", "-c", script], cwd=quick_start_folder, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (quick_start_folder / "photos.index.h5").exists() and (quick_start_folder / "head.h5").exists()
-    page = (quick_start_folder / "gallery.html").read_text()
+    assert (work / "photos.index.h5").exists() and (work / "head.h5").exists()
+    page = (work / "gallery.html").read_text()
     assert "RANDOM WEIGHTS" in page and "<img" in page
     assert "accuracy" in r.stdout and "command not found" not in r.stderr
+    return r
+
+
+def test_the_quick_start_runs_as_written(quick_start_folder: Path):
+    """Each line of the quick start in a shell, the .venv activated as the README says; only the
+    embedding is made small (mobilenetv3small, 64 px). It leaves nothing .gitignore does not name (no lock file)."""
+    _run_quick_start(quick_start_folder, small=True)
+    assert _untracked(quick_start_folder) == []
+
+
+@pytest.mark.slow
+def test_the_quick_start_runs_verbatim_offline(tmp_path: Path):
+    """The quick start exactly as printed (efficientnetb0 at 224 px), with the network blocked (conftest)."""
+    r = _run_quick_start(_clone(tmp_path), small=False)
+    assert "efficientnetb0" in r.stdout and "Downloading data from" not in r.stderr
+    assert _untracked(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_python_example_runs_verbatim_offline(tmp_path: Path):
+    """The README's Python block as printed, in a fresh process in a folder like the demo's, network blocked."""
+    work = _clone(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", _blocks("python")[0]], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "macro avg" not in r.stdout and "precision" in r.stdout  # print(trained.cv_accuracy, report["macro avg"])
+    assert (work / "gallery.html").exists() and (work / "imgvec-compare" / "efficientnetb0.h5").exists()
+    assert _untracked(work) == []
 
 
 # -- what the docs say the tool does, run ---------------------------------------------------------
