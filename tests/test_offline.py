@@ -150,3 +150,16 @@ def test_the_weights_file_named_is_the_one_keras_asks_for_every_backbone(backbon
     b = get_backbone(backbone)
     size = b.input_size if b.module == "nasnet" else max(b.min_size, 96)
     assert w.imagenet_weights_file(b, size) == _asked_for(backbone, size)
+
+
+def test_the_offline_error_docs_backbones_shows_is_the_one_printed(tmp_path: Path, image_dir: Path):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs/backbones.md").read_text()
+    shown = re.search(r"`(imgvec: error: ImageNet weights for efficientnetb0 are not in [^`]+)`", text).group(1)
+    r = _cli("embed", str(image_dir), "-o", "photos.h5", cwd=tmp_path)
+
+    def general(message: str) -> str:  # the reason and the cache folder are the machine's own
+        return re.sub(r" in \S+/models/ ", " in DIR/models/ ", re.sub(r"\(no connection to [^)]*\)", "(REASON)", message))
+
+    assert r.returncode == 4 and general(r.stderr.strip()) == general(shown), r.stderr

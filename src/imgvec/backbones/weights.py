@@ -96,13 +96,13 @@ def _proxy_for(url: str) -> tuple[str, int] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _unreachable(host: str, port: int, via: str) -> str | None:
+def _unreachable(host: str, port: int, what: str) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=PROBE_SECONDS):
             return None
     except OSError as error:
         why = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
-        return f"no connection to {host}:{port}{via}: {why}"
+        return f"no connection to {what}{host}:{port}: {why}"
 
 
 def no_network(url: str) -> str | None:
@@ -118,7 +118,7 @@ def no_network(url: str) -> str | None:
         return None
     proxy = _proxy_for(url)
     if proxy is not None:
-        return _unreachable(*proxy, " (the HTTPS proxy)")
+        return _unreachable(*proxy, "the HTTPS proxy ")
     parts = urllib.parse.urlsplit(url)
     return _unreachable(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), "")
 
