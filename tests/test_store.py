@@ -133,25 +133,29 @@ def test_no_lock_file_is_left_once_the_writer_is_done(tmp_path: Path):
 
 
 def test_a_lock_file_removed_while_a_writer_waited_to_lock_it_is_not_a_lock(tmp_path: Path, monkeypatch):
-    """Writer B opens the lock file; writer A, done, removes it and releases it; B's flock then succeeds
-    on a file no longer there. B must see that and lock the file the name now leads to, or a third
-    writer C would make a new file and hold a lock of its own beside B."""
-    from imgvec.vectors import store as store_module
+    """Writer B opens the lock file; writer A, done, removes it and lets go; B's flock then succeeds on a
+    file no longer there. B must see that and lock the file the name leads to now, or a third writer C
+    would make a new file and hold a lock of its own beside B. (Through StoreWriter only: whichever
+    module holds the lock, it opens the file with fileio's open_regular_append.)"""
+    import sys
 
     path = tmp_path / "s.h5"
-    a = store_module._Lock(path)
-    opened_before_removal = open(a.path, "ab")
+    create_store(path, _prov(), str(tmp_path)).close()
+    a = StoreWriter(path)
+    lock_file = tmp_path / ".s.h5.lock"
+    opened_before_removal = open(lock_file, "ab")  # B's open, just before A lets go
+    lock_module = sys.modules[type(a._lock).__module__]
     a.close()
-    assert not a.path.exists()
-    real_open = store_module._Lock._open
+    assert not lock_file.exists()
+    real_open = lock_module.open_regular_append
     handles = iter([opened_before_removal])
-    monkeypatch.setattr(store_module._Lock, "_open", lambda self: next(handles, None) or real_open(self))
-    b = store_module._Lock(path)
-    assert b._names(b._fh) and opened_before_removal.closed  # B holds the file the name leads to
+    monkeypatch.setattr(lock_module, "open_regular_append", lambda p: next(handles, None) or real_open(p))
+    b = StoreWriter(path)  # locks the removed file first, must notice, and take the new one
+    assert lock_file.exists() and opened_before_removal.closed
     with pytest.raises(BadInputError, match="another imgvec process is writing this store"):
-        store_module._Lock(path)  # C is refused
+        StoreWriter(path)  # C is refused
     b.close()
-    assert not b.path.exists()
+    assert not lock_file.exists()
 
 
 def test_stale_temp_files_are_cleared(tmp_path: Path):
