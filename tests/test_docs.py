@@ -337,3 +337,17 @@ def test_every_page_of_docs_is_linked_from_the_readme():
     for path in docs.doc_files():
         if path.parent.name == "docs":
             assert f"](docs/{path.name})" in README, path.name
+
+
+def test_design_names_every_module_in_its_package():
+    """docs/design.md (linked from the README) keeps up with the code: each module is named in its package's row."""
+    design = _doc("design.md")
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"`(\w+)/`:[^|]*", design)}
+    for path in sorted((ROOT / "src/imgvec").rglob("*.py")):
+        rel = path.relative_to(ROOT / "src/imgvec")
+        if rel.name == "__init__.py" and len(rel.parts) > 1:
+            continue
+        if len(rel.parts) == 1:
+            assert f"`{rel.name}`" in design, rel
+        else:
+            assert f"`{rel.name}`" in rows.get(rel.parts[0], ""), rel
