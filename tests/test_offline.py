@@ -16,12 +16,12 @@ from imgvec.backbones import weights as w
 from imgvec.backbones.registry import BACKBONES, Weights, get_backbone
 from imgvec.errors import MissingWeightsError
 
-# Runs the CLI in a fresh process, then says whether TensorFlow or Keras were imported on the way.
+# Runs the CLI in a fresh process, then says whether TensorFlow, Keras or OpenVINO were imported on the way.
 CLI = """
 import sys
 from imgvec.cli.commands import app
 code = app(sys.argv[1:], prog_name="imgvec", standalone_mode=False)
-print("imported:", "tensorflow" in sys.modules or "keras" in sys.modules)
+print("imported:", any(m in sys.modules for m in ("tensorflow", "keras", "openvino")))
 sys.exit(code)
 """
 

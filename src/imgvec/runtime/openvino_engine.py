@@ -34,9 +34,8 @@ class OpenVINOEngine:
         if device == "gpu":
             raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
                                 f"{param('device')} gpu")
-        import openvino as ov
-
         model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
+        import openvino as ov  # after: weights that cannot be had are said before OpenVINO (and its telemetry) loads
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
                   "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
         compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
