@@ -43,15 +43,17 @@ def _cell(value: Any) -> str:
 def backbones() -> str:
     """The registry as a table: what ``imgvec models`` prints, with Keras' published figures."""
     from imgvec.backbones.registry import BACKBONES
+    from imgvec.results import MODEL_COLUMNS, model_cell
 
     rows = ["| name | keras.applications | input | dim | params | preprocess_input | ImageNet top-1 | top-5 | "
             "size (MB) | depth | images/s |",
             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for b in BACKBONES.values():
         pre = b.preprocessing.split(":")[0]
-        rows.append(f"| {b.name} | {b.constructor} | {b.input_size} | {b.dim} | {b.params / 1e6:.1f}M | "
-                    f"{b.module}: {pre} | {_cell(b.top1 and f'{b.top1:.3f}')} | {_cell(b.top5 and f'{b.top5:.3f}')} | "
-                    f"{_cell(b.size_mb)} | {_cell(b.depth)} | {_cell(b.images_per_second)} |")
+        cell = {c: model_cell(c, getattr(b, c)) for c in MODEL_COLUMNS}  # as `imgvec models` prints them
+        rows.append(f"| {b.name} | {b.constructor} | {cell['input_size']} | {cell['dim']} | {cell['params']} | "
+                    f"{b.module}: {pre} | {cell['top1']} | {cell['top5']} | {cell['size_mb']} | {cell['depth']} | "
+                    f"{cell['images_per_second']} |")
     return "\n".join(rows) + "\n"
 
 

@@ -53,6 +53,18 @@ def runtimes() -> tuple[str, ...]:
     return RUNTIMES
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """The values each checked option accepts, by parameter name: what a shell completes them to."""
+    from imgvec.backbones.device import DEVICES, PRECISIONS
+    from imgvec.backbones.registry import BACKBONES
+    from imgvec.embedding.distributed import ENGINES
+    from imgvec.vectors.index import FAISS_GPU_MODES, KINDS
+
+    return {"model": tuple(BACKBONES), "runtime": runtimes(), "device": tuple(DEVICES),
+            "precision": tuple(PRECISIONS), "engine": tuple(ENGINES), "kind": tuple(KINDS),
+            "faiss_gpu": tuple(FAISS_GPU_MODES), "on_duplicate": ("first", "error"), "sort": tuple(MODEL_COLUMNS)}
+
+
 def check_page_path(page: PathLike | None, inputs: Sequence[PathLike | None]) -> None:
     """Check before the work where an HTML page will be written after it (a typo, or one of the ``inputs``
     named as the page, costs nothing then); None: no page."""
@@ -194,8 +206,9 @@ def query(
                            for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
+    unused = str(index_file) if vindex is None and index_file.exists() else ""  # predates removed rows
     return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
-                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes, unused_index=unused)
 
 
 # -- classify ---------------------------------------------------------------------------

@@ -312,6 +312,7 @@ class QueryResults(Records):
     index: str = ""  # the index file searched; "" when there was none (exact search in memory)
     unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
     notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
+    unused_index: str = ""  # an index file there but not searched: it predates rows removed from the store
 
     def file(self, neighbour: Neighbour) -> str:
         """Where ``neighbour``'s image is (absolute)."""
@@ -320,7 +321,12 @@ class QueryResults(Records):
     @property
     def search(self) -> str:
         """How the neighbours were searched, in words."""
-        return f"{self.index_kind} index {self.index}" if self.index else "exact search in memory (no index file)"
+        if self.index:
+            return f"{self.index_kind} index {self.index}"
+        if self.unused_index:
+            return (f"exact search in memory (index {self.unused_index} not used: it predates rows removed from "
+                    "the store)")
+        return "exact search in memory (no index file)"
 
     def to_records(self) -> dict[str, Any]:
         return {
@@ -713,6 +719,20 @@ MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb
                  "preprocessing", "weights_offline"]
 
 
+def model_cell(column: str, value: Any) -> str:
+    """A value of :data:`MODEL_COLUMNS` as people read it: the one format of `imgvec models`' table and
+    docs/backbones.md (``29.2`` images/s, ``0.771`` top-1, ``4.0M`` parameters; blank when unknown)."""
+    if value is None:
+        return ""
+    if column == "params":
+        return f"{value / 1e6:.1f}M"
+    if column in ("top1", "top5"):
+        return f"{value:.3f}"
+    if column == "images_per_second":
+        return f"{value:.1f}"
+    return str(value)
+
+
 @dataclass
 class ModelTable(Records):
     """The backbones imgvec knows, in the order asked for."""
@@ -734,17 +754,12 @@ class ModelTable(Records):
         return [tuple("" if v is None else v for v in r.values()) for r in self.to_records()]
 
     def to_table(self) -> Table:
-        def cell(column: str, value: Any) -> Any:
-            if value is None:
-                return ""
-            return f"{value:,}" if column == "params" else (f"{value:.3f}" if column in ("top1", "top5") else value)
-
         return Table(["# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
                       "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
                       "(benchmarks/results/embed.json); weights_offline: where ImageNet weights are without a "
                       "network (package: installed with imgvec; keras cache: downloaded before); blank: not "
                       "published, not measured or not at hand"],
-                     [Section(None, list(MODEL_COLUMNS), [[cell(c, r[c]) for c in MODEL_COLUMNS]
+                     [Section(None, list(MODEL_COLUMNS), [[model_cell(c, r[c]) for c in MODEL_COLUMNS]
                                                           for r in self.to_records()],
                               ["left"] + ["right"] * 8 + ["left", "left"])])
 

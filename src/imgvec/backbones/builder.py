@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import os
 import random
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.checks import check_image_size
 from imgvec.backbones.device import import_keras
+from imgvec.backbones.weights import (check_weights_at_hand, imagenet_weights_file, keras_cache_dir,  # noqa: F401
+                                      missing_weights)  # keras_cache_dir: re-exported
 from imgvec.errors import BadInputError, MismatchError, MissingWeightsError, first_line, param
 from imgvec.fileio import sha256_file
 
@@ -89,59 +90,20 @@ def resolve_weights(backbone: Backbone, weights: Weights) -> Weights:
     return Weights("imagenet", path=str(path), sha256=sha256)
 
 
-def keras_weights_file(backbone: Backbone) -> str | None:
-    """The name of the no-top ImageNet file Keras downloads for ``backbone`` at its default input size
-    (as each keras.applications module names it); None for a backbone Keras does not build."""
-    name = backbone.name
-    if backbone.weights_package is not None:
-        return None
-    if name == "mobilenet":
-        return "mobilenet_1_0_224_tf_no_top.h5"
-    if name == "mobilenetv2":
-        return "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    if name.startswith("mobilenetv3"):
-        return f"weights_mobilenet_v3_{name[len('mobilenetv3'):]}_224_1.0_float_no_top_v2.h5"
-    if name.startswith("nasnet"):
-        return f"nasnet_{name[len('nasnet'):]}_no_top.h5"
-    if name.startswith("efficientnetv2"):
-        return f"efficientnetv2-{name[len('efficientnetv2'):]}_notop.h5"
-    if name.startswith("efficientnet"):
-        return f"{name}_notop.h5"
-    if name.startswith("convnext"):
-        return f"convnext_{name[len('convnext'):]}_notop.h5"
-    stem = {"inceptionv3": "inception_v3", "inceptionresnetv2": "inception_resnet_v2"}.get(name, name)
-    return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
-
-
 def offline_weights(backbone: Backbone) -> str | None:
     """Where ``backbone``'s ImageNet weights are found without a network: ``"package"`` (installed with
     imgvec), ``"keras cache"`` (Keras' cached download, :func:`keras_cache_dir`), or None."""
     if packaged_weights_path(backbone) is not None:
         return "package"
-    fname = keras_weights_file(backbone)
-    if fname and (keras_cache_dir() / fname).is_file():
+    file = imagenet_weights_file(backbone)
+    if file and (keras_cache_dir() / file[0]).is_file():
         return "keras cache"
     return None
 
 
-def keras_cache_dir() -> Path:
-    """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
-
-
-_URL = re.compile(r"(https?://\S+?\.h5)\b")
-
-
-def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsError:
-    match = _URL.search(str(error))
-    fname = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone.constructor} no-top file"
-    origin = f" (from {match.group(1)})" if match else ""
-    return MissingWeightsError(
-        f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
-        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass {param('weights')} PATH to a local "
-        f"weights file, or {param('weights')} none for random (not pretrained) weights"
-    )
+def _missing_weights(backbone: Backbone, image_size: int, error: Exception) -> MissingWeightsError:
+    """A download or cache file that failed inside Keras (a hash mismatch, a refused connection, a truncated file)."""
+    return missing_weights(backbone, image_size, "could not be fetched")
 
 
 # -- which weights file a build used --------------------------------------------------------
@@ -222,6 +184,7 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     generator as it was.
     """
     check_image_size(image_size, backbone)
+    check_weights_at_hand(backbone, weights, image_size)  # no network: one line now, not Keras' download attempt
     keras = import_keras()
     own = backbone.module == "efficientnet_lite"  # not every keras.applications submodule exports its constructor
     constructor = getattr(application(backbone) if own else keras.applications, backbone.constructor)
@@ -235,10 +198,10 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
                 return constructor(weights="imagenet", **kwargs)
             except ValueError as error:
                 if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
-                    raise _missing_weights(backbone, error) from error
+                    raise _missing_weights(backbone, image_size, error) from error
                 raise _refused(backbone, image_size, error) from None
             except Exception as error:  # urllib, truncated cache file ...
-                raise _missing_weights(backbone, error) from error
+                raise _missing_weights(backbone, image_size, error) from error
         try:
             model = constructor(weights=None, **kwargs)
         except ValueError as error:

@@ -77,15 +77,33 @@ def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_ver
     and classify them with a logistic-regression head."""
 
 
-def _complete_models(incomplete: str) -> list[str]:
-    return [b.name for b in api.models().backbones if b.name.startswith(incomplete.lower())]
+def _choices(choices: Sequence[str] | str) -> Callable[[str], list[str]]:
+    """Shell completion of an option's values: the very choices its check accepts (a name: api.choices()'s)."""
+
+    def complete(incomplete: str) -> list[str]:
+        values = api.choices()[choices] if isinstance(choices, str) else choices
+        return [c for c in values if c.startswith(incomplete.lower())]
+
+    return complete
 
 
-def _complete_runtimes(incomplete: str) -> list[str]:
-    return [name for name in api.runtimes() if name.startswith(incomplete)]
+_complete_models = _choices("model")
+_complete_runtimes = _choices("runtime")
 
-FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
-FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
+
+def _complete_model_list(incomplete: str) -> list[str]:
+    """``--models a,b,c``: the last name completed, the ones before kept."""
+    done, _, last = incomplete.rpartition(",")
+    return [f"{done}," * bool(done) + name for name in _complete_models(last)]
+
+
+# The --format values each command accepts (checked by _check_format, completed by the shell).
+TABLE_JSON = ("table", "json")
+DEDUP_FORMATS = (*report.FORMATS, "html")
+
+FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv", autocompletion=_choices(report.FORMATS))
+FaissGpuOpt = typer.Option("auto", "--faiss-gpu", autocompletion=_choices("faiss_gpu"),
+                           help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 ModelPathOpt = typer.Option(None, "--model", "-m", help="where the model file (--model PATH at embed time) is now, "
                             "if moved; it must hold the same bytes")
@@ -216,11 +234,12 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(api.DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
+    engine: str = typer.Option("local", "--engine", autocompletion=_choices("engine"), help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
-    device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    device: str = typer.Option("auto", "--device", autocompletion=_choices("device"),
+                               help="auto (GPU when TensorFlow sees one), cpu or gpu"),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices("precision"), help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
     runtime: str = RuntimeOpt,
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="a model file's input scaling: tf (x/127.5-1), "
                                              "torch (x/255, ImageNet mean/std), caffe (BGR, ImageNet mean "
@@ -246,7 +265,7 @@ def embed(
 @_command
 def index(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
-    kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
+    kind: str = typer.Option("auto", "--kind", autocompletion=_choices("kind"), help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
     memory_budget: Optional[float] = typer.Option(
@@ -265,7 +284,7 @@ def index(
 def merge(
     stores: list[Path] = typer.Argument(..., help="stores made with the same backbone, weights and input size"),
     output: Path = typer.Option(..., "--output", "-o", help="new store to write"),
-    on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
+    on_duplicate: str = typer.Option("first", "--on-duplicate", autocompletion=_choices("on_duplicate"), help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
     with Reporter() as progress:
@@ -334,7 +353,7 @@ def predict(
 @_command
 def models(
     fmt: str = FormatOpt,
-    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
+    sort: str = typer.Option("", "--sort", autocompletion=_choices("sort"), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
     """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
@@ -345,7 +364,8 @@ def models(
 @_command
 def info(
     path: Path = typer.Argument(..., help="an imgvec file: store, index or head"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json (and csv with --skipped)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(report.FORMATS),
+                            help="table or json (and csv with --skipped)"),
     skipped: bool = typer.Option(False, "--skipped", help="list the files a store's embed runs skipped, with reasons"),
 ) -> None:
     """Show what an imgvec file (store, index or head) holds and how it was made."""
@@ -353,7 +373,7 @@ def info(
         _check_format(fmt)
         _print(fmt, api.skipped_files(path))
         return
-    _check_format(fmt, ("table", "json"))
+    _check_format(fmt, TABLE_JSON)
     _print(fmt, api.info(path))
 
 
@@ -375,13 +395,15 @@ def cache(
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
     models: str = typer.Option("vgg16,inceptionv3,resnet50,efficientnetb0", "--models", "-m",
+                               autocompletion=_complete_model_list,
                                help="comma-separated backbones (see `imgvec models`)"),
     cv: int = typer.Option(5, "--cv", help="cross-validation folds (the same folds for every backbone)"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (confusion matrices, "
                                         "accuracy-vs-speed plot) here"),
     stores: Path = typer.Option(Path("imgvec-compare"), "--stores", help="folder for the per-backbone stores "
                                 "(<backbone>.h5), reused on the next run"),
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet or none (random, seed --seed)"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet, none (random, seed --seed), or a weights "
+                                "file when --models names one backbone"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size for every backbone "
                                              "(default: each backbone's own)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per batch"),
@@ -407,13 +429,14 @@ def compare(
 def dedup(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or html (to stdout)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(DEDUP_FORMATS),
+                            help="table, json, csv or html (to stdout)"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
     exact: bool = typer.Option(False, "--exact", help="exhaustive pair search even above 20,000 images (slower)"),
     html: Optional[Path] = HtmlOpt,
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
-    _check_format(fmt, (*report.FORMATS, "html"))
+    _check_format(fmt, DEDUP_FORMATS)
     api.check_page_path(html, [store])
     with Reporter() as progress:
         d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
@@ -434,14 +457,14 @@ def dedup(
 def evaluate(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
     data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(TABLE_JSON), help="table or json"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     runtime: str = RuntimeOpt,
     model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
-    _check_format(fmt, ("table", "json"))
+    _check_format(fmt, TABLE_JSON)
     api.check_page_path(html, [head, data])
     with Reporter() as progress:
         e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress, model=model)

@@ -39,7 +39,7 @@ import numpy as np
 
 from imgvec.backbones.modelfile import ModelBytes
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
+from imgvec.backbones.builder import build_model, check_weights_at_hand, keras_weights_files, preprocess_input
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
 from imgvec.errors import first_line
@@ -228,6 +228,7 @@ def uint8_model(model: Any, backbone: Backbone, image_size: int) -> Any:
 
 def _convert(backbone: Backbone, weights: Weights, image_size: int) -> tuple[Any, dict[str, Any]]:
     """The Keras model, preprocessing included, converted to an ``openvino.Model``; what went in, for the manifest."""
+    check_weights_at_hand(backbone, weights, image_size)  # no network: say so before TensorFlow loads
     tf = import_tensorflow()
     import openvino as ov
 
