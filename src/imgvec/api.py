@@ -262,6 +262,19 @@ def cache(clear: bool = False) -> CacheSummary:
 
 
 # -- info -------------------------------------------------------------------------------
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """The values each choice parameter takes, by name: what the checks accept (the CLI completes these)."""
+    from imgvec.backbones.device import DEVICES, PRECISIONS
+    from imgvec.embedding.distributed import ENGINES
+    from imgvec.runtime.loader import RUNTIMES
+    from imgvec.vectors.index import FAISS_GPU_MODES, KINDS
+
+    return {"model": tuple(BACKBONES), "runtime": RUNTIMES, "device": DEVICES, "precision": PRECISIONS,
+            "engine": ENGINES, "faiss_gpu": FAISS_GPU_MODES, "kind": KINDS, "sort": tuple(MODEL_COLUMNS),
+            "on_duplicate": ("first", "error")}
+
+
+# -- info -------------------------------------------------------------------------------
 def models(sort: str | None = None) -> ModelTable:
     """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
     (numbers largest first, names A to Z; backbones without a value for it last)."""

@@ -19,7 +19,6 @@ import typer.core
 
 from imgvec import __version__, api
 from imgvec.pages import report
-from imgvec.backbones.registry import BACKBONES
 from imgvec.embedding.embedder import EmbedConfig
 from imgvec.errors import ImgvecError, did_you_mean
 from imgvec.fileio import check_output
@@ -27,10 +26,7 @@ from imgvec.files.images import DEFAULT_MAX_PIXELS, is_image_name
 from imgvec.files.provenance import Provenance
 from imgvec.cli.reporter import Reporter
 from imgvec.results import MODEL_COLUMNS, Chance, Records, chance_sentence, model_cell
-from imgvec.backbones.device import DEVICES, PRECISIONS
-from imgvec.embedding.distributed import ENGINES
-from imgvec.runtime.loader import RUNTIMES, RuntimeNote
-from imgvec.vectors.index import FAISS_GPU_MODES, KINDS
+from imgvec.runtime.loader import RuntimeNote
 from imgvec.pages.report import plural
 
 
@@ -97,8 +93,9 @@ def _choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return complete
 
 
-_complete_models = _choices(list(BACKBONES))
-_complete_runtimes = _choices(RUNTIMES)
+_CHOICES = api.option_choices()  # the checks' own choices
+_complete_models = _choices(_CHOICES["model"])
+_complete_runtimes = _choices(_CHOICES["runtime"])
 
 
 def _complete_model_list(incomplete: str) -> list[str]:
@@ -112,7 +109,7 @@ TABLE_JSON = ("table", "json")
 DEDUP_FORMATS = (*report.FORMATS, "html")
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv", autocompletion=_choices(report.FORMATS))
-FaissGpuOpt = typer.Option("auto", "--faiss-gpu", autocompletion=_choices(FAISS_GPU_MODES),
+FaissGpuOpt = typer.Option("auto", "--faiss-gpu", autocompletion=_choices(_CHOICES["faiss_gpu"]),
                            help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
@@ -264,12 +261,12 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", autocompletion=_choices(ENGINES), help="local, or ray (pip install 'imgvec[ray]')"),
+    engine: str = typer.Option("local", "--engine", autocompletion=_choices(_CHOICES["engine"]), help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
-    device: str = typer.Option("auto", "--device", autocompletion=_choices(DEVICES),
+    device: str = typer.Option("auto", "--device", autocompletion=_choices(_CHOICES["device"]),
                                help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices(PRECISIONS), help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices(_CHOICES["precision"]), help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
     runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
@@ -289,7 +286,7 @@ def embed(
 @_command
 def index(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
-    kind: str = typer.Option("auto", "--kind", autocompletion=_choices(KINDS), help="auto, flat (exact), hnsw or ivfpq"),
+    kind: str = typer.Option("auto", "--kind", autocompletion=_choices(_CHOICES["kind"]), help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
     memory_budget: Optional[float] = typer.Option(
@@ -309,7 +306,7 @@ def index(
 def merge(
     stores: list[Path] = typer.Argument(..., help="stores made with the same backbone, weights and input size"),
     output: Path = typer.Option(..., "--output", "-o", help="new store to write"),
-    on_duplicate: str = typer.Option("first", "--on-duplicate", autocompletion=_choices(("first", "error")), help="first (keep the first store's row) or error"),
+    on_duplicate: str = typer.Option("first", "--on-duplicate", autocompletion=_choices(_CHOICES["on_duplicate"]), help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
     with Reporter() as progress:
@@ -406,7 +403,7 @@ def predict(
 @_command
 def models(
     fmt: str = FormatOpt,
-    sort: str = typer.Option("", "--sort", autocompletion=_choices(MODEL_COLUMNS), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
+    sort: str = typer.Option("", "--sort", autocompletion=_choices(_CHOICES["sort"]), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
     """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
