@@ -302,7 +302,6 @@ def cache(clear: bool = False) -> CacheSummary:
 
 
 # -- info -------------------------------------------------------------------------------
-# -- info -------------------------------------------------------------------------------
 def models(sort: str | None = None) -> ModelTable:
     """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
     (numbers largest first, names A to Z; backbones without a value for it last)."""
