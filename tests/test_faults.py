@@ -260,6 +260,7 @@ def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
         raise ValueError("Input size must be at least 32x32; Received: input_shape=(64, 64, 3)\nmore detail")
 
     monkeypatch.setattr(import_keras().applications, "MobileNetV3Small", refuse)
+    monkeypatch.setenv("IMGVEC_OFFLINE", "0")  # Keras is asked (and refuses) before any weights are looked for
     for weights in (Weights("random", seed=0), Weights("imagenet")):
         with pytest.raises(BadInputError) as info:
             build_model(get_backbone("mobilenetv3small"), weights, 64)
