@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 from imgvec.checks import check_at_least, check_choice
 from imgvec.embedding.distributed import ENGINES, embed_files_on_ray
 from imgvec.embedding.embedder import EmbeddedBatch, EmbedConfig, Embedder
-from imgvec.errors import BadInputError, param
+from imgvec.errors import param
 from imgvec.fileio import check_output
 from imgvec.files.images import ImageFile, find_images, is_image_name
 from imgvec.progress import Phase, Progress
