@@ -129,7 +129,7 @@ def _legacy_header() -> bytes:
     (pickle.dumps({"w": _Evil()}, protocol=2), "posix.system"),  # GLOBAL
     (pickle.dumps({"w": _Evil()}, protocol=4), "posix.system"),  # STACK_GLOBAL
     (b'\x80\x02cbuiltins\neval\nX\x0b\x00\x00\x00print("hi")\x85R.', "builtins.eval"),
-])
+], ids=["global", "stack-global", "eval"])  # stable ids: the payloads name this process's marker file
 def test_the_reader_refuses_pickled_code_without_running_it(tmp_path: Path, payload: bytes, names: str):
     MARKER.unlink(missing_ok=True)
     path = tmp_path / "evil.pth"
