@@ -554,6 +554,66 @@ def dedup(
 
 
 @_command
+def inspect(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    fmt: str = FormatOpt,
+    html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (thumbnails, the map) here"),
+    head: Optional[Path] = typer.Option(None, "--head", help="a head trained on this store: its C is used (else "
+                                        "chosen by cross-validation, as `imgvec train` does)"),
+    split: Optional[str] = typer.Option(None, "--split", help="comma-separated folder names that are splits "
+                                        "(default: train, val, test and their usual spellings)"),
+    threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
+    k: int = typer.Option(10, "-k", help="neighbours per image for label votes and outlier distances"),
+    hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
+    map_rows: int = typer.Option(10_000, "--map-rows", help="rows the map lays out at most (a random sample above; "
+                                 "0: no map)"),
+    stats: bool = typer.Option(False, "--stats", help="first read the images again to record the statistics the "
+                               "store lacks (no embedding)"),
+    top: int = typer.Option(20, "--top", help="entries per section in the table"),
+) -> None:
+    """What is wrong with the images: label issues, outliers, leaks, image statistics, and a map."""
+    _check_format(fmt)
+    _check_html(html, [store])
+    splits = [x.strip() for x in split.split(",") if x.strip()] if split else None
+    with Reporter() as progress:
+        r = api.inspect(store, head=head, k=k, threshold=threshold, splits=splits, check_files=hash_files,
+                        map_rows=map_rows or None, stats=stats, progress=progress)
+    for line in r.notes:
+        _err(f"imgvec: note: {line}")
+    _notes([], r.provenance, html, lambda: api.inspect_html(r, html))
+
+    def table() -> str:
+        def rows(section: str) -> list[tuple[Any, ...]]:
+            recs = r.section_records(section)[:top]
+            if section == "label_issues":
+                return [(f"{x['score']:.3f}", x["label"], x["suggested"], _shown(x["path"])) for x in recs]
+            if section == "outliers":
+                return [(f"{x['score']:.2f}", x["label"], _shown(x["path"])) for x in recs]
+            if section == "leaks":
+                return [(f"{x['score']:.4f}", f"{x['kind']} across {x['across']}", _shown(x["path"]),
+                         _shown(x["other"])) for x in recs]
+            return [(f"{x['score']:.2f}", ", ".join(x["flags"]), _shown(x["path"])) for x in recs]
+
+        heads = {"label_issues": ["score", "label", "suggested", "path"], "outliers": ["score", "label", "path"],
+                 "leaks": ["similarity", "kind", "path", "copy"], "image_stats": ["score", "flags", "path"]}
+        out = f"# {r.store}: {plural(r.rows, 'image')}, {plural(len(r.classes), 'class', 'classes')} ({r.provenance.describe()}; {r.seconds:.1f}s)\n"
+        for section in r.SECTIONS:
+            items = getattr(r, section)
+            name = section.replace("_", " ")
+            if section in r.skipped_sections:
+                out += f"\n## {name}: not run: {r.skipped_sections[section]}\n"
+                continue
+            out += f"\n## {name}: {len(items)}" + (f" (the first {top} shown)" if len(items) > top else "") + "\n"
+            out += f"# {r.methods.get(section, '')}\n"
+            out += report.table(None, heads[section], rows(section)) if items else "none found\n"
+        if r.map is not None:
+            out += f"\n## map: {r.map.method} (--html draws it; --format json lists its points)\n"
+        return out
+
+    _print(fmt, r, table)
+
+
+@_command
 def evaluate(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
     data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),

@@ -35,6 +35,9 @@ UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jp
                                   ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"})
 _FOUND_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# What embed records of each image beside its row (the store's optional /stats dataset): see pixel_stats.
+STATS_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
+STATS_SIDE = 256  # statistics are measured on a grey copy at most this many pixels a side
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,24 @@ def _pil_formats() -> tuple[str, ...]:
     return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
 
 
+def pixel_stats(im: "Image.Image", width: int, height: int) -> np.ndarray:
+    """``STATS_COLUMNS`` of a decoded RGB image whose file is ``width`` x ``height``: float32 (5,).
+
+    Brightness and contrast are the mean and standard deviation of the grey levels (0-255);
+    sharpness is the variance of the 4-neighbour Laplacian. All three are measured on a grey copy
+    at most :data:`STATS_SIDE` pixels a side, which bounds the cost and makes sharpness comparable
+    between images of different sizes.
+    """
+    from PIL import Image
+
+    grey = im.convert("L")
+    if max(grey.size) > STATS_SIDE:
+        grey.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR)
+    g = np.asarray(grey, dtype=np.float32)
+    lap = (g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]) if min(g.shape) > 2 else g * 0
+    return np.array([width, height, g.mean(), g.std(), lap.var() if lap.size else 0.0], np.float32)
+
+
 def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                data: BinaryIO | None = None) -> np.ndarray:
     """Decode ``path`` to a ``(size, size, 3)`` uint8 RGB array, upright (EXIF), first frame.
@@ -156,6 +177,12 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     ``data``: the image's bytes already in hand (an upload to ``imgvec serve``); ``path`` then only names it.
     Raises :class:`ImageSkipped` with a readable reason for anything that is not a usable image.
     """
+    return load_image_stats(path, size, max_pixels, data, stats=False)[0]
+
+
+def load_image_stats(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, data: BinaryIO | None = None,
+                     stats: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`load_image` and the image's :func:`pixel_stats` from the same decoded pixels (None unless ``stats``)."""
     from PIL import Image, ImageOps
 
     reason = unsupported(path)
@@ -175,8 +202,9 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             im.seek(0)
             im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
+            measured = pixel_stats(im, width, height) if stats else None
             im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), measured
     except ImageSkipped:
         raise
     except NotRegularFile as error:

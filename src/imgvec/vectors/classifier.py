@@ -89,8 +89,10 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         self.cv_accuracy_ = float(accuracy[:, best].mean())
         self.cv_accuracy_std_ = float(accuracy[:, best].std())
         self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
-        for (_, test), preds in zip(folds, predicted):
+        self.cv_probabilities_ = np.empty((len(y), len(classes)), np.float32)  # out-of-fold, at C_ (inspect)
+        for (_, test), preds, probs in zip(folds, predicted, paths):
             self.cv_predictions_[test] = preds[best]
+            self.cv_probabilities_[test] = probs[best]
         self.search_seconds_ = time.perf_counter() - started
         started = time.perf_counter()
         with Phase(progress, "final fit", 1):
