@@ -483,7 +483,7 @@ def dedup_html(result: DedupResult, output: PathLike) -> Path:
 
 # -- inspect ----------------------------------------------------------------------------
 def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int = 10, threshold: float = 0.95,
-            splits: Sequence[str] | None = None, check_files: bool = True, map_rows: int | None = 10_000,
+            splits: Sequence[str] | None = None, check_files: bool = True, map_rows: int | None = 5_000,
             stats: bool = False, index: PathLike | None = None, progress: Progress | None = None) -> InspectResult:
     """What is wrong with the store's images, from what it holds (nothing is embedded again).
 
@@ -530,7 +530,7 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
     return result
 
 
-def inspect_map(store: PathLike, map_rows: int = 10_000, seed: int = 0) -> InspectResult:
+def inspect_map(store: PathLike, map_rows: int = 5_000, seed: int = 0) -> InspectResult:
     """Only the 2-D map of ``store`` (``result.map_records()``: absolute paths, x, y in [0, 1], labels), for a page
     or the service to draw; PCA then t-SNE on at most ``map_rows`` rows (a seeded sample above)."""
     from imgvec.analyses.inspection import layout_2d, read_normalized

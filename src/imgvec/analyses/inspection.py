@@ -48,7 +48,8 @@ K = 10  # neighbours per image for label voting and outlier distances
 OUTLIER_Z = 3.5  # modified z-score above which a row is an outlier (Iglewicz and Hoaglin's cut-off)
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 SEARCH_BLOCK = 4096  # query rows per neighbour search
-MAP_ROWS = 10_000  # the map lays out at most this many rows (a seeded sample above)
+MAP_ROWS = 5_000  # the map lays out at most this many rows (a seeded sample above): t-SNE's cost bounds it
+TSNE_ITERATIONS = 500  # scikit-learn's default is 1000; the layout is settled well before on a few thousand points
 MAP_PCA_DIM = 50
 LEAK_GROUP_MAX = 5000  # members of one duplicate group compared pairwise for leaks (a bigger group: degenerate)
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
@@ -217,7 +218,7 @@ def leaks(groups: Sequence[DuplicateGroup], vectors: np.ndarray, row_of: dict[st
         label = np.array([labels[r] for r in rows], dtype=object)
         sims = np.ones((len(rows), len(rows))) if g.kind == "exact" else vectors[rows] @ vectors[rows].T
         for across, part in (("split", split), ("class", label)):
-            apart = part[:, None] != part[None, :]
+            apart = (part[:, None] != part[None, :]) & (part[:, None] != "") & (part[None, :] != "")
             if across == "class":
                 apart &= split[:, None] == split[None, :]  # copies across splits are reported as such
             masked = np.where(apart, sims, -np.inf)
@@ -280,13 +281,15 @@ def layout_2d(vectors: np.ndarray, max_rows: int = MAP_ROWS, seed: int = 0) -> M
     if len(rows) < 4:
         xy = np.zeros((len(rows), 2)) if len(rows) < 2 else reduced[:, :2]
     else:
-        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=1).fit_transform(reduced)
+        xy = TSNE(2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS, random_state=seed,
+                  n_jobs=1).fit_transform(reduced)
     xy = np.asarray(xy, np.float64)
     lo, span = xy.min(axis=0) if len(xy) else 0, np.ptp(xy, axis=0) if len(xy) else 1
     xy = (xy - lo) / np.where(span > 0, span, 1)
     sample = (f"a random sample of {len(rows):,} of {n:,} rows (seed {seed})" if len(rows) < n else f"all {n:,} rows")
     return MapLayout(rows, xy.astype(np.float32), n,
-                     f"PCA to {dim} dimensions, then t-SNE to 2 (perplexity {perplexity:g}, scikit-learn), {sample}")
+                     f"PCA to {dim} dimensions, then t-SNE to 2 (perplexity {perplexity:g}, {TSNE_ITERATIONS} iterations, "
+                     f"scikit-learn), {sample}")
 
 
 def read_normalized(store: Store, progress: Progress | None = None) -> np.ndarray:

@@ -565,7 +565,7 @@ def inspect(
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
     k: int = typer.Option(10, "-k", help="neighbours per image for label votes and outlier distances"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
-    map_rows: int = typer.Option(10_000, "--map-rows", help="rows the map lays out at most (a random sample above; "
+    map_rows: int = typer.Option(5_000, "--map-rows", help="rows the map lays out at most (a random sample above; "
                                  "0: no map)"),
     stats: bool = typer.Option(False, "--stats", help="first read the images again to record the statistics the "
                                "store lacks (no embedding)"),

@@ -40,6 +40,13 @@ STATS_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
 STATS_SIDE = 256  # statistics are measured on a grey copy at most this many pixels a side
 
 
+def bad_stats_rows(stats: np.ndarray) -> np.ndarray:
+    """Rows of ``stats`` that are neither measured (all finite, >= 0) nor unmeasured (all NaN): damage."""
+    nan = np.isnan(stats)
+    measured = np.isfinite(stats) & (stats >= 0)
+    return ~(nan.all(axis=1) | measured.all(axis=1))
+
+
 @dataclass(frozen=True)
 class ImageFile:
     path: str  # where to open it

@@ -21,6 +21,7 @@ import numpy as np
 
 from imgvec.errors import BadInputError
 from imgvec.fileio import NotRegularFile, open_regular, open_regular_append
+from imgvec.files.images import STATS_COLUMNS, bad_stats_rows
 
 MAGIC = b"IVJ1"
 _FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32 of payload
@@ -38,7 +39,7 @@ class Record:
     stats: np.ndarray | None = None  # (rows, STATS_WIDTH) image statistics, when the batch has them
 
 
-STATS_WIDTH = 5  # images.STATS_COLUMNS
+STATS_WIDTH = len(STATS_COLUMNS)
 
 
 def _encode(record: Record) -> bytes:
@@ -101,8 +102,8 @@ def _decode(payload: bytes, path: Any = "journal", number: int = 1, dim: int | N
     if has_stats:
         stats = np.frombuffer(payload, "<f4", offset=4 + n + shape[0] * shape[1] * 4).reshape(
             shape[0], STATS_WIDTH).astype(np.float32)
-        if not (np.isfinite(stats) & (stats >= 0)).all():
-            raise _damaged(path, number, "image statistics that are negative, NaN or infinite")
+        if bad_stats_rows(stats).any():
+            raise _damaged(path, number, "image statistics that are negative, infinite or partly NaN")
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
         bad = [keys[i] for i in np.flatnonzero(~finite)[:3]]

@@ -36,7 +36,7 @@ from imgvec.files.artifact import (Expect, Header, check_finite, check_string_he
                        encode_keys, open_file, read_header, reading, str_dtype, write_header)
 from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
                      temp_path, write_error)
-from imgvec.files.images import STATS_COLUMNS
+from imgvec.files.images import STATS_COLUMNS, bad_stats_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
@@ -166,8 +166,7 @@ class Store:
         stop = self.rows if stop is None else min(stop, self.rows)
         with reading(self.path, "store"):
             block = np.asarray(self.h5["stats"][start:stop], dtype=np.float32)
-        measured = ~np.isnan(block)
-        bad = (measured.any(axis=1) & ~measured.all(axis=1)) | (measured & ~(np.isfinite(block) & (block >= 0))).any(1)
+        bad = bad_stats_rows(block)
         if bad.any():
             raise damaged(self.path, "store", f"'stats' has negative, infinite or partly missing values "
                                               f"(row {int(np.flatnonzero(bad)[0]) + start})")
