@@ -226,3 +226,19 @@ def test_dedup_html_says_when_the_threshold_catches_most_pairs(planted):
     assert "do not tell these images apart" in imgvec.dedup_page(d)
     assert "do not tell these images apart" not in imgvec.dedup_page(imgvec.dedup(planted, threshold=0.999,
                                                                                   check_files=False))
+
+
+def test_a_trained_head_gives_its_C_and_finds_the_same_noise(planted, tmp_path):
+    trained = imgvec.train(planted, tmp_path / "head.h5")
+    r = imgvec.inspect(planted, head=tmp_path / "head.h5", map_rows=None, check_files=False)
+    assert f"C={trained.C:g}: the head's C" in r.methods["label_issues"]
+    assert set(MOVED) <= {i.path for i in r.label_issues[: 2 * len(MOVED)]}
+
+
+def test_a_large_store_chooses_C_on_a_sample(planted, monkeypatch):
+    from imgvec.analyses import inspection
+
+    monkeypatch.setattr(inspection, "C_SEARCH_ROWS", 40)
+    r = imgvec.inspect(planted, map_rows=None, check_files=False)
+    assert "on a stratified sample of 40 images" in r.methods["label_issues"]
+    assert set(MOVED) <= {i.path for i in r.label_issues[: 2 * len(MOVED)]}

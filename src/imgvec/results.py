@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from imgvec.files.images import STATS_COLUMNS  # the store's /stats columns
-
 if TYPE_CHECKING:  # results only read provenance values; they never need the module at run time
     from imgvec.backbones.registry import Backbone
     from imgvec.files.provenance import Provenance
@@ -597,7 +595,7 @@ class ImageFlag:
     path: str
     flags: list[str]  # "dark", "bright", "blurry", "tiny", "extreme aspect"
     score: float  # how far past its worst threshold, 0..1 (1: as far as it can be)
-    stats: dict[str, float]  # STATS_COLUMNS
+    stats: dict[str, float]  # width, height, brightness, contrast, sharpness (files.images.STATS_COLUMNS)
 
 
 @dataclass

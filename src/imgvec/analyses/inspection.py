@@ -7,7 +7,9 @@ index): no image is embedded again.
 Learning: Estimating Uncertainty in Dataset Labels", JAIR 70, 2021), written here from the paper
 (cleanlab, its authors' library, is AGPL-3.0; imgvec is Apache-2.0 and does not use it). Each
 labelled image gets out-of-fold class probabilities from the logistic head (the folds and the C
-``imgvec train`` uses: :class:`~imgvec.vectors.classifier.LogisticHead`), averaged with the label
+``imgvec train`` uses: :class:`~imgvec.vectors.classifier.LogisticHead`; a trained head's C when one is
+given; above :data:`C_SEARCH_ROWS` labelled images C is chosen on a stratified sample of that many, then
+the out-of-fold probabilities of every image are made at that C), averaged with the label
 shares of its k nearest labelled neighbours. Per class j, the threshold t_j is the mean
 probability of j over the images labelled j; an image's confident label is the most probable
 class among those whose probability reaches their threshold. The confident joint counts
@@ -51,6 +53,7 @@ SEARCH_BLOCK = 4096  # query rows per neighbour search
 MAP_ROWS = 5_000  # the map lays out at most this many rows (a seeded sample above): t-SNE's cost bounds it
 TSNE_ITERATIONS = 500  # scikit-learn's default is 1000; the layout is settled well before on a few thousand points
 MAP_PCA_DIM = 50
+C_SEARCH_ROWS = 10_000  # above this many labelled images, C is chosen on a stratified sample of this many
 LEAK_GROUP_MAX = 5000  # members of one duplicate group compared pairwise for leaks (a bigger group: degenerate)
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
 # Image statistics flags: (column, comparison, limit, worst value, flag)
@@ -126,13 +129,30 @@ def label_issues(vectors: np.ndarray, labels: Sequence[str], keys: Sequence[str]
     ``ids``: each row's nearest neighbours (store rows). ``C``: the head's regularisation (None: chosen
     by cross-validation as ``imgvec train`` chooses it).
     """
-    from imgvec.vectors.classifier import DEFAULT_CS, LogisticHead
+    from imgvec.vectors.classifier import LogisticHead, out_of_fold_probabilities
 
     labels = np.asarray(labels, dtype=object)
     rows = np.flatnonzero(labels != "")
     classes, given = np.unique(labels[rows].astype(str), return_inverse=True)
-    head = LogisticHead(cv=cv, Cs=DEFAULT_CS if C is None else [C]).fit(vectors[rows], classes[given],
-                                                                          progress=progress)
+    how_C = "the head's C"
+    if C is None:  # chosen as train chooses it; on a stratified sample of a large store (the C search dominates)
+        sample = rows
+        if len(rows) > C_SEARCH_ROWS:
+            from sklearn.model_selection import train_test_split
+
+            sample = np.sort(train_test_split(np.arange(len(rows)), train_size=C_SEARCH_ROWS, stratify=given,
+                                              random_state=0)[0])
+        head = LogisticHead(cv=cv).fit(vectors[rows[sample]], classes[given[sample]], progress=progress)
+        C = head.C_
+        how_C = (f"C chosen by {cv}-fold cross-validation as train chooses it"
+                 + (f", on a stratified sample of {len(sample):,} images" if len(sample) < len(rows) else ""))
+        oof = head.cv_probabilities_ if len(sample) == len(rows) else None
+    else:
+        oof = None
+    if oof is None:
+        oof = out_of_fold_probabilities(vectors[rows], classes[given], C, cv, progress=progress)
+    oof = np.asarray(oof, np.float64)
+    accuracy = float(np.mean(oof.argmax(axis=1) == given))
     # Neighbours among labelled rows only: map store rows to positions in ``rows`` (-1: unlabelled).
     position = np.full(len(labels), -1, np.int64)
     position[rows] = np.arange(len(rows))
@@ -140,13 +160,13 @@ def label_issues(vectors: np.ndarray, labels: Sequence[str], keys: Sequence[str]
     nb_given = np.where(nb >= 0, position[np.where(nb >= 0, nb, 0)], -1)
     nb_labels = np.where(nb_given >= 0, given[np.where(nb_given >= 0, nb_given, 0)], -1)
     shares = _shares_of(nb_labels, len(classes))
-    issues, score, confident = find_label_issues(head.cv_probabilities_.astype(np.float64), shares, given)
-    self_conf = head.cv_probabilities_[np.arange(len(given)), given]
+    issues, score, confident = find_label_issues(oof, shares, given)
+    self_conf = oof[np.arange(len(given)), given]
     agree = shares[np.arange(len(given)), given]
     found = [LabelIssue(keys[rows[i]], str(classes[given[i]]), str(classes[confident[i]]), float(score[i]),
                         float(self_conf[i]), float(agree[i])) for i in issues]
     how = (f"confident learning (Northcutt et al. 2021) on the mean of out-of-fold probabilities of the logistic "
-           f"head ({cv} folds, C={head.C_:g}, out-of-fold accuracy {head.cv_accuracy_:.3f}) and the label shares of "
+           f"head ({cv} folds, C={C:g}: {how_C}; out-of-fold accuracy {accuracy:.3f}) and the label shares of "
            f"the {ids.shape[1]} nearest labelled neighbours; per-class thresholds are the mean probability of each "
            "class over the images labelled with it; issues are the off-diagonal of the confident joint, ranked by "
            "1 - the combined probability of the given label")

@@ -225,3 +225,19 @@ def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:
     if not len(digests) or not len(paths):
         return 0
     return int(np.isin(path_digests(paths), digests).sum())
+
+
+def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, C: float, cv: int = 5, random_state: int = 0,
+                              max_iter: int = 1000, tol: float = 1e-3, progress: Progress | None = None) -> np.ndarray:
+    """Held-out class probabilities (columns: ``np.unique(y)``) of the head at a fixed ``C``, made as
+    :class:`LogisticHead` makes them while choosing C: features standardised, then one logistic regression per
+    fold of ``StratifiedKFold(cv, shuffle=True, random_state)`` (``cross_val_predict``, ``predict_proba``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.preprocessing import StandardScaler
+
+    Z = StandardScaler().fit_transform(X).astype(np.float32)
+    with Phase(progress, "out-of-fold probabilities", 1):
+        return cross_val_predict(LogisticRegression(C=C, max_iter=max_iter, tol=tol), Z, y,
+                                 cv=StratifiedKFold(cv, shuffle=True, random_state=random_state),
+                                 method="predict_proba")

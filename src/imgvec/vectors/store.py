@@ -42,7 +42,7 @@ from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
 
 CHUNK_ROWS = 256
-STATS_CHUNK_ROWS = 4096
+STATS_CHUNK_ROWS = CHUNK_ROWS  # 5 KiB chunks: a small store stays small
 _FOLD_MARGIN = 1 << 20  # HDF5 metadata and string chunks beyond the rows themselves
 
 
@@ -192,7 +192,7 @@ class Store:
         if m == 0:
             return
         n = self.rows
-        if stats is not None and not self.has_stats:  # rows from before statistics were recorded: not measured
+        if stats is not None and not self.has_stats:  # made on the first measured batch; rows before it: NaN
             _stats_dataset(self.h5, n)
         if stats is None and self.has_stats:
             stats = np.full((m, len(STATS_COLUMNS)), np.nan, np.float32)
@@ -254,7 +254,6 @@ def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     skipped = h5.create_group("skipped")
     for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
         where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
-    _stats_dataset(h5, 0)
     h5.attrs["root"] = root
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
