@@ -242,3 +242,38 @@ def test_a_large_store_chooses_C_on_a_sample(planted, monkeypatch):
     r = imgvec.inspect(planted, map_rows=None, check_files=False)
     assert "on a stratified sample of 40 images" in r.methods["label_issues"]
     assert set(MOVED) <= {i.path for i in r.label_issues[: 2 * len(MOVED)]}
+
+
+def _provenance(dim: int = 8):
+    from imgvec.files.provenance import Provenance
+
+    return Provenance("mobilenetv3small", "random", 0, None, None, 64, "tf", dim)
+
+
+def test_statistics_travel_through_the_journal_and_rows_before_them_are_unmeasured(tmp_path):
+    from imgvec.files.journal import Record, _decode, _encode
+    from imgvec.vectors.store import StoreWriter, create_store, open_store
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3, 8)).astype(np.float32)
+    stats = np.array([[64, 48, 100, 20, 300]] * 3, np.float32)
+    back = _decode(_encode(Record(emb, ["a", "b", "c"], ["", "", ""], stats=stats)), dim=8)
+    np.testing.assert_array_equal(back.stats, stats)
+    assert _decode(_encode(Record(emb, ["a", "b", "c"], ["", "", ""])), dim=8).stats is None  # older records
+    bad = stats.copy()
+    bad[1, 3] = np.inf
+    with pytest.raises(imgvec.BadInputError, match="image statistics"):
+        _decode(_encode(Record(emb, ["a", "b", "c"], ["", "", ""], stats=bad)), dim=8)
+
+    path = tmp_path / "s.h5"
+    with create_store(path, _provenance(), str(tmp_path)) as w:  # rows from before statistics were recorded
+        w.append(emb, ["a", "b", "c"], ["", "", ""])
+    with open_store(path) as s:
+        assert not s.has_stats and s.stats() is None
+    with StoreWriter(path) as w:  # resumed by an embed that records them
+        w.append(emb[:2], ["d", "e"], ["", ""], stats=stats[:2])
+    with open_store(path) as s:
+        got = s.stats()
+        assert np.isnan(got[:3]).all() and (got[3:] == stats[:2]).all()
+    r = imgvec.inspect(path, map_rows=None, check_files=False)
+    assert r.stats_missing == 3 and "image_stats" not in r.skipped_sections

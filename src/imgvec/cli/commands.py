@@ -605,6 +605,8 @@ def inspect(
                 continue
             out += f"\n## {name}: {len(items)}" + (f" (the first {top} shown)" if len(items) > top else "") + "\n"
             out += f"# {r.methods.get(section, '')}\n"
+            if section == "image_stats" and r.stats_missing:
+                out += f"# {plural(r.stats_missing, 'image')} without statistics (stored before embed recorded them): --stats measures them\n"
             out += report.table(None, heads[section], rows(section)) if items else "none found\n"
         if r.map is not None:
             out += f"\n## map: {r.map.method} (--html draws it; --format json lists its points)\n"

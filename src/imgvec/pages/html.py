@@ -276,8 +276,8 @@ def evaluation_page(ev: "Evaluation", title: str = "imgvec evaluate") -> str:
 # -- inspect ------------------------------------------------------------------------------
 SECTION_CARDS = 48  # thumbnails per section of the inspect report; the rest are counted
 MAP_SIZE = 640
-PALETTE = ("#1a73e8", "#e8710a", "#1e8e3e", "#9334e6", "#d01884", "#12b5cb", "#7a5c00", "#5f6368", "#f9ab00",
-           "#188038", "#a142f4", "#c5221f")
+PALETTE = ("#1a73e8", "#e8710a", "#1e8e3e", "#9334e6", "#d01884", "#12b5cb", "#7a5c00", "#f9ab00", "#188038",
+           "#a142f4", "#80868b", "#4285f4")  # class colours; rings (red, black, grey dashed) mark reported images
 
 
 def map_svg(result: "InspectResult", marked: dict[str, str], size: int = MAP_SIZE) -> str:
@@ -292,7 +292,8 @@ def map_svg(result: "InspectResult", marked: dict[str, str], size: int = MAP_SIZ
     for (x, y), key, label in zip(layout.xy.tolist(), result.map_paths, result.map_labels):
         ring = marked.get(key, "")
         points.append(dict(x=round(pad + x * (size - 2 * pad), 1), y=round(pad + (1 - y) * (size - 2 * pad), 1),
-                           colour=colour[label], ring=ring, title=f"{key} ({label or 'no label'})"))
+                           colour=colour[label], ring=ring.split()[0] if ring else "", dashed=ring.endswith("dashed"),
+                           title=f"{key} ({label or 'no label'})"))
     points.sort(key=lambda p: bool(p["ring"]))  # reported images drawn last, on top
     legend = [dict(name=n, colour=colour[n]) for n in names[:30]]
     if "" in result.map_labels:
@@ -322,7 +323,8 @@ def inspect_page(result: "InspectResult", resolve: Callable[[str], str], title: 
     def leak(x: Any) -> dict:
         where = (x.split, x.other_split) if x.across == "split" else (x.label, x.other_label)
         return card(x.path, resolve(x.path), score=x.score,
-                    lines=[("bad", f"{'identical file' if x.kind == 'exact' else 'near duplicate'} across {x.across}s"),
+                    lines=[("bad", f"{'identical file' if x.kind == 'exact' else 'near duplicate'} across "
+                                   f"{'splits' if x.across == 'split' else 'class folders'}"),
                            ("label", f"{where[0] or '-'} / {where[1] or '-'}")],
                     other=card(x.other, resolve(x.other), caption="its copy"))
 
@@ -344,7 +346,7 @@ def inspect_page(result: "InspectResult", resolve: Callable[[str], str], title: 
         section("image_stats", "Image statistics", result.image_stats, flagged, stats_empty),
     ]
     marked: dict[str, str] = {}
-    for colour, keys in (("#f9ab00", [x.path for x in result.leaks] + [x.other for x in result.leaks]),
+    for colour, keys in (("#5f6368 dashed", [x.path for x in result.leaks] + [x.other for x in result.leaks]),
                          ("#000", [o.path for o in result.outliers]), ("#b3261e", [i.path for i in result.label_issues])):
         marked.update(dict.fromkeys(keys, colour))
     plot = Markup(map_svg(result, marked)) if result.map is not None else ""
