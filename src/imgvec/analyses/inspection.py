@@ -88,7 +88,8 @@ def neighbours(store: Store, vectors: np.ndarray, k: int, index: VectorIndex | N
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
-    """Modified z-scores: (v - median) / (1.4826 MAD); zero spread gives 0 for the median and inf beyond."""
+    """Modified z-scores: (v - median) / (1.4826 MAD). Where more than half the values are equal (MAD 0), the
+    mean absolute deviation stands in for the MAD (and 1 when every value is the same)."""
     med = np.median(values)
     mad = MAD_SCALE * np.median(np.abs(values - med))
     if mad == 0:
