@@ -309,7 +309,7 @@ def layout_2d(vectors: np.ndarray, max_rows: int = MAP_ROWS, seed: int = 0) -> M
     xy = (xy - lo) / np.where(span > 0, span, 1)
     sample = (f"a random sample of {len(rows):,} of {n:,} rows (seed {seed})" if len(rows) < n else f"all {n:,} rows")
     return MapLayout(rows, xy.astype(np.float32), n,
-                     f"PCA to {dim} dimensions, then t-SNE to 2 (perplexity {perplexity:g}, {TSNE_ITERATIONS} iterations, "
+                     f"PCA to {dim} dimensions, then t-SNE to 2 (perplexity {perplexity:.3g}, {TSNE_ITERATIONS} iterations, "
                      f"scikit-learn), {sample}")
 
 
