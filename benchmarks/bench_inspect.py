@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -169,7 +168,7 @@ def _label_by_cluster(path: Path, centres: np.ndarray) -> None:
     """Give the generated rows labels (their nearest centre's class), in place, once."""
     import h5py
 
-    from imgvec.files.artifact import encode_keys
+    from imgvec.files.strings import encode_keys
 
     with h5py.File(path, "r+") as h5:
         if h5["labels"].shape[0] and h5["labels"][0]:

@@ -15,7 +15,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.runtime.engine import CPU_MODEL_BATCH
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import compiled_model
+from imgvec.runtime.model_cache import load_model
 
 
 class OpenVINOEngine:
@@ -34,16 +34,19 @@ class OpenVINOEngine:
         if device == "gpu":
             raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
                                 f"{param('device')} gpu")
+        self._start(load_model(backbone, weights, image_size), backbone.dim, precision)  # the checked bytes, or converted
+
+    def _start(self, model: Any, dim: int, precision: str) -> None:
+        """Compile ``model`` (an ``openvino.Model`` or a path to its ``.xml``) for the CPU and set up the streams."""
         import openvino as ov
 
-        model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
                   "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
         compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
         self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._queue = ov.AsyncInferQueue(compiled, self._streams)
         self._queue.set_callback(self._collect)
-        self._dim = backbone.dim
+        self._dim = dim
         self._lock = threading.Lock()
         self.version = ov.get_version().split("-")[0]
 
