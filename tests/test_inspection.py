@@ -169,7 +169,7 @@ def test_a_store_without_statistics_says_so_and_stats_adds_them(planted, tmp_pat
         np.testing.assert_allclose(s.stats(), p.stats(), rtol=1e-5)  # the same figures as embed recorded
 
 
-@pytest.mark.parametrize("forge", ["inf", "negative", "half", "shape"])
+@pytest.mark.parametrize("forge", ["inf", "negative", "half", "huge", "shape"])
 def test_forged_statistics_are_refused(planted, tmp_path, forge):
     import h5py
 
@@ -181,11 +181,43 @@ def test_forged_statistics_are_refused(planted, tmp_path, forge):
             del h5["stats"]
             h5.create_dataset("stats", data=stats[:, :4])
         else:
-            stats[3, 2] = {"inf": np.inf, "negative": -1.0, "half": np.nan}[forge]
+            stats[3, 2] = {"inf": np.inf, "negative": -1.0, "half": np.nan, "huge": 1e30}[forge]
             h5["stats"][:] = stats
     with pytest.raises(imgvec.BadInputError, match="stats"):
         with imgvec.open_store(bad) as s:
             s.stats()
+
+
+def test_statistics_are_measured_inside_the_decoding_reservation(tmp_path):
+    """load_image_stats decodes under the serve budget's reservation (house's reserve=) like load_image, counting
+    the grey copy pixel_stats holds; the figures are the same with or without one."""
+    from contextlib import contextmanager
+
+    from PIL import Image
+
+    from imgvec.files.images import decode_cost, load_image, load_image_stats
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), np.uint8)).save(path)
+    held: list[int] = []
+    inside: list[bool] = []
+
+    @contextmanager
+    def reserve(cost):
+        held.append(cost)
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    pixels, stats = load_image_stats(str(path), 64, reserve=reserve)
+    plain, plain_stats = load_image_stats(str(path), 64)
+    np.testing.assert_array_equal(pixels, plain)
+    np.testing.assert_array_equal(stats, plain_stats)
+    assert stats[:2].tolist() == [120, 90] and inside == [True, False]
+    with Image.open(path) as im:
+        assert held == [decode_cost(im, 64, path.stat().st_size, (120, 90)) + 120 * 90]
+    np.testing.assert_array_equal(load_image(str(path), 64, reserve=reserve), plain)
+    assert held[1] == held[0] - 120 * 90  # load_image measures nothing: no grey copy reserved
 
 
 def test_confident_learning_from_the_paper():
