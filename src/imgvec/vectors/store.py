@@ -151,7 +151,8 @@ class Store:
 
     def stats(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Image statistics of rows ``start:stop`` (``STATS_COLUMNS``; a row of NaN: not measured), or None
-        when the store has none. Values that are negative or infinite, or rows half measured, are damage."""
+        when the store has none. Values that are negative, infinite or out of range (files/values.py), or rows half
+        measured, are damage."""
         if not self.has_stats:
             return None
         stop = self.rows if stop is None else min(stop, self.rows)
