@@ -258,7 +258,7 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, C: float, cv: int = 
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.preprocessing import StandardScaler
 
-    Z = StandardScaler(copy=False).fit_transform(np.array(X, np.float32)).astype(np.float32, copy=False)
+    Z = StandardScaler().fit_transform(np.asarray(X, np.float32)).astype(np.float32, copy=False)  # one copy of X
     with Phase(progress, "out-of-fold probabilities", 1):
         return cross_val_predict(LogisticRegression(C=C, max_iter=max_iter, tol=tol), Z, y,
                                  cv=StratifiedKFold(cv, shuffle=True, random_state=random_state),
