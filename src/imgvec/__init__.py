@@ -4,8 +4,8 @@ from imgvec.versions import IMGVEC_VERSION as __version__  # noqa: F401  (packag
 
 from imgvec.api import build_index, cache, embed, info, merge, models, predict, query, release_models, train  # noqa: E402
 from imgvec.api import (  # noqa: E402
-    compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, predict_html,
-    query_html,
+    compare, comparison_html, dedup, dedup_html, dedup_page, evaluate, evaluation_html, image_paths, inspect,
+    inspect_html, inspect_map, inspect_page, predict_html, query_html,
 )
 from imgvec.backbones.registry import BACKBONES, Backbone, get_backbone  # noqa: E402
 from imgvec.embedding.embedder import Embedder  # noqa: E402
@@ -28,5 +28,5 @@ __all__ = [
     "MismatchError", "MissingWeightsError", "build_index", "embed", "merge", "get_backbone", "info", "load_head",
     "models", "open_store", "predict", "query", "release_models", "cache", "train",
     "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "evaluate", "evaluation_html", "image_paths",
-    "predict_html", "query_html",
+    "predict_html", "query_html", "inspect", "inspect_html", "inspect_map", "inspect_page",
 ]

@@ -29,18 +29,20 @@ from imgvec.embedding.ingest import embed, weights_arg
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance, check_compatible
 from imgvec.results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
-                      EmbedSummary, Evaluation, FileInfo, IndexSummary, Member, MergeSummary, ModelTable, Neighbour,
-                      Prediction, Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
+                      EmbedSummary, Evaluation, FileInfo, ImageFlag, IndexSummary, InspectResult, LabelIssue, Leak,
+                      MapLayout, Member, MergeSummary, ModelTable, Neighbour, Outlier, Prediction, Predictions,
+                      QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from imgvec.vectors.store import Store, merge_stores, open_store
 
 __all__ = [
     "BackboneScore", "CacheSummary", "Chance", "Comparison", "DEFAULT_MAX_PIXELS", "DedupResult", "DuplicateGroup",
-    "EmbedConfig", "EmbedSummary", "Evaluation", "FileInfo", "IndexSummary", "Member", "MergeSummary", "ModelTable",
-    "Neighbour", "OpenIndex", "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles",
-    "TrainSummary",
+    "EmbedConfig", "EmbedSummary", "Evaluation", "FileInfo", "ImageFlag", "IndexSummary", "InspectResult",
+    "LabelIssue", "Leak", "MapLayout", "Member", "MergeSummary", "ModelTable", "Neighbour", "OpenIndex", "Outlier",
+    "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
     "build_index", "cache", "check_page_path", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page",
-    "embed", "evaluate", "evaluation_html", "image_paths", "info", "merge", "models", "open_index", "predict",
-    "predict_html", "query", "query_html", "release_models", "runtimes", "skipped_files", "train",
+    "embed", "evaluate", "evaluation_html", "image_paths", "info", "inspect", "inspect_html", "inspect_map",
+    "inspect_page", "merge", "models", "open_index", "predict", "predict_html", "query", "query_html",
+    "release_models", "runtimes", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -530,3 +532,82 @@ def dedup_html(result: DedupResult, output: PathLike) -> Path:
         check_output(output, [result.store, s.root], read_under=is_image_name)
     return html.write(output, dedup_page(result))
 
+
+
+# -- inspect ----------------------------------------------------------------------------
+def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int = 10, threshold: float = 0.95,
+            splits: Sequence[str] | None = None, check_files: bool = True, map_rows: int | None = 5_000,
+            stats: bool = False, index: PathLike | None = None, progress: Progress | None = None) -> InspectResult:
+    """What is wrong with the store's images, from what it holds (nothing is embedded again).
+
+    Label issues (confident learning on the head's out-of-fold probabilities and the neighbours'
+    labels), outliers, leaks (duplicates across splits or class folders: :func:`dedup`'s search at
+    ``threshold``; identical files too unless ``check_files`` is off), flagged image statistics and a
+    2-D map of at most ``map_rows`` rows (None: no map). ``head``: a head trained on this store, whose C
+    is used (else C is chosen by cross-validation, as ``train`` does). ``splits``: the folder names
+    that are splits (default train/val/test and their usual spellings). ``stats``: first measure the
+    statistics the store lacks by decoding its images again (see :func:`imgvec.analyses.inspection.measure_stats`).
+    Methods and thresholds are in ``result.methods``; see :mod:`imgvec.analyses.inspection`.
+    """
+    from imgvec.analyses.duplicates import find_duplicates
+    from imgvec.analyses.inspection import measure_stats, inspect_store
+
+    notes: list[str] = []
+    if stats:
+        measured, failed = measure_stats(store, progress=progress)
+        notes.append(f"measured the image statistics of {measured} images"
+                     + (f"; {len(failed)} could not be read, e.g. {failed[0][0]}: {failed[0][1]}" if failed else ""))
+    C = None
+    with open_store(store) as s:
+        if head is not None:
+            from imgvec.vectors.classifier import load_head
+
+            model, prov = load_head(head)
+            check_compatible(prov, s.provenance, f"head {head}", f"store {store}",
+                             fix="pass a head trained on this store, or none")
+            C, cv = float(model.C_), int(model.cv)
+        dups = find_duplicates(s, threshold, check_files=check_files, progress=progress) if s.rows >= 2 else None
+        if dups is not None and dups.degenerate:
+            notes.append(f"about {dups.share_above:.0%} of all pairs of images are above the near-duplicate threshold "
+                         f"{threshold:g}: the embeddings do not tell these images apart (random weights or an "
+                         "unsuitable backbone?), so near-duplicate leaks mean little")
+        if index is None and not index_path_for(s.path).exists():  # exact neighbours, however many rows
+            vindex, index_notes = None, ([f"{s.path} has no index: neighbours were searched exhaustively; "
+                                          f"`imgvec index {s.path}` makes this faster"]
+                                         if s.rows > AUTO_FLAT_MAX_ROWS else [])
+        else:
+            vindex, _, index_notes = open_index(s, index)
+        result = inspect_store(s, dups.groups if dups is not None else None, vindex, C, cv, k, splits, map_rows,
+                               threshold, progress)
+    result.notes = notes + index_notes + result.notes
+    return result
+
+
+def inspect_map(store: PathLike, map_rows: int = 5_000, seed: int = 0) -> InspectResult:
+    """Only the 2-D map of ``store`` (``result.map_records()``: absolute paths, x, y in [0, 1], labels), for a page
+    or the service to draw; PCA then t-SNE on at most ``map_rows`` rows (a seeded sample above)."""
+    from imgvec.analyses.inspection import layout_2d, read_normalized
+
+    with open_store(store) as s:
+        keys, labels = s.paths(), s.labels()
+        layout = layout_2d(read_normalized(s), map_rows, seed) if s.rows >= 2 else None
+        return InspectResult(Path(store), s.root, s.provenance, s.rows, sum(1 for x in labels if x),
+                             sorted(set(labels) - {""}), [], [], [], [], {"map": layout.method} if layout else {},
+                             map=layout, map_paths=[keys[i] for i in layout.rows] if layout else [],
+                             map_labels=[labels[i] for i in layout.rows] if layout else [])
+
+
+def inspect_page(result: InspectResult) -> str:
+    """The self-contained HTML report of ``result``: every section with thumbnails and scores, and the map."""
+    from imgvec.pages import html
+
+    with open_store(result.store) as s:
+        return html.inspect_page(result, s.absolute)
+
+
+def inspect_html(result: InspectResult, output: PathLike) -> Path:
+    from imgvec.pages import html
+
+    with open_store(result.store) as s:
+        check_output(output, [result.store, s.root], read_under=is_image_name)
+    return html.write(output, inspect_page(result))

@@ -61,12 +61,14 @@ def random_weights_note(provenance: Provenance) -> str | None:
 # -- text tables ------------------------------------------------------------------------------
 @dataclass
 class Section:
-    """One titled table: column names, rows of cells, and how each column is aligned (default left)."""
+    """One titled table: column names, rows of cells, and how each column is aligned (default left);
+    ``lines`` of text under the title."""
 
     title: str | None
     columns: list[str]
     rows: list[Sequence[Any]]
     justify: list[str] | None = None
+    lines: list[str] = field(default_factory=list)  # text between the title and the table (no columns: no table)
 
 
 @dataclass
@@ -792,3 +794,173 @@ class CacheSummary(Records):
                  r["path"]) for r in self.to_records()]
         return Table([f"# {self.folder}: {plural(len(rows), 'compiled model')}, {self.bytes / 1e6:.1f} MB"],
                      [Section(None, self.csv_columns(), rows)])
+
+# -- inspect --------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelIssue:
+    path: str  # the store's key
+    label: str  # the class folder it is filed under
+    suggested: str  # the class the evidence points to
+    score: float  # 1 - combined self-confidence: higher is more suspicious
+    self_confidence: float  # out-of-fold probability of the given label (logistic head)
+    neighbours_agree: float  # share of its k nearest labelled neighbours with the same label
+
+
+@dataclass
+class Outlier:
+    path: str
+    label: str
+    score: float  # the larger robust z-score of the two distances below
+    neighbour_distance: float  # 1 - mean cosine to its k nearest neighbours
+    class_distance: float | None  # 1 - cosine to its class centroid (None: unlabelled)
+
+
+@dataclass
+class Leak:
+    path: str
+    other: str  # the image it duplicates across a boundary
+    kind: str  # "exact" (same bytes, sha256) or "near" (cosine >= threshold)
+    across: str  # "split" or "class"
+    score: float  # cosine similarity of the two (1.0 for identical files)
+    label: str = ""
+    other_label: str = ""
+    split: str = ""
+    other_split: str = ""
+
+
+@dataclass
+class ImageFlag:
+    path: str
+    flags: list[str]  # "dark", "bright", "blurry", "tiny", "extreme aspect"
+    score: float  # how far past its worst threshold, 0..1 (1: as far as it can be)
+    stats: dict[str, float]  # width, height, brightness, contrast, sharpness (files.images.STATS_COLUMNS)
+
+
+@dataclass
+class MapLayout:
+    """A 2-D layout of (a sample of) the store's rows, for a scatter: ``xy[i]`` is row ``rows[i]``."""
+
+    rows: np.ndarray  # store rows drawn, ascending
+    xy: np.ndarray  # (len(rows), 2) float32, scaled into [0, 1]
+    total: int  # rows in the store
+    method: str  # how it was made, in words (PCA dimensions, t-SNE settings, sample)
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.rows) < self.total
+
+
+@dataclass
+class InspectResult(Records):
+    """What ``imgvec inspect`` found in a store: each list most suspicious first."""
+
+    store: Path
+    root: str
+    provenance: Provenance
+    rows: int
+    labelled: int
+    classes: list[str]
+    label_issues: list[LabelIssue]
+    outliers: list[Outlier]
+    leaks: list[Leak]
+    image_stats: list[ImageFlag]
+    methods: dict[str, str]  # section -> how it was found and the thresholds, in words
+    skipped_sections: dict[str, str] = field(default_factory=dict)  # section -> why it was not run
+    stats_missing: int = 0  # rows without image statistics (stores made before they were recorded)
+    map: MapLayout | None = None
+    map_paths: list[str] = field(default_factory=list)  # the store's keys of ``map.rows``
+    map_labels: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # one line each for stderr (degenerate features, ...)
+
+    SECTIONS = ("label_issues", "outliers", "leaks", "image_stats")
+
+    def file(self, key: str) -> str:
+        return file_path(self.root, key)
+
+    def section_records(self, section: str) -> list[dict[str, Any]]:
+        f = self.file
+        if section == "label_issues":
+            return [{"path": f(i.path), "score": i.score, "label": i.label, "suggested": i.suggested,
+                     "self_confidence": i.self_confidence, "neighbours_agree": i.neighbours_agree}
+                    for i in self.label_issues]
+        if section == "outliers":
+            return [{"path": f(o.path), "score": o.score, "label": o.label,
+                     "neighbour_distance": o.neighbour_distance, "class_distance": o.class_distance}
+                    for o in self.outliers]
+        if section == "leaks":
+            return [{"path": f(x.path), "score": x.score, "other": f(x.other), "kind": x.kind, "across": x.across,
+                     "label": x.label, "other_label": x.other_label, "split": x.split, "other_split": x.other_split}
+                    for x in self.leaks]
+        return [{"path": f(s.path), "score": s.score, "flags": s.flags, **s.stats} for s in self.image_stats]
+
+    def map_records(self) -> dict[str, Any] | None:
+        """The map's points (absolute paths, x and y in [0, 1], labels): what a page or the service draws."""
+        if self.map is None:
+            return None
+        return {"method": self.map.method, "rows": self.map.total, "sampled": self.map.sampled,
+                "points": [{"path": self.file(p), "x": float(x), "y": float(y), "label": lab}
+                           for p, (x, y), lab in zip(self.map_paths, self.map.xy.tolist(), self.map_labels)]}
+
+    def to_records(self) -> dict[str, Any]:
+        return {"store": os.path.abspath(self.store), "root": self.root, "rows": self.rows,
+                "labelled": self.labelled, "classes": self.classes,
+                **{s: self.section_records(s) for s in self.SECTIONS},
+                "methods": self.methods, "not_run": self.skipped_sections, "stats_missing": self.stats_missing,
+                "map": self.map_records()}
+
+    def csv_columns(self) -> list[str]:
+        return ["section", "path", "score", "label", "suggested", "other", "detail"]
+
+    def csv_rows(self) -> list[tuple[Any, ...]]:
+        f = self.file
+        return ([("label_issues", f(i.path), i.score, i.label, i.suggested, "",
+                  f"self-confidence {i.self_confidence:.3f}, neighbours agree {i.neighbours_agree:.2f}")
+                 for i in self.label_issues]
+                + [("outliers", f(o.path), o.score, o.label, "", "", f"neighbour distance {o.neighbour_distance:.4f}"
+                    + ("" if o.class_distance is None else f", class distance {o.class_distance:.4f}"))
+                   for o in self.outliers]
+                + [("leaks", f(x.path), x.score, x.label, "", f(x.other),
+                    f"{x.kind} copy across {x.across}: " + (f"{x.split} / {x.other_split}" if x.across == "split"
+                                                            else f"{x.label} / {x.other_label}"))
+                   for x in self.leaks]
+                + [("image_stats", f(s.path), s.score, "", "", "", ", ".join(s.flags)) for s in self.image_stats])
+
+    def to_table(self, top: int = 20) -> Table:
+        """Each section's first ``top`` entries, most suspicious first, with how it was found; paths as
+        :func:`shown_path` shows them."""
+        def rows(section: str) -> list[tuple[Any, ...]]:
+            recs = self.section_records(section)[:top]
+            if section == "label_issues":
+                return [(f"{x['score']:.3f}", x["label"], x["suggested"], shown_path(x["path"])) for x in recs]
+            if section == "outliers":
+                return [(f"{x['score']:.2f}", x["label"], shown_path(x["path"])) for x in recs]
+            if section == "leaks":
+                return [(f"{x['score']:.4f}", f"{x['kind']} across {x['across']}", shown_path(x["path"]),
+                         shown_path(x["other"])) for x in recs]
+            return [(f"{x['score']:.2f}", ", ".join(x["flags"]), shown_path(x["path"])) for x in recs]
+
+        heads = {"label_issues": ["score", "label", "suggested", "path"], "outliers": ["score", "label", "path"],
+                 "leaks": ["similarity", "kind", "path", "copy"], "image_stats": ["score", "flags", "path"]}
+        sections = []
+        for section in self.SECTIONS:
+            items = getattr(self, section)
+            name = section.replace("_", " ")
+            if section in self.skipped_sections:
+                sections.append(Section(f"## {name}: not run: {self.skipped_sections[section]}", [], []))
+                continue
+            lines = [f"# {self.methods.get(section, '')}"]
+            if section == "image_stats" and self.stats_missing:
+                lines.append(f"# {plural(self.stats_missing, 'image')} without statistics (stored before embed "
+                             "recorded them): --stats measures them")
+            if not items:
+                lines.append("none found")
+            sections.append(Section(f"## {name}: {len(items)}" + (f" (the first {top} shown)" if len(items) > top
+                                                                    else ""),
+                                    heads[section] if items else [], rows(section), lines=lines))
+        return Table([f"# {self.store}: {plural(self.rows, 'image')}, {plural(len(self.classes), 'class', 'classes')} "
+                      f"({self.provenance.describe()}; {self.seconds:.1f}s)"], sections,
+                     [f"## map: {self.map.method} (--html draws it; --format json lists its points)"]
+                     if self.map is not None else [])

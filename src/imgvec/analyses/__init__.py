@@ -1,3 +1,4 @@
-"""Analyses over stored rows and heads: backbone comparison (``comparison``) and near duplicates
-(``duplicates``). May import everything below the api; the api calls them.
+"""Analyses over stored rows and heads: backbone comparison (``comparison``), near duplicates
+(``duplicates``) and what is wrong with a store's images (``inspection``). May import everything below the
+api; the api calls them.
 """

@@ -455,6 +455,37 @@ def dedup(
 
 
 @_command
+def inspect(
+    store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
+    fmt: str = FormatOpt,
+    html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (thumbnails, the map) here"),
+    head: Optional[Path] = typer.Option(None, "--head", help="a head trained on this store: its C is used (else "
+                                        "chosen by cross-validation, as `imgvec train` does)"),
+    split: Optional[str] = typer.Option(None, "--split", help="comma-separated folder names that are splits "
+                                        "(default: train, val, test and their usual spellings)"),
+    threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
+    k: int = typer.Option(10, "-k", help="neighbours per image for label votes and outlier distances"),
+    hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
+    map_rows: int = typer.Option(5_000, "--map-rows", help="rows the map lays out at most (a random sample above; "
+                                 "0: no map)"),
+    stats: bool = typer.Option(False, "--stats", help="first read the images again to record the statistics the "
+                               "store lacks (no embedding)"),
+    top: int = typer.Option(20, "--top", help="entries per section in the table"),
+) -> None:
+    """What is wrong with the images: label issues, outliers, leaks, image statistics, and a map."""
+    _check_format(fmt)
+    api.check_page_path(html, [store])
+    splits = [x.strip() for x in split.split(",") if x.strip()] if split else None
+    with Reporter() as progress:
+        r = api.inspect(store, head=head, k=k, threshold=threshold, splits=splits, check_files=hash_files,
+                        map_rows=map_rows or None, stats=stats, progress=progress)
+    for line in r.notes:
+        _err(f"imgvec: note: {line}")
+    _notes([], r.provenance, html, lambda: api.inspect_html(r, html))
+    _print(fmt, r, top=top)
+
+
+@_command
 def evaluate(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
     data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),

@@ -50,8 +50,8 @@ class _Worker:
     def __init__(self, config: EmbedConfig) -> None:
         self.embedder = Embedder.from_config(config).load()
 
-    def embed(self, paths: list[str]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]]:
-        return [(b.indices, b.embeddings, [(s.path, s.reason) for s in b.skipped])
+    def embed(self, paths: list[str]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[str, str]], Any]]:
+        return [(b.indices, b.embeddings, [(s.path, s.reason) for s in b.skipped], b.stats)
                 for b in self.embedder.embed_files(paths)]
 
 
@@ -83,8 +83,8 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
     try:
         results = pool.map(lambda actor, start: actor.embed.remote(list(paths[start : start + block])), starts)
         for start, batches in zip(starts, results):
-            for indices, emb, skipped in batches:
-                yield EmbeddedBatch(indices + start, emb, [ImageSkipped(p, r) for p, r in skipped])
+            for indices, emb, skipped, stats in batches:
+                yield EmbeddedBatch(indices + start, emb, [ImageSkipped(p, r) for p, r in skipped], stats)
     finally:
         for actor in actors:  # busy ones too (a failed batch, Ctrl-C): the models go, the cluster stays up
             ray.kill(actor)

@@ -28,7 +28,7 @@ from imgvec.checks import check_at_least, check_choice, check_image_size
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import DEVICES, PRECISIONS
 from imgvec.errors import BadInputError, ImageSkipped, MismatchError, param
-from imgvec.files.images import DEFAULT_MAX_PIXELS, load_image
+from imgvec.files.images import DEFAULT_MAX_PIXELS, STATS_COLUMNS, load_image_stats
 from imgvec.files.provenance import Provenance, random_init_family
 from imgvec.runtime.loader import (RUNTIMES, Engine, PreparedModel, dist_version, load_engine, load_model_file_engine,
                                    prepare_model_file)
@@ -67,6 +67,7 @@ class EmbeddedBatch:
     indices: np.ndarray  # positions in the input sequence of the rows below
     embeddings: np.ndarray  # float32, len(indices) x dim
     skipped: list[ImageSkipped] = field(default_factory=list)
+    stats: np.ndarray | None = None  # float32, len(indices) x 5: images.STATS_COLUMNS of each decoded image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,9 +363,10 @@ class Embedder:
             out[i : i + step] = self.engine_(pixels[i : i + step])  # type: ignore[misc]
         return out
 
-    def _decode(self, path: str) -> np.ndarray | ImageSkipped:
+    def _decode(self, path: str) -> tuple[np.ndarray, np.ndarray] | ImageSkipped:
+        """The model's pixels and the image's statistics (images.pixel_stats), or why it was skipped."""
         try:
-            return load_image(path, self.image_size, self.max_pixels)
+            return load_image_stats(path, self.image_size, self.max_pixels)  # type: ignore[return-value]
         except ImageSkipped as skipped:
             return skipped
 
@@ -396,5 +398,7 @@ class Embedder:
                 decoded = [f.result() for f in futures]
                 ok = [i for i, item in enumerate(decoded) if not isinstance(item, ImageSkipped)]
                 skipped = [item for item in decoded if isinstance(item, ImageSkipped)]
-                emb = self._run(np.stack([decoded[i] for i in ok])) if ok else np.zeros((0, self.dim), np.float32)
-                yield EmbeddedBatch(np.asarray(ok, dtype=np.int64) + start, emb, skipped)
+                emb = self._run(np.stack([decoded[i][0] for i in ok])) if ok else np.zeros((0, self.dim), np.float32)
+                stats = (np.stack([decoded[i][1] for i in ok]) if ok
+                         else np.zeros((0, len(STATS_COLUMNS)), np.float32))
+                yield EmbeddedBatch(np.asarray(ok, dtype=np.int64) + start, emb, skipped, stats)

@@ -173,7 +173,8 @@ def _run(plan: _Plan, engine: str, ray_address: str | None, ray_workers: int | N
         for batch in batches:
             rows = [plan.todo[i] for i in batch.indices]
             skips = [(key_of[s.path], s.reason) for s in batch.skipped]
-            plan.writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips)
+            plan.writer.append(batch.embeddings, [f.key for f in rows], [f.label for f in rows], skips,
+                               stats=batch.stats)
             skipped.extend(skips)
             finished += len(batch.indices) + len(batch.skipped)
             step.update(finished)

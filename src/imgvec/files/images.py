@@ -20,6 +20,7 @@ import numpy as np
 
 from imgvec.errors import BadInputError, ImageSkipped, ImgvecError, first_line
 from imgvec.fileio import NotRegularFile, open_regular
+from imgvec.files.values import MAX_ABS_VALUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -35,6 +36,17 @@ UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jp
                                   ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"})
 _FOUND_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# What embed records of each image beside its row (the store's optional /stats dataset): see pixel_stats.
+STATS_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
+STATS_SIDE = 256  # statistics are measured on a grey copy at most this many pixels a side
+
+
+def bad_stats_rows(stats: np.ndarray) -> np.ndarray:
+    """Rows of ``stats`` that are neither measured (all in [0, MAX_ABS_VALUE], files/values.py) nor unmeasured
+    (all NaN): damage."""
+    nan = np.isnan(stats)
+    measured = (stats >= 0) & (stats <= MAX_ABS_VALUE)  # NaN and inf fail
+    return ~(nan.all(axis=1) | measured.all(axis=1))
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,24 @@ def pil_formats() -> tuple[str, ...]:
     return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
 
 
+def pixel_stats(im: "Image.Image", width: int, height: int) -> np.ndarray:
+    """``STATS_COLUMNS`` of a decoded RGB image whose file is ``width`` x ``height``: float32 (5,).
+
+    Brightness and contrast are the mean and standard deviation of the grey levels (0-255);
+    sharpness is the variance of the 4-neighbour Laplacian. All three are measured on a grey copy
+    at most :data:`STATS_SIDE` pixels a side, which bounds the cost and makes sharpness comparable
+    between images of different sizes.
+    """
+    from PIL import Image
+
+    grey = im.convert("L")
+    if max(grey.size) > STATS_SIDE:
+        grey.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR)
+    g = np.asarray(grey, dtype=np.float32)
+    lap = (g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]) if min(g.shape) > 2 else g * 0
+    return np.array([width, height, g.mean(), g.std(), lap.var() if lap.size else 0.0], np.float32)
+
+
 _GREY_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # the modes _to_rgb scales through float32 by hand
 _DECODE_SLACK = 1 << 20  # decoder state, palettes, the small output array
 
@@ -204,6 +234,13 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     any pixel is decoded), a context to decode in (``imgvec serve``'s shared memory budget); its errors pass.
     Raises :class:`ImageSkipped` with a readable reason for anything that is not a usable image.
     """
+    return load_image_stats(path, size, max_pixels, data, stats=False, reserve=reserve)[0]
+
+
+def load_image_stats(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, data: BinaryIO | None = None,
+                     stats: bool = True, reserve: Callable[[int], ContextManager[object]] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`load_image` and the image's :func:`pixel_stats` from the same decoded pixels (None unless ``stats``)."""
     from PIL import Image, ImageOps
 
     reason = unsupported(path)
@@ -220,13 +257,15 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             if im.format in ("JPEG", "MPO"):
                 # Decode at a reduced DCT scale where the target size allows: far less work.
                 im.draft("RGB", (size, size))
-            with (reserve(decode_cost(im, size, _size_of(fh), (width, height))) if reserve
-                  else contextlib.nullcontext()):
+            # the grey copy pixel_stats measures is held beside the RGB image (one byte a pixel)
+            cost = decode_cost(im, size, _size_of(fh), (width, height)) + (im.size[0] * im.size[1] if stats else 0)
+            with reserve(cost) if reserve else contextlib.nullcontext():
                 im.seek(0)
                 im = ImageOps.exif_transpose(im)
                 im = _to_rgb(im)
+                measured = pixel_stats(im, width, height) if stats else None
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(im, dtype=np.uint8)
+                return np.asarray(im, dtype=np.uint8), measured
     except ImageSkipped:
         raise
     except ImgvecError:  # the reservation's refusal (over the budget, busy): the caller's to tell

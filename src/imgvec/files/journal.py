@@ -23,6 +23,7 @@ import numpy as np
 from imgvec.errors import BadInputError, FileNote
 from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.fileio import NotRegularFile, open_regular, open_regular_append
+from imgvec.files.images import STATS_COLUMNS, bad_stats_rows
 
 MAGIC = b"IVJ1"
 _FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32 of payload
@@ -37,12 +38,21 @@ class Record:
     labels: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     store_id: str = ""
+    stats: np.ndarray | None = None  # (rows, STATS_WIDTH) image statistics, when the batch has them
+
+
+STATS_WIDTH = len(STATS_COLUMNS)
 
 
 def _encode(record: Record) -> bytes:
-    meta = json.dumps({"store_id": record.store_id, "keys": record.keys, "labels": record.labels,
-                       "skipped": record.skipped, "shape": list(record.embeddings.shape)}).encode()
-    return struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(record.embeddings, "<f4").tobytes()
+    fields = {"store_id": record.store_id, "keys": record.keys, "labels": record.labels,
+              "skipped": record.skipped, "shape": list(record.embeddings.shape)}
+    stats = b""
+    if record.stats is not None:  # after the vectors; records without them (older imgvec) still read
+        fields["stats"] = True
+        stats = np.ascontiguousarray(record.stats, "<f4").reshape(len(record.keys), STATS_WIDTH).tobytes()
+    meta = json.dumps(fields).encode()
+    return struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(record.embeddings, "<f4").tobytes() + stats
 
 
 class JournalError(BadInputError):
@@ -83,15 +93,25 @@ def _decode(payload: bytes, path: Any = "journal", number: int = 1, dim: int | N
         want = f"[{len(keys)}, {dim if dim is not None else 'dim'}]"
         raise _damaged(path, number, f"shape {str(shape)[:40]} is not {want}")
     body = len(payload) - 4 - n
-    if body != shape[0] * shape[1] * 4:
-        raise _damaged(path, number, f"{body:,} bytes of vectors for shape {shape}")
-    emb = np.frombuffer(payload, "<f4", offset=4 + n).reshape(shape).astype(np.float32)
+    has_stats = meta.get("stats", False)
+    if has_stats not in (True, False):
+        raise _damaged(path, number, "stats is not true or false")
+    stats_bytes = shape[0] * STATS_WIDTH * 4 if has_stats else 0
+    if body != shape[0] * shape[1] * 4 + stats_bytes:
+        raise _damaged(path, number, f"{body:,} bytes of vectors for shape {shape}" + (" and stats" if has_stats else ""))
+    emb = np.frombuffer(payload, "<f4", count=shape[0] * shape[1], offset=4 + n).reshape(shape).astype(np.float32)
+    stats = None
+    if has_stats:
+        stats = np.frombuffer(payload, "<f4", offset=4 + n + shape[0] * shape[1] * 4).reshape(
+            shape[0], STATS_WIDTH).astype(np.float32)
+        if bad_stats_rows(stats).any():
+            raise _damaged(path, number, "image statistics that are negative, infinite, out of range or partly NaN")
     unusable = unusable_rows(emb)
     if unusable.any():
         bad = [keys[i] for i in np.flatnonzero(unusable)[:3]]
         raise _damaged(path, number, f"{describe_unusable()} in the vectors of {int(unusable.sum())} images, "
                                      f"first {', '.join(repr(k[:80]) for k in bad)}")
-    return Record(emb, keys, labels, [(s[0], s[1]) for s in skipped], meta["store_id"])
+    return Record(emb, keys, labels, [(s[0], s[1]) for s in skipped], meta["store_id"], stats)
 
 
 def journal_path(store: str | os.PathLike[str]) -> Path:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import jinja2
 
     from imgvec.files.provenance import Provenance
-    from imgvec.results import Comparison, DedupResult, Evaluation, Predictions, QueryResults
+    from imgvec.results import Comparison, DedupResult, Evaluation, InspectResult, Predictions, QueryResults
 
 THUMB_SIZE = 160
 GROUP_THUMBNAILS = 24  # a duplicate group shows this many thumbnails, then lists the rest by name
@@ -176,7 +176,11 @@ def dedup_page(result: "DedupResult", resolve: Callable[[str], str], title: str 
     sub = [f"{plural(result.rows, 'image')}; {plural(result.exact_groups, 'group')} of identical files, "
            f"{plural(result.near_groups, 'group')} of near duplicates (cosine >= {result.threshold:g}); "
            "scores are similarity to the group's first image"]
-    return _page("dedup.html", title, [result.provenance], sub, groups=groups, missing=len(result.missing))
+    warning = (f"About {result.share_above:.0%} of all pairs of images are above the threshold {result.threshold:g}: "
+               "the embeddings do not tell these images apart (random weights or an unsuitable backbone?), so the "
+               "groups mean little." if result.degenerate else "")
+    return _page("dedup.html", title, [result.provenance], sub, groups=groups, missing=len(result.missing),
+                 warning=warning)
 
 
 # -- tables and plots ---------------------------------------------------------------------
@@ -268,3 +272,89 @@ def evaluation_page(ev: "Evaluation", title: str = "imgvec evaluate") -> str:
     """Accuracy beside chance, the confusion matrix and per-class scores of a head on held-out data."""
     return _page("evaluate.html", title, [ev.provenance], [f"head {ev.head} on {ev.data}"], ev=ev,
                  confusion=confusion_cells(ev.labels, ev.confusion))
+
+
+# -- inspect ------------------------------------------------------------------------------
+SECTION_CARDS = 48  # thumbnails per section of the inspect report; the rest are counted
+MAP_SIZE = 640
+PALETTE = ("#1a73e8", "#e8710a", "#1e8e3e", "#9334e6", "#d01884", "#12b5cb", "#7a5c00", "#f9ab00", "#188038",
+           "#a142f4", "#80868b", "#4285f4")  # class colours; rings (red, black, grey dashed) mark reported images
+
+
+def map_svg(result: "InspectResult", marked: dict[str, str], size: int = MAP_SIZE) -> str:
+    """The map as an SVG scatter: one dot per row drawn, coloured by label, reported images ringed."""
+    layout = result.map
+    assert layout is not None
+    names = sorted(set(result.map_labels) - {""})
+    colour = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+    colour[""] = "#9aa1ad"
+    pad = 8
+    points = []
+    for (x, y), key, label in zip(layout.xy.tolist(), result.map_paths, result.map_labels):
+        ring = marked.get(key, "")
+        points.append(dict(x=round(pad + x * (size - 2 * pad), 1), y=round(pad + (1 - y) * (size - 2 * pad), 1),
+                           colour=colour[label], ring=ring.split()[0] if ring else "", dashed=ring.endswith("dashed"),
+                           title=f"{key} ({label or 'no label'})"))
+    points.sort(key=lambda p: bool(p["ring"]))  # reported images drawn last, on top
+    legend = [dict(name=n, colour=colour[n]) for n in names[:30]]
+    if "" in result.map_labels:
+        legend.append(dict(name="no label", colour=colour[""]))
+    return render("map.svg", size=size, points=points, legend=legend)
+
+
+def inspect_page(result: "InspectResult", resolve: Callable[[str], str], title: str = "imgvec inspect") -> str:
+    """Every section of ``result`` as thumbnails with scores (sections with nothing say so), and the map."""
+    from markupsafe import Markup
+
+    def section(id: str, title: str, items: list[Any], make: Callable[[Any], dict[str, Any]], empty: str) -> dict:
+        return dict(id=id, title=title, count=len(items), method=result.methods.get(id, ""),
+                    not_run=result.skipped_sections.get(id, ""), empty=empty,
+                    cards=[make(x) for x in items[:SECTION_CARDS]], rest=max(0, len(items) - SECTION_CARDS))
+
+    def issue(i: Any) -> dict:
+        return card(i.path, resolve(i.path), score=i.score, other=None,
+                    lines=[("bad", f"{i.label} → {i.suggested}?"),
+                           ("label", f"head {i.self_confidence:.2f}, neighbours {i.neighbours_agree:.0%} agree")])
+
+    def outlier(o: Any) -> dict:
+        return card(o.path, resolve(o.path), score=o.score, other=None,
+                    lines=[("label", o.label or "no label"), ("label", f"neighbour distance {o.neighbour_distance:.3f}"
+                           + ("" if o.class_distance is None else f", class {o.class_distance:.3f}"))])
+
+    def leak(x: Any) -> dict:
+        where = (x.split, x.other_split) if x.across == "split" else (x.label, x.other_label)
+        return card(x.path, resolve(x.path), score=x.score,
+                    lines=[("bad", f"{'identical file' if x.kind == 'exact' else 'near duplicate'} across "
+                                   f"{'splits' if x.across == 'split' else 'class folders'}"),
+                           ("label", f"{where[0] or '-'} / {where[1] or '-'}")],
+                    other=card(x.other, resolve(x.other), caption="its copy"))
+
+    def flagged(f: Any) -> dict:
+        s = f.stats
+        return card(f.path, resolve(f.path), score=f.score, other=None,
+                    lines=[("bad", ", ".join(f.flags)),
+                           ("label", f"{s['width']:.0f}x{s['height']:.0f}, brightness {s['brightness']:.0f}, "
+                                     f"contrast {s['contrast']:.0f}, sharpness {s['sharpness']:.0f}")])
+
+    stats_empty = "No image is dark, bright, blurry, tiny or of an extreme aspect."
+    if result.stats_missing and "image_stats" not in result.skipped_sections:
+        stats_empty += f" ({result.stats_missing} images have no statistics: `imgvec inspect --stats` adds them.)"
+    sections = [
+        section("label_issues", "Label issues", result.label_issues, issue, "No label issues found."),
+        section("outliers", "Outliers", result.outliers, outlier, "No outliers found."),
+        section("leaks", "Leaks across splits and class folders", result.leaks, leak,
+                "No duplicates across splits or class folders."),
+        section("image_stats", "Image statistics", result.image_stats, flagged, stats_empty),
+    ]
+    marked: dict[str, str] = {}
+    for colour, keys in (("#5f6368 dashed", [x.path for x in result.leaks] + [x.other for x in result.leaks]),
+                         ("#000", [o.path for o in result.outliers]), ("#b3261e", [i.path for i in result.label_issues])):
+        marked.update(dict.fromkeys(keys, colour))
+    plot = Markup(map_svg(result, marked)) if result.map is not None else ""
+    sub = [f"{plural(result.rows, 'image')}, {plural(result.labelled, 'labelled image')} in "
+           f"{plural(len(result.classes), 'class', 'classes')}; paths relative to {result.root}"]
+    summary = (f"{len(result.label_issues)} label issues, {len(result.outliers)} outliers, {len(result.leaks)} leaks, "
+               f"{len(result.image_stats)} flagged images; most suspicious first in each section; {result.seconds:.1f}s")
+    return _page("inspect.html", title, [result.provenance], sub, sections=sections, summary=summary,
+                 notes=result.notes, map_svg=plot,
+                 map_method=result.methods.get("map", "No map (too few rows, or not asked for)."))

@@ -103,8 +103,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]],
-          justify: Sequence[str] | None = None) -> str:
-    """A rich table rendered to plain text (no colour codes), as wide as its content."""
+          justify: Sequence[str] | None = None, lines: Sequence[str] = ()) -> str:
+    """A rich table rendered to plain text (no colour codes), as wide as its content; ``lines`` of text
+    under the title (no ``header``: those alone, no table)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -117,7 +118,10 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
     console = Console(file=io.StringIO(), width=200, color_system=None, force_terminal=False)
     if title:
         console.print(escape(shown(title)), soft_wrap=True)
-    console.print(t)
+    for line in lines:
+        console.print(escape(shown(line)), soft_wrap=True)
+    if header:
+        console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
@@ -125,5 +129,5 @@ def render(result: Table) -> str:
     """A result's :class:`~imgvec.results.Table` as text: its lines before, each section drawn by :func:`table`,
     its lines after (the one renderer of every CLI table)."""
     return ("".join(line + "\n" for line in result.head)
-            + "".join(table(s.title, s.columns, s.rows, s.justify) for s in result.sections)
+            + "".join(table(s.title, s.columns, s.rows, s.justify, s.lines) for s in result.sections)
             + "".join(line + "\n" for line in result.tail))

@@ -92,8 +92,10 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         self.cv_accuracy_ = float(accuracy[:, best].mean())
         self.cv_accuracy_std_ = float(accuracy[:, best].std())
         self.cv_predictions_ = np.empty(len(y), dtype=y.dtype)
-        for (_, test), preds in zip(folds, predicted):
+        self.cv_probabilities_ = np.empty((len(y), len(classes)), np.float32)  # out-of-fold, at C_ (inspect)
+        for (_, test), preds, probs in zip(folds, predicted, paths):
             self.cv_predictions_[test] = preds[best]
+            self.cv_probabilities_[test] = probs[best]
         self.search_seconds_ = time.perf_counter() - started
         started = time.perf_counter()
         with Phase(progress, "final fit", 1):
@@ -245,3 +247,19 @@ def path_digests(paths: Iterable[str]) -> np.ndarray:
 
     return np.array([int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little")
                      for p in paths], dtype=np.uint64)
+
+
+def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, C: float, cv: int = 5, random_state: int = 0,
+                              max_iter: int = 1000, tol: float = 1e-3, progress: Progress | None = None) -> np.ndarray:
+    """Held-out class probabilities (columns: ``np.unique(y)``) of the head at a fixed ``C``, made as
+    :class:`LogisticHead` makes them while choosing C: features standardised, then one logistic regression per
+    fold of ``StratifiedKFold(cv, shuffle=True, random_state)`` (``cross_val_predict``, ``predict_proba``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.preprocessing import StandardScaler
+
+    Z = StandardScaler().fit_transform(np.asarray(X, np.float32)).astype(np.float32, copy=False)  # one copy of X
+    with Phase(progress, "out-of-fold probabilities", 1):
+        return cross_val_predict(LogisticRegression(C=C, max_iter=max_iter, tol=tol), Z, y,
+                                 cv=StratifiedKFold(cv, shuffle=True, random_state=random_state),
+                                 method="predict_proba")

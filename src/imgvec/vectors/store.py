@@ -7,6 +7,8 @@ Layout (readable with plain h5py, documented in the README)::
     /labels            UTF-8 strings (N,), "" where unknown
     /skipped/paths     UTF-8 strings, files that could not be decoded
     /skipped/reasons   UTF-8 strings, why
+    /stats             float32 (N, 5), optional: width, height, brightness, contrast, sharpness of each
+                       image (files/images.py STATS_COLUMNS); a row of NaN where not measured
     attrs              provenance fields, root, store_id, generation, rows
 
 A store file is never modified in place while a run is under way. :class:`StoreWriter`
@@ -35,6 +37,7 @@ from imgvec.files.structure import Expect, check_finite, damaged, reading
 from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
 from imgvec.files.h5format import PINNED, new_file
+from imgvec.files.images import STATS_COLUMNS, bad_stats_rows
 from imgvec.files.values import unusable_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
 from imgvec.files.lock import StoreLock
@@ -42,6 +45,7 @@ from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
 
 CHUNK_ROWS = 256
+STATS_CHUNK_ROWS = CHUNK_ROWS  # 5 KiB chunks: a small store stays small
 _FOLD_MARGIN = 1 << 20  # HDF5 metadata and string chunks beyond the rows themselves
 
 
@@ -140,6 +144,26 @@ class Store:
         for start in range(start, self.rows, chunk):
             yield start, self.embeddings(start, start + chunk)
 
+    @property
+    def has_stats(self) -> bool:
+        """Whether the store holds image statistics (``/stats``; stores made before they were recorded do not)."""
+        return "stats" in self.h5
+
+    def stats(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Image statistics of rows ``start:stop`` (``STATS_COLUMNS``; a row of NaN: not measured), or None
+        when the store has none. Values that are negative, infinite or out of range (files/values.py), or rows half
+        measured, are damage."""
+        if not self.has_stats:
+            return None
+        stop = self.rows if stop is None else min(stop, self.rows)
+        with reading(self.path, "store"):
+            block = np.asarray(self.h5["stats"][start:stop], dtype=np.float32)
+        bad = bad_stats_rows(block)
+        if bad.any():
+            raise damaged(self.path, "store", f"'stats' has negative, infinite, out-of-range or partly missing values "
+                                              f"(row {int(np.flatnonzero(bad)[0]) + start})")
+        return block
+
     def skipped(self) -> list[tuple[str, str]]:
         group = self.h5["skipped"]
         n = group["paths"].shape[0]
@@ -150,20 +174,31 @@ class Store:
 
     # -- writing (only ever on a file no reader can see yet: see StoreWriter) -------------
     def _trim(self) -> None:
-        for name in ("embeddings", "paths", "labels"):
+        for name in ("embeddings", "paths", "labels", *(("stats",) if self.has_stats else ())):
             if self.h5[name].shape[0] != self.rows:
                 self.h5[name].resize(self.rows, axis=0)
 
-    def _append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str]) -> None:
+    def _append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
+                stats: np.ndarray | None = None) -> None:
         m = len(keys)
         if m == 0:
             return
         n = self.rows
-        for name, values in (("embeddings", embeddings), ("paths", encode_keys(keys)), ("labels", encode_keys(labels))):
+        if stats is not None and not self.has_stats:  # made on the first measured batch; rows before it: NaN
+            _stats_dataset(self.h5, n)
+        if stats is None and self.has_stats:
+            stats = np.full((m, len(STATS_COLUMNS)), np.nan, np.float32)
+        columns = [("embeddings", embeddings), ("paths", encode_keys(keys)), ("labels", encode_keys(labels))]
+        for name, values in columns + ([("stats", stats)] if stats is not None else []):
             ds = self.h5[name]
             ds.resize(n + m, axis=0)
             ds[n : n + m] = values
         self.h5.attrs["rows"] = n + m
+
+    def _set_stats(self, stats: np.ndarray) -> None:
+        if not self.has_stats:
+            _stats_dataset(self.h5, self.rows)
+        self.h5["stats"][:] = stats
 
     def _set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
         group = self.h5["skipped"]
@@ -194,7 +229,8 @@ def _layout(header: Header) -> dict[str, Expect]:
     n = header.rows if header.format_version > 1 else None
     least = None if n is not None else header.rows
     return {"embeddings": Expect(2, "float32", (n, header.dim), least), "paths": Expect(1, "str", (n,), least),
-            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")}
+            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str"),
+            "stats": Expect(2, "float32", (n, len(STATS_COLUMNS)), least, optional=True)}
 
 
 def _h5new(path: Path) -> Any:
@@ -220,6 +256,12 @@ def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
         where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,), **PINNED)
     h5.attrs["root"] = root
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
+
+
+def _stats_dataset(h5: Any, rows: int) -> None:
+    """An empty ``/stats`` of ``rows`` unmeasured (NaN) rows."""
+    h5.create_dataset("stats", shape=(rows, len(STATS_COLUMNS)), maxshape=(None, len(STATS_COLUMNS)),
+                      dtype="float32", chunks=(STATS_CHUNK_ROWS, len(STATS_COLUMNS)), fillvalue=np.nan, **PINNED)
 
 
 class StoreWriter:
@@ -269,25 +311,50 @@ class StoreWriter:
             tmp.unlink(missing_ok=True)
 
     def append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
-               skipped: Sequence[tuple[str, str]] = ()) -> None:
-        """Record one batch durably (in the journal); it reaches the store on :meth:`commit`."""
-        if not (len(embeddings) == len(keys) == len(labels)):
-            raise ValueError("embeddings, keys and labels must have the same length")
+               skipped: Sequence[tuple[str, str]] = (), stats: np.ndarray | None = None) -> None:
+        """Record one batch durably (in the journal); it reaches the store on :meth:`commit`.
+
+        ``stats``: each row's image statistics (``STATS_COLUMNS``), when they were measured."""
+        if not (len(embeddings) == len(keys) == len(labels)) or (stats is not None and len(stats) != len(keys)):
+            raise ValueError("embeddings, keys, labels (and stats) must have the same length")
         embeddings = np.asarray(embeddings, np.float32)
         finite = ~unusable_rows(embeddings)
         if not finite.all():  # never stored: keep the batch's good rows, then say which images and weights
             good = np.flatnonzero(finite)
-            self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped)
+            self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped,
+                        None if stats is None else stats[good])
             raise self._non_finite([keys[i] for i in np.flatnonzero(~finite)])
         try:
             self._journal.append(Record(embeddings, list(keys), list(labels), [tuple(s) for s in skipped],
-                                        self.store_id))
+                                        self.store_id, None if stats is None else np.asarray(stats, np.float32)))
         except OSError as error:  # a full disk: the batches already in the journal stay
             raise write_error(self._journal.path, error) from None
         self.keys.update(keys)
         self._pending += len(keys)
         if self._pending >= max(self.checkpoint_rows, len(self.keys) - self._pending):
             self.commit()
+
+    def set_stats(self, keys: Sequence[str], stats: np.ndarray) -> None:
+        """Publish image statistics for every row (``imgvec inspect --stats``): ``keys`` are the store's paths in
+        row order as they were read, refused if the store changed since."""
+        self.commit()
+        with open_store(self.path) as store:
+            if store.paths() != list(keys):
+                raise BadInputError(f"{self.path} changed while its images were read; run again")
+        stats = np.asarray(stats, np.float32)
+        if stats.shape != (len(keys), len(STATS_COLUMNS)):
+            raise ValueError(f"stats of shape {stats.shape} for {len(keys)} rows")
+        tmp = temp_path(self.path)
+        check_space(self.path, self.path.stat().st_size + stats.nbytes + _FOLD_MARGIN)
+        try:
+            copy_new(self.path, tmp)
+            with open_store(tmp, "r+") as store:
+                store._set_stats(stats)
+            publish(tmp, self.path)
+        except OSError as error:
+            raise write_error(self.path, error) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _non_finite(self, keys: Sequence[str]) -> BadInputError:
         shown = ", ".join(repr(self._absolute(k)[-120:]) for k in keys[:3]) + (f" and {len(keys) - 3} more"
@@ -346,7 +413,7 @@ class StoreWriter:
                     continue  # a journal left by an earlier store of the same name
                 keep = [i for i, k in enumerate(record.keys) if k not in seen and k not in dropped]
                 store._append(record.embeddings[keep], [record.keys[i] for i in keep],
-                              [record.labels[i] for i in keep])
+                              [record.labels[i] for i in keep], None if record.stats is None else record.stats[keep])
                 seen.update(record.keys)
                 retried.update(record.keys)
                 retried.update(k for k, _ in record.skipped)
@@ -399,7 +466,9 @@ def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) ->
             idx = [i for i in range(start, min(start + chunk, old.rows)) if keys[i] not in doomed]
             if idx:
                 block = old.embeddings(start, start + chunk)[np.asarray(idx) - start]
-                new._append(block, [keys[i] for i in idx], [labels[i] for i in idx])
+                stats = old.stats(start, start + chunk)
+                new._append(block, [keys[i] for i in idx], [labels[i] for i in idx],
+                            None if stats is None else stats[np.asarray(idx) - start])
         new._set_skipped([s for s in old.skipped() if s[0] not in doomed])
         write_header(h5.attrs, new.current_header())
 
@@ -444,8 +513,10 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
                         dup = next(keys[i] for i in range(start, start + len(block)) if keys[i] in seen)
                         raise BadInputError(f"{dup} is in more than one store (use {param('on_duplicate')} first to keep one)")
                     seen.update(keys[i] for i in idx)
+                    stats = s.stats(start, start + len(block))
                     writer.append(block[np.asarray(idx, dtype=np.int64) - start], [keys[i] for i in idx],
-                                  [labels[i] for i in idx])
+                                  [labels[i] for i in idx],
+                                  stats=None if stats is None else stats[np.asarray(idx, dtype=np.int64) - start])
                     step.advance(len(block))
                 skipped = [(key_for(s.absolute(k), root), r) for k, r in s.skipped()]
                 writer.append(np.zeros((0, s.dim), np.float32), [], [], skipped=skipped)
