@@ -248,14 +248,15 @@ def embed(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="float32, mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch) or int8 (OpenVINO, quantized on 100 of these images, refused unless it keeps the neighbours; pip install 'imgvec[int8]'); default: the store's, else float32"),
+    accept_int8: bool = typer.Option(False, "--accept-int8", help="write an int8 store even where int8 changes the embeddings more than the check allows"),
     runtime: str = RuntimeOpt,
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
     config = EmbedConfig(model, weights, image_size, seed, batch_size, workers, max_pixels, device, precision, runtime)
     with Reporter() as progress:
         s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
-                      ray_workers=ray_workers, progress=progress)
+                      ray_workers=ray_workers, progress=progress, accept_int8=accept_int8)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     removed = f", {s.removed} removed" if sync else ""

@@ -201,7 +201,15 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
         if f.name in data and data[f.name] is not None and f.type in ("str", "int") and not isinstance(
                 data[f.name], str if f.type == "str" else int):
             raise damaged(path, kind, f"attribute {f.name!r} is {_shown(data[f.name])}")
-    return Provenance(**data)
+    provenance = Provenance(**data)
+    if provenance.precision == "int8":  # the model is rebuilt from these: they must say how
+        if not provenance.calibration_sha256:
+            raise damaged(path, kind, "precision int8 without a calibration_sha256")
+        try:
+            provenance.calibration()
+        except MismatchError as error:
+            raise damaged(path, kind, str(error).split(":")[0]) from None
+    return provenance
 
 
 def text_attr(attrs: Mapping[str, Any], name: str) -> str | None:

@@ -7,6 +7,10 @@ disk like any other: a manifest that is not what imgvec writes makes the entry b
 left by a killed conversion is listed (:func:`cache_entries`) and removed by the next conversion or
 :func:`clear_cache`, and a cache that cannot be written (full disk, read-only folder) costs only the
 caching: the model converted in memory is used, with a one-line :class:`RuntimeNote`.
+
+An int8 entry (:func:`quantized_model`) is the float32 entry quantized by NNCF on a
+:class:`~imgvec.runtime.engine.Calibration`; its key adds the precision, the calibration's sha256
+and NNCF's version, so a second run on the same images quantizes nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from imgvec.backbones.registry import Backbone, Weights
 from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
-from imgvec.runtime.engine import RuntimeNote
+from imgvec.errors import BadInputError, param
+from imgvec.runtime.engine import Calibration, RuntimeNote
 from imgvec.fileio import fsync_path, open_regular
 from imgvec.versions import dist_version
 
@@ -57,15 +62,20 @@ def cache_dir() -> Path:
     return Path(base) / "imgvec"
 
 
-def cache_key(backbone: Backbone, weights: Weights, image_size: int) -> dict[str, Any]:
+def cache_key(backbone: Backbone, weights: Weights, image_size: int,
+              calibration: Calibration | None = None) -> dict[str, Any]:
     """Everything that changes a converted model's output. An ImageNet entry also records the sha256
-    of the weights file Keras loaded, and is rebuilt if that file changes (see :func:`_entry_ok`)."""
-    return {"backbone": backbone.name, "weights": weights.identity, "input_size": int(image_size),
-            "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+    of the weights file Keras loaded, and is rebuilt if that file changes (see :func:`_entry_ok`).
+    With a ``calibration``: the int8 model quantized on it (precision, calibration sha256, NNCF version)."""
+    key = {"backbone": backbone.name, "weights": weights.identity, "input_size": int(image_size),
+           "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+    if calibration is not None:
+        key.update(precision="int8", calibration=calibration.sha256, nncf=dist_version("nncf"))
+    return key
 
 
-def entry_path(backbone: Backbone, weights: Weights, image_size: int) -> Path:
-    key = json.dumps(cache_key(backbone, weights, image_size), sort_keys=True)
+def entry_path(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration | None = None) -> Path:
+    key = json.dumps(cache_key(backbone, weights, image_size, calibration), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "openvino" / f"{backbone.name}-{image_size}px-{digest}"
 
@@ -242,6 +252,65 @@ def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Any
     return entry / FILES[0]
 
 
+def import_nncf() -> Any:
+    """NNCF, quiet (its progress bars would go to stdout, which carries results); one line if missing."""
+    try:
+        import nncf
+    except ImportError as error:
+        raise BadInputError(f"{param('precision')} int8 needs the nncf package, which is not installed ({error}); "
+                            "pip install 'imgvec[int8]'") from None
+    import logging
+
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def _quantize(source: Any, pixels: Any, backbone: Backbone) -> tuple[Any, dict[str, Any]]:
+    """NNCF's post-training quantization of the float32 OpenVINO model ``source`` on ``pixels``
+    (one image per calibration item, every image used)."""
+    nncf = import_nncf()
+    import openvino as ov
+
+    start = time.perf_counter()
+    model = source if isinstance(source, ov.Model) else ov.Core().read_model(str(source))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize(model, nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))]),
+                                      subset_size=len(pixels))
+    except Exception as error:  # NNCF raises many kinds; all mean "does not quantize"
+        raise BadInputError(f"{backbone.name} does not quantize with NNCF ({type(error).__name__}: "
+                            f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); use "
+                            f"{param('precision')} float32") from error
+    return quantized, {"quantize_s": time.perf_counter() - start, "calibration_images": len(pixels)}
+
+
+def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration) -> Any:
+    """The cached int8 OpenVINO model for this backbone calibrated on ``calibration`` (a path to
+    ``model.xml``), quantizing the float32 model (:func:`compiled_model`) first if the cache has no good
+    entry. Where the cache cannot be written, the quantized ``openvino.Model`` itself, with a :class:`RuntimeNote`."""
+    entry = entry_path(backbone, weights, image_size, calibration)
+    key = cache_key(backbone, weights, image_size, calibration)
+    if _entry_ok(entry, key):
+        return entry / FILES[0]
+    source = compiled_model(backbone, weights, image_size)
+    pixels = calibration.pixels(image_size)
+    quantized, info = _quantize(source, pixels, backbone)
+    base = {} if not isinstance(source, Path) else _read_manifest(source.parent) or {}
+    info["source_weights"] = base.get("source_weights")
+    manifest = {"key": key, "backbone": backbone.name,
+                "weights": f"{weights.describe()}, int8 (calibrated on {len(pixels)} images)",
+                "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    try:
+        _write_entry(quantized, info, entry, key, manifest)
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was quantized in "
+                      "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
+                      RuntimeNote, stacklevel=2)
+        return quantized
+    return entry / FILES[0]
+
+
 # -- listing and clearing ----------------------------------------------------------------------------
 def _process_alive(pid: int) -> bool:
     try:
@@ -313,6 +382,8 @@ def _folder_bytes(folder: Path) -> int:
 def _well_formed(key: dict[str, Any]) -> bool:
     """A key as :func:`cache_key` writes it (the fields and their types)."""
     types = {"backbone": str, "weights": str, "input_size": int, "wrapper": int, "openvino": str, "keras": str}
+    if "precision" in key:  # an int8 entry
+        types.update(precision=str, calibration=str, nncf=str)
     return key.keys() == types.keys() and all(isinstance(key[k], t) for k, t in types.items())
 
 
@@ -339,6 +410,8 @@ def cache_entries() -> list[CacheEntry]:
         key = key if isinstance(key, dict) else {}
         size_px = key.get("input_size")
         current = {**key, "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+        if "nncf" in key:
+            current["nncf"] = dist_version("nncf")
         ok = _well_formed(key) and _entry_ok(entry, current)
         entries.append(CacheEntry(entry, str(key.get("backbone", "?")), size_px if isinstance(size_px, int) else 0,
                                   str(manifest.get("weights", key.get("weights", "?"))), size,

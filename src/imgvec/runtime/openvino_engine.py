@@ -3,6 +3,8 @@
 Loading a cached model imports neither TensorFlow nor Keras, so a query starts in a fraction of a
 second. It is compiled with an explicit float32 inference precision, since OpenVINO's CPU default
 on AVX-512 BF16 machines is bfloat16 (cosine 0.77 on ResNet50); ``precision="mixed"`` asks for bfloat16.
+``precision="int8"`` runs the model NNCF quantized on a calibration sample (cached too,
+:func:`imgvec.runtime.model_cache.quantized_model`); what is not quantized runs in float32.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.runtime.engine import CPU_MODEL_BATCH
+from imgvec.runtime.engine import CPU_MODEL_BATCH, Calibration
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import compiled_model
+from imgvec.runtime.model_cache import compiled_model, quantized_model
 
 
 class OpenVINOEngine:
@@ -30,13 +32,19 @@ class OpenVINOEngine:
     device = "cpu"
     model_batch = 2 * CPU_MODEL_BATCH  # split across the streams
 
-    def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str) -> None:
+    def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str,
+                 calibration: Calibration | None = None) -> None:
         if device == "gpu":
             raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
                                 f"{param('device')} gpu")
         import openvino as ov
 
-        model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
+        if precision == "int8":
+            if calibration is None:
+                raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
+            model = quantized_model(backbone, weights, image_size, calibration)
+        else:
+            model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
                   "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
         compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)

@@ -1,0 +1,187 @@
+"""--precision int8: NNCF quantization on the user's own images, checked against float32, cached, recorded.
+
+A small model (mobilenetv3small at 64 px, seeded random weights with BatchNorm calibrated on generated
+images, so activations are of order 1) and 24 generated images. Random weights: the figures here say
+nothing about pretrained models; on these, int8 keeps a median cosine of about 0.87 (below the 0.98 default
+threshold), so stores that must be written are written with ``accept_int8``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import imgvec
+from imgvec.cli import app
+from imgvec.embedding import embedder as embedder_module
+from imgvec.embedding.embedder import calibration_sample, check_sample, neighbour_overlap
+from imgvec.errors import BadInputError, MismatchError
+from imgvec.files.artifact import read_provenance
+from imgvec.runtime import loader, model_cache
+from imgvec.runtime.engine import Calibration, calibration_digest
+from imgvec.vectors.store import open_store
+
+from parity_util import calibrated_weights
+
+pytest.importorskip("nncf")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from imgvec.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("int8")
+    weights = calibrated_weights("mobilenetv3small", 64, root / "w.weights.h5")
+    folder = make_image_folder(root / "photos", per_class=6, size=64, seed=0)
+    return {"root": root, "folder": folder, "args": ["-m", "mobilenetv3small", "--weights", str(weights),
+                                                      "--image-size", "64"],
+            "kw": dict(model="mobilenetv3small", weights=str(weights), image_size=64)}
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty model cache, no engines kept, and a count of NNCF quantizations."""
+    monkeypatch.setenv("IMGVEC_CACHE_DIR", str(tmp_path / "cache"))
+    loader.release_engines()
+    quantized: list[int] = []
+    real = model_cache._quantize
+    monkeypatch.setattr(model_cache, "_quantize", lambda *a: quantized.append(1) or real(*a))
+    yield quantized
+    loader.release_engines()
+
+
+def embed_cli(setup: dict, out: Path, *extra: str) -> object:
+    return CliRunner().invoke(app, ["embed", str(setup["folder"]), "-o", str(out), *setup["args"], *extra])
+
+
+def test_an_int8_store_records_its_precision_and_calibration_and_a_second_run_quantizes_nothing(setup, fresh_cache,
+                                                                                               tmp_path):
+    r = embed_cli(setup, tmp_path / "a.h5", "--precision", "int8", "--accept-int8")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert fresh_cache == [1]
+    # The check's figures are one note line on stderr.
+    notes = [line for line in r.stderr.splitlines() if "checked against float32" in line]
+    assert len(notes) == 1 and notes[0].startswith("imgvec: note: int8 mobilenetv3small, calibrated on 24 ")
+    assert "median cosine to float32 0." in notes[0] and "top-10 neighbour overlap" in notes[0]
+    with open_store(tmp_path / "a.h5") as s:
+        prov, rows, root = s.provenance, s.embeddings(), s.root
+    keys = json.loads(prov.calibration_keys)
+    assert (prov.precision, prov.runtime) == ("int8", "openvino")
+    assert keys == sorted(keys) and len(keys) == 24  # a folder under 100 images: all of them
+    assert prov.calibration_sha256 == calibration_digest(root, keys)
+    assert prov.quantization == f"int8, calibrated on 24 images (sha256 {prov.calibration_sha256[:12]})"
+    assert np.isfinite(rows).all() and rows.shape == (24, 576)
+    # The quantized model is in the cache under its own entry, beside the float32 one it was made from.
+    listed = {e.weights: e for e in model_cache.cache_entries()}
+    assert any(w.endswith("int8 (calibrated on 24 images)") and e.ok for w, e in listed.items()), listed
+    # A second run on the same images: the cached int8 model, no quantization, the same rows.
+    loader.release_engines()
+    r = embed_cli(setup, tmp_path / "b.h5", "--precision", "int8", "--accept-int8")
+    assert r.exit_code == 0, r.stderr
+    assert fresh_cache == [1]
+    with open_store(tmp_path / "b.h5") as s:
+        np.testing.assert_array_equal(s.embeddings(), rows)
+        assert s.provenance.key() == prov.key()
+
+
+def test_int8_rows_differ_from_float32_rows_but_stay_near(setup, tmp_path):
+    imgvec.embed([setup["folder"]], tmp_path / "f.h5", **setup["kw"])
+    imgvec.embed([setup["folder"]], tmp_path / "q.h5", precision="int8", accept_int8=True, **setup["kw"])
+    with open_store(tmp_path / "f.h5") as f, open_store(tmp_path / "q.h5") as q:
+        cos = loader.row_cosines(f.embeddings(), q.embeddings())
+    assert 0.5 < np.median(cos) < 0.99999  # quantized (not float32 under another name), not garbage
+
+
+def test_below_the_thresholds_int8_is_refused_in_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch):
+    out = tmp_path / "refused.h5"
+    with pytest.raises(BadInputError) as refusal:
+        imgvec.embed([setup["folder"]], out, precision="int8", int8_thresholds=(1.01, 1.01), **setup["kw"])
+    message = str(refusal.value)
+    assert message.startswith("precision int8 changes mobilenetv3small's embeddings too much: median cosine to float32 ")
+    assert "(needs median cosine >= 1.01 and overlap >= 1.01)" in message and "accept_int8" in message
+    assert "\n" not in message and not out.exists() and not list(tmp_path.iterdir())
+    # The CLI: the default thresholds (raised here), one line naming the override, exit 2, no file.
+    monkeypatch.setattr(embedder_module, "INT8_MIN_OVERLAP", 1.01)
+    r = embed_cli(setup, out, "--precision", "int8")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("imgvec: error: --precision int8 changes") and "--accept-int8" in r.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    r = embed_cli(setup, out, "--precision", "int8", "--accept-int8")  # the override writes it
+    assert r.exit_code == 0 and out.exists(), r.stderr
+
+
+def test_int8_and_float32_rows_never_mix(setup, tmp_path):
+    f32, int8 = tmp_path / "f.h5", tmp_path / "q.h5"
+    imgvec.embed([setup["folder"]], f32, **setup["kw"])
+    imgvec.embed([setup["folder"]], int8, precision="int8", accept_int8=True, **setup["kw"])
+    # int8 rows into a float32 store (and float32 rows into an int8 one) are refused, by the one gate.
+    r = embed_cli(setup, f32, "--precision", "int8", "--accept-int8")
+    assert r.exit_code == 3 and "(quantization: none vs int8)" in r.stderr, r.stderr
+    with pytest.raises(MismatchError, match=r"quantization: int8, calibrated on 24 images .* vs none"):
+        imgvec.embed([setup["folder"]], int8, precision="float32")
+    with pytest.raises(MismatchError, match=r"quantization: none vs int8, calibrated on 24 images"):
+        imgvec.merge([f32, int8], tmp_path / "m.h5")
+    # A head trained on the float32 store does not label the int8 store's rows (nor the other way round).
+    imgvec.train(f32, tmp_path / "head.h5", cv=2)
+    with pytest.raises(MismatchError, match=r"quantization: none vs int8"):
+        imgvec.predict(tmp_path / "head.h5", [int8])
+    # A query of the int8 store embeds its images with the same int8 model: each finds itself.
+    r = imgvec.query(int8, [setup["folder"] / "reds"], k=1)
+    for q in r.queries:
+        assert q.results[0].path == f"reds/{Path(q.query).name}" and q.results[0].score > 0.9999
+
+
+def test_a_query_quantizes_again_from_the_recorded_images_and_refuses_once_they_changed(setup, tmp_path,
+                                                                                         fresh_cache):
+    import shutil
+
+    folder = shutil.copytree(setup["folder"], tmp_path / "photos")
+    store = tmp_path / "q.h5"
+    imgvec.embed([folder], store, precision="int8", accept_int8=True, **setup["kw"])
+    model_cache.clear_cache()
+    loader.release_engines()
+    r = imgvec.query(store, [folder / "reds" / "reds_000.png"], k=1)
+    assert fresh_cache == [1, 1] and r.queries[0].results[0].score > 0.9999  # the same model again
+    model_cache.clear_cache()
+    loader.release_engines()
+    (folder / "blues" / "blues_000.png").write_bytes((folder / "reds" / "reds_000.png").read_bytes())
+    with pytest.raises(MismatchError, match="calibrated on 24 images under .* which are no longer the same"):
+        imgvec.query(store, [folder / "reds" / "reds_000.png"], k=1)
+
+
+def test_int8_runs_on_openvino_only(setup):
+    calibration = Calibration.of(str(setup["folder"]), ["reds/reds_000.png"])
+    with pytest.raises(BadInputError, match="^precision int8 runs on the openvino runtime .*not tensorflow"):
+        loader.load_engine("tensorflow", "mobilenetv3small", "none", 64, "int8", "cpu", calibration)
+    with pytest.raises(BadInputError, match="^precision int8 is calibrated on images"):
+        loader.load_engine("openvino", "mobilenetv3small", "none", 64, "int8", "cpu")
+
+
+def test_files_made_before_int8_read_as_float32_and_a_forged_calibration_is_damage():
+    base = {"backbone": "mobilenetv3small", "weights": "random", "weights_seed": 0, "input_size": 64,
+            "preprocessing": "x", "dim": 576}
+    old = read_provenance(base)
+    assert (old.precision, old.calibration_sha256, old.quantization) == ("float32", "", "none")
+    assert old.key() == read_provenance({**base, "precision": "mixed"}).key()  # mixed still compares as float
+    with pytest.raises(BadInputError, match="precision int8 without a calibration_sha256"):
+        read_provenance({**base, "precision": "int8"})
+    for forged in ('["../../etc/passwd"]', '{"a": 1}', "[1, 2]", "not json", json.dumps(["a"] * 1001)):
+        with pytest.raises(BadInputError, match="the int8 calibration recorded in the file is not a list"):
+            read_provenance({**base, "precision": "int8", "calibration_sha256": "ab", "calibration_keys": forged})
+
+
+def test_samples_are_spread_over_the_folder_and_overlap_counts_neighbours_kept():
+    keys = [f"c{c}/{i:03d}.jpg" for c in range(4) for i in range(100)]
+    sample = calibration_sample(keys[::-1], 100)
+    assert len(sample) == 100 and sample == sorted(sample) and {k[:2] for k in sample} == {"c0", "c1", "c2", "c3"}
+    checked = check_sample(keys, sample, 200)
+    assert len(checked) == 200 and not set(checked) & set(sample)
+    assert check_sample(keys[:20], keys[:20], 200) == sorted(keys[:20])  # too few others: any of them
+    x = np.random.default_rng(0).standard_normal((50, 8))
+    assert neighbour_overlap(x, x, 10) == 1.0
+    assert neighbour_overlap(x, x + 1e-9, 10) == 1.0
+    assert neighbour_overlap(x, np.random.default_rng(1).standard_normal((50, 8)), 10) < 0.5
