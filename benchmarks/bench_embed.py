@@ -36,6 +36,7 @@ pretrained weights offline (``efficientnetlite0`` once merged) run them; the oth
 random weights, labelled so, whose figures are for speed only.
 
     python -m benchmarks.bench_embed --int8 efficientnetlite0,mobilenetv2 [--retrieval DIR] [--images 300]
+    python -m benchmarks.bench_embed --int8 default     # every backbone of INT8_MODELS in the registry
 """
 
 from __future__ import annotations
@@ -519,8 +520,37 @@ def markdown_int8(data: dict[str, Any]) -> str:
             + f" Load average (1 min) before-after: {loads}.\n")
 
 
+INT8_MODELS = ("efficientnetlite0", "mobilenetv2", "efficientnetb0", "resnet50")  # those in the registry run
+
+
+def int8_models(asked: str) -> list[str]:
+    """``default``: :data:`INT8_MODELS` that the registry has (efficientnetlite0 once merged); else the list."""
+    from imgvec.backbones.registry import BACKBONES
+
+    return [m for m in INT8_MODELS if m in BACKBONES] if asked == "default" else asked.split(",")
+
+
+def retrieval_folder(per_class: int) -> Path | None:
+    """Augmented copies of packaged photos (``synthetic.make_photo_folder``, once merged), cached; else None."""
+    from imgvec import synthetic
+
+    make = getattr(synthetic, "make_photo_folder", None)
+    if make is None:
+        return None
+    folder = OUT / f"augmented-{per_class}"
+    if not (folder / ".complete").exists():
+        try:
+            make(folder, per_class=per_class)
+        except ImportError as error:  # scikit-image missing
+            print(f"# no augmented copies ({error}): precision@10 left out", file=sys.stderr)
+            return None
+        (folder / ".complete").write_text("")
+    return folder
+
+
 def main_int8(models: list[str], n: int, repeats: int, retrieval: Path | None, quick: bool) -> dict[str, Any]:
     folder = photo_folder(n)
+    retrieval = retrieval or retrieval_folder(4 if quick else 20)
     results = []
     for name in models:
         t = time.perf_counter()
@@ -540,13 +570,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--int8", default=None, metavar="BACKBONES",
-                    help="instead: int8 against float32 for these comma-separated backbones (embed-int8.json)")
+                    help="instead: int8 against float32 for these comma-separated backbones, or 'default' (embed-int8.json)")
     ap.add_argument("--retrieval", type=Path, default=None,
-                    help="with --int8: labelled folder of augmented copies for precision@10")
+                    help="with --int8: labelled folder of augmented copies for precision@10 (default: made by "
+                         "synthetic.make_photo_folder where it exists)")
     args = ap.parse_args(argv)
     quick = args.quick
     if args.int8:
-        return main_int8(args.int8.split(","), args.images or (32 if quick else 300),
+        return main_int8(int8_models(args.int8), args.images or (32 if quick else 300),
                          args.repeats or (1 if quick else 3), args.retrieval, quick)
     models = args.models.split(",") if args.models else (["mobilenetv2"] if quick else list(MODELS))
     n = args.images or (64 if quick else 300)
