@@ -75,6 +75,9 @@ def test_an_int8_store_records_its_precision_and_calibration_and_a_second_run_qu
     assert prov.calibration_sha256 == calibration_digest(root, keys)
     assert prov.quantization == f"int8, calibrated on 24 images (sha256 {prov.calibration_sha256[:12]})"
     assert np.isfinite(rows).all() and rows.shape == (24, 576)
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "a.h5")])
+    assert "provenance.precision" in info.stdout and "int8" in info.stdout
+    assert "24 images (listed by --format json)" in info.stdout and "reds_000" not in info.stdout
     # The quantized model is in the cache under its own entry, beside the float32 one it was made from.
     listed = {e.weights: e for e in model_cache.cache_entries()}
     assert any(w.endswith("int8 (calibrated on 24 images)") and e.ok for w, e in listed.items()), listed
@@ -185,3 +188,26 @@ def test_samples_are_spread_over_the_folder_and_overlap_counts_neighbours_kept()
     assert neighbour_overlap(x, x, 10) == 1.0
     assert neighbour_overlap(x, x + 1e-9, 10) == 1.0
     assert neighbour_overlap(x, np.random.default_rng(1).standard_normal((50, 8)), 10) < 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(__import__("imgvec.backbones.registry", fromlist=["BACKBONES"]).BACKBONES))
+def test_every_backbone_quantizes(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """NNCF quantizes every registry backbone (BatchNorm-calibrated random weights, 8 generated images):
+    finite int8 rows that are not float32's under another name."""
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.synthetic import make_image_folder
+
+    monkeypatch.setenv("IMGVEC_CACHE_DIR", str(tmp_path / "cache"))
+    size = max(get_backbone(name).min_size, 64)
+    weights = parse_weights(str(calibrated_weights(name, size, tmp_path / "w.weights.h5")))
+    folder = make_image_folder(tmp_path / "photos", per_class=2, size=size, seed=2)
+    keys = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    calibration = Calibration.of(str(folder), keys)
+    pixels = calibration.pixels(size)
+    int8 = loader.load_engine("openvino", name, weights, size, "int8", "cpu", calibration)(pixels)
+    f32 = loader.load_engine("openvino", name, weights, size, "float32", "cpu")(pixels)
+    cos = loader.row_cosines(int8, f32)
+    assert np.isfinite(int8).all() and int8.shape == f32.shape
+    assert np.median(cos) > 0.5 and not np.array_equal(int8, f32)
+    loader.release_engines()

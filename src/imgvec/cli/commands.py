@@ -430,7 +430,9 @@ def info(
     if prov.is_random:
         data["WARNING"] = "RANDOM weights: not pretrained"
     made = {"created": "created (when the embeddings were made)"}  # a head's or index's own time is not recorded
-    rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in vars(prov).items() if v not in (None, "")]
+    shown = {**vars(prov), "calibration_keys": f"{len(prov.calibration())} images (listed by --format json)"
+             if prov.calibration_keys else ""}  # up to 100 paths: too long for a table cell
+    rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in shown.items() if v not in (None, "")]
     typer.echo(report.table(None, ["field", "value"], rows), nl=False)
 
 

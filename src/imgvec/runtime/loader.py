@@ -38,7 +38,7 @@ from imgvec.backbones.device import DEVICES, PRECISIONS, gpu_in_use
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Calibration, Engine, RuntimeNote
 from imgvec.errors import BadInputError, param
 from imgvec.runtime.model_cache import (CacheEntry, ConversionFailed, cache_dir, cache_entries, cache_key, clear_cache, compiled_model,
-                          entry_path)
+                          entry_path, quantized_model)
 from imgvec.runtime.openvino_engine import OpenVINOEngine
 from imgvec.runtime.tensorflow_engine import TensorFlowEngine
 from imgvec.versions import dist_version
@@ -175,12 +175,15 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     return engine
 
 
-def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto") -> None:
+def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto",
+            calibration: Calibration | None = None) -> None:
     """Do once, here, what each process loading this engine would otherwise repeat: OpenVINO's
-    conversion (Ray workers then only load the cached model)."""
+    conversion, and with a ``calibration`` the int8 quantization (Ray workers then only load the cached model)."""
     if resolve_runtime(runtime, device) == "openvino":
         with contextlib.suppress(ConversionFailed):  # the workers fall back to TensorFlow themselves
             compiled_model(backbone, weights, image_size)
+            if calibration is not None:
+                quantized_model(backbone, weights, image_size, calibration)
 
 
 def release_engines() -> int:
