@@ -7,7 +7,8 @@ afterwards unless ``--keep``), then times in fresh child processes, alternating 
 ``--before`` (a git revision, extracted to a temporary folder) with this work tree's:
 
 * ``open``: ``open_store`` (header and structure checks) and close;
-* ``open+keys``: open and read every path and label (what ``info`` and ``query`` do), where the
+* ``open+hits``: open and read the paths and labels of 10 rows (a query's hits);
+* ``open+keys``: open and read every path and label (what ``info`` does), where the
   string lengths are now summed before the strings are read.
 
 Each child reports the wall time and the peak RSS above what it held before opening (Linux: the
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import OUT, ROOT, generated_store, write_result
+from .common import OUT, ROOT, generated_store, load_average, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -48,6 +49,9 @@ t = time.perf_counter()
 with open_store(path) as s:
     if what == "open+keys":
         n = len(s.paths()) + len(s.labels())
+    elif what == "open+hits":  # what a query reads besides its index: 10 hits' paths and labels
+        hits = [(i * 7919 * 104729) % s.rows for i in range(10)]
+        n = len(s.paths_at(hits)) + len(s.labels_at(hits))
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "peak_rss_mb": (rss_kb("VmHWM:") - base) / 1024}))
 """
@@ -83,7 +87,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             sources = {"before": _extract(args.before, Path(tmp)), "after": ROOT.parent / "src"}
             results: dict[str, dict[str, dict[str, list[float]]]] = {}
-            for what in ("open", "open+keys"):
+            for what in ("open", "open+hits", "open+keys"):
                 runs: dict[str, list[dict[str, float]]] = {name: [] for name in sources}
                 _child(sources["after"], path, what)  # warm the page cache
                 for r in range(args.repeats):
@@ -98,6 +102,7 @@ def main() -> None:
                              "added_percent": 100 * (med["after"]["seconds"] / med["before"]["seconds"] - 1),
                              "added_rss_mb": med["after"]["peak_rss_mb"] - med["before"]["peak_rss_mb"]}
         out = write_result("open", {"rows": args.rows, "dim": args.dim, "file_bytes": path.stat().st_size,
+                                    "load_average": load_average(),
                                     "before": args.before, "repeats": args.repeats, "summary": summary,
                                     "runs": results})
         print(json.dumps(summary, indent=1))

@@ -20,7 +20,13 @@ at once: the files as their writer left them in the page cache), ``cold`` (the s
 index evicted from the page cache, the server started again) and ``warm`` (the main runs above). Each is
 measured once the server reports its preload done.
 
-    python -m benchmarks.bench_serve [--quick] [--rows 100000] [--full (1,000,000 rows)] [--keep]
+``--hostile`` adds a run under attack (issue 26): 8 clients send GETs while 200 connections stay
+open sending nothing and 4 clients post, over and over, the costliest upload the service accepts (a
+16-bit grey PNG whose decoding costs most of the memory budget: a small file); GET p99 and the
+server's RSS against its stated bound (RSS once loaded and warm + the memory budget).
+
+    python -m benchmarks.bench_serve [--quick] [--rows 100000] [--full (1,000,000 rows)] [--keep] [--hostile]
+        [--no-states] [--drop-caches]
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def jpeg_500x375() -> bytes:
 class Server:
     """``imgvec serve`` in a child process; its port once it says it is ready, its peak RSS at the end."""
 
-    def __init__(self, store: Path, index: Path) -> None:
+    def __init__(self, store: Path, index: Path, *args: str) -> None:
         import socket
 
         with socket.socket() as s:
@@ -84,7 +90,7 @@ class Server:
             self.port = s.getsockname()[1]
         t = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "imgvec", "serve", str(store), "--index", str(index),
-                                      "--port", str(self.port), "--runtime", "openvino"], stderr=subprocess.PIPE,
+                                      "--port", str(self.port), "--runtime", "openvino", *args], stderr=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, text=True, env=_env())
         line = self.proc.stderr.readline() if self.proc.stderr else ""
         if not line.startswith("imgvec serve: http"):
@@ -103,9 +109,9 @@ class Server:
         finally:
             conn.close()
 
-    def peak_rss_mb(self) -> float:
+    def peak_rss_mb(self, field: str = "VmHWM") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -175,7 +181,7 @@ def stages(store: Path, index: Path, body: bytes, repeats: int = 50) -> dict[str
     import faiss
     from imgvec.files.images import load_image
     from imgvec.vectors.index import search_store
-    from imgvec.service.serve import Service
+    from imgvec.service.service import Service
 
     faiss.omp_set_num_threads(1)  # as imgvec serve runs its searches
     service = Service(store, runtime="openvino", index=index)
@@ -280,9 +286,10 @@ def measure_states(store: Path, index: Path, rows: int, body: bytes, get_request
 
 
 def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_requests: int, seconds: float,
-            keep: bool, states: bool = True, drop: bool = False) -> dict[str, Any]:
+            keep: bool, states: bool = True, drop: bool = False, with_hostile: bool = False) -> dict[str, Any]:
     store, index, made = make_store(rows)
     try:
+        attacked = hostile(store, index, rows, seconds) if with_hostile else None
         body = jpeg_500x375()
         load_before = load_average()
         state_runs = measure_states(store, index, rows, body, get_requests, post_requests, seconds, drop) if states else {}
@@ -314,7 +321,127 @@ def measure(rows: int, clients: tuple[int, ...], get_requests: int, post_request
                                                                    r["endpoint"].startswith("GET")),
                                                   "post": next(r for r in runs if r["clients"] == 8 and
                                                                     r["endpoint"].startswith("POST")),
-                                                  "load_average": load_after}} if 8 in clients else {})}}
+                                                  "load_average": load_after}} if 8 in clients else {})},
+            **({"hostile": attacked} if attacked else {})}
+
+
+HOSTILE_BUDGET_MB = 256  # the service's --memory-budget in the hostile run
+
+
+def costliest_upload(budget: int, image_size: int) -> bytes:
+    """The 16-bit grey PNG (a gradient: a small file) whose decoding costs the most under ``budget``
+    bytes with the upload's own share (twice its body) beside it: the most one request can take."""
+    from PIL import Image
+
+    from imgvec.files.images import decode_cost
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray((np.arange(side * side, dtype=np.uint32).reshape(side, side) % 65535).astype(np.uint16)
+                        ).save(buf, "PNG")
+        return buf.getvalue()
+
+    def cost(side: int) -> int:
+        data = png(side)
+        with Image.open(io.BytesIO(data)) as im:
+            return decode_cost(im, image_size, len(data)) + 2 * len(data)
+
+    low, high = 64, 16384
+    while high - low > 16:  # the cost grows with the side
+        mid = (low + high) // 2
+        low, high = (mid, high) if cost(mid) <= budget else (low, mid)
+    return png(low)
+
+
+def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200, uploaders: int = 4,
+            clients: int = 8) -> dict[str, Any]:
+    """GET latency and server RSS while ``idle`` connections send nothing and ``uploaders`` clients keep
+    posting the costliest upload, against a service with a memory budget of HOSTILE_BUDGET_MB."""
+    import socket
+
+    budget = HOSTILE_BUDGET_MB << 20
+    server = Server(store, index, "--memory-budget", str(HOSTILE_BUDGET_MB))
+    try:
+        size = server.get_json("/api/info")["provenance"]["input_size"]
+        heavy = costliest_upload(budget, size)
+        warm = jpeg_500x375()
+        for _ in range(3):  # the model warm at a few batch sizes, as in the normal runs
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("POST", "/api/query?k=10", body=warm, headers={"Content-Type": "image/jpeg"})
+            conn.getresponse().read()
+            conn.close()
+        loaded_mb = server.peak_rss_mb()
+        stop = threading.Event()
+        reconnects = [0]
+
+        def hold_idle() -> None:
+            """``idle`` connections that send nothing, each opened again as soon as the server closes it."""
+            import selectors
+
+            sel = selectors.DefaultSelector()
+            for _ in range(idle):
+                sel.register(socket.create_connection(("127.0.0.1", server.port), timeout=60), selectors.EVENT_READ)
+            try:
+                while not stop.is_set():
+                    for key, _ in sel.select(timeout=0.2):
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()  # closed by the server (header timeout): open another
+                        sel.register(socket.create_connection(("127.0.0.1", server.port), timeout=60),
+                                     selectors.EVENT_READ)
+                        reconnects[0] += 1
+            finally:
+                for key in list(sel.get_map().values()):
+                    key.fileobj.close()
+
+        idler = threading.Thread(target=hold_idle)
+        idler.start()
+        upload_status: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def upload() -> None:
+            while not stop.is_set():
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+                try:
+                    conn.request("POST", "/api/query?k=10", body=heavy, headers={"Content-Type": "image/png"})
+                    status = conn.getresponse().status
+                except OSError:
+                    status = 0  # closed by the server
+                finally:
+                    conn.close()
+                with lock:
+                    upload_status[status] = upload_status.get(status, 0) + 1
+
+        uploading = [threading.Thread(target=upload) for _ in range(uploaders)]
+        for th in uploading:
+            th.start()
+
+        def get(conn: http.client.HTTPConnection, i: int) -> int:
+            conn.request("GET", f"/api/query?path=img_{(i * 2654435761) % rows:07d}.jpg&k=10")
+            response = conn.getresponse()
+            response.read()
+            return response.status
+
+        try:
+            run = load(server.port, get, clients, 10**9, seconds)
+        finally:
+            stop.set()
+            for th in [*uploading, idler]:
+                th.join()
+        peak_mb = server.peak_rss_mb()
+    finally:
+        server.stop()
+    return {"endpoint": "GET /api/query?path=...&k=10", **run, "idle_connections": idle,
+            "idle_reopened": reconnects[0], "uploaders": uploaders,
+            "upload_pixels": _png_pixels(heavy), "upload_bytes": len(heavy), "upload_status": upload_status,
+            "memory_budget_mb": HOSTILE_BUDGET_MB, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb,
+            "rss_bound_mb": loaded_mb + HOSTILE_BUDGET_MB, "rss_within_bound": peak_mb <= loaded_mb + HOSTILE_BUDGET_MB}
+
+
+def _png_pixels(data: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size[0] * im.size[1]
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -360,6 +487,16 @@ def markdown(data: dict[str, Any]) -> str:
                            f"{STATE_TARGETS['get_p50_ms']:g} ms, p99 <= {STATE_TARGETS['get_p99_ms']:g} ms): "
                            + "; ".join(said) + ".\n")
         eight = {r["endpoint"].split()[0]: r for r in m["runs"] if r["clients"] == 8}
+        if "hostile" in m:
+            h = m["hostile"]
+            out.append(f"\nUnder attack ({h['idle_connections']} idle connections, {h['uploaders']} clients posting a "
+                       f"{h['upload_pixels']:,}-pixel 16-bit PNG of {h['upload_bytes']:,} bytes over and over, memory "
+                       f"budget {h['memory_budget_mb']} MB): {h['clients']} GET clients, p50 {h['p50_ms']:.1f} ms, "
+                       f"p99 {h['p99_ms']:.1f} ms (<= {TARGETS['get_p99_ms']:g}: "
+                       f"{'met' if h['p99_ms'] <= TARGETS['get_p99_ms'] else '**not met**'}), {h['errors']} errors; "
+                       f"uploads answered {h['upload_status']}; server RSS {h['peak_rss_mb']:,.0f} MB at its peak "
+                       f"against the bound {h['rss_bound_mb']:,.0f} MB (loaded {h['loaded_rss_mb']:,.0f} + budget): "
+                       f"{'within' if h['rss_within_bound'] else '**over**'}.\n")
         if m["rows"] >= 1_000_000 and eight:
             g, p = eight["GET"], eight["POST"]
             verdicts = [f"{what} {got:.1f} ms (<= {limit:g}): {'met' if got <= limit else '**not met**'}"
@@ -378,6 +515,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", type=int, nargs="*", default=None,
                     help="these store sizes instead (their results replace those sizes' earlier ones)")
     ap.add_argument("--seconds", type=float, default=None, help="at most this long per load run")
+    ap.add_argument("--hostile", action="store_true",
+                    help="also a run under attack: idle connections and the costliest uploads beside the GET clients")
     ap.add_argument("--keep", action="store_true",
                     help="keep the stores and indexes this run makes (bench_query_scale --keep reuses them)")
     ap.add_argument("--no-states", action="store_true", help="leave out the after-index and cold states")
@@ -389,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = NAME + ("-quick" if args.quick else "")
     load_start = load_average()
     measurements = [measure(rows, (1, 8), 300 if args.quick else 2000, 60 if args.quick else 400, seconds, args.keep,
-                            not args.no_states, args.drop_caches) for rows in sizes]
+                            not args.no_states, args.drop_caches, args.hostile) for rows in sizes]
     if args.rows:
         from .common import RESULTS
 

@@ -6,7 +6,9 @@
 A generated section sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->``; NAME is
 one of :data:`SECTIONS`: ``backbones`` (the registry, imgvec.backbones.registry: the same figures as
 ``imgvec models``), ``performance`` (the committed benchmarks/results/*.json, through each
-benchmark's own ``markdown``), ``cli`` (the typer app's commands and options).
+benchmark's own ``markdown``), ``quality`` (benchmarks/results/quality.json: pretrained against random
+weights, the one benchmark not about speed), ``cli`` (the typer app's commands and options), ``layers``
+(docs/design.md: pyproject.toml's import-linter contracts and each package's docstring).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ REPO = ROOT.parent
 FILES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
 
-BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve")
+BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve", "quality")
+QUALITY = "quality"  # its own section (pretrained weights), not part of ``performance`` (random weights)
 BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
                 "query_scale": "Query process against rows: mapped indexes",
                 "query": "Query latency", "dedup": "Near duplicates",
@@ -40,15 +43,17 @@ def _cell(value: Any) -> str:
 def backbones() -> str:
     """The registry as a table: what ``imgvec models`` prints, with Keras' published figures."""
     from imgvec.backbones.registry import BACKBONES
+    from imgvec.results import MODEL_COLUMNS, model_cell
 
     rows = ["| name | keras.applications | input | dim | params | preprocess_input | ImageNet top-1 | top-5 | "
             "size (MB) | depth | images/s |",
             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for b in BACKBONES.values():
         pre = b.preprocessing.split(":")[0]
-        rows.append(f"| {b.name} | {b.constructor} | {b.input_size} | {b.dim} | {b.params / 1e6:.1f}M | "
-                    f"{b.module}: {pre} | {_cell(b.top1 and f'{b.top1:.3f}')} | {_cell(b.top5 and f'{b.top5:.3f}')} | "
-                    f"{_cell(b.size_mb)} | {_cell(b.depth)} | {_cell(b.images_per_second)} |")
+        cell = {c: model_cell(c, getattr(b, c)) for c in MODEL_COLUMNS}  # as `imgvec models` prints them
+        rows.append(f"| {b.name} | {b.constructor} | {cell['input_size']} | {cell['dim']} | {cell['params']} | "
+                    f"{b.module}: {pre} | {cell['top1']} | {cell['top5']} | {cell['size_mb']} | {cell['depth']} | "
+                    f"{cell['images_per_second']} |")
     return "\n".join(rows) + "\n"
 
 
@@ -67,7 +72,7 @@ def performance() -> str:
              "quality.", ""]
     machine = None
     for name in BENCH_ORDER:
-        data = _load(name)
+        data = _load(name) if name != QUALITY else None
         if data is None:
             continue
         machine = machine or data.get("machine")
@@ -83,6 +88,17 @@ def performance() -> str:
         parts += [f"_Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python {machine.get('python')}; "
                   f"{versions}._", ""]
     return "\n".join(parts)
+
+
+def quality() -> str:
+    """Precision@10 of finding a photo's augmented copies: pretrained efficientnetlite0 against random weights."""
+    data = _load(QUALITY)
+    if data is None:
+        return "_Not measured yet: `python -m benchmarks.bench_quality`._\n"
+    from . import bench_quality
+
+    quick = " (quick run)" if data.get("quick") else ""
+    return f"Measured with `python -m benchmarks.bench_quality`{quick} ({data.get('date')}).\n\n" + bench_quality.markdown(data)
 
 
 def cli() -> str:
@@ -116,7 +132,69 @@ def cli() -> str:
     return "\n".join(out)
 
 
-SECTIONS: dict[str, Callable[[], str]] = {"backbones": backbones, "performance": performance, "cli": cli}
+def _docstring(name: str) -> str:
+    """The first paragraph of ``imgvec.<name>``'s docstring (a package's ``__init__``), read without importing it."""
+    import ast
+
+    src = REPO / "src" / "imgvec"
+    path = src / name / "__init__.py" if (src / name).is_dir() else src / f"{name}.py"
+    doc = " ".join((ast.get_docstring(ast.parse(path.read_text())) or "").split("\n\n")[0].split())
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", doc).replace("``", "`")  # reST roles and literals -> Markdown
+    return doc.replace("|", "\\|")
+
+
+def _modules(name: str, inner: dict[str, list[str]]) -> tuple[str, str]:
+    """How ``imgvec.<name>`` is shown (a package with a slash), and its modules in their contract's order
+    (a package without a layers contract: its modules by name)."""
+    folder = REPO / "src" / "imgvec" / name
+    if not folder.is_dir():
+        return f"`{name}`", ""
+    if name in inner:
+        return f"`{name}/`", _layers_of(inner[name])
+    return f"`{name}/`", ", ".join(f"`{p.stem}`" for p in sorted(folder.glob("*.py")) if p.stem != "__init__")
+
+
+def _layers_of(layers: list[str]) -> str:
+    """A layers contract's order in words: ``a -> b, c -> d`` (a comma: independent of each other)."""
+    return " -> ".join(", ".join(f"`{m.strip()}`" for m in layer.split("|")) for layer in layers)
+
+
+def layers() -> str:
+    """The packages and modules in the order of pyproject.toml's import-linter contracts, each with what its
+    docstring says it holds: the layers as the contracts (run by tests/test_layers.py) enforce them."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    top = next(c for c in contracts if c["type"] == "layers" and c["containers"] == ["imgvec"])
+    inner = {c["containers"][0].removeprefix("imgvec."): c["layers"] for c in contracts
+             if c["type"] == "layers" and c["containers"] != ["imgvec"]}
+    out = ["| layer | package or module | holds | its modules (each imports only those after it) |",
+           "|---|---|---|---|"]
+    for i, layer in enumerate(top["layers"], 1):
+        for name in (n.strip() for n in layer.split("|")):
+            shown, modules = _modules(name, inner)
+            out.append(f"| {i} | {shown} | {_docstring(name)} | {modules} |")
+    out += ["", "Beside the stack (the layers contract leaves them out; the contracts below hold them):", "",
+            "| package or module | holds | its modules |", "|---|---|---|"]
+    for name in top.get("exhaustive_ignores", []):
+        shown, modules = _modules(name, inner)
+        out.append(f"| {shown} | {_docstring(name)} | {modules} |")
+    out += ["", "| contract | rule |", "|---|---|"]
+    for c in contracts:
+        if c["type"] == "forbidden":
+            how = "directly (through the api is how it works)" if c.get("allow_indirect_imports") else "at all"
+            rule = (f"{', '.join(f'`{m}`' for m in c['source_modules'])} never import "
+                    f"{', '.join(f'`{m}`' for m in c['forbidden_modules'])} {how}")
+        elif c["type"] == "independence":
+            rule = f"{', '.join(f'`{m}`' for m in c['modules'])} import none of each other"
+        else:
+            continue
+        out.append(f"| {c['name']} | {rule} |")
+    return "\n".join(out)
+
+
+SECTIONS: dict[str, Callable[[], str]] = {"backbones": backbones, "performance": performance, "quality": quality,
+                                          "cli": cli, "layers": layers}
 
 
 def doc_files() -> list[Path]:

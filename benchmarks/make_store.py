@@ -61,11 +61,12 @@ def clustered_unit_rows(dim: int, clusters: int = 1000, spread: float = 0.7, see
 def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | None = None,
                 model: str | None = None, image_size: int | None = None, chunk: int = 16_384) -> Path:
     """Write a store of ``rows`` generated rows to ``path`` atomically, ``chunk`` rows at a time."""
-    import h5py
 
-    from imgvec.files.artifact import Header, encode_keys, write_header
+    from imgvec.files.header import Header, write_header
+    from imgvec.files.strings import encode_keys
     from imgvec.fileio import atomic_path
     from imgvec.files.provenance import Provenance
+    from imgvec.files.h5format import new_file
     from imgvec.vectors.store import _init_layout
 
     path = Path(path)
@@ -75,7 +76,7 @@ def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | 
         raise SystemExit(f"make_store: {backbone.name} needs --image-size of at least {backbone.min_size}")
     fill = fill or clustered_unit_rows(dim)
     prov = Provenance(backbone.name, "random", 0, None, None, size, backbone.preprocessing, dim)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(path) as tmp, new_file(tmp) as h5:  # imgvec's pinned format, as a store writer makes it
         _init_layout(h5, prov, str(path.resolve().parent))
         for name in ("embeddings", "paths", "labels"):
             h5[name].resize(rows, axis=0)

@@ -18,6 +18,7 @@ _KERAS_HOME = tempfile.mkdtemp(prefix="imgvec-keras-home-")
 os.environ["KERAS_HOME"] = _KERAS_HOME
 # Compiled OpenVINO models: one fresh cache per test session, shared by its subprocesses.
 os.environ["IMGVEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="imgvec-cache-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="imgvec-config-")  # the cache's key, made per session
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
     os.environ[var] = "http://127.0.0.1:9"  # discard port: any download attempt fails at once

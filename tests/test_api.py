@@ -116,9 +116,9 @@ def test_stale_index_is_detected(store_path: Path, image_dir: Path, tmp_path: Pa
     partial = imgvec.query(copy, [extra / "reds" / "new.png"], k=2)
     assert partial.unindexed == 1 and "1 of 25 rows" in partial.notes[0] and "imgvec index" in partial.notes[0]
     assert {Path(n.path).name for n in partial.queries[0].results} == {"new.png", "reds_000.png"}
-    assert imgvec.info(copy)["index"]["state"].startswith("stale: index covers 24 rows")
+    assert imgvec.info(copy).fields["index"]["state"].startswith("stale: index covers 24 rows")
     imgvec.build_index(copy)
-    assert imgvec.info(copy)["index"]["state"] == "up to date"
+    assert imgvec.info(copy).fields["index"]["state"] == "up to date"
     top = imgvec.query(copy, [extra / "reds" / "new.png"], k=2).queries[0].results  # new.png is a copy of reds_000
     assert {Path(n.path).name for n in top} == {"new.png", "reds_000.png"} and top[1].score > 0.999
 
@@ -160,7 +160,7 @@ def test_sync_drops_removed_files_and_index_catches_up(tmp_path: Path, image_dir
     found = {n.path for q in hits.queries for n in q.results}
     assert "blues/blues_001.png" not in found and len(hits.queries[0].results) == 24
     assert hits.queries[-1].results[0].path in {"reds/copy.png", "reds/reds_000.png"}
-    assert imgvec.info(store)["index"]["state"] == "up to date"
+    assert imgvec.info(store).fields["index"]["state"] == "up to date"
     # And the index keeps up with later runs (extended again, then queried).
     shutil.copy(folder / "greens" / "greens_000.png", folder / "greens" / "copy.png")
     imgvec.embed([folder], store)
@@ -198,6 +198,8 @@ def test_one_embed_config_reaches_the_embedder(tmp_path: Path, image_dir: Path, 
     config = EmbedConfig(**small, batch_size=5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.batch_size = 6  # type: ignore[misc]
+    with pytest.raises(TypeError):  # by name only: a positional list of ten settings is never read right
+        EmbedConfig(small["model"])  # type: ignore[misc]
     made = []
     real = Embedder.from_config.__func__
 

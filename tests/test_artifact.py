@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imgvec.files.artifact import FORMAT_VERSION
+from imgvec.files.header import FORMAT_VERSION
 from imgvec.vectors.classifier import LogisticHead, read_head, save_head
 from imgvec.cli import app
 from imgvec.embedding.embedder import Embedder
@@ -257,10 +257,30 @@ def test_info_reads_every_kind_from_headers(files: dict[str, Path], monkeypatch)
     import imgvec
 
     monkeypatch.setattr(faiss, "read_index", lambda *a: pytest.fail("info must not deserialise an index"))
-    store, index, head = (imgvec.info(files[k]) for k in ("store", "index", "head"))
+    store, index, head = (imgvec.info(files[k]).to_records() for k in ("store", "index", "head"))
     assert (store["kind"], store["rows"], store["labels"], store["index"]["state"]) == (
         "store", 30, {"a": 10, "b": 10, "c": 10}, "up to date")
     assert (index["kind"], index["index_kind"], index["rows"], index["generation"]) == ("index", "flat", 30, 0)
     assert (head["kind"], head["classes"], head["rows"]) == ("head", ["a", "b", "c"], 30)
     result = CliRunner().invoke(app, ["info", str(files["store"])])
     assert result.exit_code == 0 and "labels.a" in result.stdout and "{" not in result.stdout
+
+
+def test_reading_turns_hdf5s_errors_into_a_damaged_file_line_but_never_imgvecs_own_bugs(tmp_path):
+    """Issue 26: a KeyError or TypeError raised by imgvec's code inside ``reading()`` is a bug, not damage."""
+    import h5py
+
+    from imgvec.errors import BadInputError
+    from imgvec.files.artifact import reading
+
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as h5:
+        h5["x"] = [1, 2]
+    with h5py.File(path, "r") as h5:
+        with pytest.raises(BadInputError, match="damaged imgvec store file .*HDF5 cannot read it"):
+            with reading(path, "store"):
+                h5["missing"]  # h5py's KeyError: what the file lacks
+        for bug in (KeyError("ours"), TypeError("ours")):
+            with pytest.raises(type(bug), match="ours"):
+                with reading(path, "store"):
+                    raise bug

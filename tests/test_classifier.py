@@ -72,6 +72,24 @@ def test_binary_head_matches_sklearn_probabilities():
     Z = StandardScaler().fit_transform(X)
     ref = LogisticRegression(C=1.0, max_iter=1000).fit(Z, y)
     np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(Z), atol=2e-3)
+    assert head.coef_.shape == ref.coef_.shape == (1, X.shape[1]) and head.intercept_.shape == (1,)
+    np.testing.assert_allclose(head.decision_function(X), ref.decision_function(Z), atol=2e-2)
+
+
+def test_a_binary_head_file_keeps_one_row_per_class(tmp_path: Path):
+    """The file format is unchanged: (2, d) rows (-w/2, w/2); in memory scikit-learn's (1, d), exactly back."""
+    X, y = _blobs(12, ["cat", "dog"])
+    head = LogisticHead(cv=3).fit(X, y)
+    prov = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", 16)
+    save_head(head, tmp_path / "head.h5", prov, "store-1")
+    with h5py.File(tmp_path / "head.h5") as h5:
+        coef, intercept = h5["coef"][()], h5["intercept"][()]
+    np.testing.assert_allclose(coef, np.vstack([-head.coef_[0] / 2, head.coef_[0] / 2]), rtol=1e-6)
+    np.testing.assert_allclose(intercept, [-head.intercept_[0] / 2, head.intercept_[0] / 2], rtol=1e-6)
+    loaded, _ = load_head(tmp_path / "head.h5")
+    assert loaded.coef_.shape == (1, X.shape[1])
+    np.testing.assert_allclose(loaded.coef_, head.coef_, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded.decision_function(X), head.decision_function(X), rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_is_plain_data_and_exact(tmp_path: Path):

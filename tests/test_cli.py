@@ -86,7 +86,7 @@ def test_train_then_predict_json(cli_store: Path, holdout_dir: Path, tmp_path: P
 
 def test_models_and_info(cli_store: Path):
     models = json.loads(run("models", "-f", "json").stdout)
-    assert len(models) == 40 and {"name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth",
+    assert len(models) == 41 and {"name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth",
                                   "images_per_second"} <= set(models[0])
     b0 = {m["name"]: m for m in models}["efficientnetb0"]
     assert (b0["dim"], b0["top1"], b0["top5"], b0["size_mb"], b0["depth"]) == (1280, 0.771, 0.933, 29, 132)
@@ -127,7 +127,7 @@ def test_models_sort_by_any_column_and_cite_the_benchmark():
     for m in measured["models"]:  # the registry quotes the committed benchmark, rounded
         assert speeds[m["model"]] == round(m["images_per_s"]["imgvec_openvino"], 1)
     r = run("models", "--sort", "speed", code=2)
-    assert r.stderr.startswith("imgvec: error: --sort 'speed' is not one of name, input_size")
+    assert r.stderr.startswith("imgvec: error: --sort 'speed': expected one of name, input_size")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -228,7 +228,7 @@ def test_real_process_entry_point(tmp_path: Path, image_dir: Path):
     """`python -m imgvec` works, keeps stdout clean for JSON, and --help needs no TensorFlow."""
     out = subprocess.run([sys.executable, "-m", "imgvec", "models", "-f", "json"], capture_output=True, text=True,
                          check=True)
-    assert len(json.loads(out.stdout)) == 40
+    assert len(json.loads(out.stdout)) == 41
     heavy = ("tensorflow", "keras", "sklearn", "scipy", "openvino", "faiss")  # --help starts in a fraction of a second
     code = ("import sys, imgvec.cli; imgvec.cli.app(['--help'], standalone_mode=False); "
             f"print([m for m in {heavy!r} if m in sys.modules])")

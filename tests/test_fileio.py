@@ -138,3 +138,37 @@ def test_write_error_reads_errno_from_hdf5_messages(tmp_path: Path):
     error = OSError("Can't write data (file write failed: time = ..., errno = 28, error message = 'No space')")
     assert str(fileio.write_error(tmp_path / "s.h5", error)) == f"cannot write {tmp_path / 's.h5'}: no space left on the disk"
     assert "permission denied" in str(fileio.write_error("x", PermissionError(errno.EACCES, "Permission denied")))
+
+
+@pytest.mark.parametrize("writer", ["new store", "fold", "head"])
+def test_temporary_files_are_never_created_through_a_link_put_at_their_name(tmp_path: Path, monkeypatch, writer):
+    """Issue 30: a temporary file is created exclusively (O_EXCL), so a link someone put at its name (here,
+    with the random part of the name made known) makes one line and nothing outside the folder."""
+    import numpy as np
+
+    from imgvec.files.provenance import Provenance
+    from imgvec.vectors.classifier import LogisticHead, save_head
+    from imgvec.vectors.store import StoreWriter, create_store
+
+    prov = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", 576)
+    store, outside = tmp_path / "s.h5", tmp_path / "elsewhere" / "target"
+    outside.parent.mkdir()
+    if writer != "new store":
+        with create_store(store, prov, str(tmp_path)) as w:
+            w.append(np.eye(4, 576, dtype=np.float32), ["a", "b", "c", "d"], ["x", "x", "y", "y"])
+    target = tmp_path / "head.h5" if writer == "head" else store
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda n: "feedbeef")  # the name made known
+    monkeypatch.setattr(fileio, "_try_create", lambda path, parent: None)  # its probe would meet the link first
+    link = fileio.temp_path(target)
+    link.symlink_to(outside)
+    with pytest.raises(BadInputError, match="cannot write") as error:
+        if writer == "new store":
+            create_store(store, prov, str(tmp_path))
+        elif writer == "fold":
+            with StoreWriter(store) as w:
+                w.append(np.ones((1, 576), np.float32), ["e"], ["y"])
+        else:
+            head = LogisticHead(cv=2, Cs=(1.0,)).fit(np.eye(4, 576, dtype=np.float32), ["x", "x", "y", "y"])
+            save_head(head, target, prov, "sid", 0, ["a", "b", "c", "d"])
+    assert "\n" not in str(error.value)
+    assert not outside.exists()  # (the link itself, at this writer's temporary name, is removed with it)

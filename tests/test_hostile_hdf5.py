@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 
-from imgvec.files.artifact import header_digest
+from imgvec.files.header import header_digest
 from imgvec.vectors.classifier import LogisticHead, save_head
 from imgvec.files.journal import MAGIC, Record, _encode
 from imgvec.files.provenance import Provenance
@@ -446,7 +446,7 @@ def test_crc_valid_but_malformed_journal_records_are_one_line_and_the_store_stay
     for what, journal, (embed, info, predict) in zip(MALFORMED, journals, zip(*[iter(results)] * 3)):
         assert_one_line([embed, info], str(journal), "damaged imgvec journal")
         assert predict["code"] == 0 and predict["stdout"].count(".png") == 30, (what, predict)
-    assert "NaN or infinite" in results[-3]["stderr"]
+    assert "NaN, infinite or out-of-range" in results[-3]["stderr"]
 
 
 @pytest.mark.parametrize("where", ["journal", "lock"])
@@ -457,6 +457,118 @@ def test_a_fifo_where_the_journal_or_lock_goes_never_hangs(case, where):
     commands = [["embed", str(case["images"]), "-o", str(store)]] + ([["info", str(store)]] if where == "journal" else [])
     results = run_cli(commands, [], timeout=60, kept=(store,))
     assert_one_line(results, str(fifo), "FIFO")
+
+
+# -- chunk indexes, journal strings and lock links (issue 30) ------------------------------------------
+def _chunk_root(path: Path, name: str) -> tuple[int, int]:
+    """(address of the root node of dataset ``name``'s chunk B-tree, its key's dimensions)."""
+    from imgvec.files.chunks import _layout
+    from imgvec.files.h5heap import reader
+
+    with h5py.File(path, "r") as h5:
+        header, _ = h5py.h5g.get_objinfo(h5[name].id).objno  # not h5o.get_info: that walks the tree
+        root, dims = _layout(reader(h5.id.get_vfd_handle()), header, path.stat().st_size)
+    return root, len(dims)
+
+
+def _loop_chunk_index(path: Path, name: str, level: int) -> Path:
+    """Make the root of ``name``'s chunk B-tree an internal node of ``level`` whose one child is itself:
+    HDF5 recursed into it until the stack ran out (SIGSEGV)."""
+    root, rank = _chunk_root(path, name)
+    with open(path, "r+b") as fh:
+        fh.seek(root + 5)
+        fh.write(struct.pack("<BH", level, 1))
+        fh.seek(root + 24 + 8 + 8 * rank)  # the first child, after the node's header and first key
+        fh.write(struct.pack("<Q", root))
+    return path
+
+
+@pytest.mark.parametrize("level", [1, 255], ids=["self-link", "absurd level"])
+@pytest.mark.parametrize("name", ["embeddings", "paths", "labels"])
+def test_a_chunk_index_that_points_to_itself_is_one_line_not_a_crash(case, name, level):
+    store = _loop_chunk_index(case["store"], name, level)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store), "-f", "csv"],
+                       ["dedup", str(store)]], [case["other"]], timeout=120)
+    assert_one_line(results, str(store), f"'{name}'", "chunk B-tree")
+
+
+def _loop_group_tree(path: Path, group: str) -> Path:
+    """Make the root node of ``group``'s symbol-table B-tree an internal node whose one child is itself."""
+    from imgvec.files.h5heap import header_messages, reader
+
+    with h5py.File(path, "r") as h5:
+        header, _ = h5py.h5g.get_objinfo(h5[group].id).objno
+        table = next(body for kind, _, body in header_messages(reader(h5.id.get_vfd_handle()), header,
+                                                               path.stat().st_size) if kind == 0x0011)
+    root = struct.unpack_from("<Q", table)[0]
+    with open(path, "r+b") as fh:
+        fh.seek(root + 5)
+        fh.write(struct.pack("<BH", 1, 1))
+        fh.seek(root + 24 + 8)  # the first child, after the node's header and first key
+        fh.write(struct.pack("<Q", root))
+    return path
+
+
+@pytest.mark.parametrize("group", ["/", "/skipped"])
+def test_a_group_whose_names_b_tree_points_to_itself_is_one_line_not_a_crash(case, group):
+    """The same recursion in a group's symbol table (found while fixing chunk indexes): SIGSEGV on open."""
+    store = _loop_group_tree(case["store"], group)
+    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store), "-f", "csv"]], [case["other"]],
+                      timeout=120)
+    assert_one_line(results, str(store), "group B-tree")
+
+
+def _journal_with(store: Path, records: list[Record]) -> Path:
+    journal = store.with_name(store.name + ".journal")
+    journal.write_bytes(b"".join(_frame(_encode(r)) for r in records))
+    return journal
+
+
+def test_journal_records_whose_strings_no_store_holds_are_dropped_with_a_note_and_the_rest_folds(case):
+    store = case["store"]
+    sid, row = _store_id(store), np.ones((1, D), np.float32)
+    journal = _journal_with(store, [
+        Record(row, ["bad\0key.png"], ["a"], store_id=sid),  # a NUL: h5py refused the whole fold, every run
+        Record(row, ["kept.png"], ["b"], store_id=sid),
+        Record(row, ["surrogate\ud800.png"], ["a"], store_id=sid),  # not UTF-8, even with surrogate escapes
+        Record(row, ["kept2.png"], ["c\0"], store_id=sid),
+        Record(row, ["kept3.png"], ["c"], skipped=[("x\0.png", "bad")], store_id=sid)])
+    embed = ["embed", str(case["images"]), "-o", str(store)]
+    first, again = run_cli([embed, embed], [case["secret"]], limit=16 << 30, timeout=600)
+    for r in (first, again):
+        assert r["exception"] is None and r["code"] == 0, (r["exception"], r["stderr"][-2000:])
+    notes = [line for line in first["stderr"].splitlines() if "dropped" in line]
+    assert len(notes) == 4 and all(n.startswith(f"imgvec: note: {journal}: record ") for n in notes), notes
+    assert [n.split("record ")[1].split()[0] for n in notes] == ["1", "3", "4", "5"]
+    assert "Traceback" not in first["stderr"] + again["stderr"] and "dropped" not in again["stderr"]
+    assert not journal.exists() and not store.with_name(f".{store.name}.lock").exists()  # no lock left either
+    with open_store(store) as s:
+        paths = s.paths()
+        assert "kept.png" in paths and len(paths) == 30 + 1 + 24 and not any("\0" in p for p in paths)
+
+
+@pytest.mark.parametrize("where", ["lock", "journal"])
+def test_a_dangling_link_as_the_lock_or_journal_creates_nothing_outside_the_folder(case, tmp_path, where):
+    store = case["store"]
+    outside = tmp_path / "elsewhere" / "target"
+    outside.parent.mkdir()
+    link = store.with_name(f".{store.name}.lock" if where == "lock" else store.name + ".journal")
+    link.symlink_to(outside)
+    commands = [["embed", str(case["images"]), "-o", str(store)]] + ([["info", str(store)]] if where == "journal" else [])
+    # room for the model: the old writer went on to embed (and created the link's target)
+    results = run_cli(commands, [], limit=16 << 30, timeout=600, kept=(store,))
+    assert_one_line(results, str(link), "symbolic link")
+    assert list(outside.parent.iterdir()) == [] and link.is_symlink()
+
+
+def test_a_journal_linked_to_another_file_never_reads_or_cuts_it(case):
+    """The old writer read the linked file as a journal, found no record and truncated it to 0 bytes."""
+    store, secret = case["store"], case["secret"]
+    store.with_name(store.name + ".journal").symlink_to(secret)
+    results = run_cli([["embed", str(case["images"]), "-o", str(store)], ["info", str(store)]], [secret],
+                      limit=16 << 30, timeout=600)
+    assert_one_line(results, "symbolic link")
+    assert secret.read_bytes() == SECRET
 
 
 # -- vectors that are not numbers ----------------------------------------------------------------------
@@ -480,7 +592,7 @@ def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Pat
         done = subprocess.run(embed, capture_output=True, text=True, timeout=600)
         errors = [line for line in done.stderr.splitlines() if line.startswith("imgvec: error:")]
         assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-        assert "NaN or infinite" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
+        assert "NaN, infinite or out-of-range" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
         assert not store.exists()  # a store this run made that holds no row is not left behind
 
 
@@ -567,3 +679,117 @@ def test_fuzzed_files_end_in_an_answer_or_one_line_never_a_signal_or_the_limit(b
                     assert len(lines[0]) < 500, (what, lines[0][:1000])
         for path in tmp_path.glob("m*.h5"):
             path.unlink()
+
+
+def _chunk_nodes(path: Path) -> dict[int, int]:
+    """Every chunk B-tree node of a store (its roots and, in a big store, the nodes below): address -> rank."""
+    nodes = {}
+    data = path.read_bytes()
+    for name in ("embeddings", "paths", "labels", "skipped/paths", "skipped/reasons"):
+        root, rank = _chunk_root(path, name)
+        todo = [root] if root != 2**64 - 1 else []
+        while todo:
+            node = todo.pop()
+            nodes[node] = rank
+            level, used = data[node + 5], struct.unpack_from("<H", data, node + 6)[0]
+            if level:
+                todo += [struct.unpack_from("<Q", data, node + 24 + i * (16 + 8 * rank) + 8 + 8 * rank)[0]
+                         for i in range(used)]
+    return nodes
+
+
+def _btree_mutants(path: Path, rng: np.random.Generator, n: int) -> list[tuple[str, bytes]]:
+    """``n`` copies of store ``path`` with one chunk B-tree node rewritten: a child made the node itself or
+    another node, a level changed, a child sent elsewhere, an entry count past the node's room."""
+    data, nodes = path.read_bytes(), _chunk_nodes(path)
+    addresses = sorted(nodes)
+    out = []
+    for i in range(n):
+        b = bytearray(data)
+        node = int(rng.choice(addresses))
+        rank = nodes[node]
+        used = max(1, struct.unpack_from("<H", b, node + 6)[0])
+        child = node + 24 + int(rng.integers(0, used)) * (16 + 8 * rank) + 8 + 8 * rank
+        how = i % 4
+        if how == 0:
+            b[node + 5] = int(rng.choice([1, 2, 7, 255]))
+            struct.pack_into("<Q", b, child, node if rng.random() < 0.5 else int(rng.choice(addresses)))
+            what = "child to a node"
+        elif how == 1:
+            b[node + 5] = int(rng.integers(0, 256))
+            what = "level"
+        elif how == 2:
+            target = [0, 40, 96, len(b) - 8, len(b) + 4096, 2**63, 2**64 - 1, int(rng.integers(0, len(b)))]
+            struct.pack_into("<Q", b, child, target[int(rng.integers(0, len(target)))])
+            what = "child address"
+        else:
+            struct.pack_into("<H", b, node + 6, int(rng.choice([0, 65, 1000, 65535])))
+            b[node + 5] = int(rng.integers(0, 3))
+            what = "entries and level"
+        out.append((f"{what} at node {node} #{i}", bytes(b)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [30, 17_000], ids=["one-level", "two-level"])
+def test_fuzzed_chunk_indexes_end_in_an_answer_or_one_line_never_a_signal_or_the_limit(base, tmp_path: Path,
+                                                                                        rows: int):
+    """Chunk B-tree nodes rewritten (issue 30), each store through info and predict in a child under the
+    address-space limit and a time limit: the old reader recursed without end in a looped tree (SIGSEGV)."""
+    source = base["store"] if rows == 30 else _make_store(tmp_path / "big.h5", 3, rows)
+    mutants = _btree_mutants(source, np.random.default_rng(30 + rows), 48)
+    for start in range(0, len(mutants), 24):  # one child per 24 files: a crash names its batch
+        commands, names = [], []
+        for what, data in mutants[start : start + 24]:
+            path = tmp_path / f"m{len(names)}.h5"
+            path.write_bytes(data)
+            names.append(what)
+            commands += [["info", str(path)], ["predict", str(base["head"]), str(path), "-f", "csv"]]
+        results = run_cli(commands, [], kept=(base["head"],), timeout=600)
+        for what, (info, predict) in zip(names, zip(*[iter(results)] * 2)):
+            for r in (info, predict):
+                assert r["exception"] is None, (what, r["args"], r["exception"])
+                if r["code"]:
+                    lines = r["stderr"].splitlines()
+                    assert r["code"] in (2, 3, 4) and len(lines) == 1 and lines[0].startswith("imgvec: error:"), (
+                        what, r["args"], r["stderr"][:2000])
+        for path in tmp_path.glob("m*.h5"):
+            path.unlink()
+
+
+PINNED_CHILD = r"""
+import sys
+from pathlib import Path
+import h5py, numpy as np
+h5py.get_config().track_order = True  # h5py's documented global option: must not change what imgvec writes
+sys.path.insert(0, sys.argv[2])
+from test_hostile_hdf5 import _make_head, _make_store
+from imgvec.vectors.index import build_index
+from imgvec.vectors.store import open_store
+from typer.testing import CliRunner
+from imgvec.cli import app
+root = Path(sys.argv[1])
+store = _make_store(root / "s.h5", 0)
+with open_store(store) as s:
+    build_index(s, "flat").save(root / "s.index.h5")
+_make_head(store, root / "head.h5")
+for name in ("s.h5", "s.index.h5", "head.h5"):
+    r = CliRunner().invoke(app, ["info", str(root / name)])
+    print(name, r.exit_code, r.stderr.strip()[:300])
+"""
+
+
+def test_the_format_is_pinned_whatever_h5pys_global_track_order_says(tmp_path: Path):
+    """Issue 26: with ``track_order = True`` imgvec wrote version-2 object headers and refused its own store."""
+    done = subprocess.run([sys.executable, "-c", PINNED_CHILD, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split()[:2] for line in done.stdout.splitlines()[-3:]] == [
+        ["s.h5", "0"], ["s.index.h5", "0"], ["head.h5", "0"]], done.stdout[-3000:]
+    for name in ("s.h5", "s.index.h5", "head.h5"):
+        data = (tmp_path / name).read_bytes()
+        assert data[8] == 0, name  # superblock version 0
+        with h5py.File(tmp_path / name, "r") as h5:
+            headers = [h5py.h5g.get_objinfo(h5[k].id).objno[0] for k in h5 if isinstance(h5[k], h5py.Dataset)]
+            headers.append(h5py.h5g.get_objinfo(h5.id).objno[0])
+        assert all(data[a] == 1 for a in headers), name  # version-1 object headers ("OHDR" would be version 2)

@@ -20,7 +20,7 @@ from imgvec.cli import app
 from imgvec.embedding import embedder as embedder_module
 from imgvec.embedding.embedder import calibration_sample, check_sample, neighbour_overlap
 from imgvec.errors import BadInputError, MismatchError
-from imgvec.files.artifact import read_provenance
+from imgvec.files.header import read_provenance
 from imgvec.runtime import loader, model_cache
 from imgvec.runtime.engine import Calibration, calibration_digest
 from imgvec.vectors.store import open_store

@@ -29,6 +29,7 @@ def test_the_import_contracts_hold():
 
 @pytest.mark.parametrize("module,upward", [
     ("files/artifact.py", "from imgvec.backbones import builder"),  # the file layer reaching the model builder
+    ("files/structure.py", "from imgvec.files import header"),  # structure checks sit below the header
     ("backbones/registry.py", "from imgvec.backbones import device"),  # the registry is data: no runtime
     ("results.py", "from imgvec.vectors import store"),  # results take plain data
     ("runtime/openvino_engine.py", "from imgvec.runtime import tensorflow_engine"),  # engines are independent
@@ -36,6 +37,8 @@ def test_the_import_contracts_hold():
     ("vectors/store.py", "from imgvec.runtime import loader"),  # vectors and runtime are independent
     ("files/images.py", "from imgvec.vectors import store"),  # a package reaching the one above it
     ("analyses/duplicates.py", "from imgvec.analyses import comparison"),  # analyses are independent
+    ("cli/commands.py", "from imgvec.files import images"),  # the CLI reaching past the API
+    ("service/service.py", "from imgvec.service import app"),  # the service knows no HTTP
 ])
 def test_an_upward_import_breaks_a_contract(tmp_path: Path, module: str, upward: str):
     shutil.copytree(ROOT / "src" / "imgvec", tmp_path / "imgvec", ignore=shutil.ignore_patterns("__pycache__"))

@@ -175,3 +175,28 @@ def test_on_a_terminal_each_phase_is_a_bar_that_stays_with_its_time():
     text = out.getvalue()
     assert "choosing C" in text and "5/5" in text and "━" in text  # rich's bar, finished
     assert "imgvec: progress:" not in text  # no log lines on a terminal
+
+
+MUTED_LOAD = """
+from imgvec.backbones.device import _native_stderr_muted
+from imgvec.cli import reporter
+
+reporter.QUIET_SECONDS = 0  # announce at once: no timing in the test
+with reporter.Reporter(terminal=False) as progress:
+    with _native_stderr_muted():  # as while TensorFlow is imported during a model's loading
+        progress(0, 1, phase="loading mobilenetv3small")
+    progress(1, 1, phase="loading mobilenetv3small")
+"""
+
+
+def test_a_phase_announced_while_native_stderr_is_muted_still_prints_its_start_line():
+    """Loading a model imports TensorFlow with file descriptor 2 sent to a temporary file; the CLI's
+    "started" line, printed meanwhile by the reporter's timer, must reach the log all the same."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", MUTED_LOAD], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["imgvec: progress: loading mobilenetv3small: started (1)",
+                                     r.stderr.splitlines()[1]]
+    assert re.fullmatch(r"imgvec: progress: loading mobilenetv3small: 1/1 in \d+\.\ds", r.stderr.splitlines()[1])

@@ -143,6 +143,9 @@ def test_rows_removed_by_sync_never_come_back(tmp_path: Path, photos: Path):
     assert len(names) == 20 and not names & {p.name for p in gone}
     with open_store(store) as s:
         assert names <= {Path(p).name for p in s.paths()}
+    header = run("query", store, *sorted(kept.iterdir())[:1], "-k", "3").stdout.splitlines()[0]
+    assert f"index {store.with_name('photos.index.h5')} not used: it predates rows removed" in header, header
+    assert "no index file" not in header  # the file is there: the table says why it was not searched
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from imgvec.runtime import loader as runtime
 from imgvec.backbones.registry import BACKBONES, get_backbone, parse_weights
 from imgvec.cli import app
 from imgvec.errors import BadInputError
+from imgvec.runtime.engine import RuntimeNote
 from imgvec.runtime.loader import cache_key, compiled_model, entry_path, load_engine, row_cosines
 from imgvec.vectors.store import open_store
 
@@ -382,7 +383,7 @@ def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fak
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     (temp,) = [e for e in imgvec.cache().entries]
-    assert temp.state == f"no: being converted by process {proc.pid}" and temp.path.name.startswith(".tmp-")
+    assert temp.state == f"no: being converted by process {proc.pid}" and ".tmp-" in temp.path.name
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (temp,) = imgvec.cache().entries
@@ -395,6 +396,30 @@ def test_a_killed_conversion_leaves_a_folder_that_is_listed_and_then_removed(fak
     temp.path.mkdir()  # and so does `imgvec cache --clear`
     cleared = CliRunner().invoke(app, ["cache", "--clear"])
     assert cleared.exit_code == 0 and not any((fake_cache / "openvino").iterdir())
+
+
+
+def test_the_cache_names_its_temporary_folders_like_every_writer_and_leaves_another_machines(fake_cache: Path):
+    """One temp/leftover scheme (fileio's): a conversion's folder carries host and pid, so on a cache shared by
+    several machines a dead writer's folder from this one is removed and a live one's elsewhere is not."""
+    import os
+
+    from imgvec.fileio import temp_name, temp_path
+
+    root = fake_cache / "openvino"
+    entry = entry_path(get_backbone("mobilenetv3small"), parse_weights("none"), 32)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    mine = temp_path(entry)
+    mine = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{dead}-"))
+    elsewhere = root / f".{entry.name}.tmp-00000000-{dead}-feed"
+    for folder in (mine, elsewhere):
+        folder.mkdir(parents=True)
+    assert temp_name(mine.name).stale and not temp_name(elsewhere.name).stale
+    states = {e.path.name: e.state for e in imgvec.cache().entries}
+    assert states[elsewhere.name] == f"no: being converted by process {dead} on another machine"
+    assert states[mine.name].startswith("no: left by an interrupted conversion")
+    assert model_cache.remove_leftovers(root) == 1 and sorted(p.name for p in root.iterdir()) == [elsewhere.name]
 
 
 FULL_DISK = """
@@ -486,3 +511,77 @@ def test_a_tensorflow_store_is_extended_and_queried_with_openvino(tmp_path: Path
         assert r.queries[0].results[0].path == str(p.relative_to(folder))
         assert r.queries[0].results[0].score == pytest.approx(1.0, abs=1e-4)
     assert len(rows) == 24
+
+
+# -- the cache as a file from elsewhere: folders others can write, entries edited, the key kept outside ---------
+def test_an_entry_edited_with_its_manifest_recomputed_is_rebuilt_with_a_note(fake_cache: Path):
+    """Whoever can write the cache can recompute the sha256 beside the files; not the HMAC of this user's key."""
+    import hashlib
+
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    xml = compiled_model(bb, w, 32)
+    entry, good = xml.parent, (xml.parent / "model.bin").read_bytes()
+    (entry / "model.bin").write_bytes(b"other weights" + good[13:])
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"]["model.bin"] = hashlib.sha256((entry / "model.bin").read_bytes()).hexdigest()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert not imgvec.cache().entries[0].ok
+    with pytest.warns(RuntimeNote, match="did not verify"):
+        assert compiled_model(bb, w, 32) == xml
+    assert (entry / "model.bin").read_bytes() == good and imgvec.cache().entries[0].ok
+    manifest.pop("mac")  # an entry without the HMAC (an older imgvec's, or forged) is not used either
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert not imgvec.cache().entries[0].ok
+
+
+@pytest.mark.parametrize("what", ["cache", "parent", "key"])
+def test_a_cache_others_can_write_is_not_used(fake_cache: Path, tmp_path: Path, what: str):
+    import os
+
+    from imgvec.runtime.model_cache import key_path
+
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    xml = compiled_model(bb, w, 32)  # a good entry, made while the cache was private
+    target = {"cache": fake_cache, "parent": tmp_path, "key": key_path()}[what]
+    mode = os.stat(target).st_mode & 0o7777
+    os.chmod(target, 0o666 if what == "key" else 0o777)
+    try:
+        with pytest.warns(RuntimeNote, match="model cache is not used"):
+            model = compiled_model(bb, w, 32)
+        assert model != xml and model[0] is bb  # converted in memory (the stand-in converter's model)
+    finally:
+        os.chmod(target, mode)
+    assert compiled_model(bb, w, 32) == xml  # private again: the entry is used
+
+
+def test_a_sticky_shared_folder_above_the_cache_is_fine(tmp_path: Path):
+    import os
+
+    from imgvec.runtime.model_cache import untrusted
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp: others cannot rename what is ours
+    (shared / "cache").mkdir(mode=0o700)
+    assert untrusted(shared / "cache") is None
+    assert "writable by other users" in untrusted(shared)  # but the cache folder itself may not be so
+
+
+def test_openvino_runs_the_checked_bytes_not_a_path(tmp_path: Path, monkeypatch):
+    """load_model reads the entry once and hands OpenVINO those bytes: the files can change afterwards."""
+    import numpy as np
+
+    from imgvec.runtime import model_cache
+
+    monkeypatch.setenv("IMGVEC_CACHE_DIR", str(tmp_path / "cache"))
+    bb, w = get_backbone("mobilenetv3small"), parse_weights("none")
+    xml = compiled_model(bb, w, 32)
+    model = model_cache.load_model(bb, w, 32)
+    (xml.parent / "model.bin").write_bytes(b"\0" * 64)  # changed after the check: not what runs
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = compiled(pixels)[0]
+    reference = ov.Core().compile_model(model_cache._convert(bb, w, 32)[0], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert np.allclose(out, reference(pixels)[0], atol=1e-5)

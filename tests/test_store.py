@@ -120,6 +120,44 @@ def test_second_writer_is_refused(tmp_path: Path):
         assert "another imgvec process is writing this store" in out
 
 
+def test_no_lock_file_is_left_once_the_writer_is_done(tmp_path: Path):
+    path = tmp_path / "s.h5"
+    with create_store(path, _prov(), str(tmp_path)) as w:
+        w.append(_rows(0, 1), ["a"], [""])
+        assert (tmp_path / ".s.h5.lock").exists()  # there while the writer runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+    with pytest.raises(ValueError):
+        with StoreWriter(path) as w:
+            w.append(_rows(0, 1), ["a", "b"], [""])  # a failing writer removes it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+def test_a_lock_file_removed_while_a_writer_waited_to_lock_it_is_not_a_lock(tmp_path: Path, monkeypatch):
+    """Writer B opens the lock file; writer A, done, removes it and lets go; B's flock then succeeds on a
+    file no longer there. B must see that and lock the file the name leads to now, or a third writer C
+    would make a new file and hold a lock of its own beside B. (Through StoreWriter only: whichever
+    module holds the lock, it opens the file with fileio's open_regular_append.)"""
+    import sys
+
+    path = tmp_path / "s.h5"
+    create_store(path, _prov(), str(tmp_path)).close()
+    a = StoreWriter(path)
+    lock_file = tmp_path / ".s.h5.lock"
+    opened_before_removal = open(lock_file, "ab")  # B's open, just before A lets go
+    lock_module = sys.modules[type(a._lock).__module__]
+    a.close()
+    assert not lock_file.exists()
+    real_open = lock_module.open_regular_append
+    handles = iter([opened_before_removal])
+    monkeypatch.setattr(lock_module, "open_regular_append", lambda p: next(handles, None) or real_open(p))
+    b = StoreWriter(path)  # locks the removed file first, must notice, and take the new one
+    assert lock_file.exists() and opened_before_removal.closed
+    with pytest.raises(BadInputError, match="another imgvec process is writing this store"):
+        StoreWriter(path)  # C is refused
+    b.close()
+    assert not lock_file.exists()
+
+
 def test_stale_temp_files_are_cleared(tmp_path: Path):
     path = tmp_path / "s.h5"
     create_store(path, _prov(), str(tmp_path)).close()

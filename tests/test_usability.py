@@ -52,6 +52,20 @@ def test_shell_completion_offers_commands_models_and_runtimes():
     assert _complete("imgvec query s.h5 q.jpg --runtime o", 5) == ["openvino"]
 
 
+def test_shell_completion_offers_the_values_each_option_checks():
+    """Completion and the checks share their choices: what completes is accepted, and only that."""
+    assert _complete("imgvec query s.h5 q.jpg --format ", 5) == ["table", "json", "csv"]
+    assert _complete("imgvec dedup s.h5 -f h", 4) == ["html"]
+    assert _complete("imgvec evaluate h.h5 d -f c", 5) == []  # evaluate prints no csv
+    assert _complete("imgvec index s.h5 --kind ", 4) == ["auto", "flat", "hnsw", "ivfpq"]
+    assert _complete("imgvec embed d -o s.h5 --device g", 6) == ["gpu"]
+    assert _complete("imgvec embed d -o s.h5 --precision m", 6) == ["mixed"]
+    assert _complete("imgvec embed d -o s.h5 --engine r", 6) == ["ray"]
+    assert _complete("imgvec query s.h5 q.jpg --faiss-gpu o", 5) == ["on", "off"]
+    assert _complete("imgvec models --sort images", 3) == ["images_per_second"]
+    assert _complete("imgvec compare d -m vgg16,mobilenetv3s", 4) == ["vgg16,mobilenetv3small"]
+
+
 @pytest.mark.parametrize("args, suggestion", [
     (["compare", ".", "-m", "mobilenetv3smal"], "unknown model 'mobilenetv3smal' (did you mean mobilenetv3small?)"),
     (["compare", ".", "-m", "efficientnet-b0"], None),  # a spelling the registry accepts is no error at all

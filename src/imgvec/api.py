@@ -18,30 +18,58 @@ from imgvec.files.artifact import check_partner, peek
 from imgvec.backbones.registry import BACKBONES
 from imgvec.analyses.comparison import compare
 from imgvec.embedding.embedder import EmbedConfig, Embedder
+from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
-from imgvec.files.images import find_images, is_image_name
-from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, VectorIndex, can_extend, choose_kind, extend_index, index_path_for,
+from imgvec.files.images import DEFAULT_MAX_PIXELS, find_images, is_image_name
+from imgvec.vectors.index import (AUTO_FLAT_MAX_ROWS, OpenIndex, can_extend, choose_kind, extend_index, index_path_for,
                     load_index, search_store, use_faiss_gpu)
 from imgvec.vectors.index import build_index as _build_index
 from imgvec.embedding.ingest import embed, weights_arg
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance, check_compatible
 from imgvec.results import (MODEL_COLUMNS, BackboneScore, CacheSummary, Chance, Comparison, DedupResult, DuplicateGroup,
-                      EmbedSummary, Evaluation, IndexSummary, Member, MergeSummary, ModelTable, Neighbour, Prediction,
-                      Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
+                      EmbedSummary, Evaluation, FileInfo, IndexSummary, Member, MergeSummary, ModelTable, Neighbour,
+                      Prediction, Predictions, QueryResult, QueryResults, SkippedFiles, TrainSummary, chance_levels)
 from imgvec.vectors.store import Store, merge_stores, open_store
 
 __all__ = [
-    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DedupResult", "DuplicateGroup", "EmbedConfig",
-    "EmbedSummary", "Evaluation", "IndexSummary", "Member", "MergeSummary", "ModelTable", "Neighbour", "Prediction",
-    "Predictions", "QueryResult", "QueryResults", "SkippedFiles", "TrainSummary",
-    "build_index", "cache", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page", "embed", "evaluate",
-    "evaluation_html", "image_paths", "info", "merge", "models", "predict", "predict_html", "query", "query_html",
-    "release_models", "skipped_files", "train",
+    "BackboneScore", "CacheSummary", "Chance", "Comparison", "DEFAULT_MAX_PIXELS", "DedupResult", "DuplicateGroup",
+    "EmbedConfig", "EmbedSummary", "Evaluation", "FileInfo", "IndexSummary", "Member", "MergeSummary", "ModelTable",
+    "Neighbour", "OpenIndex", "Prediction", "Predictions", "QueryResult", "QueryResults", "SkippedFiles",
+    "TrainSummary",
+    "build_index", "cache", "check_page_path", "compare", "comparison_html", "dedup", "dedup_html", "dedup_page",
+    "embed", "evaluate", "evaluation_html", "image_paths", "info", "merge", "models", "open_index", "predict",
+    "predict_html", "query", "query_html", "release_models", "runtimes", "skipped_files", "train",
 ]
 
 PathLike = str | os.PathLike[str]
+
+
+def runtimes() -> tuple[str, ...]:
+    """The runtimes an embedding can run on (``runtime=``): auto, openvino, tensorflow, jax, torch."""
+    from imgvec.runtime.loader import RUNTIMES
+
+    return RUNTIMES
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The values each checked option accepts, by parameter name: what a shell completes them to."""
+    from imgvec.backbones.device import DEVICES, PRECISIONS
+    from imgvec.backbones.registry import BACKBONES
+    from imgvec.embedding.distributed import ENGINES
+    from imgvec.vectors.index import FAISS_GPU_MODES, KINDS
+
+    return {"model": tuple(BACKBONES), "runtime": runtimes(), "device": tuple(DEVICES),
+            "precision": tuple(PRECISIONS), "engine": tuple(ENGINES), "kind": tuple(KINDS),
+            "faiss_gpu": tuple(FAISS_GPU_MODES), "on_duplicate": ("first", "error"), "sort": tuple(MODEL_COLUMNS)}
+
+
+def check_page_path(page: PathLike | None, inputs: Sequence[PathLike | None]) -> None:
+    """Check before the work where an HTML page will be written after it (a typo, or one of the ``inputs``
+    named as the page, costs nothing then); None: no page."""
+    if page is not None:
+        check_output(page, inputs, read_under=is_image_name)
 
 
 # -- embed (ingest.embed) and compare (comparison.compare) are re-exported above ------------
@@ -114,26 +142,33 @@ def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
         raise BadInputError(f"no input image could be read ({len(skipped)} skipped; first {path}: {reason})")
 
 
-def _open_index(store: Store, index_path: PathLike | None, gpu: bool = False
-                ) -> tuple[VectorIndex | None, int, list[str]]:
-    """The index to search ``store`` with (None: search every row exhaustively), how many rows it
-    lacks (searched exhaustively beside it), and notes saying so for stderr."""
-    path = Path(index_path) if index_path else index_path_for(store.path)
+def open_index(store: Store, index: PathLike | None = None, gpu: bool = False) -> OpenIndex:
+    """The index to search the open ``store`` with, as :func:`query` searches it (the service too).
+
+    ``index`` None: the store's own index file beside it, or none for a small store (every row
+    searched exactly). Returns ``(index, unindexed, notes)``: the index (None: search every row
+    exhaustively), how many rows it lacks (searched exhaustively beside it), and notes saying so for
+    stderr. An index from another store, or one that does not hold the store's vectors, is a
+    :class:`~imgvec.errors.MismatchError`.
+    """
+    path = Path(index) if index else index_path_for(store.path)
     if not path.exists():
-        if index_path:
+        if index:
             raise BadInputError(f"{path}: no such index")
         if store.rows > AUTO_FLAT_MAX_ROWS:
             raise BadInputError(f"{store.path} has no index yet; run `imgvec index {store.path}`")
-        return None, 0, []  # small store: exact search of its rows is quick
-    index = load_index(path, gpu)
-    if index.predates_removals(store):
-        return None, 0, [f"index {path} predates rows removed from {store.path} (generation {index.generation}, "
-                         f"the store is at {store.generation}), so all {store.rows} rows were searched exhaustively; "
-                         f"`imgvec index {store.path}` rebuilds it"]
-    unindexed = index.check_covers(store, f"index {path}", tail=True)
+        return OpenIndex(None, 0, [])  # small store: exact search of its rows is quick
+    vindex = load_index(path, gpu)
+    if vindex.predates_removals(store):
+        return OpenIndex(None, 0, [
+            f"index {path} predates rows removed from {store.path} (generation {vindex.generation}, the store is "
+            f"at {store.generation}), so all {store.rows} rows were searched exhaustively; `imgvec index "
+            f"{store.path}` rebuilds it"])
+    unindexed = vindex.check_covers(store, f"index {path}", tail=True)
     notes = [f"{unindexed} of {store.rows} rows of {store.path} are not indexed yet (embedded after index {path} "
              f"was built): searched exhaustively beside it; `imgvec index {store.path}` adds them"] if unindexed else []
-    return index, unindexed, notes
+    return OpenIndex(vindex, unindexed, notes)
+
 
 
 def query(
@@ -146,18 +181,20 @@ def query(
     faiss_gpu: str = "auto",
     runtime: str = "auto",
     progress: Progress | None = None,
+    model: PathLike | None = None,
 ) -> QueryResults:
     """The ``k`` stored images most similar to each query image (cosine similarity).
 
     Queries are embedded exactly as the store was (same backbone, weights and size).
-    ``weights`` is only needed to point at a moved weights file. ``runtime`` need not be the
+    ``weights`` is only needed to point at a moved weights file, ``model`` at a moved model file (its bytes
+    must be the ones the store was made with). ``runtime`` need not be the
     one the store was made with. The loaded model is kept for the next call (:func:`release_models`).
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex, unindexed, notes = _open_index(s, index, use_faiss_gpu(faiss_gpu))
-        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, batch_size=batch_size,
-                                            runtime=runtime, root=s.root)
+        vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
+        embedder = Embedder.from_provenance(s.provenance, weights_path=weights, model_path=_path(model),
+                                            batch_size=batch_size, runtime=runtime, root=s.root)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
         scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
         hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
@@ -169,8 +206,9 @@ def query(
                            for r, (i, sc) in enumerate(zip(row_ids.tolist(), row_scores)) if i >= 0])
         for name, row_ids, row_scores in zip(names, ids, scores)
     ]
+    unused = str(index_file) if vindex is None and index_file.exists() else ""  # predates removed rows
     return QueryResults(prov, results, skipped, vindex.kind if vindex else "flat", Path(store), root,
-                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes)
+                        str(index_file) if vindex else "", unindexed=unindexed, notes=notes, unused_index=unused)
 
 
 # -- classify ---------------------------------------------------------------------------
@@ -207,7 +245,8 @@ def train(store: PathLike, output: PathLike, cv: int = 5, Cs: int | Sequence[flo
 
 
 def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = None,
-            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None) -> Predictions:
+            batch_size: int = 32, runtime: str = "auto", progress: Progress | None = None,
+            model: PathLike | None = None) -> Predictions:
     """Label each image with the head, embedding it with the head's own backbone.
 
     ``images`` are image files, folders, or stores (.h5) made with the head's settings, whose
@@ -217,6 +256,7 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     """
     from imgvec.vectors.classifier import load_head
 
+    model_path = _path(model)
     model, prov = load_head(head)
     stores = [Path(p) for p in images if _is_store(p)]
     files = [p for p in images if not _is_store(p)]
@@ -225,7 +265,8 @@ def predict(head: PathLike, images: Sequence[PathLike], weights: str | None = No
     skipped: list[tuple[str, str]] = []
     truths: list[str] = []
     if files:
-        embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
+        embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=model_path, batch_size=batch_size,
+                                            runtime=runtime)
         names, emb, skipped, truths = _embed_inputs(embedder, files, progress)
     for path in stores:
         with open_store(path) as s:
@@ -264,19 +305,21 @@ def cache(clear: bool = False) -> CacheSummary:
 def models(sort: str | None = None) -> ModelTable:
     """Every backbone imgvec knows, in table order or sorted by a column of :data:`MODEL_COLUMNS`
     (numbers largest first, names A to Z; backbones without a value for it last)."""
+    from imgvec.backbones.builder import offline_weights
+
     backbones = list(BACKBONES.values())
+    table = ModelTable(backbones, {b.name: w for b in backbones if (w := offline_weights(b))})
     if sort:
-        if sort not in MODEL_COLUMNS:
-            raise BadInputError(f"{param('sort')} {sort!r} is not one of {', '.join(MODEL_COLUMNS)}")
-        numeric = sort not in ("name", "preprocessing")
-        filled = [b for b in backbones if getattr(b, sort) is not None]
-        backbones = (sorted(filled, key=lambda b: getattr(b, sort), reverse=numeric)
-                     + [b for b in backbones if getattr(b, sort) is None])
-    return ModelTable(backbones)
+        check_choice(param("sort"), sort, MODEL_COLUMNS)
+        numeric = sort not in ("name", "preprocessing", "weights_offline")
+        filled = [b for b in backbones if table.value(b, sort) is not None]
+        table.backbones = (sorted(filled, key=lambda b: table.value(b, sort), reverse=numeric)
+                           + [b for b in backbones if table.value(b, sort) is None])
+    return table
 
 
-def info(path: PathLike) -> dict[str, Any]:
-    """What an imgvec file (store, index or head) is and holds, as plain data, from its header.
+def info(path: PathLike) -> FileInfo:
+    """What an imgvec file (store, index or head) is and holds, from its header (``to_records()``: plain data).
 
     Reads attributes and small datasets only: an index is never deserialised, a store's
     embeddings are never read. For a store, its index (``photos.index.h5``) is reported too.
@@ -300,8 +343,7 @@ def info(path: PathLike) -> dict[str, Any]:
         head, _ = read_head(path)
         data.update(classes=[str(c) for c in head.classes_], C=float(head.C_), cv=int(head.cv),
                     cv_accuracy=float(head.cv_accuracy_), cv_accuracy_std=float(head.cv_accuracy_std_))
-    data["provenance"] = header.provenance
-    return data
+    return FileInfo(data, header.provenance)
 
 
 def skipped_files(store: PathLike) -> SkippedFiles:
@@ -360,8 +402,16 @@ def _is_store(path: PathLike) -> bool:
     return Path(path).suffix.lower() in (".h5", ".hdf5") and Path(path).is_file()
 
 
+def _path(path: PathLike | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
 def _head_settings(prov: Provenance) -> str:
     """The embed options that reproduce a head's embeddings."""
+    if prov.is_model_file:
+        return (f"the head's settings ({param('model')} {prov.model_path}, {param('preprocess')} {prov.model_preprocess}"
+                + (f", {param('layer')} {prov.model_layer}" if prov.model_layer else "")
+                + f", {param('image_size')} {prov.input_size})")
     return (f"the head's settings ({param('model')} {prov.backbone}, {param('image_size')} {prov.input_size}, "
             f"{param('weights')} {weights_arg(prov)}"
             + (f", {param('seed')} {prov.weights_seed})" if prov.is_random else ")"))
@@ -380,11 +430,12 @@ def _labelled_from_store(path: Path, prov: Provenance, head: PathLike
 
 
 def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, batch_size: int, runtime: str,
-                          progress: Progress | None = None
+                          progress: Progress | None = None, model: PathLike | None = None
                           ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[str, str]], list[str]]:
     files = find_images([folder]).files
     labelled = [f for f in files if f.label]
-    embedder = Embedder.from_provenance(prov, weights_path=weights, batch_size=batch_size, runtime=runtime)
+    embedder = Embedder.from_provenance(prov, weights_path=weights, model_path=_path(model), batch_size=batch_size,
+                                        runtime=runtime)
     blocks, y, skipped, paths = [], [], [], []
     with Phase(progress, f"embedding with {embedder.backbone.name}", len(labelled)) as step:
         for batch in embedder.embed_files([f.path for f in labelled]):
@@ -399,7 +450,7 @@ def _labelled_from_folder(folder: Path, prov: Provenance, weights: str | None, b
 
 
 def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_size: int = 32,
-             runtime: str = "auto", progress: Progress | None = None) -> Evaluation:
+             runtime: str = "auto", progress: Progress | None = None, model: PathLike | None = None) -> Evaluation:
     """Score a head on held-out labelled data: a folder (one subfolder per class) or a store.
 
     A folder is embedded exactly as the head's training data was. A store must have been made
@@ -410,13 +461,15 @@ def evaluate(head: PathLike, data: PathLike, weights: str | None = None, batch_s
     from sklearn.metrics import classification_report, confusion_matrix
 
     start = time.perf_counter()
+    model_path = _path(model)
     model, prov = load_head(head)
     data = Path(data)
     skipped: list[tuple[str, str]] = []
     if data.is_file() and data.suffix.lower() in (".h5", ".hdf5"):
         X, y, n_unlabelled, paths = _labelled_from_store(data, prov, head)
     elif data.is_dir():
-        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress)
+        X, y, n_unlabelled, skipped, paths = _labelled_from_folder(data, prov, weights, batch_size, runtime, progress,
+                                                                   model_path)
     elif data.exists():
         raise BadInputError(f"{data}: expected a folder of labelled images or an imgvec store (.h5)")
     else:

@@ -22,6 +22,13 @@ def check_choice(option: str, value: T, choices: Sequence[T]) -> T:
     return value
 
 
+def check_at_least(name: str, value: int, least: int = 1) -> int:
+    """``value`` if it is at least ``least``; ``name`` is the parameter (``k``, ``batch_size``, ``workers``...)."""
+    if value < least:
+        raise BadInputError(f"{param(name)} must be at least {least}, not {value}")
+    return value
+
+
 def check_image_size(image_size: int, backbone: Any) -> int:
     """``image_size`` if ``backbone`` (a registry :class:`~imgvec.backbones.registry.Backbone`) can be built for it,
     and is at most :data:`MAX_IMAGE_SIZE`."""
@@ -44,8 +51,7 @@ def check_threshold(threshold: float) -> float:
 
 def check_per_class(classes: Sequence[Any], counts: Sequence[int], cv: int) -> None:
     """``cv`` folds of stratified cross-validation need at least ``cv`` labelled images in each class."""
-    if cv < 2:
-        raise BadInputError(f"{param('cv')} must be at least 2, not {cv}")
+    check_at_least("cv", cv, 2)
     small = [f"{str(c)!r} ({n})" for c, n in zip(classes, counts) if n < cv]
     if small:
         raise BadInputError(f"{param('cv')} {cv} needs at least {cv} images per class; too few in {', '.join(small)}")

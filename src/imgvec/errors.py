@@ -31,6 +31,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def first_line(error: BaseException, default: str | None = None, limit: int | None = None) -> str:
+    """The first line of ``error``'s message, cut to ``limit`` characters: what a one-line message quotes of
+    another library's error (``default``, else the exception's type name, when it says nothing)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else (type(error).__name__ if default is None else default)
+    return text if limit is None else text[:limit]
+
+
 class ImgvecError(Exception):
     """Base class for every error imgvec raises on purpose."""
 
@@ -49,14 +57,15 @@ class ImgvecError(Exception):
                           super().__str__())
 
 
-class BadInputError(ImgvecError):
-    """A path, option or file the user gave cannot be used as given."""
+class BadInputError(ImgvecError, ValueError):
+    """A path, option or file the user gave cannot be used as given (a ``ValueError``, as scikit-learn and
+    numpy callers expect)."""
 
     exit_code = 2
 
 
-class MismatchError(ImgvecError):
-    """Files made in different ways (backbone, weights, store rows) were used together."""
+class MismatchError(ImgvecError, ValueError):
+    """Files made in different ways (backbone, weights, store rows) were used together (a ``ValueError`` too)."""
 
     exit_code = 3
 
@@ -67,6 +76,10 @@ class MissingWeightsError(ImgvecError):
     exit_code = 4
 
 
+class FileNote(UserWarning):
+    """Something left out of a file from elsewhere (a journal record dropped); the CLI prints one line."""
+
+
 class ImageSkipped(ImgvecError):
     """One image could not be decoded; the run goes on without it."""
 
@@ -74,3 +87,7 @@ class ImageSkipped(ImgvecError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class RuntimeNote(UserWarning):
+    """Something a user should know about how the model runs (a fallback); the CLI prints one line."""

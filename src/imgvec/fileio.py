@@ -17,14 +17,15 @@ import secrets
 import shutil
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, first_line
 
 PathLike = str | os.PathLike[str]
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 # What a failed write means to a user, by errno.
@@ -50,13 +51,14 @@ def kind_of(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def open_regular(path: PathLike) -> BinaryIO:
-    """Open ``path`` for binary reading only if it is a regular file (after following links).
+def open_regular(path: PathLike, follow_links: bool = True) -> BinaryIO:
+    """Open ``path`` for binary reading only if it is a regular file (after following links, unless
+    ``follow_links`` is False: then a link there is :class:`NotRegularFile`, as for a store's partner files).
 
     The open itself never blocks (O_NONBLOCK: a FIFO with no writer would otherwise hang);
     anything but a regular file raises :class:`NotRegularFile` before a byte is read.
     """
-    return _open_if_regular(path, os.O_RDONLY, "rb")
+    return _open_if_regular(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW), "rb")
 
 
 def require_regular(path: PathLike, what: str, missing: str = "no such file") -> Path:
@@ -86,8 +88,7 @@ def write_error(path: PathLike, error: BaseException) -> BadInputError:
     code = _errno_of(error)
     why = _WRITE_ERRORS.get(code) if code is not None else None
     if why is None:
-        why = (error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-               if str(error) else type(error).__name__)
+        why = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
     return BadInputError(f"cannot write {path}: {why}")
 
 
@@ -220,19 +221,43 @@ def fsync_path(path: PathLike) -> None:
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# .NAME.tmp-HOST-PID-RANDOM (and NAME.tmp-PID, the name of earlier versions): who wrote it, never guessable.
-_TEMP = re.compile(r"\.tmp-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+# .NAME.tmp-HOST-PID-RANDOM (and .NAME.tmp-PID, the name of earlier versions): who wrote it, never guessable;
+# .NAME.trash-HOST-PID-RANDOM: something being deleted (moved aside first, so it is gone from NAME at once).
+_TEMP = re.compile(r"\.(?P<target>.+?)\.(?P<what>tmp|trash)-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)(?:-[0-9a-f]+)?")
 
 
-def temp_path(path: PathLike) -> Path:
-    """A fresh temporary name a file is written under before it is renamed to ``path``.
+def temp_path(path: PathLike, what: str = "tmp") -> Path:
+    """A fresh temporary name a file (or folder) is written under before it is renamed to ``path``
+    (``what`` "trash": the name something is moved to before it is deleted).
 
     The name carries this host and process (so :func:`remove_stale_temps` can tell a dead
-    writer's leftovers from a live one's) and a random part (no one can put a folder or a
-    link where it goes beforehand).
+    writer's leftovers from a live one's, and one machine never removes another's on a shared
+    folder) and a random part (no one can put a folder or a link where it goes beforehand).
     """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}.{what}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@dataclass(frozen=True)
+class TempName:
+    """What a :func:`temp_path` name says: the name it becomes, and the process (on which host) writing it."""
+
+    target: str
+    pid: int
+    here: bool  # written on this host (names of earlier versions carry no host: this one's)
+
+    @property
+    def stale(self) -> bool:
+        """Its writer was on this host and is gone (killed): a leftover anyone may remove."""
+        return self.here and not _alive(self.pid)
+
+
+def temp_name(name: str) -> TempName | None:
+    """What the temporary ``name`` (a :func:`temp_path` name) says; None for any other name."""
+    match = _TEMP.fullmatch(name)
+    if not match:
+        return None
+    return TempName(match["target"], int(match["pid"]), match["host"] in (None, _HOST))
 
 
 def _alive(pid: int) -> bool:
@@ -260,8 +285,8 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     except OSError:
         return removed
     for name in names:
-        match = _TEMP.fullmatch(name[len(path.name) + 1:])
-        if not match or match["host"] not in (None, _HOST) or _alive(int(match["pid"])):
+        temp = temp_name(name)
+        if temp is None or temp.target != path.name or not temp.stale:
             continue
         stale = parent / name
         with contextlib.suppress(OSError):
@@ -283,6 +308,9 @@ def publish(tmp: PathLike, path: PathLike) -> None:
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
+    The caller creates the file there exclusively (``open(tmp, "xb")``, ``h5py.File(tmp, "x")``):
+    nothing is ever written through a link someone put at that name.
+
     The one writer of every imgvec file (store, index, head, cache entry, HTML page): the
     temporary file is removed on every failure, so nothing half-written is ever left, and the
     previous file at ``path`` survives; temporary files that killed writers left are removed first. OS errors become one :class:`BadInputError` line.
@@ -303,10 +331,28 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def copy_new(src: PathLike, dst: PathLike) -> None:
+    """Copy the regular file ``src`` to ``dst``, a file this creates (O_EXCL: never through a link, never
+    over a file already there), as a temporary file is made."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "wb") as out, open_regular(src) as inp:
+        size, offset = os.fstat(inp.fileno()).st_size, 0
+        try:
+            while offset < size:  # in the kernel, as shutil.copyfile does
+                sent = os.sendfile(out.fileno(), inp.fileno(), offset, min(size - offset, 1 << 30))
+                if sent == 0:
+                    break
+                offset += sent
+        except OSError as error:
+            if offset or error.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+                raise
+            shutil.copyfileobj(inp, out, 1 << 20)
+
+
 def write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "xb") as fh:  # x: created here, never through a link
             fh.write(data)
     return Path(path)
 
@@ -320,9 +366,10 @@ def open_regular_append(path: PathLike) -> BinaryIO:
     """Open (or create) ``path`` for appending only if it is a regular file; never blocks on a FIFO.
 
     For the files a writer keeps beside its output (journal, lock): a FIFO there would otherwise
-    hang the open, and a device would take the bytes. Raises :class:`NotRegularFile` for those.
+    hang the open, and a device would take the bytes; a symbolic link is never followed (O_NOFOLLOW:
+    a dangling one would create its target, anywhere). Raises :class:`NotRegularFile` for those.
     """
-    return _open_if_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, "a+b")
+    return _open_if_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, "a+b")
 
 
 def _open_if_regular(path: PathLike, flags: int, mode: str) -> BinaryIO:
@@ -331,7 +378,7 @@ def _open_if_regular(path: PathLike, flags: int, mode: str) -> BinaryIO:
         fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as error:  # a socket cannot be opened at all, a FIFO not for writing (ENXIO): say what it is
         try:
-            st_mode = os.stat(path).st_mode
+            st_mode = (os.lstat if flags & os.O_NOFOLLOW else os.stat)(path).st_mode
         except OSError:
             raise error from None
         if stat.S_ISREG(st_mode):

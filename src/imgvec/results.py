@@ -2,8 +2,10 @@
 
 Nothing here runs a model or reads a file: the api (and comparison, duplicates) fill these in.
 Each answer has one result type, and each type says what it is as JSON-ready records
-(:meth:`to_records`, what ``--format json`` prints and what an HTTP service returns) and as
-CSV (:meth:`csv_columns`, :meth:`csv_rows`), so a notebook, the CLI and a service see the same data.
+(:meth:`to_records`, what ``--format json`` prints and what an HTTP service returns), as
+CSV (:meth:`csv_columns`, :meth:`csv_rows`) and as a text table (:meth:`to_table`: plain rows and
+columns the CLI's one renderer, :func:`imgvec.pages.report.render`, draws), so a notebook, the CLI
+and a service see the same data.
 
 Paths in records open from anywhere: they are absolute (an image a store names by a key relative
 to its root is joined to that root, which the records also name).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -37,8 +39,52 @@ def skipped_records(skipped: Sequence[tuple[str, str]], root: str = "") -> list[
             for path, reason in skipped]
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 group', '2 groups'; ``many`` for a noun that does not just take an s ('1 query', '2 queries')."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
+
+
+def shown_path(path: str) -> str:
+    """A path as a table shows it: relative to the working folder when under it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def random_weights_note(provenance: Provenance) -> str | None:
+    """The note every result made with random weights carries (the CLI prints it on stderr), else None."""
+    if not provenance.is_random:
+        return None
+    return (f"{provenance.backbone} has RANDOM weights (seed {provenance.weights_seed}), not pretrained: "
+            "results show the pipeline, not real similarity")
+
+
+# -- text tables ------------------------------------------------------------------------------
+@dataclass
+class Section:
+    """One titled table: column names, rows of cells, and how each column is aligned (default left)."""
+
+    title: str | None
+    columns: list[str]
+    rows: list[Sequence[Any]]
+    justify: list[str] | None = None
+
+
+@dataclass
+class Table:
+    """A result as text, as plain data: lines before, its sections, lines after (the CLI draws it)."""
+
+    head: list[str] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)
+
+
+def _class_section(rows: list[tuple[str, float, float, float, int]]) -> Section:
+    return Section(None, ["class", "precision", "recall", "f1", "images"], list(rows),
+                   ["left", "right", "right", "right", "right"])
+
+
 class Records:
-    """A result that renders itself: JSON-ready records and CSV rows (one shape for every caller)."""
+    """A result that renders itself: JSON-ready records, CSV rows and a text table (one shape for every caller)."""
 
     def to_records(self) -> Any:
         """What ``--format json`` prints: dicts, lists, strings and numbers only."""
@@ -48,6 +94,10 @@ class Records:
         raise NotImplementedError
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def to_table(self) -> Table:
+        """What the CLI prints without ``--format``."""
         raise NotImplementedError
 
 
@@ -101,7 +151,9 @@ def chance_sentence(chance: Sequence[Chance]) -> str:
 
 # -- embed, index, merge ------------------------------------------------------------------
 @dataclass
-class EmbedSummary:
+class EmbedSummary(Records):
+    """What ``embed`` did: rows added, kept and skipped, how long it took."""
+
     store: Path
     provenance: Provenance
     added: int
@@ -118,9 +170,26 @@ class EmbedSummary:
         """Throughput of the embedding itself, the model build not counted."""
         return self.added / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
+    def to_records(self) -> dict[str, Any]:
+        return {"store": os.path.abspath(self.store), "added": self.added, "already": self.already,
+                "removed": self.removed, "rows": self.rows, "skipped": skipped_records(self.skipped),
+                "seconds": self.seconds, "build_seconds": self.build_seconds, "embed_seconds": self.embed_seconds,
+                "images_per_second": self.images_per_second, "provenance": asdict(self.provenance)}
+
+    def to_table(self, sync: bool = False) -> Table:
+        """One line; ``sync``: say how many rows were removed (``embed --sync``)."""
+        removed = f", {self.removed} removed" if sync else ""
+        built = f"model built in {self.build_seconds:.1f}s, then " if self.build_seconds else ""
+        speed = f": {built}{self.images_per_second:.1f} images/s" if self.added else ""
+        return Table(tail=[f"{self.store}: {plural(self.added, 'image')} embedded, {self.already} already there, "
+                           f"{len(self.skipped)} skipped{removed}, {plural(self.rows, 'row')} in all "
+                           f"({self.provenance.describe()}; {self.seconds:.1f}s{speed})"])
+
 
 @dataclass
-class IndexSummary:
+class IndexSummary(Records):
+    """What ``build_index`` did: a new index, or an existing one extended."""
+
     path: Path
     kind: str
     rows: int
@@ -128,14 +197,75 @@ class IndexSummary:
     updated: bool = False  # an existing index was extended rather than rebuilt
     added: int = 0
 
+    def to_records(self) -> dict[str, Any]:
+        return {"index": os.path.abspath(self.path), "kind": self.kind, "rows": self.rows, "seconds": self.seconds,
+                "updated": self.updated, "added": self.added}
+
+    def to_table(self) -> Table:
+        how = f"added {self.added} new rows to the" if self.updated else "built a"
+        return Table(tail=[f"{self.path}: {how} {self.kind} index over {self.rows} rows ({self.seconds:.1f}s)"])
+
 
 @dataclass
-class MergeSummary:
+class MergeSummary(Records):
+    """What ``merge`` wrote: rows from how many stores, duplicates dropped."""
+
     store: Path
     inputs: int
     rows: int
     duplicates: int
     seconds: float
+
+    def to_records(self) -> dict[str, Any]:
+        return {"store": os.path.abspath(self.store), "inputs": self.inputs, "rows": self.rows,
+                "duplicates": self.duplicates, "seconds": self.seconds}
+
+    def to_table(self) -> Table:
+        return Table(tail=[f"{self.store}: {self.rows} rows from {self.inputs} stores ({self.duplicates} duplicate "
+                           f"paths dropped; {self.seconds:.1f}s); run `imgvec index {self.store}` to search it"])
+
+
+@dataclass
+class FileInfo(Records):
+    """What an imgvec file (store, index or head) is and holds (``info``): header fields in order, what its kind
+    adds (a store's labels and index, an index's FAISS kind, a head's classes), and its provenance."""
+
+    fields: dict[str, Any]
+    provenance: Provenance
+
+    @property
+    def kind(self) -> str:
+        return str(self.fields["kind"])
+
+    def to_records(self) -> dict[str, Any]:
+        return {**self.fields, "provenance": asdict(self.provenance)}
+
+    def to_table(self) -> Table:
+        data = dict(self.fields)
+        if self.provenance.is_random:
+            data["WARNING"] = "RANDOM weights: not pretrained"
+        made = {"created": "created (when the embeddings were made)"}  # a head's or index's own time is not recorded
+        prov = self.provenance
+        shown = dict(vars(prov))
+        if prov.calibration_keys:  # up to 100 paths: too long for a table cell
+            shown["calibration_keys"] = f"{len(prov.calibration())} images (listed by --format json)"
+        if prov.precision == "int8":
+            shown["quantization"] = prov.quantization
+        rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in shown.items() if v not in (None, "")]
+        return Table(sections=[Section(None, ["field", "value"], rows)])
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as dotted names, lists joined: values a person reads, not Python reprs."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.extend(_flat(value, f"{prefix}{key}.") if value else [(f"{prefix}{key}", "none")])
+        elif isinstance(value, (list, tuple)):
+            rows.append((f"{prefix}{key}", ", ".join(map(str, value))))
+        else:
+            rows.append((f"{prefix}{key}", "none" if value is None else value))
+    return rows
 
 
 @dataclass
@@ -155,6 +285,10 @@ class SkippedFiles(Records):
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return [(r["path"], r["reason"]) for r in skipped_records(self.skipped, self.root)]
+
+    def to_table(self) -> Table:
+        return Table([f"# {plural(len(self.skipped), 'file')} skipped; paths relative to {self.root}"],
+                     [Section(None, ["path", "reason"], list(self.skipped))])
 
 
 # -- query ----------------------------------------------------------------------------------
@@ -183,6 +317,7 @@ class QueryResults(Records):
     index: str = ""  # the index file searched; "" when there was none (exact search in memory)
     unindexed: int = 0  # store rows the index does not hold yet, searched exhaustively beside it
     notes: list[str] = field(default_factory=list)  # one line each for stderr: what was searched how, and the fix
+    unused_index: str = ""  # an index file there but not searched: it predates rows removed from the store
 
     def file(self, neighbour: Neighbour) -> str:
         """Where ``neighbour``'s image is (absolute)."""
@@ -191,7 +326,12 @@ class QueryResults(Records):
     @property
     def search(self) -> str:
         """How the neighbours were searched, in words."""
-        return f"{self.index_kind} index {self.index}" if self.index else "exact search in memory (no index file)"
+        if self.index:
+            return f"{self.index_kind} index {self.index}"
+        if self.unused_index:
+            return (f"exact search in memory (index {self.unused_index} not used: it predates rows removed from "
+                    "the store)")
+        return "exact search in memory (no index file)"
 
     def to_records(self) -> dict[str, Any]:
         return {
@@ -207,6 +347,12 @@ class QueryResults(Records):
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return [(q.query, n.rank, self.file(n), n.score, n.label) for q in self.queries for n in q.results]
+
+    def to_table(self) -> Table:
+        return Table([f"# {self.provenance.describe()}; {self.search}; paths relative to {self.root}"],
+                     [Section(f"query: {shown_path(q.query)}", ["rank", "score", "path", "label"],
+                              [(n.rank, n.score, n.path, n.label) for n in q.results],
+                              ["right", "right", "left", "left"]) for q in self.queries])
 
 
 # -- classify -------------------------------------------------------------------------------
@@ -249,6 +395,15 @@ class TrainSummary(Records):
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return list(self.per_class())
+
+    def to_table(self) -> Table:
+        unlabelled = f", {self.n_unlabelled} unlabelled rows left out" if self.n_unlabelled else ""
+        return Table(sections=[_class_section(self.per_class())], tail=[
+            f"{self.head}: {len(self.classes)} classes, {plural(self.n_train, 'image')}{unlabelled}; C={self.C:.4g}; "
+            f"{self.cv}-fold CV accuracy {self.cv_accuracy:.3f} ± {self.cv_accuracy_std:.3f} ({self.seconds:.1f}s: "
+            f"choosing C among {self.n_Cs} values by {self.cv}-fold CV {self.search_seconds:.1f}s, the final fit "
+            f"{self.fit_seconds:.1f}s)",
+            f"{chance_sentence(self.chance)} (on the {plural(self.n_train, 'training image')})"])
 
 
 @dataclass
@@ -314,6 +469,24 @@ class Predictions(Records):
         return [(p.path, p.label, *((p.truth, p.correct) if truth else ()), *(p.probabilities[c] for c in self.classes))
                 for p in self.predictions]
 
+    def to_table(self, top: int = 3) -> Table:
+        """The predicted class and the ``top`` most probable classes of each image; right or wrong where known."""
+        def best(p: Prediction) -> str:
+            return ", ".join(f"{c} {v:.3f}" for c, v in p.top(top))
+
+        head = [f"# {self.provenance.describe()}; head: {len(self.classes)} classes, C={self.C:.4g}, "
+                f"cross-validated accuracy {self.cv_accuracy:.3f} ± {self.cv_accuracy_std:.3f}"]
+        if not self.labelled:
+            return Table(head, [Section(None, ["path", "predicted", "probabilities"],
+                                        [(shown_path(p.path), p.label, best(p)) for p in self.predictions])])
+        marks = {None: "", True: "right", False: "WRONG"}
+        right = sum(bool(p.correct) for p in self.labelled)
+        return Table(head, [Section(None, ["path", "predicted", "true", "", "probabilities"],
+                                    [(shown_path(p.path), p.label, p.truth, marks[p.correct], best(p))
+                                     for p in self.predictions])],
+                     [f"accuracy {self.accuracy:.3f}: {right} of {plural(len(self.labelled), 'image')} in class "
+                      f"folders predicted right ({chance_sentence(self.chance)})"])
+
 
 @dataclass
 class Evaluation(Records):
@@ -347,6 +520,14 @@ class Evaluation(Records):
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return list(self.per_class())
+
+    def to_table(self) -> Table:
+        confusion = Section("confusion matrix (rows: true, columns: predicted)", ["true \\ predicted", *self.labels],
+                            [(c, *map(int, row)) for c, row in zip(self.labels, self.confusion)],
+                            ["left"] + ["right"] * len(self.labels))
+        return Table([f"# {self.provenance.describe()}"], [_class_section(self.per_class()), confusion],
+                     [f"accuracy {self.accuracy:.3f} on {plural(self.n_images, 'image')} "
+                      f"({chance_sentence(self.chance)})"])
 
 
 # -- compare --------------------------------------------------------------------------------
@@ -422,6 +603,21 @@ class Comparison(Records):
                    *(r.per_class_f1.get(k, 0.0) for k in self.classes)) for r in self.rows],
                 *[(c.description, "", "", "", "", c.accuracy, c.accuracy_std, "", "", *[""] * len(self.classes))
                   for c in self.chance]]
+
+    def to_table(self) -> Table:
+        def weights(prov: Provenance) -> str:
+            return f"RANDOM (seed {prov.weights_seed})" if prov.is_random else prov.weights_spec.describe()
+
+        rows = [(r.backbone, weights(r.provenance), f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
+                 f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}", f"{r.weakest_class} ({r.weakest_f1:.3f})")
+                for r in self.rows]
+        rows += [(c.description, "", "", "", "", f"{c.accuracy:.3f} ± {c.accuracy_std:.3f}", "") for c in self.chance]
+        return Table([f"# {plural(self.n_images, 'image')}, {len(self.classes)} classes; {self.cv}-fold CV, the same "
+                      "folds for every backbone; chance: expected accuracy ± its spread over these images, from the "
+                      "class counts", f"# {self.speed_note}"],
+                     [Section(None, ["backbone", "weights", "parameters", "embedding size", "images/s", "CV accuracy",
+                                     "weakest class (F1)"], rows,
+                              ["left", "left", "right", "right", "right", "right", "left"])])
 
 
 # -- duplicates -----------------------------------------------------------------------------
@@ -509,10 +705,37 @@ class DedupResult(Records):
         return [(i, g.kind, self.file(m.path), m.score, g.sha256, self.copies_of(g, m) or "", self.found_by(g))
                 for i, g in enumerate(self.groups, 1) for m in g.members]
 
+    def to_table(self) -> Table:
+        def shown(g: DuplicateGroup, m: Member) -> str:
+            copies = self.copies_of(g, m)
+            return m.path + (f"  (identical files: group {copies})" if copies else "")
+
+        return Table([f"# {plural(self.rows, 'image')}: {plural(self.exact_groups, 'group')} of identical files "
+                      f"(sha256), {plural(self.near_groups, 'group')} of near duplicates: cosine >= "
+                      f"{self.threshold:g} on the store's features ({self.provenance.describe()}); {self.method} "
+                      f"search, {self.seconds:.1f}s; paths relative to {self.root}"],
+                     [Section(None, ["group", "kind", "similarity", "path"],
+                              [(i, g.kind, m.score, shown(g, m)) for i, g in enumerate(self.groups, 1)
+                               for m in g.members], ["right", "left", "right", "left"])])
+
 
 # -- models, the compiled-model cache ---------------------------------------------------------
 MODEL_COLUMNS = ["name", "input_size", "dim", "params", "top1", "top5", "size_mb", "depth", "images_per_second",
-                 "preprocessing"]
+                 "preprocessing", "weights_offline"]
+
+
+def model_cell(column: str, value: Any) -> str:
+    """A value of :data:`MODEL_COLUMNS` as people read it: the one format of `imgvec models`' table and
+    docs/backbones.md (``29.2`` images/s, ``0.771`` top-1, ``4.0M`` parameters; blank when unknown)."""
+    if value is None:
+        return ""
+    if column == "params":
+        return f"{value / 1e6:.1f}M"
+    if column in ("top1", "top5"):
+        return f"{value:.3f}"
+    if column == "images_per_second":
+        return f"{value:.1f}"
+    return str(value)
 
 
 @dataclass
@@ -520,15 +743,30 @@ class ModelTable(Records):
     """The backbones imgvec knows, in the order asked for."""
 
     backbones: list[Backbone]
+    # name -> where its ImageNet weights are without a network ("package", "keras cache"); absent: nowhere
+    offline: dict[str, str] = field(default_factory=dict)
+
+    def value(self, backbone: Backbone, column: str) -> Any:
+        return self.offline.get(backbone.name) if column == "weights_offline" else getattr(backbone, column)
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{c: getattr(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
+        return [{c: self.value(b, c) for c in MODEL_COLUMNS} for b in self.backbones]
 
     def csv_columns(self) -> list[str]:
         return list(MODEL_COLUMNS)
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return [tuple("" if v is None else v for v in r.values()) for r in self.to_records()]
+
+    def to_table(self) -> Table:
+        return Table(["# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
+                      "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
+                      "(benchmarks/results/embed.json); weights_offline: where ImageNet weights are without a "
+                      "network (package: installed with imgvec; keras cache: downloaded before); blank: not "
+                      "published, not measured or not at hand"],
+                     [Section(None, list(MODEL_COLUMNS), [[model_cell(c, r[c]) for c in MODEL_COLUMNS]
+                                                          for r in self.to_records()],
+                              ["left"] + ["right"] * 8 + ["left", "left"])])
 
 
 @dataclass
@@ -553,3 +791,9 @@ class CacheSummary(Records):
 
     def csv_rows(self) -> list[tuple[Any, ...]]:
         return [tuple(r.values()) for r in self.to_records()]
+
+    def to_table(self) -> Table:
+        rows = [(r["backbone"], r["input_size"], r["weights"], f"{r['mb']:.1f}", f"{r['age_days']:.1f}", r["ok"],
+                 r["path"]) for r in self.to_records()]
+        return Table([f"# {self.folder}: {plural(len(rows), 'compiled model')}, {self.bytes / 1e6:.1f} MB"],
+                     [Section(None, self.csv_columns(), rows)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,4 +56,63 @@ def make_image_folder(root: str | os.PathLike[str], per_class: int = 8, size: in
         for i in range(per_class):
             img = pattern(PATTERNS[rng.integers(len(PATTERNS))], size, rng, COLOURS[name])
             Image.fromarray(img).save(root / name / f"{name}_{i:03d}.{fmt}")
+    return root
+
+
+# -- real photos that ship in packages, and augmented copies of them ----------------------------------
+# class name -> (package, loader): scikit-image's colour and grey photos, scikit-learn's two sample images.
+PHOTOS = {
+    "cat": ("skimage", "chelsea"), "coffee": ("skimage", "coffee"), "astronaut": ("skimage", "astronaut"),
+    "rocket": ("skimage", "rocket"), "motorcycle": ("skimage", "stereo_motorcycle"), "temple": ("sklearn", "china"),
+    "flower": ("sklearn", "flower"), "galaxies": ("skimage", "hubble_deep_field"),
+    "cells": ("skimage", "immunohistochemistry"), "retina": ("skimage", "retina"), "cameraman": ("skimage", "camera"),
+    "coins": ("skimage", "coins"),
+}
+
+
+def packaged_photo(name: str) -> np.ndarray:
+    """The packaged photo behind class ``name`` of :data:`PHOTOS` as RGB uint8 (grey ones as three channels).
+    Needs scikit-image (``pip install scikit-image``; in imgvec's dev extra) for all but ``temple``/``flower``."""
+    package, loader = PHOTOS[name]
+    if package == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        image = load_sample_image(f"{loader}.jpg")
+    else:
+        import skimage.data
+
+        image = getattr(skimage.data, loader)()
+        image = image[0] if isinstance(image, tuple) else image  # a stereo pair: the left view
+    image = np.asarray(image)
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def augmented_copy(image: np.ndarray, rng: np.random.Generator, size: int = 256) -> "Any":
+    """A Pillow image: a random crop (55-100% of each side), maybe mirrored, rotated up to 12 degrees,
+    brightness 0.7-1.3, resized to ``size`` square. JPEG quality is chosen when it is saved."""
+    from PIL import Image, ImageEnhance
+
+    h, w = image.shape[:2]
+    ch, cw = (int(round(s * rng.uniform(0.55, 1.0))) for s in (h, w))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    im = Image.fromarray(np.ascontiguousarray(image[top:top + ch, left:left + cw]))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im = im.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR, expand=False)
+    im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.7, 1.3)))
+    return im.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def make_photo_folder(root: str | os.PathLike[str], per_class: int = 8, size: int = 256,
+                      classes: tuple[str, ...] = tuple(PHOTOS), seed: int = 0) -> Path:
+    """Write ``root/<class>/<class>_NNN.jpg``: ``per_class`` augmented copies (:func:`augmented_copy`, JPEG
+    quality 40-95) of each class's packaged photo (:data:`PHOTOS`), from ``seed``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for name in classes:
+        image = packaged_photo(name)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            augmented_copy(image, rng, size).save(root / name / f"{name}_{i:03d}.jpg",
+                                                  quality=int(rng.integers(40, 96)))
     return root

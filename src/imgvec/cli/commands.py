@@ -6,7 +6,6 @@ Errors imgvec raises on purpose become one line on stderr and a non-zero exit st
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 import threading
@@ -18,17 +17,10 @@ import typer
 import typer.core
 
 from imgvec import __version__, api
-from imgvec.pages import report
-from imgvec.backbones.registry import BACKBONES
-from imgvec.embedding.embedder import EmbedConfig
-from imgvec.errors import ImgvecError, did_you_mean
-from imgvec.fileio import check_output
-from imgvec.files.images import DEFAULT_MAX_PIXELS, is_image_name
-from imgvec.files.provenance import Provenance
 from imgvec.cli.reporter import Reporter
-from imgvec.results import MODEL_COLUMNS, Chance, Records, chance_sentence
-from imgvec.runtime.loader import RUNTIMES, RuntimeNote
-from imgvec.pages.report import plural
+from imgvec.errors import FileNote, ImgvecError, RuntimeNote, did_you_mean
+from imgvec.pages import report
+from imgvec.results import MODEL_COLUMNS, Records, Table, plural, random_weights_note
 
 
 # click's base error, wherever this typer keeps click (its own copy since typer 0.23, the click package before)
@@ -85,16 +77,36 @@ def _imgvec(version: bool = typer.Option(False, "--version", callback=_print_ver
     and classify them with a logistic-regression head."""
 
 
-def _complete_models(incomplete: str) -> list[str]:
-    return [name for name in BACKBONES if name.startswith(incomplete.lower())]
+def _choices(choices: Sequence[str] | str) -> Callable[[str], list[str]]:
+    """Shell completion of an option's values: the very choices its check accepts (a name: api.choices()'s)."""
+
+    def complete(incomplete: str) -> list[str]:
+        values = api.choices()[choices] if isinstance(choices, str) else choices
+        return [c for c in values if c.startswith(incomplete.lower())]
+
+    return complete
 
 
-def _complete_runtimes(incomplete: str) -> list[str]:
-    return [name for name in RUNTIMES if name.startswith(incomplete)]
+_complete_models = _choices("model")
+_complete_runtimes = _choices("runtime")
 
-FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv")
-FaissGpuOpt = typer.Option("auto", "--faiss-gpu", help="auto (GPU when faiss has GPU support and sees one), on, off")
+
+def _complete_model_list(incomplete: str) -> list[str]:
+    """``--models a,b,c``: the last name completed, the ones before kept."""
+    done, _, last = incomplete.rpartition(",")
+    return [f"{done}," * bool(done) + name for name in _complete_models(last)]
+
+
+# The --format values each command accepts (checked by _check_format, completed by the shell).
+TABLE_JSON = ("table", "json")
+DEDUP_FORMATS = (*report.FORMATS, "html")
+
+FormatOpt = typer.Option("table", "--format", "-f", help="table, json or csv", autocompletion=_choices(report.FORMATS))
+FaissGpuOpt = typer.Option("auto", "--faiss-gpu", autocompletion=_choices("faiss_gpu"),
+                           help="auto (GPU when faiss has GPU support and sees one), on, off")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, none (random, seed --seed) or a weights file")
+ModelPathOpt = typer.Option(None, "--model", "-m", help="where the model file (--model PATH at embed time) is now, "
+                            "if moved; it must hold the same bytes")
 HtmlOpt = typer.Option(None, "--html", help="also write a self-contained HTML page with thumbnails here")
 RuntimeOpt = typer.Option("auto", "--runtime", autocompletion=_complete_runtimes,
                           help="auto (OpenVINO on the CPU, TensorFlow on a GPU), openvino, tensorflow, jax or torch; "
@@ -155,10 +167,10 @@ def _options() -> dict[str, str]:
 
 
 def _one_line_notes(show: Callable[..., None]) -> Callable[..., None]:
-    """Show imgvec's own notes (:class:`RuntimeNote`) as one ``imgvec: note:`` line; others as before."""
+    """Show imgvec's own notes (:class:`RuntimeNote`, :class:`FileNote`) as one ``imgvec: note:`` line; others as before."""
 
     def showwarning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, RuntimeNote):
+        if issubclass(category, (RuntimeNote, FileNote)):
             _err(f"imgvec: note: {message}")
         else:
             show(message, category, *args, **kwargs)
@@ -172,24 +184,10 @@ def _check_format(fmt: str, allowed: tuple[str, ...] = report.FORMATS) -> None:
                                  param_hint="--format")
 
 
-def _check_html(html: Path | None, inputs: Sequence[Path | None]) -> None:
-    """The page is written after the work: check where it goes before, so a typo (or an input's name) costs nothing."""
-    if html is not None:
-        check_output(html, inputs, read_under=is_image_name)
-
-
-def _warn_random(prov: Provenance) -> None:
-    if prov.is_random:
-        _err(f"imgvec: note: {prov.backbone} has RANDOM weights (seed {prov.weights_seed}), "
-             "not pretrained: results show the pipeline, not real similarity")
-
-
-def _weights_cell(prov: Provenance) -> str:
-    return f"RANDOM (seed {prov.weights_seed})" if prov.is_random else prov.weights_spec.describe()
-
-
-def _mark(correct: bool | None) -> str:
-    return "" if correct is None else ("right" if correct else "WRONG")
+def _warn_random(provenance: Any) -> None:
+    note = random_weights_note(provenance)
+    if note:
+        _err(f"imgvec: note: {note}")
 
 
 def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -197,38 +195,28 @@ def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
         _err(f"imgvec: warning: skipped {path}: {reason}")
 
 
-def _notes(skipped: list[tuple[str, str]], prov: Provenance, html: Path | None,
+def _notes(skipped: list[tuple[str, str]], provenance: Any, html: Path | None,
            write_html: Callable[[], Path]) -> None:
     """What goes to stderr beside results: skipped files, the random-weights note, the HTML page written."""
     _warn_skipped(skipped)
-    _warn_random(prov)
+    _warn_random(provenance)
     if html:
         _err(f"imgvec: wrote {write_html()}")
 
 
-def _print(fmt: str, result: Records, table: Callable[[], str]) -> None:
-    """A result on stdout: its JSON records, its CSV rows, or the table ``table()`` draws."""
+def _show(table: Table) -> None:
+    """A result's table on stdout (the one renderer: :func:`imgvec.pages.report.render`)."""
+    typer.echo(report.render(table), nl=False)
+
+
+def _print(fmt: str, result: Records, **table: Any) -> None:
+    """A result on stdout: its JSON records, its CSV rows, or its table (``table``: what it shows)."""
     if fmt == "json":
         typer.echo(report.to_json(result.to_records()))
     elif fmt == "csv":
         typer.echo(report.to_csv(result.csv_columns(), result.csv_rows()), nl=False)
     else:
-        typer.echo(table(), nl=False)
-
-
-def _shown(path: str) -> str:
-    """A path as a table shows it: relative to the working folder when under it, else absolute."""
-    rel = os.path.relpath(path)
-    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
-
-
-def _class_table(rows: list[tuple[str, float, float, float, int]]) -> str:
-    return report.table(None, ["class", "precision", "recall", "f1", "images"], rows,
-                        justify=["left", "right", "right", "right", "right"])
-
-
-def _chance_table(chance: list[Chance]) -> list[tuple[str, str]]:
-    return [(c.description, f"{c.accuracy:.3f} ± {c.accuracy_std:.3f}") for c in chance]
+        _show(result.to_table(**table))
 
 
 @_command
@@ -236,40 +224,49 @@ def embed(
     sources: list[Path] = typer.Argument(..., help="image folders (walked recursively) or image files"),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 store to create or resume"),
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_models,
-                                        help="backbone (default efficientnetb0; see `imgvec models`)"),
+                                        help="backbone (default efficientnetlite0, pretrained weights installed; see "
+                                        "`imgvec models`), or your own model file: PATH ending in .keras, .onnx or "
+                                        ".xml (OpenVINO IR, .bin beside)"),
     weights: Optional[str] = WeightsOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="square input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per model call"),
     workers: Optional[int] = typer.Option(None, "--workers", help="decoding threads (default: CPU count)"),
     seed: int = typer.Option(0, "--seed", help="seed for --weights none"),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
+    max_pixels: int = typer.Option(api.DEFAULT_MAX_PIXELS, "--max-pixels", help="skip images larger than this"),
     sync: bool = typer.Option(False, "--sync", help="also remove rows whose files are no longer under SOURCES"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (pip install 'imgvec[ray]')"),
+    engine: str = typer.Option("local", "--engine", autocompletion=_choices("engine"), help="local, or ray (pip install 'imgvec[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)"),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
-    device: str = typer.Option("auto", "--device", help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="float32, mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch) or int8 (OpenVINO, quantized on 100 of these images, refused unless it keeps the neighbours; pip install 'imgvec[int8]'); default: the store's, else float32"),
+    device: str = typer.Option("auto", "--device", autocompletion=_choices("device"),
+                               help="auto (GPU when TensorFlow sees one), cpu or gpu"),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices("precision"), help="float32, mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch) or int8 (OpenVINO, quantized on 100 of these images, refused unless it keeps the neighbours; pip install 'imgvec[int8]'); default: the store's, else float32"),
     accept_int8: bool = typer.Option(False, "--accept-int8", help="write an int8 store even where int8 changes the embeddings more than the check allows"),
     runtime: str = RuntimeOpt,
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="a model file's input scaling: tf (x/127.5-1), "
+                                             "torch (x/255, ImageNet mean/std), caffe (BGR, ImageNet mean "
+                                             "subtracted) or none (raw 0-255)"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="instead of --preprocess: R,G,B mean on pixels scaled to "
+                                       "[0, 1], e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, "--std", help="instead of --preprocess: R,G,B std, e.g. 0.229,0.224,0.225"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="a model file's output (or tensor; a layer of a .keras "
+                                        "file) to embed with (default: its output; pooled when 4-D)"),
 ) -> None:
     """Embed images into an HDF5 store (resumes an existing store, adding only new images)."""
-    config = EmbedConfig(model, weights, image_size, seed, batch_size, workers, max_pixels, device, precision, runtime)
+    config = api.EmbedConfig(model=model, weights=weights, image_size=image_size, seed=seed, batch_size=batch_size,
+                             workers=workers, max_pixels=max_pixels, device=device, precision=precision,
+                             runtime=runtime, preprocess=preprocess, mean=mean, std=std, layer=layer)
     with Reporter() as progress:
         s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
                       ray_workers=ray_workers, progress=progress, accept_int8=accept_int8)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
-    removed = f", {s.removed} removed" if sync else ""
-    built = f"model built in {s.build_seconds:.1f}s, then " if s.build_seconds else ""
-    speed = f": {built}{s.images_per_second:.1f} images/s" if s.added else ""
-    typer.echo(f"{s.store}: {plural(s.added, 'image')} embedded, {s.already} already there, {len(s.skipped)} "
-               f"skipped{removed}, {plural(s.rows, 'row')} in all ({s.provenance.describe()}; {s.seconds:.1f}s{speed})")
+    _show(s.to_table(sync=sync))
 
 
 @_command
 def index(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
-    kind: str = typer.Option("auto", "--kind", help="auto, flat (exact), hnsw or ivfpq"),
+    kind: str = typer.Option("auto", "--kind", autocompletion=_choices("kind"), help="auto, flat (exact), hnsw or ivfpq"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="index file (default: STORE.index.h5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build from scratch even if the index could be extended"),
     memory_budget: Optional[float] = typer.Option(
@@ -281,21 +278,19 @@ def index(
     with Reporter() as progress:
         s = api.build_index(store, kind=kind, output=output, rebuild=rebuild, memory_budget=budget,
                             faiss_gpu=faiss_gpu, progress=progress)
-    how = f"added {s.added} new rows to the" if s.updated else "built a"
-    typer.echo(f"{s.path}: {how} {s.kind} index over {s.rows} rows ({s.seconds:.1f}s)")
+    _show(s.to_table())
 
 
 @_command
 def merge(
     stores: list[Path] = typer.Argument(..., help="stores made with the same backbone, weights and input size"),
     output: Path = typer.Option(..., "--output", "-o", help="new store to write"),
-    on_duplicate: str = typer.Option("first", "--on-duplicate", help="first (keep the first store's row) or error"),
+    on_duplicate: str = typer.Option("first", "--on-duplicate", autocompletion=_choices("on_duplicate"), help="first (keep the first store's row) or error"),
 ) -> None:
     """Merge several stores (shards from several machines or runs) into one."""
     with Reporter() as progress:
         s = api.merge(stores, output, on_duplicate=on_duplicate, progress=progress)
-    typer.echo(f"{s.store}: {s.rows} rows from {s.inputs} stores ({s.duplicates} duplicate paths dropped; "
-               f"{s.seconds:.1f}s); run `imgvec index {s.store}` to search it")
+    _show(s.to_table())
 
 
 @_command
@@ -309,24 +304,18 @@ def query(
     html: Optional[Path] = HtmlOpt,
     faiss_gpu: str = FaissGpuOpt,
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Find the stored images most like each query image."""
     _check_format(fmt)
-    _check_html(html, [store, index_path or api.index_path_for(store), *queries])
+    api.check_page_path(html, [store, index_path or api.index_path_for(store), *queries])
     with Reporter() as progress:
         r = api.query(store, queries, k=k, index=index_path, weights=weights, faiss_gpu=faiss_gpu, runtime=runtime,
-                      progress=progress)
+                      progress=progress, model=model)
     for note in r.notes:
         _err(f"imgvec: note: {note}")
     _notes(r.skipped, r.provenance, html, lambda: api.query_html(r, html, store))
-
-    def table() -> str:
-        return f"# {r.provenance.describe()}; {r.search}; paths relative to {r.root}\n" + "".join(
-            report.table(f"query: {_shown(q.query)}", ["rank", "score", "path", "label"],
-                         [(n.rank, n.score, n.path, n.label) for n in q.results],
-                         justify=["right", "right", "left", "left"]) for q in r.queries)
-
-    _print(fmt, r, table)
+    _print(fmt, r)
 
 
 @_command
@@ -339,12 +328,7 @@ def train(
     with Reporter() as progress:
         s = api.train(store, output, cv=cv, progress=progress)
     _warn_random(s.provenance)
-    typer.echo(_class_table(s.per_class()), nl=False)
-    skipped = f", {s.n_unlabelled} unlabelled rows left out" if s.n_unlabelled else ""
-    typer.echo(f"{s.head}: {len(s.classes)} classes, {plural(s.n_train, 'image')}{skipped}; C={s.C:.4g}; "
-               f"{cv}-fold CV accuracy {s.cv_accuracy:.3f} ± {s.cv_accuracy_std:.3f} ({s.seconds:.1f}s: choosing C "
-               f"among {s.n_Cs} values by {cv}-fold CV {s.search_seconds:.1f}s, the final fit {s.fit_seconds:.1f}s)")
-    typer.echo(f"{chance_sentence(s.chance)} (on the {plural(s.n_train, 'training image')})")
+    _show(s.to_table())
 
 
 @_command
@@ -356,97 +340,42 @@ def predict(
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     html: Optional[Path] = HtmlOpt,
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Classify images with a trained head."""
     _check_format(fmt)
-    _check_html(html, [head, *images])
+    api.check_page_path(html, [head, *images])
     with Reporter() as progress:
-        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress)
+        r = api.predict(head, images, weights=weights, runtime=runtime, progress=progress, model=model)
     _notes(r.skipped, r.provenance, html, lambda: api.predict_html(r, html, top=top))
-
-    def table() -> str:
-        def best(p: api.Prediction) -> str:
-            return ", ".join(f"{c} {v:.3f}" for c, v in p.top(top))
-
-        head_line = (f"# {r.provenance.describe()}; head: {len(r.classes)} classes, C={r.C:.4g}, "
-                     f"cross-validated accuracy {r.cv_accuracy:.3f} ± {r.cv_accuracy_std:.3f}\n")
-        if not r.labelled:
-            return head_line + report.table(None, ["path", "predicted", "probabilities"],
-                                            [(_shown(p.path), p.label, best(p)) for p in r.predictions])
-        right = sum(bool(p.correct) for p in r.labelled)
-        return (head_line + report.table(None, ["path", "predicted", "true", "", "probabilities"],
-                                         [(_shown(p.path), p.label, p.truth, _mark(p.correct), best(p))
-                                          for p in r.predictions])
-                + f"accuracy {r.accuracy:.3f}: {right} of {plural(len(r.labelled), 'image')} in class folders "
-                  f"predicted right ({chance_sentence(r.chance)})\n")
-
-    _print(fmt, r, table)
+    _print(fmt, r, top=top)
 
 
 @_command
 def models(
     fmt: str = FormatOpt,
-    sort: str = typer.Option("", "--sort", help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
+    sort: str = typer.Option("", "--sort", autocompletion=_choices("sort"), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
     """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
     _check_format(fmt)
-    m = api.models(sort=sort or None)
-
-    def cell(column: str, value: Any) -> Any:
-        if value is None:
-            return ""
-        return f"{value:,}" if column == "params" else (f"{value:.3f}" if column in ("top1", "top5") else value)
-
-    def table() -> str:
-        return ("# top1/top5: ImageNet validation accuracy and size_mb/depth as published by Keras "
-                "(keras.io/api/applications); images_per_second: `imgvec embed` on a 2-core CPU at 224 px "
-                "(benchmarks/results/embed.json); blank: not published or not measured\n"
-                + report.table(None, MODEL_COLUMNS, [[cell(c, r[c]) for c in MODEL_COLUMNS] for r in m.to_records()],
-                               justify=["left"] + ["right"] * 8 + ["left"]))
-
-    _print(fmt, m, table)
+    _print(fmt, api.models(sort=sort or None))
 
 
 @_command
 def info(
     path: Path = typer.Argument(..., help="an imgvec file: store, index or head"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json (and csv with --skipped)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(report.FORMATS),
+                            help="table or json (and csv with --skipped)"),
     skipped: bool = typer.Option(False, "--skipped", help="list the files a store's embed runs skipped, with reasons"),
 ) -> None:
     """Show what an imgvec file (store, index or head) holds and how it was made."""
     if skipped:
         _check_format(fmt)
-        s = api.skipped_files(path)
-        _print(fmt, s, lambda: f"# {plural(len(s.skipped), 'file')} skipped; paths relative to {s.root}\n"
-               + report.table(None, ["path", "reason"], s.skipped))
+        _print(fmt, api.skipped_files(path))
         return
-    _check_format(fmt, ("table", "json"))
-    data = api.info(path)
-    if fmt == "json":
-        typer.echo(report.to_json(data))
-        return
-    prov: Provenance = data.pop("provenance")
-    if prov.is_random:
-        data["WARNING"] = "RANDOM weights: not pretrained"
-    made = {"created": "created (when the embeddings were made)"}  # a head's or index's own time is not recorded
-    shown = {**vars(prov), "calibration_keys": f"{len(prov.calibration())} images (listed by --format json)"
-             if prov.calibration_keys else ""}  # up to 100 paths: too long for a table cell
-    rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in shown.items() if v not in (None, "")]
-    typer.echo(report.table(None, ["field", "value"], rows), nl=False)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as dotted names, lists joined: values a person reads, not Python reprs."""
-    rows: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            rows.extend(_flat(value, f"{prefix}{key}.") if value else [(f"{prefix}{key}", "none")])
-        elif isinstance(value, (list, tuple)):
-            rows.append((f"{prefix}{key}", ", ".join(map(str, value))))
-        else:
-            rows.append((f"{prefix}{key}", "none" if value is None else value))
-    return rows
+    _check_format(fmt, TABLE_JSON)
+    _print(fmt, api.info(path))
 
 
 @_command
@@ -459,14 +388,7 @@ def cache(
     c = api.cache(clear=clear)
     if clear:
         _err(f"imgvec: removed {plural(c.cleared, 'cached model')} ({c.freed / 1e6:.1f} MB) from {c.folder}")
-
-    def table() -> str:
-        rows = [(r["backbone"], r["input_size"], r["weights"], f"{r['mb']:.1f}", f"{r['age_days']:.1f}", r["ok"],
-                 r["path"]) for r in c.to_records()]
-        return (f"# {c.folder}: {plural(len(rows), 'compiled model')}, {c.bytes / 1e6:.1f} MB\n"
-                + report.table(None, c.csv_columns(), rows))
-
-    _print(fmt, c, table)
+    _print(fmt, c)
 
 
 # -- compare, dedup, evaluate ------------------------------------------------------------
@@ -474,13 +396,15 @@ def cache(
 def compare(
     labelled_dir: Path = typer.Argument(..., help="folder with one subfolder of images per class"),
     models: str = typer.Option("vgg16,inceptionv3,resnet50,efficientnetb0", "--models", "-m",
+                               autocompletion=_complete_model_list,
                                help="comma-separated backbones (see `imgvec models`)"),
     cv: int = typer.Option(5, "--cv", help="cross-validation folds (the same folds for every backbone)"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report (confusion matrices, "
                                         "accuracy-vs-speed plot) here"),
     stores: Path = typer.Option(Path("imgvec-compare"), "--stores", help="folder for the per-backbone stores "
                                 "(<backbone>.h5), reused on the next run"),
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet or none (random, seed --seed)"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet, none (random, seed --seed), or a weights "
+                                "file when --models names one backbone"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input size for every backbone "
                                              "(default: each backbone's own)"),
     batch_size: int = typer.Option(32, "--batch-size", help="images per batch"),
@@ -490,8 +414,8 @@ def compare(
 ) -> None:
     """Compare backbones on your labelled images: accuracy (same CV folds), speed, size."""
     _check_format(fmt)
-    _check_html(html, [labelled_dir, stores])
-    config = EmbedConfig(weights=weights, image_size=image_size, seed=seed, batch_size=batch_size, runtime=runtime)
+    api.check_page_path(html, [labelled_dir, stores])
+    config = api.EmbedConfig(weights=weights, image_size=image_size, seed=seed, batch_size=batch_size, runtime=runtime)
     with Reporter() as progress:
         c = api.compare(labelled_dir, [m.strip() for m in models.split(",") if m.strip()], config, cv=cv,
                         stores=stores, random_state=seed, progress=progress)
@@ -499,34 +423,22 @@ def compare(
         _warn_random(r.provenance)
     if html:
         _err(f"imgvec: wrote {api.comparison_html(c, html)}")
-
-    def table() -> str:
-        rows = [(r.backbone, _weights_cell(r.provenance), f"{r.params:,}", r.dim, f"{r.images_per_second:.1f}",
-                 f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}", f"{r.weakest_class} ({r.weakest_f1:.3f})")
-                for r in c.rows]
-        rows += [(name, "", "", "", "", value, "") for name, value in _chance_table(c.chance)]
-        return (f"# {plural(c.n_images, 'image')}, {len(c.classes)} classes; {c.cv}-fold CV, the same "
-                "folds for every backbone; chance: expected accuracy ± its spread over these images, from the "
-                f"class counts\n# {c.speed_note}\n"
-                + report.table(None, ["backbone", "weights", "parameters", "embedding size", "images/s",
-                                      "CV accuracy", "weakest class (F1)"], rows,
-                               justify=["left", "left", "right", "right", "right", "right", "left"]))
-
-    _print(fmt, c, table)
+    _print(fmt, c)
 
 
 @_command
 def dedup(
     store: Path = typer.Argument(..., help="HDF5 store made by `imgvec embed`"),
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or html (to stdout)"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(DEDUP_FORMATS),
+                            help="table, json, csv or html (to stdout)"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
     exact: bool = typer.Option(False, "--exact", help="exhaustive pair search even above 20,000 images (slower)"),
     html: Optional[Path] = HtmlOpt,
 ) -> None:
     """List groups of near-duplicate images (and identical files) in a store."""
-    _check_format(fmt, (*report.FORMATS, "html"))
-    _check_html(html, [store])
+    _check_format(fmt, DEDUP_FORMATS)
+    api.check_page_path(html, [store])
     with Reporter() as progress:
         d = api.dedup(store, threshold=threshold, check_files=hash_files, exact=exact or None, progress=progress)
     _notes([], d.provenance, html, lambda: api.dedup_html(d, html))
@@ -539,37 +451,24 @@ def dedup(
     if fmt == "html":
         typer.echo(api.dedup_page(d), nl=False)
         return
-
-    def table() -> str:
-        def shown(g: api.DuplicateGroup, m: api.Member) -> str:
-            copies = d.copies_of(g, m)
-            return m.path + (f"  (identical files: group {copies})" if copies else "")
-
-        return (f"# {plural(d.rows, 'image')}: {plural(d.exact_groups, 'group')} of identical files (sha256), "
-                f"{plural(d.near_groups, 'group')} of near duplicates: cosine >= {threshold:g} on the store's "
-                f"features ({d.provenance.describe()}); {d.method} search, {d.seconds:.1f}s; paths relative to "
-                f"{d.root}\n"
-                + report.table(None, ["group", "kind", "similarity", "path"],
-                               [(i, g.kind, m.score, shown(g, m)) for i, g in enumerate(d.groups, 1) for m in g.members],
-                               justify=["right", "left", "right", "left"]))
-
-    _print(fmt, d, table)
+    _print(fmt, d)
 
 
 @_command
 def evaluate(
     head: Path = typer.Argument(..., help="head file made by `imgvec train`"),
     data: Path = typer.Argument(..., help="held-out images (one subfolder per class) or a store of them"),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json"),
+    fmt: str = typer.Option("table", "--format", "-f", autocompletion=_choices(TABLE_JSON), help="table or json"),
     html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML report here"),
     weights: Optional[str] = typer.Option(None, "--weights", help="where the head's weights file is now, if moved"),
     runtime: str = RuntimeOpt,
+    model: Optional[Path] = ModelPathOpt,
 ) -> None:
     """Score a head on held-out labelled data: accuracy, per-class P/R/F1, confusion matrix."""
-    _check_format(fmt, ("table", "json"))
-    _check_html(html, [head, data])
+    _check_format(fmt, TABLE_JSON)
+    api.check_page_path(html, [head, data])
     with Reporter() as progress:
-        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress)
+        e = api.evaluate(head, data, weights=weights, runtime=runtime, progress=progress, model=model)
     if e.seen_in_training:
         _err(f"imgvec: WARNING: the head was trained on {e.seen_in_training} of these {e.n_images} images: "
              "this accuracy is NOT a held-out estimate (evaluate on images the head has not seen)")
@@ -577,15 +476,7 @@ def evaluate(
     for label, n in e.unknown.items():
         _err(f"imgvec: note: {plural(n, 'image')} labelled {label!r}, a class the head was not trained on, "
              "count as wrong")
-
-    def table() -> str:
-        return (f"# {e.provenance.describe()}\n" + _class_table(e.per_class())
-                + report.table("confusion matrix (rows: true, columns: predicted)", ["true \\ predicted", *e.labels],
-                               [(c, *map(int, row)) for c, row in zip(e.labels, e.confusion)],
-                               justify=["left"] + ["right"] * len(e.labels))
-                + f"accuracy {e.accuracy:.3f} on {plural(e.n_images, 'image')} ({chance_sentence(e.chance)})\n")
-
-    _print(fmt, e, table)
+    _print(fmt, e)
 
 
 @_command
@@ -595,13 +486,25 @@ def serve(
     port: int = typer.Option(8000, "--port", help="port to listen on"),
     runtime: str = RuntimeOpt,
     k: int = typer.Option(10, "-k", help="neighbours per query unless a request asks for another number"),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
+    max_pixels: int = typer.Option(api.DEFAULT_MAX_PIXELS, "--max-pixels", help="refuse uploaded images larger than this"),
     index_path: Optional[Path] = typer.Option(None, "--index", help="index file (default: STORE.index.h5)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="serve images only from below this folder "
+                                          "(default: the store file's folder), whatever root the store names"),
+    memory_budget: int = typer.Option(1024, "--memory-budget", help="MB that uploads and their decoding may hold "
+                                      "at once, all requests together (more waits, then 503; one alone over it: 413)"),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="seconds a request's headers may take"),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="seconds an upload's body may take"),
+    keep_alive: float = typer.Option(5.0, "--keep-alive", help="seconds an idle connection stays open"),
+    max_connections: int = typer.Option(512, "--max-connections", help="open connections at once (at the cap the "
+                                        "longest idle one is closed)"),
 ) -> None:
     """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
-    from imgvec.service import serve as service
+    from imgvec.service import server
 
-    service.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path)
+    limits = server.Limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
+                           max_connections=max_connections)
+    server.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path,
+               images=images, memory_budget=memory_budget << 20, limits=limits)
 
 
 def main() -> None:

@@ -1,9 +1,12 @@
-"""``make demo``: the whole job on a small generated image set, through the public API.
+"""``make demo``: the whole job on a small set of real photos, through the public API, offline.
 
-Generates labelled images, embeds them, builds an index, queries it, trains a head and
-evaluates it on held-out images. Uses ImageNet weights when Keras can load them and says
-plainly when it falls back to random weights (the results then show the pipeline working,
-not pretrained quality).
+Makes labelled images from photos that ship in packages (scikit-image's cat, cup, astronaut ...,
+scikit-learn's temple and flower: one class per photo, augmented copies of it), embeds them, builds
+an index, queries it with held-out copies and counts how many neighbours are of the query's class,
+trains a head and evaluates it on the held-out images. The backbone is the default,
+``efficientnetlite0``, whose pretrained ImageNet weights come with imgvec (no download). Where they
+cannot be loaded it says plainly that it falls back to random weights (the results then show the
+pipeline working, not pretrained quality); without scikit-image it uses generated colour images.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 from imgvec import api
 from imgvec.pages import report
 from imgvec.results import chance_levels, chance_sentence
+from imgvec.backbones.registry import DEFAULT_BACKBONE
 from imgvec.embedding.embedder import Embedder
 from imgvec.errors import MissingWeightsError
-from imgvec.synthetic import make_image_folder
+from imgvec.synthetic import make_image_folder, make_photo_folder
 
-BACKBONE = "efficientnetb0"
+BACKBONE = DEFAULT_BACKBONE  # efficientnetlite0: its ImageNet weights are installed with imgvec
 
 
 def _say(text: str = "") -> None:
@@ -28,7 +32,7 @@ def _say(text: str = "") -> None:
 
 
 def choose_weights(backbone: str = BACKBONE) -> str:
-    """``imagenet`` when Keras can load the weights (cache or download), else ``none``."""
+    """``imagenet`` when the backbone's ImageNet weights load (packaged, cached or downloaded), else ``none``."""
     try:
         Embedder(backbone, "imagenet").load()
         return "imagenet"
@@ -43,10 +47,21 @@ def main(out: str = "demo-out") -> int:
     root = Path(out)
     if root.exists():
         shutil.rmtree(root)
-    train_dir = make_image_folder(root / "images" / "train", per_class=12, size=160, seed=0)
-    holdout_dir = make_image_folder(root / "images" / "holdout", per_class=4, size=160, seed=1)
-    _say(f"1. generated {len(list(train_dir.rglob('*.png')))} labelled images in {train_dir} "
-         f"and {len(list(holdout_dir.rglob('*.png')))} held-out ones in {holdout_dir}")
+    train_dir, holdout_dir = root / "images" / "train", root / "images" / "holdout"
+    try:
+        make_photo_folder(train_dir, per_class=8, seed=0)
+        make_photo_folder(holdout_dir, per_class=3, seed=1)
+        what = "augmented copies of packaged photos (one class per photo)"
+    except ImportError as error:
+        _say(f"NOTE: no packaged photos ({error}; pip install scikit-image): generated colour images instead")
+        shutil.rmtree(root / "images", ignore_errors=True)
+        make_image_folder(train_dir, per_class=12, size=160, seed=0)
+        make_image_folder(holdout_dir, per_class=4, size=160, seed=1)
+        what = "generated colour images"
+    train_files, holdout_files = (sorted(p for p in d.rglob("*") if p.suffix in (".jpg", ".png"))
+                                  for d in (train_dir, holdout_dir))
+    _say(f"1. made {len(train_files)} labelled images in {train_dir} and {len(holdout_files)} held-out ones "
+         f"in {holdout_dir}: {what}")
 
     weights = choose_weights()
     store = root / "demo.h5"
@@ -57,10 +72,13 @@ def main(out: str = "demo-out") -> int:
     built = api.build_index(store)
     _say(f"3. built a {built.kind} FAISS index over {built.rows} rows: {built.path}")
 
-    queries = sorted(holdout_dir.rglob("*.png"))[::4][:2]
-    found = api.query(store, queries, k=5)
-    _say("4. nearest stored images for two held-out queries:")
-    for q in found.queries:
+    found = api.query(store, holdout_files, k=5)
+    same = sum(Path(n.path).parent.name == Path(q.query).parent.name for q in found.queries for n in q.results)
+    shown = found.queries[::len(found.queries) // 2][:2]  # two queries of different classes
+    _say(f"4. nearest stored images of the {len(found.queries)} held-out images: {same} of their "
+         f"{5 * len(found.queries)} top-5 neighbours are of the query's class "
+         f"({same / (5 * len(found.queries)):.3f}); two of them:")
+    for q in shown:
         _say(report.table(f"query: {os.path.relpath(q.query)}", ["rank", "score", "path"],
                           [(n.rank, n.score, n.path) for n in q.results], ["right", "right", "left"]))
 

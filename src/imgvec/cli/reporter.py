@@ -8,6 +8,7 @@ quick command (or an error in the first second) stays one line.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -21,10 +22,15 @@ class Reporter:
 
     ``terminal`` forces the bar (True) or the lines (False); by default the bar is drawn only
     when ``stream`` is a terminal. Use it as a context manager, so a bar is closed on errors too.
+
+    By default it writes to a duplicate of stderr's file descriptor: while TensorFlow is imported,
+    file descriptor 2 itself is sent elsewhere to keep native start-up chatter off the screen
+    (:mod:`imgvec.backbones.device`), and a model's loading would otherwise lose its "started" line.
     """
 
     def __init__(self, stream: IO[str] | None = None, terminal: bool | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+        self._own: IO[str] | None = None if stream is not None else _duplicate(sys.stderr)
+        self.stream = stream if stream is not None else (self._own or sys.stderr)
         self.terminal = terminal
         self._bar: Any = None  # rich.progress.Progress, started on the first phase
         self._tasks: dict[str, Any] = {}
@@ -46,6 +52,9 @@ class Reporter:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        if self._own is not None:
+            with self._lock:
+                self._own.close()
 
     def __call__(self, done: int, total: int, phase: str = "working") -> None:
         if self._use_bar():
@@ -82,7 +91,8 @@ class Reporter:
         return self.terminal
 
     def _line(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if not self.stream.closed:  # a timer firing as the command ends
+            print(text, file=self.stream, flush=True)
 
     def _draw(self, done: int, total: int, phase: str) -> None:
         if self._bar is None:
@@ -98,3 +108,14 @@ class Reporter:
         if task is None or (done == 0 and self._bar.tasks[task].finished):  # a phase run again starts afresh
             task = self._tasks[phase] = self._bar.add_task(phase, total=total)
         self._bar.update(task, completed=done, total=total)
+
+
+def _duplicate(stream: IO[str]) -> IO[str] | None:
+    """A line-buffered text stream on a duplicate of ``stream``'s file descriptor (None where it has none)."""
+    try:
+        stream.flush()
+        fd = os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # a test runner's stream, or a closed stderr
+        return None
+    return os.fdopen(fd, "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                     errors="backslashreplace")

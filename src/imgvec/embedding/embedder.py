@@ -22,19 +22,22 @@ import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 
-from imgvec.backbones.registry import DEFAULT_BACKBONE, DEFAULT_SEED, Weights, get_backbone, parse_weights
-from imgvec.checks import check_choice, check_image_size
+from imgvec.backbones.modelfile import ModelFileMismatch, ModelFileSpec, is_model_path, model_file_spec
+from imgvec.backbones.registry import DEFAULT_BACKBONE, DEFAULT_SEED, Backbone, Weights, get_backbone, parse_weights
+from imgvec.backbones.builder import resolve_weights
+from imgvec.checks import check_at_least, check_choice, check_image_size
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import DEVICES, PRECISIONS
 from imgvec.errors import BadInputError, ImageSkipped, MismatchError, param
 from imgvec.files.images import DEFAULT_MAX_PIXELS, load_image
 from imgvec.files.provenance import Provenance, random_init_family
-from imgvec.runtime.loader import RUNTIMES, Calibration, Engine, dist_version, load_engine, row_cosines
+from imgvec.runtime.loader import (RUNTIMES, Calibration, Engine, PreparedModel, dist_version, load_engine,
+                                   load_model_file_engine, prepare_model_file, row_cosines)
 
 # Peak memory of one model call per input pixel of each image, rounded up from what was measured:
 # 53-445 bytes (OpenVINO on the CPU: mobilenetv3small, efficientnetb0, resnet50, convnexttiny at 224-448 px).
@@ -125,16 +128,20 @@ class EmbeddedBatch:
     skipped: list[ImageSkipped] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
     """How images become rows and how the model runs: one value, made once (by the CLI or a notebook)
     and passed unchanged through the api and ingest to the :class:`Embedder` and to Ray workers.
 
     ``model``, ``weights``, ``image_size`` and ``precision`` left as None mean: the store's own when
-    a store is resumed, else efficientnetb0, ImageNet weights, the backbone's input size and float32.
+    a store is resumed, else efficientnetlite0, ImageNet weights, the backbone's input size and float32.
+    ``model`` is a registry backbone's name or a model file's path (``.keras``, ``.onnx``, ``.xml``); for a
+    model file, ``preprocess`` (or ``mean``/``std``) says how its pixels are scaled and ``layer`` which
+    output is the embedding (:mod:`imgvec.backbones.modelfile`).
+    Fields are given by name only; a variant is ``dataclasses.replace(config, ...)``.
     """
 
-    model: str | None = None
+    model: str | ModelFileSpec | None = None
     weights: str | Weights | None = None  # imagenet, none (random, ``seed``), a weights file
     image_size: int | None = None
     seed: int = DEFAULT_SEED
@@ -144,12 +151,21 @@ class EmbedConfig:
     device: str = "auto"
     precision: str | None = None
     runtime: str = "auto"
+    preprocess: str | None = None  # a model file's: tf | torch | caffe | none
+    mean: str | tuple[float, ...] | None = None  # or its mean and std, on pixels scaled to [0, 1]
+    std: str | tuple[float, ...] | None = None
+    layer: str | None = None  # a model file's output (or tensor) to embed with
     calibration: Calibration | None = None  # int8: the images it is quantized on (chosen from the folder if None)
 
     @property
     def chooses_embedding(self) -> bool:
-        """Whether it says what the rows mean (backbone, weights, size), not only how to run."""
-        return (self.model, self.weights, self.image_size) != (None, None, None)
+        """Whether it says what the rows mean (backbone, weights, size, a model file's settings), not only how to run."""
+        return any(v is not None for v in (self.model, self.weights, self.image_size, self.preprocess, self.mean,
+                                           self.std, self.layer))
+
+    @property
+    def model_file_options(self) -> dict[str, Any]:
+        return dict(preprocess=self.preprocess, mean=self.mean, std=self.std, layer=self.layer)
 
     def running(self) -> dict[str, Any]:
         """How to run, whatever the rows mean: what :meth:`Embedder.from_provenance` takes besides the provenance."""
@@ -164,11 +180,15 @@ class Embedder:
     use (or by :meth:`load`), since that may convert it, import TensorFlow or fetch weights.
     ``runtime`` is one of :data:`imgvec.runtime.loader.RUNTIMES` (``auto``: OpenVINO on the CPU,
     TensorFlow on a GPU); the embeddings agree whichever runs.
+
+    ``model`` may be a model file (a path ending in ``.keras``, ``.onnx`` or ``.xml``, or a
+    :class:`~imgvec.backbones.modelfile.ModelFileSpec`): it is read, checked and wrapped when the embedder is made
+    (:func:`imgvec.runtime.model_files.prepare_model_file`), and runs on OpenVINO on the CPU.
     """
 
     def __init__(
         self,
-        model: str = DEFAULT_BACKBONE,
+        model: str | ModelFileSpec = DEFAULT_BACKBONE,
         weights: str | Weights | None = "imagenet",
         image_size: int | None = None,
         batch_size: int = 32,
@@ -178,18 +198,45 @@ class Embedder:
         device: str = "auto",
         precision: str = "float32",
         runtime: str = "auto",
+        preprocess: str | None = None,
+        mean: str | tuple[float, ...] | None = None,
+        std: str | tuple[float, ...] | None = None,
+        layer: str | None = None,
         calibration: Calibration | None = None,
     ) -> None:
-        self.backbone = get_backbone(model)
         self.device = check_choice(param("device"), device, DEVICES)
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
         self.runtime = check_choice(param("runtime"), runtime, RUNTIMES)
-        self.weights = weights if isinstance(weights, Weights) else parse_weights(weights, seed)
-        self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
-                                           self.backbone)
-        if batch_size < 1:
-            raise BadInputError(f"{param('batch_size')} must be at least 1, not {batch_size}")
-        self.batch_size = int(batch_size)
+        self.model_file: PreparedModel | None = None
+        options = {"preprocess": preprocess, "mean": mean, "std": std, "layer": layer}
+        if isinstance(model, ModelFileSpec) or is_model_path(model):
+            if isinstance(weights, str) and weights.strip().lower() != "imagenet" or (
+                    isinstance(weights, Weights) and weights.kind != "model"):
+                raise BadInputError(f"{param('weights')} {weights if isinstance(weights, str) else weights.kind}: a "
+                                    "model file holds its own weights; leave it out")
+            if self.runtime not in ("auto", "openvino") or device == "gpu":
+                raise BadInputError(f"a model file runs on OpenVINO on the CPU: leave out {param('runtime')} "
+                                    f"{self.runtime}" + (f" and {param('device')} gpu" if device == "gpu" else ""))
+            spec = model if isinstance(model, ModelFileSpec) else model_file_spec(str(model), **options)
+            self.model_file = prepare_model_file(spec, image_size)
+            self.backbone = Backbone(spec.name, "", "", self.model_file.image_size, self.model_file.dim, 0,
+                                     spec.preprocess.describe(), min_size=self.model_file.image_size)
+            self.weights = Weights("model")
+            self.image_size = self.model_file.image_size
+        else:
+            given = [name for name, value in options.items() if value is not None]
+            if given:
+                raise BadInputError(f"{', '.join(param(g) for g in given)}: for a model file ({param('model')} PATH); "
+                                    f"backbone {model} does its own preprocessing")
+            if "/" in str(model) or "." in str(model):
+                raise BadInputError(f"{param('model')} {model!r}: neither a backbone (`imgvec models` lists them) nor a "
+                                    "model file (a path ending in .keras, .onnx or .xml)")
+            self.backbone = get_backbone(model)
+            self.weights = resolve_weights(self.backbone, weights if isinstance(weights, Weights)
+                                           else parse_weights(weights, seed))
+            self.image_size = check_image_size(int(image_size if image_size is not None else self.backbone.input_size),
+                                               self.backbone)
+        self.batch_size = check_at_least("batch_size", int(batch_size))
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
         self.calibration = calibration  # int8 only; must be set before load()
@@ -220,26 +267,38 @@ class Embedder:
     @classmethod
     def from_config(cls, config: EmbedConfig) -> "Embedder":
         """The embedder ``config`` asks for (defaults for what it leaves open)."""
-        return cls(config.model or DEFAULT_BACKBONE, "imagenet" if config.weights is None else config.weights,
-                   config.image_size, seed=config.seed, calibration=config.calibration, **config.running())
+        model = config.model or DEFAULT_BACKBONE
+        file = isinstance(model, ModelFileSpec) or is_model_path(model)
+        return cls(model=model, weights=config.weights if file or config.weights is not None else "imagenet",
+                   image_size=config.image_size, seed=config.seed, calibration=config.calibration, **config.running(),
+                   **config.model_file_options)
 
     @property
     def config(self) -> EmbedConfig:
-        """This embedder as an :class:`EmbedConfig` (weights resolved): what a Ray worker rebuilds it from."""
-        return EmbedConfig(self.backbone.name, self.weights, self.image_size, DEFAULT_SEED if self.weights.seed is None else self.weights.seed,
-                           self.batch_size, self.workers, self.max_pixels, self.device, self.precision, self.runtime,
-                           self.calibration)
+        """This embedder as an :class:`EmbedConfig` (weights resolved; a model file pinned to the bytes read; an int8
+        model's calibration): what a Ray worker rebuilds it from."""
+        running = dict(batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels,
+                       device=self.device, precision=self.precision, runtime=self.runtime, calibration=self.calibration)
+        if self.model_file is not None:
+            spec = replace(self.model_file.spec, sha256=self.model_file.sha256)
+            return EmbedConfig(model=spec, weights=self.weights, image_size=self.image_size, seed=DEFAULT_SEED,
+                               **running)
+        seed = DEFAULT_SEED if self.weights.seed is None else self.weights.seed
+        return EmbedConfig(model=self.backbone.name, weights=self.weights, image_size=self.image_size, seed=seed,
+                           **running)
 
     @classmethod
-    def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, root: str | None = None,
-                        **kwargs: Any) -> "Embedder":
-        """The embedder that reproduces ``provenance`` (same backbone, weights, size).
+    def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, model_path: str | None = None,
+                        root: str | None = None, **kwargs: Any) -> "Embedder":
+        """The embedder that reproduces ``provenance`` (same backbone, weights, size; the same model file).
 
         Runtime, device and precision are not taken over: they do not change what the rows
         mean. Queries run in float32 unless asked (a mixed-precision store made on a GPU is
-        queried on the CPU without a bfloat16 parity check to fail). int8 is taken over, with its
-        calibration: the rows are the quantized model's. Its model comes from the cache, or is
-        quantized again on the recorded images under ``root`` (the store's root) if they are unchanged.
+        queried on the CPU without a bfloat16 parity check to fail). ``weights_path`` and ``model_path``
+        say where a weights file or model file is now, if it moved: its bytes must be the recorded ones.
+        int8 is taken over, with its calibration: the rows are the quantized model's. Its model comes from
+        the cache, or is quantized again on the recorded images under ``root`` (the store's root) if they
+        are unchanged.
         """
         if provenance.precision == "int8":
             if kwargs.get("precision", "int8") != "int8":
@@ -249,6 +308,8 @@ class Embedder:
             kwargs["calibration"] = Calibration(root or "", tuple(provenance.calibration()),
                                                 provenance.calibration_sha256,
                                                 kwargs.get("max_pixels", DEFAULT_MAX_PIXELS))
+        if provenance.is_model_file:
+            return cls._from_model_file(provenance, model_path, kwargs)
         backbone = get_backbone(provenance.backbone)
         if backbone.dim != provenance.dim:
             raise MismatchError(f"the embeddings are recorded as {provenance.dim}-d from {backbone.name}, which makes "
@@ -277,19 +338,66 @@ class Embedder:
                     + (" (or openvino)" if made == "tensorflow" else ""))
         return embedder
 
+    @classmethod
+    def _from_model_file(cls, prov: Provenance, model_path: str | None, kwargs: dict[str, Any]) -> "Embedder":
+        path = os.path.abspath(os.path.expanduser(model_path or str(prov.model_path)))
+        recorded = f"{prov.backbone}, sha256 {prov.model_sha256}"
+        if not os.path.isfile(path):
+            raise MismatchError(f"the embeddings were made with model file {prov.model_path} ({recorded}), and "
+                                f"{path} is not there; pass {param('model')} PATH to the same file")
+        spec = model_file_spec(path, prov.model_preprocess, layer=prov.model_layer, sha256=str(prov.model_sha256))
+        try:
+            embedder = cls(model=spec, weights=Weights("model"), image_size=prov.input_size, **kwargs)
+        except ModelFileMismatch as changed:
+            if path == prov.model_path:
+                raise MismatchError(f"model file {path} has changed since the embeddings were made (sha256 "
+                                    f"{changed.found[:16]}... now, {changed.expected[:16]}... then); put the "
+                                    f"original back, or embed again into a new store") from None
+            raise MismatchError(f"model file {path} is not the one the embeddings were made with ({recorded}; "
+                                f"this one has sha256 {changed.found[:16]}...)") from None
+        if embedder.dim != prov.dim:
+            raise MismatchError(f"the embeddings are recorded as {prov.dim}-d from {prov.backbone}, which makes "
+                                f"{embedder.dim}-d ones: the file is damaged or forged")
+        return embedder
+
     @property
     def dim(self) -> int:
         return self.backbone.dim
 
+    def model_fields(self) -> dict[str, Any]:
+        """The provenance fields of a model file (empty for a registry backbone)."""
+        m = self.model_file
+        if m is None:
+            return {}
+        return dict(model_format=m.spec.format, model_path=m.spec.path, model_size=m.source.size,
+                    model_sha256=m.sha256, model_preprocess=m.spec.preprocess.spec, model_layer=m.spec.layer,
+                    model_input=m.input, model_output=m.output)
+
+    def calibration_fields(self) -> dict[str, Any]:
+        """The provenance fields of an int8 model's calibration (empty strings for float precisions)."""
+        c = self.calibration if self.precision == "int8" else None
+        return dict(calibration_sha256=c.sha256 if c else "", calibration_keys=json.dumps(list(c.keys)) if c else "")
+
+    def key_provenance(self) -> Provenance:
+        """Provenance without loading the model (no TensorFlow import): enough for a compatibility check."""
+        w = self.weights
+        return Provenance(self.backbone.name, w.kind, w.seed, w.path, w.sha256, self.image_size,
+                          self.backbone.preprocessing, self.dim, runtime=self.runtime, precision=self.precision,
+                          **self.calibration_fields(), **self.model_fields())
+
     @property
     def model_batch(self) -> int:
         """Images per model call: what the engine prefers, at most the batch."""
-        return min(self.batch_size, self.load().engine_.model_batch)  # type: ignore[union-attr]
+        return min(self.batch_size, self.engine.model_batch)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine (loaded on first use)."""
+        return cast(Engine, self.load().engine_)
 
     def provenance(self) -> Provenance:
         """How this embedder's rows are made; versions of what actually ran (no import just to ask)."""
-        engine = self.load().engine_
-        assert engine is not None
+        engine = self.engine
         return Provenance(
             backbone=self.backbone.name,
             weights=self.weights.kind,
@@ -305,13 +413,14 @@ class Embedder:
             precision=self.precision,
             runtime=engine.runtime,
             runtime_version=engine.version,
-            calibration_sha256=self.calibration.sha256 if self.precision == "int8" and self.calibration else "",
-            calibration_keys=json.dumps(list(self.calibration.keys))
-            if self.precision == "int8" and self.calibration else "",
+            **self.calibration_fields(),
+            **self.model_fields(),
         )
 
     def load(self) -> "Embedder":
         """Load the engine (idempotent; engines are shared for the life of the process)."""
+        if self.engine_ is None and self.model_file is not None:
+            self.engine_ = load_model_file_engine(self.runtime, self.model_file, self.precision, self.device)
         if self.engine_ is None:
             self.engine_ = load_engine(self.runtime, self.backbone, self.weights, self.image_size,
                                        self.precision, self.device, self.calibration)

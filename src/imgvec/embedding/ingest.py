@@ -8,18 +8,18 @@ appending each batch), summarise.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from imgvec.checks import check_choice
+from imgvec.checks import check_at_least, check_choice
 from imgvec.embedding.distributed import ENGINES, embed_files_on_ray
 from imgvec.embedding import embedder as embedder_module
 from imgvec.embedding.embedder import (INT8_MIN_MEDIAN_COSINE, INT8_MIN_OVERLAP, EmbeddedBatch, EmbedConfig, Embedder,
                                        Int8Check, calibration_sample, check_sample)
-from imgvec.errors import BadInputError, param
+from imgvec.backbones.modelfile import ModelFileSpec, is_model_path
+from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
 from imgvec.files.images import Collection, ImageFile, find_images, is_image_name
 from imgvec.runtime.loader import Calibration, RuntimeNote
@@ -67,7 +67,7 @@ def embed(
     created; an existing one is resumed: images already in it are kept and not recomputed, only
     new ones are embedded. With ``sync``, rows whose files are no longer under ``sources`` are
     removed. ``model``/``weights``/``image_size`` left as None are taken from the existing store
-    (or default to efficientnetb0 with ImageNet weights for a new one); ``precision`` too. A store
+    (or default to efficientnetlite0 with ImageNet weights for a new one); ``precision`` too. A store
     made with one runtime can be extended with another. Interrupting (Ctrl-C, kill) loses at most
     the batch under way: run again to go on. ``engine="ray"`` embeds on a Ray cluster
     (``ray_address``, else RAY_ADDRESS, else a local one) with ``ray_workers`` actors; this
@@ -122,8 +122,8 @@ def _close(writer: StoreWriter, created: bool) -> int:
 def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> None:
     check_choice(param("engine"), engine, ENGINES)
     for option, value in (("workers", config.workers), ("ray_workers", ray_workers), ("max_pixels", config.max_pixels)):
-        if value is not None and value < 1:
-            raise BadInputError(f"{param(option)} must be at least 1, not {value}")
+        if value is not None:
+            check_at_least(option, value)
 
 
 def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,
@@ -149,13 +149,19 @@ def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedCo
             raise
         created = False
     else:
-        embedder = Embedder.from_config(config)
+        started = time.perf_counter()
+        model = config.model
+        file = isinstance(model, ModelFileSpec) or is_model_path(model)
+        # A model file is read, checked and (a .keras file, once) converted as its embedder is made: say so.
+        with Phase(progress, f"loading {os.path.basename(str(getattr(model, 'path', model)))}", int(file)):
+            embedder = Embedder.from_config(config)
+        reading = time.perf_counter() - started if file else 0.0
         collection = find_images(sources)
         if check_memory:
             embedder.check_memory()
         if embedder.precision == "int8" and embedder.calibration is None:
             embedder.calibration = _calibration(collection, embedder.max_pixels)
-        build_seconds = _timed_load(embedder, progress)
+        build_seconds = reading + _timed_load(embedder, progress)
         int8_check = None
         if embedder.precision == "int8":  # counted with the build: a one-time cost, like the quantization
             started = time.perf_counter()
@@ -239,28 +245,36 @@ def _embedder_for_store(store: StoreWriter, config: EmbedConfig) -> Embedder:
     config = replace(config, precision=config.precision or prov.precision)
     if not config.chooses_embedding:
         return Embedder.from_provenance(prov, root=store.root, **config.running())
+    model = config.model or (prov.model_path if prov.is_model_file else prov.backbone)
+    file = isinstance(model, ModelFileSpec) or is_model_path(model)
+    if file and prov.is_model_file and not isinstance(model, ModelFileSpec):  # what was stated, unless restated
+        own = config.preprocess is None and config.mean is None and config.std is None
+        config = replace(config, preprocess=prov.model_preprocess if own else config.preprocess,
+                         layer=prov.model_layer if config.layer is None else config.layer)
     asked = Embedder.from_config(replace(
-        config, model=config.model or prov.backbone,
+        config, model=model,
         calibration=Calibration(str(store.root), tuple(prov.calibration()), prov.calibration_sha256, config.max_pixels)
         if prov.precision == "int8" else None,
         image_size=prov.input_size if config.image_size is None else config.image_size,
-        weights=weights_arg(prov) if config.weights is None else config.weights))
-    check_compatible(prov, _key_provenance(asked), f"store {store.path}", "the requested embedding",
+        weights=config.weights if config.weights is not None or file else weights_arg(prov)))
+    found = _key_provenance(asked)
+    if prov.is_model_file and found.is_model_file and found.model_path == prov.model_path and (
+            found.model_sha256 != prov.model_sha256):
+        raise MismatchError(f"model file {prov.model_path} has changed since store {store.path} was made (sha256 "
+                            f"{str(found.model_sha256)[:16]}... now, {str(prov.model_sha256)[:16]}... then); put the "
+                            "original back, or write a new store")
+    check_compatible(prov, found, f"store {store.path}", "the requested embedding",
                      fix=f"leave out {param('model')}/{param('weights')}/{param('image_size')} to resume with the store's "
                          "own, or write a new store")
     return asked
 
 
 def weights_arg(prov: Provenance) -> str:
-    """The --weights value that reproduces ``prov``'s weights."""
+    """The --weights value that reproduces ``prov``'s weights (a model file's are inside it: imagenet stands for
+    "the model's own")."""
     return prov.weights_path if prov.weights == "file" else ("none" if prov.weights == "random" else "imagenet")
 
 
 def _key_provenance(embedder: Embedder) -> Provenance:
     """Provenance without importing TensorFlow: enough for a compatibility check."""
-    w = embedder.weights
-    c = embedder.calibration if embedder.precision == "int8" else None
-    return Provenance(embedder.backbone.name, w.kind, w.seed, w.path, w.sha256, embedder.image_size,
-                      embedder.backbone.preprocessing, embedder.dim, runtime=embedder.runtime,
-                      precision=embedder.precision, calibration_sha256=c.sha256 if c else "",
-                      calibration_keys=json.dumps(list(c.keys)) if c else "")
+    return embedder.key_provenance()

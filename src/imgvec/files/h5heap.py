@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from imgvec.errors import BadInputError
 
 MIN_COLLECTION = 4096  # H5HG_MINSIZE: no collection is smaller
 MAX_OBJECTS = 65535  # H5HG_MAXIDX: object indexes are 16 bits
@@ -31,8 +33,9 @@ MAX_HEADER_BLOCK = 1 << 20  # imgvec's header blocks are a few KiB: none is read
 Read = Callable[[int, int], bytes]  # (offset, size) -> the file's bytes there (fewer at its end)
 
 
-class MalformedHeap(ValueError):
-    """A heap collection or object header that HDF5 could misread (its message says what)."""
+class MalformedHeap(BadInputError):
+    """A heap collection or object header that HDF5 could misread (its message says what); like
+    :class:`~imgvec.files.faissblob.MalformedBlob`, a :class:`~imgvec.errors.BadInputError`."""
 
 
 def reader(fd: int) -> Read:
@@ -120,11 +123,25 @@ def attribute_heaps(read: Read, header: int, file_size: int) -> tuple[list[int],
     """The collections the variable-length attributes of the object header at ``header`` point into,
     and how many attribute messages it holds (a version-1 header, as h5py writes by default; the
     caller compares that count with HDF5's, so no attribute goes unseen)."""
+    heaps, attributes = [], 0
+    for kind, flags, body in header_messages(read, header, file_size):
+        if kind == 0x000C:
+            attributes += 1
+            if flags & 0x02:
+                raise MalformedHeap("a shared attribute message, which imgvec never writes")
+            heaps += _attribute_heaps(body)
+        elif kind == 0x0015:
+            raise MalformedHeap("attributes in dense storage, which imgvec never writes")
+    return heaps, attributes
+
+
+def header_messages(read: Read, header: int, file_size: int) -> Iterator[tuple[int, int, bytes]]:
+    """``(type, flags, body)`` of every message of the version-1 object header at ``header``, its
+    continuation blocks followed once each and every block bounded (see :data:`MAX_HEADER_CHUNKS`)."""
     prefix = read(header, 16)
     if len(prefix) < 16 or prefix[0] != 1:
         raise MalformedHeap("an object header of a version imgvec does not write")
     chunks, seen = [(header + 16, struct.unpack_from("<I", prefix, 8)[0])], set()
-    heaps, attributes = [], 0
     while chunks:
         start, length = chunks.pop()
         if (start in seen or len(seen) >= MAX_HEADER_CHUNKS or length > MAX_HEADER_BLOCK
@@ -142,15 +159,9 @@ def attribute_heaps(read: Read, header: int, file_size: int) -> tuple[list[int],
                 if size < 16:
                     raise MalformedHeap("a short continuation message")
                 chunks.append(struct.unpack_from("<QQ", body))
-            elif kind == 0x000C:
-                attributes += 1
-                if flags & 0x02:
-                    raise MalformedHeap("a shared attribute message, which imgvec never writes")
-                heaps += _attribute_heaps(body)
-            elif kind == 0x0015:
-                raise MalformedHeap("attributes in dense storage, which imgvec never writes")
+            else:
+                yield kind, flags, body
             p += 8 + size
-    return heaps, attributes
 
 
 def _attribute_heaps(body: bytes) -> list[int]:

@@ -14,11 +14,11 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
 
-from imgvec.errors import BadInputError, ImageSkipped
+from imgvec.errors import BadInputError, ImageSkipped, ImgvecError, first_line
 from imgvec.fileio import NotRegularFile, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,8 +62,8 @@ def is_image_name(name: str) -> bool:
 def unsupported(path: str) -> str | None:
     """Why an image file will not be decoded because of its format ("unsupported format ..."), or None."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in _pil_formats():
-        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in _pil_formats())
+    if suffix in UNSUPPORTED_SUFFIXES or _FORMAT_OF.get(suffix, "JPEG") not in pil_formats():
+        readable = sorted(s for s in IMAGE_SUFFIXES if _FORMAT_OF.get(s, "JPEG") in pil_formats())
         return f"unsupported format ({suffix}): imgvec reads {', '.join(readable)}"
     return None
 
@@ -141,7 +141,7 @@ def _to_rgb(im: "Image.Image") -> "Image.Image":
 
 
 @functools.lru_cache(maxsize=1)
-def _pil_formats() -> tuple[str, ...]:
+def pil_formats() -> tuple[str, ...]:
     """PIL_FORMATS this Pillow has decoders for (MPO is its own plugin only in some versions)."""
     from PIL import Image
 
@@ -149,11 +149,59 @@ def _pil_formats() -> tuple[str, ...]:
     return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
 
 
+_GREY_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # the modes _to_rgb scales through float32 by hand
+_DECODE_SLACK = 1 << 20  # decoder state, palettes, the small output array
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow stores per pixel of ``mode``: one byte for 1, L, P; two for 16-bit greys; four otherwise
+    (multi-band images are stored 32 bits per pixel, I and F are 32-bit)."""
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+
+
+def decode_cost(im: "Image.Image", size: int, file_bytes: int = 0, full_size: tuple[int, int] | None = None) -> int:
+    """The most memory :func:`load_image` holds at once to decode ``im`` (opened, header read, draft applied),
+    in bytes: every intermediate of the steps below, each counted while it is alive.
+
+    The decoded image (and an EXIF-rotated copy beside it); the file's bytes; a progressive JPEG's coefficients at full
+    size (``full_size``: before draft), 2 bytes per coefficient and band; WebP/AVIF's own decode buffer;
+    TIFF's strip as large as the image; the conversion to RGB (16-bit,
+    32-bit and float greys: the raw bytes, three float32 arrays; a palette with transparency: RGBA then
+    RGB; other modes: RGB); the resize's intermediate row pass.
+    """
+    width, height = im.size
+    pixels = width * height
+    stored = pixels * _bytes_per_pixel(im.mode)
+    # the image, a transposed copy when EXIF turns it, and the file's bytes once more (PNG's decoder holds
+    # about that much: measured 26 MB beside a 26 MB incompressible 3000 x 3000 PNG)
+    cost = stored * 2 + file_bytes + _DECODE_SLACK
+    if im.format in ("JPEG", "MPO") and (im.info.get("progressive") or im.info.get("progression")):
+        full_w, full_h = full_size or im.size
+        cost += full_w * full_h * len(im.getbands()) * 2
+    elif im.format in ("WEBP", "AVIF"):
+        cost += pixels * 8
+    elif im.format == "TIFF":
+        cost += pixels * 4
+    elif im.format == "GIF":
+        cost += pixels * 4
+    if im.mode in _GREY_WIDE:
+        cost += stored + pixels * 12
+    elif im.mode == "P" and "transparency" in im.info:
+        cost += pixels * 8
+    elif im.mode != "RGB":
+        cost += pixels * 4
+    # a quarter more for what is not itemised: Pillow's 16 MB blocks of whole lines, the allocator's rounding
+    return (cost + size * max(width, height) * 4) * 5 // 4
+
+
 def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               data: BinaryIO | None = None) -> np.ndarray:
+               data: BinaryIO | None = None,
+               reserve: Callable[[int], ContextManager[object]] | None = None) -> np.ndarray:
     """Decode ``path`` to a ``(size, size, 3)`` uint8 RGB array, upright (EXIF), first frame.
 
     ``data``: the image's bytes already in hand (an upload to ``imgvec serve``); ``path`` then only names it.
+    ``reserve``: given the bytes decoding will hold at most (:func:`decode_cost`, known from the header before
+    any pixel is decoded), a context to decode in (``imgvec serve``'s shared memory budget); its errors pass.
     Raises :class:`ImageSkipped` with a readable reason for anything that is not a usable image.
     """
     from PIL import Image, ImageOps
@@ -163,7 +211,7 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageSkipped(path, reason)
     try:
         with (open_regular(path) if data is None else contextlib.nullcontext(data)) as fh, \
-                Image.open(fh, formats=_pil_formats()) as im:
+                Image.open(fh, formats=pil_formats()) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageSkipped(
@@ -172,12 +220,16 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             if im.format in ("JPEG", "MPO"):
                 # Decode at a reduced DCT scale where the target size allows: far less work.
                 im.draft("RGB", (size, size))
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            with (reserve(decode_cost(im, size, _size_of(fh), (width, height))) if reserve
+                  else contextlib.nullcontext()):
+                im.seek(0)
+                im = ImageOps.exif_transpose(im)
+                im = _to_rgb(im)
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
     except ImageSkipped:
+        raise
+    except ImgvecError:  # the reservation's refusal (over the budget, busy): the caller's to tell
         raise
     except NotRegularFile as error:
         raise ImageSkipped(path, error.strerror) from None
@@ -192,10 +244,15 @@ def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as error:
         if error.filename is not None:  # opening failed (a link loop, a name too long, ...)
             raise ImageSkipped(path, f"cannot read: {error.strerror or error}") from None
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None
     except Exception as error:  # any decoder failure: truncated, bad CRC, bad header ...
-        raise ImageSkipped(path, f"cannot decode: {_first_line(error)}") from None
+        raise ImageSkipped(path, f"cannot decode: {first_line(error)}") from None
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def _size_of(fh: BinaryIO) -> int:
+    """The bytes of an open file or buffer (0 when it cannot tell)."""
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        buffer = getattr(fh, "getbuffer", None)
+        return buffer().nbytes if buffer else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, FileNote
+from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.fileio import NotRegularFile, open_regular, open_regular_append
 
 MAGIC = b"IVJ1"
@@ -84,10 +86,10 @@ def _decode(payload: bytes, path: Any = "journal", number: int = 1, dim: int | N
     if body != shape[0] * shape[1] * 4:
         raise _damaged(path, number, f"{body:,} bytes of vectors for shape {shape}")
     emb = np.frombuffer(payload, "<f4", offset=4 + n).reshape(shape).astype(np.float32)
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        bad = [keys[i] for i in np.flatnonzero(~finite)[:3]]
-        raise _damaged(path, number, f"NaN or infinite vectors for {int((~finite).sum())} images, "
+    unusable = unusable_rows(emb)
+    if unusable.any():
+        bad = [keys[i] for i in np.flatnonzero(unusable)[:3]]
+        raise _damaged(path, number, f"{describe_unusable()} in the vectors of {int(unusable.sum())} images, "
                                      f"first {', '.join(repr(k[:80]) for k in bad)}")
     return Record(emb, keys, labels, [(s[0], s[1]) for s in skipped], meta["store_id"])
 
@@ -147,9 +149,9 @@ def _opened(path: Path, opener: Any) -> Any:
 
 def _frames(path: Path) -> Iterator[tuple[int, bytes]]:
     """(end offset, payload) of each complete, intact record, stopping at the first bad one."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    with _opened(path, open_regular) as fh:
+    with _opened(path, lambda p: open_regular(p, follow_links=False)) as fh:  # a link there is refused
         size = os.fstat(fh.fileno()).st_size
         offset = 0
         while True:
@@ -177,7 +179,35 @@ def read_journal(path: str | os.PathLike[str], dim: int | None = None) -> Iterat
     """Every intact record, in the order written, one at a time (a journal can be large).
 
     A torn tail (a kill mid-write) ends the journal quietly; a record that is intact but not
-    what imgvec writes (shape, names, ``dim``-wide finite vectors) is a :class:`JournalError`.
+    what imgvec writes (shape, names, ``dim``-wide finite vectors) is a :class:`JournalError`; a
+    record holding a string no store can hold (:func:`unstorable`) is left out with a
+    :class:`~imgvec.errors.FileNote`, so the rest folds and the journal goes with the fold.
     """
     for number, (_, payload) in enumerate(_frames(Path(path)), 1):
-        yield _decode(payload, path, number, dim)
+        record = _decode(payload, path, number, dim)
+        bad = unstorable(record)
+        if bad is None:
+            yield record
+        else:  # the others still fold; this one is gone with the journal once they have
+            warnings.warn(FileNote(f"{path}: record {number} dropped ({len(record.keys)} rows): {bad}"),
+                          stacklevel=2)
+
+
+def unstorable(record: Record) -> str | None:
+    """Why a string of ``record`` cannot go into a store (a NUL byte, or text that is not UTF-8 even with
+    the store's surrogate escapes for undecodable file-name bytes), or None when all can."""
+    names = [("key", k) for k in record.keys] + [("label", v) for v in record.labels] + [
+        (what, v) for pair in record.skipped for what, v in zip(("skipped name", "skip reason"), pair)]
+    for what, value in names:
+        if "\0" in value:
+            return f"a {what} holds a NUL byte ({_shown(value)})"
+        try:
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return f"a {what} is not valid UTF-8 ({_shown(value)})"
+    return None
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    text = ascii(value)  # a NUL, an escape or a lone surrogate shown as an escape, never as itself
+    return text if len(text) <= limit else text[: limit - 3] + "..."

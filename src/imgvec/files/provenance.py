@@ -6,7 +6,7 @@ the exact model from it. ``check_compatible`` is what every consumer calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,6 +45,17 @@ class Provenance:
     calibration_sha256: str = ""
     calibration_keys: str = ""
 
+    # A model file (--model PATH; weights "model"): None for a registry backbone, and then not written, so
+    # older imgvec reads such files as before. ``backbone`` is then the file's name.
+    model_format: str | None = None  # keras | onnx | openvino
+    model_path: str | None = None  # where it was (absolute); query/predict look there unless told
+    model_size: int | None = None  # bytes (an IR: .xml and .bin together)
+    model_sha256: str | None = None  # an IR: sha256 of the .xml's sha256 digest followed by the .bin's
+    model_preprocess: str | None = None  # what --preprocess (or --mean/--std) reproduces ``preprocessing``
+    model_layer: str | None = None  # the output or tensor taken (--layer); "" for the model's output
+    model_input: str | None = None  # the model's input as read from it: layout, shape, type
+    model_output: str | None = None  # the embedding: which output, its shape, and whether it was pooled
+
     @property
     def quantization(self) -> str:
         """What the rows' model was quantized to: ``none``, or int8 and the calibration it was made on."""
@@ -78,20 +89,35 @@ class Provenance:
     def is_random(self) -> bool:
         return self.weights == "random"
 
+    @property
+    def is_model_file(self) -> bool:
+        return self.weights == "model"
+
+    def json_fields(self) -> dict[str, Any]:
+        """Its fields as JSON prints them; a registry backbone's without the (unset) model-file fields."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.name.startswith("model_") and getattr(self, f.name) is None)}
+
     def key(self) -> dict[str, Any]:
         """The fields that decide whether two sets of embeddings live in the same space."""
         family = random_init_family(self.runtime)
         drawn = f" drawn by {family}" if self.is_random and family != "tensorflow" else ""
-        return {
-            "backbone": self.backbone,
+        key = {
+            "backbone": "a model file" if self.is_model_file else self.backbone,
             "weights": self.weights_spec.identity + drawn,
             "input_size": self.input_size,
             "preprocessing": self.preprocessing,
             "dim": self.dim,
             "quantization": self.quantization,
         }
+        if self.is_model_file:  # the file's content, not its name or place, and which of its outputs
+            key.update({"model file sha256": self.model_sha256, "layer": self.model_layer or "its output"})
+        return key
 
     def describe(self) -> str:
+        if self.is_model_file:
+            return (f"model file {self.backbone} (sha256 {str(self.model_sha256)[:12]}...) @ {self.input_size}px, "
+                    f"preprocessing {self.model_preprocess}")
         return f"{self.backbone} @ {self.input_size}px, {self.weights_spec.describe()}"
 
 
@@ -108,7 +134,8 @@ def check_compatible(expected: Provenance, found: Provenance, expected_what: str
                      fix: str = "") -> None:
     """Raise :class:`MismatchError` naming every field in which two provenances differ."""
     a, b = expected.key(), found.key()
-    diffs = [f"{name}: {a[name]} vs {b[name]}" for name in a if a[name] != b[name]]
+    diffs = [f"{name}: {a.get(name, 'none')} vs {b.get(name, 'none')}" for name in {**a, **b}
+             if a.get(name, "none") != b.get(name, "none")]
     if diffs:
         hint = f"; {fix}" if fix else ""
         raise MismatchError(

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 from imgvec.fileio import open_regular, write_text
-from imgvec.files.images import DEFAULT_MAX_PIXELS, _pil_formats, key_for
-from imgvec.pages.report import plural, shown
+from imgvec.files.images import DEFAULT_MAX_PIXELS, pil_formats, key_for
+from imgvec.pages.report import shown
+from imgvec.results import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     import jinja2
@@ -87,7 +88,7 @@ def thumbnail_jpeg(fh: BinaryIO, size: int = THUMB_SIZE, max_pixels: int = DEFAU
     """
     from PIL import Image, ImageOps
 
-    with Image.open(fh, formats=_pil_formats()) as im:
+    with Image.open(fh, formats=pil_formats()) as im:
         if im.size[0] * im.size[1] > max_pixels:
             return None
         if im.format in ("JPEG", "MPO"):

@@ -17,9 +17,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import asdict
 from typing import Any, Iterable, Sequence
+
+from imgvec.results import Table
 
 FORMATS = ("table", "json", "csv")
 
@@ -59,11 +62,6 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def plural(count: int, noun: str, many: str | None = None) -> str:
-    """'1 group', '2 groups'; ``many`` for a noun that does not just take an s ('1 query', '2 queries')."""
-    return f"{count} {noun if count == 1 else many or noun + 's'}"
-
-
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -73,14 +71,32 @@ def to_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def to_json(data: Any) -> str:
-    """JSON text whose strings are exact (see the module's docstring) and safe to print: unsafe characters escaped."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
+    """JSON text whose strings are exact (see the module's docstring) and safe to print: unsafe characters escaped.
+    A number that is not finite (a figure that does not apply, such as a head's unknown C) is ``null``: JSON has
+    no NaN or Infinity, and strict parsers refuse them."""
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable, allow_nan=False)
+    except ValueError:
+        plain = json.loads(json.dumps(data, default=_jsonable))
+        text = json.dumps(_finite_or_null(plain), indent=2, ensure_ascii=False, allow_nan=False)
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # outside strings JSON is ASCII
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
+    if hasattr(value, "json_fields"):  # a record that leaves out what it does not hold (Provenance)
+        return value.json_fields()
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)
     return str(value)
@@ -103,3 +119,11 @@ def table(title: str | None, header: Sequence[str], rows: Iterable[Sequence[Any]
         console.print(escape(shown(title)), soft_wrap=True)
     console.print(t)
     return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def render(result: Table) -> str:
+    """A result's :class:`~imgvec.results.Table` as text: its lines before, each section drawn by :func:`table`,
+    its lines after (the one renderer of every CLI table)."""
+    return ("".join(line + "\n" for line in result.head)
+            + "".join(table(s.title, s.columns, s.rows, s.justify) for s in result.sections)
+            + "".join(line + "\n" for line in result.tail))

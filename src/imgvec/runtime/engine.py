@@ -16,14 +16,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from imgvec.errors import RuntimeNote  # noqa: F401 (defined with imgvec's errors: the CLI shows it)
+
 # Images per model call on the CPU: calls of 8-32 run at the same speed per image, smaller ones are
 # 10-40% slower, larger ones only hold more activations (benchmarks/bench_embed.py). On a GPU: the batch.
 CPU_MODEL_BATCH = 16
 GPU_MODEL_BATCH = 1024
-
-
-class RuntimeNote(UserWarning):
-    """Something a user should know about how the model runs (a fallback); the CLI prints one line."""
 
 
 class Engine(Protocol):

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.backbones.builder import build_model, preprocess_input
+from imgvec.backbones.builder import build_model, check_weights_at_hand, preprocess_input
 from imgvec.checks import check_choice
 from imgvec.backbones.device import DEVICES, PRECISIONS, import_keras, precision_policy
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH
@@ -92,6 +92,7 @@ def load_engine(backend: str, backbone: Backbone, weights: Weights, image_size: 
     check_choice(param("runtime"), backend, BACKENDS)
     check_choice(param("device"), device, DEVICES)
     check_choice(param("precision"), precision, PRECISIONS)
+    check_weights_at_hand(backbone, weights, image_size)  # no network: say so before the backend loads
     keras = import_keras(backend)
     if backend == "jax":
         _persistent_compilation_cache()

@@ -33,12 +33,14 @@ import numpy as np
 
 from imgvec.runtime import keras_backends
 from imgvec.backbones.registry import Backbone, Weights, get_backbone, parse_weights
+from imgvec.backbones.builder import resolve_weights
 from imgvec.checks import check_choice
 from imgvec.backbones.device import DEVICES, PRECISIONS, gpu_in_use
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Calibration, Engine, RuntimeNote
 from imgvec.errors import BadInputError, param
 from imgvec.runtime.model_cache import (CacheEntry, ConversionFailed, cache_dir, cache_entries, cache_key, clear_cache, compiled_model,
                           entry_path, quantized_model)
+from imgvec.runtime.model_files import ModelFileEngine, PreparedModel, prepare_model_file
 from imgvec.runtime.openvino_engine import OpenVINOEngine
 from imgvec.runtime.tensorflow_engine import TensorFlowEngine
 from imgvec.versions import dist_version
@@ -46,8 +48,8 @@ from imgvec.versions import dist_version
 # Names other modules import from here (the embedder, the API, the CLI, benchmarks).
 __all__ = ["CPU_MODEL_BATCH", "GPU_MODEL_BATCH", "CacheEntry", "Calibration", "CheckedPrecision", "ConversionFailed", "Engine",
            "LOADERS", "PARITY_MIN_COSINE", "RUNTIMES", "RuntimeNote", "cache_dir", "cache_entries", "cache_key",
-           "clear_cache", "compiled_model", "dist_version", "entry_path", "load_engine", "prepare", "release_engines",
-           "resolve_runtime", "row_cosines"]
+           "clear_cache", "compiled_model", "dist_version", "entry_path", "load_engine", "load_model_file_engine",
+           "prepare", "prepare_model_file", "PreparedModel", "release_engines", "resolve_runtime", "row_cosines"]
 
 RUNTIMES = ("auto", "openvino", "tensorflow", "jax", "torch")
 PARITY_MIN_COSINE = 0.999
@@ -149,7 +151,7 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     needs the runtime to be OpenVINO and a ``calibration``.
     """
     backbone = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
-    weights = weights if isinstance(weights, Weights) else parse_weights(weights)
+    weights = resolve_weights(backbone, weights if isinstance(weights, Weights) else parse_weights(weights))
     check_choice(param("precision"), precision, PRECISIONS)
     name = resolve_runtime(runtime, device)
     if precision == "int8" and name != "openvino":
@@ -175,15 +177,38 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
     return engine
 
 
+def load_model_file_engine(runtime: str, prepared: PreparedModel, precision: str = "float32",
+                           device: str = "auto") -> Engine:
+    """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other."""
+    check_choice(param("precision"), precision, PRECISIONS)
+    check_choice(param("device"), device, DEVICES)
+    if runtime not in ("auto", "openvino") or device == "gpu":  # auto: the CPU, even where a GPU is seen
+        raise BadInputError(f"a model file runs on OpenVINO on the CPU: leave out {param('runtime')} {runtime}"
+                            + (f" and {param('device')} gpu" if device == "gpu" else ""))
+    spec = prepared.spec
+    key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision)
+    with _LOADED_LOCK:
+        engine = _LOADED.get(key)
+        if engine is None:
+            engine = ModelFileEngine(prepared, precision, "cpu")
+            if precision != "float32":
+                engine = CheckedPrecision(engine, lambda: ModelFileEngine(prepared, "float32", "cpu"), spec.path)
+            _LOADED[key] = engine
+    return engine
+
+
 def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto",
             calibration: Calibration | None = None) -> None:
     """Do once, here, what each process loading this engine would otherwise repeat: OpenVINO's
-    conversion, and with a ``calibration`` the int8 quantization (Ray workers then only load the cached model)."""
+    conversion, and with a ``calibration`` the int8 quantization (Ray workers then only load the cached model).
+    A model file's conversion was done when its embedder was made."""
+    if weights.kind == "model":
+        return
     if resolve_runtime(runtime, device) == "openvino":
         with contextlib.suppress(ConversionFailed):  # the workers fall back to TensorFlow themselves
             compiled_model(backbone, weights, image_size)
             if calibration is not None:
-                quantized_model(backbone, weights, image_size, calibration)
+                quantized_model(backbone, weights, image_size, calibration, load=False)
 
 
 def release_engines() -> int:

@@ -8,9 +8,16 @@ left by a killed conversion is listed (:func:`cache_entries`) and removed by the
 :func:`clear_cache`, and a cache that cannot be written (full disk, read-only folder) costs only the
 caching: the model converted in memory is used, with a one-line :class:`RuntimeNote`.
 
+The cache is not trusted more than a file from elsewhere: a cache folder other users can write is not
+used (as OpenSSH treats key files), and every manifest carries an HMAC made with a key kept outside the
+cache (``$XDG_CONFIG_HOME/imgvec/cache.key``, readable by its owner only), so an entry edited by anyone
+who can write the cache but not read the key is rebuilt, with one note. OpenVINO is handed the very
+bytes that were checked, never a path it would read again.
+
 An int8 entry (:func:`quantized_model`) is the float32 entry quantized by NNCF on a
 :class:`~imgvec.runtime.engine.Calibration`; its key adds the precision, the calibration's sha256
-and NNCF's version, so a second run on the same images quantizes nothing.
+and NNCF's version, so a second run on the same images quantizes nothing. It is written, checked
+(HMAC and sha256) and handed to OpenVINO as its checked bytes like every other entry.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,13 +40,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from imgvec.backbones.modelfile import ModelBytes
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.backbones.builder import build_model, keras_weights_files, preprocess_input
+from imgvec.backbones.builder import build_model, check_weights_at_hand, keras_weights_files, preprocess_input
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
-from imgvec.errors import BadInputError, param
+from imgvec.errors import first_line
 from imgvec.runtime.engine import Calibration, RuntimeNote
-from imgvec.fileio import fsync_path, open_regular
+from imgvec.fileio import TempName, fsync_path, open_regular, temp_name, temp_path
+from imgvec.errors import BadInputError, param
 from imgvec.versions import dist_version
 
 # Bump when the converted graph changes (what is folded in, inputs, outputs): old cache entries stop matching.
@@ -46,8 +59,11 @@ MANIFEST = "manifest.json"
 FAILED = "failed.json"
 FILES = ("model.xml", "model.bin")
 MANIFEST_MAX_BYTES = 1 << 20  # imgvec writes about 1 KB; anything larger is not its manifest
-# A conversion in progress writes into ".tmp-<entry>-<pid>-<thread>"; a damaged entry is moved to ".trash-...".
-_TEMP = re.compile(r"^\.(tmp|trash)-(?P<entry>(?P<backbone>[a-z0-9]+)-(?P<size>\d+)px-[0-9a-f]+)-(?P<pid>\d+)-\d+$")
+MODEL_MAX_BYTES = 4 << 30  # the largest registry backbone (VGG19, float32) is 0.6 GB
+KEY_BYTES = 32
+# An entry's name; a conversion in progress writes into fileio.temp_path(entry) (".<entry>.tmp-HOST-PID-RANDOM"),
+# and a damaged entry is moved to fileio.temp_path(entry, "trash") before it is removed.
+_ENTRY = re.compile(r"(?P<backbone>[a-z0-9]+)-(?P<size>\d+)px-[0-9a-f]+")
 
 
 class ConversionFailed(Exception):
@@ -60,6 +76,66 @@ def cache_dir() -> Path:
         return Path(os.environ["IMGVEC_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "imgvec"
+
+
+def key_path() -> Path:
+    """Where the cache's HMAC key lives: outside the cache, so whoever can write the cache cannot rewrite it."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "imgvec" / "cache.key"
+
+
+def _owned_and_private(st: os.stat_result) -> bool:
+    return st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o077
+
+
+def cache_secret() -> bytes:
+    """This user's cache key, made on first use (0600, never through a link); OSError or ValueError when it
+    cannot be made or is not this user's alone."""
+    path = key_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _owned_and_private(st) or st.st_size != KEY_BYTES:
+            raise ValueError(f"{path} is not a {KEY_BYTES}-byte file readable by its owner only")
+        return os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def untrusted(root: Path) -> str | None:
+    """Why the cache folder ``root`` cannot be trusted, or None: it, or a folder above it, can be written
+    by another user (a sticky folder above it, such as /tmp, is fine: others cannot rename what is ours)."""
+    here = root.absolute()
+    first = True
+    while True:
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            st = None  # made by the first conversion, with this user's umask (checked next time)
+        if st is not None:
+            if stat.S_ISLNK(st.st_mode) and not first:
+                here = here.resolve()
+                continue
+            mine = st.st_uid in (os.geteuid(), 0)
+            shared = st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and not first)
+            if not mine or shared:
+                who = "owned by another user" if not mine else f"writable by other users (mode {st.st_mode & 0o7777:o})"
+                return f"{here} is {who}"
+        if here.parent == here:
+            return None
+        here, first = here.parent, False
+
+
+def _mac(secret: bytes, key: dict[str, Any], files: dict[str, Any]) -> str:
+    return hmac.new(secret, json.dumps({"key": key, "files": files}, sort_keys=True).encode(), "sha256").hexdigest()
 
 
 def cache_key(backbone: Backbone, weights: Weights, image_size: int,
@@ -113,20 +189,38 @@ def _source_unchanged(source: Any) -> bool:
         return False
 
 
-def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
-    """A complete entry for ``key`` whose files still have the sha256 its manifest lists."""
+def _read_file(path: Path, limit: int) -> bytes:
+    with open_regular(path) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return data
+
+
+def _verified(entry: Path, key: dict[str, Any]) -> tuple[bytes, ...] | None:
+    """The bytes of the entry's files, if the entry is complete for ``key``, their sha256 are what its
+    manifest lists and the manifest's HMAC is this user's; else None (the entry is rebuilt)."""
     manifest = _read_manifest(entry)
     if manifest is None or manifest.get("key") != key:
-        return False
+        return None
     files = manifest.get("files")
     if not isinstance(files, dict):
-        return False
+        return None
     try:
-        if any(sha256_file(entry / name) != files.get(name) for name in FILES):
-            return False
-    except OSError:
-        return False
-    return _source_unchanged(manifest.get("source_weights"))
+        secret = cache_secret()
+        if not hmac.compare_digest(str(manifest.get("mac", "")), _mac(secret, key, files)):
+            return None
+        data = tuple(_read_file(entry / name, MODEL_MAX_BYTES) for name in FILES)
+    except (OSError, ValueError):
+        return None
+    if any(hashlib.sha256(blob).hexdigest() != files.get(name) for name, blob in zip(FILES, data)):
+        return None
+    return data if _source_unchanged(manifest.get("source_weights")) else None
+
+
+def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
+    """A complete entry for ``key`` whose files still have the sha256 its manifest lists, made by this user."""
+    return _verified(entry, key) is not None
 
 
 # -- converting ----------------------------------------------------------------------------------
@@ -144,6 +238,7 @@ def uint8_model(model: Any, backbone: Backbone, image_size: int) -> Any:
 
 def _convert(backbone: Backbone, weights: Weights, image_size: int) -> tuple[Any, dict[str, Any]]:
     """The Keras model, preprocessing included, converted to an ``openvino.Model``; what went in, for the manifest."""
+    check_weights_at_hand(backbone, weights, image_size)  # no network: say so before TensorFlow loads
     tf = import_tensorflow()
     import openvino as ov
 
@@ -161,7 +256,7 @@ def _convert(backbone: Backbone, weights: Weights, image_size: int) -> tuple[Any
                 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
                 converted = ov.convert_model(uint8_model(model, backbone, image_size))
     except Exception as error:  # OpenVINO's frontends raise many kinds; all mean "cannot convert"
-        raise ConversionFailed(f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}") from error
+        raise ConversionFailed(f"{type(error).__name__}: {first_line(error, '', 200)}") from error
     return converted, {"source_weights": source, "tensorflow": tf.__version__, "convert_s": time.perf_counter() - start}
 
 
@@ -185,7 +280,7 @@ def _publish(tmp: Path, entry: Path, key: dict[str, Any]) -> None:
                 raise
         if _entry_ok(entry, key):
             return
-        trash = entry.with_name(f".trash-{entry.name}-{os.getpid()}-{time.monotonic_ns()}")
+        trash = temp_path(entry, "trash")
         with contextlib.suppress(FileNotFoundError):
             os.rename(entry, trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -195,12 +290,12 @@ def _write_entry(converted: Any, info: dict[str, Any], entry: Path, key: dict[st
                  manifest: dict[str, Any]) -> None:
     """Save ``converted`` and its manifest under a temporary name, flush, and publish it as ``entry``."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(entry)
     tmp.mkdir()
     try:
         _save(converted, tmp)
-        manifest = {**manifest, "files": {name: sha256_file(tmp / name) for name in FILES}, **info}
+        files = {name: sha256_file(tmp / name) for name in FILES}
+        manifest = {**manifest, "files": files, **info, "mac": _mac(cache_secret(), key, files)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in (*FILES, MANIFEST):
             fsync_path(tmp / name)
@@ -213,7 +308,7 @@ def _write_entry(converted: Any, info: dict[str, Any], entry: Path, key: dict[st
 
 def _remember_failure(entry: Path, key: dict[str, Any], error: ConversionFailed) -> None:
     """Keep ``failed.json`` as the entry, so the next run falls back at once (if the cache can be written)."""
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp = temp_path(entry)
     with contextlib.suppress(OSError):
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -222,17 +317,49 @@ def _remember_failure(entry: Path, key: dict[str, Any], error: ConversionFailed)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _note(message: str) -> None:
+    warnings.warn(message, RuntimeNote, stacklevel=3)
+
+
 def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Any:
     """The cached OpenVINO model (a path to ``model.xml``) for this backbone, converting it first if the
-    cache has no good entry. Where the cache cannot be written, the converted ``openvino.Model`` itself,
-    with a :class:`RuntimeNote`. Raises :class:`ConversionFailed` if OpenVINO cannot convert it."""
+    cache has no good entry. Where the cache cannot be written or trusted, the converted ``openvino.Model``
+    itself, with a :class:`RuntimeNote`. Raises :class:`ConversionFailed` if OpenVINO cannot convert it."""
+    return _cached(backbone, weights, image_size, load=False)
+
+
+def load_model(backbone: Backbone, weights: Weights, image_size: int) -> Any:
+    """The cached model as an ``openvino.Model`` made from the bytes that were checked (one read, no path
+    for OpenVINO to read again after the check), converting it first if needed."""
+    return _cached(backbone, weights, image_size, load=True)
+
+
+def _distrust() -> str | None:
+    """Why the cache cannot be used (a folder others can write, a key that is not this user's alone), or None."""
+    why = untrusted(cache_dir())
+    if why is None:
+        try:
+            cache_secret()
+        except (OSError, ValueError) as error:
+            why = f"its key cannot be used ({getattr(error, 'strerror', None) or error})"
+    return None if why is None else f"{why} (chmod go-w it, or set IMGVEC_CACHE_DIR to a folder of your own)"
+
+
+def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
     entry = entry_path(backbone, weights, image_size)
     key = cache_key(backbone, weights, image_size)
-    if _entry_ok(entry, key):
-        return entry / FILES[0]
+    why = _distrust()
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {backbone.name} was converted in memory")
+        return _convert(backbone, weights, image_size)[0]
+    data = _verified(entry, key)
+    if data is not None:
+        return _from_bytes(data) if load else entry / FILES[0]
     failed = _read_manifest(entry, FAILED)
     if failed is not None and failed.get("key") == key:
         raise ConversionFailed(str(failed.get("error", "conversion failed before"))[:300])
+    if _read_manifest(entry) is not None:
+        _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine made it): converted again")
     remove_leftovers(entry.parent)
     try:
         converted, info = _convert(backbone, weights, image_size)
@@ -243,13 +370,106 @@ def compiled_model(backbone: Backbone, weights: Weights, image_size: int) -> Any
                 "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     try:
         _write_entry(converted, info, entry, key, manifest)
-    except (OSError, RuntimeError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
+    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
         reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was converted in "
                       "memory and is converted again next time (set IMGVEC_CACHE_DIR to a folder with space)",
-                      RuntimeNote, stacklevel=2)
+                      RuntimeNote, stacklevel=3)
         return converted
-    return entry / FILES[0]
+    return converted if load else entry / FILES[0]
+
+
+def _from_bytes(data: tuple[bytes, ...]) -> Any:
+    import openvino as ov
+
+    xml, weights = data
+    return ov.Core().read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+
+
+# -- a user's .keras file, converted once like a backbone ------------------------------------------
+KERAS_FILE = "kerasfile"  # the "backbone" of a .keras model file's cache entry
+MIN_SAFE_KERAS = (3, 11)  # Keras releases before 3.11 let a .keras file run code despite safe_mode (CVE-2025-1550, -8747)
+
+
+def keras_file_key(model: ModelBytes, layer: str) -> dict[str, Any]:
+    """The cache key of a .keras file: its content (sha256) and the layer taken, not its name or place."""
+    return {"backbone": KERAS_FILE, "weights": f"sha256={model.sha256}" + (f", layer={layer}" if layer else ""),
+            "input_size": 0, "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"),
+            "keras": dist_version("keras")}
+
+
+def _load_keras_file(model: ModelBytes, layer: str) -> Any:
+    """The Keras model in ``model.data`` (those bytes, written to a private temporary file), safe mode, uncompiled;
+    with ``layer``, the model up to that layer's output."""
+    import tempfile
+
+    version = tuple(int(p) for p in re.findall(r"\d+", dist_version("keras"))[:2])
+    if version < MIN_SAFE_KERAS:
+        raise BadInputError(f"{model.path}: loading .keras files needs Keras >= {'.'.join(map(str, MIN_SAFE_KERAS))} "
+                            f"(older releases can run code from the file); this is {dist_version('keras')}")
+    keras = import_keras("tensorflow")
+    with tempfile.TemporaryDirectory(prefix="imgvec-model-") as folder:
+        copy = Path(folder) / "model.keras"
+        try:
+            copy.write_bytes(model.data)
+        except OSError as error:
+            raise BadInputError(f"{model.path}: cannot stage it for Keras in {folder} ({error.strerror or error})") from None
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = keras.saving.load_model(copy, safe_mode=True, compile=False)
+        except Exception as error:  # Keras raises ValueError, TypeError, KeyError ... for what it cannot load
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise BadInputError(f"{model.path}: Keras cannot load it safely ({type(error).__name__}: {first})") from None
+    if not isinstance(loaded, keras.Model):
+        raise BadInputError(f"{model.path}: holds a {type(loaded).__name__}, not a Keras model")
+    if layer:
+        names = [lay.name for lay in loaded.layers]
+        if layer not in names:
+            raise BadInputError(f"{param('layer')} {layer!r}: {model.name} has no such layer (its last layers: "
+                                f"{', '.join(names[-5:])})")
+        loaded = keras.Model(loaded.inputs, loaded.get_layer(layer).output)
+    return loaded
+
+
+def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
+    """The OpenVINO model of a user's .keras file (float input as the file has it, its outputs unchanged): a cached
+    ``model.xml``, converted on first use (imports TensorFlow); the ``openvino.Model`` itself where the cache cannot
+    be written. A cached model is loaded without TensorFlow."""
+    key = keras_file_key(model, layer)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = cache_dir() / "openvino" / f"{KERAS_FILE}-0px-{digest}"
+    why = _distrust()
+    data = _verified(entry, key) if why is None else None
+    if data is not None:
+        return _from_bytes(data)
+    import_tensorflow()
+    import openvino as ov
+
+    start = time.perf_counter()
+    keras_model = _load_keras_file(model, layer)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(keras_model)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise BadInputError(f"{model.path}: OpenVINO cannot convert this Keras model ({type(error).__name__}: "
+                            f"{first})") from None
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {model.name} was converted in memory")
+        return converted
+    remove_leftovers(entry.parent)
+    manifest = {"key": key, "backbone": KERAS_FILE, "weights": f"model file {model.name} (sha256 {model.sha256[:12]}...)"
+                + (f", layer {layer}" if layer else ""), "input_size": 0,
+                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    try:
+        _write_entry(converted, {"source_weights": None, "convert_s": time.perf_counter() - start}, entry, key, manifest)
+    except (OSError, RuntimeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {model.name} was converted in memory "
+                      "and is converted again next time", RuntimeNote, stacklevel=2)
+    return converted
 
 
 def import_nncf() -> Any:
@@ -266,75 +486,70 @@ def import_nncf() -> Any:
 
 
 def _quantize(source: Any, pixels: Any, backbone: Backbone) -> tuple[Any, dict[str, Any]]:
-    """NNCF's post-training quantization of the float32 OpenVINO model ``source`` on ``pixels``
+    """NNCF's post-training quantization of the float32 ``openvino.Model`` ``source`` on ``pixels``
     (one image per calibration item, every image used)."""
     nncf = import_nncf()
-    import openvino as ov
 
     start = time.perf_counter()
-    model = source if isinstance(source, ov.Model) else ov.Core().read_model(str(source))
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            quantized = nncf.quantize(model, nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))]),
+            quantized = nncf.quantize(source, nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))]),
                                       subset_size=len(pixels))
     except Exception as error:  # NNCF raises many kinds; all mean "does not quantize"
         raise BadInputError(f"{backbone.name} does not quantize with NNCF ({type(error).__name__}: "
-                            f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); use "
-                            f"{param('precision')} float32") from error
+                            f"{first_line(error, '', 200)}); use {param('precision')} float32") from error
     return quantized, {"quantize_s": time.perf_counter() - start, "calibration_images": len(pixels)}
 
 
-def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration) -> Any:
-    """The cached int8 OpenVINO model for this backbone calibrated on ``calibration`` (a path to
-    ``model.xml``), quantizing the float32 model (:func:`compiled_model`) first if the cache has no good
-    entry. Where the cache cannot be written, the quantized ``openvino.Model`` itself, with a :class:`RuntimeNote`."""
+def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration,
+                    load: bool = True) -> Any:
+    """The int8 OpenVINO model for this backbone calibrated on ``calibration``: an ``openvino.Model`` made
+    from the cache entry's checked bytes (``load``), else a path to the entry's ``model.xml``. Without a
+    verified entry, the float32 model (:func:`load_model`, itself checked) is quantized and the result
+    cached like every compiled model. Where the cache cannot be trusted or written, the quantized
+    ``openvino.Model`` itself, with a :class:`RuntimeNote`."""
     entry = entry_path(backbone, weights, image_size, calibration)
     key = cache_key(backbone, weights, image_size, calibration)
-    if _entry_ok(entry, key):
-        return entry / FILES[0]
-    source = compiled_model(backbone, weights, image_size)
+    why = _distrust()
+    if why is None:
+        data = _verified(entry, key)
+        if data is not None:
+            return _from_bytes(data) if load else entry / FILES[0]
+        if _read_manifest(entry) is not None:
+            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
+                  "made it): quantized again")
+    source = load_model(backbone, weights, image_size)  # the float32 entry's checked bytes (or converted)
     pixels = calibration.pixels(image_size)
     quantized, info = _quantize(source, pixels, backbone)
-    base = {} if not isinstance(source, Path) else _read_manifest(source.parent) or {}
-    info["source_weights"] = base.get("source_weights")
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {backbone.name} was quantized in memory")
+        return quantized
+    base = _read_manifest(entry_path(backbone, weights, image_size)) or {}
+    info["source_weights"] = base.get("source_weights")  # rebuilt, like the float32 entry, if the weights file changes
     manifest = {"key": key, "backbone": backbone.name,
                 "weights": f"{weights.describe()}, int8 (calibrated on {len(pixels)} images)",
                 "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    remove_leftovers(entry.parent)
     try:
         _write_entry(quantized, info, entry, key, manifest)
-    except (OSError, RuntimeError) as error:
-        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
+        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
         warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was quantized in "
                       "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
                       RuntimeNote, stacklevel=2)
         return quantized
-    return entry / FILES[0]
+    return quantized if load else entry / FILES[0]
 
 
 # -- listing and clearing ----------------------------------------------------------------------------
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process
-        return True
-    return True
-
-
-def _leftover_pid(folder: Path) -> int | None:
-    """The process that wrote temporary ``folder`` (``.tmp-``/``.trash-``), or None for anything else."""
-    match = _TEMP.match(folder.name)
-    return int(match["pid"]) if match else None
-
-
 def remove_leftovers(root: Path) -> int:
-    """Remove the temporary folders of conversions whose process is gone (killed); how many."""
+    """Remove the temporary folders of conversions whose process on this machine is gone (killed); how many.
+    Another machine's (a cache shared over the network) are left alone: only it knows whether they are live."""
     removed = 0
     with contextlib.suppress(OSError):
         for folder in root.iterdir():
-            pid = _leftover_pid(folder)
-            if pid is not None and not _process_alive(pid) and folder.is_dir() and not folder.is_symlink():
+            temp = temp_name(folder.name)
+            if temp is not None and temp.stale and folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
     return removed
@@ -351,22 +566,27 @@ class CacheEntry:
     age_s: float
     ok: bool  # complete and undamaged, for this OpenVINO and Keras
     error: str = ""  # why OpenVINO could not convert it (TensorFlow runs this model instead)
-    writer_pid: int | None = None  # a temporary folder: the process converting into it
+    writer: TempName | None = None  # a temporary folder: the process converting into it
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self.writer.pid if self.writer else None
 
     @property
     def leftover(self) -> bool:
         """A temporary folder whose conversion was killed: removed by the next conversion or ``clear_cache``."""
-        return self.writer_pid is not None and not _process_alive(self.writer_pid)
+        return self.writer is not None and self.writer.stale
 
     @property
     def state(self) -> str:
         """One line for ``imgvec cache``'s ok column."""
         if self.ok:
             return "yes"
-        if self.writer_pid is not None:
+        if self.writer is not None:
             if self.leftover:
                 return "no: left by an interrupted conversion (removed by the next conversion or imgvec cache --clear)"
-            return f"no: being converted by process {self.writer_pid}"
+            elsewhere = "" if self.writer.here else " on another machine"
+            return f"no: being converted by process {self.writer.pid}{elsewhere}"
         return f"no: does not convert ({self.error})" if self.error else "no (rebuilt on next use)"
 
 
@@ -399,10 +619,11 @@ def cache_entries() -> list[CacheEntry]:
         except OSError:  # removed meanwhile (a conversion finished)
             continue
         if entry.name.startswith("."):
-            match = _TEMP.match(entry.name)
+            temp = temp_name(entry.name)
+            match = _ENTRY.fullmatch(temp.target) if temp else None
             if match:
                 entries.append(CacheEntry(entry, match["backbone"], int(match["size"]), "?", size, "", age, False,
-                                          writer_pid=int(match["pid"])))
+                                          writer=temp))
             continue
         failed = _read_manifest(entry, FAILED) or {}
         manifest = _read_manifest(entry) or failed

@@ -17,7 +17,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.runtime.engine import CPU_MODEL_BATCH, Calibration
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import compiled_model, quantized_model
+from imgvec.runtime.model_cache import load_model, quantized_model
 
 
 class OpenVINOEngine:
@@ -37,21 +37,25 @@ class OpenVINOEngine:
         if device == "gpu":
             raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
                                 f"{param('device')} gpu")
-        import openvino as ov
-
         if precision == "int8":
             if calibration is None:
                 raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
-            model = quantized_model(backbone, weights, image_size, calibration)
+            model = quantized_model(backbone, weights, image_size, calibration)  # the checked bytes, or quantized
         else:
-            model = compiled_model(backbone, weights, image_size)  # a cached model.xml, or the model itself
+            model = load_model(backbone, weights, image_size)  # the checked bytes, or converted
+        self._start(model, backbone.dim, precision)
+
+    def _start(self, model: Any, dim: int, precision: str) -> None:
+        """Compile ``model`` (an ``openvino.Model`` or a path to its ``.xml``) for the CPU and set up the streams."""
+        import openvino as ov
+
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
                   "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
         compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
         self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._queue = ov.AsyncInferQueue(compiled, self._streams)
         self._queue.set_callback(self._collect)
-        self._dim = backbone.dim
+        self._dim = dim
         self._lock = threading.Lock()
         self.version = ov.get_version().split("-")[0]
 

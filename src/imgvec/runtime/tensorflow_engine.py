@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.backbones.builder import build_model, preprocess_input
+from imgvec.backbones.builder import build_model, check_weights_at_hand, preprocess_input
 from imgvec.backbones.device import import_keras, import_tensorflow, precision_policy, select_device
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH
 
@@ -34,6 +34,7 @@ class TensorFlowEngine:
     runtime = "tensorflow"
 
     def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str) -> None:
+        check_weights_at_hand(backbone, weights, image_size)  # no network: say so before TensorFlow loads
         import_keras("tensorflow")  # refuses a process whose Keras already runs on JAX or PyTorch
         tf = import_tensorflow()
         place = select_device(device)

@@ -13,18 +13,21 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from imgvec.files.artifact import (Expect, Header, capped, check_finite, check_structure, create, damaged, decode_keys,
-                       encode_keys, get_attr, opened, path_digests, reading, str_dtype)
+from imgvec.files.artifact import create, open_checked
+from imgvec.files.header import Header, get_attr
+from imgvec.files.strings import decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, capped, check_finite, damaged, reading
 from imgvec.checks import check_per_class
 from imgvec.errors import BadInputError
 from imgvec.progress import Phase, Progress, steps
+from imgvec.files.h5format import PINNED
 from imgvec.files.provenance import Provenance
 
 # Features are standardised first, so C above ~10 is practically unregularised; with
@@ -100,12 +103,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         self.classes_ = lr.classes_
         self.mean_ = scaler.mean_.astype(np.float32)
         self.scale_ = scaler.scale_.astype(np.float32)
-        coef, intercept = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
-        if len(self.classes_) == 2:
-            # Binary LR has one row: softmax over (-z/2, z/2) is exactly sigmoid(z).
-            coef = np.vstack([-coef[0] / 2, coef[0] / 2])
-            intercept = np.array([-intercept[0] / 2, intercept[0] / 2], np.float32)
-        self.coef_, self.intercept_ = coef, intercept
+        # Two classes: one row, (1, d) and (1,), as scikit-learn's (the positive class's score).
+        self.coef_, self.intercept_ = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
         self.n_train_ = int(len(y))
         return self
 
@@ -117,14 +116,21 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         return [lr.set_params(C=float(C)).fit(Z, y).predict_proba(Zt) for C in Cs]
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False)
-        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        """One score per class, ``(n, classes)``: a binary head's one score z as (-z/2, z/2), whose softmax
+        is exactly sigmoid(z)."""
+        z = self.decision_function(X)
+        return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Class scores, ``(n, classes)``; for two classes the positive class's score ``(n,)``, as scikit-learn's."""
-        logits = self._logits(X)
-        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+        """Class scores, ``(n, classes)``; for two classes the positive class's score ``(n,)``, as scikit-learn's.
+        Computed in float64: from float32 inputs and parameters (any finite values, scale above 0) every
+        intermediate stays below ~1e130, so no head read from a file can overflow them."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        f64 = np.float64
+        scores = (((X.astype(f64) - self.mean_.astype(f64)) / self.scale_.astype(f64)) @ self.coef_.T.astype(f64)
+                  + self.intercept_.astype(f64))
+        return scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         logits = self._logits(X)
@@ -161,11 +167,15 @@ def save_head(head: LogisticHead, path: str | os.PathLike[str], provenance: Prov
     if len(train_paths) not in (0, head.n_train_):  # the reader refuses any other count
         raise ValueError(f"train_paths: {len(train_paths)} paths for {head.n_train_} training rows")
     header = Header("head", provenance, store_id, generation, int(head.n_train_), provenance.dim)
+    arrays = {name: getattr(head, name) for name in _ARRAYS}
+    if len(head.classes_) == 2:  # the file keeps one row per class: a binary head's (-w/2, w/2), (-b/2, b/2)
+        arrays["coef_"] = np.vstack([-head.coef_[0] / 2, head.coef_[0] / 2])
+        arrays["intercept_"] = np.array([-head.intercept_[0] / 2, head.intercept_[0] / 2], np.float32)
     with create(path, header) as h5:
         for name in _ARRAYS:
-            h5.create_dataset(name.rstrip("_"), data=getattr(head, name))
-        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype())
-        h5.create_dataset("train_paths", data=path_digests(train_paths))
+            h5.create_dataset(name.rstrip("_"), data=arrays[name], **PINNED)
+        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype(), **PINNED)
+        h5.create_dataset("train_paths", data=path_digests(train_paths), **PINNED)
         for name in _SCALARS:
             h5.attrs[name] = getattr(head, name)
     return Path(path)
@@ -185,11 +195,12 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
 
 def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarray]:
     """The head, its header and the digests of the paths it was trained on."""
-    with opened(path, "head", f"no such head file (make one with imgvec train STORE -o {path})") as (h5, header):
-        n = check_structure(h5, path, "head", {"classes": Expect(1, "str")})["classes"].shape[0]
+    missing = f"no such head file (make one with imgvec train STORE -o {path})"
+    with open_checked(path, "head", missing, lambda header: {"classes": Expect(1, "str")}) as file:
+        h5, header, n = file.h5, file.header, file.datasets["classes"].shape[0]
         dim = header.dim
         shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
-        found = check_structure(h5, path, "head", {
+        found = file.check({
             **{name.rstrip("_"): Expect(len(shape), "float32", shape) for name, shape in shapes.items()},
             "train_paths": Expect(1, "uint64", optional=True)})
         digests = found.get("train_paths")
@@ -214,6 +225,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarra
                                     "distinct names")
     if not (head.scale_ > 0).all():
         raise damaged(path, "head", "'scale' has zero or negative values")
+    if n == 2:  # one row per class in the file; scikit-learn's one row (the positive class's) in memory
+        head.coef_ = (head.coef_[1] - head.coef_[0])[None, :]
+        head.intercept_ = head.intercept_[1:] - head.intercept_[:1]
     return head, header, train_digests
 
 
@@ -223,3 +237,11 @@ def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:
     if not len(digests) or not len(paths):
         return 0
     return int(np.isin(path_digests(paths), digests).sum())
+
+
+def path_digests(paths: Iterable[str]) -> np.ndarray:
+    """8-byte BLAKE2b digests of absolute image paths: what a head remembers of its training images."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(os.fsencode(p), digest_size=8).digest(), "little")
+                     for p in paths], dtype=np.uint64)

@@ -2,7 +2,7 @@
 
 Similarity is cosine: vectors are L2-normalised and searched by inner product. An index
 file is HDF5 holding FAISS's own serialised bytes (plain data, no pickle) in ``/faiss`` and the
-artifact header (artifact.py) that says which store, which generation of it and how many of its
+artifact header (files/header.py) that says which store, which generation of it and how many of its
 rows it covers. ``/faiss`` is one contiguous dataset, so loading maps those bytes instead of
 reading them: :mod:`imgvec.files.faissblob` checks the mapped bytes, and FAISS then reads the same
 mapping without copying (its zero-copy reader), so opening an index takes the same few
@@ -17,15 +17,19 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from imgvec.files import faissblob
-from imgvec.files.artifact import REBUILD, Header, check_partner, create, damaged, dataset, opened, text_attr
-from imgvec.checks import check_choice
-from imgvec.errors import BadInputError, MismatchError, param
+from imgvec.files.artifact import check_partner, create, open_checked
+from imgvec.files.header import Header, text_attr
+from imgvec.files.structure import REBUILD, Expect, damaged
+from imgvec.checks import check_at_least, check_choice
+from imgvec.errors import BadInputError, MismatchError, first_line, param
 from imgvec.progress import Phase, Progress
+from imgvec.files.h5format import PINNED
+from imgvec.files.values import describe_unusable, unusable_rows
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import Store
 
@@ -122,8 +126,13 @@ def _new_faiss_index(kind: str, dim: int, rows: int) -> Any:
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as contiguous float32."""
+    """Rows scaled to unit length (zero rows stay zero), as contiguous float32. Rows with values their norm
+    would overflow on are refused (stored rows were checked when read; this catches a model's output)."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
+    bad = unusable_rows(x)
+    if bad.any():
+        raise BadInputError(f"{int(bad.sum())} of {len(x)} vectors hold {describe_unusable()}: the model overflows "
+                            "on these images")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
@@ -140,6 +149,7 @@ class VectorIndex:
     provenance: Provenance
     generation: int = 0
     mapping: Any = field(default=None, repr=False)  # the mapped file bytes FAISS's arrays point into, kept alive
+    lease: Any = field(default=None, repr=False)  # while held, nobody rewrites the mapped file in place
 
     @property
     def header(self) -> Header:
@@ -151,13 +161,17 @@ class VectorIndex:
         Ids are rows in ``[0, rows)``, or -1 where an approximate index found fewer than ``k``;
         :func:`load_index` checked every id the index stores, so no other value can come back.
         """
-        if k < 1:
-            raise BadInputError(f"{param('k')} must be at least 1, not {k}")
-        k = min(k, self.rows)
+        k = min(check_at_least("k", k), self.rows)
         scores, ids = self.faiss_index.search(normalized(queries), k)
         if ids.size and (ids.min() < -1 or ids.max() >= self.rows):  # only an index that bypassed
             bad = ids[(ids < -1) | (ids >= self.rows)][0]         # load_index's checks gets here
             raise BadInputError(f"the index answered row {bad}, outside its {self.rows} rows; rebuild it")
+        # The blob checks read no vector, so the scores are checked for what they are: cosines of unit rows
+        # (exactly stored for flat and HNSW; PQ's reconstructions may stray a little past 1).
+        found = scores[ids >= 0]
+        if not np.isfinite(found).all() or (self.kind != "ivfpq" and found.size and np.abs(found).max() > 1.01):
+            raise BadInputError("the index holds vectors that are not unit length (scores overflow or are not "
+                                "cosines): it is damaged or was edited; rebuild it")
         return scores, ids
 
     def check_covers(self, store: Store, index_name: str = "the index", tail: bool = False) -> int:
@@ -197,7 +211,7 @@ class VectorIndex:
         counter = _DatasetSink(None)
         faiss.write_index(cpu, faiss.PyCallbackIOWriter(counter.write, IO_BLOCK_BYTES))
         with create(path, self.header) as h5:
-            sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8))
+            sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8, **PINNED))
             faiss.write_index(cpu, faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
             sink.flush()
             if sink.size != counter.size:
@@ -391,8 +405,7 @@ def search_store(store: Store, queries: np.ndarray, k: int, index: VectorIndex |
     """
     import faiss
 
-    if k < 1:
-        raise BadInputError(f"{param('k')} must be at least 1, not {k}")
+    check_at_least("k", k)
     if store.rows == 0:
         raise BadInputError(f"{store.path} holds no embeddings yet")
     q = normalized(queries)
@@ -432,6 +445,20 @@ def extend_index(index: VectorIndex, store: Store, progress: Progress | None = N
     return added
 
 
+class OpenIndex(NamedTuple):
+    """How a store is searched: its index (None: every row exhaustively), the rows the index lacks
+    (searched exhaustively beside it) and notes saying so."""
+
+    index: VectorIndex | None
+    unindexed: int
+    notes: list[str]
+
+
+def _layout(header: Header) -> dict[str, Expect]:
+    """An index file holds FAISS's serialized bytes (checked by :mod:`imgvec.files.faissblob` before use)."""
+    return {"faiss": Expect(1, "uint8")}
+
+
 def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = True) -> VectorIndex:
     """Open an index file, checking that FAISS's index agrees with the header (rows, dim, metric, kind).
 
@@ -440,14 +467,26 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
     opening, read-only. ``mapped=False`` copies them into memory, for an index that will grow
     (:func:`extend_index`).
     """
-    import faiss
-
-    with opened(path, "index", "no such index (make one with imgvec index STORE)") as (h5, header):
-        ds = dataset(h5, "faiss", path, "index", 1, "uint8")
+    with open_checked(path, "index", "no such index (make one with imgvec index STORE)", _layout) as file:
+        h5, header, ds = file.h5, file.header, file.datasets["faiss"]
         kind = text_attr(h5.attrs, "index_kind")
         if kind not in KINDS[1:]:
             raise damaged(path, "index", f"index_kind {kind!r} is not one of {', '.join(KINDS[1:])}")
         blob = _mapped_blob(h5, ds, path)
+        lease, file.lease = file.lease, None  # held past the HDF5 file: by the mapping's index, or until read
+    try:
+        return _read_blob(blob, kind, header, path, gpu, mapped, lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def _read_blob(blob: np.ndarray, kind: str, header: Header, path: str | os.PathLike[str], gpu: bool, mapped: bool,
+               lease: Any) -> VectorIndex:
+    """FAISS's index from the mapped ``blob``, once the blob checks (:mod:`imgvec.files.faissblob`)."""
+    import faiss
+
     try:
         faissblob.check(blob, kind, header.dim, header.rows)
     except faissblob.MalformedBlob as error:  # never hand FAISS a blob it could misread
@@ -457,7 +496,7 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
     try:
         index = faiss.read_index(reader)
     except (RuntimeError, MemoryError, ValueError) as error:
-        raise damaged(path, "index", f"FAISS cannot read it: {str(error).splitlines()[0][:120]}") from None
+        raise damaged(path, "index", f"FAISS cannot read it: {first_line(error, limit=120)}") from None
     expected = {"flat": "IndexFlat", "hnsw": "IndexHNSW", "ivfpq": "IndexIVFPQ"}[kind]
     found = type(faiss.downcast_index(index)).__name__
     for what, ok in ((f"a {found}, not the {kind} index its header names", found.startswith(expected)),
@@ -475,5 +514,7 @@ def load_index(path: str | os.PathLike[str], gpu: bool = False, mapped: bool = T
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if gpu:
         index = to_gpu(index, kind)
+    if not mapped and lease is not None:
+        lease.release()  # FAISS holds its own copy
     return VectorIndex(index, kind, header.rows, header.store_id, header.provenance, header.generation,
-                       blob if mapped else None)
+                       blob if mapped else None, lease if mapped else None)

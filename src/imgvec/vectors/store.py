@@ -19,9 +19,7 @@ see a complete store, and never look past its ``rows`` attribute.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
@@ -30,11 +28,16 @@ import numpy as np
 
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
-from imgvec.files.artifact import (Expect, Header, check_finite, check_string_heaps, check_structure, damaged, decode_keys,
-                       encode_keys, open_file, read_header, reading, str_dtype, write_header)
-from imgvec.fileio import (NotRegularFile, check_space, check_writable, open_regular_append, publish, remove_stale_temps,
+from imgvec.files.artifact import Checked, check_file, open_checked
+from imgvec.files.header import Header, write_header
+from imgvec.files.strings import check_string_heaps, decode_keys, encode_keys, str_dtype
+from imgvec.files.structure import Expect, check_finite, damaged, reading
+from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
+from imgvec.files.h5format import PINNED, new_file
+from imgvec.files.values import unusable_rows
 from imgvec.files.journal import JournalWriter, Record, journal_path, read_journal
+from imgvec.files.lock import StoreLock
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance
 
@@ -49,32 +52,21 @@ class Store:
     header says); reading embeddings refuses NaN or infinite values.
     """
 
-    def __init__(self, h5: Any, path: Path) -> None:
-        self.h5 = h5
-        self.path = path
+    def __init__(self, file: Checked) -> None:
+        self.h5, self.path, self.header = file.h5, file.path, file.header
+        self.lease = file.lease  # read-only: nobody rewrites the file in place while it is open
+        self.provenance = self.header.provenance
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
         # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
-        self._fixed = h5.mode == "r"
+        self._fixed = self.h5.mode == "r"
+        skipped = file.datasets["skipped/paths"].shape[0]
+        file.check({"skipped/reasons": Expect(1, "str", (skipped,))})
         try:
-            self.header = read_header(h5.attrs, path, "store")
-            self.provenance = self.header.provenance
-            self._validate()
+            if not isinstance(self._attr("root", None), str):
+                raise damaged(self.path, "store", "no 'root' attribute")
         except BaseException:
-            h5.close()
+            file.close()
             raise
-
-    def _validate(self) -> None:
-        rows, dim, path = self.header.rows, self.header.dim, self.path
-        # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
-        n = rows if self.header.format_version > 1 else None
-        least = None if n is not None else rows
-        check_structure(self.h5, path, "store", {
-            "embeddings": Expect(2, "float32", (n, dim), least), "paths": Expect(1, "str", (n,), least),
-            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")})
-        skipped = self.h5["skipped/paths"].shape[0]
-        check_structure(self.h5, path, "store", {"skipped/reasons": Expect(1, "str", (skipped,))})
-        if not isinstance(self._attr("root", None), str):
-            raise damaged(path, "store", "no 'root' attribute")
 
     def _attr(self, name: str, default: Any = ...) -> Any:
         with reading(self.path, "store"):
@@ -182,6 +174,8 @@ class Store:
 
     def close(self) -> None:
         self.h5.close()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> "Store":
         return self
@@ -194,31 +188,36 @@ def _missing(path: Path) -> str:
     return f"no such store (make one with imgvec embed ... -o {path})"
 
 
-def _h5open(path: Path, mode: str) -> Any:
-    """A store file opened in ``mode`` ("w" for a new one); one-line errors."""
-    import h5py
+def _layout(header: Header) -> dict[str, Expect]:
+    """The datasets a store holds, as its header implies them."""
+    # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
+    n = header.rows if header.format_version > 1 else None
+    least = None if n is not None else header.rows
+    return {"embeddings": Expect(2, "float32", (n, header.dim), least), "paths": Expect(1, "str", (n,), least),
+            "labels": Expect(1, "str", (n,), least), "skipped/paths": Expect(1, "str")}
 
-    if mode != "w":
-        return open_file(path, "an imgvec store", _missing(path), mode)
+
+def _h5new(path: Path) -> Any:
+    """A new store file at ``path``, in the pinned format, created here (never through a link); one-line errors."""
     try:
-        return h5py.File(path, mode)
+        return new_file(path)
     except OSError as error:
         raise write_error(path, error) from None
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open a store for reading."""
+def open_store(path: str | os.PathLike[str], mode: str = "r") -> Store:
+    """Open a store for reading (``mode`` "r+": a writer's private copy), checked in one call."""
     path = Path(path)
-    return Store(_h5open(path, "r"), path)
+    return Store(open_checked(path, "store", _missing(path), _layout, what="an imgvec store", mode=mode))
 
 
 def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     dim = provenance.dim
     h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                      chunks=(CHUNK_ROWS, dim))
-    skipped = h5.create_group("skipped")
+                      chunks=(CHUNK_ROWS, dim), **PINNED)
+    skipped = h5.create_group("skipped", **PINNED)
     for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
-        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,))
+        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,), **PINNED)
     h5.attrs["root"] = root
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
@@ -240,7 +239,7 @@ class StoreWriter:
         self.checkpoint_rows = checkpoint_rows
         self._pending = 0
         check_writable(self.path)  # missing or read-only folder, a folder named like the store: one line
-        self._lock = _lock(self.path)
+        self._lock = StoreLock(self.path)
         try:
             remove_stale_temps(self.path)
             if not self.path.exists():
@@ -254,14 +253,14 @@ class StoreWriter:
                 self.skipped = store.skipped()
             self._journal = JournalWriter(journal_path(self.path))
         except BaseException:
-            self._lock.close()
+            self._lock.release()
             raise
 
     def _create(self, provenance: Provenance, root: str) -> None:
         tmp = temp_path(self.path)
         check_space(self.path, _FOLD_MARGIN + CHUNK_ROWS * provenance.dim * 4)
         try:
-            with _h5open(tmp, "w") as h5:
+            with _h5new(tmp) as h5:
                 _init_layout(h5, provenance, root)
             publish(tmp, self.path)
         except OSError as error:
@@ -275,7 +274,7 @@ class StoreWriter:
         if not (len(embeddings) == len(keys) == len(labels)):
             raise ValueError("embeddings, keys and labels must have the same length")
         embeddings = np.asarray(embeddings, np.float32)
-        finite = np.isfinite(embeddings).all(axis=tuple(range(1, embeddings.ndim)))
+        finite = ~unusable_rows(embeddings)
         if not finite.all():  # never stored: keep the batch's good rows, then say which images and weights
             good = np.flatnonzero(finite)
             self.append(embeddings[good], [keys[i] for i in good], [labels[i] for i in good], skipped)
@@ -293,7 +292,7 @@ class StoreWriter:
     def _non_finite(self, keys: Sequence[str]) -> BadInputError:
         shown = ", ".join(repr(self._absolute(k)[-120:]) for k in keys[:3]) + (f" and {len(keys) - 3} more"
                                                                              if len(keys) > 3 else "")
-        return BadInputError(f"{len(keys)} images embed to NaN or infinite values with {self.provenance.describe()} "
+        return BadInputError(f"{len(keys)} images embed to NaN, infinite or out-of-range values with {self.provenance.describe()} "
                              f"({shown}): the model overflows with these weights; those images were not stored, "
                              f"{self.path} keeps the rest")
 
@@ -336,9 +335,8 @@ class StoreWriter:
         if doomed:
             _copy_without(self.path, tmp, doomed)
         else:
-            shutil.copyfile(self.path, tmp)
-        with _h5open(tmp, "r+") as h5:
-            store = Store(h5, tmp)
+            copy_new(self.path, tmp)
+        with open_store(tmp, "r+") as store:
             store._trim()
             seen = set(keys) - doomed
             retried: set[str] = set()
@@ -356,7 +354,7 @@ class StoreWriter:
             old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
-            write_header(h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
+            write_header(store.h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
 
     def close(self, commit: bool = True) -> None:
         """Commit what was appended (unless told not to) and release the lock."""
@@ -366,7 +364,7 @@ class StoreWriter:
             else:
                 self._journal.close()
         finally:
-            self._lock.close()
+            self._lock.release()  # the lock file goes too (see imgvec.files.lock)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -388,28 +386,14 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
     return StoreWriter(path, provenance, root)
 
 
-def _lock(path: Path) -> Any:
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        fh = open_regular_append(lock)  # a FIFO there must not hang the writer
-    except NotRegularFile as error:
-        raise BadInputError(f"{lock}: is {error.strerror.split(',')[0]}, not a lock file; remove it") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise BadInputError(f"{path}: another imgvec process is writing this store; wait for it to finish") from None
-    return fh
-
-
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
     """Write a copy of store ``src`` to ``dst`` leaving out the rows whose key is in ``doomed``."""
-    with open_store(src) as old, _h5open(dst, "w") as h5:
+    with open_store(src) as old, _h5new(dst) as h5:
         _init_layout(h5, old.provenance, old.root)
         for key, value in old.h5.attrs.items():
             h5.attrs[key] = value
         write_header(h5.attrs, Header("store", old.provenance, old.store_id, old.generation + 1, 0, old.dim))
-        new = Store(h5, dst)
+        new = Store(check_file(h5, dst, "store", _layout))
         keys, labels = old.paths(), old.labels()
         for start in range(0, old.rows, chunk):
             idx = [i for i in range(start, min(start + chunk, old.rows)) if keys[i] not in doomed]

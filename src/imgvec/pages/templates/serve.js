@@ -1,10 +1,16 @@
 // The page of `imgvec serve`: search by an image picked or dropped, or by a result clicked.
 // Every name from the store is put in the page as text (textContent), never as markup.
+// A search from a stored image leaves that image out of its results; changing k re-runs the search
+// on screen; each search from a stored image is a URL (?path=P&k=K), so Back and Forward restore it.
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
   const results = $("results"), status = $("status"), drop = $("drop"), kInput = $("k");
   const COLUMNS = 11; // a query and k=10 neighbours share one row, as on the static query pages
+  const DEFAULT_K = Number($("serve").dataset.k), MAX_K = Number(kInput.max);
+  const uploads = new Map(); // history entries of uploads: their files, so Back can search again
+  let current = null; // the search on screen: {path} or {upload}
+  let latest = 0; // the number of the latest search: an answer to an earlier one is not shown
 
   const el = (tag, cls, text) => {
     const e = document.createElement(tag);
@@ -13,7 +19,15 @@
     return e;
   };
   const imageUrl = (path) => "/image?path=" + encodeURIComponent(path);
-  const k = () => encodeURIComponent(kInput.value || $("serve").dataset.k);
+  const k = () => {
+    const n = Math.trunc(Number(kInput.value));
+    return n >= 1 && n <= MAX_K ? n : DEFAULT_K;
+  };
+  // headers carry percent-encoded text (a path in a note cannot break them)
+  const header = (response, name) => {
+    const value = response.headers.get(name);
+    try { return value && decodeURIComponent(value); } catch (e) { return value; }
+  };
 
   function card(src, head, path, label, cls) {
     const fig = el("figure", cls), thumb = el("div", "thumb"), img = el("img");
@@ -28,9 +42,10 @@
     return fig;
   }
 
-  async function show(response, querySrc, started) {
+  async function show(search, response, querySrc, started, wanted, fromStore) {
     let data;
     try { data = await response.json(); } catch (e) { data = {error: `HTTP ${response.status}`}; }
+    if (search !== latest) return;
     if (!response.ok) {
       status.className = "error";
       status.textContent = data.error || `HTTP ${response.status}`;
@@ -40,48 +55,73 @@
     const root = data.root ? data.root.replace(/\/$/, "") + "/" : "";
     const shown = (path) => root && path.startsWith(root) ? path.slice(root.length) : path;
     const query = data.queries[0];
+    // a stored image's own row (the query's path, absolute as the hits' are) is not a neighbour of it
+    const found = query.results.filter((n) => !fromStore || n.path !== query.query).slice(0, wanted);
     const grid = el("div", "grid");
-    grid.style.gridTemplateColumns = `repeat(${Math.min(query.results.length + 1, COLUMNS)},minmax(0,176px))`;
+    grid.style.gridTemplateColumns = `repeat(${Math.min(found.length + 1, COLUMNS)},minmax(0,176px))`;
     grid.append(card(querySrc, "query", shown(query.query), "", "query"));
-    for (const n of query.results) {
-      const fig = card(imageUrl(n.path), `#${n.rank} · ${n.score.toFixed(4)}`, shown(n.path), n.label, "hit");
+    found.forEach((n, i) => {
+      const fig = card(imageUrl(n.path), `#${i + 1} · ${n.score.toFixed(4)}`, shown(n.path), n.label, "hit");
       fig.tabIndex = 0;
       fig.dataset.path = n.path;
       fig.addEventListener("click", () => byPath(n.path));
       fig.addEventListener("keydown", (ev) => { if (ev.key === "Enter") byPath(n.path); });
       grid.append(fig);
-    }
+    });
     results.replaceChildren(el("h2", "", shown(query.query)), grid);
-    const stale = response.headers.get("X-Imgvec-Stale");
+    const stale = header(response, "X-Imgvec-Stale");
     status.className = stale ? "error" : "";
-    status.textContent = `${query.results.length} neighbours in ${Math.round(performance.now() - started)} ms; ` +
+    status.textContent = `${found.length} neighbours in ${Math.round(performance.now() - started)} ms; ` +
       `store generation ${response.headers.get("X-Imgvec-Generation")}, ${response.headers.get("X-Imgvec-Rows")} rows` +
       (stale ? `; STALE: ${stale}` : "");
   }
 
-  async function byFile(file) {
-    const started = performance.now();
+  async function byFile(file, id = null) {
+    const started = performance.now(), wanted = k(), search = ++latest;
+    if (id === null) { // a new upload: a history entry of its own (its file kept for Back)
+      id = uploads.size + 1;
+      uploads.set(id, file);
+      history.pushState({upload: id, k: wanted}, "", "?k=" + wanted);
+    }
+    current = {upload: id};
     status.className = ""; status.textContent = `embedding ${file.name} ...`;
-    const response = await fetch(`/api/query?k=${k()}&name=${encodeURIComponent(file.name)}`,
+    const response = await fetch(`/api/query?k=${wanted}&name=${encodeURIComponent(file.name)}`,
       {method: "POST", body: file, headers: {"Content-Type": file.type || "application/octet-stream"}});
-    await show(response, URL.createObjectURL(file), started);
+    await show(search, response, URL.createObjectURL(file), started, wanted, false);
   }
 
   async function byPath(path, remember = true) {
-    const started = performance.now();
-    if (remember) history.pushState({path}, "", "?path=" + encodeURIComponent(path));
-    const response = await fetch(`/api/query?k=${k()}&path=${encodeURIComponent(path)}`);
-    await show(response, imageUrl(path), started);
+    const started = performance.now(), wanted = k(), search = ++latest;
+    current = {path};
+    if (remember) history.pushState({path, k: wanted}, "", `?path=${encodeURIComponent(path)}&k=${wanted}`);
+    // one more than shown: the image itself comes back as its own nearest neighbour, and is left out
+    const response = await fetch(`/api/query?k=${Math.min(wanted + 1, MAX_K)}&path=${encodeURIComponent(path)}`);
+    await show(search, response, imageUrl(path), started, wanted, true);
+  }
+
+  function restore() { // the search the URL names (Back, Forward, a link)
+    const params = new URLSearchParams(location.search);
+    kInput.value = params.get("k") || DEFAULT_K;
+    const path = params.get("path"), state = history.state || {};
+    if (path) byPath(path, false);
+    else if (state.upload && uploads.has(state.upload)) byFile(uploads.get(state.upload), state.upload);
+    else { current = null; latest++; results.replaceChildren(); status.className = ""; status.textContent = ""; }
   }
 
   $("file").addEventListener("change", (ev) => { if (ev.target.files.length) byFile(ev.target.files[0]); });
+  kInput.addEventListener("change", () => {
+    if (current && current.path) byPath(current.path);
+    else if (current && current.upload) {
+      history.replaceState({upload: current.upload, k: k()}, "", "?k=" + k());
+      byFile(uploads.get(current.upload), current.upload);
+    }
+  });
   drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (ev) => {
     ev.preventDefault(); drop.classList.remove("over");
     if (ev.dataTransfer.files.length) byFile(ev.dataTransfer.files[0]);
   });
-  window.addEventListener("popstate", (ev) => { if (ev.state && ev.state.path) byPath(ev.state.path, false); });
-  const start = new URLSearchParams(location.search).get("path");
-  if (start) byPath(start, false);
+  window.addEventListener("popstate", restore);
+  restore();
 })();

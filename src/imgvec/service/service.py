@@ -1,67 +1,108 @@
-"""``imgvec serve``: a local HTTP service that keeps a store, its index and the model loaded.
+"""The service behind ``imgvec serve``: a store, its index and its model loaded once and kept current.
 
-The routes (Starlette, served by uvicorn) are the face of the library, like the CLI: they
-parse a request, call the :class:`Service`, and render its records as JSON or the page.
+No HTTP here (:mod:`imgvec.service.app` is the face): a :class:`Service` answers with records and
+raises imgvec's errors. Each answer compares the store file's identity (inode, size, mtime) with the
+one loaded: when ``embed`` has published a new store, the service loads it and answers from it, or,
+when it cannot (an index file it cannot read, say), keeps answering from the one it has and says so.
+The store is searched as ``imgvec query`` searches it (:func:`imgvec.api.open_index`): its index file,
+rows embedded after the index exhaustively beside it, and every row exhaustively where there is no
+index file (a small store) or the index predates rows removed.
 
-- ``GET /api/info``: the store (rows, generation, provenance), its index and the limits.
-- ``GET /api/query?path=P&k=K``: "more like this" for a stored image, from its stored vector.
-- ``POST /api/query?k=K`` with an image file as the body: decoded and embedded like ``imgvec query``.
-  Both answer with the record ``imgvec query --format json`` prints for one image (``QueryResults.to_records``).
-- ``GET /``: a page to pick or drop an image and browse its neighbours; ``GET /image?path=P``:
-  a JPEG thumbnail of one row of the store, and of nothing else.
-
-Safe by default: it binds 127.0.0.1 and answers only requests addressed to that host (a web page
-cannot reach it through DNS rebinding), never writes the store, bounds request bodies, pixels and
-``k``. Requests are served concurrently (sync routes run in Starlette's thread pool); the model
-runs in one thread of its own, one batch at a time (uploads waiting for it go through together),
-while decoding and searches run side by side. Each request compares the store file's identity
-(inode, size, mtime) with the one loaded: when ``embed`` has published a new store, the service
-loads it and answers from it, or, when it cannot (an index file it cannot read, say), keeps
-answering from the one it has and says so in every answer. The store is searched as ``imgvec query``
-searches it (:func:`imgvec.api._open_index`): its index file, rows embedded after the index
-exhaustively beside it, and every row exhaustively where there is no index file (a small store) or
-the index predates rows removed; the notes query prints say so in ``/api/info`` and in every answer.
+Memory is bounded: every upload's body and the decoding of every uploaded image hold a share of one
+:class:`MemoryBudget` for as long as they live, sized before it is paid (the body by its length, the
+decoding by :func:`imgvec.files.images.decode_cost` from the image's header), so the service's memory
+is at most what it holds loaded (model, store, index) plus the budget. Images are served only from
+below one folder the user named (or the store file's folder), whatever the store says its root is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import ipaddress
 import os
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from imgvec.errors import BadInputError, ImageSkipped, ImgvecError, MismatchError, param
+from imgvec.errors import BadInputError, ImageSkipped, ImgvecError, param
 from imgvec.files.images import DEFAULT_MAX_PIXELS, load_image
 from imgvec.results import Neighbour, QueryResult, QueryResults, file_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    import socket
-
-    from starlette.applications import Starlette
-
     from imgvec.embedding.embedder import Embedder
-    from imgvec.vectors.index import VectorIndex
     from imgvec.files.provenance import Provenance
+    from imgvec.vectors.index import VectorIndex
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-MAX_BODY_BYTES = 32 << 20  # an uploaded image; the pixel limit then bounds what decoding it costs
+MAX_BODY_BYTES = 32 << 20  # an uploaded image; the memory budget then bounds what decoding it costs
+MEMORY_BUDGET = 1 << 30  # bytes that uploads' bodies and decoding may hold at once, all requests together
+BUDGET_WAIT_S = 5.0  # how long a request waits for its share of the budget before it is refused as busy
 MAX_K = 1000
+LET_GO_WAIT_S = 30.0  # how long requests answering from a file being rewritten may take before it is let go
 MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
 PRELOAD_STEP = 128 << 10  # bytes per read-ahead request when the service asks its files into memory
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
-_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 class NotServed(BadInputError):
     """A path that is not an image of the store the service shows (HTTP 404)."""
+
+
+class TooCostly(BadInputError):
+    """A request that would need more memory than the whole budget (HTTP 413)."""
+
+
+class Busy(ImgvecError):
+    """The budget stayed taken by other requests for longer than a request waits (HTTP 503)."""
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f} MB"
+
+
+class MemoryBudget:
+    """Bytes that requests hold while they live (bodies, decoding), shared by all of them: a request
+    takes its share before it allocates and gives it back after; one that cannot get it within
+    ``wait`` seconds is refused (:class:`Busy`), one that asks for more than the whole is refused at once
+    (:class:`TooCostly`)."""
+
+    def __init__(self, total: int = MEMORY_BUDGET, wait: float = BUDGET_WAIT_S) -> None:
+        if total < 1 << 20:
+            raise BadInputError(f"{param('memory-budget')} must be at least 1 MB, not {total} bytes")
+        self.total, self.wait = int(total), wait
+        self.used = self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, what: str) -> int:
+        """Take ``nbytes`` (blocking up to ``wait``); the bytes taken, for :meth:`release`."""
+        nbytes = int(nbytes)
+        if nbytes > self.total:
+            raise TooCostly(f"{what} needs {_mb(nbytes)}, over the service's memory budget of {_mb(self.total)} "
+                            "(--memory-budget)")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + nbytes <= self.total, timeout=self.wait):
+                raise Busy(f"busy: {what} needs {_mb(nbytes)} and other requests hold {_mb(self.used)} of the "
+                           f"{_mb(self.total)} memory budget; try again")
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, what: str = "decoding the image") -> Iterator[None]:
+        taken = self.acquire(nbytes, what)
+        try:
+            yield
+        finally:
+            self.release(taken)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -90,6 +131,19 @@ class Snapshot:
     unindexed: int  # rows after those the index holds, searched exhaustively beside it
     notes: list[str]  # imgvec query's notes: what is searched how, and the fix
     store: Any  # the open Store: stored vectors are read from it
+    users: int = 0  # requests answering from it now (its files are let go only when none is)
+
+    def broken(self) -> bool:
+        """Whether another process waits to rewrite the store or index file in place (their leases,
+        :mod:`imgvec.files.lease`): this snapshot must be let go, and its bytes never read again."""
+        leases = (getattr(self.store, "lease", None), getattr(self.index, "lease", None))
+        return any(lease is not None and lease.check() for lease in leases)
+
+    def release(self) -> None:
+        """Close the store and let go of the index's mapped file (the waiting writer goes on)."""
+        self.store.close()
+        if self.index is not None and self.index.lease is not None:
+            self.index.lease.release()
 
     @property
     def rows(self) -> int:
@@ -147,12 +201,15 @@ class Service:
     """The store at ``store``, its index and its model, loaded once and kept up to date.
 
     Read-only: the store and its index file are opened for reading and never written; rows
-    the store gained after its index was built are searched exhaustively beside it.
+    the store gained after its index was built are searched exhaustively beside it. ``images``:
+    the folder images may be served from (default: the store file's folder); a row's image is
+    served only when it lies below both that folder and the store's root.
     """
 
     def __init__(self, store: str | os.PathLike[str], runtime: str = "auto", k: int = 10,
                  weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_body: int = MAX_BODY_BYTES, index: str | os.PathLike[str] | None = None) -> None:
+                 max_body: int = MAX_BODY_BYTES, index: str | os.PathLike[str] | None = None,
+                 images: str | os.PathLike[str] | None = None, memory_budget: int = MEMORY_BUDGET) -> None:
         from imgvec.vectors.index import index_path_for
 
         self.path = Path(store)
@@ -161,6 +218,13 @@ class Service:
         self.runtime, self.weights = runtime, weights
         self.max_pixels, self.max_body = int(max_pixels), int(max_body)
         self.default_k = self.check_k(k)
+        self.budget = MemoryBudget(memory_budget)
+        if self.max_body > self.budget.total:
+            raise BadInputError(f"the body limit ({_mb(self.max_body)}) is over the memory budget "
+                                f"({_mb(self.budget.total)}): raise --memory-budget")
+        if images is not None and not os.path.isdir(images):
+            raise BadInputError(f"{images}: no such folder (--images)")
+        self.images = os.path.realpath(images if images is not None else self.path.parent)
         self.embedder: Embedder | None = None
         self.model: ModelWorker | None = None
         self._model_provenance: Provenance | None = None
@@ -169,36 +233,78 @@ class Service:
         self._reload = threading.Lock()
         self.preloaded = threading.Event()  # set once the store and index files were asked into memory
         self._preloader: tuple[threading.Thread, threading.Event] | None = None
-        self.snapshot: Snapshot = self._load(self._current_stamp())
+        self._idle = threading.Condition()
+        self._snapshot: Snapshot | None = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
     def _current_stamp(self) -> tuple[Any, ...]:
         return _stamp(self.path), _stamp(self.index_path)
 
     def current(self) -> Snapshot:
-        """The snapshot to answer from: reloaded first when the store or its index file changed."""
+        """The snapshot to answer from: reloaded first when the store or its index file changed. While
+        another process rewrites one of them in place, there is none: :class:`Busy` until the new file checks."""
+        if self._snapshot is not None and self._snapshot.broken():
+            self._let_go()
         stamp = self._current_stamp()
-        if stamp == self.snapshot.stamp or stamp == self._failed:
-            return self.snapshot
+        snap = self._snapshot
+        if snap is not None and (stamp == snap.stamp or stamp == self._failed):
+            return snap
+        if snap is None and stamp == self._failed:
+            raise Busy(self.stale or f"{self.path} is being rewritten")
         with self._reload:
-            if stamp != self.snapshot.stamp and stamp != self._failed:
-                old = self.snapshot
+            snap = self._snapshot
+            if snap is None or (stamp != snap.stamp and stamp != self._failed):
                 try:
-                    self.snapshot = self._load(stamp)
+                    self._snapshot = self._load(stamp)
                     self.stale, self._failed = None, None
                 except ImgvecError as error:
                     self._failed = stamp
+                    if snap is None:
+                        self.stale = (f"{self.path} or its index is being rewritten in place by another process "
+                                      f"({error}); answers resume once the new file checks")
+                        raise Busy(self.stale) from None
                     self.stale = (f"{self.path} changed on disk but cannot be served ({error}); answers come from "
-                                  f"it as it was when loaded: generation {old.generation}, {old.rows} rows")
-        return self.snapshot
+                                  f"it as it was when loaded: generation {snap.generation}, {snap.rows} rows")
+        return self._snapshot  # type: ignore[return-value]
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The snapshot last loaded (what :meth:`info` and the page describe)."""
+        return self.current()
+
+    def _let_go(self) -> None:
+        """Another process waits to rewrite a file the snapshot holds: stop answering from it, wait for the
+        requests answering from it now, then let go of its files (the writer goes on; nothing reads them)."""
+        with self._reload:
+            old = self._snapshot
+            if old is None or not old.broken():
+                return
+            self._snapshot, self._failed = None, None
+            self.stale = f"{self.path} or its index is being rewritten in place by another process"
+        with self._idle:
+            self._idle.wait_for(lambda: old.users == 0, timeout=LET_GO_WAIT_S)
+        old.release()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Snapshot]:
+        """The current snapshot, counted as in use until the block ends (see :meth:`_let_go`)."""
+        snap = self.current()
+        with self._idle:
+            snap.users += 1
+        try:
+            yield snap
+        finally:
+            with self._idle:
+                snap.users -= 1
+                self._idle.notify_all()
 
     def _load(self, stamp: tuple[Any, ...]) -> Snapshot:
-        from imgvec.api import _open_index
+        from imgvec.api import open_index
         from imgvec.vectors.store import open_store
 
         store = open_store(self.path)
         try:
-            index, unindexed, notes = _open_index(store, self.index_path if self.index_given else None)
+            index, unindexed, notes = open_index(store, self.index_path if self.index_given else None)
             keys, labels = store.paths(), store.labels()
             prov = store.provenance
             self._load_model(prov, store.root)
@@ -261,7 +367,8 @@ class Service:
         self._stop_preload()
         if self.model is not None:
             self.model.stop()
-        self.snapshot.store.close()
+        if self._snapshot is not None:
+            self._snapshot.release()
 
     def _load_model(self, prov: "Provenance", root: str | None = None) -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
@@ -309,29 +416,37 @@ class Service:
     def query_path(self, path: str, k: int | str | None = None) -> tuple[Snapshot, QueryResults]:
         """The neighbours of a stored image, from its stored vector (no decoding, no model)."""
         k = self.check_k(self.default_k if k is None else k)
-        snap = self.current()
-        row = self.row_of(snap, path)
-        vector = snap.store.embeddings(row, row + 1)[0]
-        return snap, self._answer(snap, file_path(snap.root, snap.keys[row]), vector, k)
+        with self._using() as snap:
+            row = self.row_of(snap, path)
+            vector = snap.store.embeddings(row, row + 1)[0]
+            return snap, self._answer(snap, file_path(snap.root, snap.keys[row]), vector, k)
 
     def query_image(self, data: bytes, k: int | str | None = None, name: str = "upload"
                     ) -> tuple[Snapshot, QueryResults]:
-        """The neighbours of an image given as its file's bytes, embedded as the store's rows were."""
+        """The neighbours of an image given as its file's bytes, embedded as the store's rows were.
+
+        Decoding holds its cost (known from the header before a pixel is decoded) from the budget."""
         k = self.check_k(self.default_k if k is None else k)
         if not data:
-            raise BadInputError("the request has no image: send the image file as the body")
-        snap = self.current()
+            raise BadInputError("the request has no image: send the image file as the body, or as the one "
+                                "file of a multipart/form-data form")
+        self.current()  # a changed store is reloaded first, its model with it
         embedder, model = self.embedder, self.model
-        assert embedder is not None and model is not None
+        if embedder is None or model is None:  # pragma: no cover - _load always loads one
+            raise ImgvecError("the service has no model loaded")
         try:  # decoding runs in the request's thread, side by side with other requests
-            pixels = load_image(name, embedder.image_size, self.max_pixels, data=io.BytesIO(data))
+            pixels = load_image(name, embedder.image_size, self.max_pixels, data=io.BytesIO(data),
+                                reserve=lambda cost: self.budget.hold(cost, f"decoding {name}"))
         except ImageSkipped as skipped:
             raise BadInputError(str(skipped)) from None
-        return snap, self._answer(snap, name, model.embed(pixels), k)
+        vector = model.embed(pixels)
+        with self._using() as snap:
+            return snap, self._answer(snap, name, vector, k)
 
     def image_file(self, path: str) -> bytes:
-        """A JPEG thumbnail of the stored image ``path``: only rows of the store, only regular files,
-        only files whose real location (links followed, as opened) is under the store's root."""
+        """A JPEG thumbnail of the stored image ``path``: only rows of the store, only regular files, only
+        files whose real location (links followed, as opened) is under the store's root and under the
+        folder images are served from (:attr:`images`), whatever root the store names."""
         from imgvec.fileio import open_regular
         from imgvec.pages.html import thumbnail_jpeg
 
@@ -345,6 +460,9 @@ class Service:
                 real = _opened_path(fh) or os.path.realpath(os.path.join(snap.root, key))
                 if os.path.commonpath([root, real]) != root:
                     raise NotServed(f"{path}: links outside the store's root {snap.root}; not served")
+                if os.path.commonpath([self.images, real]) != self.images:
+                    raise NotServed(f"{path}: outside {self.images}, the folder images are served from "
+                                    "(--images DIR); not served")
                 jpeg = thumbnail_jpeg(fh, THUMB_PIXELS, self.max_pixels)
         except NotServed:
             raise
@@ -357,6 +475,11 @@ class Service:
             raise BadInputError(f"{path}: over the limit of {self.max_pixels} pixels")
         return jpeg
 
+    def images_shown(self, snap: Snapshot | None = None) -> bool:
+        """Whether the store's root lies below the folder images are served from (else none is shown)."""
+        root = os.path.realpath((snap or self.snapshot).root)
+        return os.path.commonpath([self.images, root]) == self.images
+
     def info(self) -> dict[str, Any]:
         snap = self.current()
         return {
@@ -365,11 +488,13 @@ class Service:
             "index": {"kind": snap.kind, "file": snap.index_file, "rows": snap.rows - snap.unindexed,
                       "unindexed": snap.unindexed},
             "notes": snap.notes,
-            "provenance": asdict(snap.provenance),
+            "provenance": snap.provenance.json_fields(),
             "runtime": self.embedder.engine_.runtime if self.embedder and self.embedder.engine_ else None,
             "stale": self.stale,
             "preloading": not self.preloaded.is_set(),
-            "limits": {"max_body_bytes": self.max_body, "max_pixels": self.max_pixels, "max_k": MAX_K},
+            "images": self.images,
+            "limits": {"max_body_bytes": self.max_body, "max_pixels": self.max_pixels, "max_k": MAX_K,
+                       "memory_budget_bytes": self.budget.total},
             "default_k": self.default_k,
         }
 
@@ -380,189 +505,3 @@ def _opened_path(fh: Any) -> str | None:
         return os.readlink(f"/proc/self/fd/{fh.fileno()}")
     except OSError:
         return None
-
-
-# -- the HTTP face -------------------------------------------------------------------------
-_SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
-                                "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                                "frame-ancestors 'none'"),
-}
-
-
-def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Starlette":
-    """The Starlette app answering for ``service``; ``allowed_hosts``: the Host headers it answers."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response
-    from starlette.routing import Route
-
-    def headers(snap: Snapshot | None = None) -> dict[str, str]:
-        out = dict(_SECURITY_HEADERS)
-        if snap is not None:
-            out.update({"X-Imgvec-Generation": str(snap.generation), "X-Imgvec-Rows": str(snap.rows)})
-            if snap.notes:  # what imgvec query prints on stderr for this store and index
-                out["X-Imgvec-Notes"] = " | ".join(snap.notes).encode("ascii", "replace").decode()
-        if service.stale:
-            out["X-Imgvec-Stale"] = service.stale.encode("ascii", "replace").decode()
-        return out
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status, headers=headers())
-
-    def answer(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
-        """imgvec's errors as one JSON line: bad input 400, a path not served 404, a mismatch 409."""
-        def endpoint(request: Request) -> Response:
-            try:
-                return fn(request)
-            except NotServed as missing:
-                return error(404, str(missing))
-            except MismatchError as mismatch:
-                return error(409, str(mismatch))
-            except ImgvecError as bad:
-                return error(400, str(bad))
-        endpoint.__name__ = fn.__name__
-        return endpoint
-
-    def required(request: Request, name: str) -> str:
-        value = request.query_params.get(name)
-        if not value:
-            raise BadInputError(f"{param(name)} is required")
-        return value
-
-    @answer
-    def info(request: Request) -> Response:
-        return JSONResponse(service.info(), headers=headers(service.snapshot))
-
-    @answer
-    def query_get(request: Request) -> Response:
-        snap, result = service.query_path(required(request, "path"), request.query_params.get("k"))
-        return JSONResponse(result.to_records(), headers=headers(snap))
-
-    async def query_post(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > service.max_body):
-            return error(413, f"the image is over the limit of {service.max_body} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > service.max_body:
-                return error(413, f"the image is over the limit of {service.max_body} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-
-        def run(req: Request) -> Response:
-            snap, result = service.query_image(body, req.query_params.get("k"),
-                                               req.query_params.get("name") or "upload")
-            return JSONResponse(result.to_records(), headers=headers(snap))
-
-        return await run_in_threadpool(answer(run), request)
-
-    @answer
-    def image(request: Request) -> Response:
-        jpeg = service.image_file(required(request, "path"))
-        return Response(jpeg, media_type="image/jpeg", headers={**headers(), "Cache-Control": "private, max-age=60"})
-
-    @answer
-    def page(request: Request) -> Response:
-        from imgvec.pages.html import render
-
-        snap = service.current()
-        sub = [f"{snap.rows} images in {service.path}; {snap.kind} index; cosine similarity", *snap.notes]
-        text = render("serve.html", title="imgvec serve", provenances=[snap.provenance], subtitle=sub,
-                      k=service.default_k, max_k=MAX_K, stale=service.stale)
-        return HTMLResponse(text, headers=headers(snap))
-
-    def script(request: Request) -> Response:
-        from importlib.resources import files
-
-        return Response((files("imgvec.pages") / "templates" / "serve.js").read_bytes(),
-                        media_type="text/javascript", headers=headers())
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return error(exc.status_code, str(exc.detail))
-
-    async def server_error(request: Request, exc: Exception) -> Response:  # a bug: still one JSON line
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return error(500, f"internal error: {type(exc).__name__}: {first}")
-
-    routes = [Route("/", page, methods=["GET"]), Route("/serve.js", script, methods=["GET"]),
-              Route("/image", image, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
-              Route("/api/query", query_get, methods=["GET"]), Route("/api/query", query_post, methods=["POST"])]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: http_error, Exception: server_error})
-
-
-def allowed_hosts_for(host: str) -> list[str] | None:
-    """The Host headers a service bound to ``host`` answers: its loopback names when it is on loopback
-    (DNS rebinding cannot reach it), any when it was asked to listen on the network."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    return [*_LOOPBACK_NAMES, host] if loopback else None
-
-
-def listen(host: str, port: int) -> "socket.socket":
-    """A TCP socket listening on ``host``:``port``; one :class:`BadInputError` line when it cannot."""
-    import socket
-
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and without
-        # it each response (headers, then body) waits ~40 ms for the client's delayed ACK (Nagle).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
-    except OSError as error:
-        raise BadInputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    return sock
-
-
-def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, runtime: str = "auto",
-        k: int = 10, weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_body: int = MAX_BODY_BYTES, say: Callable[[str], None] = print,
-        index: str | os.PathLike[str] | None = None) -> None:
-    """Load ``store`` (its index, its model) and serve it on ``host``:``port`` until interrupted.
-
-    Everything that can fail (the store, the model, the port) fails before serving starts, as one
-    :class:`ImgvecError`. ``say`` gets one line when the service is ready.
-    """
-    import faiss
-    import uvicorn
-
-    # Requests are the parallelism here: each search runs on one thread. FAISS's own threads for a
-    # single query only add hand-offs (flat, 200k x 1280, quiet machine: 68 ms on 2 threads, 54 ms on
-    # one; HNSW beside busy cores: 16 ms p50 against 4 ms).
-    faiss.omp_set_num_threads(1)
-    service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body,
-                      index=index)
-    try:
-        sock = listen(host, port)
-    except BaseException:
-        service.close()
-        raise
-    snap = service.snapshot
-    shown = f"[{host}]" if ":" in host else host
-    open_to = ("" if allowed_hosts_for(host) else
-               "; listening beyond this machine: anyone who can reach it can search the store and see its images")
-    say(f"imgvec serve: http://{shown}:{sock.getsockname()[1]}/ ({service.path}: {snap.rows} rows, {snap.kind} "
-        f"index, {snap.provenance.describe()}){open_to}; Ctrl-C stops")
-    config = uvicorn.Config(create_app(service, allowed_hosts_for(host)), log_level="warning", access_log=False,
-                            limit_concurrency=256, timeout_graceful_shutdown=2)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        service.close()
-        sock.close()
