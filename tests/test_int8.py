@@ -211,3 +211,96 @@ def test_every_backbone_quantizes(name: str, tmp_path: Path, monkeypatch: pytest
     assert np.isfinite(int8).all() and int8.shape == f32.shape
     assert np.median(cos) > 0.5 and not np.array_equal(int8, f32)
     loader.release_engines()
+
+
+# -- the HMAC-checked cache, and model files ------------------------------------------------------
+def _int8_entry() -> Path:
+    entries = [e for e in model_cache.cache_entries() if ", int8 (calibrated on " in e.weights]
+    assert len(entries) == 1, entries
+    return entries[0].path
+
+
+def test_an_edited_int8_entry_is_quantized_again_and_an_untrusted_cache_is_not_used(setup, fresh_cache, tmp_path,
+                                                                                     recwarn):
+    """The int8 entry is checked like every compiled model (sha256 and HMAC): edited bytes are never run."""
+    import os
+    import stat
+
+    imgvec.embed([setup["folder"]], tmp_path / "a.h5", precision="int8", accept_int8=True, **setup["kw"])
+    with open_store(tmp_path / "a.h5") as s:
+        rows = s.embeddings()
+    entry = _int8_entry()
+    blob = bytearray((entry / "model.bin").read_bytes())
+    blob[-4:] = b"\x00\x00\x80\x7f"  # a weight set to +inf
+    (entry / "model.bin").write_bytes(bytes(blob))
+    loader.release_engines()
+    recwarn.clear()
+    imgvec.embed([setup["folder"]], tmp_path / "b.h5", precision="int8", accept_int8=True, **setup["kw"])
+    assert fresh_cache == [1, 1]  # quantized again, not run from the edited bytes
+    assert any("did not verify" in str(w.message) and "quantized again" in str(w.message) for w in recwarn.list)
+    assert all(e.ok for e in model_cache.cache_entries())
+    with open_store(tmp_path / "b.h5") as s:
+        np.testing.assert_array_equal(s.embeddings(), rows)
+    # A cache folder others can write is not used: quantized in memory, with one note, and nothing written there.
+    cache = Path(os.environ["IMGVEC_CACHE_DIR"])
+    before = sorted(p.name for p in (cache / "openvino").iterdir())
+    cache.chmod(cache.stat().st_mode | stat.S_IWOTH)
+    try:
+        loader.release_engines()
+        recwarn.clear()
+        imgvec.embed([setup["folder"]], tmp_path / "c.h5", precision="int8", accept_int8=True, **setup["kw"])
+        assert any("the model cache is not used" in str(w.message) and "quantized in memory" in str(w.message)
+                   for w in recwarn.list)
+        assert fresh_cache == [1, 1, 1] and sorted(p.name for p in (cache / "openvino").iterdir()) == before
+    finally:
+        cache.chmod(cache.stat().st_mode & ~stat.S_IWOTH)
+    with open_store(tmp_path / "c.h5") as s:
+        np.testing.assert_array_equal(s.embeddings(), rows)
+
+
+def conv_model(path: Path, size: int = 64) -> Path:
+    """A small NCHW IR with two convolutions (what NNCF quantizes), pooled: a model file to quantize."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([-1, 3, size, size], np.float32, name="pixels")
+    h = ops.relu(ops.convolution(x, ops.constant(rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3),
+                                 [2, 2], [1, 1], [1, 1], [1, 1]))
+    h = ops.relu(ops.convolution(h, ops.constant(rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1),
+                                 [1, 1], [1, 1], [1, 1], [1, 1]))
+    out = ops.reduce_mean(h, ops.constant(np.array([2, 3], np.int64)), False)
+    ov.save_model(ov.Model([out], [x], "convs"), str(path), compress_to_fp16=False)
+    return path
+
+
+def test_a_model_file_quantizes_to_int8_records_both_and_is_cached(setup, fresh_cache, tmp_path):
+    model = conv_model(tmp_path / "convs.xml")
+    args = ["--model", str(model), "--preprocess", "torch", "--precision", "int8", "--accept-int8"]
+    r = CliRunner().invoke(app, ["embed", str(setup["folder"]), "-o", str(tmp_path / "a.h5"), *args])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert fresh_cache == [1] and "int8 convs.xml, calibrated on 24 of your images" in r.stderr
+    with open_store(tmp_path / "a.h5") as s:
+        prov, rows = s.provenance, s.embeddings()
+    assert (prov.precision, prov.weights, prov.model_preprocess) == ("int8", "model", "torch")
+    assert prov.quantization.startswith("int8, calibrated on 24 images") and rows.shape == (24, 32)
+    assert prov.key()["model file sha256"] == prov.model_sha256
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "a.h5")])
+    assert "provenance.quantization" in info.stdout and "24 images (listed by --format json)" in info.stdout
+    # Cached under its own entry: a second store quantizes nothing and gets the same rows.
+    assert any(e.ok and e.weights.startswith("model file convs.xml, int8") for e in model_cache.cache_entries())
+    loader.release_engines()
+    r = CliRunner().invoke(app, ["embed", str(setup["folder"]), "-o", str(tmp_path / "b.h5"), *args])
+    assert r.exit_code == 0 and fresh_cache == [1], r.stderr
+    with open_store(tmp_path / "b.h5") as s:
+        np.testing.assert_array_equal(s.embeddings(), rows)
+    # Not float32 under another name, and a query embeds with the same int8 model: each image finds itself.
+    f32 = imgvec.embed([setup["folder"]], tmp_path / "f.h5", model=str(model), preprocess="torch")
+    with open_store(f32.store) as s:
+        assert not np.array_equal(s.embeddings(), rows)
+    hits = imgvec.query(tmp_path / "a.h5", [setup["folder"] / "reds"], k=1)
+    for q in hits.queries:
+        assert q.results[0].path == f"reds/{Path(q.query).name}" and q.results[0].score > 0.9999
+    # int8 rows never join the float32 store of the same model file.
+    r = CliRunner().invoke(app, ["embed", str(setup["folder"]), "-o", str(f32.store), *args])
+    assert r.exit_code == 3 and "quantization: none vs int8" in r.stderr, r.stderr

@@ -420,7 +420,8 @@ class Embedder:
     def load(self) -> "Embedder":
         """Load the engine (idempotent; engines are shared for the life of the process)."""
         if self.engine_ is None and self.model_file is not None:
-            self.engine_ = load_model_file_engine(self.runtime, self.model_file, self.precision, self.device)
+            self.engine_ = load_model_file_engine(self.runtime, self.model_file, self.precision, self.device,
+                                                  self.calibration)
         if self.engine_ is None:
             self.engine_ = load_engine(self.runtime, self.backbone, self.weights, self.image_size,
                                        self.precision, self.device, self.calibration)
@@ -437,7 +438,9 @@ class Embedder:
             raise BadInputError(f"none of the {len(paths)} images picked to check int8 decodes")
         pixels = np.stack(decoded)
         int8 = self._run(pixels)
-        reference = load_engine(self.runtime, self.backbone, self.weights, self.image_size, "float32", self.device)
+        reference = (load_model_file_engine(self.runtime, self.model_file, "float32", self.device)
+                     if self.model_file is not None else
+                     load_engine(self.runtime, self.backbone, self.weights, self.image_size, "float32", self.device))
         f32 = np.concatenate([reference(pixels[i : i + self.model_batch]) for i in range(0, len(pixels), self.model_batch)])
         cos = np.nan_to_num(row_cosines(int8, f32), nan=-1.0)
         k = min(INT8_NEIGHBOURS, len(pixels) - 1)

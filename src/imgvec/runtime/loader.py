@@ -39,7 +39,7 @@ from imgvec.backbones.device import DEVICES, PRECISIONS, gpu_in_use
 from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Calibration, Engine, RuntimeNote
 from imgvec.errors import BadInputError, param
 from imgvec.runtime.model_cache import (CacheEntry, ConversionFailed, cache_dir, cache_entries, cache_key, clear_cache, compiled_model,
-                          entry_path, quantized_model)
+                          entry_path, quantized_file_model, quantized_model)
 from imgvec.runtime.model_files import ModelFileEngine, PreparedModel, prepare_model_file
 from imgvec.runtime.openvino_engine import OpenVINOEngine
 from imgvec.runtime.tensorflow_engine import TensorFlowEngine
@@ -178,17 +178,26 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
 
 
 def load_model_file_engine(runtime: str, prepared: PreparedModel, precision: str = "float32",
-                           device: str = "auto") -> Engine:
-    """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other."""
+                           device: str = "auto", calibration: Calibration | None = None) -> Engine:
+    """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other.
+    ``precision="int8"``: the file's model quantized on ``calibration`` (cached like a backbone's)."""
     check_choice(param("precision"), precision, PRECISIONS)
     check_choice(param("device"), device, DEVICES)
     if runtime not in ("auto", "openvino") or device == "gpu":  # auto: the CPU, even where a GPU is seen
         raise BadInputError(f"a model file runs on OpenVINO on the CPU: leave out {param('runtime')} {runtime}"
                             + (f" and {param('device')} gpu" if device == "gpu" else ""))
+    if precision == "int8" and calibration is None:
+        raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
     spec = prepared.spec
-    key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision)
+    key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision,
+           calibration.sha256 if precision == "int8" and calibration else None)
     with _LOADED_LOCK:
         engine = _LOADED.get(key)
+        if engine is None and precision == "int8" and calibration is not None:  # checked on a sample, not one batch
+            identity = f"sha256={prepared.sha256}, preprocess={spec.preprocess.spec}, layer={spec.layer}"
+            quantized = quantized_file_model(prepared.model, identity, prepared.image_size, spec.name, calibration,
+                                             prepared.batch)
+            engine = _LOADED[key] = ModelFileEngine(prepared, precision, "cpu", quantized)
         if engine is None:
             engine = ModelFileEngine(prepared, precision, "cpu")
             if precision != "float32":

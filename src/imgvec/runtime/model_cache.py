@@ -485,20 +485,55 @@ def import_nncf() -> Any:
     return nncf
 
 
-def _quantize(source: Any, pixels: Any, backbone: Backbone) -> tuple[Any, dict[str, Any]]:
-    """NNCF's post-training quantization of the float32 ``openvino.Model`` ``source`` on ``pixels``
-    (one image per calibration item, every image used)."""
+def _quantize(source: Any, pixels: Any, name: str, batch: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """NNCF's post-training quantization of the float32 ``openvino.Model`` ``source`` on ``pixels`` (every image
+    used; one per calibration item, or ``batch`` a item, cycled, for a model that fixes its batch size)."""
     nncf = import_nncf()
 
+    step = batch or 1
+    items = [np.take(pixels, range(i, i + step), axis=0, mode="wrap") for i in range(0, len(pixels), step)]
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            quantized = nncf.quantize(source, nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))]),
-                                      subset_size=len(pixels))
+            quantized = nncf.quantize(source, nncf.Dataset(items), subset_size=len(items))
     except Exception as error:  # NNCF raises many kinds; all mean "does not quantize"
-        raise BadInputError(f"{backbone.name} does not quantize with NNCF ({type(error).__name__}: "
+        raise BadInputError(f"{name} does not quantize with NNCF ({type(error).__name__}: "
                             f"{first_line(error, '', 200)}); use {param('precision')} float32") from error
     return quantized, {"quantize_s": time.perf_counter() - start, "calibration_images": len(pixels)}
+
+
+def _quantized(entry: Path, key: dict[str, Any], name: str, described: str, image_size: int,
+               source: Any, calibration: Calibration, load: bool, batch: int | None = None) -> Any:
+    """The int8 entry ``entry`` for ``key``: its checked bytes (``load``) or path if it verifies, else the model
+    ``source()`` gives (float32 ``openvino.Model``, source weights record) quantized on ``calibration`` and
+    cached like every compiled model (see :func:`quantized_model`)."""
+    why = _distrust()
+    if why is None:
+        data = _verified(entry, key)
+        if data is not None:
+            return _from_bytes(data) if load else entry / FILES[0]
+        if _read_manifest(entry) is not None:
+            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
+                  "made it): quantized again")
+    model, source_weights = source()
+    pixels = calibration.pixels(image_size)
+    quantized, info = _quantize(model, pixels, name, batch)
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {name} was quantized in memory")
+        return quantized
+    info["source_weights"] = source_weights  # rebuilt, like the float32 entry, if the weights file changes
+    manifest = {"key": key, "backbone": key["backbone"], "weights": f"{described}, int8 (calibrated on {len(pixels)} images)",
+                "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    remove_leftovers(entry.parent)
+    try:
+        _write_entry(quantized, info, entry, key, manifest)
+    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
+        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {name} was quantized in "
+                      "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
+                      RuntimeNote, stacklevel=3)
+        return quantized
+    return quantized if load else entry / FILES[0]
 
 
 def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration,
@@ -508,37 +543,31 @@ def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calib
     verified entry, the float32 model (:func:`load_model`, itself checked) is quantized and the result
     cached like every compiled model. Where the cache cannot be trusted or written, the quantized
     ``openvino.Model`` itself, with a :class:`RuntimeNote`."""
-    entry = entry_path(backbone, weights, image_size, calibration)
-    key = cache_key(backbone, weights, image_size, calibration)
-    why = _distrust()
-    if why is None:
-        data = _verified(entry, key)
-        if data is not None:
-            return _from_bytes(data) if load else entry / FILES[0]
-        if _read_manifest(entry) is not None:
-            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
-                  "made it): quantized again")
-    source = load_model(backbone, weights, image_size)  # the float32 entry's checked bytes (or converted)
-    pixels = calibration.pixels(image_size)
-    quantized, info = _quantize(source, pixels, backbone)
-    if why is not None:
-        _note(f"the model cache is not used: {why}; {backbone.name} was quantized in memory")
-        return quantized
-    base = _read_manifest(entry_path(backbone, weights, image_size)) or {}
-    info["source_weights"] = base.get("source_weights")  # rebuilt, like the float32 entry, if the weights file changes
-    manifest = {"key": key, "backbone": backbone.name,
-                "weights": f"{weights.describe()}, int8 (calibrated on {len(pixels)} images)",
-                "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
-    remove_leftovers(entry.parent)
-    try:
-        _write_entry(quantized, info, entry, key, manifest)
-    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
-        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
-        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was quantized in "
-                      "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
-                      RuntimeNote, stacklevel=2)
-        return quantized
-    return quantized if load else entry / FILES[0]
+    def source() -> tuple[Any, Any]:
+        model = load_model(backbone, weights, image_size)  # the float32 entry's checked bytes (or converted)
+        return model, (_read_manifest(entry_path(backbone, weights, image_size)) or {}).get("source_weights")
+
+    return _quantized(entry_path(backbone, weights, image_size, calibration),
+                      cache_key(backbone, weights, image_size, calibration), backbone.name, weights.describe(),
+                      image_size, source, calibration, load)
+
+
+MODEL_FILE = "modelfile"  # the "backbone" of a model file's int8 cache entry
+
+
+def quantized_file_model(model: Any, identity: str, image_size: int, name: str, calibration: Calibration,
+                         batch: int | None = None) -> Any:
+    """A user's model file quantized to int8 on ``calibration``: ``model`` is its prepared float32
+    ``openvino.Model`` (uint8 pixels in, preprocessing inside), ``identity`` what decides its output (the file's
+    sha256, preprocessing and layer; never its name or place). Cached and checked like :func:`quantized_model`;
+    an ``openvino.Model`` from the entry's checked bytes."""
+    key = {"backbone": MODEL_FILE, "weights": identity, "input_size": int(image_size), "wrapper": WRAPPER_VERSION,
+           "openvino": dist_version("openvino"), "keras": dist_version("keras"), "precision": "int8",
+           "calibration": calibration.sha256, "nncf": dist_version("nncf")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = cache_dir() / "openvino" / f"{MODEL_FILE}-{int(image_size)}px-{digest}"
+    return _quantized(entry, key, name, f"model file {name}", int(image_size), lambda: (model.clone(), None),
+                      calibration, True, batch)
 
 
 # -- listing and clearing ----------------------------------------------------------------------------
