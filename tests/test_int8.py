@@ -138,6 +138,7 @@ def test_int8_and_float32_rows_never_mix(setup, tmp_path):
         assert q.results[0].path == f"reds/{Path(q.query).name}" and q.results[0].score > 0.9999
 
 
+@pytest.mark.slow  # two quantizations: about 50 s here
 def test_a_query_quantizes_again_from_the_recorded_images_and_refuses_once_they_changed(setup, tmp_path,
                                                                                          fresh_cache):
     import shutil
