@@ -25,6 +25,18 @@ Also: peak RSS of ``imgvec embed`` for 1k and 10k small images (memory must not 
 N) and the time ``images.find_images`` takes to walk a tree of 200k empty files.
 
     python -m benchmarks.bench_embed [--quick] [--models mobilenetv2,efficientnetb0,resnet50]
+
+int8 against float32 (``--int8 efficientnetlite0,mobilenetv2,...``, written to ``embed-int8.json``): per
+backbone, side by side in one process, the forward pass alone and the whole ``imgvec.api.embed`` at each
+precision (whole embed / forward is how much decoding and storing cost), the int8 model's one-time
+quantization, cosine of int8 rows to float32 ones and the overlap of each photo's top-10 neighbours, and
+precision@10 on a labelled folder of augmented copies (``--retrieval DIR``: ``DIR/<class>/*``, every copy
+of one photo in one class; a neighbour counts when it is a copy of the same photo). Backbones with
+pretrained weights offline (``efficientnetlite0`` once merged) run them; the others run BatchNorm-calibrated
+random weights, labelled so, whose figures are for speed only.
+
+    python -m benchmarks.bench_embed --int8 efficientnetlite0,mobilenetv2 [--retrieval DIR] [--images 300]
+    python -m benchmarks.bench_embed --int8 default     # every backbone of INT8_MODELS in the registry
 """
 
 from __future__ import annotations
@@ -351,6 +363,205 @@ def markdown(data: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _pretrained_offline(name: str) -> bool:
+    """Whether ``name``'s ImageNet weights load without a download (packaged, or in Keras' cache)."""
+    try:
+        from imgvec.backbones.builder import offline_weights  # type: ignore[attr-defined]  # after the lite0 merge
+    except ImportError:
+        return False
+    from imgvec.backbones.registry import get_backbone
+
+    try:
+        return offline_weights(get_backbone(name)) is not None
+    except Exception:  # noqa: BLE001 - a backbone whose weights cannot be found: random ones
+        return False
+
+
+def precision_at_k(rows: Any, labels: list[str], k: int = 10) -> float:
+    """Mean share of each row's ``k`` nearest other rows (cosine) that carry its label."""
+    import numpy as np
+
+    x = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    lab = np.asarray(labels)
+    return float((lab[top] == lab[:, None]).mean())
+
+
+def bench_int8(name: str, folder: Path, repeats: int, retrieval: Path | None) -> dict[str, Any]:
+    """int8 against float32 for one backbone: forward and whole-embed speed, what int8 changes, precision@10."""
+    os.environ["IMGVEC_CACHE_DIR"] = str(CACHE)
+    import numpy as np
+
+    from imgvec import api
+    from imgvec.backbones.registry import get_backbone, parse_weights
+    from imgvec.embedding.embedder import calibration_sample, neighbour_overlap
+    from imgvec.files.images import find_images, load_image
+    from imgvec.runtime.loader import Calibration, entry_path, load_engine, release_engines, row_cosines
+    from imgvec.vectors.store import open_store
+
+    backbone = get_backbone(name)
+    size = backbone.input_size
+    pretrained = _pretrained_offline(name)
+    weights_arg = "imagenet" if pretrained else str(calibrated_weights(name, folder))
+    weights = parse_weights(weights_arg)
+    files = _files(folder)
+    n = len(files)
+    found = find_images([str(folder)])
+    calibration = Calibration.of(found.root, calibration_sample([f.key for f in found.files]))
+    t = time.perf_counter()
+    engines = {"float32": load_engine("openvino", name, weights, size)}
+    f32_load = time.perf_counter() - t
+    t = time.perf_counter()
+    engines["int8"] = load_engine("openvino", name, weights, size, "int8", "cpu", calibration)
+    int8_load = time.perf_counter() - t
+    manifest = json.loads((entry_path(backbone, weights, size, calibration) / "manifest.json").read_text())
+    pixels = np.stack([load_image(f, size) for f in files])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-int8-", dir=OUT))
+    runs = [0]
+
+    def forward(p: str) -> None:
+        for i in range(0, n, BATCH):
+            engines[p](pixels[i : i + BATCH])
+
+    embed_s: dict[str, list[float]] = {p: [] for p in engines}  # each run's embedding phase (after the build)
+
+    def whole(p: str, source: Path = folder) -> Path:
+        runs[0] += 1
+        out = tmp / f"run{runs[0]}.h5"
+        summary = api.embed([str(source)], out, model=name, weights=weights_arg, batch_size=BATCH, precision=p,
+                            runtime="openvino", accept_int8=True)
+        if source == folder:
+            embed_s[p].append(summary.embed_seconds)
+        return out
+
+    for p in engines:  # warm up (thread pools, the int8 check's float32 engine)
+        forward(p)
+        whole(p)
+    load = os.getloadavg()
+    times = interleaved({f"{kind}_{p}": (lambda kind=kind, p=p: forward(p) if kind == "forward" else whole(p))
+                         for p in engines for kind in ("forward", "embed")}, repeats)
+    ips = {k: n / best(v) for k, v in times.items()}  # embed_*: the whole api.embed call, wall clock
+    phase = {p: n / best(v[-repeats:]) for p, v in embed_s.items()}  # its embedding phase: what imgvec embed prints
+    rows = {}
+    for p in engines:
+        with open_store(whole(p)) as st:
+            rows[p] = st.embeddings()
+    cos = row_cosines(rows["int8"], rows["float32"])
+    result: dict[str, Any] = {
+        "model": name, "images": n, "image_size": size, "batch_size": BATCH,
+        "weights": "imagenet (pretrained)" if pretrained else "random (seed 0), BatchNorm calibrated on 8 photos: speed only",
+        "pretrained": pretrained, "repeats": repeats, "images_per_s": ips, "runs_s": times,
+        "embed_phase_images_per_s": phase,
+        "ratios": {"embed_int8_vs_float32": phase["int8"] / phase["float32"],
+                   "forward_int8_vs_float32": ips["forward_int8"] / ips["forward_float32"],
+                   "embed_vs_forward_float32": phase["float32"] / ips["forward_float32"],
+                   "embed_vs_forward_int8": phase["int8"] / ips["forward_int8"],
+                   "whole_call_int8_vs_float32": ips["embed_int8"] / ips["embed_float32"]},
+        "quantize_s": manifest.get("quantize_s"), "calibration_images": len(calibration.keys),
+        "load_s": {"float32": f32_load, "int8_with_quantization": int8_load},
+        "cosine_to_float32": {"median": float(np.median(cos)), "min": float(cos.min())},
+        "top10_overlap": neighbour_overlap(rows["float32"], rows["int8"], min(10, n - 1)),
+        "load_average": {"before": load, "after": os.getloadavg()},
+    }
+    if retrieval is not None:
+        labelled = {}
+        for p in engines:
+            with open_store(whole(p, retrieval)) as st:
+                labelled[p] = (st.embeddings(), st.labels())
+        result["retrieval"] = {"folder": str(retrieval), "images": len(labelled["float32"][1]),
+                               **{f"precision_at_10_{p}": precision_at_k(*labelled[p]) for p in engines}}
+    shutil.rmtree(tmp, ignore_errors=True)
+    release_engines()
+    return result
+
+
+INT8_TARGETS = {"embed_speedup": 2.0, "top10_overlap": 0.9, "precision_at_10_drop": 0.02, "embed_vs_forward": 0.9}
+
+
+def markdown_int8(data: dict[str, Any]) -> str:
+    t = INT8_TARGETS
+    rows, misses = [], []
+    for m in data["models"]:
+        ips, r, ret = m["images_per_s"], m["ratios"], m.get("retrieval", {})
+        p32, p8 = ret.get("precision_at_10_float32"), ret.get("precision_at_10_int8")
+        ph = m["embed_phase_images_per_s"]
+        rows.append((m["model"], "pretrained" if m["pretrained"] else "RANDOM (speed only)", ips["forward_float32"],
+                     ips["forward_int8"], ph["float32"], ph["int8"], f"{r['embed_int8_vs_float32']:.2f}x",
+                     f"{r['whole_call_int8_vs_float32']:.2f}x",
+                     f"{r['embed_vs_forward_float32']:.2f}", f"{r['embed_vs_forward_int8']:.2f}",
+                     m["top10_overlap"] if m["pretrained"] else "-", p32 if p32 is not None and m["pretrained"] else "-",
+                     p8 if p8 is not None and m["pretrained"] else "-", m["quantize_s"]))
+        if r["embed_int8_vs_float32"] < t["embed_speedup"]:
+            misses.append(f"{m['model']} whole embed int8/float32 {r['embed_int8_vs_float32']:.2f}x < {t['embed_speedup']}x")
+        for p in ("float32", "int8"):
+            if r[f"embed_vs_forward_{p}"] < t["embed_vs_forward"]:
+                misses.append(f"{m['model']} {p} whole embed / forward {r[f'embed_vs_forward_{p}']:.2f} < {t['embed_vs_forward']}")
+        if m["pretrained"] and m["top10_overlap"] < t["top10_overlap"]:
+            misses.append(f"{m['model']} top-10 overlap {m['top10_overlap']:.3f} < {t['top10_overlap']}")
+        if m["pretrained"] and p32 is not None and p32 - p8 > t["precision_at_10_drop"]:
+            misses.append(f"{m['model']} precision@10 {p8:.3f} vs float32 {p32:.3f}")
+    loads = ", ".join(f"{m['model']} {m['load_average']['before'][0]:.1f}-{m['load_average']['after'][0]:.1f}"
+                      for m in data["models"])
+    return ("int8 (OpenVINO, NNCF post-training quantization on 100 of the photos) against float32, "
+            f"{data['images']} photo-like JPEGs, batch {BATCH}, best of interleaved rounds. embed img/s is the "
+            "embedding phase `imgvec embed` reports (decode, inference, store), after the model is built; the whole "
+            "call also finds the files and, for a new int8 store, checks int8 against float32 on up to 200 images "
+            "(a one-time cost, like the quantization). Neighbour figures only for pretrained weights (random ones "
+            "say nothing about them).\n\n"
+            + md_table(["model", "weights", "forward f32 img/s", "forward int8 img/s", "embed f32 img/s",
+                        "embed int8 img/s", "embed int8/f32", "whole call int8/f32 (with check)",
+                        "embed/forward f32", "embed/forward int8",
+                        "top-10 overlap", "P@10 f32", "P@10 int8", "quantize s"], rows)
+            + f"\nTargets: whole embed int8/f32 >= {t['embed_speedup']}x, whole embed >= {t['embed_vs_forward']} of the "
+              f"forward pass, top-10 overlap >= {t['top10_overlap']}, precision@10 within {t['precision_at_10_drop']} "
+              "of float32. " + (("**Not met:** " + "; ".join(misses) + ".") if misses else "All met.")
+            + f" Load average (1 min) before-after: {loads}.\n")
+
+
+INT8_MODELS = ("efficientnetlite0", "mobilenetv2", "efficientnetb0", "resnet50")  # those in the registry run
+
+
+def int8_models(asked: str) -> list[str]:
+    """``default``: :data:`INT8_MODELS` that the registry has (efficientnetlite0 once merged); else the list."""
+    from imgvec.backbones.registry import BACKBONES
+
+    return [m for m in INT8_MODELS if m in BACKBONES] if asked == "default" else asked.split(",")
+
+
+def retrieval_folder(per_class: int) -> Path | None:
+    """Augmented copies of packaged photos (``synthetic.make_photo_folder``, once merged), cached; else None."""
+    from imgvec import synthetic
+
+    make = getattr(synthetic, "make_photo_folder", None)
+    if make is None:
+        return None
+    folder = OUT / f"augmented-{per_class}"
+    if not (folder / ".complete").exists():
+        try:
+            make(folder, per_class=per_class)
+        except ImportError as error:  # scikit-image missing
+            print(f"# no augmented copies ({error}): precision@10 left out", file=sys.stderr)
+            return None
+        (folder / ".complete").write_text("")
+    return folder
+
+
+def main_int8(models: list[str], n: int, repeats: int, retrieval: Path | None, quick: bool) -> dict[str, Any]:
+    folder = photo_folder(n)
+    retrieval = retrieval or retrieval_folder(4 if quick else 20)
+    results = []
+    for name in models:
+        t = time.perf_counter()
+        results.append(bench_int8(name, folder, repeats, retrieval))
+        print(f"# int8 {name}: done in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    data = {"images": n, "quick": quick, "models": results}
+    write_result(NAME + "-int8" + ("-quick" if quick else ""), data)
+    print(markdown_int8(data))
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: 64 images, mobilenetv2 only, one round")
@@ -358,8 +569,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--int8", default=None, metavar="BACKBONES",
+                    help="instead: int8 against float32 for these comma-separated backbones, or 'default' (embed-int8.json)")
+    ap.add_argument("--retrieval", type=Path, default=None,
+                    help="with --int8: labelled folder of augmented copies for precision@10 (default: made by "
+                         "synthetic.make_photo_folder where it exists)")
     args = ap.parse_args(argv)
     quick = args.quick
+    if args.int8:
+        return main_int8(int8_models(args.int8), args.images or (32 if quick else 300),
+                         args.repeats or (1 if quick else 3), args.retrieval, quick)
     models = args.models.split(",") if args.models else (["mobilenetv2"] if quick else list(MODELS))
     n = args.images or (64 if quick else 300)
     repeats = args.repeats or (1 if quick else 3)

@@ -79,6 +79,10 @@ def performance() -> str:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         quick = " (quick run)" if data.get("quick") else ""
         parts += [f"### {BENCH_TITLES[name]}{quick}", "", module.markdown(data).strip(), ""]
+        int8 = _load("embed-int8") if name == "embed" else None
+        if int8 is not None:  # bench_embed --int8: its own results file, rendered after the embed section
+            quick = " (quick run)" if int8.get("quick") else ""
+            parts += [f"### int8 against float32{quick}", "", module.markdown_int8(int8).strip(), ""]
     if machine:
         versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
         parts += [f"_Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python {machine.get('python')}; "

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"## bench_{name}", file=sys.stderr)
             flags = ["--quick"] if args.quick else ["--full"] if args.full and name in HAS_FULL else []
             importlib.import_module(f"benchmarks.bench_{name}").main(flags)
+            if name == "embed":  # and int8 against float32 (embed-int8.json), backbones of bench_embed.INT8_MODELS
+                print("## bench_embed --int8", file=sys.stderr)
+                importlib.import_module("benchmarks.bench_embed").main(["--int8", "default", *flags])
     for path in docs.write():
         print(f"rewrote {path.relative_to(docs.REPO)}", file=sys.stderr)
 

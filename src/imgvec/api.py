@@ -196,7 +196,7 @@ def query(
     with open_store(store) as s:
         vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, model_path=_path(model),
-                                            batch_size=batch_size, runtime=runtime)
+                                            batch_size=batch_size, runtime=runtime, root=s.root)
         names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
         scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
         hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read

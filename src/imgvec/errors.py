@@ -10,7 +10,7 @@ import difflib
 import re
 from typing import Iterable, Mapping
 
-_PARAM = re.compile(r"\{param:([a-z_]+)\}")
+_PARAM = re.compile(r"\{param:([a-z0-9_]+)\}")
 
 
 def param(name: str) -> str:

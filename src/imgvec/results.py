@@ -247,8 +247,13 @@ class FileInfo(Records):
         if self.provenance.is_random:
             data["WARNING"] = "RANDOM weights: not pretrained"
         made = {"created": "created (when the embeddings were made)"}  # a head's or index's own time is not recorded
-        rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in vars(self.provenance).items()
-                              if v not in (None, "")]
+        prov = self.provenance
+        shown = dict(vars(prov))
+        if prov.calibration_keys:  # up to 100 paths: too long for a table cell
+            shown["calibration_keys"] = f"{len(prov.calibration())} images (listed by --format json)"
+        if prov.precision == "int8":
+            shown["quantization"] = prov.quantization
+        rows = _flat(data) + [(f"provenance.{made.get(k, k)}", v) for k, v in shown.items() if v not in (None, "")]
         return Table(sections=[Section(None, ["field", "value"], rows)])
 
 

@@ -4,6 +4,8 @@
 GPU, so CPU-only machines never import TensorFlow to decide); GPU memory is grown on demand rather
 than grabbed whole. ``--precision mixed`` builds the model under Keras' ``mixed_float16``
 policy (float16 compute, float32 variables); embeddings leave the model as float32 either way.
+``--precision int8`` is OpenVINO's post-training quantization (:mod:`imgvec.runtime.model_cache`),
+not a Keras policy: Keras runtimes refuse it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
 
 DEVICES = ("auto", "cpu", "gpu")
-PRECISIONS = ("float32", "mixed")
+PRECISIONS = ("float32", "mixed", "int8")
 
 
 @contextlib.contextmanager
@@ -163,6 +165,8 @@ def precision_policy(precision: str = "float32") -> Iterator[None]:
     """Build layers under ``precision``; the previous global Keras policy is restored afterwards."""
     keras = import_keras()
     check_choice(param("precision"), precision, PRECISIONS)
+    if precision == "int8":
+        raise BadInputError(f"{param('precision')} int8 runs on the openvino runtime only; use {param('runtime')} openvino")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed" else "float32")
     try:

@@ -239,7 +239,8 @@ def embed(
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: one per GPU, else per 2 CPUs)"),
     device: str = typer.Option("auto", "--device", autocompletion=_choices("device"),
                                help="auto (GPU when TensorFlow sees one), cpu or gpu"),
-    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices("precision"), help="float32 or mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch; default: the store's, else float32)"),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=_choices("precision"), help="float32, mixed (float16/bfloat16 compute, refused unless it matches float32 on the first batch) or int8 (OpenVINO, quantized on 100 of these images, refused unless it keeps the neighbours; pip install 'imgvec[int8]'); default: the store's, else float32"),
+    accept_int8: bool = typer.Option(False, "--accept-int8", help="write an int8 store even where int8 changes the embeddings more than the check allows"),
     runtime: str = RuntimeOpt,
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="a model file's input scaling: tf (x/127.5-1), "
                                              "torch (x/255, ImageNet mean/std), caffe (BGR, ImageNet mean "
@@ -256,7 +257,7 @@ def embed(
                              runtime=runtime, preprocess=preprocess, mean=mean, std=std, layer=layer)
     with Reporter() as progress:
         s = api.embed(sources, output, config, sync=sync, engine=engine, ray_address=ray_address,
-                      ray_workers=ray_workers, progress=progress)
+                      ray_workers=ray_workers, progress=progress, accept_int8=accept_int8)
     _warn_skipped(s.skipped)
     _warn_random(s.provenance)
     _show(s.to_table(sync=sync))

@@ -74,7 +74,8 @@ def embed_files_on_ray(embedder: Embedder, paths: Sequence[str], address: str | 
     gpu_each = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
     cpu_each = max(1, int(ray.cluster_resources().get("CPU", 1)) // n) if not gpu_each else 1
     config = replace(embedder.config, workers=cpu_each, device="gpu" if gpu_each else "cpu")  # the driver's, per actor
-    prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config.device)
+    prepare(embedder.runtime, embedder.backbone, embedder.weights, embedder.image_size, config.device,
+            embedder.calibration if embedder.precision == "int8" else None)
     Actor = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(_Worker)
     actors = [Actor.remote(config) for _ in range(n)]
     pool = ActorPool(actors)

@@ -8,11 +8,17 @@ pixels and does the backbone's own ``preprocess_input`` itself.
 Each batch goes through the engine ``model_batch`` images at a time (16 on the CPU, the whole
 batch on a GPU; see :mod:`imgvec.runtime.loader`). ``batch_size`` sets how many images are decoded,
 yielded and stored together; results are the same either way.
+
+``precision="int8"`` runs OpenVINO's int8 model quantized by NNCF on a sample of the user's own images
+(:func:`calibration_sample`, up to :data:`CALIBRATION_IMAGES`); before a store is written with it,
+:meth:`Embedder.check_int8` measures on another sample what it changes against float32 and refuses
+below :data:`INT8_MIN_MEDIAN_COSINE` / :data:`INT8_MIN_OVERLAP`.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,13 +36,66 @@ from imgvec.backbones.device import DEVICES, PRECISIONS
 from imgvec.errors import BadInputError, ImageSkipped, MismatchError, param
 from imgvec.files.images import DEFAULT_MAX_PIXELS, STATS_COLUMNS, load_image_stats
 from imgvec.files.provenance import Provenance, random_init_family
-from imgvec.runtime.loader import (RUNTIMES, Engine, PreparedModel, dist_version, load_engine, load_model_file_engine,
-                                   prepare_model_file)
+from imgvec.runtime.loader import (RUNTIMES, Calibration, Engine, PreparedModel, dist_version, load_engine,
+                                   load_model_file_engine, prepare_model_file, row_cosines)
 
 # Peak memory of one model call per input pixel of each image, rounded up from what was measured:
 # 53-445 bytes (OpenVINO on the CPU: mobilenetv3small, efficientnetb0, resnet50, convnexttiny at 224-448 px).
 ACTIVATION_BYTES_PER_PIXEL = 512
 MODEL_CALL_IMAGES = 32  # at most this many images go through the model at once on the CPU (runtime.py)
+
+# int8: the calibration sample, and the check against float32 before a store is written with it.
+CALIBRATION_IMAGES = 100  # NNCF's own default subset is 300; 100 took seconds and kept the neighbours
+INT8_CHECK_IMAGES = 200
+INT8_NEIGHBOURS = 10
+INT8_MIN_MEDIAN_COSINE = 0.98  # per-row cosine of int8 to float32 embeddings, median over the check sample
+INT8_MIN_OVERLAP = 0.9  # mean share of each image's top-10 neighbours (within the sample) that int8 keeps
+
+
+def spread(items: Sequence[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``items``, evenly spaced (every class of a sorted folder, not only the first)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def calibration_sample(keys: Sequence[str], n: int = CALIBRATION_IMAGES) -> list[str]:
+    """The images an int8 model is calibrated on: up to ``n`` of ``keys`` in sorted order, evenly spaced."""
+    return spread(sorted(keys), n)
+
+
+def check_sample(keys: Sequence[str], calibration: Sequence[str], n: int = INT8_CHECK_IMAGES) -> list[str]:
+    """The images int8 is checked on: others than the calibration's where the folder has enough, else any."""
+    taken = set(calibration)
+    rest = [k for k in sorted(keys) if k not in taken]
+    return spread(rest if len(rest) > INT8_NEIGHBOURS else sorted(keys), n)
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean share of each row's ``k`` nearest rows (cosine, itself left out) under ``a`` that ``b`` keeps."""
+    def top(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+    ta, tb = top(a), top(b)
+    return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(ta.tolist(), tb.tolist())]))
+
+
+@dataclass(frozen=True)
+class Int8Check:
+    """What int8 changed against float32 on a sample of the user's images."""
+
+    images: int
+    median_cosine: float
+    min_cosine: float
+    overlap: float  # top-``k`` neighbour overlap within the sample, float32 vs int8
+    k: int
+
+    def describe(self) -> str:
+        return (f"median cosine to float32 {self.median_cosine:.4f} (lowest {self.min_cosine:.4f}), "
+                f"top-{self.k} neighbour overlap {self.overlap:.3f}, on {self.images} images")
 
 
 def batch_bytes(batch_size: int, image_size: int) -> int:
@@ -97,6 +156,7 @@ class EmbedConfig:
     mean: str | tuple[float, ...] | None = None  # or its mean and std, on pixels scaled to [0, 1]
     std: str | tuple[float, ...] | None = None
     layer: str | None = None  # a model file's output (or tensor) to embed with
+    calibration: Calibration | None = None  # int8: the images it is quantized on (chosen from the folder if None)
 
     @property
     def chooses_embedding(self) -> bool:
@@ -143,6 +203,7 @@ class Embedder:
         mean: str | tuple[float, ...] | None = None,
         std: str | tuple[float, ...] | None = None,
         layer: str | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self.device = check_choice(param("device"), device, DEVICES)
         self.precision = check_choice(param("precision"), precision, PRECISIONS)
@@ -179,6 +240,7 @@ class Embedder:
         self.batch_size = check_at_least("batch_size", int(batch_size))
         self.workers = int(workers or os.cpu_count() or 1)
         self.max_pixels = int(max_pixels)
+        self.calibration = calibration  # int8 only; must be set before load()
         self.engine_: Engine | None = None  # set by load()
 
     def check_memory(self, available: int | None = None) -> None:
@@ -209,14 +271,15 @@ class Embedder:
         model = config.model or DEFAULT_BACKBONE
         file = isinstance(model, ModelFileSpec) or is_model_path(model)
         return cls(model=model, weights=config.weights if file or config.weights is not None else "imagenet",
-                   image_size=config.image_size, seed=config.seed, **config.running(), **config.model_file_options)
+                   image_size=config.image_size, seed=config.seed, calibration=config.calibration, **config.running(),
+                   **config.model_file_options)
 
     @property
     def config(self) -> EmbedConfig:
-        """This embedder as an :class:`EmbedConfig` (weights resolved; a model file pinned to the bytes read):
-        what a Ray worker rebuilds it from."""
+        """This embedder as an :class:`EmbedConfig` (weights resolved; a model file pinned to the bytes read; an int8
+        model's calibration): what a Ray worker rebuilds it from."""
         running = dict(batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels,
-                       device=self.device, precision=self.precision, runtime=self.runtime)
+                       device=self.device, precision=self.precision, runtime=self.runtime, calibration=self.calibration)
         if self.model_file is not None:
             spec = replace(self.model_file.spec, sha256=self.model_file.sha256)
             return EmbedConfig(model=spec, weights=self.weights, image_size=self.image_size, seed=DEFAULT_SEED,
@@ -227,14 +290,25 @@ class Embedder:
 
     @classmethod
     def from_provenance(cls, provenance: Provenance, weights_path: str | None = None, model_path: str | None = None,
-                        **kwargs: Any) -> "Embedder":
+                        root: str | None = None, **kwargs: Any) -> "Embedder":
         """The embedder that reproduces ``provenance`` (same backbone, weights, size; the same model file).
 
         Runtime, device and precision are not taken over: they do not change what the rows
         mean. Queries run in float32 unless asked (a mixed-precision store made on a GPU is
         queried on the CPU without a bfloat16 parity check to fail). ``weights_path`` and ``model_path``
         say where a weights file or model file is now, if it moved: its bytes must be the recorded ones.
+        int8 is taken over, with its calibration: the rows are the quantized model's. Its model comes from
+        the cache, or is quantized again on the recorded images under ``root`` (the store's root) if they
+        are unchanged.
         """
+        if provenance.precision == "int8":
+            if kwargs.get("precision", "int8") != "int8":
+                raise MismatchError(f"the embeddings were made with {param('precision')} int8 "
+                                    f"({provenance.quantization}); {kwargs['precision']} rows cannot join them")
+            kwargs["precision"] = "int8"
+            kwargs["calibration"] = Calibration(root or "", tuple(provenance.calibration()),
+                                                provenance.calibration_sha256,
+                                                kwargs.get("max_pixels", DEFAULT_MAX_PIXELS))
         if provenance.is_model_file:
             return cls._from_model_file(provenance, model_path, kwargs)
         backbone = get_backbone(provenance.backbone)
@@ -300,11 +374,17 @@ class Embedder:
                     model_sha256=m.sha256, model_preprocess=m.spec.preprocess.spec, model_layer=m.spec.layer,
                     model_input=m.input, model_output=m.output)
 
+    def calibration_fields(self) -> dict[str, Any]:
+        """The provenance fields of an int8 model's calibration (empty strings for float precisions)."""
+        c = self.calibration if self.precision == "int8" else None
+        return dict(calibration_sha256=c.sha256 if c else "", calibration_keys=json.dumps(list(c.keys)) if c else "")
+
     def key_provenance(self) -> Provenance:
         """Provenance without loading the model (no TensorFlow import): enough for a compatibility check."""
         w = self.weights
         return Provenance(self.backbone.name, w.kind, w.seed, w.path, w.sha256, self.image_size,
-                          self.backbone.preprocessing, self.dim, runtime=self.runtime, **self.model_fields())
+                          self.backbone.preprocessing, self.dim, runtime=self.runtime, precision=self.precision,
+                          **self.calibration_fields(), **self.model_fields())
 
     @property
     def model_batch(self) -> int:
@@ -334,17 +414,45 @@ class Embedder:
             precision=self.precision,
             runtime=engine.runtime,
             runtime_version=engine.version,
+            **self.calibration_fields(),
             **self.model_fields(),
         )
 
     def load(self) -> "Embedder":
         """Load the engine (idempotent; engines are shared for the life of the process)."""
         if self.engine_ is None and self.model_file is not None:
-            self.engine_ = load_model_file_engine(self.runtime, self.model_file, self.precision, self.device)
+            self.engine_ = load_model_file_engine(self.runtime, self.model_file, self.precision, self.device,
+                                                  self.calibration)
         if self.engine_ is None:
             self.engine_ = load_engine(self.runtime, self.backbone, self.weights, self.image_size,
-                                       self.precision, self.device)
+                                       self.precision, self.device, self.calibration)
         return self
+
+    def check_int8(self, paths: Sequence[str], min_median_cosine: float = INT8_MIN_MEDIAN_COSINE,
+                   min_overlap: float = INT8_MIN_OVERLAP, accept: bool = False) -> Int8Check:
+        """Measure what int8 changes on ``paths`` (decoded as embedding decodes them): per-row cosine to
+        float32 and the overlap of each image's top-10 neighbours within the sample. Below either
+        threshold, refuse with one line (unless ``accept``)."""
+        self.load()
+        decoded = [d for d in map(self._decode, paths) if not isinstance(d, ImageSkipped)]
+        if not decoded:
+            raise BadInputError(f"none of the {len(paths)} images picked to check int8 decodes")
+        pixels = np.stack(decoded)
+        int8 = self._run(pixels)
+        reference = (load_model_file_engine(self.runtime, self.model_file, "float32", self.device)
+                     if self.model_file is not None else
+                     load_engine(self.runtime, self.backbone, self.weights, self.image_size, "float32", self.device))
+        f32 = np.concatenate([reference(pixels[i : i + self.model_batch]) for i in range(0, len(pixels), self.model_batch)])
+        cos = np.nan_to_num(row_cosines(int8, f32), nan=-1.0)
+        k = min(INT8_NEIGHBOURS, len(pixels) - 1)
+        check = Int8Check(len(pixels), float(np.median(cos)), float(cos.min()),
+                          neighbour_overlap(f32, int8, k) if k > 0 else 1.0, k)
+        if not accept and (check.median_cosine < min_median_cosine or check.overlap < min_overlap):
+            raise BadInputError(
+                f"{param('precision')} int8 changes {self.backbone.name}'s embeddings too much: {check.describe()} "
+                f"(needs median cosine >= {min_median_cosine} and overlap >= {min_overlap}); use "
+                f"{param('precision')} float32, or {param('accept_int8')} to write the store anyway")
+        return check
 
     def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a ``(n, size, size, 3)`` uint8 batch; returns ``(n, dim)`` float32."""

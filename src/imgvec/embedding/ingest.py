@@ -15,11 +15,14 @@ from typing import Any, Iterator, Sequence
 
 from imgvec.checks import check_at_least, check_choice
 from imgvec.embedding.distributed import ENGINES, embed_files_on_ray
-from imgvec.embedding.embedder import EmbeddedBatch, EmbedConfig, Embedder
+from imgvec.embedding import embedder as embedder_module
+from imgvec.embedding.embedder import (INT8_MIN_MEDIAN_COSINE, INT8_MIN_OVERLAP, EmbeddedBatch, EmbedConfig, Embedder,
+                                       Int8Check, calibration_sample, check_sample)
 from imgvec.backbones.modelfile import ModelFileSpec, is_model_path
-from imgvec.errors import MismatchError, param
+from imgvec.errors import BadInputError, MismatchError, param
 from imgvec.fileio import check_output
-from imgvec.files.images import ImageFile, find_images, is_image_name
+from imgvec.files.images import Collection, ImageFile, find_images, is_image_name
+from imgvec.runtime.loader import Calibration, RuntimeNote
 from imgvec.progress import Phase, Progress
 from imgvec.files.provenance import Provenance, check_compatible
 from imgvec.results import EmbedSummary
@@ -40,6 +43,7 @@ class _Plan:
     removed: set[str]  # keys dropped by ``sync``
     build_seconds: float = 0.0
     created: bool = False  # a store this run made stays only once it holds a row
+    int8_check: Int8Check | None = None  # a new int8 store: what int8 changed against float32
 
 
 def embed(
@@ -52,6 +56,8 @@ def embed(
     ray_address: str | None = None,
     ray_workers: int | None = None,
     progress: Progress | None = None,
+    accept_int8: bool = False,
+    int8_thresholds: tuple[float, float] | None = None,
     **settings: Any,
 ) -> EmbedSummary:
     """Embed every image under ``sources`` into the store ``output``.
@@ -67,6 +73,12 @@ def embed(
     (``ray_address``, else RAY_ADDRESS, else a local one) with ``ray_workers`` actors; this
     process still writes the store. ``progress`` is told the phases ``loading <backbone>`` and
     ``embedding with <backbone>`` (:mod:`imgvec.progress`).
+
+    ``precision="int8"`` (OpenVINO) quantizes the model on up to 100 of the images found (cached), and
+    for a new store first measures on up to 200 others what it changes against float32: below
+    ``int8_thresholds`` (median cosine, top-10 neighbour overlap; default 0.98 and 0.9) it refuses and writes nothing, unless
+    ``accept_int8``. The figures come back as a :class:`RuntimeNote` either way. A resumed int8 store keeps
+    its own calibration; int8 rows never join float ones.
     """
     config = replace(config or EmbedConfig(), **settings)
     _check_run(config, engine, ray_workers)
@@ -75,7 +87,9 @@ def embed(
     local = engine == "local"
     plan: _Plan | None = None
     try:
-        plan = _plan(sources, output, config, sync, check_memory=local, progress=progress)
+        thresholds = int8_thresholds or (embedder_module.INT8_MIN_MEDIAN_COSINE, embedder_module.INT8_MIN_OVERLAP)
+        plan = _plan(sources, output, config, sync, check_memory=local, progress=progress,
+                     int8=(accept_int8, *thresholds))
         if plan.todo and local and plan.embedder.engine_ is None:  # timed apart from the throughput
             plan.build_seconds = _timed_load(plan.embedder, progress)
         embed_start = time.perf_counter()
@@ -113,7 +127,8 @@ def _check_run(config: EmbedConfig, engine: str, ray_workers: int | None) -> Non
 
 
 def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedConfig, sync: bool,
-          check_memory: bool, progress: Progress | None = None) -> _Plan:
+          check_memory: bool, progress: Progress | None = None,
+          int8: tuple[bool, float, float] = (False, INT8_MIN_MEDIAN_COSINE, INT8_MIN_OVERLAP)) -> _Plan:
     """Open (or create) the store and list the images it does not have yet.
 
     A new store is created only after the model loaded: missing weights must not leave an empty
@@ -144,12 +159,44 @@ def _plan(sources: Sequence[PathLike], output: os.PathLike[str], config: EmbedCo
         collection = find_images(sources)
         if check_memory:
             embedder.check_memory()
+        if embedder.precision == "int8" and embedder.calibration is None:
+            embedder.calibration = _calibration(collection, embedder.max_pixels)
         build_seconds = reading + _timed_load(embedder, progress)
+        int8_check = None
+        if embedder.precision == "int8":  # counted with the build: a one-time cost, like the quantization
+            started = time.perf_counter()
+            with Phase(progress, "checking int8 against float32", 1):
+                int8_check = _check_int8(embedder, collection, *int8)
+            build_seconds += time.perf_counter() - started
         writer = StoreWriter(output, embedder.provenance(), collection.root)
         created = True
     todo = [f for f in collection.files if f.key not in writer.keys]
     removed = writer.keys - {f.key for f in collection.files} if sync else set()
-    return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds, created)
+    return _Plan(writer, embedder, todo, len(collection.files) - len(todo), removed, build_seconds, created,
+                 int8_check if created else None)
+
+
+def _calibration(collection: Collection, max_pixels: int) -> Calibration:
+    """The int8 calibration on up to 100 of the images found (evenly spread over their sorted keys)."""
+    if not collection.files:
+        raise BadInputError(f"{param('precision')} int8 is calibrated on the images being embedded, and none were found")
+    keys = calibration_sample([f.key for f in collection.files])
+    return Calibration.of(collection.root, keys, max_pixels)
+
+
+def _check_int8(embedder: Embedder, collection: Collection, accept: bool, min_cosine: float,
+                min_overlap: float) -> Int8Check:
+    """int8 against float32 on a sample of the images (refused below the thresholds unless ``accept``); the
+    figures as a :class:`RuntimeNote`."""
+    assert embedder.calibration is not None
+    by_key = {f.key: f.path for f in collection.files}
+    sample = check_sample(list(by_key), embedder.calibration.keys)
+    check = embedder.check_int8([by_key[k] for k in sample], min_cosine, min_overlap, accept)
+    import warnings
+
+    warnings.warn(f"int8 {embedder.backbone.name}, calibrated on {len(embedder.calibration.keys)} of your images, "
+                  f"checked against float32: {check.describe()}", RuntimeNote, stacklevel=3)
+    return check
 
 
 def _timed_load(embedder: Embedder, progress: Progress | None = None) -> float:
@@ -192,9 +239,13 @@ def _summary(plan: _Plan, output: os.PathLike[str], skipped: list[tuple[str, str
 def _embedder_for_store(store: StoreWriter, config: EmbedConfig) -> Embedder:
     """The store's own embedder; explicit model/weights/size must agree with how the store was made."""
     prov = store.provenance
+    if config.precision is not None and (config.precision == "int8") != (prov.precision == "int8"):
+        asked = replace(prov, precision=config.precision, calibration_sha256="", calibration_keys="")
+        check_compatible(prov, asked, f"store {store.path}", "the requested embedding",
+                         fix=f"leave out {param('precision')} to resume with the store's own, or write a new store")
     config = replace(config, precision=config.precision or prov.precision)
     if not config.chooses_embedding:
-        return Embedder.from_provenance(prov, **config.running())
+        return Embedder.from_provenance(prov, root=store.root, **config.running())
     model = config.model or (prov.model_path if prov.is_model_file else prov.backbone)
     file = isinstance(model, ModelFileSpec) or is_model_path(model)
     if file and prov.is_model_file and not isinstance(model, ModelFileSpec):  # what was stated, unless restated
@@ -203,6 +254,8 @@ def _embedder_for_store(store: StoreWriter, config: EmbedConfig) -> Embedder:
                          layer=prov.model_layer if config.layer is None else config.layer)
     asked = Embedder.from_config(replace(
         config, model=model,
+        calibration=Calibration(str(store.root), tuple(prov.calibration()), prov.calibration_sha256, config.max_pixels)
+        if prov.precision == "int8" else None,
         image_size=prov.input_size if config.image_size is None else config.image_size,
         weights=config.weights if config.weights is not None or file else weights_arg(prov)))
     found = _key_provenance(asked)

@@ -27,7 +27,7 @@ import numpy as np
 from imgvec.backbones.modelfile import MAX_MODEL_BYTES, MODEL_SUFFIXES
 from imgvec.backbones.registry import BACKBONES
 from imgvec.checks import MAX_IMAGE_SIZE
-from imgvec.errors import BadInputError
+from imgvec.errors import BadInputError, MismatchError
 from imgvec.files.provenance import Provenance
 from imgvec.files.structure import REBUILD, check_attributes, damaged, reading
 
@@ -150,7 +150,15 @@ def read_provenance(attrs: Mapping[str, Any], path: Any = "", kind: str = "store
         if f.name in data and data[f.name] is not None and f.type in ("str", "int") and not isinstance(
                 data[f.name], str if f.type == "str" else int):
             raise damaged(path, kind, f"attribute {f.name!r} is {_shown(data[f.name])}")
-    return Provenance(**data)
+    provenance = Provenance(**data)
+    if provenance.precision == "int8":  # the model is rebuilt from these: they must say how
+        if not provenance.calibration_sha256:
+            raise damaged(path, kind, "precision int8 without a calibration_sha256")
+        try:
+            provenance.calibration()
+        except MismatchError as error:
+            raise damaged(path, kind, str(error).split(":")[0]) from None
+    return provenance
 
 
 _MODEL_FIELDS = {"model_format": str, "model_path": str, "model_size": int, "model_sha256": str, "model_preprocess": str,

@@ -31,15 +31,20 @@ class Provenance:
     dim: int
     resize: str = "bilinear, aspect ratio not kept (as keras.utils.image_dataset_from_directory)"
     # Recorded, not compared: float32 and mixed-precision embeddings, CPU and GPU ones, and those of
-    # every runtime (OpenVINO, TensorFlow, ...) are comparable.
+    # every runtime (OpenVINO, TensorFlow, ...) are comparable. int8 is compared (see :meth:`key`).
     device: str = "cpu"
-    precision: str = "float32"
+    precision: str = "float32"  # "float32" | "mixed" | "int8"; files made before int8 read as float32
     imgvec_version: str = IMGVEC_VERSION
     keras_version: str = ""
     tensorflow_version: str = ""  # empty when TensorFlow did not run the model
     runtime: str = ""  # "openvino" | "tensorflow" | "jax" | "torch"; empty in files made before runtimes
     runtime_version: str = ""
     created: str = field(default_factory=_now)
+    # int8 only: the images the model was quantized on (a JSON list of keys under the store's root) and a
+    # sha256 over each key and its file's bytes (runtime.engine.Calibration); empty for float precisions.
+    calibration_sha256: str = ""
+    calibration_keys: str = ""
+
     # A model file (--model PATH; weights "model"): None for a registry backbone, and then not written, so
     # older imgvec reads such files as before. ``backbone`` is then the file's name.
     model_format: str | None = None  # keras | onnx | openvino
@@ -50,6 +55,31 @@ class Provenance:
     model_layer: str | None = None  # the output or tensor taken (--layer); "" for the model's output
     model_input: str | None = None  # the model's input as read from it: layout, shape, type
     model_output: str | None = None  # the embedding: which output, its shape, and whether it was pooled
+
+    @property
+    def quantization(self) -> str:
+        """What the rows' model was quantized to: ``none``, or int8 and the calibration it was made on."""
+        if self.precision != "int8":
+            return "none"
+        if not self.calibration_sha256:
+            return "int8"
+        return f"int8, calibrated on {len(self.calibration())} images (sha256 {self.calibration_sha256[:12]})"
+
+    def calibration(self) -> list[str]:
+        """The calibration keys, checked: a JSON list of at most :data:`MAX_CALIBRATION_KEYS` relative paths."""
+        import json
+        import os
+
+        try:
+            keys = json.loads(self.calibration_keys) if self.calibration_keys else []
+        except (ValueError, RecursionError):
+            keys = None
+        if (not isinstance(keys, list) or len(keys) > MAX_CALIBRATION_KEYS
+                or not all(isinstance(k, str) and k and not os.path.isabs(k) and os.pardir not in k.split("/")
+                           for k in keys)):
+            raise MismatchError("the int8 calibration recorded in the file is not a list of relative image paths: "
+                                "the file is damaged or forged")
+        return keys
 
     @property
     def weights_spec(self) -> Weights:
@@ -78,6 +108,7 @@ class Provenance:
             "input_size": self.input_size,
             "preprocessing": self.preprocessing,
             "dim": self.dim,
+            "quantization": self.quantization,
         }
         if self.is_model_file:  # the file's content, not its name or place, and which of its outputs
             key.update({"model file sha256": self.model_sha256, "layer": self.model_layer or "its output"})
@@ -88,6 +119,9 @@ class Provenance:
             return (f"model file {self.backbone} (sha256 {str(self.model_sha256)[:12]}...) @ {self.input_size}px, "
                     f"preprocessing {self.model_preprocess}")
         return f"{self.backbone} @ {self.input_size}px, {self.weights_spec.describe()}"
+
+
+MAX_CALIBRATION_KEYS = 1000  # imgvec records at most 100
 
 
 def random_init_family(runtime: str) -> str:

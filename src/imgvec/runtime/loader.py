@@ -16,7 +16,9 @@ convert falls back to TensorFlow with a one-line :class:`RuntimeNote`.
 
 ``precision="mixed"`` (float16 compute on TensorFlow, bfloat16 on OpenVINO) must agree with
 float32 on the first batch it embeds (cosine >= :data:`PARITY_MIN_COSINE` per row) or it is
-refused with one line.
+refused with one line. ``precision="int8"`` (OpenVINO only) is NNCF's post-training quantization on
+a :class:`Calibration` (the user's own images); it is checked against float32 on a sample of them by
+the embedding layer (:meth:`imgvec.embedding.embedder.Embedder.check_int8`) before a store is written.
 """
 
 from __future__ import annotations
@@ -34,17 +36,17 @@ from imgvec.backbones.registry import Backbone, Weights, get_backbone, parse_wei
 from imgvec.backbones.builder import resolve_weights
 from imgvec.checks import check_choice
 from imgvec.backbones.device import DEVICES, PRECISIONS, gpu_in_use
-from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Engine, RuntimeNote
+from imgvec.runtime.engine import CPU_MODEL_BATCH, GPU_MODEL_BATCH, Calibration, Engine, RuntimeNote
 from imgvec.errors import BadInputError, param
 from imgvec.runtime.model_cache import (CacheEntry, ConversionFailed, cache_dir, cache_entries, cache_key, clear_cache, compiled_model,
-                          entry_path)
+                          entry_path, quantized_file_model, quantized_model)
 from imgvec.runtime.model_files import ModelFileEngine, PreparedModel, prepare_model_file
 from imgvec.runtime.openvino_engine import OpenVINOEngine
 from imgvec.runtime.tensorflow_engine import TensorFlowEngine
 from imgvec.versions import dist_version
 
 # Names other modules import from here (the embedder, the API, the CLI, benchmarks).
-__all__ = ["CPU_MODEL_BATCH", "GPU_MODEL_BATCH", "CacheEntry", "CheckedPrecision", "ConversionFailed", "Engine",
+__all__ = ["CPU_MODEL_BATCH", "GPU_MODEL_BATCH", "CacheEntry", "Calibration", "CheckedPrecision", "ConversionFailed", "Engine",
            "LOADERS", "PARITY_MIN_COSINE", "RUNTIMES", "RuntimeNote", "cache_dir", "cache_entries", "cache_key",
            "clear_cache", "compiled_model", "dist_version", "entry_path", "load_engine", "load_model_file_engine",
            "prepare", "prepare_model_file", "PreparedModel", "release_engines", "resolve_runtime", "row_cosines"]
@@ -63,11 +65,15 @@ def resolve_runtime(runtime: str, device: str = "auto") -> str:
 
 
 def _openvino_or_tensorflow(backbone: Backbone, weights: Weights, image_size: int, precision: str,
-                            device: str) -> Engine:
-    """OpenVINO; TensorFlow with a :class:`RuntimeNote` when OpenVINO cannot convert this backbone."""
+                            device: str, calibration: Calibration | None = None) -> Engine:
+    """OpenVINO; TensorFlow with a :class:`RuntimeNote` when OpenVINO cannot convert this backbone
+    (for int8, which only OpenVINO runs, one line instead)."""
     try:
-        return OpenVINOEngine(backbone, weights, image_size, precision, device)
+        return OpenVINOEngine(backbone, weights, image_size, precision, device, calibration)
     except ConversionFailed as failed:
+        if precision == "int8":
+            raise BadInputError(f"{backbone.name} does not convert to OpenVINO ({failed}), and "
+                                f"{param('precision')} int8 runs on OpenVINO only; use {param('precision')} float32") from None
         warnings.warn(f"{backbone.name} does not convert to OpenVINO ({failed}); running it on TensorFlow",
                       RuntimeNote, stacklevel=2)
         return TensorFlowEngine(backbone, weights, image_size, precision, device)
@@ -137,22 +143,33 @@ _LOADED_LOCK = threading.Lock()
 
 
 def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str | None, image_size: int,
-                precision: str = "float32", device: str = "auto") -> Engine:
+                precision: str = "float32", device: str = "auto", calibration: Calibration | None = None) -> Engine:
     """The engine for this model, loaded once per process (see :func:`release_engines`).
 
     ``backbone`` is a registry name or :class:`Backbone`; ``weights`` a :class:`Weights` or what
-    ``--weights`` takes. Loaders in :data:`LOADERS` receive the normalised objects.
+    ``--weights`` takes. Loaders in :data:`LOADERS` receive the normalised objects. ``precision="int8"``
+    needs the runtime to be OpenVINO and a ``calibration``.
     """
     backbone = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     weights = resolve_weights(backbone, weights if isinstance(weights, Weights) else parse_weights(weights))
     check_choice(param("precision"), precision, PRECISIONS)
     name = resolve_runtime(runtime, device)
-    key = (name, backbone.name, weights.identity, int(image_size), precision, device)
+    if precision == "int8" and name != "openvino":
+        raise BadInputError(f"{param('precision')} int8 runs on the openvino runtime (post-training quantization with "
+                            f"NNCF), not {name}; use {param('runtime')} openvino (auto on a CPU)")
+    if precision == "int8" and calibration is None:
+        raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
+    key = (name, backbone.name, weights.identity, int(image_size), precision, device,
+           calibration.sha256 if precision == "int8" and calibration else None)
     with _LOADED_LOCK:
         engine = _LOADED.get(key)
         if engine is None:
             load = LOADERS[name]
             args = (backbone, weights, int(image_size))
+            if precision == "int8":  # checked on a sample of the user's images, not on one batch
+                engine = _openvino_or_tensorflow(*args, precision, device, calibration)
+                _LOADED[key] = engine
+                return engine
             engine = load(*args, precision, device)
             if precision != "float32":
                 engine = CheckedPrecision(engine, lambda: load(*args, "float32", device), backbone.name)
@@ -161,17 +178,26 @@ def load_engine(runtime: str, backbone: Backbone | str, weights: Weights | str |
 
 
 def load_model_file_engine(runtime: str, prepared: PreparedModel, precision: str = "float32",
-                           device: str = "auto") -> Engine:
-    """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other."""
+                           device: str = "auto", calibration: Calibration | None = None) -> Engine:
+    """The engine of a user's model file (OpenVINO on the CPU only), loaded once per process like any other.
+    ``precision="int8"``: the file's model quantized on ``calibration`` (cached like a backbone's)."""
     check_choice(param("precision"), precision, PRECISIONS)
     check_choice(param("device"), device, DEVICES)
     if runtime not in ("auto", "openvino") or device == "gpu":  # auto: the CPU, even where a GPU is seen
         raise BadInputError(f"a model file runs on OpenVINO on the CPU: leave out {param('runtime')} {runtime}"
                             + (f" and {param('device')} gpu" if device == "gpu" else ""))
+    if precision == "int8" and calibration is None:
+        raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
     spec = prepared.spec
-    key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision)
+    key = ("modelfile", prepared.sha256, spec.preprocess.spec, spec.layer, prepared.image_size, precision,
+           calibration.sha256 if precision == "int8" and calibration else None)
     with _LOADED_LOCK:
         engine = _LOADED.get(key)
+        if engine is None and precision == "int8" and calibration is not None:  # checked on a sample, not one batch
+            identity = f"sha256={prepared.sha256}, preprocess={spec.preprocess.spec}, layer={spec.layer}"
+            quantized = quantized_file_model(prepared.model, identity, prepared.image_size, spec.name, calibration,
+                                             prepared.batch)
+            engine = _LOADED[key] = ModelFileEngine(prepared, precision, "cpu", quantized)
         if engine is None:
             engine = ModelFileEngine(prepared, precision, "cpu")
             if precision != "float32":
@@ -180,15 +206,18 @@ def load_model_file_engine(runtime: str, prepared: PreparedModel, precision: str
     return engine
 
 
-def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto") -> None:
+def prepare(runtime: str, backbone: Backbone, weights: Weights, image_size: int, device: str = "auto",
+            calibration: Calibration | None = None) -> None:
     """Do once, here, what each process loading this engine would otherwise repeat: OpenVINO's
-    conversion (Ray workers then only load the cached model). A model file's conversion was done when its
-    embedder was made."""
+    conversion, and with a ``calibration`` the int8 quantization (Ray workers then only load the cached model).
+    A model file's conversion was done when its embedder was made."""
     if weights.kind == "model":
         return
     if resolve_runtime(runtime, device) == "openvino":
         with contextlib.suppress(ConversionFailed):  # the workers fall back to TensorFlow themselves
             compiled_model(backbone, weights, image_size)
+            if calibration is not None:
+                quantized_model(backbone, weights, image_size, calibration, load=False)
 
 
 def release_engines() -> int:

@@ -13,6 +13,11 @@ used (as OpenSSH treats key files), and every manifest carries an HMAC made with
 cache (``$XDG_CONFIG_HOME/imgvec/cache.key``, readable by its owner only), so an entry edited by anyone
 who can write the cache but not read the key is rebuilt, with one note. OpenVINO is handed the very
 bytes that were checked, never a path it would read again.
+
+An int8 entry (:func:`quantized_model`) is the float32 entry quantized by NNCF on a
+:class:`~imgvec.runtime.engine.Calibration`; its key adds the precision, the calibration's sha256
+and NNCF's version, so a second run on the same images quantizes nothing. It is written, checked
+(HMAC and sha256) and handed to OpenVINO as its checked bytes like every other entry.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from imgvec.backbones.builder import build_model, check_weights_at_hand, keras_w
 from imgvec.fileio import sha256_file
 from imgvec.backbones.device import import_keras, import_tensorflow
 from imgvec.errors import first_line
-from imgvec.runtime.engine import RuntimeNote
+from imgvec.runtime.engine import Calibration, RuntimeNote
 from imgvec.fileio import TempName, fsync_path, open_regular, temp_name, temp_path
 from imgvec.errors import BadInputError, param
 from imgvec.versions import dist_version
@@ -133,15 +138,20 @@ def _mac(secret: bytes, key: dict[str, Any], files: dict[str, Any]) -> str:
     return hmac.new(secret, json.dumps({"key": key, "files": files}, sort_keys=True).encode(), "sha256").hexdigest()
 
 
-def cache_key(backbone: Backbone, weights: Weights, image_size: int) -> dict[str, Any]:
+def cache_key(backbone: Backbone, weights: Weights, image_size: int,
+              calibration: Calibration | None = None) -> dict[str, Any]:
     """Everything that changes a converted model's output. An ImageNet entry also records the sha256
-    of the weights file Keras loaded, and is rebuilt if that file changes (see :func:`_entry_ok`)."""
-    return {"backbone": backbone.name, "weights": weights.identity, "input_size": int(image_size),
-            "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+    of the weights file Keras loaded, and is rebuilt if that file changes (see :func:`_entry_ok`).
+    With a ``calibration``: the int8 model quantized on it (precision, calibration sha256, NNCF version)."""
+    key = {"backbone": backbone.name, "weights": weights.identity, "input_size": int(image_size),
+           "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+    if calibration is not None:
+        key.update(precision="int8", calibration=calibration.sha256, nncf=dist_version("nncf"))
+    return key
 
 
-def entry_path(backbone: Backbone, weights: Weights, image_size: int) -> Path:
-    key = json.dumps(cache_key(backbone, weights, image_size), sort_keys=True)
+def entry_path(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration | None = None) -> Path:
+    key = json.dumps(cache_key(backbone, weights, image_size, calibration), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "openvino" / f"{backbone.name}-{image_size}px-{digest}"
 
@@ -462,6 +472,104 @@ def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
     return converted
 
 
+def import_nncf() -> Any:
+    """NNCF, quiet (its progress bars would go to stdout, which carries results); one line if missing."""
+    try:
+        import nncf
+    except ImportError as error:
+        raise BadInputError(f"{param('precision')} int8 needs the nncf package, which is not installed ({error}); "
+                            "pip install 'imgvec[int8]'") from None
+    import logging
+
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def _quantize(source: Any, pixels: Any, name: str, batch: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """NNCF's post-training quantization of the float32 ``openvino.Model`` ``source`` on ``pixels`` (every image
+    used; one per calibration item, or ``batch`` a item, cycled, for a model that fixes its batch size)."""
+    nncf = import_nncf()
+
+    step = batch or 1
+    items = [np.take(pixels, range(i, i + step), axis=0, mode="wrap") for i in range(0, len(pixels), step)]
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize(source, nncf.Dataset(items), subset_size=len(items))
+    except Exception as error:  # NNCF raises many kinds; all mean "does not quantize"
+        raise BadInputError(f"{name} does not quantize with NNCF ({type(error).__name__}: "
+                            f"{first_line(error, '', 200)}); use {param('precision')} float32") from error
+    return quantized, {"quantize_s": time.perf_counter() - start, "calibration_images": len(pixels)}
+
+
+def _quantized(entry: Path, key: dict[str, Any], name: str, described: str, image_size: int,
+               source: Any, calibration: Calibration, load: bool, batch: int | None = None) -> Any:
+    """The int8 entry ``entry`` for ``key``: its checked bytes (``load``) or path if it verifies, else the model
+    ``source()`` gives (float32 ``openvino.Model``, source weights record) quantized on ``calibration`` and
+    cached like every compiled model (see :func:`quantized_model`)."""
+    why = _distrust()
+    if why is None:
+        data = _verified(entry, key)
+        if data is not None:
+            return _from_bytes(data) if load else entry / FILES[0]
+        if _read_manifest(entry) is not None:
+            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
+                  "made it): quantized again")
+    model, source_weights = source()
+    pixels = calibration.pixels(image_size)
+    quantized, info = _quantize(model, pixels, name, batch)
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {name} was quantized in memory")
+        return quantized
+    info["source_weights"] = source_weights  # rebuilt, like the float32 entry, if the weights file changes
+    manifest = {"key": key, "backbone": key["backbone"], "weights": f"{described}, int8 (calibrated on {len(pixels)} images)",
+                "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    remove_leftovers(entry.parent)
+    try:
+        _write_entry(quantized, info, entry, key, manifest)
+    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
+        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {name} was quantized in "
+                      "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
+                      RuntimeNote, stacklevel=3)
+        return quantized
+    return quantized if load else entry / FILES[0]
+
+
+def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration,
+                    load: bool = True) -> Any:
+    """The int8 OpenVINO model for this backbone calibrated on ``calibration``: an ``openvino.Model`` made
+    from the cache entry's checked bytes (``load``), else a path to the entry's ``model.xml``. Without a
+    verified entry, the float32 model (:func:`load_model`, itself checked) is quantized and the result
+    cached like every compiled model. Where the cache cannot be trusted or written, the quantized
+    ``openvino.Model`` itself, with a :class:`RuntimeNote`."""
+    def source() -> tuple[Any, Any]:
+        model = load_model(backbone, weights, image_size)  # the float32 entry's checked bytes (or converted)
+        return model, (_read_manifest(entry_path(backbone, weights, image_size)) or {}).get("source_weights")
+
+    return _quantized(entry_path(backbone, weights, image_size, calibration),
+                      cache_key(backbone, weights, image_size, calibration), backbone.name, weights.describe(),
+                      image_size, source, calibration, load)
+
+
+MODEL_FILE = "modelfile"  # the "backbone" of a model file's int8 cache entry
+
+
+def quantized_file_model(model: Any, identity: str, image_size: int, name: str, calibration: Calibration,
+                         batch: int | None = None) -> Any:
+    """A user's model file quantized to int8 on ``calibration``: ``model`` is its prepared float32
+    ``openvino.Model`` (uint8 pixels in, preprocessing inside), ``identity`` what decides its output (the file's
+    sha256, preprocessing and layer; never its name or place). Cached and checked like :func:`quantized_model`;
+    an ``openvino.Model`` from the entry's checked bytes."""
+    key = {"backbone": MODEL_FILE, "weights": identity, "input_size": int(image_size), "wrapper": WRAPPER_VERSION,
+           "openvino": dist_version("openvino"), "keras": dist_version("keras"), "precision": "int8",
+           "calibration": calibration.sha256, "nncf": dist_version("nncf")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = cache_dir() / "openvino" / f"{MODEL_FILE}-{int(image_size)}px-{digest}"
+    return _quantized(entry, key, name, f"model file {name}", int(image_size), lambda: (model.clone(), None),
+                      calibration, True, batch)
+
+
 # -- listing and clearing ----------------------------------------------------------------------------
 def remove_leftovers(root: Path) -> int:
     """Remove the temporary folders of conversions whose process on this machine is gone (killed); how many.
@@ -523,6 +631,8 @@ def _folder_bytes(folder: Path) -> int:
 def _well_formed(key: dict[str, Any]) -> bool:
     """A key as :func:`cache_key` writes it (the fields and their types)."""
     types = {"backbone": str, "weights": str, "input_size": int, "wrapper": int, "openvino": str, "keras": str}
+    if "precision" in key:  # an int8 entry
+        types.update(precision=str, calibration=str, nncf=str)
     return key.keys() == types.keys() and all(isinstance(key[k], t) for k, t in types.items())
 
 
@@ -550,6 +660,8 @@ def cache_entries() -> list[CacheEntry]:
         key = key if isinstance(key, dict) else {}
         size_px = key.get("input_size")
         current = {**key, "wrapper": WRAPPER_VERSION, "openvino": dist_version("openvino"), "keras": dist_version("keras")}
+        if "nncf" in key:
+            current["nncf"] = dist_version("nncf")
         ok = _well_formed(key) and _entry_ok(entry, current)
         entries.append(CacheEntry(entry, str(key.get("backbone", "?")), size_px if isinstance(size_px, int) else 0,
                                   str(manifest.get("weights", key.get("weights", "?"))), size,

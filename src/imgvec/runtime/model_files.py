@@ -203,12 +203,13 @@ def prepare_model_file(spec: ModelFileSpec, image_size: int | None = None) -> Pr
 
 class ModelFileEngine(OpenVINOEngine):
     """A prepared model file compiled for the CPU (the streams of :class:`OpenVINOEngine`); a model that fixes
-    its batch size gets exactly that many images per request (the last padded)."""
+    its batch size gets exactly that many images per request (the last padded). ``model``: another form of the
+    prepared model to compile (its int8 quantization)."""
 
-    def __init__(self, prepared: PreparedModel, precision: str, device: str) -> None:
+    def __init__(self, prepared: PreparedModel, precision: str, device: str, model: Any = None) -> None:
         if device == "gpu":
             raise BadInputError(f"a model file runs on OpenVINO on the CPU; leave out {param('device')} gpu")
-        self._start(prepared.model, prepared.dim, precision)
+        self._start(prepared.model if model is None else model, prepared.dim, precision)
         self._batch = prepared.batch
         if self._batch:
             self.model_batch = self._batch * self._streams

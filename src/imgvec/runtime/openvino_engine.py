@@ -3,6 +3,8 @@
 Loading a cached model imports neither TensorFlow nor Keras, so a query starts in a fraction of a
 second. It is compiled with an explicit float32 inference precision, since OpenVINO's CPU default
 on AVX-512 BF16 machines is bfloat16 (cosine 0.77 on ResNet50); ``precision="mixed"`` asks for bfloat16.
+``precision="int8"`` runs the model NNCF quantized on a calibration sample (cached too,
+:func:`imgvec.runtime.model_cache.quantized_model`); what is not quantized runs in float32.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from imgvec.backbones.registry import Backbone, Weights
-from imgvec.runtime.engine import CPU_MODEL_BATCH
+from imgvec.runtime.engine import CPU_MODEL_BATCH, Calibration
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import load_model
+from imgvec.runtime.model_cache import load_model, quantized_model
 
 
 class OpenVINOEngine:
@@ -30,11 +32,18 @@ class OpenVINOEngine:
     device = "cpu"
     model_batch = 2 * CPU_MODEL_BATCH  # split across the streams
 
-    def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str) -> None:
+    def __init__(self, backbone: Backbone, weights: Weights, image_size: int, precision: str, device: str,
+                 calibration: Calibration | None = None) -> None:
         if device == "gpu":
             raise BadInputError(f"{param('runtime')} openvino runs on the CPU; use {param('runtime')} tensorflow (or auto) with "
                                 f"{param('device')} gpu")
-        self._start(load_model(backbone, weights, image_size), backbone.dim, precision)  # the checked bytes, or converted
+        if precision == "int8":
+            if calibration is None:
+                raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
+            model = quantized_model(backbone, weights, image_size, calibration)  # the checked bytes, or quantized
+        else:
+            model = load_model(backbone, weights, image_size)  # the checked bytes, or converted
+        self._start(model, backbone.dim, precision)
 
     def _start(self, model: Any, dim: int, precision: str) -> None:
         """Compile ``model`` (an ``openvino.Model`` or a path to its ``.xml``) for the CPU and set up the streams."""

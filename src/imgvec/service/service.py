@@ -307,7 +307,7 @@ class Service:
             index, unindexed, notes = open_index(store, self.index_path if self.index_given else None)
             keys, labels = store.paths(), store.labels()
             prov = store.provenance
-            self._load_model(prov)
+            self._load_model(prov, store.root)
             self._preload([self.path, *([self.index_path] if index else [])])
             return Snapshot(stamp, prov, store.store_id, store.generation, store.root, keys, labels,
                             {k: i for i, k in enumerate(keys)}, index, str(self.index_path) if index else None,
@@ -370,13 +370,13 @@ class Service:
         if self._snapshot is not None:
             self._snapshot.release()
 
-    def _load_model(self, prov: "Provenance") -> None:
+    def _load_model(self, prov: "Provenance", root: str | None = None) -> None:
         """The embedder for ``prov``, loaded (compiled) now; kept while the store's provenance stays the same."""
         from imgvec.embedding.embedder import Embedder
 
         if self._model_provenance is not None and self._model_provenance.key() == prov.key():
             return
-        embedder = Embedder.from_provenance(prov, weights_path=self.weights, runtime=self.runtime,
+        embedder = Embedder.from_provenance(prov, weights_path=self.weights, runtime=self.runtime, root=root,
                                             max_pixels=self.max_pixels, batch_size=MODEL_BATCH)
         embedder.load()
         if self.model is not None:

@@ -496,7 +496,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
         first = stores[0]
         for other in stores[1:]:
             check_compatible(first.provenance, other.provenance, f"store {first.path}", f"store {other.path}",
-                             fix="only stores made with the same backbone, weights and input size can be merged")
+                             fix="only stores made with the same backbone, weights, input size and quantization can be merged")
         root = os.path.commonpath([s.root for s in stores])
         seen: set[str] = set()
         duplicates = 0
