@@ -434,7 +434,7 @@ class Embedder:
         float32 and the overlap of each image's top-10 neighbours within the sample. Below either
         threshold, refuse with one line (unless ``accept``)."""
         self.load()
-        decoded = [d for d in map(self._decode, paths) if not isinstance(d, ImageSkipped)]
+        decoded = [d[0] for d in map(self._decode, paths) if not isinstance(d, ImageSkipped)]  # pixels, not stats
         if not decoded:
             raise BadInputError(f"none of the {len(paths)} images picked to check int8 decodes")
         pixels = np.stack(decoded)
