@@ -16,6 +16,7 @@ classes = ('cat', 'coffee', 'astronaut', 'rocket', 'temple', 'flower')
 make_photo_folder('images/train', per_class=8, size=224, classes=classes, seed=0)
 make_photo_folder('images/holdout', per_class=2, size=224, classes=classes, seed=1)"
 cp images/train/cat/cat_000.jpg images/train/cat/cat_000_copy.jpg   # an identical file for dedup
+mv images/train/cat/cat_007.jpg images/train/coffee/cat_007.jpg       # a cat filed as coffee, for inspect
 imgvec embed images/train -o photos.h5          # efficientnetlite0, pretrained
 imgvec index photos.h5
 imgvec query photos.h5 images/holdout/cat images/holdout/coffee -k 6 --html query.html > /dev/null
@@ -23,7 +24,8 @@ imgvec train photos.h5 -o head.h5 --cv 3 > /dev/null
 imgvec predict head.h5 images/holdout --html predict.html > /dev/null
 imgvec compare images/train -m efficientnetlite0 --cv 3 --html compare.html > /dev/null
 imgvec dedup photos.h5 --threshold 0.99 --html dedup.html > /dev/null
-for page in query predict compare dedup; do
+imgvec inspect photos.h5 --html inspect.html > /dev/null
+for page in query predict compare dedup inspect; do
   "$chromium" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1100,800 \
     --screenshot="$here/$page.png" "file://$work/$page.html" 2> /dev/null
 done
