@@ -17,8 +17,10 @@ demo: $(STAMP)
 	@echo
 	@echo "imgvec is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH (README: Quick start)"
 
+# parallel workers (a test file's tests stay on one worker, so its module fixtures are built once), line
+# coverage of src/ with subprocesses counted, and a floor under it
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --cov=imgvec --cov-report=term:skip-covered --cov-fail-under=92
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

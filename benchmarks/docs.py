@@ -50,7 +50,7 @@ def backbones() -> str:
             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for b in BACKBONES.values():
         pre = b.preprocessing.split(":")[0]
-        cell = {c: model_cell(c, getattr(b, c)) for c in MODEL_COLUMNS}  # as `imgvec models` prints them
+        cell = {c: model_cell(c, getattr(b, c)) for c in MODEL_COLUMNS if c != "weights_offline"}  # as `imgvec models` prints them
         rows.append(f"| {b.name} | {b.constructor} | {cell['input_size']} | {cell['dim']} | {cell['params']} | "
                     f"{b.module}: {pre} | {cell['top1']} | {cell['top5']} | {cell['size_mb']} | {cell['depth']} | "
                     f"{cell['images_per_second']} |")

@@ -1,4 +1,5 @@
-"""Make docs/serve.png: `imgvec serve` on generated images, driven by headless Chromium (Playwright).
+"""Make docs/serve.png: `imgvec serve` on packaged real photos (augmented copies) embedded with the default,
+pretrained efficientnetlite0, driven by headless Chromium (Playwright).
 
     python docs/serve_screenshot.py [docs/serve.png]
 
@@ -12,13 +13,14 @@ import tempfile
 from pathlib import Path
 
 import imgvec
-from imgvec.synthetic import make_image_folder
+from imgvec.synthetic import make_photo_folder
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("serve.png")).resolve()
 work = Path(tempfile.mkdtemp(prefix="imgvec-serve-shot-"))
-make_image_folder(work / "photos", per_class=8, size=128, seed=0)
-make_image_folder(work / "query", per_class=1, size=128, seed=5)
-imgvec.embed([work / "photos"], work / "photos.h5", model="mobilenetv3small", weights="none", image_size=96)
+classes = ("cat", "coffee", "astronaut", "rocket", "temple", "flower")
+make_photo_folder(work / "photos", per_class=8, size=224, classes=classes, seed=0)
+make_photo_folder(work / "query", per_class=1, size=224, classes=classes, seed=5)
+imgvec.embed([work / "photos"], work / "photos.h5")  # efficientnetlite0, pretrained (installed with imgvec)
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -33,7 +35,7 @@ try:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--no-proxy-server"])
         page = browser.new_page(viewport={"width": 1280, "height": 560}, bypass_csp=True)
         page.goto(f"http://127.0.0.1:{port}/")
-        page.set_input_files("#file", str(next((work / "query" / "blues").iterdir())))
+        page.set_input_files("#file", str(next((work / "query" / "coffee").iterdir())))
         page.wait_for_selector("figure.hit >> nth=7")
         page.locator("figure.hit").nth(3).click()  # search from a result, as a user would
         page.wait_for_function("document.querySelector('#results h2').textContent.includes('/')")

@@ -359,16 +359,22 @@ def test_json_and_csv_paths_open_from_another_folder(cli_store: Path, cli_head: 
     assert all(Path(p).is_absolute() for p in paths)  # one rule: never relative to a store root or an old cwd
 
 
-def test_dedup_writes_html_like_the_other_commands(cli_store: Path, tmp_path: Path):
+def test_dedup_writes_html_like_the_other_commands(cli_store: Path, tmp_path: Path, monkeypatch):
     page = tmp_path / "dups.html"
     r = run("dedup", cli_store, "-t", "0.9", "-f", "json", "--html", page)
     assert f"imgvec: wrote {page}" in r.stderr and "groups" in json.loads(r.stdout)  # stdout stays the JSON
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and "imgvec dedup" in text
     assert "(sha256) (sha256" not in text
-    import imgvec
+    import types
 
-    assert 0 < imgvec.dedup(cli_store, threshold=0.9).seconds < 60  # the search's own time, not the clock's
+    import imgvec
+    import imgvec.analyses.duplicates as duplicates
+
+    clock = iter([5000.0, 5002.5])  # the search's start and end: its own time, never the clock's reading
+    monkeypatch.setattr(duplicates, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert imgvec.dedup(cli_store, threshold=0.9).seconds == 2.5
+    monkeypatch.undo()
     r = CliRunner().invoke(app, ["dedup", str(cli_store), "--html", str(tmp_path / "no" / "x.html")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
 

@@ -260,6 +260,7 @@ def test_keras_refusing_a_backbone_is_one_line(monkeypatch):
         raise ValueError("Input size must be at least 32x32; Received: input_shape=(64, 64, 3)\nmore detail")
 
     monkeypatch.setattr(import_keras().applications, "MobileNetV3Small", refuse)
+    monkeypatch.setenv("IMGVEC_OFFLINE", "0")  # Keras is asked (and refuses) before any weights are looked for
     for weights in (Weights("random", seed=0), Weights("imagenet")):
         with pytest.raises(BadInputError) as info:
             build_model(get_backbone("mobilenetv3small"), weights, 64)
@@ -294,7 +295,7 @@ def test_random_weights_leave_the_global_generators_alone():
 
 
 @pytest.mark.slow  # starting Ray takes ~25 s here
-def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path):
+def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path, tmp_path: Path):
     """Actors still busy with other blocks when one block fails are killed too, not only the idle ones."""
     ray = pytest.importorskip("ray")
     import time
@@ -302,14 +303,22 @@ def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path):
     from imgvec.embedding import distributed
     from imgvec.embedding.embedder import Embedder
 
+    marks = str(tmp_path)
+
     class FailingWorker:  # defined here so that Ray ships it by value to its workers
         def __init__(self, config: dict) -> None:
             pass
 
         def embed(self, paths: list[str]) -> list:
             if any(p.endswith("blues_000.png") for p in paths):
+                for _ in range(600):  # fail only once the other actor is inside its block (an event, not a guess)
+                    if any(name.startswith("busy-") for name in os.listdir(marks)):
+                        break
+                    time.sleep(0.05)
                 raise RuntimeError("this batch failed")
-            time.sleep(2)  # the other actor is still busy when the failure arrives
+            open(f"{marks}/busy-{paths[0].rsplit('/', 1)[-1]}", "w").close()
+            time.sleep(60)  # busy for longer than the test: only a kill ends it early
+            open(f"{marks}/finished-{paths[0].rsplit('/', 1)[-1]}", "w").close()
             return []
 
     killed = []
@@ -324,6 +333,9 @@ def test_a_failing_ray_batch_releases_every_actor(monkeypatch, image_dir: Path):
         with pytest.raises(ray.exceptions.RayTaskError, match="this batch failed"):
             list(batches)
         assert len(killed) == 2 and len(set(killed)) == 2
+        busy = [p.name for p in tmp_path.iterdir()]
+        # the other actor was mid-block (it had started one and never finished it): killed, not waited for
+        assert busy and all(name.startswith("busy-") for name in busy), busy
     finally:
         ray.shutdown()
 

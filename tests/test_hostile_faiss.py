@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -329,30 +329,58 @@ def test_blob_naming_a_file_never_opens_it(offset: int | None, valid: dict[str, 
 
 
 # -- size claims, under an address-space limit -----------------------------------------------
-LIMIT = 2 << 30
+# Sized from what the same query maps with a valid index on this machine (not from one machine's figures):
+# the address-space limit leaves room for a 1 GB claim (so a check that let it through would show in the peak
+# RSS) but not for a 4 GB one; a peak RSS more than MARGIN over the valid run's is an allocated claim.
+MARGIN = 256 << 20  # a quarter of the smallest claim below
+
+
+class Limits(NamedTuple):
+    address_space: int  # bytes: RLIMIT_AS for the runs on forged files
+    rss_kib: int  # the peak RSS a run on a forged file of a few MB must stay under
+
+
+@pytest.fixture(scope="module")
+def limits(valid: dict[str, Path], big_store: Path, query_image: Path) -> Limits:
+    """The valid flat index's query, measured in a child: its peak address space and peak RSS."""
+    code = textwrap.dedent("""
+        import atexit, runpy, sys
+        def peaks():
+            status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+            print("PEAKS", status["VmPeak"].split()[0], status["VmHWM"].split()[0], file=sys.stderr)
+        atexit.register(peaks)
+        sys.argv = ["imgvec", *sys.argv[1:]]
+        runpy.run_module("imgvec", run_name="__main__")
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code, "query", str(big_store), str(query_image), "--index",
+                          str(valid["flat"])], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    vm_kib, hwm_kib = map(int, out.stderr.split("PEAKS ")[1].split()[:2])
+    return Limits((vm_kib << 10) + (3 << 29), hwm_kib + (MARGIN >> 10))  # + 1.5 GiB: a 1 GB claim fits
 
 
 @pytest.mark.parametrize("claim", [1 << 28, 1 << 30, 1 << 38], ids=["1GB", "4GB", "1TB"])
 def test_a_huge_claim_allocates_nothing(claim: int, valid: dict[str, Path], big_store: Path, query_image: Path,
-                                        tmp_path: Path):
+                                        tmp_path: Path, limits: Limits):
     """A flat blob of a few MB claiming ``claim`` floats: one line, no MemoryError, no kill, no big RSS
     (today FAISS allocates a claim that fits under the limit, and fails on the rest)."""
     blob = _put(_blob(valid["flat"]), HEADER, "Q", claim)
     forged = _with_blob(valid["flat"], tmp_path / "claim.index.h5", blob)
     assert forged.stat().st_size < 4_000_000
-    rc, _, err, rss_kib = _cli("query", big_store, query_image, "--index", forged, limit=LIMIT)
+    rc, _, err, rss_kib = _cli("query", big_store, query_image, "--index", forged, limit=limits.address_space)
     _one_line(rc, err, forged)
-    assert rss_kib < 400 << 10, f"peak RSS {rss_kib >> 10} MiB for a {forged.stat().st_size}-byte file"
+    assert rss_kib < limits.rss_kib, f"peak RSS {rss_kib >> 10} MiB for a {forged.stat().st_size}-byte file"
 
 
 def test_a_huge_hnsw_claim_allocates_nothing(valid: dict[str, Path], big_store: Path, query_image: Path,
-                                             tmp_path: Path):
+                                             tmp_path: Path, limits: Limits):
     blob = _blob(valid["hnsw"])
     blob = _put(blob, _hnsw_layout(blob)["links"], "Q", 3 << 27)  # 1.5 GB of int32 links
     forged = _with_blob(valid["hnsw"], tmp_path / "claim.index.h5", blob)
-    rc, _, err, rss_kib = _cli("query", big_store, query_image, "--index", forged, limit=LIMIT)
+    rc, _, err, rss_kib = _cli("query", big_store, query_image, "--index", forged, limit=limits.address_space)
     _one_line(rc, err, forged)
-    assert rss_kib < 400 << 10, f"peak RSS {rss_kib >> 10} MiB"
+    assert rss_kib < limits.rss_kib, f"peak RSS {rss_kib >> 10} MiB"
 
 
 def test_a_dataset_larger_than_its_file_is_refused_before_reading(valid: dict[str, Path], tmp_path: Path):
@@ -597,18 +625,18 @@ def _mutations(blob: bytes, rng: np.random.Generator, n: int) -> list[tuple[str,
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_fuzzed_blobs_end_in_an_answer_or_one_line(kind: str, valid: dict[str, Path], big_store: Path,
-                                                   tmp_path: Path):
+                                                   tmp_path: Path, limits: Limits):
     blob = _blob(valid[kind])
     files = {}
     for i, (name, mutated) in enumerate(_mutations(blob, np.random.default_rng(17), 150)):
         files[str(_with_blob(valid[kind], tmp_path / f"fuzz{i}.index.h5", mutated))] = name
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", _FUZZ, str(LIMIT), str(big_store), *files], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", _FUZZ, str(limits.address_space), str(big_store), *files], capture_output=True,
                          text=True, env=env, timeout=900, check=True)
     failures, answered = [], 0
     for path, (how, code, rss_kib) in json.loads(run.stdout).items():
         err = Path(path + ".err").read_text()
-        if rss_kib > 400 << 10:  # a few MB of index: anything near this is an allocated claim
+        if rss_kib > limits.rss_kib:  # a few MB of index: more than the valid query's peak is an allocated claim
             failures.append(f"{files[path]}: peak RSS {rss_kib >> 10} MiB")
         if how == "exit" and code == 0:
             ids = np.array(json.loads(Path(path + ".out").read_text()))

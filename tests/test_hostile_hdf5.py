@@ -11,6 +11,7 @@ allocated what a file claimed, and hung on FIFOs.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ from imgvec.vectors.store import create_store, open_store
 
 D = 576  # mobilenetv3small's embedding size
 PROV = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", D)
-LIMIT = 2 << 30  # address space of each child: the old reader went far past it on every size claim
+HEADROOM = 1 << 30  # address space each child gets beyond what it maps to run a command on a valid file:
+# every size claim below is several GB in files of a few MB (the old reader went far past it on each)
 SECRET = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n" * 40
 
 # Runs CLI commands inside one child (imports paid once), under RLIMIT_AS; prints what each did.
@@ -51,7 +53,19 @@ for args in json.loads(sys.argv[2]):
     out.append({"args": args, "code": r.exit_code, "stderr": r.stderr, "stdout": r.stdout[-100000:],
                 "exception": repr(crash)[:500] if crash is not None else None})
 print(json.dumps(out))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print("VmPeak", status["VmPeak"].split()[0], file=sys.stderr)
 """
+
+
+@functools.cache
+def _limit() -> int:
+    """RLIMIT_AS for the children: the address space a child maps to list the backbones (the CLI imported, as
+    for every command here), measured on this machine, plus :data:`HEADROOM`."""
+    done = subprocess.run([sys.executable, "-c", CHILD, "0", json.dumps([["models", "-f", "json"]])],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return (int(done.stderr.split("VmPeak ")[1].split()[0]) << 10) + HEADROOM
 
 
 # -- watching the other files: inotify, so a mere open is seen too --------------------------------------
@@ -80,10 +94,11 @@ def _snapshot(paths: list[Path]) -> list[tuple[bytes, int]]:
     return [(p.read_bytes(), p.stat().st_mtime_ns) for p in paths]
 
 
-def run_cli(commands: list[list[str]], others: list[Path], limit: int = LIMIT, timeout: int = 300,
+def run_cli(commands: list[list[str]], others: list[Path], limit: int | None = None, timeout: int = 300,
             kept: tuple[Path, ...] = ()) -> list[dict]:
     """Run ``commands`` in a child under ``limit``; assert none of ``others`` was opened or changed,
     and none of ``kept`` (files the commands read) changed."""
+    limit = _limit() if limit is None else limit
     before = _snapshot([*others, *kept])
     watch = Watch(others)
     try:

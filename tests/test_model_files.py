@@ -389,3 +389,15 @@ def test_model_file_provenance_reads_without_the_registry_and_is_checked():
     with pytest.raises(MismatchError, match="backbone: a model file vs mobilenetv3small"):
         check_compatible(made, registry, "store", "query")
     assert "model_sha256" not in registry.json_fields() and made.json_fields()["model_sha256"] == "a" * 64
+
+
+def test_a_query_with_an_onnx_model_file_never_imports_tensorflow(model_store: Path, image_dir: Path):
+    import subprocess
+    import sys
+
+    code = ("import sys, imgvec; r = imgvec.query(sys.argv[1], [sys.argv[2]], k=1); "
+            "print(len(r.queries), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(model_store), str(image_dir / "reds")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["6", "False", "False"]

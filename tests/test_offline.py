@@ -38,8 +38,9 @@ def _fresh_probe():
     w._unreachable.cache_clear()
 
 
-def test_embed_with_the_default_weights_offline_is_one_line_at_once(tmp_path: Path, image_dir: Path):
-    r = _cli("embed", str(image_dir), "-o", "photos.h5", cwd=tmp_path)
+def test_embed_with_imagenet_weights_offline_is_one_line_at_once(tmp_path: Path, image_dir: Path):
+    """A Keras backbone's ImageNet weights (the default efficientnetlite0's ship with imgvec)."""
+    r = _cli("embed", str(image_dir), "-o", "photos.h5", "-m", "efficientnetb0", cwd=tmp_path)
     assert r.returncode == 4, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgvec: error: ImageNet weights for efficientnetb0 are not in "
@@ -157,7 +158,7 @@ def test_the_offline_error_docs_backbones_shows_is_the_one_printed(tmp_path: Pat
 
     text = (Path(__file__).resolve().parents[1] / "docs/backbones.md").read_text()
     shown = re.search(r"`(imgvec: error: ImageNet weights for efficientnetb0 are not in [^`]+)`", text).group(1)
-    r = _cli("embed", str(image_dir), "-o", "photos.h5", cwd=tmp_path)
+    r = _cli("embed", str(image_dir), "-o", "photos.h5", "-m", "efficientnetb0", cwd=tmp_path)
 
     def general(message: str) -> str:  # the reason and the cache folder are the machine's own
         return re.sub(r" in \S+/models/ ", " in DIR/models/ ", re.sub(r"\(no connection to [^)]*\)", "(REASON)", message))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -151,17 +150,40 @@ def test_cli_without_a_terminal_prints_when_each_phase_starts_and_ends(image_dir
 
 
 def test_without_a_terminal_a_short_phase_is_quiet_and_a_long_one_is_announced_while_it_runs(monkeypatch):
-    monkeypatch.setattr("imgvec.cli.reporter.QUIET_SECONDS", 0.3)
+    """The quiet window is a timer per phase: one that ends first is cancelled (no line), one that fires announces
+    the phase mid-run. The timers are fakes fired by hand, so nothing here depends on the machine's speed."""
+    import imgvec.cli.reporter as reporter
+
+    timers = []
+
+    class Timer:
+        def __init__(self, seconds, fn, args):
+            self.seconds, self.fn, self.args, self.cancelled, self.daemon = seconds, fn, args, False, False
+            timers.append(self)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            self.cancelled = True
+
+        def fire(self):
+            if not self.cancelled:
+                self.fn(*self.args)
+
+    monkeypatch.setattr(reporter.threading, "Timer", Timer)
     out = io.StringIO()
     with Reporter(out, terminal=False) as progress:
         with Phase(progress, "quick", 2):
             pass
+        (quick,) = timers
+        assert quick.seconds == reporter.QUIET_SECONDS and quick.cancelled
+        quick.fire()  # a timer that fires after its phase ended says nothing
         assert out.getvalue() == ""
         with Phase(progress, "slow", 2) as step:
             step.update(1)
-            deadline = time.monotonic() + 10
-            while not out.getvalue() and time.monotonic() < deadline:  # announced by its timer, mid-phase
-                time.sleep(0.05)
+            assert out.getvalue() == ""  # inside the window: nothing yet
+            timers[-1].fire()  # the window passes mid-phase
             assert out.getvalue() == "imgvec: progress: slow: started (2)\n"
     assert re.fullmatch(r"imgvec: progress: slow: started \(2\)\nimgvec: progress: slow: 2/2 in \d+\.\ds\n",
                         out.getvalue())

@@ -457,6 +457,11 @@ def test_serve_command_errors_are_one_line(tmp_path, served):
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     out = _imgvec("serve", str(served["store"]), "-k", "0")
     assert out.returncode == 2 and "-k must be between 1 and 1000, not 0" in out.stderr, out.stderr
+    for option, value, message in (("--max-connections", "0", "max-connections must be at least 1"),
+                                   ("--header-timeout", "0", "header-timeout must be more than 0 seconds"),
+                                   ("--memory-budget", "0", "memory-budget must be at least 1 MB")):
+        out = _imgvec("serve", str(served["store"]), option, value)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
 
 def test_connections_are_not_held_back_by_nagle():

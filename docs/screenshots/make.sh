@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's gallery screenshots: the demo's generated images, RANDOM weights (nothing is
-# downloaded), each HTML page rendered by headless Chromium. Needs `imgvec` and `python` (the
-# .venv's) on PATH: `make screenshots`.
+# The README's gallery screenshots: real photos that ship in packages (augmented copies, as `make demo`
+# makes them), embedded with the default efficientnetlite0 and its pretrained weights (installed with
+# imgvec: nothing is downloaded), each HTML page rendered by headless Chromium. Needs `imgvec` and
+# `python` (the .venv's) on PATH: `make screenshots`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 chromium=${CHROMIUM:-chromium}
@@ -10,16 +11,17 @@ rm -rf "$work" && mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 python -c "
-from imgvec.synthetic import make_image_folder
-make_image_folder('images/train', per_class=12, size=160, seed=0)
-make_image_folder('images/holdout', per_class=4, size=160, seed=1)"
-cp images/train/reds/reds_000.png images/train/reds/reds_000_copy.png   # an identical file for dedup
-imgvec embed images/train -o photos.h5 --weights none
+from imgvec.synthetic import make_photo_folder
+classes = ('cat', 'coffee', 'astronaut', 'rocket', 'temple', 'flower')
+make_photo_folder('images/train', per_class=8, size=224, classes=classes, seed=0)
+make_photo_folder('images/holdout', per_class=2, size=224, classes=classes, seed=1)"
+cp images/train/cat/cat_000.jpg images/train/cat/cat_000_copy.jpg   # an identical file for dedup
+imgvec embed images/train -o photos.h5          # efficientnetlite0, pretrained
 imgvec index photos.h5
-imgvec query photos.h5 images/holdout/reds images/holdout/blues -k 6 --html query.html > /dev/null
+imgvec query photos.h5 images/holdout/cat images/holdout/coffee -k 6 --html query.html > /dev/null
 imgvec train photos.h5 -o head.h5 --cv 3 > /dev/null
 imgvec predict head.h5 images/holdout --html predict.html > /dev/null
-imgvec compare images/train -m mobilenetv3small,efficientnetb0 --weights none --cv 3 --html compare.html > /dev/null
+imgvec compare images/train -m efficientnetlite0 --cv 3 --html compare.html > /dev/null
 imgvec dedup photos.h5 --threshold 0.99 --html dedup.html > /dev/null
 for page in query predict compare dedup; do
   "$chromium" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1100,800 \

@@ -357,7 +357,8 @@ def models(
     sort: str = typer.Option("", "--sort", autocompletion=_choices("sort"), help=f"sort by a column: {', '.join(MODEL_COLUMNS)} "
                                                 "(numbers largest first; blanks last)"),
 ) -> None:
-    """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here."""
+    """List the backbones: input and embedding size, parameters, Keras' published ImageNet accuracy, speed here,
+    and which have ImageNet weights at hand offline."""
     _check_format(fmt)
     _print(fmt, api.models(sort=sort or None))
 

@@ -117,7 +117,8 @@ def walk(read: Read, layout: tuple[int, tuple[int, ...]], file_size: int, superb
     leaves = _walk_tree(read, root, 1, entry, 2 * istore_k, file_size, superblock_end)
     if not leaves:
         return 0
-    entries = np.concatenate([e for _, e in leaves])  # every chunk checked at once, not node by node
+    # every chunk checked at once, not node by node (the leaves' bytes joined, then read as one array)
+    entries = np.frombuffer(b"".join(raw for _, raw in leaves), entry)
     offsets, children = entries["offset"], entries["child"]
     wrong = ((entries["size"] != chunk_bytes) | (entries["mask"] != 0) | ((offsets % step) != 0).any(axis=1)
              | (offsets >= bound).any(axis=1) | (offsets[:, -1] != 0))
@@ -126,17 +127,18 @@ def walk(read: Read, layout: tuple[int, tuple[int, ...]], file_size: int, superb
     for bad, what in ((wrong, "a chunk of the wrong size or at a position outside the dataset"),
                       (outside, "a chunk outside the file")):
         if bad.any():
-            node = np.repeat([a for a, _ in leaves], [len(e) for _, e in leaves])[int(np.argmax(bad))]
+            node = np.repeat([a for a, _ in leaves], [len(raw) // entry.itemsize for _, raw in leaves])[
+                int(np.argmax(bad))]
             raise MalformedChunks(f"the chunk B-tree node at byte {int(node):,} lists {what}")
     return len(entries)
 
 
 def _walk_tree(read: Read, root: int, node_type: int, entry: np.dtype, capacity: int, file_size: int,
-               superblock_end: int) -> list[tuple[int, np.ndarray]]:
+               superblock_end: int) -> list[tuple[int, bytes]]:
     """Walk the version-1 B-tree of ``node_type`` (0: a group's, 1: a chunk index) at ``root``, bounded
     (each node once, each child one level below its parent, at most ``capacity`` entries a node, every
-    node inside the file, siblings of the same level); ``(address, entries)`` of each leaf that has
-    any (an entry: a key, then the child's address), for the caller to check."""
+    node inside the file, siblings of the same level); ``(address, entries' bytes)`` of each leaf that
+    has any (an entry: a key, then the child's address), for the caller to check."""
     what = ("group", "chunk")[node_type]
     node_size = NODE_HEADER + capacity * entry.itemsize + entry.itemsize - 8  # 2K children, 2K + 1 keys
     todo: list[tuple[int, int | None]] = [(root, None)]
@@ -164,11 +166,11 @@ def _walk_tree(read: Read, root: int, node_type: int, entry: np.dtype, capacity:
                                   f"room for {capacity}")
         levels[address] = level
         siblings.append((level, left, right))
-        entries = np.frombuffer(block, entry, count=used, offset=NODE_HEADER)
         if level > 0:
+            entries = np.frombuffer(block, entry, count=used, offset=NODE_HEADER)
             todo.extend((child, level - 1) for child in entries["child"].tolist())
         elif used:
-            leaves.append((address, entries))
+            leaves.append((address, block[NODE_HEADER : NODE_HEADER + used * entry.itemsize]))
     for level, left, right in siblings:
         if any(link != UNDEFINED and levels.get(link) != level for link in (left, right)):
             raise MalformedChunks(f"a {what} B-tree sibling link to a node not of its level")
@@ -229,8 +231,8 @@ def _check_group(read: Read, file_size: int, header: int) -> int:
     entry = np.dtype([("key", "<u8"), ("child", "<u8")])
     leaves = _walk_tree(read, root, 0, entry, 2 * internal_k, file_size, superblock_end)
     seen: set[int] = set()
-    for address, entries in leaves:
-        for child in entries["child"].tolist():
+    for address, raw in leaves:
+        for child in np.frombuffer(raw, entry)["child"].tolist():
             if child in seen or child < superblock_end or child > file_size - snod_size:
                 raise MalformedChunks(f"the group B-tree node at byte {address:,} lists a symbol table at byte "
                                       f"{child:,}, outside the file or listed twice")

@@ -49,9 +49,9 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keep_alive"):
             if not getattr(self, name) > 0:
-                raise BadInputError(f"{param(name.replace('_', '-'))} must be more than 0 seconds")
+                raise BadInputError(f"{param(name)} must be more than 0 seconds")
         if self.max_connections < 1:
-            raise BadInputError(f"{param('max-connections')} must be at least 1, not {self.max_connections}")
+            raise BadInputError(f"{param('max_connections')} must be at least 1, not {self.max_connections}")
 
 
 def guarded_protocol(limits: Limits) -> type:

@@ -72,7 +72,7 @@ class MemoryBudget:
 
     def __init__(self, total: int = MEMORY_BUDGET, wait: float = BUDGET_WAIT_S) -> None:
         if total < 1 << 20:
-            raise BadInputError(f"{param('memory-budget')} must be at least 1 MB, not {total} bytes")
+            raise BadInputError(f"{param('memory_budget')} must be at least 1 MB, not {total} bytes")
         self.total, self.wait = int(total), wait
         self.used = self.peak = 0
         self._cond = threading.Condition()
