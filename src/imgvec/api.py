@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -517,20 +517,31 @@ def dedup(store: PathLike, threshold: float = 0.95, check_files: bool = True, ex
         return find_duplicates(s, threshold, check_files=check_files, exact=exact, progress=progress)
 
 
-def dedup_page(result: DedupResult) -> str:
-    """The self-contained HTML page of ``result`` (thumbnails of every group), as a string."""
-    from imgvec.pages import html
-
+def _store_page(result: Any, render: Callable[[Any, Callable[[str], str]], str]) -> str:
+    """``render(result, absolute)``: a page about rows of ``result.store``, whose thumbnails need their files."""
     with open_store(result.store) as s:
-        return html.dedup_page(result, s.absolute)
+        return render(result, s.absolute)
 
 
-def dedup_html(result: DedupResult, output: PathLike) -> Path:
+def _write_store_page(result: Any, output: PathLike, page: Callable[[Any], str]) -> Path:
+    """``page(result)`` written to ``output``, which may not be the store, or a file below the store's root
+    that is an image."""
     from imgvec.pages import html
 
     with open_store(result.store) as s:
         check_output(output, [result.store, s.root], read_under=is_image_name)
-    return html.write(output, dedup_page(result))
+    return html.write(output, page(result))
+
+
+def dedup_page(result: DedupResult) -> str:
+    """The self-contained HTML page of ``result`` (thumbnails of every group), as a string."""
+    from imgvec.pages import html
+
+    return _store_page(result, html.dedup_page)
+
+
+def dedup_html(result: DedupResult, output: PathLike) -> Path:
+    return _write_store_page(result, output, dedup_page)
 
 
 
@@ -601,13 +612,8 @@ def inspect_page(result: InspectResult) -> str:
     """The self-contained HTML report of ``result``: every section with thumbnails and scores, and the map."""
     from imgvec.pages import html
 
-    with open_store(result.store) as s:
-        return html.inspect_page(result, s.absolute)
+    return _store_page(result, html.inspect_page)
 
 
 def inspect_html(result: InspectResult, output: PathLike) -> Path:
-    from imgvec.pages import html
-
-    with open_store(result.store) as s:
-        check_output(output, [result.store, s.root], read_under=is_image_name)
-    return html.write(output, inspect_page(result))
+    return _write_store_page(result, output, inspect_page)
