@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import OUT, generated_store, md_table, write_result
+from .common import CHILD_PEAK_RSS, OUT, generated_store, md_table, write_result
 
 NAME = "dedup"
 DIM = 576
@@ -33,15 +33,7 @@ NEAR_ROWS = 2000
 
 # Run in a fresh process: one dedup, then its peak RSS and groups as JSON. The peak is VmHWM,
 # which starts afresh at exec (ru_maxrss would carry over the parent's peak).
-_CHILD = """
-def peak_rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-import json, sys, time
-import imgvec
-start = time.perf_counter()
+_CHILD = CHILD_PEAK_RSS + """
 r = imgvec.dedup(sys.argv[1], threshold=0.95, check_files=False, exact=json.loads(sys.argv[2]))
 seconds = time.perf_counter() - start
 json.dump({"seconds": seconds, "method": r.method, "degenerate": r.degenerate, "share_above": r.share_above,

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import OUT, generated_store, load_average, md_table, photo_like, write_result
+from .common import CHILD_PEAK_RSS, OUT, generated_store, load_average, md_table, photo_like, write_result
 
 NAME = "inspect"
 NOISE = 0.05
@@ -40,15 +40,7 @@ OUTLIER_SHARE = 0.01
 SCALE_DIM = 1280
 SCALE_CLASSES = 10
 
-_CHILD = """
-def peak_rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-import json, sys, time
-import imgvec
-start = time.perf_counter()
+_CHILD = CHILD_PEAK_RSS + """
 phases = {}
 def progress(done, total, phase="?"):
     now = time.perf_counter() - start

@@ -228,6 +228,20 @@ def small_folder(n: int, size: int = 64, seed: int = 0) -> Path:
     return folder
 
 
+# The first lines of a child script that reports its own peak RSS: VmHWM starts afresh at exec, where
+# ru_maxrss would carry over the parent's peak. A benchmark appends its work and calls peak_rss_mb().
+CHILD_PEAK_RSS = """
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+import json, sys, time
+import imgvec
+start = time.perf_counter()
+"""
+
+
 def peak_rss_mb_of(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run ``cmd`` in a child process; (its peak RSS in MB, wall seconds).
 
