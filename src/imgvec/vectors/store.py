@@ -58,6 +58,7 @@ class Store:
 
     def __init__(self, file: Checked) -> None:
         self.h5, self.path, self.header = file.h5, file.path, file.header
+        self._file = file
         self.lease = file.lease  # read-only: nobody rewrites the file in place while it is open
         self.provenance = self.header.provenance
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
@@ -208,9 +209,7 @@ class Store:
                 group[name][:] = encode_keys(item[i] for item in skipped)
 
     def close(self) -> None:
-        self.h5.close()
-        if self.lease is not None:
-            self.lease.release()
+        self._file.close()  # the HDF5 file and its lease
 
     def __enter__(self) -> "Store":
         return self
