@@ -112,6 +112,16 @@ def run_cli(commands: list[list[str]], others: list[Path], limit: int | None = N
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def assert_answer_or_one_line(what: str, r: dict) -> None:
+    """A fuzzed file's command ends in an answer (exit 0) or in one short error line (2-4), never otherwise."""
+    assert r["exception"] is None, (what, r["args"], r["exception"])
+    if r["code"]:
+        lines = r["stderr"].splitlines()
+        assert r["code"] in (2, 3, 4) and len(lines) == 1 and lines[0].startswith("imgvec: error:"), (
+            what, r["args"], r["stderr"][:2000])
+        assert len(lines[0]) < 500, (what, lines[0][:1000])
+
+
 def assert_one_line(results: list[dict], *words: str) -> None:
     for r in results:
         assert r["exception"] is None, (r["args"], r["exception"])
@@ -686,12 +696,7 @@ def test_fuzzed_files_end_in_an_answer_or_one_line_never_a_signal_or_the_limit(b
         results = run_cli(commands, [], kept=(base["head"], base["store"]), timeout=1200)
         for what, (info, predict) in zip(names, zip(*[iter(results)] * 2)):
             for r in (info, predict):
-                assert r["exception"] is None, (what, r["args"], r["exception"])
-                if r["code"]:
-                    lines = r["stderr"].splitlines()
-                    assert r["code"] in (2, 3, 4) and len(lines) == 1 and lines[0].startswith("imgvec: error:"), (
-                        what, r["args"], r["stderr"][:2000])
-                    assert len(lines[0]) < 500, (what, lines[0][:1000])
+                assert_answer_or_one_line(what, r)
         for path in tmp_path.glob("m*.h5"):
             path.unlink()
 
@@ -763,11 +768,7 @@ def test_fuzzed_chunk_indexes_end_in_an_answer_or_one_line_never_a_signal_or_the
         results = run_cli(commands, [], kept=(base["head"],), timeout=600)
         for what, (info, predict) in zip(names, zip(*[iter(results)] * 2)):
             for r in (info, predict):
-                assert r["exception"] is None, (what, r["args"], r["exception"])
-                if r["code"]:
-                    lines = r["stderr"].splitlines()
-                    assert r["code"] in (2, 3, 4) and len(lines) == 1 and lines[0].startswith("imgvec: error:"), (
-                        what, r["args"], r["stderr"][:2000])
+                assert_answer_or_one_line(what, r)
         for path in tmp_path.glob("m*.h5"):
             path.unlink()
 
