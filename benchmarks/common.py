@@ -77,6 +77,8 @@ def commit() -> str:
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "commit": commit(), "machine": machine(), **data}
+    if os.environ.get("IMGVEC_BENCH_BESIDE"):  # what else ran on the machine meanwhile, as the runner states it
+        data["beside"] = os.environ["IMGVEC_BENCH_BESIDE"]
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
     return path
