@@ -26,7 +26,7 @@ import numpy as np
 from imgvec.files.h5format import PINNED
 from imgvec.files.structure import Expect, check_group, damaged, file_size, reading
 
-BYTES_CHUNK = 1 << 16  # bytes per chunk of a strings column's ``bytes``
+BYTES_CHUNK = 1 << 14  # bytes per chunk of a strings column's ``bytes``: 16 KiB, so a small file stays small
 OFFSETS_CHUNK = 1024  # offsets per chunk (8 KiB)
 
 
