@@ -160,15 +160,15 @@ def _label_by_cluster(path: Path, centres: np.ndarray) -> None:
     """Give the generated rows labels (their nearest centre's class), in place, once."""
     import h5py
 
-    from imgvec.files.strings import encode_keys
+    from imgvec.files.strings import set_strings
 
     with h5py.File(path, "r+") as h5:
-        if h5["labels"].shape[0] and h5["labels"][0]:
+        if h5["labels/names/offsets"].shape[0] > 1:
             return
+        set_strings(h5["labels/names"], [f"class{c}" for c in range(SCALE_CLASSES)])  # code c: class c
         for start in range(0, h5["embeddings"].shape[0], 50_000):
             x = h5["embeddings"][start : start + 50_000]
-            cls = np.argmax(x @ centres.T, axis=1) % SCALE_CLASSES
-            h5["labels"][start : start + len(x)] = encode_keys(f"class{c}" for c in cls)
+            h5["labels/codes"][start : start + len(x)] = (np.argmax(x @ centres.T, axis=1) % SCALE_CLASSES).astype(np.int32)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

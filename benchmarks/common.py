@@ -28,7 +28,15 @@ def generated_store(path: Path, rows: int, dim: int, fill: Callable[[int, int], 
     from .make_store import write_store
 
     if path.exists():
-        return path
+        import h5py
+
+        from imgvec.files.header import FORMAT_VERSION
+
+        with h5py.File(path, "r") as h5:
+            current = h5.attrs.get("format_version", 1) == FORMAT_VERSION
+        if current:
+            return path
+        path.unlink()  # made by an earlier imgvec, in an older format: made again
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_store(path, rows, dim, fill, chunk=chunk)
 

@@ -62,8 +62,8 @@ def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | 
                 model: str | None = None, image_size: int | None = None, chunk: int = 16_384) -> Path:
     """Write a store of ``rows`` generated rows to ``path`` atomically, ``chunk`` rows at a time."""
 
-    from imgvec.files.header import Header, write_header
-    from imgvec.files.strings import encode_keys
+    from imgvec.files.header import Header, text_attr, write_header
+    from imgvec.files.strings import append_strings
     from imgvec.fileio import atomic_path
     from imgvec.files.provenance import Provenance
     from imgvec.files.h5format import new_file
@@ -78,14 +78,14 @@ def write_store(path: str | os.PathLike[str], rows: int, dim: int, fill: Fill | 
     prov = Provenance(backbone.name, "random", 0, None, None, size, backbone.preprocessing, dim)
     with atomic_path(path) as tmp, new_file(tmp) as h5:  # imgvec's pinned format, as a store writer makes it
         _init_layout(h5, prov, str(path.resolve().parent))
-        for name in ("embeddings", "paths", "labels"):
+        for name in ("embeddings", "labels/codes"):
             h5[name].resize(rows, axis=0)
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             h5["embeddings"][start : start + n] = np.asarray(fill(start, n), np.float32)
-            h5["paths"][start : start + n] = encode_keys(f"img_{i:07d}.jpg" for i in range(start, start + n))
-            h5["labels"][start : start + n] = [b""] * n
-        write_header(h5.attrs, Header("store", prov, str(h5.attrs["store_id"]), 0, rows, dim))
+            append_strings(h5["paths"], (f"img_{i:07d}.jpg" for i in range(start, start + n)))
+            h5["labels/codes"][start : start + n] = np.full(n, -1, np.int32)  # unlabelled
+        write_header(h5.attrs, Header("store", prov, str(text_attr(h5.attrs, "store_id")), 0, rows, dim))
     return path
 
 

@@ -31,6 +31,7 @@ from imgvec.vectors.classifier import LogisticHead, save_head
 from imgvec.files.journal import MAGIC, Record, _encode
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import create_store, open_store
+from old_files import format2
 
 D = 576  # mobilenetv3small's embedding size
 PROV = Provenance("mobilenetv3small", "random", 0, None, None, 64, "in model", D)
@@ -169,11 +170,15 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def case(base: dict[str, Path], tmp_path: Path, image_dir: Path) -> dict[str, Path]:
-    """Fresh copies in ``tmp_path`` (a command may try to write them), an image folder and a secret file."""
+    """Fresh copies in ``tmp_path`` (a command may try to write them), an image folder and a secret file;
+    ``old_*``: a store, its index and a head of format 2 (variable-length strings: tests/old_files.py)."""
     paths = {name: Path(shutil.copy(p, tmp_path / p.name)) for name, p in base.items()}
     (tmp_path / "secret.txt").write_bytes(SECRET)
+    (tmp_path / "format2").mkdir()
+    old = format2(tmp_path / "format2")
     return {**paths, "secret": tmp_path / "secret.txt", "images": image_dir,
-            "query": next(image_dir.rglob("*.png"))}
+            "query": next(image_dir.rglob("*.png")), "old_store": old["s.h5"], "old_index": old["s.index.h5"],
+            "old_head": old["head.h5"]}
 
 
 def forge(path: Path, attack: Callable[[h5py.File], None]) -> Path:
@@ -219,12 +224,12 @@ def test_a_store_whose_paths_are_stored_in_another_file_is_refused(case):
     secret = case["secret"]
 
     def attack(h5: h5py.File) -> None:
-        _swap(h5, "paths", shape=(30,), dtype="S40", external=[(str(secret), 0, len(SECRET))])
+        _swap(h5, "paths/bytes", shape=h5["paths/bytes"].shape, dtype="uint8", external=[(str(secret), 0, len(SECRET))])
 
     store = forge(case["store"], attack)
     results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)],
                        ["query", str(store), str(case["query"])]], [secret])
-    assert_one_line(results, "'paths' keeps its data in an external file")
+    assert_one_line(results, "'paths/bytes' keeps its data in an external file")
 
 
 def test_embed_never_writes_vectors_into_an_external_file(case):
@@ -314,8 +319,8 @@ def test_a_30_row_store_with_one_huge_gzip_chunk_is_refused_without_inflating_it
 
 def test_a_store_claiming_1e8_rows_is_refused_before_allocating_them(case):
     def attack(h5: h5py.File) -> None:
-        for name in ("embeddings", "paths", "labels"):
-            h5[name].resize(10**8, axis=0)
+        for name in ("embeddings", "paths/offsets", "labels/codes"):
+            h5[name].resize(10**8 + (name == "paths/offsets"), axis=0)
         h5.attrs["rows"] = 10**8
 
     store = forge(case["store"], attack)
@@ -325,7 +330,8 @@ def test_a_store_claiming_1e8_rows_is_refused_before_allocating_them(case):
 
 
 def test_strings_sharing_one_heap_object_cannot_multiply_it(case):
-    """30 labels pointing at one 8 MB string would read as 240 MB from an 8 MB file."""
+    """30 labels pointing at one 8 MB string would read as 240 MB from an 8 MB file (a format-2 store: new
+    files hold no variable-length string)."""
     def attack(h5: h5py.File) -> None:
         labels = h5["labels"]
         labels[0] = b"x" * (8 << 20)
@@ -334,8 +340,8 @@ def test_strings_sharing_one_heap_object_cannot_multiply_it(case):
         refs[:30] = refs[0]
         labels.id.write_direct_chunk((0,), refs.tobytes())
 
-    store = forge(case["store"], attack)
-    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)]], [case["other"]])
+    store = forge(case["old_store"], attack)
+    results = run_cli([["info", str(store)], ["predict", str(case["old_head"]), str(store)]], [case["other"]])
     assert_one_line(results, "'/labels'", "strings claim")
 
 
@@ -351,13 +357,14 @@ def _stall(path: Path, collection: int) -> Path:
 
 
 def test_a_string_attribute_in_a_heap_that_never_ends_is_one_line_not_a_hang(case):
+    """A format-2 store: new files' text attributes are of fixed length, in no heap."""
     from imgvec.files import h5heap
 
-    with h5py.File(case["store"], "r") as h5:
+    with h5py.File(case["old_store"], "r") as h5:
         heaps, _ = h5heap.attribute_heaps(h5heap.reader(h5.id.get_vfd_handle()), h5py.h5o.get_info(h5.id).addr,
-                                          case["store"].stat().st_size)
-    store = _stall(case["store"], sorted(set(heaps))[0])
-    results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store)],
+                                          case["old_store"].stat().st_size)
+    store = _stall(case["old_store"], sorted(set(heaps))[0])
+    results = run_cli([["info", str(store)], ["predict", str(case["old_head"]), str(store)],
                        ["query", str(store), str(case["query"])], ["embed", str(case["images"]), "-o", str(store)]],
                       [case["other"]], timeout=120)
     assert_one_line(results, "global heap collection", "does not walk to its end")
@@ -365,10 +372,10 @@ def test_a_string_attribute_in_a_heap_that_never_ends_is_one_line_not_a_hang(cas
 
 def test_stored_paths_in_a_heap_that_never_ends_are_one_line_not_a_hang(case):
     """A collection only one path uses (forged in the unused end of the vectors' chunk, where nothing
-    else looks): reading every path (predict, info) or only a query's hits (query -k 30)."""
+    else looks): reading every path (predict, info) or only a query's hits (query -k 30). A format-2 store."""
     from imgvec.files import h5heap
 
-    store = case["store"]
+    store = case["old_store"]
     with h5py.File(store, "r+") as h5:
         fd = h5.id.get_vfd_handle()
         heaps, _ = h5heap.attribute_heaps(h5heap.reader(fd), h5py.h5o.get_info(h5.id).addr, store.stat().st_size)
@@ -389,7 +396,7 @@ def test_stored_paths_in_a_heap_that_never_ends_are_one_line_not_a_hang(case):
         fh.seek(forged)
         fh.write(block)
     _stall(store, forged)
-    results = run_cli([["predict", str(case["head"]), str(store), "-f", "csv"]], [case["other"]], timeout=120)
+    results = run_cli([["predict", str(case["old_head"]), str(store), "-f", "csv"]], [case["other"]], timeout=120)
     # query loads its model first (TensorFlow needs more address space than the limit the others run under)
     queried = run_cli([["query", str(store), str(case["query"]), "-k", "30"]], [case["other"]], limit=16 << 30,
                       timeout=300)
@@ -398,18 +405,69 @@ def test_stored_paths_in_a_heap_that_never_ends_are_one_line_not_a_hang(case):
     assert_one_line(results + queried, "global heap collection", "does not walk to its end")
 
 
-def test_a_22_kb_head_claiming_2m_classes_is_one_short_line(case):
+@pytest.mark.parametrize("old", [False, True], ids=["format 3", "format 2"])
+def test_a_22_kb_head_claiming_2m_classes_is_one_short_line(case, old):
     n = 2_000_000
 
     def attack(h5: h5py.File) -> None:
-        _swap(h5, "classes", shape=(n,), maxshape=(None,), chunks=(4096,), dtype=h5py.string_dtype())
+        if old:
+            _swap(h5, "classes", shape=(n,), maxshape=(None,), chunks=(4096,), dtype=h5py.string_dtype())
+        else:
+            _swap(h5, "classes/offsets", shape=(n + 1,), maxshape=(None,), chunks=(4096,), dtype="uint64")
         _swap(h5, "coef", shape=(n, D), maxshape=(None, D), chunks=(64, D), dtype="float32")
         _swap(h5, "intercept", shape=(n,), maxshape=(None,), chunks=(4096,), dtype="float32")
 
-    head = forge(case["head"], attack)
+    head = forge(case["old_head" if old else "head"], attack)
     assert os.path.getsize(head) < 100_000
-    results = run_cli([["info", str(head)], ["predict", str(head), str(case["store"])]], [case["other_head"]])
-    assert_one_line(results, str(head), "'classes' claims")
+    results = run_cli([["info", str(head)], ["predict", str(head), str(case["old_store" if old else "store"])]],
+                      [case["other_head"]])
+    assert_one_line(results, str(head), "'classes' claims" if old else "'classes/offsets' claims")
+
+
+def _set(name: str, index: int, value: int) -> Callable[[h5py.File], None]:
+    def attack(h5: h5py.File) -> None:
+        h5[name][index] = value
+    return attack
+
+
+def _swap_offsets(name: str, i: int) -> Callable[[h5py.File], None]:
+    def attack(h5: h5py.File) -> None:
+        h5[name][i], h5[name][i + 1] = h5[name][i + 1], h5[name][i]
+    return attack
+
+
+# Each: the file, what is done to it, the commands that read that part, and the words of the line they end in.
+STRINGS_ATTACKS = {
+    "offsets not monotonic": ("store", _swap_offsets("paths/offsets", 3), ["predict"], "'paths': its offsets decrease"),
+    "last offset beyond the bytes": ("store", _set("labels/names/offsets", -1, 7), ["info", "predict"],
+                                     "'labels/names': its offsets end at byte 7, its bytes at 3"),
+    "offsets claiming more than the file": ("store", _set("skipped/reasons/offsets", -1, 1 << 40), ["info"],
+                                            "'skipped/reasons': its offsets claim 1,099,511,627,776 bytes, more than"),
+    "codes out of range": ("store", _set("labels/codes", 4, 7), ["info", "predict"],
+                           "'labels/codes' holds 7, outside its table of 3 labels"),
+    "codes below -1": ("store", _set("labels/codes", 4, -2), ["info", "predict"], "'labels/codes' holds -2"),
+    "a label table naming one label twice": ("store", _set("labels/names/bytes", 1, ord("a")), ["info", "predict"],
+                                             "'labels/names' names a label twice"),
+    "class offsets not monotonic": ("head", _swap_offsets("classes/offsets", 0), ["info", "predict"],
+                                    "'classes': its offsets"),
+}
+
+
+def test_hostile_strings_of_the_new_layout_are_each_one_damaged_file_line(case, tmp_path: Path):
+    """Format 3's strings (bytes and offsets, labels as codes into a table) checked against each other and the
+    file before any is read: every command reading the forged part ends in one damaged-file line."""
+    commands, expected = [], []
+    for i, (what, (kind, attack, reads, words)) in enumerate(STRINGS_ATTACKS.items()):
+        victim = Path(shutil.copy(case[kind], tmp_path / f"{i}-{case[kind].name}"))
+        forge(victim, attack)
+        store, head = (victim, case["head"]) if kind == "store" else (case["store"], victim)
+        for command in reads:
+            commands.append(["info", str(victim)] if command == "info" else
+                            ["predict", str(head), str(store), "-f", "csv"])
+            expected.append((what, words))
+    results = run_cli(commands, [case["other"], case["secret"]])
+    for (what, words), r in zip(expected, results):
+        assert_one_line([r], "damaged imgvec", words)
 
 
 def test_a_head_whose_training_digests_claim_1e9_rows_is_refused_on_info(case):
@@ -509,7 +567,7 @@ def _loop_chunk_index(path: Path, name: str, level: int) -> Path:
 
 
 @pytest.mark.parametrize("level", [1, 255], ids=["self-link", "absurd level"])
-@pytest.mark.parametrize("name", ["embeddings", "paths", "labels"])
+@pytest.mark.parametrize("name", ["embeddings", "paths/offsets", "paths/bytes", "labels/codes"])
 def test_a_chunk_index_that_points_to_itself_is_one_line_not_a_crash(case, name, level):
     store = _loop_chunk_index(case["store"], name, level)
     results = run_cli([["info", str(store)], ["predict", str(case["head"]), str(store), "-f", "csv"],
@@ -534,7 +592,7 @@ def _loop_group_tree(path: Path, group: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("group", ["/", "/skipped"])
+@pytest.mark.parametrize("group", ["/", "/skipped", "/labels", "/paths"])
 def test_a_group_whose_names_b_tree_points_to_itself_is_one_line_not_a_crash(case, group):
     """The same recursion in a group's symbol table (found while fixing chunk indexes): SIGSEGV on open."""
     store = _loop_group_tree(case["store"], group)
@@ -705,7 +763,8 @@ def _chunk_nodes(path: Path) -> dict[int, int]:
     """Every chunk B-tree node of a store (its roots and, in a big store, the nodes below): address -> rank."""
     nodes = {}
     data = path.read_bytes()
-    for name in ("embeddings", "paths", "labels", "skipped/paths", "skipped/reasons"):
+    strings = ("paths", "labels/names", "skipped/paths", "skipped/reasons")
+    for name in ("embeddings", "labels/codes", *(f"{s}/{part}" for s in strings for part in ("bytes", "offsets"))):
         root, rank = _chunk_root(path, name)
         todo = [root] if root != 2**64 - 1 else []
         while todo:
@@ -806,6 +865,6 @@ def test_the_format_is_pinned_whatever_h5pys_global_track_order_says(tmp_path: P
         data = (tmp_path / name).read_bytes()
         assert data[8] == 0, name  # superblock version 0
         with h5py.File(tmp_path / name, "r") as h5:
-            headers = [h5py.h5g.get_objinfo(h5[k].id).objno[0] for k in h5 if isinstance(h5[k], h5py.Dataset)]
-            headers.append(h5py.h5g.get_objinfo(h5.id).objno[0])
+            headers = [h5py.h5g.get_objinfo(h5.id).objno[0]]  # the root, and every group and dataset below it
+            h5.visititems(lambda name, obj: headers.append(h5py.h5g.get_objinfo(obj.id).objno[0]))
         assert all(data[a] == 1 for a in headers), name  # version-1 object headers ("OHDR" would be version 2)

@@ -37,9 +37,12 @@ def test_round_trip_with_plain_h5py(tmp_path: Path):
         assert s.provenance.key() == _prov().key()
     with h5py.File(path) as h5:  # the documented layout, without imgvec
         assert h5["embeddings"].dtype == np.float32 and h5["embeddings"].shape == (3, 4)
-        assert h5["paths"].asstr()[2] == "ünï/çødé.png"
-        assert h5.attrs["backbone"] == "mobilenetv3small" and h5.attrs["weights"] == "random"
-        assert h5.attrs["rows"] == 3 and h5.attrs["root"] == str(tmp_path)
+        offsets, data = h5["paths/offsets"][()], h5["paths/bytes"][()]  # strings: bytes and offsets
+        assert data[offsets[2]:offsets[3]].tobytes().decode() == "ünï/çødé.png"
+        names = h5["labels/names/bytes"][()].tobytes()
+        assert names == b"xy" and list(h5["labels/codes"]) == [0, -1, 1]  # labels: codes into their table
+        assert h5.attrs["backbone"] == b"mobilenetv3small" and h5.attrs["weights"] == b"random"
+        assert h5.attrs["rows"] == 3 and h5.attrs["root"].decode() == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["s.h5"]
 
 

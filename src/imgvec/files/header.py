@@ -3,7 +3,7 @@
 Stores, indexes and heads are HDF5 files with the same header in their attributes::
 
     kind            "store" | "index" | "head"   (also as format="imgvec-<kind>")
-    format_version  2
+    format_version  3   (3: no variable-length strings, text attributes of fixed length; 1 and 2 still read)
     store_id        the store the rows come from (a store's own id)
     generation      the store's generation (bumped when rows are removed)
     rows            rows covered (store: committed rows; index: vectors; head: training rows)
@@ -29,11 +29,12 @@ from imgvec.backbones.registry import BACKBONES
 from imgvec.checks import MAX_IMAGE_SIZE
 from imgvec.errors import BadInputError, MismatchError
 from imgvec.files.provenance import Provenance
+from imgvec.files.strings import text_value
 from imgvec.files.structure import REBUILD, check_attributes, damaged, reading
 
 KINDS = ("store", "index", "head")
 FORMATS = {kind: f"imgvec-{kind}" for kind in KINDS}
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: no variable-length string anywhere in the file (imgvec.files.strings)
 _WEIGHT_KINDS = ("imagenet", "random", "file", "model")
 _HEADER_ATTRS = ("kind", "format", "format_version", "store_id", "generation", "rows", "dim")
 
@@ -57,18 +58,18 @@ class Header:
 
 
 def write_provenance(attrs: Any, provenance: Provenance) -> None:
-    """One attribute per provenance field, so plain h5py users can read them."""
+    """One attribute per provenance field, so plain h5py users can read them (text as fixed-length UTF-8)."""
     for f in fields(Provenance):
         value = getattr(provenance, f.name)
         if value is not None:
-            attrs[f.name] = value
+            attrs[f.name] = text_value(value) if isinstance(value, str) else value
 
 
 def write_header(attrs: Any, header: Header) -> None:
     """Write ``header`` and its checksum (so an attribute edited by hand is noticed)."""
-    attrs.update(header.attrs())
+    attrs.update({k: text_value(v) if isinstance(v, str) else v for k, v in header.attrs().items()})
     write_provenance(attrs, header.provenance)
-    attrs["header_sha256"] = header_digest(attrs)
+    attrs["header_sha256"] = text_value(header_digest(attrs))
 
 
 def _header_names() -> set[str]:
@@ -88,10 +89,11 @@ def header_digest(attrs: Mapping[str, Any]) -> str:
 
 
 def _plain(value: Any) -> Any:
+    """An attribute's value as plain Python: text (a fixed-length byte string since format 3) as str."""
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return value.decode("utf-8", "surrogateescape")
     return value
 
 
@@ -215,7 +217,8 @@ def _read_header(attrs: Mapping[str, Any], path: Any, kind: str) -> Header:
         raise damaged(path, kind, f"kind attribute {_shown(_plain(attrs['kind']))} disagrees with format {fmt!r}")
     header = Header(kind, provenance, get_attr(attrs, "store_id", str, path, kind),
                     get_attr(attrs, "generation", int, path, kind, minimum=0),
-                    get_attr(attrs, "rows", int, path, kind, minimum=0), get_attr(attrs, "dim", int, path, kind, minimum=1))
+                    get_attr(attrs, "rows", int, path, kind, minimum=0), get_attr(attrs, "dim", int, path, kind, minimum=1),
+                    version)
     if header.dim != provenance.dim:
         raise damaged(path, kind, f"dim {header.dim} disagrees with the provenance's {provenance.dim}")
     if not header.store_id and kind != "head":  # a head fitted on arrays in a notebook has no store

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from imgvec.files.artifact import create, open_checked
 from imgvec.files.header import Header, get_attr
-from imgvec.files.strings import decode_keys, encode_keys, str_dtype
+from imgvec.files.strings import create_strings, decode_keys, read_strings, strings_layout
 from imgvec.files.structure import Expect, capped, check_finite, damaged, reading
 from imgvec.checks import check_per_class
 from imgvec.errors import BadInputError
@@ -176,7 +176,7 @@ def save_head(head: LogisticHead, path: str | os.PathLike[str], provenance: Prov
     with create(path, header) as h5:
         for name in _ARRAYS:
             h5.create_dataset(name.rstrip("_"), data=arrays[name], **PINNED)
-        h5.create_dataset("classes", data=encode_keys([str(c) for c in head.classes_]), dtype=str_dtype(), **PINNED)
+        create_strings(h5, "classes", [str(c) for c in head.classes_])
         h5.create_dataset("train_paths", data=path_digests(train_paths), **PINNED)
         for name in _SCALARS:
             h5.attrs[name] = getattr(head, name)
@@ -198,8 +198,10 @@ def read_head(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header]:
 def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarray]:
     """The head, its header and the digests of the paths it was trained on."""
     missing = f"no such head file (make one with imgvec train STORE -o {path})"
-    with open_checked(path, "head", missing, lambda header: {"classes": Expect(1, "str")}) as file:
-        h5, header, n = file.h5, file.header, file.datasets["classes"].shape[0]
+    with open_checked(path, "head", missing, _classes_layout) as file:
+        h5, header = file.h5, file.header
+        n = (file.datasets["classes/offsets"].shape[0] - 1 if header.format_version >= 3
+             else file.datasets["classes"].shape[0])
         dim = header.dim
         shapes = {"coef_": (n, dim), "intercept_": (n,), "mean_": (dim,), "scale_": (dim,)}
         found = file.check({
@@ -214,7 +216,8 @@ def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarra
             for name in shapes:
                 values = np.asarray(found[name.rstrip("_")][()], np.float32)
                 setattr(head, name, check_finite(values, path, "head", name.rstrip("_")))
-            head.classes_ = np.asarray(decode_keys(h5["classes"], n, path, "head"))
+            head.classes_ = np.asarray(read_strings(h5["classes"], path, "head") if header.format_version >= 3
+                                       else decode_keys(h5["classes"], n, path, "head"))
             head.n_features_in_ = dim
             train_digests = (np.asarray(digests[()], np.uint64) if digests is not None
                              else np.zeros(0, np.uint64))
@@ -231,6 +234,11 @@ def _read(path: str | os.PathLike[str]) -> tuple[LogisticHead, Header, np.ndarra
         head.coef_ = (head.coef_[1] - head.coef_[0])[None, :]
         head.intercept_ = head.intercept_[1:] - head.intercept_[:1]
     return head, header, train_digests
+
+
+def _classes_layout(header: Header) -> dict[str, Expect]:
+    """The classes' names: bytes and offsets since format 3, variable-length strings before."""
+    return strings_layout("classes") if header.format_version >= 3 else {"classes": Expect(1, "str")}
 
 
 def seen_in_training(head: str | os.PathLike[str], paths: Sequence[str]) -> int:

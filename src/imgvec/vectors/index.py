@@ -24,6 +24,7 @@ import numpy as np
 from imgvec.files import faissblob
 from imgvec.files.artifact import check_partner, create, open_checked
 from imgvec.files.header import Header, text_attr
+from imgvec.files.strings import text_value
 from imgvec.files.structure import REBUILD, Expect, damaged
 from imgvec.checks import check_at_least, check_choice
 from imgvec.errors import BadInputError, MismatchError, first_line, param
@@ -216,7 +217,8 @@ class VectorIndex:
             sink.flush()
             if sink.size != counter.size:
                 raise RuntimeError(f"FAISS wrote {sink.size} bytes, then {counter.size}")
-            h5.attrs.update({"index_kind": self.kind, "metric": "cosine", "faiss_version": faiss.__version__})
+            h5.attrs.update({"index_kind": text_value(self.kind), "metric": text_value("cosine"),
+                             "faiss_version": text_value(faiss.__version__)})
         return Path(path)
 
 

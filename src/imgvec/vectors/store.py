@@ -1,15 +1,21 @@
 """The HDF5 store: embeddings, image paths, labels, skipped files and provenance.
 
-Layout (readable with plain h5py, documented in the README)::
+Layout (format 3; readable with plain h5py, documented in docs/files.md)::
 
     /embeddings        float32 (N, D), chunked, appendable
-    /paths             UTF-8 strings (N,), relative to the root attribute
-    /labels            UTF-8 strings (N,), "" where unknown
-    /skipped/paths     UTF-8 strings, files that could not be decoded
-    /skipped/reasons   UTF-8 strings, why
+    /paths             strings (N): paths relative to the root attribute
+    /labels/codes      int32 (N,): row i's label is labels/names[codes[i]]; -1 where unknown
+    /labels/names      strings: the distinct labels (none in an unlabelled store)
+    /skipped/paths     strings: files that could not be decoded
+    /skipped/reasons   strings: why
     /stats             float32 (N, 5), optional: width, height, brightness, contrast, sharpness of each
                        image (files/images.py STATS_COLUMNS); a row of NaN where not measured
-    attrs              provenance fields, root, store_id, generation, rows
+    attrs              provenance fields, root, store_id, generation, rows (text: fixed-length UTF-8)
+
+"strings" is a group of ``bytes`` (uint8, UTF-8 one after another) and ``offsets`` (uint64, N+1):
+no variable-length string anywhere (:mod:`imgvec.files.strings`). Stores of formats 1 and 2 kept
+paths, labels and skipped files as variable-length strings; they still read, and the first commit
+that adds to or removes from one writes it anew in format 3.
 
 A store file is never modified in place while a run is under way. :class:`StoreWriter`
 holds a lock, appends each batch to a checksummed journal beside the store
@@ -31,8 +37,9 @@ import numpy as np
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, param
 from imgvec.files.artifact import Checked, check_file, open_checked
-from imgvec.files.header import Header, write_header
-from imgvec.files.strings import check_string_heaps, decode_keys, encode_keys, str_dtype
+from imgvec.files.header import FORMAT_VERSION, Header, text_attr, write_header
+from imgvec.files.strings import (append_strings, check_string_heaps, create_strings, decode_keys,
+                                  read_strings, read_strings_at, set_strings, strings_layout, text_value)
 from imgvec.files.structure import Expect, check_finite, damaged, reading
 from imgvec.fileio import (check_space, check_writable, copy_new, publish, remove_stale_temps,
                      temp_path, write_error)
@@ -46,6 +53,7 @@ from imgvec.files.provenance import Provenance
 
 CHUNK_ROWS = 256
 STATS_CHUNK_ROWS = CHUNK_ROWS  # 5 KiB chunks: a small store stays small
+CODES_CHUNK_ROWS = 4096  # 16 KiB chunks of label codes
 _FOLD_MARGIN = 1 << 20  # HDF5 metadata and string chunks beyond the rows themselves
 
 
@@ -64,11 +72,16 @@ class Store:
         # Opened read-only, the file never changes under us (writers publish a new file by rename), so
         # the header read here answers rows and generation: no HDF5 call (and its global lock) per use.
         self._fixed = self.h5.mode == "r"
-        skipped = file.datasets["skipped/paths"].shape[0]
-        file.check({"skipped/reasons": Expect(1, "str", (skipped,))})
+        self._columns = self.header.format_version >= 3  # strings as bytes and offsets (else variable-length)
+        self._label_codes: dict[str, int] | None = None  # a writer's label table, once read
+        if self._columns:
+            file.check(strings_layout("skipped/reasons", file.datasets["skipped/paths/offsets"].shape[0] - 1))
+        else:
+            file.check({"skipped/reasons": Expect(1, "str", (file.datasets["skipped/paths"].shape[0],))})
         try:
-            if not isinstance(self._attr("root", None), str):
-                raise damaged(self.path, "store", "no 'root' attribute")
+            with reading(self.path, "store"):
+                if text_attr(self.h5.attrs, "root") is None:
+                    raise damaged(self.path, "store", "no 'root' attribute")
         except BaseException:
             file.close()
             raise
@@ -78,13 +91,17 @@ class Store:
             return self.h5.attrs[name] if default is ... else self.h5.attrs.get(name, default)
 
     # -- identity ---------------------------------------------------------------------
+    def _text(self, name: str) -> str:
+        with reading(self.path, "store"):
+            return str(text_attr(self.h5.attrs, name))
+
     @property
     def root(self) -> str:
-        return str(self._attr("root"))
+        return self._text("root")
 
     @property
     def store_id(self) -> str:
-        return str(self._attr("store_id"))
+        return self._text("store_id")
 
     @property
     def rows(self) -> int:
@@ -109,10 +126,31 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
     def paths(self) -> list[str]:
+        if self._columns:
+            return read_strings(self.h5["paths"], self.path, "store")
         return decode_keys(self.h5["paths"], self.rows, self.path)
 
     def labels(self) -> list[str]:
+        if self._columns:
+            with reading(self.path, "store"):
+                codes = np.asarray(self.h5["labels/codes"][()], np.int64)
+            return self._named(codes)
         return decode_keys(self.h5["labels"], self.rows, self.path)
+
+    def label_names(self) -> list[str]:
+        """The labels' table (format 3 on): each label once, none empty."""
+        names = read_strings(self.h5["labels/names"], self.path, "store")
+        if len(set(names)) != len(names) or "" in names:
+            raise damaged(self.path, "store", "'labels/names' names a label twice, or an empty one")
+        return names
+
+    def _named(self, codes: np.ndarray) -> list[str]:
+        """The labels the codes stand for ("" for -1), once every code is in the table."""
+        names = self.label_names()
+        if len(codes) and (codes.min() < -1 or codes.max() >= len(names)):
+            bad = int(codes[(codes < -1) | (codes >= len(names))][0])
+            raise damaged(self.path, "store", f"'labels/codes' holds {bad}, outside its table of {len(names)} labels")
+        return np.array(names + [""], dtype=object)[codes].tolist()
 
     def paths_at(self, rows: Sequence[int]) -> list[str]:
         """The paths of ``rows`` only (a query's hits): a big store's other paths are never read."""
@@ -128,6 +166,14 @@ class Store:
             return []
         if wanted[0] < 0 or wanted[-1] >= self.rows:
             raise IndexError(f"rows {wanted[0]}..{wanted[-1]} outside the store's {self.rows}")
+        if self._columns:
+            if name == "paths":
+                found = dict(zip(wanted.tolist(), read_strings_at(self.h5["paths"], wanted, self.path, "store")))
+            else:
+                with reading(self.path, "store"):
+                    codes = np.asarray(self.h5["labels/codes"][wanted], np.int64)
+                found = dict(zip(wanted.tolist(), self._named(codes)))
+            return [found[int(r)] for r in rows]
         ds = self.h5[name]
         check_string_heaps(ds, wanted.tolist(), self.path, "store")
         with reading(self.path, "store"):
@@ -166,6 +212,9 @@ class Store:
         return block
 
     def skipped(self) -> list[tuple[str, str]]:
+        if self._columns:
+            paths, reasons = (read_strings(self.h5[f"skipped/{n}"], self.path, "store") for n in ("paths", "reasons"))
+            return list(zip(paths, reasons))
         group = self.h5["skipped"]
         n = group["paths"].shape[0]
         return list(zip(decode_keys(group["paths"], n, self.path), decode_keys(group["reasons"], n, self.path)))
@@ -173,14 +222,26 @@ class Store:
     def absolute(self, key: str) -> str:
         return key if os.path.isabs(key) else os.path.join(self.root, key)
 
-    # -- writing (only ever on a file no reader can see yet: see StoreWriter) -------------
-    def _trim(self) -> None:
-        for name in ("embeddings", "paths", "labels", *(("stats",) if self.has_stats else ())):
-            if self.h5[name].shape[0] != self.rows:
-                self.h5[name].resize(self.rows, axis=0)
+    # -- writing (only ever on a file no reader can see yet, always in format 3: see StoreWriter) -------------
+    def _writable(self) -> None:
+        if not self._columns:  # StoreWriter writes an older store anew (_copy_without) before adding to it
+            raise RuntimeError(f"{self.path}: a format-{self.header.format_version} store is not written in place")
+
+    def _codes(self, labels: Sequence[str]) -> np.ndarray:
+        """The codes of ``labels`` (-1: none), adding the labels not in the table yet to it."""
+        if self._label_codes is None:
+            self._label_codes = {name: i for i, name in enumerate(self.label_names())}
+        table, new = self._label_codes, []
+        for label in dict.fromkeys(labels):
+            if label and label not in table:
+                table[label] = len(table)
+                new.append(label)
+        append_strings(self.h5["labels/names"], new)
+        return np.fromiter((table.get(label, -1) for label in labels), np.int32, len(labels))
 
     def _append(self, embeddings: np.ndarray, keys: Sequence[str], labels: Sequence[str],
                 stats: np.ndarray | None = None) -> None:
+        self._writable()
         m = len(keys)
         if m == 0:
             return
@@ -189,11 +250,12 @@ class Store:
             _stats_dataset(self.h5, n)
         if stats is None and self.has_stats:
             stats = np.full((m, len(STATS_COLUMNS)), np.nan, np.float32)
-        columns = [("embeddings", embeddings), ("paths", encode_keys(keys)), ("labels", encode_keys(labels))]
+        columns = [("embeddings", embeddings), ("labels/codes", self._codes(labels))]
         for name, values in columns + ([("stats", stats)] if stats is not None else []):
             ds = self.h5[name]
             ds.resize(n + m, axis=0)
             ds[n : n + m] = values
+        append_strings(self.h5["paths"], keys)
         self.h5.attrs["rows"] = n + m
 
     def _set_stats(self, stats: np.ndarray) -> None:
@@ -202,11 +264,9 @@ class Store:
         self.h5["stats"][:] = stats
 
     def _set_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
-        group = self.h5["skipped"]
+        self._writable()
         for i, name in enumerate(("paths", "reasons")):
-            group[name].resize(len(skipped), axis=0)
-            if skipped:
-                group[name][:] = encode_keys(item[i] for item in skipped)
+            set_strings(self.h5[f"skipped/{name}"], [item[i] for item in skipped])
 
     def close(self) -> None:
         self._file.close()  # the HDF5 file and its lease
@@ -224,6 +284,11 @@ def _missing(path: Path) -> str:
 
 def _layout(header: Header) -> dict[str, Expect]:
     """The datasets a store holds, as its header implies them."""
+    stats = Expect(2, "float32", (header.rows, len(STATS_COLUMNS)), optional=True)
+    if header.format_version >= 3:  # exactly its rows, strings as bytes and offsets
+        return {"embeddings": Expect(2, "float32", (header.rows, header.dim)), **strings_layout("paths", header.rows),
+                "labels/codes": Expect(1, "int32", (header.rows,)), **strings_layout("labels/names"),
+                **strings_layout("skipped/paths"), "stats": stats}
     # A published version-2 store holds exactly its rows; version 1 could hold a cut-off batch past them.
     n = header.rows if header.format_version > 1 else None
     least = None if n is not None else header.rows
@@ -250,10 +315,15 @@ def _init_layout(h5: Any, provenance: Provenance, root: str) -> None:
     dim = provenance.dim
     h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
                       chunks=(CHUNK_ROWS, dim), **PINNED)
+    create_strings(h5, "paths")
+    labels = h5.create_group("labels", **PINNED)
+    labels.create_dataset("codes", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(CODES_CHUNK_ROWS,),
+                          **PINNED)
+    create_strings(labels, "names")
     skipped = h5.create_group("skipped", **PINNED)
-    for name, where in (("paths", h5), ("labels", h5), ("paths", skipped), ("reasons", skipped)):
-        where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(1024,), **PINNED)
-    h5.attrs["root"] = root
+    for name in ("paths", "reasons"):
+        create_strings(skipped, name)
+    h5.attrs["root"] = text_value(root)
     write_header(h5.attrs, Header("store", provenance, uuid.uuid4().hex, 0, 0, dim))
 
 
@@ -381,12 +451,13 @@ class StoreWriter:
                 jpath.unlink(missing_ok=True)
                 return
             store_id, keys, dim = old.store_id, old.paths(), old.dim
+            older = old.header.format_version < FORMAT_VERSION
         tmp = temp_path(self.path)
         # The new store is at most the old one plus the journal, and one more chunk of rows.
         journal = jpath.stat().st_size if jpath.exists() else 0
         check_space(self.path, self.path.stat().st_size + journal + CHUNK_ROWS * dim * 4 + _FOLD_MARGIN)
         try:
-            self._fold_into(tmp, first, records, store_id, keys, set(drop))
+            self._fold_into(tmp, first, records, store_id, keys, set(drop), older)
             publish(tmp, self.path)
         except OSError as error:  # the disk filled up anyway: the old store and the journal stay as they were
             raise write_error(self.path, error) from None
@@ -395,15 +466,15 @@ class StoreWriter:
         jpath.unlink(missing_ok=True)
 
     def _fold_into(self, tmp: Path, first: Record | None, records: Iterator[Record], store_id: str,
-                   keys: list[str], dropped: set[str]) -> None:
-        """Write the store, less ``dropped``, plus the journal's records, to ``tmp``."""
+                   keys: list[str], dropped: set[str], older: bool = False) -> None:
+        """Write the store, less ``dropped``, plus the journal's records, to ``tmp`` (a store of an ``older``
+        format written anew in this one)."""
         doomed = dropped & set(keys)
-        if doomed:
+        if doomed or older:
             _copy_without(self.path, tmp, doomed)
         else:
             copy_new(self.path, tmp)
         with open_store(tmp, "r+") as store:
-            store._trim()
             seen = set(keys) - doomed
             retried: set[str] = set()
             fresh_skips: list[tuple[str, str]] = []
@@ -420,7 +491,7 @@ class StoreWriter:
             old_skips = [s for s in store.skipped() if s[0] not in retried and s[0] not in dropped]
             fresh = {k: reason for k, reason in fresh_skips if k not in seen}
             store._set_skipped(old_skips + list(fresh.items()))
-            write_header(store.h5.attrs, store.current_header())  # new rows; a version-1 store becomes version 2
+            write_header(store.h5.attrs, store.current_header())  # its new rows
 
     def close(self, commit: bool = True) -> None:
         """Commit what was appended (unless told not to) and release the lock."""
@@ -453,12 +524,15 @@ def create_store(path: str | os.PathLike[str], provenance: Provenance, root: str
 
 
 def _copy_without(src: Path, dst: Path, doomed: set[str], chunk: int = 65536) -> None:
-    """Write a copy of store ``src`` to ``dst`` leaving out the rows whose key is in ``doomed``."""
+    """Write a copy of store ``src`` to ``dst`` in this format, leaving out the rows whose key is in ``doomed``
+    (and then a generation on: the rows after them moved)."""
     with open_store(src) as old, _h5new(dst) as h5:
         _init_layout(h5, old.provenance, old.root)
-        for key, value in old.h5.attrs.items():
-            h5.attrs[key] = value
-        write_header(h5.attrs, Header("store", old.provenance, old.store_id, old.generation + 1, 0, old.dim))
+        with reading(src, "store"):
+            for key, value in old.h5.attrs.items():
+                h5.attrs[key] = text_value(value) if isinstance(value, str) else value
+        generation = old.generation + bool(doomed)
+        write_header(h5.attrs, Header("store", old.provenance, old.store_id, generation, 0, old.dim))
         new = Store(check_file(h5, dst, "store", _layout))
         keys, labels = old.paths(), old.labels()
         for start in range(0, old.rows, chunk):
