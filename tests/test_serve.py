@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import imgvec
+from imgvec.pages.html import PALETTE
 from imgvec.service import app as serve_app, server
 from imgvec.service.service import Service
 
@@ -438,6 +439,91 @@ def _wait_for(condition, seconds: float = 30) -> None:
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(0.01)
+
+
+# -- the map -------------------------------------------------------------------------------------
+def _map(client: TestClient) -> dict:
+    """GET /api/map until it is made (202 meanwhile); the record."""
+    answers = []
+    _wait_for(lambda: answers.append(client.get("/api/map")) or answers[-1].status_code != 202, 300)
+    r = answers[-1]
+    assert r.status_code == 200, r.text
+    assert all(a.json().get("computing") is True and a.headers["Retry-After"] == "1" for a in answers[:-1])
+    return r.json()
+
+
+def test_the_map_is_inspect_maps_layout_of_every_row(served):
+    client, store = served["client"], served["store"]
+    record = _map(client)
+    points = record["points"]
+    assert (record["rows"], record["generation"], record["sampled"], len(points)) == (26, 0, False, 26)
+    with imgvec.open_store(store) as s:  # every row, its own label (null: none), its absolute path
+        want = {r: (os.path.join(s.root, k), lab or None) for r, (k, lab) in enumerate(zip(s.paths(), s.labels()))}
+    assert {p["row"]: (p["path"], p["label"]) for p in points} == want
+    xy = np.array([(p["x"], p["y"]) for p in points])
+    assert np.isfinite(xy).all() and xy.min() >= 0 and xy.max() <= 1 and np.ptp(xy, axis=0).min() > 0.5
+    reference = imgvec.inspect_map(store).map_records()  # the same seeded layout as inspect's map of the store
+    assert record["method"] == reference["method"]
+    np.testing.assert_allclose(xy, [(p["x"], p["y"]) for p in reference["points"]], atol=2e-4)
+    assert [p["path"] for p in points] == [p["path"] for p in reference["points"]]
+    names = sorted({lab for _, lab in want.values()})  # one colour a class, the report's palette in this order
+    assert record["legend"] == [{"label": name, "colour": PALETTE[i], "points": sum(lab == name for _, lab in want.values())}
+                                for i, name in enumerate(names)] and len(names) > 2
+    assert record["issues"] is None and "imgvec inspect" in record["notes"][-1]
+    assert client.get("/api/map").json() == record, "made once per snapshot"
+
+
+def test_the_map_reads_only_its_sample(served, tmp_path):
+    """Above map_rows the map is inspect's seeded sample, and only the sampled rows are read."""
+    from imgvec.analyses.inspection import layout_2d, read_normalized
+
+    with imgvec.open_store(served["store"]) as s:
+        read: list[tuple[int, int]] = []
+        embeddings = s.embeddings
+        s.embeddings = lambda start=0, stop=None: read.append((start, stop)) or embeddings(start, stop)
+        rows, vectors = imgvec.api.map_sample(s, 10, seed=3)
+        assert sum(stop - start for start, stop in read) == 10 and len(rows) == 10
+        s.embeddings = embeddings
+        got = imgvec.api.layout_map(rows, vectors, s.rows, seed=3)
+        want = layout_2d(read_normalized(s), 10, seed=3)
+    assert got.sampled and got.total == 26 and got.method == want.method and "sample of 10 of 26 rows" in got.method
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_allclose(got.xy, want.xy, atol=1e-5)
+
+
+def test_the_map_is_made_beside_searches_and_again_after_a_reload(tmp_path, image_dir: Path, holdout_dir: Path,
+                                                                    small, monkeypatch):
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    store = tmp_path / "photos.h5"
+    imgvec.embed([folder], store, **small)
+    service = Service(store, map_rows=20)
+    client = _client(service)
+    release, layout_map = threading.Event(), imgvec.api.layout_map
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return layout_map(*args, **kwargs)
+
+    monkeypatch.setattr(imgvec.api, "layout_map", held)
+    try:
+        assert client.get("/api/map").status_code == 202  # started, not waited for
+        assert client.get("/api/query", params={"path": "greens/greens_000.png", "k": 2}).status_code == 200
+        assert client.get("/api/map").json() == {"computing": True, "generation": 0, "rows": 24}
+        release.set()
+        first = _map(client)
+        assert (first["rows"], first["sampled"], len(first["points"]), first["generation"]) == (24, True, 20, 0)
+        shutil.copy(holdout_dir / "greens" / "greens_002.png", folder / "greens" / "new.png")
+        imgvec.embed([folder], store, **small)  # while the service is loaded
+        second = _map(client)
+        with imgvec.open_store(store) as s:
+            keys, generation = s.paths(), s.generation
+        assert (second["rows"], len(second["points"]), second["generation"]) == (25, 20, generation)
+        assert all(p["path"] == os.path.join(str(folder), keys[p["row"]]) for p in second["points"])
+        assert second != first
+    finally:
+        release.set()
+        service.close()
 
 
 # -- the command ---------------------------------------------------------------------------------
