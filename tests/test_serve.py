@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -1083,6 +1084,64 @@ def test_page_click_k_change_and_back_in_headless_chromium(running, served):
             assert first not in _shown_paths(page)
             page.go_forward()
             caption_is(page, target)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium package "
+                                             "(.ci/run installs it: apt-get install -y chromium)")
+def test_the_map_on_the_page_shows_a_thumbnail_on_hover_and_searches_on_a_click_in_headless_chromium(running, served):
+    """Under the page's own Content-Security-Policy (no bypass: waits are Playwright's locators): the map draws
+    every row coloured by label with a legend; hovering a point shows its thumbnail; a click searches from it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs pip playwright")
+    folder = served["folder"]
+    with playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            # what the page's Content-Security-Policy refuses is reported on the console (404s of images not served
+            # are expected: results may include them)
+            page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
+            page.goto(running + "/")
+            dots = page.locator("#map circle")
+            playwright.expect(dots).to_have_count(26, timeout=120_000)
+            shown = page.evaluate("[...document.querySelectorAll('#map circle')].map(c => [c.dataset.path, "
+                                  "+c.getAttribute('cx'), +c.getAttribute('cy'), c.getAttribute('fill')])")
+            assert {path for path, *_ in shown} == {f"{folder}/{key}" for key in served["service"].snapshot.keys}
+            fills = {os.path.basename(os.path.dirname(path)): set() for path, *_ in shown}
+            for path, _, _, fill in shown:
+                fills[os.path.basename(os.path.dirname(path))].add(fill)
+            assert all(len(f) == 1 for f in fills.values()) and len(set.union(*fills.values())) == len(fills)
+            playwright.expect(page.locator("#legend li")).to_have_count(len(fills))
+            # a point that stands alone (the pointer lands on it, not a neighbour), of an image that is served
+            xy = np.array([(x, y) for _, x, y, _ in shown])
+            gaps = np.sort(np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1)), axis=1)[:, 1]
+            candidates = [i for i in np.argsort(-gaps) if "fifo" not in shown[i][0] and "link_out" not in shown[i][0]]
+            target = shown[candidates[0]][0]
+            assert gaps[candidates[0]] > 8, "no point stands apart from the others"
+            dot = page.locator(f'#map circle[data-path="{target}"]')
+            dot.hover()
+            thumb = page.locator("#preview img")
+            playwright.expect(page.locator("#preview")).to_be_visible()
+            playwright.expect(thumb).to_have_attribute("src", "/image?path=" + quote(target, safe="!*'()"))
+            playwright.expect(thumb).to_have_js_property("complete", True)
+            assert thumb.evaluate("i => i.naturalWidth") > 0, "the hovered point's thumbnail is shown"
+            assert page.inner_text("#preview figcaption").startswith(os.path.relpath(target, folder))
+            with page.expect_response(lambda r: "/api/query" in r.url) as answer:
+                dot.click()
+            nearest = answer.value.json()["queries"][0]["results"][0]
+            assert nearest["path"] == target and nearest["score"] == pytest.approx(1, abs=1e-4), "its own row first"
+            playwright.expect(page.locator("#results h2")).to_have_text(os.path.relpath(target, folder))
+            playwright.expect(page.locator("figure.hit")).to_have_count(5)
+            assert page.locator("figure.query img").get_attribute("src") == "/image?path=" + quote(target, safe="!*'()")
+            assert target not in _shown_paths(page) and "?path=" in page.url
+            playwright.expect(dot).to_have_class("current")
+            playwright.expect(page.locator("#map circle.hit")).to_have_count(5)  # its results ringed on the map
+            assert sorted(page.evaluate("[...document.querySelectorAll('#map circle.hit')].map(c => c.dataset.path)")
+                          ) == sorted(_shown_paths(page))
             assert not errors, errors
         finally:
             browser.close()

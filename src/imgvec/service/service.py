@@ -571,7 +571,7 @@ class Service:
                 "sampled": layout is not None and layout.sampled, "method": layout.method if layout else
                 "no map: the store has fewer than two rows", "legend": legend, "points": points,
                 "issues": None, "notes": notes + [
-                    "label issues and outliers are not marked here: `imgvec inspect STORE --html FILE` marks them "
+                    "Label issues and outliers are not marked here: `imgvec inspect STORE --html FILE` marks them "
                     "on its map"]}
 
     def images_shown(self, snap: Snapshot | None = None) -> bool:
