@@ -492,6 +492,18 @@ def test_the_map_reads_only_its_sample(served, tmp_path):
     np.testing.assert_allclose(got.xy, want.xy, atol=1e-5)
 
 
+def test_map_rows_0_is_no_map(served):
+    service = Service(served["store"], map_rows=0)
+    try:
+        record = _client(service).get("/api/map").json()
+        assert record["points"] == [] and record["legend"] == [] and "--map-rows 0" in record["method"]
+    finally:
+        service.close()
+    for bad in (-1, 1):
+        with pytest.raises(imgvec.errors.BadInputError, match="map.rows"):
+            Service(served["store"], map_rows=bad)
+
+
 def test_the_map_is_made_beside_searches_and_again_after_a_reload(tmp_path, image_dir: Path, holdout_dir: Path,
                                                                     small, monkeypatch):
     folder = tmp_path / "photos"

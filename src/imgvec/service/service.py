@@ -249,9 +249,9 @@ class Service:
         self.preloaded = threading.Event()  # set once the store and index files were asked into memory
         self._preloader: tuple[threading.Thread, threading.Event] | None = None
         self._idle = threading.Condition()
-        self.map_rows = int(map_rows if map_rows is not None else MAP_ROWS)
-        if self.map_rows < 2:
-            raise BadInputError(f"{param('map_rows')} must be at least 2, not {self.map_rows}")
+        self.map_rows = int(map_rows if map_rows is not None else MAP_ROWS)  # 0: no map
+        if self.map_rows < 0 or self.map_rows == 1:
+            raise BadInputError(f"{param('map_rows')} must be 0 (no map) or at least 2, not {self.map_rows}")
         self._map: tuple[Snapshot, Future[dict[str, Any]]] | None = None  # the current snapshot's map, made or coming
         self._map_lock = threading.Lock()  # guards _map
         self._map_running = threading.Lock()  # one map is made at a time
@@ -502,6 +502,8 @@ class Service:
         first ask starts making it on a thread of its own, and a reloaded snapshot gets a map of its own.
         A map that failed raises its error, for this snapshot."""
         snap = self.current()
+        if not self.map_rows:
+            return snap, self._map_record(snap, np.arange(0), np.empty((0, snap.provenance.dim), np.float32))
         with self._map_lock:
             if self._map is None or self._map[0] is not snap:
                 self._map = (snap, Future())
@@ -567,9 +569,10 @@ class Service:
         legend = [{"label": name or None, "colour": colours[name], "points": counts[name]}
                   for name in sorted(counts, key=lambda n: (n == "", n))]
         notes = ([f"{dropped} rows had no finite position and are not drawn"] if dropped else [])
+        method = (layout.method if layout else "no map: turned off (imgvec serve --map-rows 0)" if not self.map_rows
+                  else "no map: the store has fewer than two rows")
         return {"store": str(self.path), "root": snap.root, "generation": snap.generation, "rows": snap.rows,
-                "sampled": layout is not None and layout.sampled, "method": layout.method if layout else
-                "no map: the store has fewer than two rows", "legend": legend, "points": points,
+                "sampled": layout is not None and layout.sampled, "method": method, "legend": legend, "points": points,
                 "issues": None, "notes": notes + [
                     "Label issues and outliers are not marked here: `imgvec inspect STORE --html FILE` marks them "
                     "on its map"]}

@@ -129,6 +129,11 @@
                               role: "img", "aria-label": "2-D map of the store's images"});
     const span = MAP_SIZE - 2 * PAD;
     dots.clear();
+    if (!data.points.length) { // no map: turned off, or too few rows
+      mapBox.replaceChildren(); legend.replaceChildren(); $("mapmethod").textContent = "";
+      mapStatus.textContent = data.method;
+      return;
+    }
     for (const p of data.points) {
       const dot = svgEl("circle", {cx: (PAD + p.x * span).toFixed(1), cy: (PAD + (1 - p.y) * span).toFixed(1),
                                    r: RADIUS, fill: colour.get(p.label) || "#9aa1ad", "fill-opacity": 0.85});
