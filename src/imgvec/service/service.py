@@ -551,7 +551,6 @@ class Service:
         from imgvec.pages.html import label_colours
 
         layout = api.layout_map(rows, vectors, snap.rows, MAP_SEED)
-        del vectors
         points: list[dict[str, Any]] = []
         dropped = 0
         if layout is not None:
