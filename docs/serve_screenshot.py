@@ -1,5 +1,6 @@
 """Make docs/serve.png: `imgvec serve` on packaged real photos (augmented copies) embedded with the default,
-pretrained efficientnetlite0, driven by headless Chromium (Playwright).
+pretrained efficientnetlite0, driven by headless Chromium (Playwright): a search from a picked image, then
+from one of its results, with the map of the store above them and one of its points hovered.
 
     python docs/serve_screenshot.py [docs/serve.png]
 
@@ -40,6 +41,9 @@ try:
         page.locator("figure.hit").nth(3).click()  # search from a result, as a user would
         page.wait_for_function("document.querySelector('#results h2').textContent.includes('/')")
         page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+        page.wait_for_selector("#map circle")
+        page.locator("#map circle.hit").first.hover(force=True)  # a point of a result: its thumbnail beside it
+        page.wait_for_function("(document.querySelector('#preview img') || {}).complete")
         page.screenshot(path=str(out), full_page=True)
         browser.close()
 finally:

@@ -15,12 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import imgvec
+from imgvec.pages.html import PALETTE
 from imgvec.service import app as serve_app, server
 from imgvec.service.service import Service
 
@@ -438,6 +440,103 @@ def _wait_for(condition, seconds: float = 30) -> None:
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(0.01)
+
+
+# -- the map -------------------------------------------------------------------------------------
+def _map(client: TestClient) -> dict:
+    """GET /api/map until it is made (202 meanwhile); the record."""
+    answers = []
+    _wait_for(lambda: answers.append(client.get("/api/map")) or answers[-1].status_code != 202, 300)
+    r = answers[-1]
+    assert r.status_code == 200, r.text
+    assert all(a.json().get("computing") is True and a.headers["Retry-After"] == "1" for a in answers[:-1])
+    return r.json()
+
+
+def test_the_map_is_inspect_maps_layout_of_every_row(served):
+    client, store = served["client"], served["store"]
+    record = _map(client)
+    points = record["points"]
+    assert (record["rows"], record["generation"], record["sampled"], len(points)) == (26, 0, False, 26)
+    with imgvec.open_store(store) as s:  # every row, its own label (null: none), its absolute path
+        want = {r: (os.path.join(s.root, k), lab or None) for r, (k, lab) in enumerate(zip(s.paths(), s.labels()))}
+    assert {p["row"]: (p["path"], p["label"]) for p in points} == want
+    xy = np.array([(p["x"], p["y"]) for p in points])
+    assert np.isfinite(xy).all() and xy.min() >= 0 and xy.max() <= 1 and np.ptp(xy, axis=0).min() > 0.5
+    reference = imgvec.inspect_map(store).map_records()  # the same seeded layout as inspect's map of the store
+    assert record["method"] == reference["method"]
+    np.testing.assert_allclose(xy, [(p["x"], p["y"]) for p in reference["points"]], atol=2e-4)
+    assert [p["path"] for p in points] == [p["path"] for p in reference["points"]]
+    names = sorted({lab for _, lab in want.values()})  # one colour a class, the report's palette in this order
+    assert record["legend"] == [{"label": name, "colour": PALETTE[i], "points": sum(lab == name for _, lab in want.values())}
+                                for i, name in enumerate(names)] and len(names) > 2
+    assert record["issues"] is None and "imgvec inspect" in record["notes"][-1]
+    assert client.get("/api/map").json() == record, "made once per snapshot"
+
+
+def test_the_map_reads_only_its_sample(served, tmp_path):
+    """Above map_rows the map is inspect's seeded sample, and only the sampled rows are read."""
+    from imgvec.analyses.inspection import layout_2d, read_normalized
+
+    with imgvec.open_store(served["store"]) as s:
+        read: list[tuple[int, int]] = []
+        embeddings = s.embeddings
+        s.embeddings = lambda start=0, stop=None: read.append((start, stop)) or embeddings(start, stop)
+        rows, vectors = imgvec.api.map_sample(s, 10, seed=3)
+        assert sum(stop - start for start, stop in read) == 10 and len(rows) == 10
+        s.embeddings = embeddings
+        got = imgvec.api.layout_map(rows, vectors, s.rows, seed=3)
+        want = layout_2d(read_normalized(s), 10, seed=3)
+    assert got.sampled and got.total == 26 and got.method == want.method and "sample of 10 of 26 rows" in got.method
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_allclose(got.xy, want.xy, atol=1e-5)
+
+
+def test_map_rows_0_is_no_map(served):
+    service = Service(served["store"], map_rows=0)
+    try:
+        record = _client(service).get("/api/map").json()
+        assert record["points"] == [] and record["legend"] == [] and "--map-rows 0" in record["method"]
+    finally:
+        service.close()
+    for bad in (-1, 1):
+        with pytest.raises(imgvec.errors.BadInputError, match="map.rows"):
+            Service(served["store"], map_rows=bad)
+
+
+def test_the_map_is_made_beside_searches_and_again_after_a_reload(tmp_path, image_dir: Path, holdout_dir: Path,
+                                                                    small, monkeypatch):
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    store = tmp_path / "photos.h5"
+    imgvec.embed([folder], store, **small)
+    service = Service(store, map_rows=20)
+    client = _client(service)
+    release, layout_map = threading.Event(), imgvec.api.layout_map
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return layout_map(*args, **kwargs)
+
+    monkeypatch.setattr(imgvec.api, "layout_map", held)
+    try:
+        assert client.get("/api/map").status_code == 202  # started, not waited for
+        assert client.get("/api/query", params={"path": "greens/greens_000.png", "k": 2}).status_code == 200
+        assert client.get("/api/map").json() == {"computing": True, "generation": 0, "rows": 24}
+        release.set()
+        first = _map(client)
+        assert (first["rows"], first["sampled"], len(first["points"]), first["generation"]) == (24, True, 20, 0)
+        shutil.copy(holdout_dir / "greens" / "greens_002.png", folder / "greens" / "new.png")
+        imgvec.embed([folder], store, **small)  # while the service is loaded
+        second = _map(client)
+        with imgvec.open_store(store) as s:
+            keys, generation = s.paths(), s.generation
+        assert (second["rows"], len(second["points"]), second["generation"]) == (25, 20, generation)
+        assert all(p["path"] == os.path.join(str(folder), keys[p["row"]]) for p in second["points"])
+        assert second != first
+    finally:
+        release.set()
+        service.close()
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -997,6 +1096,64 @@ def test_page_click_k_change_and_back_in_headless_chromium(running, served):
             assert first not in _shown_paths(page)
             page.go_forward()
             caption_is(page, target)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium package "
+                                             "(.ci/run installs it: apt-get install -y chromium)")
+def test_the_map_on_the_page_shows_a_thumbnail_on_hover_and_searches_on_a_click_in_headless_chromium(running, served):
+    """Under the page's own Content-Security-Policy (no bypass: waits are Playwright's locators): the map draws
+    every row coloured by label with a legend; hovering a point shows its thumbnail; a click searches from it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs pip playwright")
+    folder = served["folder"]
+    with playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            # what the page's Content-Security-Policy refuses is reported on the console (404s of images not served
+            # are expected: results may include them)
+            page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
+            page.goto(running + "/")
+            dots = page.locator("#map circle")
+            playwright.expect(dots).to_have_count(26, timeout=120_000)
+            shown = page.evaluate("[...document.querySelectorAll('#map circle')].map(c => [c.dataset.path, "
+                                  "+c.getAttribute('cx'), +c.getAttribute('cy'), c.getAttribute('fill')])")
+            assert {path for path, *_ in shown} == {f"{folder}/{key}" for key in served["service"].snapshot.keys}
+            fills = {os.path.basename(os.path.dirname(path)): set() for path, *_ in shown}
+            for path, _, _, fill in shown:
+                fills[os.path.basename(os.path.dirname(path))].add(fill)
+            assert all(len(f) == 1 for f in fills.values()) and len(set.union(*fills.values())) == len(fills)
+            playwright.expect(page.locator("#legend li")).to_have_count(len(fills))
+            # a point that stands alone (the pointer lands on it, not a neighbour), of an image that is served
+            xy = np.array([(x, y) for _, x, y, _ in shown])
+            gaps = np.sort(np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1)), axis=1)[:, 1]
+            candidates = [i for i in np.argsort(-gaps) if "fifo" not in shown[i][0] and "link_out" not in shown[i][0]]
+            target = shown[candidates[0]][0]
+            assert gaps[candidates[0]] > 8, "no point stands apart from the others"
+            dot = page.locator(f'#map circle[data-path="{target}"]')
+            dot.hover()
+            thumb = page.locator("#preview img")
+            playwright.expect(page.locator("#preview")).to_be_visible()
+            playwright.expect(thumb).to_have_attribute("src", "/image?path=" + quote(target, safe="!*'()"))
+            playwright.expect(thumb).to_have_js_property("complete", True)
+            assert thumb.evaluate("i => i.naturalWidth") > 0, "the hovered point's thumbnail is shown"
+            assert page.inner_text("#preview figcaption").startswith(os.path.relpath(target, folder))
+            with page.expect_response(lambda r: "/api/query" in r.url) as answer:
+                dot.click()
+            nearest = answer.value.json()["queries"][0]["results"][0]
+            assert nearest["path"] == target and nearest["score"] == pytest.approx(1, abs=1e-4), "its own row first"
+            playwright.expect(page.locator("#results h2")).to_have_text(os.path.relpath(target, folder))
+            playwright.expect(page.locator("figure.hit")).to_have_count(5)
+            assert page.locator("figure.query img").get_attribute("src") == "/image?path=" + quote(target, safe="!*'()")
+            assert target not in _shown_paths(page) and "?path=" in page.url
+            playwright.expect(dot).to_have_class("current")
+            playwright.expect(page.locator("#map circle.hit")).to_have_count(5)  # its results ringed on the map
+            assert sorted(page.evaluate("[...document.querySelectorAll('#map circle.hit')].map(c => c.dataset.path)")
+                          ) == sorted(_shown_paths(page))
             assert not errors, errors
         finally:
             browser.close()

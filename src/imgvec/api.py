@@ -597,15 +597,49 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
 def inspect_map(store: PathLike, map_rows: int = 5_000, seed: int = 0) -> InspectResult:
     """Only the 2-D map of ``store`` (``result.map_records()``: absolute paths, x, y in [0, 1], labels), for a page
     or the service to draw; PCA then t-SNE on at most ``map_rows`` rows (a seeded sample above)."""
-    from imgvec.analyses.inspection import layout_2d, read_normalized
-
     with open_store(store) as s:
         keys, labels = s.paths(), s.labels()
-        layout = layout_2d(read_normalized(s), map_rows, seed) if s.rows >= 2 else None
+        rows, vectors = map_sample(s, map_rows, seed)
+        layout = layout_map(rows, vectors, s.rows, seed)
         return InspectResult(Path(store), s.root, s.provenance, s.rows, sum(1 for x in labels if x),
                              sorted(set(labels) - {""}), [], [], [], [], {"map": layout.method} if layout else {},
                              map=layout, map_paths=[keys[i] for i in layout.rows] if layout else [],
                              map_labels=[labels[i] for i in layout.rows] if layout else [])
+
+
+MAP_READ_ROWS = 4096  # rows read at once for the map (a store's own chunk would be bigger than the map needs)
+
+
+def map_sample(store: Store, map_rows: int = 5_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the map of ``store`` lays out (ascending) and their vectors, L2-normalised: every row up to
+    ``map_rows``, else the seeded sample :func:`imgvec.analyses.inspection.layout_2d` draws from all of them.
+    Only those rows are read (memory: ``map_rows`` x dim floats, however big the store)."""
+    from imgvec.vectors.index import normalized
+
+    n = store.rows
+    rows = np.arange(n) if n <= map_rows else np.sort(np.random.default_rng(seed).choice(n, map_rows, replace=False))
+    vectors = np.empty((len(rows), store.dim), np.float32)
+    at = 0
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []:
+        for part in (run[i : i + MAP_READ_ROWS] for i in range(0, len(run), MAP_READ_ROWS)):
+            vectors[at : at + len(part)] = normalized(store.embeddings(int(part[0]), int(part[-1]) + 1))
+            at += len(part)
+    return rows, vectors
+
+
+def layout_map(rows: np.ndarray, vectors: np.ndarray, total: int, seed: int = 0) -> MapLayout | None:
+    """The 2-D layout of :func:`map_sample`'s ``rows`` and ``vectors`` out of a store of ``total`` rows (None: under
+    two rows): :func:`imgvec.analyses.inspection.layout_2d` of the whole store at the same seed, without reading it."""
+    from imgvec.analyses.inspection import layout_2d
+
+    if len(rows) < 2:
+        return None
+    layout = layout_2d(vectors, len(rows), seed)
+    method = layout.method
+    if len(rows) < total:  # layout_2d saw only the sample: say what it is a sample of, as it says it
+        method = (method.rsplit(", ", 1)[0]
+                  + f", a random sample of {len(rows):,} of {total:,} rows (seed {seed})")
+    return MapLayout(rows[layout.rows], layout.xy, total, method)
 
 
 def inspect_page(result: InspectResult) -> str:

@@ -529,6 +529,8 @@ def serve(
     keep_alive: float = typer.Option(5.0, "--keep-alive", help="seconds an idle connection stays open"),
     max_connections: int = typer.Option(512, "--max-connections", help="open connections at once (at the cap the "
                                         "longest idle one is closed)"),
+    map_rows: int = typer.Option(5_000, "--map-rows", help="rows the page's map lays out at most (a random sample "
+                                 "above; 0: no map)"),
 ) -> None:
     """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""
     from imgvec.service import server
@@ -536,7 +538,7 @@ def serve(
     limits = server.Limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
                            max_connections=max_connections)
     server.run(store, host=host, port=port, runtime=runtime, k=k, max_pixels=max_pixels, say=_err, index=index_path,
-               images=images, memory_budget=memory_budget << 20, limits=limits)
+               images=images, memory_budget=memory_budget << 20, limits=limits, map_rows=map_rows)
 
 
 def main() -> None:

@@ -281,13 +281,22 @@ PALETTE = ("#1a73e8", "#e8710a", "#1e8e3e", "#9334e6", "#d01884", "#12b5cb", "#7
            "#a142f4", "#80868b", "#4285f4")  # class colours; rings (red, black, grey dashed) mark reported images
 
 
+NO_LABEL_COLOUR = "#9aa1ad"
+
+
+def label_colours(labels: Iterable[str]) -> dict[str, str]:
+    """Each label's colour on a map (the report's and the service page's): the palette in the labels' sorted
+    order, grey for no label (``""``)."""
+    names = sorted(set(labels) - {""})
+    return {**{n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}, "": NO_LABEL_COLOUR}
+
+
 def map_svg(result: "InspectResult", marked: dict[str, str], size: int = MAP_SIZE) -> str:
     """The map as an SVG scatter: one dot per row drawn, coloured by label, reported images ringed."""
     layout = result.map
     assert layout is not None
     names = sorted(set(result.map_labels) - {""})
-    colour = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
-    colour[""] = "#9aa1ad"
+    colour = label_colours(names)
     pad = 8
     points = []
     for (x, y), key, label in zip(layout.xy.tolist(), result.map_paths, result.map_labels):

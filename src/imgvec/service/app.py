@@ -5,8 +5,12 @@
 - ``POST /api/query?k=K``: an image, as the body (an image content type) or as the one file of a
   multipart/form-data form (``curl -F file=@photo.jpg``), decoded and embedded like ``imgvec query``.
   Both answer with the record ``imgvec query --format json`` prints for one image.
-- ``GET /``: a page to pick or drop an image and browse its neighbours; ``GET /image?path=P``:
-  a JPEG thumbnail of one row of the store, and of nothing else.
+- ``GET /api/map``: the 2-D map of the store (``imgvec inspect``'s, of at most ``map_rows`` rows): 200 with
+  its points once made, 202 ``{"computing": true}`` (and ``Retry-After``) while it is made; the first
+  request for a snapshot starts making it, in the background.
+- ``GET /``: a page to pick or drop an image and browse its neighbours, with the map (hover: a thumbnail,
+  a click: a search from that image); ``GET /image?path=P``: a JPEG thumbnail of one row of the store,
+  and of nothing else.
 
 Endpoints are module-level functions that find the service on ``request.app.state.service``; imgvec's
 errors become one JSON line through the app's exception handlers (bad input 400, not served 404, a
@@ -164,6 +168,17 @@ async def _form_image(request: "Request") -> tuple[bytes, str | None]:
         return await files[0].read(), files[0].filename
 
 
+def map_(request: "Request") -> "Response":
+    from starlette.responses import JSONResponse
+
+    service = _service(request)
+    snap, record = service.map()
+    if record is None:
+        return JSONResponse({"computing": True, "generation": snap.generation, "rows": snap.rows}, 202,
+                            headers={**_headers(service, snap), "Retry-After": "1"})
+    return JSONResponse(record, headers=_headers(service, snap))
+
+
 def image(request: "Request") -> "Response":
     from starlette.responses import Response
 
@@ -277,7 +292,8 @@ def create_app(service: Service, allowed_hosts: list[str] | None = None) -> "Sta
 
     routes = [Route("/", page, methods=["GET"]), Route("/serve.js", script, methods=["GET"]),
               Route("/image", image, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
-              Route("/api/query", query_get, methods=["GET"]), Route("/api/query", query_post, methods=["POST"])]
+              Route("/api/query", query_get, methods=["GET"]), Route("/api/query", query_post, methods=["POST"]),
+              Route("/api/map", map_, methods=["GET"])]
     middleware = [Middleware(SecurityHeaders),
                   *([Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []),
                   Middleware(SameOrigin)]

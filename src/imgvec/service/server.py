@@ -192,7 +192,7 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
         k: int = 10, weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
         max_body: int = MAX_BODY_BYTES, say: Callable[[str], None] = print,
         index: str | os.PathLike[str] | None = None, images: str | os.PathLike[str] | None = None,
-        memory_budget: int = MEMORY_BUDGET, limits: Limits | None = None) -> None:
+        memory_budget: int = MEMORY_BUDGET, limits: Limits | None = None, map_rows: int | None = None) -> None:
     """Load ``store`` (its index, its model) and serve it on ``host``:``port`` until interrupted.
 
     Everything that can fail (the store, the model, the port) fails before serving starts, as one
@@ -208,7 +208,7 @@ def run(store: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEF
     # one; HNSW beside busy cores: 16 ms p50 against 4 ms).
     faiss.omp_set_num_threads(1)
     service = Service(store, runtime=runtime, k=k, weights=weights, max_pixels=max_pixels, max_body=max_body,
-                      index=index, images=images, memory_budget=memory_budget)
+                      index=index, images=images, memory_budget=memory_budget, map_rows=map_rows)
     try:
         sock = listen(host, port)
     except BaseException:

@@ -13,12 +13,18 @@ Memory is bounded: every upload's body and the decoding of every uploaded image 
 decoding by :func:`imgvec.files.images.decode_cost` from the image's header), so the service's memory
 is at most what it holds loaded (model, store, index) plus the budget. Images are served only from
 below one folder the user named (or the store file's folder), whatever the store says its root is.
+
+The map (:meth:`Service.map`: the 2-D layout ``imgvec inspect`` draws, of at most ``map_rows`` rows) is made
+once per snapshot, on a thread of its own started by the first request that asks for it: nothing waits
+for it (start-up, searches), a reload makes it again, and it costs ``map_rows`` x dim floats and t-SNE's
+working memory beside what is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import queue
 import threading
@@ -46,6 +52,9 @@ LET_GO_WAIT_S = 30.0  # how long requests answering from a file being rewritten 
 MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
 PRELOAD_STEP = 128 << 10  # bytes per read-ahead request when the service asks its files into memory
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
+MAP_SEED = 0  # the map's sample and t-SNE are seeded: the same store gives the same map (imgvec.inspect_map's)
+MAP_DECIMALS = 4  # the map's coordinates, in [0, 1]: a ten-thousandth of its side is finer than a pixel
+MAP_NICE = 10  # the map's thread runs this much nicer than the searches (Linux: niceness is per thread)
 
 
 class NotServed(BadInputError):
@@ -58,6 +67,10 @@ class TooCostly(BadInputError):
 
 class Busy(ImgvecError):
     """The budget stayed taken by other requests for longer than a request waits (HTTP 503)."""
+
+
+class Superseded(Busy):
+    """The snapshot a map was being made for was replaced before its rows were read (ask again: HTTP 503)."""
 
 
 def _mb(nbytes: int) -> str:
@@ -209,7 +222,9 @@ class Service:
     def __init__(self, store: str | os.PathLike[str], runtime: str = "auto", k: int = 10,
                  weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_body: int = MAX_BODY_BYTES, index: str | os.PathLike[str] | None = None,
-                 images: str | os.PathLike[str] | None = None, memory_budget: int = MEMORY_BUDGET) -> None:
+                 images: str | os.PathLike[str] | None = None, memory_budget: int = MEMORY_BUDGET,
+                 map_rows: int | None = None) -> None:
+        from imgvec.analyses.inspection import MAP_ROWS
         from imgvec.vectors.index import index_path_for
 
         self.path = Path(store)
@@ -234,6 +249,12 @@ class Service:
         self.preloaded = threading.Event()  # set once the store and index files were asked into memory
         self._preloader: tuple[threading.Thread, threading.Event] | None = None
         self._idle = threading.Condition()
+        self.map_rows = int(map_rows if map_rows is not None else MAP_ROWS)  # 0: no map
+        if self.map_rows < 0 or self.map_rows == 1:
+            raise BadInputError(f"{param('map_rows')} must be 0 (no map) or at least 2, not {self.map_rows}")
+        self._map: tuple[Snapshot, Future[dict[str, Any]]] | None = None  # the current snapshot's map, made or coming
+        self._map_lock = threading.Lock()  # guards _map
+        self._map_running = threading.Lock()  # one map is made at a time
         self._snapshot: Snapshot | None = self._load(self._current_stamp())
 
     # -- the store, kept current ---------------------------------------------------------
@@ -474,6 +495,86 @@ class Service:
         if jpeg is None:
             raise BadInputError(f"{path}: over the limit of {self.max_pixels} pixels")
         return jpeg
+
+    # -- the map --------------------------------------------------------------------------------
+    def map(self) -> tuple[Snapshot, dict[str, Any] | None]:
+        """The current snapshot and its map's record (:meth:`_map_record`), or None while it is being made: the
+        first ask starts making it on a thread of its own, and a reloaded snapshot gets a map of its own.
+        A map that failed raises its error, for this snapshot."""
+        snap = self.current()
+        if not self.map_rows:
+            return snap, self._map_record(snap, np.arange(0), np.empty((0, snap.provenance.dim), np.float32))
+        with self._map_lock:
+            if self._map is None or self._map[0] is not snap:
+                self._map = (snap, Future())
+                threading.Thread(target=self._make_map, args=self._map, name="imgvec-map", daemon=True).start()
+            made = self._map[1]
+        if not made.done():
+            return snap, None
+        return snap, made.result()
+
+    def _make_map(self, snap: Snapshot, made: "Future[dict[str, Any]]") -> None:
+        """Make ``snap``'s map into ``made``: its rows read while ``snap`` is counted in use (it cannot be let
+        go meanwhile), then laid out with nothing held. A daemon thread: at exit nothing waits for a t-SNE."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MAP_NICE)  # this thread only (Linux)
+        except (AttributeError, OSError):  # pragma: no cover - other systems: the process's niceness
+            pass
+        try:
+            with self._map_running:
+                with self._map_lock:
+                    if self._map is None or self._map[0] is not snap:
+                        raise Superseded("the store was reloaded before its map was made; ask again")
+                made.set_result(self._map_record(snap, *self._map_rows_of(snap)))
+        except BaseException as error:  # noqa: BLE001 - whoever asks for this snapshot's map hears of it
+            made.set_exception(error)
+
+    def _map_rows_of(self, snap: Snapshot) -> tuple[np.ndarray, np.ndarray]:
+        """The rows the map lays out and their vectors (:func:`imgvec.api.map_sample`), read from ``snap``."""
+        from imgvec import api
+
+        with self._idle:
+            snap.users += 1
+        try:
+            if snap is not self._snapshot or snap.broken():  # replaced or let go: its files may be closed
+                raise Superseded("the store changed before its map was made; ask again")
+            return api.map_sample(snap.store, self.map_rows, MAP_SEED)
+        finally:
+            with self._idle:
+                snap.users -= 1
+                self._idle.notify_all()
+
+    def _map_record(self, snap: Snapshot, rows: np.ndarray, vectors: np.ndarray) -> dict[str, Any]:
+        """The map as JSON: one point per row laid out (its row, absolute path, x and y in [0, 1] rounded to
+        :data:`MAP_DECIMALS`, label or null), each label's colour and count; never a NaN or an infinity."""
+        from imgvec import api
+        from imgvec.pages.html import label_colours
+
+        layout = api.layout_map(rows, vectors, snap.rows, MAP_SEED)
+        points: list[dict[str, Any]] = []
+        dropped = 0
+        if layout is not None:
+            for row, (x, y) in zip(layout.rows.tolist(), layout.xy.astype(np.float64).tolist()):
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    dropped += 1
+                    continue
+                points.append({"row": row, "path": file_path(snap.root, snap.keys[row]),
+                               "x": round(min(max(x, 0.0), 1.0), MAP_DECIMALS),
+                               "y": round(min(max(y, 0.0), 1.0), MAP_DECIMALS), "label": snap.labels[row] or None})
+        counts: dict[str, int] = {}
+        for point in points:
+            counts[point["label"] or ""] = counts.get(point["label"] or "", 0) + 1
+        colours = label_colours(counts)
+        legend = [{"label": name or None, "colour": colours[name], "points": counts[name]}
+                  for name in sorted(counts, key=lambda n: (n == "", n))]
+        notes = ([f"{dropped} rows had no finite position and are not drawn"] if dropped else [])
+        method = (layout.method if layout else "no map: turned off (imgvec serve --map-rows 0)" if not self.map_rows
+                  else "no map: the store has fewer than two rows")
+        return {"store": str(self.path), "root": snap.root, "generation": snap.generation, "rows": snap.rows,
+                "sampled": layout is not None and layout.sampled, "method": method, "legend": legend, "points": points,
+                "issues": None, "notes": notes + [
+                    "Label issues and outliers are not marked here: `imgvec inspect STORE --html FILE` marks them "
+                    "on its map"]}
 
     def images_shown(self, snap: Snapshot | None = None) -> bool:
         """Whether the store's root lies below the folder images are served from (else none is shown)."""
