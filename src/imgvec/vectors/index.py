@@ -211,7 +211,7 @@ class VectorIndex:
         cpu = to_cpu(self.faiss_index)
         counter = _DatasetSink(None)
         faiss.write_index(cpu, faiss.PyCallbackIOWriter(counter.write, IO_BLOCK_BYTES))
-        with create(path, self.header) as h5:
+        with create(path, self.header, uncache=True) as h5:  # searched through a mapping: see fileio.publish
             sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8, **PINNED))
             faiss.write_index(cpu, faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
             sink.flush()
