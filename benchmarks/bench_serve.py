@@ -371,8 +371,17 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
             conn.getresponse().read()
             conn.close()
         loaded_mb = server.peak_rss_mb()
+        loaded = {f: server.peak_rss_mb(f) for f in ("RssAnon", "RssFile")}
         stop = threading.Event()
         reconnects = [0]
+        peaks = dict(loaded)
+
+        def sample() -> None:
+            """The server's private (RssAnon) and mapped-file (RssFile) memory every 20 ms: VmHWM counts both,
+            and the index pages its searches map are page cache the kernel can drop, not the budget's."""
+            while not stop.wait(0.02):
+                for f in peaks:
+                    peaks[f] = max(peaks[f], server.peak_rss_mb(f))
 
         def hold_idle() -> None:
             """``idle`` connections that send nothing, each opened again as soon as the server closes it."""
@@ -395,6 +404,8 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
 
         idler = threading.Thread(target=hold_idle)
         idler.start()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
         upload_status: dict[int, int] = {}
         lock = threading.Lock()
 
@@ -425,7 +436,7 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
             run = load(server.port, get, clients, 10**9, seconds)
         finally:
             stop.set()
-            for th in [*uploading, idler]:
+            for th in [*uploading, idler, sampler]:
                 th.join()
         peak_mb = server.peak_rss_mb()
     finally:
@@ -434,7 +445,30 @@ def hostile(store: Path, index: Path, rows: int, seconds: float, idle: int = 200
             "idle_reopened": reconnects[0], "uploaders": uploaders,
             "upload_pixels": _png_pixels(heavy), "upload_bytes": len(heavy), "upload_status": upload_status,
             "memory_budget_mb": HOSTILE_BUDGET_MB, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb,
-            "rss_bound_mb": loaded_mb + HOSTILE_BUDGET_MB, "rss_within_bound": peak_mb <= loaded_mb + HOSTILE_BUDGET_MB}
+            "rss_bound_mb": loaded_mb + HOSTILE_BUDGET_MB, "rss_within_bound": peak_mb <= loaded_mb + HOSTILE_BUDGET_MB,
+            # the stated bound (docs/reliability.md): private memory <= loaded + budget; mapped file pages <= what was
+            # mapped once loaded + the index file (its pages the searches touch, shared page cache)
+            "loaded_anon_mb": loaded["RssAnon"], "peak_anon_mb": peaks["RssAnon"],
+            "anon_bound_mb": loaded["RssAnon"] + HOSTILE_BUDGET_MB,
+            "anon_within_bound": peaks["RssAnon"] <= loaded["RssAnon"] + HOSTILE_BUDGET_MB,
+            "loaded_file_mb": loaded["RssFile"], "peak_file_mb": peaks["RssFile"],
+            "index_file_mb": index.stat().st_size / 2**20,
+            "file_within_bound": peaks["RssFile"] <= loaded["RssFile"] + index.stat().st_size / 2**20}
+
+
+def _memory_verdict(h: dict[str, Any]) -> str:
+    """The hostile run's memory against the stated bound: private memory (sampled every 20 ms) within what the
+    service held once loaded + the budget, mapped file pages within those mapped then + the index file."""
+    if "peak_anon_mb" not in h:  # a result from before the two were told apart: the whole RSS against one bound
+        return (f"server RSS {h['peak_rss_mb']:,.0f} MB at its peak against the bound {h['rss_bound_mb']:,.0f} MB "
+                f"(loaded {h['loaded_rss_mb']:,.0f} + budget): {'within' if h['rss_within_bound'] else '**over**'}.")
+    ok = h["anon_within_bound"] and h["file_within_bound"]
+    return (f"server private memory (RssAnon) {h['peak_anon_mb']:,.0f} MB at its peak against {h['anon_bound_mb']:,.0f} "
+            f"MB (loaded {h['loaded_anon_mb']:,.0f} + budget); mapped file pages (RssFile: libraries, model, the index "
+            f"pages searches touched, shared page cache) {h['peak_file_mb']:,.0f} MB against "
+            f"{h['loaded_file_mb'] + h['index_file_mb']:,.0f} MB (loaded {h['loaded_file_mb']:,.0f} + the "
+            f"{h['index_file_mb']:,.0f} MB index file); whole RSS (VmHWM) {h['peak_rss_mb']:,.0f} MB: "
+            f"{'within the stated bound' if ok else '**over the stated bound**'}.")
 
 
 def _png_pixels(data: bytes) -> int:
@@ -494,9 +528,7 @@ def markdown(data: dict[str, Any]) -> str:
                        f"budget {h['memory_budget_mb']} MB): {h['clients']} GET clients, p50 {h['p50_ms']:.1f} ms, "
                        f"p99 {h['p99_ms']:.1f} ms (<= {TARGETS['get_p99_ms']:g}: "
                        f"{'met' if h['p99_ms'] <= TARGETS['get_p99_ms'] else '**not met**'}), {h['errors']} errors; "
-                       f"uploads answered {h['upload_status']}; server RSS {h['peak_rss_mb']:,.0f} MB at its peak "
-                       f"against the bound {h['rss_bound_mb']:,.0f} MB (loaded {h['loaded_rss_mb']:,.0f} + budget): "
-                       f"{'within' if h['rss_within_bound'] else '**over**'}.\n")
+                       f"uploads answered {h['upload_status']}; " + _memory_verdict(h) + "\n")
         if m["rows"] >= 1_000_000 and eight:
             g, p = eight["GET"], eight["POST"]
             verdicts = [f"{what} {got:.1f} ms (<= {limit:g}): {'met' if got <= limit else '**not met**'}"
