@@ -169,11 +169,10 @@ def pixel_stats(im: "Image.Image", width: int, height: int) -> np.ndarray:
     at most :data:`STATS_SIDE` pixels a side, which bounds the cost and makes sharpness comparable
     between images of different sizes.
     """
-    from PIL import Image
-
     grey = im.convert("L")
-    if max(grey.size) > STATS_SIDE:
-        grey.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR)
+    factor = -(-max(grey.size) // STATS_SIDE)
+    if factor > 1:  # a box average over factor x factor blocks: a fifth of what a filtered thumbnail costs
+        grey = grey.reduce(factor)
     g = np.asarray(grey, dtype=np.float32)
     lap = (g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]) if min(g.shape) > 2 else g * 0
     return np.array([width, height, g.mean(), g.std(), lap.var() if lap.size else 0.0], np.float32)
@@ -261,7 +260,7 @@ def load_image_stats(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             cost = decode_cost(im, size, _size_of(fh), (width, height)) + (im.size[0] * im.size[1] if stats else 0)
             with reserve(cost) if reserve else contextlib.nullcontext():
                 im.seek(0)
-                im = ImageOps.exif_transpose(im)
+                ImageOps.exif_transpose(im, in_place=True)  # without an orientation tag, not even a copy
                 im = _to_rgb(im)
                 measured = pixel_stats(im, width, height) if stats else None
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
