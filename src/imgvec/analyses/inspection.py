@@ -52,9 +52,10 @@ K = 10  # neighbours per image for label voting and outlier distances
 OUTLIER_Z = 3.5  # modified z-score above which a row is an outlier (Iglewicz and Hoaglin's cut-off)
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal data
 SEARCH_BLOCK = 4096  # query rows per neighbour search
-# An HNSW index's search breadth for every row's neighbours (queries use 128): measured on 100k x 1280 generated
-# rows (benchmarks/bench_inspect.py), recall@10 against exact search 0.974 at 24 (0.985 at 32, 1.000 at 128)
-# for 40% of the CPU time; the mean cosine to the 10 neighbours moved by 0.002 on average.
+# An HNSW index's search breadth for every row's neighbours (queries use 128), then the rows whose search missed
+# the row itself searched again at 128. Measured on 100k x 1280 generated rows (benchmarks/bench_inspect.py): at 24,
+# recall@10 against exact search 0.974 for 40% of the CPU time of 128, but the searches that went astray (1.2% of
+# rows, each missing itself) made 1,070 outliers of the 72 found at 128; searched again, 89, for 1 more CPU second.
 HNSW_EF_NEIGHBOURS = 24
 MAP_ROWS = 5_000  # the map lays out at most this many rows (a seeded sample above): t-SNE's cost bounds it
 TSNE_ITERATIONS = 500  # scikit-learn's default is 1000; the layout is settled well before on a few thousand points
@@ -76,8 +77,11 @@ def neighbours(store: Store, vectors: np.ndarray, k: int, index: VectorIndex | N
                progress: Progress | None = None, ef_search: int | None = HNSW_EF_NEIGHBOURS
                ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine scores and rows of each row's ``k`` nearest other rows (the store's index where given,
-    else exact search), ``(n, k)`` each; -1 where fewer were found. ``ef_search``: an HNSW index's search
-    breadth for this search (at least ``k + 1``; None: the index's own), restored afterwards."""
+    else exact search), ``(n, k)`` each; -1 where fewer were found.
+
+    ``ef_search``: an HNSW index's search breadth for this search (at least ``k + 1``; None: the index's
+    own); a row whose search did not find the row itself went astray, and is searched again at the
+    index's own breadth (see :data:`HNSW_EF_NEIGHBOURS`)."""
     n = len(vectors)
     k = max(1, min(k, n - 1))
     scores = np.full((n, k), -1.0, np.float32)
@@ -89,26 +93,34 @@ def neighbours(store: Store, vectors: np.ndarray, k: int, index: VectorIndex | N
         hnsw = faiss.downcast_index(index.faiss_index).hnsw
         kept, hnsw.efSearch = hnsw.efSearch, max(ef_search, k + 1)
     try:
-        _search_blocks(store, vectors, k, index, progress, scores, ids)
+        with Phase(progress, "finding neighbours", n) as step:
+            found_self = _search_rows(store, vectors, np.arange(n), k, index, scores, ids, step)
+        if hnsw is not None and hnsw.efSearch < kept:
+            hnsw.efSearch = kept
+            astray = np.flatnonzero(~found_self)
+            with Phase(progress, "finding neighbours again", len(astray)) as step:
+                _search_rows(store, vectors, astray, k, index, scores, ids, step)
     finally:
         if hnsw is not None:
             hnsw.efSearch = kept
     return scores, ids
 
 
-def _search_blocks(store: Store, vectors: np.ndarray, k: int, index: VectorIndex | None, progress: Progress | None,
-                   scores: np.ndarray, ids: np.ndarray) -> None:
-    n = len(vectors)
-    with Phase(progress, "finding neighbours", n) as step:
-        for start in range(0, n, SEARCH_BLOCK):
-            block = vectors[start : start + SEARCH_BLOCK]
-            s, i = search_store(store, block, k + 1, index)
-            rows = np.arange(start, start + len(block))[:, None]
-            mine = i == rows  # the row itself (or an exact copy ranked before it) is dropped
-            keep = np.argsort(mine, axis=1, kind="stable")[:, :k]  # non-self first, in score order
-            scores[start : start + len(block)] = np.take_along_axis(s, keep, 1)
-            ids[start : start + len(block)] = np.take_along_axis(i, keep, 1)
-            step.update(start + len(block))
+def _search_rows(store: Store, vectors: np.ndarray, rows: np.ndarray, k: int, index: VectorIndex | None,
+                 scores: np.ndarray, ids: np.ndarray, step: Phase) -> np.ndarray:
+    """Fill ``scores``/``ids`` at ``rows`` with their ``k`` nearest other rows, :data:`SEARCH_BLOCK` rows a
+    search; whether each row's search found the row itself."""
+    found_self = np.zeros(len(rows), bool)
+    for start in range(0, len(rows), SEARCH_BLOCK):
+        part = rows[start : start + SEARCH_BLOCK]
+        s, i = search_store(store, vectors[part], k + 1, index)
+        mine = i == part[:, None]  # the row itself (or an exact copy ranked before it) is dropped
+        found_self[start : start + len(part)] = mine.any(axis=1)
+        keep = np.argsort(mine, axis=1, kind="stable")[:, :k]  # non-self first, in score order
+        scores[part] = np.take_along_axis(s, keep, 1)
+        ids[part] = np.take_along_axis(i, keep, 1)
+        step.update(start + len(part))
+    return found_self
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
