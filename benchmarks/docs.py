@@ -27,11 +27,12 @@ REPO = ROOT.parent
 FILES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"(<!-- generated:([a-z-]+) -->\n)(.*?)(<!-- end:\2 -->)", re.S)
 
-BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "scale", "serve", "quality")
+BENCH_ORDER = ("embed", "index", "classifier", "query", "query_scale", "dedup", "inspect", "scale", "serve", "quality")
 QUALITY = "quality"  # its own section (pretrained weights), not part of ``performance`` (random weights)
 BENCH_TITLES = {"embed": "Embedding", "index": "Search indexes", "classifier": "Classifier head",
                 "query_scale": "Query process against rows: mapped indexes",
                 "query": "Query latency", "dedup": "Near duplicates",
+                "inspect": "imgvec inspect: planted label noise and outliers; 100k rows",
                 "scale": "Past one CPU: Ray, streamed indexing, mixed precision",
                 "serve": "imgvec serve under load"}
 
@@ -67,9 +68,10 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def performance() -> str:
     """Every committed benchmark result, each rendered by its own benchmark's ``markdown``."""
-    parts = ["Measured with `make bench` (`python -m benchmarks.run`) on the machine named at the end. All "
-             "models use **random weights** (`--weights none`): the figures are about speed, not embedding "
-             "quality.", ""]
+    parts = ["Measured with `make bench` (`python -m benchmarks.run`) on the machine named at the end. The "
+             "speed figures use **random weights** (`--weights none`): they are about speed, not embedding "
+             "quality. imgvec inspect's planted label noise and outliers are embedded with the weights its "
+             "section names (pretrained by default).", ""]
     machine = None
     for name in BENCH_ORDER:
         data = _load(name) if name != QUALITY else None

@@ -169,3 +169,26 @@ EXPECTED_FAILED = {
                          expected_failed_checks=lambda est: EXPECTED_FAILED)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_float32_folds_match_scikit_learns_logistic_regression(n_classes):
+    """fit_logistic (inspect's and the C search's fits) is scikit-learn's LogisticRegression in float32: the same
+    probabilities, and out_of_fold_probabilities the same as cross_val_predict on the same folds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.preprocessing import StandardScaler
+
+    from imgvec.vectors.classifier import fit_logistic, logistic_probabilities, out_of_fold_probabilities
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n_classes, 300)
+    X = (rng.standard_normal((300, 24)) + 0.8 * np.eye(n_classes, 24)[y]).astype(np.float32)
+    Z = StandardScaler().fit_transform(X).astype(np.float32)
+    for C in (1e-3, 0.1, 10.0):
+        coef, intercept, _ = fit_logistic([Z[:150], Z[150:]], [y[:150], y[150:]], n_classes, C, 1e-4, 1000)
+        expected = LogisticRegression(C=C, tol=1e-4, max_iter=1000).fit(Z, y).predict_proba(Z)
+        assert np.abs(logistic_probabilities(Z, coef, intercept) - expected).max() < 1e-3
+    expected = cross_val_predict(LogisticRegression(C=0.1, tol=1e-3, max_iter=1000), Z, y,
+                                 cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+    assert np.abs(out_of_fold_probabilities(X, y, 0.1) - expected).max() < 1e-3

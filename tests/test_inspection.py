@@ -309,3 +309,26 @@ def test_statistics_travel_through_the_journal_and_rows_before_them_are_unmeasur
         assert np.isnan(got[:3]).all() and (got[3:] == stats[:2]).all()
     r = imgvec.inspect(path, map_rows=None, check_files=False)
     assert r.stats_missing == 3 and "image_stats" not in r.skipped_sections
+
+
+def test_an_image_in_the_wrong_class_folder_is_no_outlier_but_one_from_elsewhere_is():
+    """Outliers are far from every class: an image near another class's centroid (moved to a wrong folder: a
+    label issue) ranks below one near no class at all. Measured against its own class's centroid, it ranked above."""
+    from imgvec.analyses.inspection import outlier_scores
+
+    rng = np.random.default_rng(0)
+    d = 32
+    axes = np.eye(d, dtype=np.float32)
+    a = axes[0] + 0.05 * rng.standard_normal((40, d)).astype(np.float32)
+    b = axes[1] + 0.05 * rng.standard_normal((40, d)).astype(np.float32)
+    moved = axes[1] + 0.05 * rng.standard_normal(d).astype(np.float32)  # a b image in a's folder
+    elsewhere = 0.6 * axes[0] + 0.8 * axes[2]  # near no class, filed as a
+    x = np.vstack([a, b, moved, elsewhere]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = ["a"] * 40 + ["b"] * 40 + ["a", "a"]
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    scores = -np.sort(-sims, axis=1)[:, :5]
+    z, _, d_class = outlier_scores(x, scores, labels)
+    assert np.argmax(z) == 81  # the image from elsewhere first
+    assert z[80] < z[81] and d_class[80] < 0.05  # the moved one is near a class (b's)

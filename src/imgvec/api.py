@@ -561,7 +561,7 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
     Methods and thresholds are in ``result.methods``; see :mod:`imgvec.analyses.inspection`.
     """
     from imgvec.analyses.duplicates import find_duplicates
-    from imgvec.analyses.inspection import measure_stats, inspect_store
+    from imgvec.analyses.inspection import measure_stats, inspect_store, neighbours, read_normalized
 
     notes: list[str] = []
     if stats:
@@ -577,7 +577,9 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
             check_compatible(prov, s.provenance, f"head {head}", f"store {store}",
                              fix="pass a head trained on this store, or none")
             C, cv = float(model.C_), int(model.cv)
-        dups = find_duplicates(s, threshold, check_files=check_files, progress=progress) if s.rows >= 2 else None
+        vectors = read_normalized(s, progress)  # once, for both searches (the store's one copy in memory)
+        dups = (find_duplicates(s, threshold, check_files=check_files, progress=progress, vectors=vectors)
+                if s.rows >= 2 else None)
         if dups is not None and dups.degenerate:
             notes.append(f"about {dups.share_above:.0%} of all pairs of images are above the near-duplicate threshold "
                          f"{threshold:g}: the embeddings do not tell these images apart (random weights or an "
@@ -588,8 +590,11 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
                                          if s.rows > AUTO_FLAT_MAX_ROWS else [])
         else:
             vindex, _, index_notes = open_index(s, index)
-        result = inspect_store(s, dups.groups if dups is not None else None, vindex, C, cv, k, splits, map_rows,
-                               threshold, progress)
+        # The neighbours first, so that the index (as big as the store's rows) is let go before the head's folds.
+        knn = neighbours(s, vectors, k, vindex, progress) if s.rows >= 3 else None
+        del vindex
+        result = inspect_store(s, dups.groups if dups is not None else None, None, C, cv, k, splits, map_rows,
+                               threshold, progress, vectors=vectors, knn=knn)
     result.notes = notes + index_notes + result.notes
     return result
 

@@ -819,7 +819,7 @@ class Outlier:
     label: str
     score: float  # the larger robust z-score of the two distances below
     neighbour_distance: float  # 1 - mean cosine to its k nearest neighbours
-    class_distance: float | None  # 1 - cosine to its class centroid (None: unlabelled)
+    class_distance: float | None  # 1 - cosine to the nearest class centroid (None: unlabelled)
 
 
 @dataclass

@@ -232,21 +232,23 @@ def share_above(vectors: np.ndarray, threshold: float, sample: int = DEGENERATE_
 
 
 def find_duplicates(store: Store, threshold: float = 0.95, check_files: bool = True, exact: bool | None = None,
-                    progress: Progress | None = None) -> DedupResult:
+                    progress: Progress | None = None, vectors: np.ndarray | None = None) -> DedupResult:
     """Exact (same sha256) and near (cosine >= threshold) duplicate groups in ``store``.
 
     Near groups list one copy of identical files (the others are in their exact group).
     ``progress`` hears the phases ``reading the store`` (rows), ``hashing files`` and ``searching pairs``.
+    ``vectors``: the store's rows, L2-normalised, when the caller has read them already (not read again).
     """
     check_threshold(threshold)
     began = time.perf_counter()
     keys = store.paths()
     n = len(keys)
-    vectors = np.empty((n, store.dim), np.float32)
-    with Phase(progress, "reading the store", n) as step:
-        for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
-            vectors[start : start + len(block)] = normalized(block)
-            step.update(start + len(block))
+    if vectors is None:
+        vectors = np.empty((n, store.dim), np.float32)
+        with Phase(progress, "reading the store", n) as step:
+            for start, block in store.iter_embeddings():  # chunked: never two copies of the whole store
+                vectors[start : start + len(block)] = normalized(block)
+                step.update(start + len(block))
     groups: list[DuplicateGroup] = []
     hashes: list[str | None] = [None] * n
     missing: list[str] = []
