@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,9 +151,13 @@ def cache_key(backbone: Backbone, weights: Weights, image_size: int,
 
 
 def entry_path(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration | None = None) -> Path:
-    key = json.dumps(cache_key(backbone, weights, image_size, calibration), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "openvino" / f"{backbone.name}-{image_size}px-{digest}"
+    return _entry_for(cache_key(backbone, weights, image_size, calibration))
+
+
+def _entry_for(key: dict[str, Any]) -> Path:
+    """The folder of the cache entry for ``key``: named for a person (what, at which size), told apart by the key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "openvino" / f"{key['backbone']}-{int(key['input_size'])}px-{digest}"
 
 
 # -- reading an entry: every field checked, anything else means "rebuild" ------------------------
@@ -346,37 +350,52 @@ def _distrust() -> str | None:
 
 
 def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
-    entry = entry_path(backbone, weights, image_size)
     key = cache_key(backbone, weights, image_size)
+    return _through_cache(_entry_for(key), key, backbone.name, lambda: _convert(backbone, weights, image_size),
+                          {"backbone": backbone.name, "weights": weights.describe(), "input_size": image_size},
+                          "converted", load, remember_failures=True)
+
+
+def _through_cache(entry: Path, key: dict[str, Any], name: str, make: Callable[[], tuple[Any, dict[str, Any]]],
+                   described: dict[str, Any], made: str, load: bool = True, remember_failures: bool = False) -> Any:
+    """The one way a model goes through the cache (converted backbones, .keras files, int8 models).
+
+    The entry ``entry`` for ``key``, if it verifies: an ``openvino.Model`` from its checked bytes (``load``)
+    or its ``model.xml``. Otherwise ``make()`` (the model and its info for the manifest) is cached and
+    returned; where the cache cannot be trusted or written, returned as made with one note. ``made`` says
+    what ``make`` does in those notes ("converted", "quantized"); ``remember_failures``: a conversion that
+    failed is recorded, and fails at once next time.
+    """
     why = _distrust()
-    if why is not None:
-        _note(f"the model cache is not used: {why}; {backbone.name} was converted in memory")
-        return _convert(backbone, weights, image_size)[0]
-    data = _verified(entry, key)
-    if data is not None:
-        return _from_bytes(data) if load else entry / FILES[0]
-    failed = _read_manifest(entry, FAILED)
-    if failed is not None and failed.get("key") == key:
-        raise ConversionFailed(str(failed.get("error", "conversion failed before"))[:300])
-    if _read_manifest(entry) is not None:
-        _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine made it): converted again")
-    remove_leftovers(entry.parent)
+    if why is None:
+        data = _verified(entry, key)
+        if data is not None:
+            return _from_bytes(data) if load else entry / FILES[0]
+        failed = _read_manifest(entry, FAILED) if remember_failures else None
+        if failed is not None and failed.get("key") == key:
+            raise ConversionFailed(str(failed.get("error", "conversion failed before"))[:300])
+        if _read_manifest(entry) is not None:
+            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
+                  f"made it): {made} again")
     try:
-        converted, info = _convert(backbone, weights, image_size)
-    except ConversionFailed as failed_now:
-        _remember_failure(entry, key, failed_now)
+        model, info = make()
+    except ConversionFailed as error:
+        if why is None and remember_failures:
+            _remember_failure(entry, key, error)
         raise
-    manifest = {"key": key, "backbone": backbone.name, "weights": weights.describe(), "input_size": image_size,
-                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    if why is not None:
+        _note(f"the model cache is not used: {why}; {name} was {made} in memory")
+        return model
+    remove_leftovers(entry.parent)
+    manifest = {"key": key, **described, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     try:
-        _write_entry(converted, info, entry, key, manifest)
+        _write_entry(model, info, entry, key, manifest)
     except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
-        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {backbone.name} was converted in "
-                      "memory and is converted again next time (set IMGVEC_CACHE_DIR to a folder with space)",
-                      RuntimeNote, stacklevel=3)
-        return converted
-    return converted if load else entry / FILES[0]
+        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
+        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {name} was {made} in memory and is "
+                      f"{made} again next time (set IMGVEC_CACHE_DIR to a folder with space)", RuntimeNote, stacklevel=3)
+        return model
+    return model if load else entry / FILES[0]
 
 
 def _from_bytes(data: tuple[bytes, ...]) -> Any:
@@ -433,43 +452,28 @@ def _load_keras_file(model: ModelBytes, layer: str) -> Any:
 
 
 def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
-    """The OpenVINO model of a user's .keras file (float input as the file has it, its outputs unchanged): a cached
-    ``model.xml``, converted on first use (imports TensorFlow); the ``openvino.Model`` itself where the cache cannot
-    be written. A cached model is loaded without TensorFlow."""
-    key = keras_file_key(model, layer)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    entry = cache_dir() / "openvino" / f"{KERAS_FILE}-0px-{digest}"
-    why = _distrust()
-    data = _verified(entry, key) if why is None else None
-    if data is not None:
-        return _from_bytes(data)
-    import_tensorflow()
-    import openvino as ov
+    """The OpenVINO model of a user's .keras file (float input as the file has it, its outputs unchanged), from
+    the cache's checked bytes, converted on first use (imports TensorFlow); the ``openvino.Model`` itself where
+    the cache cannot be written or trusted. A cached model is loaded without TensorFlow."""
+    def convert() -> tuple[Any, dict[str, Any]]:
+        import_tensorflow()
+        import openvino as ov
 
-    start = time.perf_counter()
-    keras_model = _load_keras_file(model, layer)
-    try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            converted = ov.convert_model(keras_model)
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise BadInputError(f"{model.path}: OpenVINO cannot convert this Keras model ({type(error).__name__}: "
-                            f"{first})") from None
-    if why is not None:
-        _note(f"the model cache is not used: {why}; {model.name} was converted in memory")
-        return converted
-    remove_leftovers(entry.parent)
-    manifest = {"key": key, "backbone": KERAS_FILE, "weights": f"model file {model.name} (sha256 {model.sha256[:12]}...)"
-                + (f", layer {layer}" if layer else ""), "input_size": 0,
-                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
-    try:
-        _write_entry(converted, {"source_weights": None, "convert_s": time.perf_counter() - start}, entry, key, manifest)
-    except (OSError, RuntimeError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {model.name} was converted in memory "
-                      "and is converted again next time", RuntimeNote, stacklevel=2)
-    return converted
+        start = time.perf_counter()
+        keras_model = _load_keras_file(model, layer)
+        try:
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = ov.convert_model(keras_model)
+        except Exception as error:
+            raise BadInputError(f"{model.path}: OpenVINO cannot convert this Keras model ({type(error).__name__}: "
+                                f"{first_line(error, limit=200)})") from None
+        return converted, {"source_weights": None, "convert_s": time.perf_counter() - start}
+
+    key = keras_file_key(model, layer)
+    described = {"backbone": KERAS_FILE, "weights": f"model file {model.name} (sha256 {model.sha256[:12]}...)"
+                 + (f", layer {layer}" if layer else ""), "input_size": 0}
+    return _through_cache(_entry_for(key), key, model.name, convert, described, "converted")
 
 
 def import_nncf() -> Any:
@@ -502,38 +506,22 @@ def _quantize(source: Any, pixels: Any, name: str, batch: int | None = None) -> 
     return quantized, {"quantize_s": time.perf_counter() - start, "calibration_images": len(pixels)}
 
 
-def _quantized(entry: Path, key: dict[str, Any], name: str, described: str, image_size: int,
+def _quantized(key: dict[str, Any], name: str, described: str, image_size: int,
                source: Any, calibration: Calibration, load: bool, batch: int | None = None) -> Any:
-    """The int8 entry ``entry`` for ``key``: its checked bytes (``load``) or path if it verifies, else the model
-    ``source()`` gives (float32 ``openvino.Model``, source weights record) quantized on ``calibration`` and
-    cached like every compiled model (see :func:`quantized_model`)."""
-    why = _distrust()
-    if why is None:
-        data = _verified(entry, key)
-        if data is not None:
-            return _from_bytes(data) if load else entry / FILES[0]
-        if _read_manifest(entry) is not None:
-            _note(f"{entry} did not verify (damaged or edited, its source weights changed, or another user or machine "
-                  "made it): quantized again")
-    model, source_weights = source()
-    pixels = calibration.pixels(image_size)
-    quantized, info = _quantize(model, pixels, name, batch)
-    if why is not None:
-        _note(f"the model cache is not used: {why}; {name} was quantized in memory")
-        return quantized
-    info["source_weights"] = source_weights  # rebuilt, like the float32 entry, if the weights file changes
-    manifest = {"key": key, "backbone": key["backbone"], "weights": f"{described}, int8 (calibrated on {len(pixels)} images)",
-                "input_size": image_size, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
-    remove_leftovers(entry.parent)
-    try:
-        _write_entry(quantized, info, entry, key, manifest)
-    except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
-        reason = getattr(error, "strerror", None) or first_line(error, limit=200)
-        warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {name} was quantized in "
-                      "memory and is quantized again next time (set IMGVEC_CACHE_DIR to a folder with space)",
-                      RuntimeNote, stacklevel=3)
-        return quantized
-    return quantized if load else entry / FILES[0]
+    """The int8 entry for ``key``: the model ``source()`` gives (float32 ``openvino.Model``, source weights
+    record) quantized on ``calibration``, through the cache like every compiled model (see
+    :func:`quantized_model`)."""
+    manifest = {"backbone": key["backbone"], "input_size": image_size}
+
+    def quantize() -> tuple[Any, dict[str, Any]]:
+        model, source_weights = source()
+        pixels = calibration.pixels(image_size)
+        quantized, info = _quantize(model, pixels, name, batch)
+        info["source_weights"] = source_weights  # rebuilt, like the float32 entry, if the weights file changes
+        manifest["weights"] = f"{described}, int8 (calibrated on {len(pixels)} images)"
+        return quantized, info
+
+    return _through_cache(_entry_for(key), key, name, quantize, manifest, "quantized", load)
 
 
 def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration,
@@ -547,8 +535,7 @@ def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calib
         model = load_model(backbone, weights, image_size)  # the float32 entry's checked bytes (or converted)
         return model, (_read_manifest(entry_path(backbone, weights, image_size)) or {}).get("source_weights")
 
-    return _quantized(entry_path(backbone, weights, image_size, calibration),
-                      cache_key(backbone, weights, image_size, calibration), backbone.name, weights.describe(),
+    return _quantized(cache_key(backbone, weights, image_size, calibration), backbone.name, weights.describe(),
                       image_size, source, calibration, load)
 
 
@@ -564,9 +551,7 @@ def quantized_file_model(model: Any, identity: str, image_size: int, name: str, 
     key = {"backbone": MODEL_FILE, "weights": identity, "input_size": int(image_size), "wrapper": WRAPPER_VERSION,
            "openvino": dist_version("openvino"), "keras": dist_version("keras"), "precision": "int8",
            "calibration": calibration.sha256, "nncf": dist_version("nncf")}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    entry = cache_dir() / "openvino" / f"{MODEL_FILE}-{int(image_size)}px-{digest}"
-    return _quantized(entry, key, name, f"model file {name}", int(image_size), lambda: (model.clone(), None),
+    return _quantized(key, name, f"model file {name}", int(image_size), lambda: (model.clone(), None),
                       calibration, True, batch)
 
 
