@@ -483,7 +483,7 @@ def markdown(data: dict[str, Any]) -> str:
     for m in data["measurements"]:
         out.append(f"`imgvec serve` on a {m['rows']:,} x {m['dim']} generated store, {m['index_kind']} index, "
                    f"{m['backbone']} on {m['runtime']}; the server ready {m['server_start_s']:.1f} s after start "
-                   f"(its store and index asked into memory by {m.get('server_preloaded_s', float('nan')):.1f} s), "
+                   f"(its preload done by {m.get('server_preloaded_s', float('nan')):.1f} s), "
                    f"peak RSS {m['server_peak_rss_mb']:,.0f} MB. Client threads (`http.client`) on the same "
                    f"machine; load average {m.get('load_average_before', data['load_average'])[0]:.1f} "
                    f"before, {m.get('load_average_after', data['load_average_end'])[0]:.1f} after.\n\n")

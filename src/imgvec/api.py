@@ -17,6 +17,7 @@ import numpy as np
 from imgvec.files.artifact import check_partner, peek
 from imgvec.backbones.registry import BACKBONES
 from imgvec.analyses.comparison import compare
+from imgvec.analyses.inspection import MAP_ROWS
 from imgvec.embedding.embedder import EmbedConfig, Embedder
 from imgvec.checks import check_choice
 from imgvec.errors import BadInputError, MismatchError, param
@@ -547,7 +548,7 @@ def dedup_html(result: DedupResult, output: PathLike) -> Path:
 
 # -- inspect ----------------------------------------------------------------------------
 def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int = 10, threshold: float = 0.95,
-            splits: Sequence[str] | None = None, check_files: bool = True, map_rows: int | None = 5_000,
+            splits: Sequence[str] | None = None, check_files: bool = True, map_rows: int | None = MAP_ROWS,
             stats: bool = False, index: PathLike | None = None, progress: Progress | None = None) -> InspectResult:
     """What is wrong with the store's images, from what it holds (nothing is embedded again).
 
@@ -599,7 +600,7 @@ def inspect(store: PathLike, head: PathLike | None = None, cv: int = 5, k: int =
     return result
 
 
-def inspect_map(store: PathLike, map_rows: int = 5_000, seed: int = 0) -> InspectResult:
+def inspect_map(store: PathLike, map_rows: int = MAP_ROWS, seed: int = 0) -> InspectResult:
     """Only the 2-D map of ``store`` (``result.map_records()``: absolute paths, x, y in [0, 1], labels), for a page
     or the service to draw; PCA then t-SNE on at most ``map_rows`` rows (a seeded sample above)."""
     with open_store(store) as s:
@@ -615,7 +616,7 @@ def inspect_map(store: PathLike, map_rows: int = 5_000, seed: int = 0) -> Inspec
 MAP_READ_ROWS = 4096  # rows read at once for the map (a store's own chunk would be bigger than the map needs)
 
 
-def map_sample(store: Store, map_rows: int = 5_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def map_sample(store: Store, map_rows: int = MAP_ROWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The rows the map of ``store`` lays out (ascending) and their vectors, L2-normalised: every row up to
     ``map_rows``, else the seeded sample :func:`imgvec.analyses.inspection.layout_2d` draws from all of them.
     Only those rows are read (memory: ``map_rows`` x dim floats, however big the store)."""

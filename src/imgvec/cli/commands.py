@@ -467,7 +467,7 @@ def inspect(
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="cosine similarity that makes a near duplicate"),
     k: int = typer.Option(10, "-k", help="neighbours per image for label votes and outlier distances"),
     hash_files: bool = typer.Option(True, "--hash/--no-hash", help="also find identical files by sha256"),
-    map_rows: int = typer.Option(5_000, "--map-rows", help="rows the map lays out at most (a random sample above; "
+    map_rows: int = typer.Option(api.MAP_ROWS, "--map-rows", help="rows the map lays out at most (a random sample above; "
                                  "0: no map)"),
     stats: bool = typer.Option(False, "--stats", help="first read the images again to record the statistics the "
                                "store lacks (no embedding)"),
@@ -529,7 +529,7 @@ def serve(
     keep_alive: float = typer.Option(5.0, "--keep-alive", help="seconds an idle connection stays open"),
     max_connections: int = typer.Option(512, "--max-connections", help="open connections at once (at the cap the "
                                         "longest idle one is closed)"),
-    map_rows: int = typer.Option(5_000, "--map-rows", help="rows the page's map lays out at most (a random sample "
+    map_rows: int = typer.Option(api.MAP_ROWS, "--map-rows", help="rows the page's map lays out at most (a random sample "
                                  "above; 0: no map)"),
 ) -> None:
     """Serve a store on a web page and a JSON API, the model and index kept loaded (Ctrl-C stops)."""

@@ -50,7 +50,7 @@ BUDGET_WAIT_S = 5.0  # how long a request waits for its share of the budget befo
 MAX_K = 1000
 LET_GO_WAIT_S = 30.0  # how long requests answering from a file being rewritten may take before it is let go
 MODEL_BATCH = 16  # uploads waiting for the model go through it together, up to this many
-PRELOAD_STEP = 128 << 10  # bytes per read-ahead request when the service asks its files into memory
+PRELOAD_STEP = 1 << 20  # bytes per read when the service reads its files into memory
 THUMB_PIXELS = 320  # the page's cards show thumbnails this big (the HTML pages' are 160 px)
 MAP_SEED = 0  # the map's sample and t-SNE are seeded: the same store gives the same map (imgvec.inspect_map's)
 MAP_DECIMALS = 4  # the map's coordinates, in [0, 1]: a ten-thousandth of its side is finer than a pixel
@@ -246,7 +246,7 @@ class Service:
         self.stale: str | None = None  # why the store on disk is newer than what is served
         self._failed: tuple[Any, ...] | None = None
         self._reload = threading.Lock()
-        self.preloaded = threading.Event()  # set once the store and index files were asked into memory
+        self.preloaded = threading.Event()  # set once the store and index files were read into memory
         self._preloader: tuple[threading.Thread, threading.Event] | None = None
         self._idle = threading.Condition()
         self.map_rows = int(map_rows if map_rows is not None else MAP_ROWS)  # 0: no map
@@ -338,30 +338,34 @@ class Service:
             raise
 
     def _preload(self, paths: list[Path]) -> None:
-        """Ask the kernel to read the store and index files into the page cache, in the background.
+        """Read the store and index files into the page cache, in the background; ``preloaded`` is set once
+        they were read (so ``preloading`` turns false when they are in memory, not when they were asked for).
 
         A one-off query reads only the pages it touches; a service answers searches all over the
         index and reads stored vectors all over the store, so it wants them resident from the start
         (1M rows, cold cache: a GET took 143 ms p50, each visited vector a disk read, instead of ms).
-        Advice only: where memory is short the kernel reads what fits.
+        Asking alone (``POSIX_FADV_WILLNEED``) returns before the disk has answered: at 300k rows the
+        first seconds of traffic after "done" still waited on it (benchmarks/bench_serve.py). Where memory
+        is short the kernel keeps what fits.
         """
         self._stop_preload()  # a reload's files replace the ones being asked for
         self.preloaded.clear()
         stop = threading.Event()
 
-        def advise() -> None:
+        def read() -> None:
+            buffer = bytearray(PRELOAD_STEP)
             for path in paths:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError:
-                    continue  # replaced or removed meanwhile: the next load advises the new one
+                    continue  # replaced or removed meanwhile: the next load reads the new one
                 try:
-                    # Linux reads ahead at most its read-ahead window per call (128 KiB by default),
-                    # however long the range: one call per window covers the file.
-                    for start in range(0, os.fstat(fd).st_size, PRELOAD_STEP):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a wide read-ahead window
+                    while os.readv(fd, [buffer]) > 0:  # the GIL is let go while the disk answers
                         if stop.is_set():
                             return
-                        os.posix_fadvise(fd, start, PRELOAD_STEP, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    continue  # unreadable now: searches read what they need
                 finally:
                     os.close(fd)
             self.preloaded.set()
@@ -369,7 +373,7 @@ class Service:
         if hasattr(os, "posix_fadvise"):
             # Not a daemon: one frozen at exit while it ran Python (a collection freeing h5py objects takes
             # h5py's lock) left the exiting process waiting for that lock forever. close() stops it.
-            thread = threading.Thread(target=advise, name="imgvec-preload")
+            thread = threading.Thread(target=read, name="imgvec-preload")
             self._preloader = (thread, stop)
             thread.start()
         else:  # pragma: no cover - macOS, Windows
