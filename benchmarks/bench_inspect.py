@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import CHILD_PEAK_RSS, OUT, RESULTS, generated_store, load_average, md_table, photo_like, write_result
+from .common import (CHILD_PEAK_RSS, OUT, RESULTS, generated_store, kept_quiet, load_average, md_table, photo_like,
+                     write_result)
 
 NAME = "inspect"
 NOISE = 0.05
@@ -336,7 +337,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_met(q['outliers_in_top_3pct'])}.\n")
     if s is not None:
         load = s.get("load_average", data["load_average"])
-        loaded = max(load) > 1.5  # the other core busy too: the wall seconds are the load's, not inspect's
+        # the other core busy too, with other work: the wall seconds are the load's, not inspect's
+        loaded = max(load) > 1.5 and not kept_quiet(data)
         parts.append(f"`imgvec inspect` on {s['rows']:,} x {s['dim']} generated labelled rows ({s.get('store', '')}) "
                      f"with an {s['index']} index, map included: {s['seconds']:.1f}s wall "
                      f"({s.get('cpu_seconds', float('nan')):.1f} CPU s), peak RSS {s['peak_rss_mb']:.0f} MB; load "

@@ -92,6 +92,12 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def kept_quiet(data: dict[str, Any]) -> bool:
+    """Whether the runner said nothing else ran beside these results (IMGVEC_BENCH_BESIDE="nothing: ..."): then a
+    load average near the core count is the benchmark's own, not another job's."""
+    return str(data.get("beside", "")).startswith("nothing")
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
