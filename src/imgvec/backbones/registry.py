@@ -139,7 +139,7 @@ _KERAS_PUBLISHED = {
 }
 # images/s of `imgvec embed` on its default CPU runtime (OpenVINO; decode + inference, 224 px, batch 32) from
 # benchmarks/results/embed.json (2026-11-26, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
-_MEASURED = {"mobilenetv2": 162.7, "efficientnetb0": 112.3, "resnet50": 29.2}
+_MEASURED = {"mobilenetv2": 129.5, "efficientnetb0": 86.5, "resnet50": 36.0}
 # fmt: on
 
 
