@@ -60,7 +60,7 @@ HNSW_EF_NEIGHBOURS = 24
 MAP_ROWS = 3_000  # the map lays out at most this many rows (a seeded sample above): t-SNE's cost bounds it
 TSNE_ITERATIONS = 500  # scikit-learn's default is 1000; the layout is settled well before on a few thousand points
 MAP_PCA_DIM = 50
-C_SEARCH_ROWS = 5_000  # above this many labelled images, C is chosen on a stratified sample of this many
+C_SEARCH_ROWS = 3_000  # above this many labelled images, C is chosen on a stratified sample of this many
 LEAK_GROUP_MAX = 5000  # members of one duplicate group compared pairwise for leaks (a bigger group: degenerate)
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
 # Image statistics flags: (column, comparison, limit, worst value, flag)
