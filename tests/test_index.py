@@ -9,6 +9,7 @@ from imgvec.errors import BadInputError, MismatchError
 from imgvec.vectors.index import build_index, choose_kind, load_index, normalized
 from imgvec.files.provenance import Provenance
 from imgvec.vectors.store import StoreWriter, create_store, open_store
+from page_cache import resident_fraction
 
 
 def _store(path: Path, x: np.ndarray, backbone: str = "mobilenetv3small"):
@@ -184,27 +185,6 @@ def test_approximate_indexes_are_mapped_for_scattered_reads(tmp_path: Path, kind
     assert ("rr" in _vm_flags(loaded.mapping.ctypes.data)) is random
 
 
-def _cached_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (mincore on a private mapping, which touches none of them)."""
-    import ctypes
-    import mmap
-    import os
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        mapping = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)
-    try:
-        pages = -(-size // mmap.PAGESIZE)
-        vec = (ctypes.c_ubyte * pages)()
-        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        return sum(b & 1 for b in vec)
-    finally:
-        del address
-        mapping.close()
-
-
 def test_a_saved_index_leaves_no_pages_in_the_page_cache(tmp_path: Path):
     """The first search after `imgvec index` maps what the writer left cached, in folios the kernel maps whole:
     a saved index leaves none (fileio.publish's uncache). A store is written the usual way, pages kept."""
@@ -218,8 +198,8 @@ def test_a_saved_index_leaves_no_pages_in_the_page_cache(tmp_path: Path):
     x = _clustered(2000, 64)
     with _store(tmp_path / "s.h5", x) as s:
         build_index(s, "hnsw").save(tmp_path / "s.index.h5")
-    if _cached_pages(tmp_path / "s.h5") == 0:
+    if resident_fraction(tmp_path / "s.h5") == 0:
         pytest.skip("this file system shows no page cache residency (the store's own pages are not seen)")
-    assert _cached_pages(tmp_path / "s.index.h5") == 0
-    loaded = load_index(tmp_path / "s.index.h5")  # and it still reads, from the disk
-    assert loaded.rows == 2000
+    assert resident_fraction(tmp_path / "s.index.h5") == 0
+    loaded = load_index(tmp_path / "s.index.h5")  # and it still reads and searches, from the disk
+    assert loaded.rows == 2000 and loaded.search(x[:3], 1)[1][:, 0].tolist() == [0, 1, 2]

@@ -24,6 +24,7 @@ from PIL import Image
 import imgvec
 from imgvec.pages.html import PALETTE
 from imgvec.service import app as serve_app, server
+from page_cache import resident_fraction
 from imgvec.service.service import Service
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:starlette.*",
@@ -90,23 +91,6 @@ def test_info_says_what_is_served(served):
     assert info["runtime"] == "openvino" and info["stale"] is None and info["default_k"] == 10
 
 
-def _resident_fraction(path: Path) -> float:
-    """The share of ``path``'s pages in the page cache (mincore over a fresh read-only map)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = path.stat().st_size
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as m:
-        view = np.frombuffer(m, np.uint8)
-        vec = (ctypes.c_ubyte * pages)()
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        del view
-        return sum(b & 1 for b in vec) / pages
-
-
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
     """A service answers from all over the index and the store: both files are read into the page
@@ -125,11 +109,11 @@ def test_the_store_and_its_index_are_read_into_memory_when_served(tmp_path):
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    assert _resident_fraction(store) < 0.5 and _resident_fraction(index_file) < 0.5
+    assert resident_fraction(store) < 0.5 and resident_fraction(index_file) < 0.5
     service = Service(store)
     assert service.preloaded.wait(30)
     assert _client(service).get("/api/info").json()["preloading"] is False
-    assert _resident_fraction(store) > 0.9 and _resident_fraction(index_file) > 0.9
+    assert resident_fraction(store) > 0.9 and resident_fraction(index_file) > 0.9
     service._preload([store, index_file])  # asked again (a reload), then closed while it may still run
     snap = service.snapshot
     service.close()
