@@ -351,21 +351,22 @@ def _distrust() -> str | None:
 
 def _cached(backbone: Backbone, weights: Weights, image_size: int, load: bool) -> Any:
     key = cache_key(backbone, weights, image_size)
-    return _through_cache(_entry_for(key), key, backbone.name, lambda: _convert(backbone, weights, image_size),
-                          {"backbone": backbone.name, "weights": weights.describe(), "input_size": image_size},
+    return _through_cache(key, backbone.name, lambda: _convert(backbone, weights, image_size), weights.describe(),
                           "converted", load, remember_failures=True)
 
 
-def _through_cache(entry: Path, key: dict[str, Any], name: str, make: Callable[[], tuple[Any, dict[str, Any]]],
-                   described: dict[str, Any], made: str, load: bool = True, remember_failures: bool = False) -> Any:
+def _through_cache(key: dict[str, Any], name: str, make: Callable[[], tuple[Any, dict[str, Any]]],
+                   weights: str, made: str, load: bool = True, remember_failures: bool = False) -> Any:
     """The one way a model goes through the cache (converted backbones, .keras files, int8 models).
 
-    The entry ``entry`` for ``key``, if it verifies: an ``openvino.Model`` from its checked bytes (``load``)
+    The entry for ``key`` (:func:`_entry_for`), if it verifies: an ``openvino.Model`` from its checked bytes (``load``)
     or its ``model.xml``. Otherwise ``make()`` (the model and its info for the manifest) is cached and
-    returned; where the cache cannot be trusted or written, returned as made with one note. ``made`` says
+    returned; where the cache cannot be trusted or written, returned as made with one note. ``weights``
+    describes the source in the manifest (``make``'s info may say more, and is written after it). ``made`` says
     what ``make`` does in those notes ("converted", "quantized"); ``remember_failures``: a conversion that
     failed is recorded, and fails at once next time.
     """
+    entry = _entry_for(key)
     why = _distrust()
     if why is None:
         data = _verified(entry, key)
@@ -387,7 +388,8 @@ def _through_cache(entry: Path, key: dict[str, Any], name: str, make: Callable[[
         _note(f"the model cache is not used: {why}; {name} was {made} in memory")
         return model
     remove_leftovers(entry.parent)
-    manifest = {"key": key, **described, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    manifest = {"key": key, "backbone": key["backbone"], "weights": weights, "input_size": key["input_size"],
+                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     try:
         _write_entry(model, info, entry, key, manifest)
     except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
@@ -470,10 +472,8 @@ def keras_file_model(model: ModelBytes, layer: str = "") -> Any:
                                 f"{first_line(error, limit=200)})") from None
         return converted, {"source_weights": None, "convert_s": time.perf_counter() - start}
 
-    key = keras_file_key(model, layer)
-    described = {"backbone": KERAS_FILE, "weights": f"model file {model.name} (sha256 {model.sha256[:12]}...)"
-                 + (f", layer {layer}" if layer else ""), "input_size": 0}
-    return _through_cache(_entry_for(key), key, model.name, convert, described, "converted")
+    described = f"model file {model.name} (sha256 {model.sha256[:12]}...)" + (f", layer {layer}" if layer else "")
+    return _through_cache(keras_file_key(model, layer), model.name, convert, described, "converted")
 
 
 def import_nncf() -> Any:
@@ -511,17 +511,15 @@ def _quantized(key: dict[str, Any], name: str, described: str, image_size: int,
     """The int8 entry for ``key``: the model ``source()`` gives (float32 ``openvino.Model``, source weights
     record) quantized on ``calibration``, through the cache like every compiled model (see
     :func:`quantized_model`)."""
-    manifest = {"backbone": key["backbone"], "input_size": image_size}
-
     def quantize() -> tuple[Any, dict[str, Any]]:
         model, source_weights = source()
         pixels = calibration.pixels(image_size)
         quantized, info = _quantize(model, pixels, name, batch)
         info["source_weights"] = source_weights  # rebuilt, like the float32 entry, if the weights file changes
-        manifest["weights"] = f"{described}, int8 (calibrated on {len(pixels)} images)"
+        info["weights"] = f"{described}, int8 (calibrated on {len(pixels)} images)"  # the images that decoded
         return quantized, info
 
-    return _through_cache(_entry_for(key), key, name, quantize, manifest, "quantized", load)
+    return _through_cache(key, name, quantize, f"{described}, int8", "quantized", load)
 
 
 def quantized_model(backbone: Backbone, weights: Weights, image_size: int, calibration: Calibration,
