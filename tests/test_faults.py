@@ -438,7 +438,7 @@ def test_a_killed_writers_temp_is_removed_by_the_next_write(store_and_head, imag
     shutil.copy(store_and_head[0], store)
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, imgvec, imgvec.fileio as f\n"
-        "f.publish = lambda tmp, path, *_: os.kill(os.getpid(), signal.SIGKILL)  # killed once the temp is written\n"
+        "f.publish = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)  # killed once the temp is written\n"
         f"imgvec.build_index({str(store)!r})")], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".photos.index.h5.tmp-")]

@@ -187,7 +187,7 @@ def test_approximate_indexes_are_mapped_for_scattered_reads(tmp_path: Path, kind
 
 def test_a_saved_index_leaves_no_pages_in_the_page_cache(tmp_path: Path):
     """The first search after `imgvec index` maps what the writer left cached, in folios the kernel maps whole:
-    a saved index leaves none (fileio.publish's uncache). A store is written the usual way, pages kept."""
+    a saved index leaves none (fileio.uncache). A store is written the usual way, pages kept."""
     import subprocess
     import sys
 

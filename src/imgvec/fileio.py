@@ -211,16 +211,29 @@ def check_space(path: PathLike, needed: int) -> None:
                             f"({free / 1e6:.1f} MB free, about {needed / 1e6:.1f} MB needed)")
 
 
-def fsync_path(path: PathLike, uncache: bool = False) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename after it survives a crash; ``uncache``: then
-    drop the file's pages from the page cache (clean once flushed), see :func:`publish`."""
+def fsync_path(path: PathLike) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename after it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        if uncache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def uncache(path: PathLike) -> None:
+    """Drop a written and flushed file's pages from the page cache, for a file read at scattered places
+    through a mapping (a search index). Pages a writer leaves behind sit in large folios, which the
+    kernel maps whole on the first touch: the first ``imgvec query`` after ``imgvec index`` mapped
+    1.2 GB of a 300k-row HNSW index for a search that reads a few MB (benchmarks/bench_query_scale.py);
+    read back a page at a time, it maps ~0.2 GB. Advice only: nothing happens where it cannot be given."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -299,25 +312,17 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     return removed
 
 
-def publish(tmp: PathLike, path: PathLike, uncache: bool = False) -> None:
-    """Make ``tmp`` durable and rename it over ``path`` (atomic on POSIX), then sync the folder.
-
-    ``uncache``: leave none of the file's pages in the page cache, for a file that is read at scattered
-    places through a mapping (a search index). Pages a writer leaves behind sit in large folios, which
-    the kernel maps whole on the first touch: the first ``imgvec query`` after ``imgvec index`` mapped
-    1.2 GB of a 300k-row HNSW index for a search that reads a few MB (benchmarks/bench_query_scale.py);
-    read back a page at a time, it maps ~0.2 GB.
-    """
+def publish(tmp: PathLike, path: PathLike) -> None:
+    """Make ``tmp`` durable and rename it over ``path`` (atomic on POSIX), then sync the folder."""
     path = Path(path)
-    fsync_path(tmp, uncache)
+    fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent if str(path.parent) else ".")
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, uncache: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically
-    (``uncache``: see :func:`publish`).
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     The caller creates the file there exclusively (``open(tmp, "xb")``, ``h5py.File(tmp, "x")``):
     nothing is ever written through a link someone put at that name.
@@ -332,7 +337,7 @@ def atomic_path(path: PathLike, uncache: bool = False) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        publish(tmp, path, uncache)
+        publish(tmp, path)
     except BadInputError:
         raise
     except OSError as error:

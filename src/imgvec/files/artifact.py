@@ -28,12 +28,11 @@ Layout = Callable[[Header], Mapping[str, Expect]]
 
 
 @contextlib.contextmanager
-def create(path: str | os.PathLike[str], header: Header, uncache: bool = False) -> Iterator[Any]:
-    """A new HDF5 file at ``path`` with ``header``, written atomically (see :func:`fileio.atomic_path`;
-    ``uncache``: its pages dropped from the page cache once durable, :func:`fileio.publish`)."""
+def create(path: str | os.PathLike[str], header: Header) -> Iterator[Any]:
+    """A new HDF5 file at ``path`` with ``header``, written atomically (see :func:`fileio.atomic_path`)."""
     from imgvec.files.h5format import new_file
 
-    with atomic_path(path, uncache) as tmp:
+    with atomic_path(path) as tmp:
         with new_file(tmp) as h5:  # the format pinned; created here, never through a link
             write_header(h5.attrs, header)
             yield h5

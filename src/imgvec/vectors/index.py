@@ -28,6 +28,7 @@ from imgvec.files.strings import text_value
 from imgvec.files.structure import REBUILD, Expect, damaged
 from imgvec.checks import check_at_least, check_choice
 from imgvec.errors import BadInputError, MismatchError, first_line, param
+from imgvec.fileio import uncache
 from imgvec.progress import Phase, Progress
 from imgvec.files.h5format import PINNED
 from imgvec.files.values import describe_unusable, unusable_rows
@@ -211,7 +212,7 @@ class VectorIndex:
         cpu = to_cpu(self.faiss_index)
         counter = _DatasetSink(None)
         faiss.write_index(cpu, faiss.PyCallbackIOWriter(counter.write, IO_BLOCK_BYTES))
-        with create(path, self.header, uncache=True) as h5:  # searched through a mapping: see fileio.publish
+        with create(path, self.header) as h5:
             sink = _DatasetSink(h5.create_dataset("faiss", shape=(counter.size,), dtype=np.uint8, **PINNED))
             faiss.write_index(cpu, faiss.PyCallbackIOWriter(sink.write, IO_BLOCK_BYTES))
             sink.flush()
@@ -219,6 +220,7 @@ class VectorIndex:
                 raise RuntimeError(f"FAISS wrote {sink.size} bytes, then {counter.size}")
             h5.attrs.update({"index_kind": text_value(self.kind), "metric": text_value("cosine"),
                              "faiss_version": text_value(faiss.__version__)})
+        uncache(path)  # searched through a mapping, where the writer's cached pages would be mapped whole
         return Path(path)
 
 
