@@ -620,10 +620,10 @@ def map_sample(store: Store, map_rows: int = MAP_ROWS, seed: int = 0) -> tuple[n
     """The rows the map of ``store`` lays out (ascending) and their vectors, L2-normalised: every row up to
     ``map_rows``, else the seeded sample :func:`imgvec.analyses.inspection.layout_2d` draws from all of them.
     Only those rows are read (memory: ``map_rows`` x dim floats, however big the store)."""
+    from imgvec.analyses.inspection import sample_rows
     from imgvec.vectors.index import normalized
 
-    n = store.rows
-    rows = np.arange(n) if n <= map_rows else np.sort(np.random.default_rng(seed).choice(n, map_rows, replace=False))
+    rows = sample_rows(store.rows, map_rows, seed)
     vectors = np.empty((len(rows), store.dim), np.float32)
     at = 0
     for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []:

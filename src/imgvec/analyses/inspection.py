@@ -333,14 +333,18 @@ def stats_method() -> str:
 
 
 # -- the map ------------------------------------------------------------------------------
+def sample_rows(n: int, max_rows: int = MAP_ROWS, seed: int = 0) -> np.ndarray:
+    """The rows of ``n`` the map lays out, ascending: all of them up to ``max_rows``, else a seeded sample."""
+    return np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
 def layout_2d(vectors: np.ndarray, max_rows: int = MAP_ROWS, seed: int = 0) -> MapLayout:
     """PCA to 50 dimensions then t-SNE to 2 of (a seeded sample of at most ``max_rows`` of) ``vectors``."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     n = len(vectors)
-    rows = (np.arange(n) if n <= max_rows
-            else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False)))
+    rows = sample_rows(n, max_rows, seed)
     x = vectors[rows]
     dim = min(MAP_PCA_DIM, x.shape[1], len(rows))
     reduced = PCA(dim, random_state=seed).fit_transform(x) if dim < x.shape[1] else x

@@ -28,6 +28,7 @@ import math
 import os
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -565,9 +566,7 @@ class Service:
                 points.append({"row": row, "path": file_path(snap.root, snap.keys[row]),
                                "x": round(min(max(x, 0.0), 1.0), MAP_DECIMALS),
                                "y": round(min(max(y, 0.0), 1.0), MAP_DECIMALS), "label": snap.labels[row] or None})
-        counts: dict[str, int] = {}
-        for point in points:
-            counts[point["label"] or ""] = counts.get(point["label"] or "", 0) + 1
+        counts = Counter(point["label"] or "" for point in points)
         colours = label_colours(counts)
         legend = [{"label": name or None, "colour": colours[name], "points": counts[name]}
                   for name in sorted(counts, key=lambda n: (n == "", n))]
