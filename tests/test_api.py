@@ -230,3 +230,28 @@ def test_compare_takes_its_own_options(tmp_path: Path, image_dir: Path, small, m
     c = imgvec.compare(image_dir, ["mobilenetv3small"], cv=2, stores=tmp_path / "stores", weights="none",
                        image_size=64, Cs=[0.5, 2.0], speed_sample=5)
     assert seen == [[0.5, 2.0]] and c.speed_images == 5 and c.rows[0].embedded == 24
+
+
+def test_beside_runs_the_first_on_another_thread_and_its_error_wins():
+    """query opens the index beside loading the model: results in order, and an index error is the one told."""
+    import threading
+
+    from imgvec.api import _beside
+
+    here = threading.get_ident()
+    seen: list[int] = []
+    assert _beside(lambda: seen.append(threading.get_ident()) or "index", lambda: "rows") == ("index", "rows")
+    assert seen and seen[0] != here
+
+    def bad_index():
+        raise BadInputError("damaged index")
+
+    def bad_image():
+        raise ValueError("no image decodes")
+
+    with pytest.raises(BadInputError, match="damaged index"):
+        _beside(bad_index, bad_image)
+    with pytest.raises(ValueError, match="no image decodes"):
+        _beside(lambda: "index", bad_image)
+    with pytest.raises(BadInputError, match="damaged index"):
+        _beside(bad_index, lambda: "rows")

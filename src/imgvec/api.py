@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -118,6 +118,10 @@ def merge(inputs: Sequence[PathLike], output: PathLike, on_duplicate: str = "fir
 
 
 # -- query ------------------------------------------------------------------------------
+A = TypeVar("A")
+B = TypeVar("B")
+
+
 def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Progress | None = None
                   ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
     """Embed query or prediction images: (absolute paths, embeddings, skipped, class-folder labels)."""
@@ -136,6 +140,21 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Pro
     _require_some_decoded(len(names), skipped)
     emb = np.concatenate(blocks) if blocks else np.zeros((0, embedder.dim), np.float32)
     return names, emb, skipped, labels
+
+
+def _beside(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """``first()`` on a thread of its own while ``second()`` runs here; both results. An error of ``first`` is
+    raised before one of ``second``, as if ``first`` had run first (it waits for ``second`` to end)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="imgvec-beside") as pool:
+        started = pool.submit(first)
+        try:
+            out = second()
+        except BaseException:
+            started.result()  # its error, if any, is the one to tell
+            raise
+        return started.result(), out
 
 
 def _require_some_decoded(decoded: int, skipped: list[tuple[str, str]]) -> None:
@@ -195,10 +214,11 @@ def query(
     ``progress`` hears ``embedding with <backbone>`` (the query images).
     """
     with open_store(store) as s:
-        vindex, unindexed, notes = open_index(s, index, use_faiss_gpu(faiss_gpu))
         embedder = Embedder.from_provenance(s.provenance, weights_path=weights, model_path=_path(model),
                                             batch_size=batch_size, runtime=runtime, root=s.root)
-        names, emb, skipped, _ = _embed_inputs(embedder, queries, progress)
+        # The index is opened and checked (on a cold cache: mostly waiting for the disk) while the model loads.
+        (vindex, unindexed, notes), (names, emb, skipped, _) = _beside(
+            lambda: open_index(s, index, use_faiss_gpu(faiss_gpu)), lambda: _embed_inputs(embedder, queries, progress))
         scores, ids = search_store(s, emb, k, vindex) if len(emb) else (np.zeros((0, 0)), np.zeros((0, 0), int))
         hits = sorted(set(ids[ids >= 0].tolist()))  # only the hits' paths and labels are read
         keys, labels = dict(zip(hits, s.paths_at(hits))), dict(zip(hits, s.labels_at(hits)))
