@@ -246,9 +246,14 @@ def test_an_edited_int8_entry_is_quantized_again_and_an_untrusted_cache_is_not_u
     blob = bytearray((entry / "model.bin").read_bytes())
     blob[-4:] = b"\x00\x00\x80\x7f"  # a weight set to +inf
     (entry / "model.bin").write_bytes(bytes(blob))
-    np.testing.assert_array_equal(rows(), first)  # quantized again, not run from the edited bytes
+    compiled = [e for e in model_cache.cache_entries() if (e.path / model_cache.BLOB).exists()]
+    assert len(compiled) == 1 and ", int8, compiled for this CPU" in compiled[0].weights  # the int8 model, compiled
+    edited = compiled[0].path / model_cache.BLOB
+    edited.write_bytes(edited.read_bytes()[:-1] + b"\x00")
+    np.testing.assert_array_equal(rows(), first)  # quantized and compiled again, not run from the edited bytes
     assert fresh_cache == [1, 1]
     assert any("did not verify" in str(w.message) and "quantized again" in str(w.message) for w in recwarn.list)
+    assert any("did not verify" in str(w.message) and "compiled again" in str(w.message) for w in recwarn.list)
     assert all(e.ok for e in model_cache.cache_entries())
     # A cache folder others can write is not used: quantized in memory, with one note, and nothing written there.
     cache = Path(os.environ["IMGVEC_CACHE_DIR"])

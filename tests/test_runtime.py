@@ -585,3 +585,37 @@ def test_openvino_runs_the_checked_bytes_not_a_path(tmp_path: Path, monkeypatch)
     out = compiled(pixels)[0]
     reference = ov.Core().compile_model(model_cache._convert(bb, w, 32)[0], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert np.allclose(out, reference(pixels)[0], atol=1e-5)
+
+
+def test_a_compiled_model_is_imported_next_time_and_compiled_again_when_edited_or_for_another_cpu(
+        tmp_path: Path, monkeypatch):
+    """The model compiled for this CPU is cached (checked like every entry): the next process imports it, and
+    gives the same rows; an edited blob is never imported, and another CPU gets its own compiled model."""
+    import openvino as ov
+
+    monkeypatch.setenv("IMGVEC_CACHE_DIR", str(tmp_path / "cache"))
+    compiles: list[int] = []
+    real = ov.Core.compile_model
+    monkeypatch.setattr(ov.Core, "compile_model", lambda *a, **k: compiles.append(1) or real(*a, **k))
+    x = pixels(6, 32)
+
+    def rows() -> np.ndarray:
+        runtime.release_engines()
+        return load_engine("openvino", "mobilenetv3small", "none", 32)(x)
+
+    first = rows()
+    assert compiles == [1]
+    entries = imgvec.cache().entries
+    (blob,) = [e for e in entries if (e.path / model_cache.BLOB).exists()]
+    assert all(e.ok for e in entries) and len(entries) == 2 and blob.weights.endswith(", compiled for this CPU")
+    np.testing.assert_array_equal(rows(), first)
+    assert compiles == [1]  # imported, not compiled
+    edited = blob.path / model_cache.BLOB
+    edited.write_bytes(edited.read_bytes()[:-1] + bytes([edited.read_bytes()[-1] ^ 1]))
+    with pytest.warns(RuntimeNote, match="did not verify .*compiled again"):
+        np.testing.assert_array_equal(rows(), first)
+    assert compiles == [1, 1] and all(e.ok for e in imgvec.cache().entries)
+    monkeypatch.setattr(model_cache, "cpu_identity", lambda: "another CPU; 64 cores; flags sha256 0")
+    np.testing.assert_array_equal(rows(), first)
+    assert compiles == [1, 1, 1] and len(imgvec.cache().entries) == 3
+    runtime.release_engines()

@@ -209,7 +209,10 @@ class ModelFileEngine(OpenVINOEngine):
     def __init__(self, prepared: PreparedModel, precision: str, device: str, model: Any = None) -> None:
         if device == "gpu":
             raise BadInputError(f"a model file runs on OpenVINO on the CPU; leave out {param('device')} gpu")
-        self._start(prepared.model if model is None else model, prepared.dim, precision)
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(prepared.model if model is None else model, "CPU", self.config(precision))
+        self._start(compiled, prepared.dim)
         self._batch = prepared.batch
         if self._batch:
             self.model_batch = self._batch * self._streams

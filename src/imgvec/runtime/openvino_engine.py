@@ -17,7 +17,7 @@ import numpy as np
 from imgvec.backbones.registry import Backbone, Weights
 from imgvec.runtime.engine import CPU_MODEL_BATCH, Calibration
 from imgvec.errors import BadInputError, param
-from imgvec.runtime.model_cache import load_model, quantized_model
+from imgvec.runtime.model_cache import cache_key, compiled_for_cpu, load_model, quantized_model
 
 
 class OpenVINOEngine:
@@ -40,18 +40,24 @@ class OpenVINOEngine:
         if precision == "int8":
             if calibration is None:
                 raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
-            model = quantized_model(backbone, weights, image_size, calibration)  # the checked bytes, or quantized
+            source = lambda: quantized_model(backbone, weights, image_size, calibration)  # noqa: E731
         else:
-            model = load_model(backbone, weights, image_size)  # the checked bytes, or converted
-        self._start(model, backbone.dim, precision)
+            source = lambda: load_model(backbone, weights, image_size)  # noqa: E731
+        key = cache_key(backbone, weights, image_size, calibration if precision == "int8" else None)
+        # the compiled model's checked bytes, or the model's (checked, or converted / quantized) compiled
+        described = weights.describe() + {"int8": ", int8", "mixed": ", bfloat16"}.get(precision, "")
+        self._start(compiled_for_cpu(key, self.config(precision), source, described), backbone.dim)
 
-    def _start(self, model: Any, dim: int, precision: str) -> None:
-        """Compile ``model`` (an ``openvino.Model`` or a path to its ``.xml``) for the CPU and set up the streams."""
+    @staticmethod
+    def config(precision: str) -> dict[str, Any]:
+        """What the model is compiled with: float32 unless ``mixed``, streams for throughput, threads not pinned."""
+        return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
+                "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
+
+    def _start(self, compiled: Any, dim: int) -> None:
+        """Set up the streams of ``compiled`` (an ``openvino.CompiledModel``)."""
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed" else "f32",
-                  "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
-        compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
         self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._queue = ov.AsyncInferQueue(compiled, self._streams)
         self._queue.set_callback(self._collect)
