@@ -330,3 +330,75 @@ def _pillow_decodes(data: bytes, size: int) -> np.ndarray | None:
             return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
     except Exception:
         return None
+
+
+def _photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like RGB array: smooth colour gradients, a few hard edges and grain (so JPEG and the Laplacian
+    see texture at every scale)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / width * 200, y / height * 180, (x + y) / (width + height) * 160], axis=-1) + 30
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        img[y0:y0 + height // 5, x0:x0 + width // 6] = rng.integers(0, 255, 3)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# name -> (width, height, EXIF orientation or 0, mode saved): sizes below, at and well above the 224 target,
+# DCT-scaled by draft (both sides >= 448) or not, portrait and landscape, turned by EXIF, grey and CMYK.
+_JPEGS = {
+    "photo-500x375": (500, 375, 0, "RGB"),
+    "portrait-375x500": (375, 500, 0, "RGB"),
+    "drafted-half-640x480": (640, 480, 0, "RGB"),
+    "drafted-quarter-1200x900": (1200, 900, 0, "RGB"),
+    "small-150x100": (150, 100, 0, "RGB"),
+    "exif-3-600x450": (600, 450, 3, "RGB"),
+    "exif-6-600x450": (600, 450, 6, "RGB"),
+    "exif-8-1000x700": (1000, 700, 8, "RGB"),
+    "grey-520x390": (520, 390, 0, "L"),
+    "cmyk-480x360": (480, 360, 0, "CMYK"),
+}
+
+
+def _reference_decode(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's pixels and the statistics, straight from Pillow and numpy (float64): what load_image_stats
+    must give, the pixels to the byte."""
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        width, height = im.size
+        im.draft("RGB", (size, size))
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    grey = rgb.convert("L")
+    factor = -(-max(grey.size) // 256)
+    g = np.asarray(grey.reduce(factor) if factor > 1 else grey, dtype=np.float64)
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+    stats = np.array([width, height, g.mean(), g.std(), lap.var()])
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8), stats
+
+
+@pytest.mark.parametrize("name", sorted(_JPEGS))
+def test_jpeg_pixels_and_statistics_match_a_plain_pillow_decode(tmp_path: Path, name: str):
+    """Embedded pixels are pinned to the byte (a faster decode path must not move them); the statistics agree
+    with a float64 computation to float32 rounding. Width and height are the file's, before EXIF turns it."""
+    from imgvec.files.images import load_image_stats
+
+    width, height, orientation, mode = _JPEGS[name]
+    photo = Image.fromarray(_photo(width, height, seed=len(name)))
+    if mode == "L":
+        photo = photo.convert("L")
+    elif mode == "CMYK":
+        photo = photo.convert("CMYK")
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    path = tmp_path / f"{name}.jpg"
+    photo.save(path, quality=90, exif=exif)
+    pixels, stats = load_image_stats(str(path), 224)
+    expected_pixels, expected_stats = _reference_decode(path, 224)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, expected_pixels)
+    assert stats is not None and stats.dtype == np.float32
+    np.testing.assert_allclose(stats, expected_stats, rtol=1e-4)
+    assert stats[:2].tolist() == [width, height] and stats[4] > 0
