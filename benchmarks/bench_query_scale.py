@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import OUT, load_average, md_table, photo_folder, write_result
+from .common import OUT, load_average, machine, md_table, photo_folder, write_result
 
 NAME = "query_scale"
 DIM = 1280
@@ -291,6 +291,7 @@ def markdown(data: dict[str, Any]) -> str:
              "cache; the model was cached before the build) is its own column, as users meet it.\n\n")
     text += md_table(["rows", "index", "query s", "cold query s", "after index s", "after index peak RSS MB",
                       "peak RSS MB", "private MB", "mapped file MB", "index MB", "build s", "load avg"], rows)
+    text += _machines(data["runs"])
     verdicts = []
     for r in (r for r in data["runs"] if r["rows"] >= 1_000_000):
         limit_s, limit_mb = TARGET_S[r["kind"]], TARGET_RSS_MB.get(r["kind"])
@@ -319,6 +320,17 @@ def markdown(data: dict[str, Any]) -> str:
     return text
 
 
+def _machines(runs: list[dict[str, Any]]) -> str:
+    """Where rows kept from different runs were measured (compare rows of one machine only); empty for one run."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for r in runs:
+        where.setdefault((r.get("machine", "?"), r.get("date", "?")), []).append(f"{r['rows']:,} {r['kind']}")
+    if len(where) < 2:
+        return ""
+    return ("\nRows measured on different machines (compare rows of one machine only): "
+            + "; ".join(f"{', '.join(rows)} on {cpu} ({date})" for (cpu, date), rows in where.items()) + ".\n")
+
+
 PROFILE_STAGES = ("imports_s", "open_index_s", "check_store_rows_s", "model_load_s", "embed_s", "search_s",
                   "read_hits_s")
 
@@ -340,11 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(args.kinds.split(","))
     photo = sorted(photo_folder(1).glob("*.jpg"))[0]
     name = NAME + ("-quick" if args.quick else "")
-    runs: list[dict[str, Any]] = _previous(name).get("runs", []) if args.rows else []
+    previous = _previous(name) if args.rows else {}
+    runs: list[dict[str, Any]] = previous.get("runs", [])
+    for r in runs:  # rows kept from an earlier run say where they were measured
+        r.setdefault("machine", (previous.get("machine") or {}).get("cpu", "?"))
+        r.setdefault("date", previous.get("date", "?"))
     path = None
 
     def done(row: dict[str, Any]) -> None:  # results are written after every measurement: a 1M run is long
         nonlocal runs, path
+        row.update(machine=machine()["cpu"], date=time.strftime("%Y-%m-%d"))
         runs = [r for r in runs if (r["rows"], r["kind"]) != (row["rows"], row["kind"])] + [row]
         runs.sort(key=lambda r: (r["rows"], KINDS.index(r["kind"])))
         path = write_result(name, {"quick": args.quick, "dim": DIM, "repeats": args.repeats, "photo": "500x375 JPEG",

@@ -68,7 +68,8 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def performance() -> str:
     """Every committed benchmark result, each rendered by its own benchmark's ``markdown``."""
-    parts = ["Measured with `make bench` (`python -m benchmarks.run`) on the machine named at the end. The "
+    parts = ["Measured with `make bench` (`python -m benchmarks.run`); each section says when, at which commit and "
+             "on which machine (results from different machines are not compared with each other). The "
              "speed figures use **random weights** (`--weights none`): they are about speed, not embedding "
              "quality. imgvec inspect's planted label noise and outliers are embedded with the weights its "
              "section names (pretrained by default).", ""]
@@ -80,16 +81,23 @@ def performance() -> str:
         machine = machine or data.get("machine")
         module = importlib.import_module(f"benchmarks.bench_{name}")
         quick = " (quick run)" if data.get("quick") else ""
-        parts += [f"### {BENCH_TITLES[name]}{quick}", "", module.markdown(data).strip(), ""]
+        parts += [f"### {BENCH_TITLES[name]}{quick}", "", module.markdown(data).strip(), "", measured(data), ""]
         int8 = _load("embed-int8") if name == "embed" else None
         if int8 is not None:  # bench_embed --int8: its own results file, rendered after the embed section
             quick = " (quick run)" if int8.get("quick") else ""
-            parts += [f"### int8 against float32{quick}", "", module.markdown_int8(int8).strip(), ""]
+            parts += [f"### int8 against float32{quick}", "", module.markdown_int8(int8).strip(), "", measured(int8), ""]
     if machine:
         versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
-        parts += [f"_Machine: {machine.get('cpu')}, {machine.get('cores')} cores; Python {machine.get('python')}; "
-                  f"{versions}._", ""]
+        parts += [f"_Versions (first section's run): Python {machine.get('python')}; {versions}._", ""]
     return "\n".join(parts)
+
+
+def measured(data: dict[str, Any]) -> str:
+    """One line under a section: when, at which commit, on which machine, and what ran beside it."""
+    m = data.get("machine") or {}
+    beside = f"; beside it: {data['beside']}" if data.get("beside") else ""
+    return (f"_Measured {data.get('date', '?')} at commit {data.get('commit', '?')} on {m.get('cpu', '?')}, "
+            f"{m.get('cores', '?')} cores{beside}._")
 
 
 def quality() -> str:
