@@ -656,27 +656,38 @@ def test_a_journal_linked_to_another_file_never_reads_or_cuts_it(case):
 
 # -- vectors that are not numbers ----------------------------------------------------------------------
 OVERFLOW = """
-import sys
+import json, sys
 from imgvec.backbones.registry import BACKBONES, Weights
 from imgvec.backbones.builder import build_model
 model = build_model(BACKBONES["mobilenetv3small"], Weights("random", 0), 64)
 model.set_weights([w * 1e30 if w.ndim > 1 else w for w in model.get_weights()])  # every activation overflows
 model.save_weights(sys.argv[1])
+from typer.testing import CliRunner
+from imgvec.cli import app
+out = []
+for _ in range(2):  # and again: the same answer, never "damaged store" (nothing non-finite was ever stored)
+    r = CliRunner().invoke(app, json.loads(sys.argv[2]))
+    crash = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
+    out.append(dict(code=r.exit_code, stderr=r.stderr, exception=repr(crash) if crash is not None else None,
+                    store_left=__import__("os").path.exists(sys.argv[3])))
+print(json.dumps(out))
 """
 
 
 def test_weights_that_overflow_are_refused_where_the_rows_are_made(tmp_path: Path, image_dir: Path):
-    weights = tmp_path / "overflow.weights.h5"
-    subprocess.run([sys.executable, "-c", OVERFLOW, str(weights)], check=True, capture_output=True, timeout=600)
-    store = tmp_path / "s.h5"
-    embed = [sys.executable, "-m", "imgvec", "embed", str(image_dir), "-o", str(store), "--model", "mobilenetv3small",
-             "--weights", str(weights), "--image-size", "64", "--runtime", "tensorflow"]
-    for _ in range(2):  # and again: the same answer, never "damaged store" (nothing non-finite was ever stored)
-        done = subprocess.run(embed, capture_output=True, text=True, timeout=600)
-        errors = [line for line in done.stderr.splitlines() if line.startswith("imgvec: error:")]
-        assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    """One child makes the weights and embeds twice (TensorFlow imported once, not three times)."""
+    weights, store = tmp_path / "overflow.weights.h5", tmp_path / "s.h5"
+    embed = ["embed", str(image_dir), "-o", str(store), "--model", "mobilenetv3small", "--weights", str(weights),
+             "--image-size", "64", "--runtime", "tensorflow"]
+    done = subprocess.run([sys.executable, "-c", OVERFLOW, str(weights), json.dumps(embed), str(store)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in json.loads(done.stdout.splitlines()[-1]):
+        errors = [line for line in run["stderr"].splitlines() if line.startswith("imgvec: error:")]
+        assert run["code"] == 2 and len(errors) == 1 and run["exception"] is None, run
+        assert "Traceback" not in run["stderr"], run["stderr"][-3000:]
         assert "NaN, infinite or out-of-range" in errors[0] and str(weights) in errors[0] and str(image_dir) in errors[0], errors[0]
-        assert not store.exists()  # a store this run made that holds no row is not left behind
+        assert not run["store_left"]  # a store this run made that holds no row is not left behind
 
 
 def _without_root_group(path: Path) -> Path:
