@@ -52,7 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import OUT, best, interleaved, md_table, peak_rss_mb_of, photo_folder, quiet_tf, small_folder, timed, write_result
+from .common import (OUT, best, byte_compiled, interleaved, md_table, peak_rss_mb_of, photo_folder, quiet_tf,
+                     small_folder, timed, write_result)
 
 NAME = "embed"
 MODELS = ("mobilenetv2", "efficientnetb0", "resnet50")
@@ -629,6 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="with --int8: labelled folder of augmented copies for precision@10 (default: made by "
                          "synthetic.make_photo_folder where it exists)")
     args = ap.parse_args(argv)
+    byte_compiled()  # processes timed from their start read imgvec compiled, as after pip install
     quick = args.quick
     if args.int8:
         return main_int8(int8_models(args.int8), args.images or (32 if quick else 300),
