@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import OUT, byte_compiled, load_average, md_table, photo_like, write_result
+from .common import OUT, byte_compiled, load_average, machine, md_table, photo_like, write_result
 
 NAME = "serve"
 DIM = 1280
@@ -486,7 +486,8 @@ def markdown(data: dict[str, Any]) -> str:
                    f"(its preload done by {m.get('server_preloaded_s', float('nan')):.1f} s), "
                    f"peak RSS {m['server_peak_rss_mb']:,.0f} MB. Client threads (`http.client`) on the same "
                    f"machine; load average {m.get('load_average_before', data['load_average'])[0]:.1f} "
-                   f"before, {m.get('load_average_after', data['load_average_end'])[0]:.1f} after.\n\n")
+                   f"before, {m.get('load_average_after', data['load_average_end'])[0]:.1f} after"
+                   + (f"; measured on {m['machine']} ({m['date']})" if "machine" in m else "") + ".\n\n")
         out.append(md_table(["request", "clients", "answered", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
                             [(r["endpoint"], r["clients"], r["requests"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
                               r["throughput_rps"]) for r in m["runs"]]))
@@ -566,7 +567,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from .common import RESULTS
 
         previous = RESULTS / f"{name}.json"
-        earlier = json.loads(previous.read_text()).get("measurements", []) if previous.exists() else []
+        before = json.loads(previous.read_text()) if previous.exists() else {}
+        earlier = before.get("measurements", [])
+        for m in earlier:  # measurements kept from an earlier run say where they were measured
+            m.setdefault("machine", (before.get("machine") or {}).get("cpu", "?"))
+            m.setdefault("date", before.get("date", "?"))
+        for m in measurements:
+            m.update(machine=machine()["cpu"], date=time.strftime("%Y-%m-%d"))
         measurements = sorted([m for m in earlier if m["rows"] not in sizes] + measurements, key=lambda m: m["rows"])
     data = {"quick": args.quick, "load_average": load_start, "load_average_end": load_average(),
             "measurements": measurements}
