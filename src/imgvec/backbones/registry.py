@@ -138,8 +138,8 @@ _KERAS_PUBLISHED = {
     "efficientnetv2l":   (479, 0.857, 0.975, None),
 }
 # images/s of `imgvec embed` on its default CPU runtime (OpenVINO; decode + inference, 224 px, batch 32) from
-# benchmarks/results/embed.json (2026-11-26, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
-_MEASURED = {"mobilenetv2": 129.5, "efficientnetb0": 86.5, "resnet50": 36.0}
+# benchmarks/results/embed.json (2026-12-07, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
+_MEASURED = {"mobilenetv2": 266.4, "efficientnetb0": 189.2, "resnet50": 59.2}
 # fmt: on
 
 
