@@ -303,7 +303,7 @@ def _decode_allows(data: dict[str, Any], m: dict[str, Any]) -> str:
     decode_ms = (data.get("decode") or {}).get("imgvec_core_ms")
     if decode_ms is None:
         return ""
-    cores = (data.get("machine") or {}).get("cores") or 1
+    cores = (data.get("machine") or {}).get("cores") or os.cpu_count() or 1  # no machine yet: printed as it runs
     forward_ms = 1000 * cores / m["images_per_s"]["forward_openvino"]
     most = 1000 * cores / (forward_ms + decode_ms) / m["images_per_s"]["keras"]
     return f" (decoding, {decode_ms:.2f} CPU ms a photo, allows at most {most:.2f}x)"

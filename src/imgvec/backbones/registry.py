@@ -139,7 +139,7 @@ _KERAS_PUBLISHED = {
 }
 # images/s of `imgvec embed` on its default CPU runtime (OpenVINO; decode + inference, 224 px, batch 32) from
 # benchmarks/results/embed.json (2026-12-07, 2-core AMD EPYC); tests/test_cli.py keeps these equal to that file.
-_MEASURED = {"mobilenetv2": 266.4, "efficientnetb0": 189.2, "resnet50": 59.2}
+_MEASURED = {"mobilenetv2": 289.3, "efficientnetb0": 196.7, "resnet50": 59.1}
 # fmt: on
 
 
