@@ -255,3 +255,9 @@ def test_beside_runs_the_first_on_another_thread_and_its_error_wins():
         _beside(lambda: "index", bad_image)
     with pytest.raises(BadInputError, match="damaged index"):
         _beside(bad_index, lambda: "rows")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the model loads is not turned into the index's error
+        _beside(bad_index, interrupted)

@@ -144,14 +144,15 @@ def _embed_inputs(embedder: Embedder, sources: Sequence[PathLike], progress: Pro
 
 def _beside(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
     """``first()`` on a thread of its own while ``second()`` runs here; both results. An error of ``first`` is
-    raised before one of ``second``, as if ``first`` had run first (it waits for ``second`` to end)."""
+    raised before one of ``second``, as if ``first`` had run first (it waits for ``second`` to end); an
+    interrupt (Ctrl-C) stays an interrupt."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="imgvec-beside") as pool:
         started = pool.submit(first)
         try:
             out = second()
-        except BaseException:
+        except Exception:
             started.result()  # its error, if any, is the one to tell
             raise
         return started.result(), out
