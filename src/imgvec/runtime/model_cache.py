@@ -297,6 +297,12 @@ def _publish(tmp: Path, entry: Path, key: dict[str, Any]) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+def _manifest(key: dict[str, Any], weights: str) -> dict[str, Any]:
+    """What an entry's manifest says besides its files: the key, and for people what it is and when it was made."""
+    return {"key": key, "backbone": key["backbone"], "weights": weights, "input_size": key["input_size"],
+            "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+
+
 def _write_entry(save: Callable[[Path], None], info: dict[str, Any], entry: Path, key: dict[str, Any],
                  manifest: dict[str, Any]) -> None:
     """``save(folder)`` the entry's files and write its manifest under a temporary name, flush, and publish it as
@@ -397,10 +403,8 @@ def _through_cache(key: dict[str, Any], name: str, make: Callable[[], tuple[Any,
         _note(f"the model cache is not used: {why}; {name} was {made} in memory")
         return model
     remove_leftovers(entry.parent)
-    manifest = {"key": key, "backbone": key["backbone"], "weights": weights, "input_size": key["input_size"],
-                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     try:
-        _write_entry(lambda folder: _save(model, folder), info, entry, key, manifest)
+        _write_entry(lambda folder: _save(model, folder), info, entry, key, _manifest(key, weights))
     except (OSError, RuntimeError, ValueError) as error:  # OpenVINO's writer raises RuntimeError on a full disk
         reason = getattr(error, "strerror", None) or first_line(error, limit=200)
         warnings.warn(f"cannot write the model cache {cache_dir()} ({reason}); {name} was {made} in memory and is "
@@ -456,15 +460,12 @@ def compiled_for_cpu(key: dict[str, Any], config: dict[str, Any], source: Callab
 
     compiled = ov.Core().compile_model(model, "CPU", config)
     if trusted:
-        manifest = {"key": ckey, "backbone": ckey["backbone"], "weights": f"{described}, compiled for this CPU",
-                    "input_size": ckey["input_size"],
-                    "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
         # rebuilt, like the model's entry, if the weights file it was converted from changes
         info = {"source_weights": (_read_manifest(_entry_for(key)) or {}).get("source_weights")}
         with contextlib.suppress(OSError, RuntimeError, ValueError):  # costs only the caching; the model is cached
             remove_leftovers(entry.parent)
             _write_entry(lambda folder: (folder / BLOB).write_bytes(compiled.export_model().getvalue()), info,
-                         entry, ckey, manifest)
+                         entry, ckey, _manifest(ckey, f"{described}, compiled for this CPU"))
     return compiled
 
 

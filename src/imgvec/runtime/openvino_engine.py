@@ -1,4 +1,4 @@
-"""The OpenVINO runtime: the Keras model converted once (:mod:`imgvec.runtime.model_cache`), compiled for the CPU.
+"""The OpenVINO runtime: the Keras model converted once and kept compiled for this CPU (:mod:`imgvec.runtime.model_cache`).
 
 Loading a cached model imports neither TensorFlow nor Keras, so a query starts in a fraction of a
 second. It is compiled with an explicit float32 inference precision, since OpenVINO's CPU default
@@ -9,6 +9,7 @@ on AVX-512 BF16 machines is bfloat16 (cosine 0.77 on ResNet50); ``precision="mix
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -40,9 +41,9 @@ class OpenVINOEngine:
         if precision == "int8":
             if calibration is None:
                 raise BadInputError(f"{param('precision')} int8 is calibrated on images, and none were given")
-            source = lambda: quantized_model(backbone, weights, image_size, calibration)  # noqa: E731
+            source = functools.partial(quantized_model, backbone, weights, image_size, calibration)
         else:
-            source = lambda: load_model(backbone, weights, image_size)  # noqa: E731
+            source = functools.partial(load_model, backbone, weights, image_size)
         key = cache_key(backbone, weights, image_size, calibration if precision == "int8" else None)
         # the compiled model's checked bytes, or the model's (checked, or converted / quantized) compiled
         described = weights.describe() + {"int8": ", int8", "mixed": ", bfloat16"}.get(precision, "")
