@@ -624,4 +624,6 @@ def test_a_compiled_model_is_imported_next_time_and_compiled_again_when_edited_o
     monkeypatch.setattr(model_cache, "cpu_identity", lambda: "another CPU; 64 cores; flags sha256 0")
     np.testing.assert_array_equal(rows(), first)
     assert compiles == [1, 1, 1] and len(imgvec.cache().entries) == 3
+    states = [e.state for e in imgvec.cache().entries]  # the first machine's compiled model, seen from the second
+    assert sum(s.startswith("no: compiled for another CPU (") for s in states) == 1 and states.count("yes") == 2
     runtime.release_engines()

@@ -640,6 +640,7 @@ class CacheEntry:
     age_s: float
     ok: bool  # complete and undamaged, for this OpenVINO and Keras
     error: str = ""  # why OpenVINO could not convert it (TensorFlow runs this model instead)
+    compiled_for: str = ""  # a compiled model's CPU, where it is not this one (a cache shared between machines)
     writer: TempName | None = None  # a temporary folder: the process converting into it
 
     @property
@@ -661,6 +662,8 @@ class CacheEntry:
                 return "no: left by an interrupted conversion (removed by the next conversion or imgvec cache --clear)"
             elsewhere = "" if self.writer.here else " on another machine"
             return f"no: being converted by process {self.writer.pid}{elsewhere}"
+        if self.compiled_for:
+            return f"no: compiled for another CPU ({self.compiled_for}); this one compiles its own"
         return f"no: does not convert ({self.error})" if self.error else "no (rebuilt on next use)"
 
 
@@ -712,9 +715,12 @@ def cache_entries() -> list[CacheEntry]:
         if "compiled_for" in key:
             current["compiled_for"] = cpu_identity()
         ok = _well_formed(key) and _entry_ok(entry, current)
+        theirs = key.get("compiled_for")
+        other_cpu = str(theirs) if "compiled_for" in key and theirs != current["compiled_for"] else ""
         entries.append(CacheEntry(entry, str(key.get("backbone", "?")), size_px if isinstance(size_px, int) else 0,
                                   str(manifest.get("weights", key.get("weights", "?"))), size,
-                                  str(manifest.get("created", "")), age, ok, str(failed.get("error", ""))[:300]))
+                                  str(manifest.get("created", "")), age, ok, str(failed.get("error", ""))[:300],
+                                  compiled_for=other_cpu[:200]))
     return sorted(entries, key=lambda e: e.age_s)
 
 
