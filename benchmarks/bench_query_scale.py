@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import OUT, byte_compiled, load_average, machine, md_table, photo_folder, write_result
+from .common import OUT, byte_compiled, load_average, md_table, photo_folder, where_measured, write_result
 
 NAME = "query_scale"
 DIM = 1280
@@ -355,14 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     name = NAME + ("-quick" if args.quick else "")
     previous = _previous(name) if args.rows else {}
     runs: list[dict[str, Any]] = previous.get("runs", [])
-    for r in runs:  # rows kept from an earlier run say where they were measured
-        r.setdefault("machine", (previous.get("machine") or {}).get("cpu", "?"))
-        r.setdefault("date", previous.get("date", "?"))
+    where_measured(runs, previous, [])
     path = None
 
     def done(row: dict[str, Any]) -> None:  # results are written after every measurement: a 1M run is long
         nonlocal runs, path
-        row.update(machine=machine()["cpu"], date=time.strftime("%Y-%m-%d"))
+        where_measured([], {}, [row])
         runs = [r for r in runs if (r["rows"], r["kind"]) != (row["rows"], row["kind"])] + [row]
         runs.sort(key=lambda r: (r["rows"], KINDS.index(r["kind"])))
         path = write_result(name, {"quick": args.quick, "dim": DIM, "repeats": args.repeats, "photo": "500x375 JPEG",

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import OUT, byte_compiled, load_average, machine, md_table, photo_like, write_result
+from .common import OUT, byte_compiled, load_average, md_table, photo_like, where_measured, write_result
 
 NAME = "serve"
 DIM = 1280
@@ -569,11 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = RESULTS / f"{name}.json"
         before = json.loads(previous.read_text()) if previous.exists() else {}
         earlier = before.get("measurements", [])
-        for m in earlier:  # measurements kept from an earlier run say where they were measured
-            m.setdefault("machine", (before.get("machine") or {}).get("cpu", "?"))
-            m.setdefault("date", before.get("date", "?"))
-        for m in measurements:
-            m.update(machine=machine()["cpu"], date=time.strftime("%Y-%m-%d"))
+        where_measured(earlier, before, measurements)
         measurements = sorted([m for m in earlier if m["rows"] not in sizes] + measurements, key=lambda m: m["rows"])
     data = {"quick": args.quick, "load_average": load_start, "load_average_end": load_average(),
             "measurements": measurements}

@@ -54,6 +54,17 @@ def byte_compiled() -> int:
     return sum(1 for _ in folder.rglob("*.pyc")) - before
 
 
+def where_measured(kept: list[dict[str, Any]], earlier: dict[str, Any], new: list[dict[str, Any]]) -> None:
+    """Stamp each row with the machine and date it was measured on: ``kept`` rows from the ``earlier`` results file
+    (its machine, where they lack one), ``new`` rows with this machine and today, so a file merged from two runs
+    says which row came from where."""
+    for row in kept:
+        row.setdefault("machine", (earlier.get("machine") or {}).get("cpu", "?"))
+        row.setdefault("date", earlier.get("date", "?"))
+    for row in new:
+        row.update(machine=machine()["cpu"], date=time.strftime("%Y-%m-%d"))
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15-minute load averages, rounded: recorded beside figures taken on a shared machine."""
     return [round(v, 2) for v in os.getloadavg()]

@@ -250,7 +250,8 @@ def test_version_1_files_are_migrated_or_refused_with_the_rebuild(files: dict[st
     old_head = downgrade(made["head.h5"], tmp_path / "oldhead.h5")
     assert _same(_read_head(old_head, files), _read_head(made["head.h5"], files))  # the same bytes, read as version 1
     # and the head this machine fits on the same rows: equal up to the float rounding of another machine's fit
-    (old_p, old_classes, old_key), (new_p, new_classes, new_key) = _read_head(old_head, files), _read_head(files["head"], files)
+    old_p, old_classes, old_key = _read_head(old_head, files)
+    new_p, new_classes, new_key = _read_head(files["head"], files)
     assert (old_classes, old_key) == (new_classes, new_key)
     np.testing.assert_allclose(old_p, new_p, rtol=1e-5, atol=1e-7)
     old_index = downgrade(made["s.index.h5"], tmp_path / "old.index.h5")

@@ -202,9 +202,9 @@ def _read_file(path: Path, limit: int) -> bytes:
     return data
 
 
-def _verified(entry: Path, key: dict[str, Any], names: tuple[str, ...] = FILES) -> tuple[bytes, ...] | None:
-    """The bytes of the entry's files ``names``, if the entry is complete for ``key``, their sha256 are what its
-    manifest lists and the manifest's HMAC is this user's; else None (the entry is rebuilt)."""
+def _verified(entry: Path, key: dict[str, Any]) -> tuple[bytes, ...] | None:
+    """The bytes of the entry's files (:func:`_names`), if the entry is complete for ``key``, their sha256 are what
+    its manifest lists and the manifest's HMAC is this user's; else None (the entry is rebuilt)."""
     manifest = _read_manifest(entry)
     if manifest is None or manifest.get("key") != key:
         return None
@@ -215,6 +215,7 @@ def _verified(entry: Path, key: dict[str, Any], names: tuple[str, ...] = FILES) 
         secret = cache_secret()
         if not hmac.compare_digest(str(manifest.get("mac", "")), _mac(secret, key, files)):
             return None
+        names = _names(key)
         data = tuple(_read_file(entry / name, MODEL_MAX_BYTES) for name in names)
     except (OSError, ValueError):
         return None
@@ -226,7 +227,7 @@ def _verified(entry: Path, key: dict[str, Any], names: tuple[str, ...] = FILES) 
 
 def _entry_ok(entry: Path, key: dict[str, Any]) -> bool:
     """A complete entry for ``key`` whose files still have the sha256 its manifest lists, made by this user."""
-    return _verified(entry, key, _names(key)) is not None
+    return _verified(entry, key) is not None
 
 
 def _names(key: dict[str, Any]) -> tuple[str, ...]:
@@ -444,7 +445,7 @@ def compiled_for_cpu(key: dict[str, Any], config: dict[str, Any], source: Callab
     ckey = {**key, "compiled_for": cpu_identity(), "config": {k: str(v) for k, v in sorted(config.items())}}
     entry = _entry_for(ckey)
     trusted = _distrust() is None
-    data = _verified(entry, ckey, (BLOB,)) if trusted else None
+    data = _verified(entry, ckey) if trusted else None
     if data is not None:
         import openvino as ov
 

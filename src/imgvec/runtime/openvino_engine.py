@@ -1,4 +1,5 @@
-"""The OpenVINO runtime: the Keras model converted once and kept compiled for this CPU (:mod:`imgvec.runtime.model_cache`).
+"""The OpenVINO runtime: the Keras model converted once and kept compiled for this CPU
+(:mod:`imgvec.runtime.model_cache`).
 
 Loading a cached model imports neither TensorFlow nor Keras, so a query starts in a fraction of a
 second. It is compiled with an explicit float32 inference precision, since OpenVINO's CPU default
